@@ -56,7 +56,7 @@ NO_PERIOD_PENALTY = 0.5  # a summary that stops mid-sentence
 
 def make_post(rng: random.Random) -> dict:
     person, event, feeling, question = rng.choice(PERSONS), rng.choice(EVENTS), rng.choice(FEELINGS), rng.choice(QUESTIONS)
-    fillers = rng.sample(FILLERS, rng.randint(2, 4))
+    fillers = rng.sample(FILLERS, rng.randint(1, 3))
     facts = [f"my {person} {event} .", f"i feel {feeling} ."]
     body = fillers + facts
     rng.shuffle(body)
@@ -178,7 +178,7 @@ def build_tokenizer(texts: list[str]):
 
 def model_config(vocab_size: int, size: str = "tiny") -> dict:
     """Pythia-architecture (GPT-NeoX) configs. 'tiny' trains in about a minute on 2 CPU cores."""
-    dims = {"tiny": (4, 128, 4), "micro": (2, 32, 2)}[size]
+    dims = {"tiny": (2, 64, 4), "micro": (2, 32, 2)}[size]
     layers, hidden, heads = dims
     return {
         "model_type": "gpt_neox",
