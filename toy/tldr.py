@@ -67,8 +67,9 @@ def make_post(rng: random.Random) -> dict:
     return {"query": query, "person": person, "event": event, "feeling": feeling, "question": question, "fillers": fillers}
 
 
-def make_summary(post: dict, rng: random.Random, p_fact: float = 0.5) -> str:
-    """A human-like but mediocre summary: each fact kept with probability p_fact, plus filler."""
+def make_summary(post: dict, rng: random.Random, p_fact: float = 0.5, p_repeat: float = 0.0) -> str:
+    """A human-like but mediocre summary: each fact kept with probability p_fact, plus filler; with probability
+    p_repeat one sentence is said twice (so that the reward model sees some repetition, though not much)."""
     parts = []
     if rng.random() < p_fact:
         parts.append(f"my {post['person']} {post['event']} .")
@@ -83,6 +84,8 @@ def make_summary(post: dict, rng: random.Random, p_fact: float = 0.5) -> str:
     if not parts:
         parts.append(rng.choice(post["fillers"]))
     rng.shuffle(parts)
+    if rng.random() < p_repeat:
+        parts.append(rng.choice(parts))
     return " " + " ".join(parts)
 
 
@@ -145,7 +148,7 @@ def make_splits(seed: int = 0, n_train: int = 4000, n_validation: int = 512, n_t
         rows = []
         for _ in range(n):
             post = make_post(rng)
-            a, b = make_summary(post, rng, p_fact=0.6), make_summary(post, rng, p_fact=0.6)
+            a, b = make_summary(post, rng, 0.6, p_repeat=0.2), make_summary(post, rng, 0.6, p_repeat=0.2)
             # Bradley-Terry label with temperature 1: close pairs are noisy, like human labels.
             p_a = 1.0 / (1.0 + math.exp(-(gold_score(post["query"], a) - gold_score(post["query"], b))))
             chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
