@@ -212,7 +212,13 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
     from huggingface_hub import snapshot_download
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-    local = path if os.path.isdir(path) else snapshot_download(path)
+    if os.path.isdir(path):
+        local = path
+    else:
+        try:
+            local = snapshot_download(path)
+        except Exception as e:
+            raise OSError(f"reward model: '{path}' is not a local directory and cannot be fetched from the hub ({e})") from e
     config_file = os.path.join(local, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"reward model: no config.json in {local}; pass a save_pretrained directory")
@@ -229,12 +235,16 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
             fp = os.path.join(local, name)
             state.update(load_file(fp) if name.endswith(".safetensors") else torch.load(fp, map_location="cpu"))
         base_config = AutoConfig.for_model(**config["base_config"])
-        backbone = AutoModel.from_config(base_config, torch_dtype=dtype)
+        backbone = AutoModel.from_config(base_config, dtype=dtype)
         backbone.load_state_dict({k.removeprefix("lm_backbone."): v for k, v in state.items() if k.startswith("lm_")})
-        head = nn.Linear(config["hidden_size"], 1)
-        head.load_state_dict({k.removeprefix("scalar_head."): v for k, v in state.items() if k.startswith("scalar_")})
+        head_state = {k.removeprefix("scalar_head."): v for k, v in state.items() if k.startswith("scalar_head.")}
+        head = nn.Linear(config["hidden_size"], 1, bias="bias" in head_state)
+        head.load_state_dict(head_state)
         return ScalarRewardModel(backbone, head.to(dtype), config.get("bias", 0.0))
-    model = AutoModelForSequenceClassification.from_pretrained(local, torch_dtype=dtype)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(local, dtype=dtype)
+    except Exception as e:
+        raise OSError(f"reward model: cannot read the checkpoint in {local} ({type(e).__name__}: {e})") from e
     if model.config.num_labels != 1:
         raise ValueError(f"reward model {path} has {model.config.num_labels} labels; a reward model needs exactly 1")
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
@@ -433,7 +443,7 @@ if __name__ == "__main__":
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
     # Models: dropout is off everywhere because every model stays in eval mode (gradients do not need train mode).
-    policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, torch_dtype=dtype if args.lora else torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, dtype=dtype if args.lora else torch.float32)
     policy.generation_config.eos_token_id = None  # sample the full length; truncation after EOS happens in rollout()
     if args.lora:
         from peft import LoraConfig, get_peft_model
@@ -451,7 +461,7 @@ if __name__ == "__main__":
             with peft_model.disable_adapter():
                 yield peft_model
     else:
-        ref_model = AutoModelForCausalLM.from_pretrained(args.sft_model_path, torch_dtype=dtype).to(device).eval()
+        ref_model = AutoModelForCausalLM.from_pretrained(args.sft_model_path, dtype=dtype).to(device).eval()
         ref_model.requires_grad_(False)
         ref_policy = lambda: nullcontext(ref_model)  # noqa: E731
     policy.to(device).eval()

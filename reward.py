@@ -192,7 +192,7 @@ if __name__ == "__main__":
         raise ValueError(f"the train split has {len(train_data)} pairs, fewer than one --batch_size {args.batch_size}")
 
     # Model: the SFT backbone and a fresh scalar head; eval mode keeps dropout off.
-    hf_model = AutoModelForSequenceClassification.from_pretrained(args.sft_model_path, num_labels=1, torch_dtype=torch.float32)
+    hf_model = AutoModelForSequenceClassification.from_pretrained(args.sft_model_path, num_labels=1, dtype=torch.float32)
     hf_model.config.pad_token_id = tokenizer.pad_token_id
     model = ScalarRewardModel(hf_model.base_model, hf_model.score).to(device).eval()
     raw_model = model

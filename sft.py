@@ -180,7 +180,7 @@ if __name__ == "__main__":
         raise ValueError(f"the train split has {len(train_data)} examples, fewer than one --batch_size {args.batch_size}")
 
     # Model: eval mode keeps dropout off, as in the paper's models.
-    model = AutoModelForCausalLM.from_pretrained(args.base_model, torch_dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32).to(device).eval()
     raw_model = model
     if ddp:
         model = DDP(model, device_ids=[local_rank] if use_cuda else None)

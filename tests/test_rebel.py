@@ -1,0 +1,267 @@
+"""rebel.py: the loss against the paper, the tabular mirror-descent invariant, response processing, end to end."""
+
+import json
+from contextlib import nullcontext
+
+import pytest
+import torch
+from conftest import run_script
+
+import rebel
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+
+
+def test_rebel_loss_hand_computed():
+    logprobs = torch.tensor([[-1.0, -2.0], [-3.0, -0.5]])
+    old = torch.tensor([[-1.5, -1.0], [-2.0, -1.0]])
+    rewards = torch.tensor([[1.0, 0.0], [0.2, 0.7]])
+    eta = 2.0
+    # pair 1: ((0.5 - (-1.0)) / 2 - 1.0)^2 = (0.75 - 1)^2 = 0.0625
+    # pair 2: ((-1.0 - 0.5) / 2 - (-0.5))^2 = (-0.75 + 0.5)^2 = 0.0625
+    assert rebel.rebel_loss(logprobs, old, rewards, eta).item() == pytest.approx(0.0625)
+    # and with unequal terms: eta = 1 -> (1.5 - 1)^2 = 0.25, (-1.5 + 0.5)^2 = 1.0, mean 0.625
+    assert rebel.rebel_loss(logprobs, old, rewards, 1.0).item() == pytest.approx(0.625)
+
+
+def test_rebel_loss_zero_at_regression_target():
+    torch.manual_seed(0)
+    old, rewards, eta = torch.randn(5, 2), torch.randn(5, 2), 0.7
+    # log pi_theta = log pi_t + eta * r + c(x): Equation (4) with any per-prompt constant.
+    logprobs = old + eta * rewards + torch.randn(5, 1)
+    assert rebel.rebel_loss(logprobs, old, rewards, eta).item() == pytest.approx(0.0, abs=1e-10)
+    assert rebel.rebel_loss(logprobs + torch.tensor([[0.1, 0.0]]), old, rewards, eta).item() > 0
+
+
+def test_official_scaling_is_eta_squared_times_paper():
+    torch.manual_seed(1)
+    a, b, r = torch.randn(4, 2), torch.randn(4, 2), torch.randn(4, 2)
+    for eta in (0.1, 1.0, 3.0):
+        paper = rebel.rebel_loss(a, b, r, eta, "paper")
+        assert rebel.rebel_loss(a, b, r, eta, "official").item() == pytest.approx(eta**2 * paper.item())
+        # and it is what the official code computes: ((log-ratio diff) - eta * (reward diff))^2
+        lr = a - b
+        official = ((lr[:, 0] - lr[:, 1]) - eta * (r[:, 0] - r[:, 1])).pow(2).mean()
+        assert rebel.rebel_loss(a, b, r, eta, "official").item() == pytest.approx(official.item())
+
+
+def test_exact_rebel_is_mirror_descent():
+    """Section 3.2: solving Equation (1) exactly with a tabular softmax policy gives pi_t * exp(eta r) / Z."""
+    torch.manual_seed(0)
+    n_prompts, n_responses, eta = 3, 6, 0.8
+    theta_t = torch.randn(n_prompts, n_responses)
+    r = torch.randn(n_prompts, n_responses)
+    old = theta_t.log_softmax(-1)
+    # Every pair (y, y') for every prompt, as the regression's data (the population version of D_t).
+    yi, yj = torch.meshgrid(torch.arange(n_responses), torch.arange(n_responses), indexing="ij")
+    yi, yj = yi.flatten(), yj.flatten()
+    theta = theta_t.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def closure():
+        opt.zero_grad()
+        logp = theta.log_softmax(-1)
+        pair = lambda t: torch.stack((t[:, yi], t[:, yj]), -1).flatten(0, 1)  # noqa: E731  (n_prompts * K^2, 2)
+        loss = rebel.rebel_loss(pair(logp), pair(old), pair(r), eta)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    mirror_descent = (old + eta * r).softmax(-1)
+    torch.testing.assert_close(theta.detach().softmax(-1), mirror_descent, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- response processing
+
+
+def test_truncate_after_first_eos_and_mask():
+    eos, pad = 0, 1
+    responses = torch.tensor([[5, 6, 0, 7, 0], [5, 6, 7, 8, 9], [0, 5, 5, 5, 5]])
+    out = rebel.truncate_response(responses, eos, pad)
+    assert out.tolist() == [[5, 6, 0, 1, 1], [5, 6, 7, 8, 9], [0, 1, 1, 1, 1]]
+    mask = rebel.response_mask(out, pad)
+    assert mask.sum(1).tolist() == [3, 5, 1]  # EOS included; everything when there is no EOS
+    assert rebel.first_true_indices(responses == eos).tolist() == [2, 5, 0]
+
+
+def _load(toy):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(toy.sft)
+    return tok, AutoModelForCausalLM.from_pretrained(toy.sft).eval()
+
+
+def test_logprobs_are_those_of_the_sampled_distribution(toy):
+    """generate()'s processed scores (temperature applied) equal our forward pass with left padding."""
+    from transformers import GenerationConfig
+
+    tok, model = _load(toy)
+    model.generation_config.eos_token_id = None
+    tok.padding_side = "left"
+    queries = torch.tensor(tok(["TL;DR: my mom", "SUBREDDIT: r/pets TITLE: my dad lost my keys POST: x TL;DR:"],
+                               padding="max_length", max_length=20).input_ids)  # fmt: skip
+    cfg = GenerationConfig(max_new_tokens=8, min_new_tokens=8, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
+                           eos_token_id=None, pad_token_id=tok.pad_token_id)  # fmt: skip
+    mask = queries != tok.pad_token_id
+    torch.manual_seed(0)
+    out = model.generate(input_ids=queries.masked_fill(~mask, 0), attention_mask=mask, generation_config=cfg,
+                         output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    response = out.sequences[:, 20:]
+    sampled = torch.gather(torch.stack(out.scores, 1).log_softmax(-1), 2, response[..., None]).squeeze(-1)
+    ours = rebel.response_logprobs(model, torch.cat((queries, response), 1), 20, 0.7, tok.pad_token_id)
+    torch.testing.assert_close(ours, sampled, atol=1e-4, rtol=1e-4)
+
+
+def test_masked_logprob_sum_equals_naive_per_sequence(toy):
+    tok, model = _load(toy)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    q1, q2 = tok("TL;DR: my mom").input_ids, tok("POST: i feel sad . TL;DR:").input_ids
+    r1, r2 = [5, 6, eos, 7], [8, 9, 10, 11]  # the first stops at EOS, the second has none
+    L = max(len(q1), len(q2))
+    queries = torch.tensor([[pad] * (L - len(q1)) + q1, [pad] * (L - len(q2)) + q2])
+    responses = rebel.truncate_response(torch.tensor([r1, r2]), eos, pad)
+    batch = rebel.masked_sum(
+        rebel.response_logprobs(model, torch.cat((queries, responses), 1), L, 0.7, pad), rebel.response_mask(responses, pad)
+    )
+    for i, (q, r) in enumerate(((q1, r1[:3]), (q2, r2))):  # no padding at all, one sequence at a time
+        logits = model(torch.tensor([q + r])).logits[0, len(q) - 1 : -1] / 0.7
+        naive = sum(logits[t].log_softmax(-1)[tok_id].item() for t, tok_id in enumerate(r))
+        assert batch[i].item() == pytest.approx(naive, abs=1e-4)
+
+
+def test_reward_read_at_last_token_with_left_padding(toy):
+    tok, _ = _load(toy)
+    rm = rebel.load_reward_model(toy.rm, torch.float32).eval()
+    pad = tok.pad_token_id
+    seq = tok("TL;DR: my mom lost my keys .").input_ids + [tok.eos_token_id]
+    alone = rm(torch.tensor([seq]), pad)
+    padded = rm(torch.tensor([[pad] * 5 + seq + [pad] * 3]), pad)  # left-padded query, right-padded response
+    assert padded.item() == pytest.approx(alone.item(), abs=1e-5)
+    # and the score is the head applied to the hidden state of the last real token (the EOS)
+    hidden = rm.backbone(input_ids=torch.tensor([seq])).last_hidden_state[0, -1]
+    assert alone.item() == pytest.approx(rm.head(hidden).item(), abs=1e-5)
+
+
+def test_scalar_head_checkpoint_format(toy, tmp_path):
+    """summarize_from_feedback_details' reward models: config with base_config, lm_backbone.* and scalar_head.*."""
+    from safetensors.torch import save_file
+
+    rm = rebel.load_reward_model(toy.rm, torch.float32)
+    state = {f"lm_backbone.{k}": v.contiguous() for k, v in rm.backbone.state_dict().items()}
+    state.update({f"scalar_head.{k}": v.contiguous() for k, v in rm.head.state_dict().items()})
+    save_file(state, str(tmp_path / "model.safetensors"))
+    config = {"base_config": rm.backbone.config.to_dict(), "hidden_size": rm.backbone.config.hidden_size, "bias": 0.25}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    other = rebel.load_reward_model(str(tmp_path), torch.float32)
+    x = torch.tensor([[3, 4, 5, 0]])
+    assert other(x, 1).item() == pytest.approx(rm(x, 1).item() - 0.25, abs=1e-5)
+
+
+def test_no_eos_penalty_in_rollout(toy, monkeypatch):
+    from transformers import GenerationConfig
+
+    tok, model = _load(toy)
+    rm = rebel.load_reward_model(toy.rm, torch.float32).eval()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    queries = torch.tensor([[pad, 5, 6], [7, 8, 9]])
+    fixed = torch.tensor([[5, eos, 9, 9], [5, 6, 7, 8], [eos, 3, 3, 3], [4, 4, 4, 4]])  # pairs: (0, 1), (2, 3)
+    monkeypatch.setattr(rebel, "generate", lambda m, q, c, p: torch.cat((q, fixed[: q.size(0)]), 1))
+    args = rebel.Args(penalty_reward_value=-7.0, temperature=1.0, local_rollout_forward_batch_size=8)
+    timer = rebel.Timer(torch.device("cpu"))
+    _, masks, _, _, scores, has_eos = rebel.rollout(
+        model, lambda: nullcontext(model), rm, queries, args, GenerationConfig(), tok, nullcontext, timer
+    )
+    assert has_eos.tolist() == [[True, False], [True, False]]
+    assert scores[0, 1].item() == -7.0 and scores[1, 1].item() == -7.0
+    assert scores[0, 0].item() != -7.0
+    assert masks.sum(-1).tolist() == [[2, 4], [1, 4]]
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def test_rebel_end_to_end_saves_a_loadable_model(toy, tmp_path):
+    out, runs = tmp_path / "policy", tmp_path / "run"
+    run_script("rebel.py", *toy.rl_flags, "--output_dir", str(out), "--run_dir", str(runs), "--save_merged", "--track",
+               cwd=str(tmp_path))
+    lines = [json.loads(x) for x in (runs / "metrics.jsonl").read_text().splitlines()]
+    assert [x["update"] for x in lines] == [1, 2]
+    for key in ("time/generation", "time/reward", "time/logprob", "time/update", "memory/peak_gb", "loss/policy", "objective/kl"):
+        assert key in lines[0]
+    import pandas as pd
+
+    table = pd.read_csv(runs / "eval_000002.csv", keep_default_na=False)
+    assert list(table.columns[:6]) == ["query", "postprocessed_response", "reference_response", "score", "reference_score", "kl"]
+    assert len(table) == 8
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(str(out))
+    AutoModelForCausalLM.from_pretrained(str(out / "merged"))
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "--track with WANDB_MODE=offline wrote no wandb run"
+
+
+def test_full_finetuning_and_official_scaling(toy, tmp_path):
+    run_script("rebel.py", *toy.rl_flags, "--no-lora", "--loss_scaling", "official", "--eta", "0.5",
+               "--output_dir", str(tmp_path / "policy"), "--run_dir", str(tmp_path / "run"))  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy"))
+
+
+def test_help():
+    proc = run_script("rebel.py", "--help")
+    assert "--eta" in proc.stdout and "--kl_coef" in proc.stdout and "Equation (1)" in proc.stdout
+
+
+def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
+    runs = tmp_path / "run"
+    run_script("rebel.py", *toy.rl_flags, "--output_dir", "", "--run_dir", str(runs), torchrun=2)
+    lines = [json.loads(x) for x in (runs / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1] == {"ddp/max_param_diff_across_ranks": 0.0}
+    assert len(lines) == 3  # two updates, logged once (by rank 0)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--eta", "0"], "--eta must be > 0"),
+        (["--batch_size", "6"], "not divisible"),
+        (["--query_column", "post"], "has no column 'post'"),
+        (["--reward_model_path", "/nonexistent/rm"], "reward model"),
+        (["--total_episodes", "4"], "smaller than one --batch_size"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(toy, tmp_path, flags, message):
+    proc = run_script("rebel.py", *toy.rl_flags, "--output_dir", "", "--run_dir", str(tmp_path), *flags, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout
+
+
+def test_unreadable_reward_checkpoint(toy, tmp_path):
+    import shutil
+
+    shutil.copytree(toy.rm, tmp_path / "rm")
+    (tmp_path / "rm" / "model.safetensors").write_bytes(b"not a checkpoint")
+    flags = list(toy.rl_flags)
+    flags[flags.index("--reward_model_path") + 1] = str(tmp_path / "rm")
+    proc = run_script("rebel.py", *flags, "--output_dir", "", "--run_dir", str(tmp_path / "run"), check=False)
+    assert proc.returncode != 0 and "reward model: cannot read the checkpoint" in proc.stdout
+
+
+def test_tokenizer_without_pad_token(toy, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(toy.sft)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(tmp_path / "sft")
+    AutoModelForCausalLM.from_pretrained(toy.sft).save_pretrained(tmp_path / "sft")
+    flags = list(toy.rl_flags)
+    flags[flags.index("--sft_model_path") + 1] = str(tmp_path / "sft")
+    proc = run_script("rebel.py", *flags, "--output_dir", "", "--run_dir", str(tmp_path / "run"), check=False)
+    assert proc.returncode != 0 and "no pad token distinct from EOS" in proc.stdout
