@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -113,12 +114,13 @@ def format_table(results: list[dict]) -> str:
     head = "| script | updates | " + " | ".join(f"{k} (s)" for k in PHASES) + " | total (s) | peak memory (GiB) |"
     lines = [head, "|" + "---|" * (len(PHASES) + 4)]
     for r in results:
+        name = os.path.splitext(os.path.basename(r["script"]))[0]
         if "error" in r:
-            lines.append(f"| {r['script']} | failed: {r['error']} |" + " |" * (len(PHASES) + 2))
+            lines.append(f"| {name} | failed: {r['error']} |" + " |" * (len(PHASES) + 2))
             continue
         phases = " | ".join(f"{r[f'time/{k}']:.3f}" for k in PHASES)
         lines.append(
-            f"| {r['script']} | {r['updates_measured']} | {phases} | {r['time/total']:.3f} ± {r['time/total_std']:.3f} "
+            f"| {name} | {r['updates_measured']} | {phases} | {r['time/total']:.3f} ± {r['time/total_std']:.3f} "
             f"| {r['memory/peak_gb']:.2f} |"
         )
     return "\n".join(lines)
@@ -160,7 +162,7 @@ def main(args: Args) -> list[dict]:
             if os.path.exists(metrics):
                 os.remove(metrics)  # a stale file would mix two runs
             command = script_command(script, run_dir, args)
-            print("running:", " ".join(command), flush=True)
+            print("running:", shlex.join(command), flush=True)
             with open(os.path.join(run_dir, "log.txt"), "w") as log:
                 returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
             if returncode != 0:
