@@ -191,6 +191,12 @@ class JudgeCache:
                     except json.JSONDecodeError:  # a line cut short by an interrupted run
                         continue
                     self.answers[record["key"]] = record["answer"]
+            # After a cut-short last line, the next answer must start a line of its own, not complete the broken one.
+            with open(path, "rb+") as f:
+                if f.seek(0, os.SEEK_END) > 0:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
 
     @staticmethod
     def key(model: str, version: str, prompt: str) -> str:

@@ -4,7 +4,16 @@ import os
 import pytest
 from eval_helpers import GARBLED, GOOD, FakeJudgeServer, best_summary, toy_queries, weak_summary, write_eval_csv
 
-from eval.winrate import Args, load_template, main, parse_preference, policy_is_a, select_rows, wilson_interval
+from eval.winrate import (
+    Args,
+    JudgeCache,
+    load_template,
+    main,
+    parse_preference,
+    policy_is_a,
+    select_rows,
+    wilson_interval,
+)
 
 SECRET = "sk-test-NEVER-WRITE-ME-123"
 
@@ -117,6 +126,9 @@ def test_retries_parse_failures_cache_and_key_hygiene(server, tmp_path, capsys):
     [again] = main(openai_args(server, [csv], out))
     assert len(server.requests) == n_before  # the rerun is answered from the cache
     assert again == summary
+    with open(out / "judge_cache.jsonl", "a") as f:
+        f.write('{"key": "cut short by a ki')  # an interrupted write is skipped, not fatal
+    assert main(openai_args(server, [csv], out)) == [summary] and len(server.requests) == n_before
 
     # A rejected key is a failed request, not retried, and the error body quoting the key is redacted.
     server.reject_with_key = True
@@ -127,6 +139,16 @@ def test_retries_parse_failures_cache_and_key_hygiene(server, tmp_path, capsys):
         for name in os.listdir(root):
             assert SECRET not in open(root / name).read()
     assert SECRET not in captured.out + captured.err
+
+
+def test_cache_survives_a_cut_short_line(tmp_path):
+    path = str(tmp_path / "cache.jsonl")
+    JudgeCache(path).put("k1", "m", "v1", "Preferred: A")
+    with open(path, "a") as f:
+        f.write('{"key": "k2", "ans')
+    cache = JudgeCache(path)
+    cache.put("k3", "m", "v1", "Preferred: B")
+    assert JudgeCache(path).answers == {"k1": "Preferred: A", "k3": "Preferred: B"}
 
 
 def test_connection_errors_are_bounded(monkeypatch, tmp_path):
