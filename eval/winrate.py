@@ -329,6 +329,7 @@ def main(args: Args) -> list[dict]:
             raise SystemExit(f"winrate: {path} lacks columns {sorted(missing)}")
         rows = df.to_dict("records")
         row_ids = select_rows(len(rows), args.subset_frac, args.max_samples, args.seed, args.all)
+        print(f"judging {len(row_ids)} of {len(rows)} rows of {path}", flush=True)
         with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool:
             judge = lambda row, i: judge_row(row, i, args, template, version, cache, api_key)  # noqa: E731
             judgments = list(pool.map(judge, [rows[i] for i in row_ids], row_ids))
