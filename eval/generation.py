@@ -1,0 +1,94 @@
+"""Chat generation shared by the AlpacaEval and MT-Bench hooks: load a trained model, apply its chat template, sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# The paper (Table 4, Appendix I.2.1) generates up to 1024 tokens in the general-chat experiments.
+MAX_NEW_TOKENS = 1024
+
+
+def load_model_and_tokenizer(model_path: str, chat_template: str = "", dtype: str = "auto", device: str = ""):
+    """A `save_pretrained` directory or hub name; a peft adapter directory (adapter_config.json) is loaded on its base."""
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    if os.path.exists(os.path.join(model_path, "adapter_config.json")):
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        # An adapter directory usually has no tokenizer of its own; then the base model's is the right one.
+        has_tokenizer = any(
+            os.path.exists(os.path.join(model_path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+        )
+        tokenizer_path = model_path if has_tokenizer else model.peft_config["default"].base_model_name_or_path
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        tokenizer_path = model_path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if chat_template:
+        with open(chat_template) as f:
+            tokenizer.chat_template = f.read()
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"the tokenizer of {model_path} has no chat template, so instructions cannot be formatted as the model was "
+            "trained to read them: pass --chat_template PATH (a Jinja template file, e.g. the one of the model you fine-tuned)"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def generate_chat(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    temperature: float,
+    top_p: float = 1.0,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 8,
+) -> list[str]:
+    """The assistant's next message for each conversation (a list of {"role", "content"} messages).
+
+    Temperature 0 is greedy decoding, as in FastChat's gen_model_answer.py (which switches sampling off below 1e-4).
+    """
+    outputs = []
+    for start in range(0, len(conversations), batch_size):
+        batch = conversations[start : start + batch_size]
+        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in batch]
+        # The template already holds any special tokens it wants; adding more would double the BOS.
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+            if temperature >= 1e-4
+            else {"do_sample": False}
+        )
+        tokens = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+        new_tokens = tokens[:, inputs["input_ids"].shape[1] :]  # (B, T_new)
+        outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return outputs
+
+
+def read_records(source: str) -> list[dict]:
+    """Records from a local .json (a list) or .jsonl file, or an http(s) URL of either."""
+    if source.startswith(("http://", "https://")):
+        with urllib.request.urlopen(source, timeout=60) as response:
+            text = response.read().decode()
+    else:
+        with open(source) as f:
+            text = f.read()
+    if source.endswith(".jsonl"):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)

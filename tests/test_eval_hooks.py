@@ -1,0 +1,105 @@
+import json
+
+import pytest
+from eval_helpers import CHAT_TEMPLATE, build_tiny_chat_model
+
+import eval.mt_bench_hook as mt_bench_hook
+from eval.alpaca_eval_hook import Args as AlpacaArgs
+from eval.alpaca_eval_hook import main as alpaca_main
+from eval.generation import load_model_and_tokenizer
+
+QUESTIONS = [
+    {"question_id": 82, "category": "math", "turns": ["what is the capital of france ?", "tell me a story"]},
+    {"question_id": 81, "category": "writing", "turns": ["write a poem", "hello"]},
+    {"question_id": 90, "category": "unlisted", "turns": ["hello", "thanks"]},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_chat_model(str(tmp_path_factory.mktemp("tiny_chat")))
+
+
+def test_alpaca_eval_outputs_format(tiny_model, tmp_path, capsys):
+    records = [
+        {"instruction": "write a poem", "output": "reference", "generator": "gpt4", "dataset": "helpful_base"},
+        {"instruction": "what is the capital of france ?", "output": "paris", "generator": "gpt4", "dataset": "koala"},
+    ]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records))
+    args = AlpacaArgs(
+        model_path=tiny_model,
+        instructions=str(tmp_path / "alpaca.json"),
+        output_dir=str(tmp_path / "out"),
+        max_new_tokens=5,
+        generator="tiny",
+    )
+    path = alpaca_main(args)
+    outputs = json.load(open(path))
+    assert [o["instruction"] for o in outputs] == [r["instruction"] for r in records]
+    assert [o["dataset"] for o in outputs] == ["helpful_base", "koala"]
+    for o in outputs:
+        assert set(o) == {"instruction", "output", "generator", "dataset"} and o["generator"] == "tiny"
+        assert isinstance(o["output"], str) and o["output"] != "reference"
+    assert f"alpaca_eval --model_outputs {path}" in capsys.readouterr().out
+
+    # A .jsonl instruction file without a dataset column gives records without one.
+    (tmp_path / "alpaca.jsonl").write_text(
+        "".join(json.dumps({"instruction": r["instruction"]}) + "\n" for r in records)
+    )
+    args.instructions, args.max_instructions = str(tmp_path / "alpaca.jsonl"), 1
+    [only] = json.load(open(alpaca_main(args)))
+    assert set(only) == {"instruction", "output", "generator"}
+
+
+def test_mt_bench_answers_format(tiny_model, tmp_path, monkeypatch, capsys):
+    (tmp_path / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    temperatures, real_generate = [], mt_bench_hook.generate_chat
+
+    def spy(model, tokenizer, conversations, temperature, *rest):
+        temperatures.append((temperature, len(conversations[0])))
+        return real_generate(model, tokenizer, conversations, temperature, *rest)
+
+    monkeypatch.setattr(mt_bench_hook, "generate_chat", spy)
+    args = mt_bench_hook.Args(
+        model_path=tiny_model,
+        questions=str(tmp_path / "question.jsonl"),
+        output_dir=str(tmp_path),
+        max_new_tokens=4,
+        model_id="tiny-rebel",
+    )
+    path = mt_bench_hook.main(args)
+    assert path.endswith("tiny-rebel.jsonl")
+    answers = [json.loads(line) for line in open(path)]
+    assert [a["question_id"] for a in answers] == [81, 82, 90]
+    for a in answers:
+        assert set(a) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+        assert a["model_id"] == "tiny-rebel" and isinstance(a["answer_id"], str) and isinstance(a["tstamp"], float)
+        [choice] = a["choices"]
+        assert choice["index"] == 0 and len(choice["turns"]) == 2 and all(isinstance(t, str) for t in choice["turns"])
+    # FastChat's category temperatures (math greedy, writing 0.7, unknown 0.7); turn 2 carries turn 1 (3 messages).
+    assert sorted(temperatures) == [(0.0, 1), (0.0, 3), (0.7, 1), (0.7, 3)]
+    out = capsys.readouterr().out
+    assert (
+        "python gen_judgment.py --model-list tiny-rebel" in out
+        and "python show_result.py --model-list tiny-rebel" in out
+    )
+
+
+def test_missing_chat_template_names_the_fix(tmp_path):
+    plain = build_tiny_chat_model(str(tmp_path / "plain"), with_chat_template=False)
+    with pytest.raises(ValueError, match="--chat_template PATH"):
+        load_model_and_tokenizer(plain)
+    (tmp_path / "template.jinja").write_text(CHAT_TEMPLATE)
+    _, tokenizer = load_model_and_tokenizer(plain, chat_template=str(tmp_path / "template.jinja"))
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def test_peft_adapter_directory(tiny_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    adapter = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["query_key_value"]))
+    adapter.save_pretrained(tmp_path / "adapter")  # no tokenizer here: the base model's is used
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path / "adapter"))
+    assert type(model).__name__.startswith("Peft") and tokenizer.chat_template == CHAT_TEMPLATE

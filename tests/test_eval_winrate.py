@@ -1,0 +1,188 @@
+import json
+import os
+
+import pytest
+from eval_helpers import GARBLED, GOOD, FakeJudgeServer, best_summary, toy_queries, weak_summary, write_eval_csv
+
+from eval.winrate import (
+    Args,
+    JudgeCache,
+    load_template,
+    main,
+    parse_preference,
+    policy_is_a,
+    select_rows,
+    wilson_interval,
+)
+
+SECRET = "sk-test-NEVER-WRITE-ME-123"
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FakeJudgeServer() as s:
+        yield s
+
+
+def openai_args(server, csvs, out, **kw):
+    return Args(
+        csvs=tuple(str(c) for c in csvs),
+        judge="openai",
+        base_url=server.base_url,
+        output_dir=str(out),
+        all=True,
+        backoff_s=0.01,
+        concurrency=4,
+        **kw,
+    )
+
+
+def marked_csv(path, n=20, n_policy_good=15, n_garbled=0):
+    """Policy summaries marked GOOD in the first n_policy_good rows, the reference marked GOOD in the others."""
+    queries = toy_queries(n)
+    policy = [f"policy {GOOD if i < n_policy_good else 'meh'} {i}" for i in range(n)]
+    reference = [f"reference {'meh' if i < n_policy_good else GOOD} {i}" for i in range(n)]
+    for i in range(n_garbled):
+        policy[i] += f" {GARBLED}"
+    write_eval_csv(path, policy, reference, queries)
+    return path
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("Comparison: A is better.\nPreferred: A", "A"),
+        ("Comparison: x\nPreferred: **B**", "B"),
+        ('**Preferred:** "A"', "A"),
+        ("Preferred: Summary B", "B"),
+        ("Comparison: Summary A is short.\nPreferred:\nB", "B"),
+        ("The format is Preferred: <A or B>.\nPreferred: B", "B"),
+        ("Comparison: both good.\n\nB\n", "B"),
+        ("Comparison: I prefer neither.", None),
+        ("Preferred: a tie", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_parse_preference(answer, expected):
+    assert parse_preference(answer) == expected
+
+
+def test_subset_and_coin_flip_are_seeded():
+    assert select_rows(6553, 0.1, 600, seed=0) == select_rows(6553, 0.1, 600, seed=0)
+    assert len(select_rows(6553, 0.1, 600, seed=0)) == 600  # the paper's 10% capped at 600
+    assert len(select_rows(1000, 0.1, 600, seed=0)) == 100
+    assert select_rows(50, 0.1, 600, seed=0, all_rows=True) == list(range(50))
+    assert select_rows(50, 1.0, 10, seed=0) == list(range(50))
+    flips = [policy_is_a(0, i) for i in range(200)]
+    assert 60 < sum(flips) < 140 and flips == [policy_is_a(0, i) for i in range(200)]
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(0.5, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
+    assert wilson_interval(1.0, 20)[1] == 1.0 and wilson_interval(1.0, 20)[0] < 1.0
+
+
+def test_template_is_the_papers_prompt():
+    text, version = load_template("tldr_winrate_v1")
+    assert version == "tldr_winrate_v1"
+    assert text.startswith(
+        "Which of the following summaries does a better job of summarizing the most important points"
+    )
+    for field in ("{{post}}", "{{summarya}}", "{{summaryb}}", 'Preferred: <"A" or "B">'):
+        assert field in text
+
+
+def test_openai_backend_win_rate_is_order_independent(server, tmp_path, capsys):
+    csv = marked_csv(tmp_path / "eval.csv")
+    [summary] = main(openai_args(server, [csv], tmp_path / "out"))
+    assert summary["win_rate"] == 0.75 and summary["n_judged"] == 20 and summary["parse_failures"] == 0
+    judgments = [json.loads(line) for line in open(tmp_path / "out" / "judgments.jsonl")]
+    assert {j["policy_position"] for j in judgments} == {"A", "B"}  # both orders were exercised
+    # The request carries the paper's prompt with the post and both summaries, and the key as a bearer token.
+    request = server.requests[0]
+    assert request["path"] == "/v1/chat/completions" and request["body"]["model"] == "gpt-4-0613"
+    assert request["auth"] == f"Bearer {SECRET}"
+    prompt = request["body"]["messages"][0]["content"]
+    assert "### Post: SUBREDDIT: r/" in prompt and "policy GOOD" in prompt and "reference meh" in prompt
+    summary_json = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary_json["template_version"] == "tldr_winrate_v1" and summary_json["results"][0]["ci_method"] == "wilson"
+    assert "0.750" in capsys.readouterr().out
+
+
+def test_retries_parse_failures_cache_and_key_hygiene(server, tmp_path, capsys):
+    csv = marked_csv(tmp_path / "eval.csv", n=12, n_policy_good=12, n_garbled=3)
+    server.failures = [429, 500, 503, 429]
+    out = tmp_path / "out"
+    [summary] = main(openai_args(server, [csv], out))
+    assert len(server.requests) == 12 + 4  # every failure was retried
+    assert summary["failed_requests"] == 0 and summary["parse_failures"] == 3
+    assert summary["n_judged"] == 9 and summary["win_rate"] == 1.0  # failures are neither losses nor coin flips
+    assert sum(1 for _ in open(out / "judge_cache.jsonl")) == 12
+
+    n_before = len(server.requests)
+    [again] = main(openai_args(server, [csv], out))
+    assert len(server.requests) == n_before  # the rerun is answered from the cache
+    assert again == summary
+    with open(out / "judge_cache.jsonl", "a") as f:
+        f.write('{"key": "cut short by a ki')  # an interrupted write is skipped, not fatal
+    assert main(openai_args(server, [csv], out)) == [summary] and len(server.requests) == n_before
+
+    # A rejected key is a failed request, not retried, and the error body quoting the key is redacted.
+    server.reject_with_key = True
+    [rejected] = main(openai_args(server, [csv], tmp_path / "out2"))
+    assert rejected["failed_requests"] == 12 and rejected["n_judged"] == 0
+    captured = capsys.readouterr()
+    for root in (out, tmp_path / "out2"):
+        for name in os.listdir(root):
+            assert SECRET not in open(root / name).read()
+    assert SECRET not in captured.out + captured.err
+
+
+def test_cache_survives_a_cut_short_line(tmp_path):
+    path = str(tmp_path / "cache.jsonl")
+    JudgeCache(path).put("k1", "m", "v1", "Preferred: A")
+    with open(path, "a") as f:
+        f.write('{"key": "k2", "ans')
+    cache = JudgeCache(path)
+    cache.put("k3", "m", "v1", "Preferred: B")
+    assert JudgeCache(path).answers == {"k1": "Preferred: A", "k3": "Preferred: B"}
+
+
+def test_connection_errors_are_bounded(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    csv = marked_csv(tmp_path / "eval.csv", n=2, n_policy_good=2)
+    args = Args(
+        csvs=(str(csv),),
+        base_url="http://127.0.0.1:9/v1",
+        output_dir=str(tmp_path),
+        all=True,
+        max_retries=2,
+        backoff_s=0.01,
+    )
+    [summary] = main(args)
+    assert summary["failed_requests"] == 2 and summary["n_judged"] == 0
+    judgments = [json.loads(line) for line in open(tmp_path / "judgments.jsonl")]
+    assert "gave up after 3 attempts" in judgments[0]["error"]
+
+
+def test_gold_judge_on_toy_csv(tmp_path):
+    queries = toy_queries(40)
+    best, weak = [best_summary(q) for q in queries], [weak_summary(q) for q in queries]
+    write_eval_csv(tmp_path / "good.csv", best, weak, queries)
+    write_eval_csv(tmp_path / "bad.csv", weak, best, queries)
+    write_eval_csv(tmp_path / "same.csv", best, best, queries)
+    args = Args(
+        csvs=tuple(str(tmp_path / f"{n}.csv") for n in ("good", "bad", "same")),
+        judge="gold",
+        output_dir=str(tmp_path / "out"),
+        all=True,
+    )
+    good, bad, same = main(args)
+    assert (good["win_rate"], bad["win_rate"], same["win_rate"]) == (1.0, 0.0, 0.5)
+    assert good["n_judged"] == 40 and same["ties"] == 40
+    # The default protocol judges a seeded 10% subset.
+    [subset] = main(Args(csvs=(str(tmp_path / "good.csv"),), judge="gold", output_dir=str(tmp_path / "out")))
+    assert subset["n_selected"] == 4
