@@ -169,7 +169,9 @@ if __name__ == "__main__":
         torch.cuda.set_device(device)
     master = rank == 0
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    grad_accum = exact_div(local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size")
+    grad_accum = exact_div(
+        local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size"
+    )
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed)  # the new head must start the same on every rank
@@ -192,7 +194,9 @@ if __name__ == "__main__":
         raise ValueError(f"the train split has {len(train_data)} pairs, fewer than one --batch_size {args.batch_size}")
 
     # Model: the SFT backbone and a fresh scalar head; eval mode keeps dropout off.
-    hf_model = AutoModelForSequenceClassification.from_pretrained(args.sft_model_path, num_labels=1, dtype=torch.float32)
+    hf_model = AutoModelForSequenceClassification.from_pretrained(
+        args.sft_model_path, num_labels=1, dtype=torch.float32
+    )
     hf_model.config.pad_token_id = tokenizer.pad_token_id
     model = ScalarRewardModel(hf_model.base_model, hf_model.score).to(device).eval()
     raw_model = model
@@ -213,9 +217,13 @@ if __name__ == "__main__":
                        sync_tensorboard=True, save_code=True)  # fmt: skip
         os.makedirs(run_dir, exist_ok=True)
         writer = SummaryWriter(run_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+        )
         metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        print(f"run {run_name}: {num_updates} steps of {args.batch_size} pairs, world size {world_size}; logs in {run_dir}")
+        print(
+            f"run {run_name}: {num_updates} steps of {args.batch_size} pairs, world size {world_size}; logs in {run_dir}"
+        )
 
     @torch.no_grad()
     def validation() -> dict:
@@ -242,7 +250,7 @@ if __name__ == "__main__":
             batch = train_data[perm[step * args.batch_size : (step + 1) * args.batch_size][rank::world_size]].to(device)
             losses, accuracies = [], []
             for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
-                with (nullcontext() if micro == grad_accum - 1 or not ddp else model.no_sync()), autocast():
+                with nullcontext() if micro == grad_accum - 1 or not ddp else model.no_sync(), autocast():
                     rewards = model(mb.flatten(0, 1), tokenizer.pad_token_id).view(-1, 2).float()  # (B, 2)
                     loss = bradley_terry_loss(rewards)
                     (loss / grad_accum).backward()
@@ -250,10 +258,14 @@ if __name__ == "__main__":
                 accuracies.append((rewards[:, 0] > rewards[:, 1]).float().mean().item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            stats = all_reduce({"loss/reward": float(np.mean(losses)), "objective/accuracy": float(np.mean(accuracies))}, device=device)
+            stats = all_reduce(
+                {"loss/reward": float(np.mean(losses)), "objective/accuracy": float(np.mean(accuracies))}, device=device
+            )
             stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(device)}, dist.ReduceOp.MAX, device))
             if master:
-                stats.update({"policy/lr": lr_now, "episode": update * args.batch_size, "time/elapsed": time.time() - start})
+                stats.update(
+                    {"policy/lr": lr_now, "episode": update * args.batch_size, "time/elapsed": time.time() - start}
+                )
                 for k, v in stats.items():
                     writer.add_scalar(k, v, update)
                 metrics_file.write(json.dumps({"update": update, **stats}) + "\n")

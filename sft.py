@@ -131,10 +131,16 @@ def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: 
     """Mean next-token cross-entropy over the response tokens (EOS included, pads excluded)."""
     attention_mask = query_responses != pad_id
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=query_responses.masked_fill(~attention_mask, 0), attention_mask=attention_mask,
-        position_ids=position_ids, use_cache=False,
-    ).logits[:, context_length - 1 : -1].float()  # (B, T, V) fmt: skip
+    logits = (
+        model(
+            input_ids=query_responses.masked_fill(~attention_mask, 0),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        .logits[:, context_length - 1 : -1]
+        .float()
+    )  # (B, T, V) fmt: skip
     labels = query_responses[:, context_length:].masked_fill(~attention_mask[:, context_length:], -100)  # (B, T)
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
@@ -159,7 +165,9 @@ if __name__ == "__main__":
         torch.cuda.set_device(device)
     master = rank == 0
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    grad_accum = exact_div(local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size")
+    grad_accum = exact_div(
+        local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size"
+    )
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
@@ -177,7 +185,9 @@ if __name__ == "__main__":
     steps_per_epoch = len(train_data) // args.batch_size
     num_updates = steps_per_epoch * args.num_train_epochs
     if num_updates < 1:
-        raise ValueError(f"the train split has {len(train_data)} examples, fewer than one --batch_size {args.batch_size}")
+        raise ValueError(
+            f"the train split has {len(train_data)} examples, fewer than one --batch_size {args.batch_size}"
+        )
 
     # Model: eval mode keeps dropout off, as in the paper's models.
     model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32).to(device).eval()
@@ -199,9 +209,13 @@ if __name__ == "__main__":
                        sync_tensorboard=True, save_code=True)  # fmt: skip
         os.makedirs(run_dir, exist_ok=True)
         writer = SummaryWriter(run_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+        )
         metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        print(f"run {run_name}: {num_updates} steps of {args.batch_size} examples, world size {world_size}; logs in {run_dir}")
+        print(
+            f"run {run_name}: {num_updates} steps of {args.batch_size} examples, world size {world_size}; logs in {run_dir}"
+        )
 
     @torch.no_grad()
     def validation_loss() -> float:
@@ -223,7 +237,7 @@ if __name__ == "__main__":
             batch = train_data[perm[step * args.batch_size : (step + 1) * args.batch_size][rank::world_size]].to(device)
             losses = []
             for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
-                with (nullcontext() if micro == grad_accum - 1 or not ddp else model.no_sync()), autocast():
+                with nullcontext() if micro == grad_accum - 1 or not ddp else model.no_sync(), autocast():
                     loss = sft_loss(model, mb, args.query_length, tokenizer.pad_token_id)
                     (loss / grad_accum).backward()
                 losses.append(loss.item())
@@ -232,7 +246,9 @@ if __name__ == "__main__":
             stats = all_reduce({"loss/sft": float(np.mean(losses))}, device=device)
             stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(device)}, dist.ReduceOp.MAX, device))
             if master:
-                stats.update({"policy/lr": lr_now, "episode": update * args.batch_size, "time/elapsed": time.time() - start})
+                stats.update(
+                    {"policy/lr": lr_now, "episode": update * args.batch_size, "time/elapsed": time.time() - start}
+                )
                 for k, v in stats.items():
                     writer.add_scalar(k, v, update)
                 metrics_file.write(json.dumps({"update": update, **stats}) + "\n")

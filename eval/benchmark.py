@@ -77,8 +77,7 @@ def script_command(script: str, run_dir: str, args: Args) -> list[str]:
         "reward_model_path": args.reward_model_path,
         "query_dataset": args.query_dataset,
         "eval_freq": 0,  # no mid-run evaluation inside the timed updates
-        "output_dir": "",  # nothing saved
-        "track": False,
+        "output_dir": "",  # nothing saved (tracking stays off: it is off by default in every script)
     }
     cli = []
     for k, v in flags.items():

@@ -15,9 +15,15 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "TOKENIZER
 LENGTHS = ["--query_length", "64", "--response_length", "24"]
 
 
-def run_script(script: str, *flags: str, torchrun: int = 0, cwd: str | None = None, check: bool = True, timeout: int = 300):
+def run_script(
+    script: str, *flags: str, torchrun: int = 0, cwd: str | None = None, check: bool = True, timeout: int = 300
+):
     """Run a top-level script as a user would; return the CompletedProcess (stdout and stderr merged)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)] if torchrun else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)]
+        if torchrun
+        else [sys.executable]
+    )
     proc = subprocess.run(
         [*launcher, os.path.join(ROOT, script), *flags], cwd=cwd or ROOT, env=ENV, timeout=timeout,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

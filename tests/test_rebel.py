@@ -9,7 +9,6 @@ from conftest import run_script
 
 import rebel
 
-
 # ---------------------------------------------------------------------------------------------- the loss
 
 
@@ -123,7 +122,8 @@ def test_masked_logprob_sum_equals_naive_per_sequence(toy):
     queries = torch.tensor([[pad] * (L - len(q1)) + q1, [pad] * (L - len(q2)) + q2])
     responses = rebel.truncate_response(torch.tensor([r1, r2]), eos, pad)
     batch = rebel.masked_sum(
-        rebel.response_logprobs(model, torch.cat((queries, responses), 1), L, 0.7, pad), rebel.response_mask(responses, pad)
+        rebel.response_logprobs(model, torch.cat((queries, responses), 1), L, 0.7, pad),
+        rebel.response_mask(responses, pad),
     )
     for i, (q, r) in enumerate(((q1, r1[:3]), (q2, r2))):  # no padding at all, one sequence at a time
         logits = model(torch.tensor([q + r])).logits[0, len(q) - 1 : -1] / 0.7
@@ -184,16 +184,40 @@ def test_no_eos_penalty_in_rollout(toy, monkeypatch):
 
 def test_rebel_end_to_end_saves_a_loadable_model(toy, tmp_path):
     out, runs = tmp_path / "policy", tmp_path / "run"
-    run_script("rebel.py", *toy.rl_flags, "--output_dir", str(out), "--run_dir", str(runs), "--save_merged", "--track",
-               cwd=str(tmp_path))
+    run_script(
+        "rebel.py",
+        *toy.rl_flags,
+        "--output_dir",
+        str(out),
+        "--run_dir",
+        str(runs),
+        "--save_merged",
+        "--track",
+        cwd=str(tmp_path),
+    )
     lines = [json.loads(x) for x in (runs / "metrics.jsonl").read_text().splitlines()]
     assert [x["update"] for x in lines] == [1, 2]
-    for key in ("time/generation", "time/reward", "time/logprob", "time/update", "memory/peak_gb", "loss/policy", "objective/kl"):
+    for key in (
+        "time/generation",
+        "time/reward",
+        "time/logprob",
+        "time/update",
+        "memory/peak_gb",
+        "loss/policy",
+        "objective/kl",
+    ):
         assert key in lines[0]
     import pandas as pd
 
     table = pd.read_csv(runs / "eval_000002.csv", keep_default_na=False)
-    assert list(table.columns[:6]) == ["query", "postprocessed_response", "reference_response", "score", "reference_score", "kl"]
+    assert list(table.columns[:6]) == [
+        "query",
+        "postprocessed_response",
+        "reference_response",
+        "score",
+        "reference_score",
+        "kl",
+    ]
     assert len(table) == 8
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM

@@ -39,7 +39,9 @@ def run(script: str, flags: list[str], log: str) -> float:
     with open(log, "w") as f:
         # Tiny models run fastest on one thread per process (and do not fight over the cores).
         env = {"OMP_NUM_THREADS": "1", **os.environ}
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, script), *flags], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+        )
     if proc.returncode != 0:
         with open(log) as f:
             tail = f.read()[-3000:]
@@ -50,7 +52,9 @@ def run(script: str, flags: list[str], log: str) -> float:
 def judge_table(csv_path: str) -> dict:
     """Gold win rate against the references (ties count half), gold score, RM score and KL of one evaluation table."""
     df = pd.read_csv(csv_path, keep_default_na=False)
-    wins = np.array([gold_judge(q, a, b) for q, a, b in zip(df["query"], df.postprocessed_response, df.reference_response)])
+    wins = np.array(
+        [gold_judge(q, a, b) for q, a, b in zip(df["query"], df.postprocessed_response, df.reference_response)]
+    )
     gold = np.array([gold_score(q, a) for q, a in zip(df["query"], df.postprocessed_response)])
     return {"win_rate": wins.mean(), "win_rate_se": wins.std(ddof=1) / np.sqrt(len(wins)), "gold_score": gold.mean(),
             "rm_score": df.score.mean(), "kl": df.kl.mean(), "n": len(df)}  # fmt: skip
@@ -75,7 +79,14 @@ def run_seed(out: str, seed: int) -> dict:
     curve = [{"update": int(f[5:11]), **judge_table(f"{d}/runs/rebel/{f}")} for f in evals]
     with open(f"{d}/runs/rm/metrics.jsonl") as f:
         rm_accuracy = [json.loads(line) for line in f][-1]["eval/accuracy"]
-    return {"seed": seed, "sft": curve[0], "rebel": curve[-1], "curve": curve, "times": times, "rm_accuracy": rm_accuracy}
+    return {
+        "seed": seed,
+        "sft": curve[0],
+        "rebel": curve[-1],
+        "curve": curve,
+        "times": times,
+        "rm_accuracy": rm_accuracy,
+    }
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -107,10 +118,16 @@ if __name__ == "__main__":
     t0 = time.time()
     results = []
     for seed in cli.seeds:
-        print(f"seed {seed}: building the toy task, then SFT -> reward model -> REBEL (logs in {cli.out}/seed{seed}/*.log)")
+        print(
+            f"seed {seed}: building the toy task, then SFT -> reward model -> REBEL (logs in {cli.out}/seed{seed}/*.log)"
+        )
         results.append(run_seed(cli.out, seed))
         t = results[-1]["times"]
-        print("  " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()) + f"; RM validation accuracy {results[-1]['rm_accuracy']:.3f}")
+        print(
+            "  "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in t.items())
+            + f"; RM validation accuracy {results[-1]['rm_accuracy']:.3f}"
+        )
     rows = []
     for name in ("sft", "rebel"):
         per_seed = pd.DataFrame([r[name] for r in results])
@@ -132,4 +149,6 @@ if __name__ == "__main__":
     plot(results, os.path.join(cli.out, "learning_curve.png"))
     with open(os.path.join(cli.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\nlearning curve: {cli.out}/learning_curve.png; results: {cli.out}/results.json; total {time.time() - t0:.0f} s")
+    print(
+        f"\nlearning curve: {cli.out}/learning_curve.png; results: {cli.out}/results.json; total {time.time() - t0:.0f} s"
+    )

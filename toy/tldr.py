@@ -55,7 +55,12 @@ NO_PERIOD_PENALTY = 0.5  # a summary that stops mid-sentence
 
 
 def make_post(rng: random.Random) -> dict:
-    person, event, feeling, question = rng.choice(PERSONS), rng.choice(EVENTS), rng.choice(FEELINGS), rng.choice(QUESTIONS)
+    person, event, feeling, question = (
+        rng.choice(PERSONS),
+        rng.choice(EVENTS),
+        rng.choice(FEELINGS),
+        rng.choice(QUESTIONS),
+    )
     fillers = rng.sample(FILLERS, rng.randint(1, 3))
     facts = [f"my {person} {event} .", f"i feel {feeling} ."]
     body = fillers + facts
@@ -64,7 +69,14 @@ def make_post(rng: random.Random) -> dict:
         f"SUBREDDIT: r/{rng.choice(SUBREDDITS)}\n\nTITLE: my {person} {event}\n\n"
         f"POST: {' '.join(body)} {question}\n\nTL;DR:"
     )
-    return {"query": query, "person": person, "event": event, "feeling": feeling, "question": question, "fillers": fillers}
+    return {
+        "query": query,
+        "person": person,
+        "event": event,
+        "feeling": feeling,
+        "question": question,
+        "fillers": fillers,
+    }
 
 
 def make_summary(post: dict, rng: random.Random, p_fact: float = 0.5, p_repeat: float = 0.0) -> str:
@@ -168,7 +180,9 @@ def build_tokenizer(texts: list[str]):
     tok = Tokenizer(models.WordLevel(unk_token=SPECIAL_TOKENS["unk"]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
-    trainer = trainers.WordLevelTrainer(special_tokens=[SPECIAL_TOKENS["eos"], SPECIAL_TOKENS["pad"], SPECIAL_TOKENS["unk"]])
+    trainer = trainers.WordLevelTrainer(
+        special_tokens=[SPECIAL_TOKENS["eos"], SPECIAL_TOKENS["pad"], SPECIAL_TOKENS["unk"]]
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
