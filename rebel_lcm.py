@@ -83,6 +83,9 @@ class Args:
     """LoRA rank on the UNet attention projections"""
     lora_alpha: int = 8
     """LoRA alpha"""
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """UNet modules that get LoRA: the attention projections (paper, reference implementation); the tiny-mode
+    learning test adds conv_out so that a random UNet can rescale its noise prediction"""
     final_step_logprob: bool = False
     """False: the last step is deterministic (the scheduler's variance there is 0) and carries no log-prob.
     True: the reference implementation's choice: add noise on the last step with the variance of its own
@@ -218,14 +221,16 @@ def build_lcm(args: Args):
         )
     )  # fmt: skip
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, time_cond_proj_dim=32,
     )  # fmt: skip
     vae = AutoencoderKL(
-        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, scaling_factor=1.0,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
     )  # fmt: skip
+    # scaling_factor 1: Stable Diffusion's 0.18215 is its trained VAE's latent std; a random VAE fed latents x5.5
+    # decodes saturated texture that no policy can change.
     return tokenizer, text_encoder, unet, vae, LCMScheduler()
 
 
@@ -496,13 +501,14 @@ if __name__ == "__main__":
     from safetensors.torch import save_file
 
     diffusers_logging.set_verbosity_error()  # its dtype-cast advice targets from_pretrained, not our frozen copies
+    torch.manual_seed(args.seed)  # the LoRA init is the same on every rank (DDP also broadcasts rank 0's)
     tokenizer, text_encoder, unet, vae, scheduler = build_lcm(args)
     for module in (text_encoder, unet, vae):
         module.requires_grad_(False)
         module.to(device, dtype=frozen_dtype).eval()
     unet.add_adapter(
         LoraConfig(
-            r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=list(args.lora_targets),
         )
     )  # fmt: skip
     lora_params = [p for p in unet.parameters() if p.requires_grad]
@@ -571,6 +577,8 @@ if __name__ == "__main__":
         states, next_states, old_log_probs, final = sample_trajectories(
             raw_unet, coef, embeds, w, noise, args, frozen_dtype
         )
+        if iteration == 1:
+            first_noise_sum = noise.sum()
 
         # 2. Score: rewards and prompts gathered from every rank for the per-prompt statistics.
         rewards = reward_fn(decode(vae, final, frozen_dtype)).float().to(device)  # (pairs*B,)
@@ -663,6 +671,15 @@ if __name__ == "__main__":
                     os.path.join(run_dir, "lora.safetensors"),
                 )
 
+    if ddp:  # if DDP really averaged the LoRA gradients, ranks that drew different noise still hold the same weights
+        lora_flat = torch.cat([p.detach().flatten() for p in lora_params])[None]
+        gathered = all_gather_cat(lora_flat, args.world_size)
+        noise_sums = all_gather_cat(first_noise_sum.view(1), args.world_size)
+        if master_process:
+            print(
+                f"distributed check: LoRA max |difference| across ranks {(gathered - gathered[0]).abs().max().item():.3g}, "
+                f"first-noise sums per rank {[round(v, 4) for v in noise_sums.tolist()]}"
+            )
     if master_process:
         with open(os.path.join(run_dir, "progress.json"), "w") as f:
             json.dump(dict(args=asdict(args), history=history), f, indent=1)
