@@ -212,25 +212,29 @@ def build_lcm(args: Args):
             LCMScheduler.from_pretrained(m, subfolder="scheduler"),
         )
     # Sizes follow diffusers' own pipeline tests; time_cond_proj_dim gives the UNet the LCM's w-embedding input.
-    torch.manual_seed(0)  # the same tiny "pretrained" weights on every rank and in every run
-    tokenizer = build_tiny_tokenizer(tempfile.mkdtemp(prefix="tiny_tok_"))
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        )
-    )  # fmt: skip
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, time_cond_proj_dim=32,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, scaling_factor=1.0,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    )  # fmt: skip
-    # scaling_factor 1: Stable Diffusion's 0.18215 is its trained VAE's latent std; a random VAE fed latents x5.5
-    # decodes saturated texture that no policy can change.
+    # A forked RNG seeded 0: the same tiny "pretrained" weights on every rank and in every run, and the caller's
+    # random stream untouched.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as folder:  # the tokenizer reads its files once, at construction
+            tokenizer = build_tiny_tokenizer(folder)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            )
+        )  # fmt: skip
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, time_cond_proj_dim=32,
+        )  # fmt: skip
+        # scaling_factor 1: Stable Diffusion's 0.18215 is its trained VAE's latent std; a random VAE fed latents x5.5
+        # decodes saturated texture that no policy can change.
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, scaling_factor=1.0,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        )  # fmt: skip
     return tokenizer, text_encoder, unet, vae, LCMScheduler()
 
 
@@ -275,12 +279,13 @@ def build_aesthetic(args: Args, device):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     if args.tiny:  # same interface, random weights: CLIP-vision-like embedding -> normalise -> MLP
-        torch.manual_seed(0)
         cfg = CLIPVisionConfig(
             image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
             num_attention_heads=4, projection_dim=32,
         )  # fmt: skip
-        return AestheticScorer(CLIPVisionModelWithProjection(cfg), AestheticMLP(32)).to(device).eval()
+        with torch.random.fork_rng():  # the same reward model on every rank, whatever the seed
+            torch.manual_seed(0)
+            return AestheticScorer(CLIPVisionModelWithProjection(cfg), AestheticMLP(32)).to(device).eval()
     path = args.aesthetic_mlp_path
     if not os.path.exists(path) and ":" in path:
         from huggingface_hub import hf_hub_download
@@ -514,7 +519,7 @@ if __name__ == "__main__":
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     for p in lora_params:
         p.data = p.data.float()
-    torch.manual_seed(args.seed + rank)  # after the tiny models, which are seeded identically on every rank
+    torch.manual_seed(args.seed + rank)  # from here on every rank draws its own noise
     reward_fn = make_reward_fn(args, device)
     coef = lcm_coefficients(scheduler, args, device)
     latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -537,6 +542,8 @@ if __name__ == "__main__":
                 project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
                 name=args.run_name, dir=run_dir, save_code=True,
             )  # fmt: skip
+            wandb.define_metric("objective/reward_queries")
+            wandb.define_metric("*", step_metric="objective/reward_queries")  # the paper's x-axis, as in TensorBoard
         writer = SummaryWriter(run_dir)
         writer.add_text("hyperparameters", "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
         progress_file = open(os.path.join(run_dir, "progress.csv"), "w", newline="")
@@ -657,6 +664,10 @@ if __name__ == "__main__":
             history.append(
                 dict(iteration=iteration, reward_queries=reward_queries, reward_mean=metrics["objective/reward"])
             )
+            with open(
+                os.path.join(run_dir, "progress.json"), "w"
+            ) as f:  # rewritten each time: a killed run still plots
+                json.dump(dict(args=asdict(args), history=history), f)
             print(
                 f"iter {iteration} queries {reward_queries} reward {metrics['objective/reward']:.4f} "
                 f"loss {metrics[f'loss/{args.algo}']:.4g} kl {metrics['policy/approx_kl']:.3g} "
@@ -681,8 +692,6 @@ if __name__ == "__main__":
                 f"first-noise sums per rank {[round(v, 4) for v in noise_sums.tolist()]}"
             )
     if master_process:
-        with open(os.path.join(run_dir, "progress.json"), "w") as f:
-            json.dump(dict(args=asdict(args), history=history), f, indent=1)
         progress_file.close()
         writer.close()
         if args.track:
