@@ -519,6 +519,7 @@ if __name__ == "__main__":
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     for p in lora_params:
         p.data = p.data.float()
+    lora_init = torch.cat([p.detach().flatten() for p in lora_params]).clone()  # for the distributed check
     torch.manual_seed(args.seed + rank)  # from here on every rank draws its own noise
     reward_fn = make_reward_fn(args, device)
     coef = lcm_coefficients(scheduler, args, device)
@@ -688,7 +689,8 @@ if __name__ == "__main__":
         noise_sums = all_gather_cat(first_noise_sum.view(1), args.world_size)
         if master_process:
             print(
-                f"distributed check: LoRA max |difference| across ranks {(gathered - gathered[0]).abs().max().item():.3g}, "
+                f"distributed check: LoRA max |difference| across ranks {(gathered - gathered[0]).abs().max().item():.3g} "
+                f"(max |change| since init {(gathered[0] - lora_init).abs().max().item():.3g}), "
                 f"first-noise sums per rank {[round(v, 4) for v in noise_sums.tolist()]}"
             )
     if master_process:
