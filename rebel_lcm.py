@@ -644,13 +644,12 @@ if __name__ == "__main__":
             stats["policy/clipfrac"] = info["clipfrac"]
         if info["grad_norm"]:
             stats["policy/grad_norm"] = info["grad_norm"]
-        stats = torch.stack([torch.stack(v).float().mean() for v in stats.values()]), list(stats)
-        values = stats[0].to(device)
+        values = torch.stack([torch.stack(v).float().mean() for v in stats.values()]).to(device)
         if ddp:
             dist.all_reduce(values)
             values /= args.world_size
         if master_process:
-            metrics = dict(zip(stats[1], values.tolist()))
+            metrics = dict(zip(stats, values.tolist()))
             metrics["objective/reward"] = all_rewards.mean().item()
             metrics["objective/reward_std"] = all_rewards.std().item()
             metrics["objective/reward_queries"] = reward_queries
@@ -665,9 +664,8 @@ if __name__ == "__main__":
             history.append(
                 dict(iteration=iteration, reward_queries=reward_queries, reward_mean=metrics["objective/reward"])
             )
-            with open(
-                os.path.join(run_dir, "progress.json"), "w"
-            ) as f:  # rewritten each time: a killed run still plots
+            # progress.json is rewritten every iteration so that a killed run still plots.
+            with open(os.path.join(run_dir, "progress.json"), "w") as f:
                 json.dump(dict(args=asdict(args), history=history), f)
             print(
                 f"iter {iteration} queries {reward_queries} reward {metrics['objective/reward']:.4f} "
