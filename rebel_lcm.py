@@ -261,8 +261,7 @@ class AestheticScorer(nn.Module):
     def __init__(self, clip, mlp):
         super().__init__()
         self.clip, self.mlp = clip, mlp
-        self.size = clip.config.vision_config.image_size if hasattr(clip.config, "vision_config") else None
-        self.size = self.size or clip.config.image_size
+        self.size = clip.config.image_size  # 224 for ViT-L/14
 
     @torch.no_grad()
     def forward(self, images):
@@ -655,6 +654,8 @@ if __name__ == "__main__":
             metrics["objective/reward_queries"] = reward_queries
             metrics["time/iteration_seconds"] = time.time() - t0
             metrics["time/sample_seconds"] = t_sample
+            if use_cuda:
+                metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             for name, value in metrics.items():
                 writer.add_scalar(name, value, reward_queries)
             if args.track:

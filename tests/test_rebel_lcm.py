@@ -81,6 +81,11 @@ def test_final_step_logprob_follows_the_reference(tiny):
     # The reference steps from the last timestep to itself: noise with variance 1 - alpha-bar(t_last).
     assert coef["alpha_next"][-1] == coef["alpha"][-1] < 1
     assert R.lcm_coefficients(tiny["scheduler"], tiny["args"], "cpu")["alpha_next"][-1] == 1
+    noise = torch.randn(2, 4, 16, 16)
+    _, _, log_probs, _ = R.sample_trajectories(
+        tiny["unet"], coef, tiny["embeds"], tiny["w_emb"], noise, args, torch.float32
+    )
+    assert log_probs.shape == (2, 4)  # all 4 steps carry a log-prob
 
 
 def test_rebel_loss_matches_hand_computed_values():
@@ -150,7 +155,9 @@ def test_bad_input_gives_a_clear_error(flags, message, tmp_path):
 
 
 def test_rebel_iteration_end_to_end_with_wandb_offline(tmp_path):
-    out = run_script([*SMALL, "--reward", "compressibility", "--num-iterations", "2", "--track"], tmp_path)
+    # Two pairs per micro-batch: the path on which the reference implementation mixes pairs.
+    flags = [*SMALL, "--train-batch-size", "2", "--gradient-accumulation-steps", "1", "--reward", "compressibility"]
+    out = run_script([*flags, "--num-iterations", "2", "--track"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir, rows = read_progress(tmp_path)
     assert [int(r["reward_queries"]) for r in rows] == [4, 8]  # two queries per pair, 2 pairs per iteration
