@@ -267,9 +267,7 @@ class AestheticScorer(nn.Module):
     def forward(self, images):
         # Our images are square, so CLIPProcessor's resize-then-centre-crop is a plain resize.
         x = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic", antialias=True)
-        x = (x - torch.tensor(self.MEAN, device=x.device)[:, None, None]) / torch.tensor(self.STD, device=x.device)[
-            :, None, None
-        ]
+        x = (x - x.new_tensor(self.MEAN).view(3, 1, 1)) / x.new_tensor(self.STD).view(3, 1, 1)
         embed = self.clip(pixel_values=x.to(next(self.clip.parameters()).dtype)).image_embeds.float()
         return self.mlp(embed / embed.norm(dim=-1, keepdim=True))
 
