@@ -1,0 +1,699 @@
+"""REBEL and a DDPO-style PPO baseline for text-to-image latent consistency models.
+
+REBEL: Reinforcement Learning via Regressing Relative Rewards (Gao et al., 2024, arXiv 2404.16767),
+Section 4.3 (image generation), Figure 3 and Appendix I.3. Each of the 8 denoising steps of a latent
+consistency model (LCM) is a Gaussian policy; a trajectory's log-prob is the sum of its step log-probs.
+REBEL regresses the difference of two trajectories' log-ratios onto their reward difference, Eq. (1):
+
+    ( (1/eta) * ( ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x) ) - (r(x,y) - r(x,y')) )^2
+
+`--algo ppo` swaps the regression for the per-step clipped ratio of DDPO (Black et al., 2023), the
+paper's "PPO" baseline. Everything else (sampler, rewards, normalisation, LoRA) is shared.
+
+Launch:
+    python rebel_lcm.py --tiny --reward compressibility --num-iterations 5      # offline CPU demo
+    torchrun --nproc_per_node 4 rebel_lcm.py --algo rebel --aesthetic-mlp-path sac+logos+ava1-l14-linearMSE.pth
+    torchrun --nproc_per_node 4 rebel_lcm.py --algo ppo --aesthetic-mlp-path sac+logos+ava1-l14-linearMSE.pth
+
+Reference implementation of the paper: https://github.com/Owen-Oertell/rlcm (see docs/rebel_lcm.md for
+where this file differs from it).
+"""
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# The 45 animal prompts of Appendix I.3.1.
+ANIMALS = (
+    "cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox wolf lizard "
+    "beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog chicken duck goose bee pig "
+    "turkey fly llama camel bat gorilla hedgehog kangaroo"
+).split()
+REWARDS = ("aesthetic", "compressibility", "incompressibility")
+
+
+@dataclass
+class Args:
+    # common flags
+    exp_name: str = "rebel_lcm"
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment; rank r uses seed + r so that ranks draw different noise"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights and Biases (wandb is imported only then; WANDB_MODE=offline works)"""
+    wandb_project_name: str = "rebel"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    output_dir: str = "runs"
+    """where TensorBoard logs, progress.csv/json and the LoRA weights go (one sub-folder per run)"""
+
+    # model
+    algo: str = "rebel"
+    """`rebel` (Eq. 1) or `ppo` (DDPO's clipped ratio); fields left at None below take this algo's default"""
+    model: str = "SimianLuo/LCM_Dreamshaper_v7"
+    """hub name or path of the latent consistency model (unet, vae, text_encoder, tokenizer, scheduler)"""
+    tiny: bool = False
+    """build tiny random models from configs instead of loading `model` (offline tests and CPU demo)"""
+    num_steps: int = 8
+    """denoising steps (the horizon of the MDP)"""
+    lcm_origin_steps: int = 50
+    """the LCM scheduler's `original_inference_steps` (its skipping-step schedule)"""
+    guidance_scale: float = 8.0
+    """guidance scale fed to the LCM through its w-embedding (the reference implementation's 8.0)"""
+    lora_rank: int = 8
+    """LoRA rank on the UNet attention projections"""
+    lora_alpha: int = 8
+    """LoRA alpha"""
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """UNet modules that get LoRA: the attention projections (paper, reference implementation); the tiny-mode
+    learning test adds conv_out so that a random UNet can rescale its noise prediction"""
+    final_step_logprob: bool = False
+    """False: the last step is deterministic (the scheduler's variance there is 0) and carries no log-prob.
+    True: the reference implementation's choice: add noise on the last step with the variance of its own
+    timestep and count its log-prob, although the image is decoded from the mean"""
+    logprob_per_dim: bool = True
+    """average each step's Gaussian log-density over the latent's dimensions (reference implementation and
+    DDPO); False sums them (the exact density, thousands of times larger at 64x64x4)"""
+
+    # reward
+    reward: str = "aesthetic"
+    """`aesthetic` (LAION predictor), `compressibility` or `incompressibility` (JPEG size, no weights)"""
+    aesthetic_clip: str = "openai/clip-vit-large-patch14"
+    """hub name or path of the CLIP ViT-L/14 whose normalised image embedding the aesthetic MLP reads"""
+    aesthetic_mlp_path: str = "sac+logos+ava1-l14-linearMSE.pth"
+    """the aesthetic MLP head's state dict: a local .pth/.safetensors file, or `owner/repo:filename` on the hub"""
+
+    # sampling and optimisation
+    num_iterations: int = 1000
+    """sample-then-train iterations (the paper's 100 epochs x 10 batches per epoch)"""
+    sample_batch_size: int = 8
+    """prompts per rank per iteration; REBEL samples each prompt twice (a pair), PPO once"""
+    train_batch_size: int | None = None
+    """samples per micro-batch (REBEL counts pairs): None gives 1 for rebel, 2 for ppo"""
+    gradient_accumulation_steps: int | None = None
+    """micro-batches per optimizer step: None gives 8 for rebel, 4 for ppo (8 samples / 2 per batch)"""
+    num_inner_epochs: int | None = None
+    """passes over each iteration's samples: None gives 1 for rebel, 2 for ppo"""
+    learning_rate: float | None = None
+    """AdamW learning rate: None gives 3e-4 for rebel, 1e-4 for ppo"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (0 makes it the reference implementation's Adam)"""
+    eta: float = 1.0
+    """REBEL's eta in Eq. (1); must be > 0"""
+    clip_range: float = 1e-4
+    """PPO ratio clip range"""
+    clip_advantages: bool = True
+    """clip normalised rewards to [-adv_clip_max, adv_clip_max] (the paper lists it; the reference REBEL loop does not)"""
+    adv_clip_max: float = 10.0
+    """advantage clip"""
+    clip_grad_norm: bool = True
+    """clip the gradient norm to max_grad_norm (the paper lists it; the reference REBEL loop does not)"""
+    max_grad_norm: float = 5.0
+    """maximum gradient norm"""
+    stat_buffer_size: int = 32
+    """per-prompt running buffer of rewards used for normalisation"""
+    stat_min_count: int = 16
+    """below this many rewards for a prompt, normalise with the statistics of the whole gathered batch"""
+
+    # evaluation and saving
+    eval_every: int = 10
+    """evaluate (fixed prompts and noise, image grid) every this many iterations, and at the end"""
+    num_eval_images: int = 8
+    """images in the evaluation grid"""
+    save_every: int = 100
+    """save the LoRA weights (safetensors) every this many iterations, and at the end"""
+
+    # filled at run time
+    world_size: int = 1
+    """number of processes (filled at run time)"""
+    queries_per_iteration: int = 0
+    """reward queries per iteration over all ranks (filled at run time)"""
+    run_name: str = ""
+    """the run's name (filled at run time)"""
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill the algo-dependent defaults and reject bad input with a message that says how to fix it."""
+    if args.algo not in ("rebel", "ppo"):
+        raise ValueError(f"--algo {args.algo!r} is unknown: use --algo rebel or --algo ppo")
+    if args.reward not in REWARDS:
+        raise ValueError(f"--reward {args.reward!r} is unknown: use one of {', '.join(REWARDS)}")
+    rebel = args.algo == "rebel"
+    defaults = dict(
+        train_batch_size=1 if rebel else 2,
+        gradient_accumulation_steps=8 if rebel else 4,
+        num_inner_epochs=1 if rebel else 2,
+        learning_rate=3e-4 if rebel else 1e-4,
+    )
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.eta <= 0:
+        raise ValueError(f"--eta {args.eta} must be > 0 (it divides the log-ratio in Eq. 1): try --eta 1.0")
+    per_step = args.train_batch_size * args.gradient_accumulation_steps
+    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1 or args.sample_batch_size % per_step:
+        raise ValueError(
+            f"--sample-batch-size {args.sample_batch_size} must be a positive multiple of --train-batch-size "
+            f"{args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps} = {per_step}, "
+            f"so that every optimizer step sees the same number of samples: e.g. --gradient-accumulation-steps "
+            f"{max(1, args.sample_batch_size // args.train_batch_size)}"
+        )
+    if args.num_steps < 2:
+        raise ValueError(f"--num-steps {args.num_steps} leaves no stochastic step: use --num-steps 2 or more")
+    return args
+
+
+def build_tiny_tokenizer(folder: str):
+    """A character-level CLIPTokenizer written to `folder`: printable ASCII, no merges, no download."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in range(33, 127):
+            vocab[chr(c) + suffix] = len(vocab)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+
+
+def build_lcm(args: Args):
+    """Tokenizer, text encoder, UNet, VAE and LCM scheduler: from `args.model`, or tiny ones from configs."""
+    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if not args.tiny:
+        m = args.model
+        return (
+            CLIPTokenizer.from_pretrained(m, subfolder="tokenizer"),
+            CLIPTextModel.from_pretrained(m, subfolder="text_encoder"),
+            UNet2DConditionModel.from_pretrained(m, subfolder="unet"),
+            AutoencoderKL.from_pretrained(m, subfolder="vae"),
+            LCMScheduler.from_pretrained(m, subfolder="scheduler"),
+        )
+    # Sizes follow diffusers' own pipeline tests; time_cond_proj_dim gives the UNet the LCM's w-embedding input.
+    # A forked RNG seeded 0: the same tiny "pretrained" weights on every rank and in every run, and the caller's
+    # random stream untouched.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as folder:  # the tokenizer reads its files once, at construction
+            tokenizer = build_tiny_tokenizer(folder)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            )
+        )  # fmt: skip
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, time_cond_proj_dim=32,
+        )  # fmt: skip
+        # scaling_factor 1: Stable Diffusion's 0.18215 is its trained VAE's latent std; a random VAE fed latents x5.5
+        # decodes saturated texture that no policy can change.
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, scaling_factor=1.0,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        )  # fmt: skip
+    return tokenizer, text_encoder, unet, vae, LCMScheduler()
+
+
+class AestheticMLP(nn.Module):
+    """The LAION aesthetic predictor's head, layer for layer (dropout is inert at eval), so its state dict loads.
+    https://github.com/christophschuhmann/improved-aesthetic-predictor/blob/main/simple_inference.py"""
+
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+        )  # fmt: skip
+
+    def forward(self, embed):
+        return self.layers(embed).squeeze(-1)
+
+
+class AestheticScorer(nn.Module):
+    """CLIP image embedding -> L2-normalise -> MLP, on images in [0, 1] of shape (B, 3, H, W)."""
+
+    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's preprocessing
+
+    def __init__(self, clip, mlp):
+        super().__init__()
+        self.clip, self.mlp = clip, mlp
+        self.size = clip.config.image_size  # 224 for ViT-L/14
+
+    @torch.no_grad()
+    def forward(self, images):
+        # Our images are square, so CLIPProcessor's resize-then-centre-crop is a plain resize.
+        x = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic", antialias=True)
+        x = (x - x.new_tensor(self.MEAN).view(3, 1, 1)) / x.new_tensor(self.STD).view(3, 1, 1)
+        embed = self.clip(pixel_values=x.to(next(self.clip.parameters()).dtype)).image_embeds.float()
+        return self.mlp(embed / embed.norm(dim=-1, keepdim=True))
+
+
+def build_aesthetic(args: Args, device):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if args.tiny:  # same interface, random weights: CLIP-vision-like embedding -> normalise -> MLP
+        cfg = CLIPVisionConfig(
+            image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, projection_dim=32,
+        )  # fmt: skip
+        with torch.random.fork_rng():  # the same reward model on every rank, whatever the seed
+            torch.manual_seed(0)
+            return AestheticScorer(CLIPVisionModelWithProjection(cfg), AestheticMLP(32)).to(device).eval()
+    path = args.aesthetic_mlp_path
+    if not os.path.exists(path) and ":" in path:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(*path.split(":", 1))
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"--aesthetic-mlp-path {path!r} not found: download sac+logos+ava1-l14-linearMSE.pth from "
+            "https://github.com/christophschuhmann/improved-aesthetic-predictor and pass its path"
+        )
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu")
+    mlp = AestheticMLP(768)
+    mlp.load_state_dict(state)
+    clip = CLIPVisionModelWithProjection.from_pretrained(args.aesthetic_clip)
+    return AestheticScorer(clip, mlp).to(device).eval()
+
+
+def jpeg_kilobytes(images) -> torch.Tensor:
+    """Size of each image saved as JPEG (quality 95), as in DDPO's compressibility reward.
+    https://github.com/kvablack/ddpo-pytorch/blob/main/ddpo_pytorch/rewards.py"""
+    from PIL import Image
+
+    arrays = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    sizes = []
+    for a in arrays:
+        buffer = io.BytesIO()
+        Image.fromarray(a).save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    return torch.tensor(sizes)
+
+
+def make_reward_fn(args: Args, device):
+    """images (B, 3, H, W) in [0, 1] -> rewards (B,) on the CPU, float32."""
+    if args.reward == "compressibility":
+        return lambda images: -jpeg_kilobytes(images)
+    if args.reward == "incompressibility":
+        return jpeg_kilobytes
+    scorer = build_aesthetic(args, device)
+    return lambda images: scorer(images).cpu()
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance scale w (B,) -> (B, dim), the LCM's `timestep_cond`.
+    https://github.com/huggingface/diffusers/blob/main/src/diffusers/pipelines/latent_consistency_models/pipeline_latent_consistency_text2img.py
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32))
+    angles = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    return F.pad(torch.cat([torch.sin(angles), torch.cos(angles)], dim=1), (0, dim % 2))
+
+
+def lcm_coefficients(scheduler, args: Args, device) -> dict:
+    """Per denoising step i: timestep t_i, alpha-bar at t_i and at the next state, and the boundary scalings."""
+    scheduler.set_timesteps(args.num_steps, original_inference_steps=args.lcm_origin_steps)
+    t = scheduler.timesteps.long()
+    alphas = scheduler.alphas_cumprod.float()
+    alpha_next = torch.cat([alphas[t[1:]], torch.ones(1)])  # the scheduler's last step lands at alpha-bar 1: no noise
+    if args.final_step_logprob:
+        # The reference implementation steps from t_last to t_last itself, so the last step has variance 1 - alpha-bar.
+        alpha_next[-1] = alphas[t[-1]]
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+    coef = dict(t=t, alpha=alphas[t], alpha_next=alpha_next, c_skip=c_skip.float(), c_out=c_out.float())
+    return {k: v.to(device) for k, v in coef.items()}
+
+
+def consistency_mean(unet, x_t, step, coef, prompt_embeds, w_emb, dtype):
+    """The policy's mean for steps `step` (N,) from states x_t (N, C, H, W): the LCM's consistency output
+    (Luo et al., 2023, Eq. 9: c_skip x_t + c_out x0_hat) rescaled to the next timestep. Returns (mean, denoised)."""
+    view = lambda v: v[step].view(-1, 1, 1, 1)  # noqa: E731
+    eps = unet(x_t.to(dtype), coef["t"][step], encoder_hidden_states=prompt_embeds, timestep_cond=w_emb).sample
+    a_t = view(coef["alpha"])
+    x0 = (x_t - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()  # epsilon parameterisation
+    denoised = view(coef["c_out"]) * x0 + view(coef["c_skip"]) * x_t
+    return view(coef["alpha_next"]).sqrt() * denoised, denoised
+
+
+def gaussian_log_prob(x_next, mean, std, per_dim: bool) -> torch.Tensor:
+    """log N(x_next; mean, std^2 I) per sample (N,), averaged (per_dim) or summed over the latent dimensions."""
+    log_density = -((x_next - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_density.mean(dim=(1, 2, 3)) if per_dim else log_density.sum(dim=(1, 2, 3))
+
+
+@torch.no_grad()
+def sample_trajectories(unet, coef, prompt_embeds, w_emb, noise, args: Args, dtype, generator=None):
+    """Run the LCM sampler from `noise` (B, C, H, W), recording every stochastic step.
+
+    Returns states and next_states (B, T, C, H, W), log_probs (B, T) and the final denoised latents
+    (B, C, H, W), where T = num_steps - 1 (or num_steps with --final-step-logprob)."""
+    x, states, next_states, log_probs = noise.float(), [], [], []
+    num_stochastic = args.num_steps if args.final_step_logprob else args.num_steps - 1
+    for i in range(args.num_steps):
+        step = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        mean, denoised = consistency_mean(unet, x, step, coef, prompt_embeds, w_emb, dtype)
+        if i < num_stochastic:
+            std = (1 - coef["alpha_next"][i]).sqrt()
+            x_next = mean + std * torch.randn(mean.shape, device=mean.device, generator=generator)
+            states.append(x)
+            next_states.append(x_next)
+            log_probs.append(gaussian_log_prob(x_next, mean, std, args.logprob_per_dim))
+            x = x_next
+    return torch.stack(states, 1), torch.stack(next_states, 1), torch.stack(log_probs, 1), denoised
+
+
+def trajectory_log_probs(unet, coef, states, next_states, prompt_embeds, w_emb, args: Args, dtype):
+    """Recompute the step log-probs (B, T) of recorded trajectories under the current parameters, with
+    gradients, in one UNet call over all B x T steps."""
+    B, T = states.shape[:2]
+    step = torch.arange(T, device=states.device).repeat(B)  # (B*T,)
+    flat = lambda x: x.reshape(B * T, *x.shape[2:])  # noqa: E731
+    mean, _ = consistency_mean(
+        unet, flat(states), step, coef, prompt_embeds.repeat_interleave(T, 0), w_emb[:1].expand(B * T, -1), dtype
+    )
+    std = (1 - coef["alpha_next"][step]).sqrt().view(-1, 1, 1, 1)
+    return gaussian_log_prob(flat(next_states), mean, std, args.logprob_per_dim).view(B, T)
+
+
+def rebel_loss(logp_y, old_logp_y, logp_y_prime, old_logp_y_prime, r_y, r_y_prime, eta):
+    """Eq. (1), averaged over pairs. Every argument is (B,): entry b of each belongs to pair b only."""
+    log_ratio_diff = (logp_y - old_logp_y) - (logp_y_prime - old_logp_y_prime)  # (B,)
+    return ((log_ratio_diff / eta - (r_y - r_y_prime)) ** 2).mean()
+
+
+def ppo_loss(logp, old_logp, advantages, clip_range):
+    """DDPO's clipped surrogate on every step: logp, old_logp (B, T), advantages (B,). Returns (loss, clipfrac).
+    https://github.com/kvablack/ddpo-pytorch/blob/main/scripts/train.py"""
+    ratio = torch.exp(logp - old_logp)  # (B, T)
+    unclipped = -advantages[:, None] * ratio
+    clipped = -advantages[:, None] * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped).mean(), ((ratio - 1).abs() > clip_range).float().mean()
+
+
+class PerPromptStatTracker:
+    """Normalise each reward with the mean/std of its prompt's last `buffer_size` rewards; until a prompt has
+    `min_count` rewards, use the statistics of the whole gathered batch instead (as the reference does).
+    https://github.com/kvablack/ddpo-pytorch/blob/main/ddpo_pytorch/stat_tracking.py"""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count, self.buffers = buffer_size, min_count, {}
+
+    def update(self, prompt_ids: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+        advantages = np.empty_like(rewards, dtype=np.float64)
+        for p in np.unique(prompt_ids):
+            mask = prompt_ids == p
+            buffer = self.buffers.setdefault(int(p), deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[mask].tolist())
+            stats = rewards if len(buffer) < self.min_count else np.asarray(buffer)
+            advantages[mask] = (rewards[mask] - stats.mean()) / (stats.std() + 1e-6)
+        return advantages
+
+
+def all_gather_cat(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenate a tensor from every rank (rank order) along dim 0; identity without torchrun."""
+    if world_size == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(out, x)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode(vae, latents, dtype) -> torch.Tensor:
+    """Latents (B, 4, h, w) -> images (B, 3, H, W) in [0, 1], float32."""
+    images = vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample.float()
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def image_grid(images: torch.Tensor, ncol: int) -> torch.Tensor:
+    """(B, 3, H, W) -> one (3, rows*H, ncol*W) image, empty cells black."""
+    B, C, H, W = images.shape
+    rows = -(-B // ncol)
+    padded = torch.cat([images, images.new_zeros(rows * ncol - B, C, H, W)])
+    return padded.view(rows, ncol, C, H, W).permute(2, 0, 3, 1, 4).reshape(C, rows * H, ncol * W)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts, device) -> torch.Tensor:
+    ids = tokenizer(
+        prompts, padding="max_length", truncation=True, return_tensors="pt",
+        max_length=text_encoder.config.max_position_embeddings,
+    ).input_ids  # fmt: skip
+    return text_encoder(ids.to(device))[0]
+
+
+if __name__ == "__main__":
+    try:
+        args = resolve_args(tyro.cli(Args))
+    except ValueError as e:  # bad input: one clear line, not a stack trace
+        sys.exit(f"error: {e}")
+
+    # DDP set-up, nanoGPT style: torchrun sets RANK; the same file runs with plain `python`.
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    use_cuda = args.cuda and torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        rank, local_rank, args.world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, device = 0, torch.device("cuda" if use_cuda else "cpu")
+    master_process = rank == 0
+    pairs = 2 if args.algo == "rebel" else 1  # REBEL draws y and y' for every prompt
+    args.queries_per_iteration = args.world_size * args.sample_batch_size * pairs
+    args.run_name = f"{args.exp_name}__{args.algo}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, args.run_name)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    frozen_dtype = torch.bfloat16 if use_cuda else torch.float32  # frozen weights in bf16 on CUDA only
+
+    # Models: frozen LCM, LoRA (fp32) on the UNet attention projections.
+    from diffusers.utils import logging as diffusers_logging
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    diffusers_logging.set_verbosity_error()  # its dtype-cast advice targets from_pretrained, not our frozen copies
+    torch.manual_seed(args.seed)  # the LoRA init is the same on every rank (DDP also broadcasts rank 0's)
+    tokenizer, text_encoder, unet, vae, scheduler = build_lcm(args)
+    for module in (text_encoder, unet, vae):
+        module.requires_grad_(False)
+        module.to(device, dtype=frozen_dtype).eval()
+    unet.add_adapter(
+        LoraConfig(
+            r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=list(args.lora_targets),
+        )
+    )  # fmt: skip
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    for p in lora_params:
+        p.data = p.data.float()
+    lora_init = torch.cat([p.detach().flatten() for p in lora_params]).clone()  # for the distributed check
+    torch.manual_seed(args.seed + rank)  # from here on every rank draws its own noise
+    reward_fn = make_reward_fn(args, device)
+    coef = lcm_coefficients(scheduler, args, device)
+    latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    w_emb = guidance_embedding(torch.full((1,), args.guidance_scale - 1.0), unet.config.time_cond_proj_dim).to(device)
+    raw_unet = unet
+    if ddp:
+        unet = DDP(unet, device_ids=[local_rank] if use_cuda else None)
+    optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    stat_tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
+
+    # Logging: TensorBoard always, wandb behind --track; only the master process writes.
+    if master_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(run_dir, exist_ok=True)
+        if args.track:
+            import wandb
+
+            wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                name=args.run_name, dir=run_dir, save_code=True,
+            )  # fmt: skip
+            wandb.define_metric("objective/reward_queries")
+            wandb.define_metric("*", step_metric="objective/reward_queries")  # the paper's x-axis, as in TensorBoard
+        writer = SummaryWriter(run_dir)
+        writer.add_text("hyperparameters", "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        progress_file = open(os.path.join(run_dir, "progress.csv"), "w", newline="")
+        progress = csv.writer(progress_file)
+        progress.writerow(["iteration", "reward_queries", "reward_mean", "reward_std"])
+        history = []
+        print(f"run {args.run_name}: {args.algo} on {args.world_size} process(es), {device}, reward {args.reward}")
+
+    def evaluate(iteration, reward_queries):
+        """Fixed prompts and noise on the master process: mean reward and an image grid."""
+        prompts = [ANIMALS[i % len(ANIMALS)] for i in range(args.num_eval_images)]
+        embeds = encode_prompts(tokenizer, text_encoder, prompts, device)
+        g = torch.Generator(device=device).manual_seed(12345)
+        noise = torch.randn((len(prompts), *latent_shape), device=device, generator=g)
+        w = w_emb.expand(len(prompts), -1)
+        *_, final = sample_trajectories(raw_unet, coef, embeds, w, noise, args, frozen_dtype, generator=g)
+        images = decode(vae, final, frozen_dtype)
+        rewards = reward_fn(images)
+        grid = image_grid(images.cpu(), ncol=4)
+        writer.add_image("eval/images", grid, reward_queries)
+        writer.add_scalar("eval/reward", rewards.mean().item(), reward_queries)
+        if args.track:
+            caption = ", ".join(f"{p}: {r:.2f}" for p, r in zip(prompts, rewards.tolist()))
+            wandb.log({"eval/images": wandb.Image(grid.permute(1, 2, 0).numpy(), caption=caption)}, step=iteration)
+            wandb.log(
+                {"eval/reward": rewards.mean().item(), "objective/reward_queries": reward_queries}, step=iteration
+            )
+
+    reward_queries = 0
+    for iteration in range(1, args.num_iterations + 1):
+        t0 = time.time()
+        # 1. Rollout: B prompts per rank; REBEL samples each twice with different noise (y, y').
+        prompt_ids = torch.from_numpy(np.random.randint(len(ANIMALS), size=args.sample_batch_size))
+        embeds = encode_prompts(tokenizer, text_encoder, [ANIMALS[i] for i in prompt_ids], device)
+        embeds = embeds.repeat(pairs, 1, 1)  # (pairs*B, L, D): rows [0, B) are y, rows [B, 2B) are y'
+        noise = torch.randn((pairs * args.sample_batch_size, *latent_shape), device=device)
+        w = w_emb.expand(len(noise), -1)
+        states, next_states, old_log_probs, final = sample_trajectories(
+            raw_unet, coef, embeds, w, noise, args, frozen_dtype
+        )
+        if iteration == 1:
+            first_noise_sum = noise.sum()
+
+        # 2. Score: rewards and prompts gathered from every rank for the per-prompt statistics.
+        rewards = reward_fn(decode(vae, final, frozen_dtype)).float().to(device)  # (pairs*B,)
+        all_rewards = all_gather_cat(rewards, args.world_size)
+        all_ids = all_gather_cat(prompt_ids.repeat(pairs).to(device), args.world_size)
+        advantages = stat_tracker.update(all_ids.cpu().numpy(), all_rewards.cpu().numpy().astype(np.float64))
+        advantages = torch.as_tensor(advantages, dtype=torch.float32).view(args.world_size, -1)[rank].to(device)
+        if args.clip_advantages:
+            advantages = advantages.clamp(-args.adv_clip_max, args.adv_clip_max)
+        reward_queries += args.queries_per_iteration
+        t_sample = time.time() - t0
+
+        # 3. Train: micro-batches of whole trajectories (REBEL: whole pairs), accumulated over several.
+        B, mb = args.sample_batch_size, args.train_batch_size
+        info = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
+        unet.train()
+        for _ in range(args.num_inner_epochs):
+            perm = torch.randperm(B, device=device)  # shuffles prompts (pairs), never splitting y from y'
+            for k, start in enumerate(range(0, B, mb)):
+                idx = perm[start : start + mb]
+                rows = torch.cat([idx + j * B for j in range(pairs)])  # REBEL: [y of idx, y' of idx]
+                last_micro_step = (k + 1) % args.gradient_accumulation_steps == 0
+                if ddp:  # synchronise LoRA gradients only on the micro-batch that steps the optimizer
+                    unet.require_backward_grad_sync = last_micro_step
+                log_probs = trajectory_log_probs(
+                    unet, coef, states[rows], next_states[rows], embeds[rows], w_emb, args, frozen_dtype
+                )  # (pairs*mb, T)
+                if args.algo == "rebel":
+                    logp = log_probs.sum(1)  # trajectory log-prob = sum of step log-probs, (2*mb,)
+                    old_logp = old_log_probs[rows].sum(1)
+                    adv = advantages[rows]
+                    loss = rebel_loss(logp[:mb], old_logp[:mb], logp[mb:], old_logp[mb:], adv[:mb], adv[mb:], args.eta)
+                else:
+                    loss, clipfrac = ppo_loss(log_probs, old_log_probs[rows], advantages[rows], args.clip_range)
+                    info["clipfrac"].append(clipfrac.detach())
+                (loss / args.gradient_accumulation_steps).backward()
+                info["loss"].append(loss.detach())
+                if last_micro_step:
+                    if args.clip_grad_norm:
+                        info["grad_norm"].append(torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        unet.eval()
+        # Before the first optimizer step every log-ratio is 0, so I measure the KL after the update, on the last
+        # micro-batch: Schulman's k2 estimator 0.5 (log pi_theta - log pi_t)^2 per step, as DDPO logs it.
+        with torch.no_grad():
+            new_log_probs = trajectory_log_probs(
+                raw_unet, coef, states[rows], next_states[rows], embeds[rows], w_emb, args, frozen_dtype
+            )
+        info["approx_kl"].append(0.5 * ((new_log_probs - old_log_probs[rows]) ** 2).mean())
+
+        # 4. Log: metrics reduced over ranks, with reward queries as the x-axis.
+        stats = {f"loss/{args.algo}": info["loss"], "policy/approx_kl": info["approx_kl"]}
+        if info["clipfrac"]:
+            stats["policy/clipfrac"] = info["clipfrac"]
+        if info["grad_norm"]:
+            stats["policy/grad_norm"] = info["grad_norm"]
+        values = torch.stack([torch.stack(v).float().mean() for v in stats.values()]).to(device)
+        if ddp:
+            dist.all_reduce(values)
+            values /= args.world_size
+        if master_process:
+            metrics = dict(zip(stats, values.tolist()))
+            metrics["objective/reward"] = all_rewards.mean().item()
+            metrics["objective/reward_std"] = all_rewards.std().item()
+            metrics["objective/reward_queries"] = reward_queries
+            metrics["time/iteration_seconds"] = time.time() - t0
+            metrics["time/sample_seconds"] = t_sample
+            if use_cuda:
+                metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            for name, value in metrics.items():
+                writer.add_scalar(name, value, reward_queries)
+            if args.track:
+                wandb.log(metrics, step=iteration)
+            progress.writerow([iteration, reward_queries, metrics["objective/reward"], metrics["objective/reward_std"]])
+            progress_file.flush()
+            history.append(
+                dict(iteration=iteration, reward_queries=reward_queries, reward_mean=metrics["objective/reward"])
+            )
+            # progress.json is rewritten every iteration so that a killed run still plots.
+            with open(os.path.join(run_dir, "progress.json"), "w") as f:
+                json.dump(dict(args=asdict(args), history=history), f)
+            print(
+                f"iter {iteration} queries {reward_queries} reward {metrics['objective/reward']:.4f} "
+                f"loss {metrics[f'loss/{args.algo}']:.4g} kl {metrics['policy/approx_kl']:.3g} "
+                f"({metrics['time/iteration_seconds']:.2f}s)"
+            )
+            last = iteration == args.num_iterations
+            if iteration % args.eval_every == 0 or last:
+                evaluate(iteration, reward_queries)
+            if iteration % args.save_every == 0 or last:
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(raw_unet).items()},
+                    os.path.join(run_dir, "lora.safetensors"),
+                )
+
+    if ddp:  # if DDP really averaged the LoRA gradients, ranks that drew different noise still hold the same weights
+        lora_flat = torch.cat([p.detach().flatten() for p in lora_params])[None]
+        gathered = all_gather_cat(lora_flat, args.world_size)
+        noise_sums = all_gather_cat(first_noise_sum.view(1), args.world_size)
+        if master_process:
+            print(
+                f"distributed check: LoRA max |difference| across ranks {(gathered - gathered[0]).abs().max().item():.3g} "
+                f"(max |change| since init {(gathered[0] - lora_init).abs().max().item():.3g}), "
+                f"first-noise sums per rank {[round(v, 4) for v in noise_sums.tolist()]}"
+            )
+    if master_process:
+        progress_file.close()
+        writer.close()
+        if args.track:
+            wandb.finish()
+    if ddp:
+        dist.destroy_process_group()
