@@ -46,7 +46,7 @@ class Args:
     run_dir: str | None = None
     """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
     output_dir: str = "models/ppo_tldr"
-    """where the final policy and tokenizer are saved with save_pretrained ('' to skip saving; the critic is not saved)"""
+    """where the final policy and tokenizer are saved with save_pretrained ('' to skip saving); the critic is not saved"""
     save_merged: bool = False
     """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
     eval_freq: int = 100
@@ -99,7 +99,7 @@ class Args:
     lam: float = 0.95
     """lambda of GAE"""
     critic_lora: bool | None = None
-    """give the critic its own LoRA adapter (default: the value of --lora); --no-critic_lora fully fine-tunes it"""
+    """True: the critic gets its own LoRA adapter; False: it is fully fine-tuned (default None: the value of --lora)"""
 
     # optimisation
     total_episodes: int | None = None
@@ -405,7 +405,11 @@ def rollout(
                 ref_logprob = response_logprobs(ref, query_response, ctx, args.temperature, pad) * mask
         # Response processing 3: V(s_t) before each response token, read at positions ctx - 1 .. L - 2.
         with timer("value"), autocast():
-            value = critic(query_response, pad)[:, ctx - 1 : -1].float() * mask if critic else torch.zeros_like(logprob)
+            value = (
+                critic(query_response, pad)[:, ctx - 1 : -1].float() * mask
+                if critic is not None
+                else torch.zeros_like(logprob)
+            )
         # Response processing 4: reward model score; responses without EOS get the fixed penalty.
         with timer("reward"), autocast():
             score = reward_model(query_response, pad).float()
@@ -594,8 +598,8 @@ if __name__ == "__main__":
             "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
         )
         metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        print(f"run {run_name}: {num_updates} updates of {args.batch_size} prompts, critic LoRA {critic_lora}, world size {world_size}, "
-              f"{grad_accum} micro-batches per step; logs in {run_dir}")  # fmt: skip
+        print(f"run {run_name}: {num_updates} updates of {args.batch_size} prompts, world size {world_size}, "
+              f"{grad_accum} micro-batches per step, critic LoRA {critic_lora}; logs in {run_dir}")  # fmt: skip
 
     def run_evaluation(update: int):
         rows = evaluate(raw_policy, ref_policy, reward_model, eval_queries[eval_idx].to(device),
@@ -665,10 +669,8 @@ if __name__ == "__main__":
                              (nullcontext() if sync or not ddp else critic.no_sync()), autocast():  # fmt: skip
                             new_logprobs = response_logprobs(policy, query_responses[idx], context_length,
                                                              args.temperature, tokenizer.pad_token_id)  # fmt: skip
-                            vpred = critic(query_responses[idx], tokenizer.pad_token_id)[
-                                :, context_length - 1 : -1
-                            ].float()
-                            pg_loss, vf_loss, stats = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], vpred,
+                            vpred = critic(query_responses[idx], tokenizer.pad_token_id)[:, context_length - 1 : -1]
+                            pg_loss, vf_loss, stats = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], vpred.float(),
                                                                  values[idx], returns[idx], masks[idx], args.cliprange,
                                                                  args.cliprange_value)  # fmt: skip
                             loss = pg_loss + args.vf_coef * vf_loss

@@ -124,7 +124,15 @@ def test_ppo_full_finetune_critic_lora(toy, tmp_path):
     out = tmp_path / "ppo"
     flags = [*toy.rl_flags, "--total_episodes", "8", "--num_eval_prompts", "4", "--lr", "1e-5"]
     run_script(
-        "ppo.py", *flags, "--no-lora", "--critic_lora", "--output_dir", str(out), "--run_dir", str(tmp_path / "r")
+        "ppo.py",
+        *flags,
+        "--no-lora",
+        "--critic_lora",
+        "True",
+        "--output_dir",
+        str(out),
+        "--run_dir",
+        str(tmp_path / "r"),
     )
     from transformers import AutoModelForCausalLM
 
@@ -150,8 +158,6 @@ def test_ddp_two_ranks_in_sync(toy, tmp_path):
     [
         (["--kl_coef", "-0.1"], "--kl_coef must be >= 0"),
         (["--cliprange", "0"], "--cliprange must be > 0"),
-        (["--cliprange_value", "-1"], "--cliprange_value must be > 0"),
-        (["--lam", "1.5"], "--lam must be in [0, 1]"),
         (["--batch_size", "6", "--per_device_train_batch_size", "4"], "is not divisible by 4"),
     ],
 )
