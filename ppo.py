@@ -1,0 +1,747 @@
+"""PPO (Schulman et al., 2017) for RLHF, the main baseline of REBEL (Gao et al., 2024, arXiv 2404.16767, App. I.1.3).
+
+The recipe the paper used: https://github.com/vwxyzjn/summarize_from_feedback_details (summarize_from_feedback_details/
+ppo.py). For every prompt x sample one response y from pi_old; the per-token reward is -kl_coef * (log pi_old(y_t) -
+log pi_ref(y_t)), plus the reward model's score at the last response token (EOS). A critic initialised from the reward
+model gives V(s_t); GAE (gamma 1, lambda 0.95) gives the advantages, whitened over valid tokens; then 4 epochs of the
+clipped policy objective (Eq. 7 of the REBEL paper, per token) and a clipped value loss. Everything is in this one file.
+
+    python ppo.py --help
+    python ppo.py                                           # one process
+    torchrun --nproc_per_node 8 ppo.py                      # the paper's 2.8B TL;DR run
+    python ppo.py --sft_model_path toy_data/sft ...         # the offline toy task (flags as in toy/demo.py)
+"""
+
+import json
+import os
+import random
+import resource
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+@dataclass
+class Args:
+    # common flags
+    exp_name: str = "ppo"
+    """the name of this experiment (prefix of the run name)"""
+    seed: int = 555134
+    """seed of the experiment; rank r samples with seed + r"""
+    track: bool = False
+    """log to Weights and Biases (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rebel"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    run_dir: str | None = None
+    """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
+    output_dir: str = "models/ppo_tldr"
+    """where the final policy and tokenizer are saved with save_pretrained ('' to skip saving); the critic is not saved"""
+    save_merged: bool = False
+    """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
+    eval_freq: int = 100
+    """evaluate every this many updates (and before the first and after the last); 0 = only at the end"""
+    num_eval_prompts: int | None = None
+    """evaluate on the first N prompts of the evaluation split (default: all)"""
+    num_sample_rows: int = 4
+    """sample completions printed and logged at each evaluation"""
+
+    # data and models
+    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
+    """hub name or local path of the prompt dataset (load_dataset)"""
+    query_column: str = "query"
+    """dataset column holding the prompt text"""
+    reference_column: str = "reference_response"
+    """dataset column holding the reference response (for the evaluation table)"""
+    train_split: str = "train"
+    eval_split: str = "validation"
+    query_length: int = 512
+    """prompts are left-padded / left-truncated to this many tokens"""
+    response_length: int = 53
+    """tokens sampled per response (min = max new tokens, as in the paper)"""
+    sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
+    """the SFT policy: initial policy and KL reference (hub name or save_pretrained directory)"""
+    reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
+    """the reward model: AutoModelForSequenceClassification with one label, or the backbone+scalar-head format of
+    summarize_from_feedback_details"""
+    penalty_reward_value: float = -1.0
+    """score given to responses that contain no EOS token"""
+    temperature: float = 0.7
+    """sampling temperature. The official code samples at 0.7; the paper's Table (Appendix I.1.4) lists 0.1"""
+    eval_temperature: float = 0.01
+    """sampling temperature for evaluation (the official code's 0.01, near greedy)"""
+
+    # PPO
+    kl_coef: float = 0.05
+    """coefficient of the per-token KL penalty to the SFT policy inside the reward"""
+    noptepochs: int = 4
+    """passes over each batch of rollouts"""
+    num_mini_batches: int = 1
+    """optimizer steps per pass (each over batch_size / num_mini_batches responses)"""
+    cliprange: float = 0.2
+    """epsilon of the clipped policy objective (Eq. 7): the ratio pi_theta / pi_old is clipped to [1 - eps, 1 + eps]"""
+    cliprange_value: float = 0.2
+    """the new value prediction is clipped to old value +- this in the clipped value loss"""
+    vf_coef: float = 0.1
+    """weight of the value loss in the joint loss (policy loss + vf_coef * value loss)"""
+    gamma: float = 1.0
+    """discount factor of GAE"""
+    lam: float = 0.95
+    """lambda of GAE"""
+    critic_lora: bool | None = None
+    """True: the critic gets its own LoRA adapter; False: it is fully fine-tuned (default None: the value of --lora)"""
+
+    # optimisation
+    total_episodes: int | None = None
+    """prompts to train on in total (default: one epoch of the train split)"""
+    batch_size: int = 512
+    """prompts (one response each) per update, over all ranks; stays fixed as the world size changes"""
+    per_device_train_batch_size: int = 8
+    """responses per micro-batch on one rank; gradient accumulation fills the rest"""
+    local_rollout_forward_batch_size: int = 32
+    """prompts per no-grad generation / scoring chunk on one rank"""
+    lr: float = 3e-6
+    """AdamW learning rate of the policy and the critic (one optimizer over both), decayed linearly to 0"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    max_grad_norm: float | None = None
+    """clip the gradient norm to this (default: no clipping, as in the paper)"""
+
+    # model
+    lora: bool = True
+    """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
+    lora_rank: int = 1024
+    lora_alpha: int = 2048
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
+    """modules to adapt (default: peft's default for the architecture, query_key_value for Pythia, as the official
+    code); 'all-linear' adapts every linear layer"""
+    bf16: bool = True
+    """on CUDA: frozen weights in bf16, trainable weights in fp32, compute under bf16 autocast"""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    if b <= 0 or a % b != 0:
+        raise ValueError(f"{what}: {a} is not divisible by {b}. Change the batch flags so that it divides.")
+    return a // b
+
+
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True in each row; the row length where there is none."""
+    row_len = bools.size(-1)
+    idx = torch.arange(row_len, device=bools.device)
+    return torch.where(bools, idx, row_len).min(dim=-1).values
+
+
+def truncate_response(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Keep each response up to and including its first EOS; pad the rest."""
+    after_eos = (
+        torch.arange(responses.size(1), device=responses.device) > first_true_indices(responses == eos_id)[:, None]
+    )
+    return responses.masked_fill(after_eos, pad_id)
+
+
+def forward(model, query_responses: torch.Tensor, pad_id: int):
+    """Forward with pads masked and positions counted from the first real token, as generate() does with left
+    padding, so that log-probs here are those of the distribution that was sampled."""
+    attention_mask = query_responses != pad_id
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    input_ids = query_responses.masked_fill(~attention_mask, 0)  # the pad id may lie outside the embedding
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+def response_logprobs(model, query_responses, context_length, temperature, pad_id):
+    """Per-token log pi(y_t | x, y_<t) of the response tokens, logits divided by the sampling temperature."""
+    logits = forward(model, query_responses, pad_id).logits[:, context_length - 1 : -1].float()  # (B, T, V)
+    logits = logits / temperature
+    responses = query_responses[:, context_length:]
+    return torch.gather(logits.log_softmax(-1), 2, responses.unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum(-1)
+
+
+def response_mask(postprocessed_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """True up to and including the first EOS (everything when there is none)."""
+    lengths = first_true_indices(postprocessed_responses == pad_id)  # tokens kept
+    return torch.arange(postprocessed_responses.size(1), device=lengths.device)[None] < lengths[:, None]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit (unbiased) variance over the valid tokens of this rank's batch; padded tokens become 0."""
+    mean = masked_mean(values, mask)
+    var = masked_sum((values - mean) ** 2, mask).sum() / (mask.sum() - 1).clamp(min=1)
+    return ((values - mean) * torch.rsqrt(var + eps)) * mask
+
+
+def compute_gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al., 2016). All (B, T); the episode ends at the last valid token.
+
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t),  A_t = delta_t + gamma lambda A_{t+1},  returns R_t = A_t + V(s_t)
+    """
+    rewards, values = rewards * mask, values * mask  # V = 0 after the end, so the last valid token bootstraps from 0
+    advantages, last_gae = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_losses(logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, cliprange, cliprange_value):
+    """Per-token clipped PPO losses, averaged over the valid tokens. All inputs (B, T).
+
+    Policy (Schulman et al., 2017, Eq. 7 of the PPO paper; per-token form of Eq. 7 of the REBEL paper), minimised:
+        max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)),  ratio_t = pi_theta(y_t|s_t) / pi_old(y_t|s_t)
+    Value (clipped as in the official recipe):
+        1/2 max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
+    """
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange))
+    pg_loss = masked_mean(pg_losses, mask)
+    vpred_clipped = old_values + (vpred - old_values).clamp(-cliprange_value, cliprange_value)  # (B, T)
+    vf_losses = torch.max((vpred - returns) ** 2, (vpred_clipped - returns) ** 2)
+    vf_loss = 0.5 * masked_mean(vf_losses, mask)
+    stats = {
+        "policy/clipfrac": masked_mean((pg_losses > -advantages * ratio).float(), mask),
+        "loss/value_clipfrac": masked_mean(((vpred - returns) ** 2 < (vpred_clipped - returns) ** 2).float(), mask),
+        "policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask),
+    }
+    return pg_loss, vf_loss, stats
+
+
+class ScalarRewardModel(nn.Module):
+    """A transformer backbone and a linear head read at the last non-pad token."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, bias: float = 0.0):
+        super().__init__()
+        self.backbone, self.head, self.bias = backbone, head, bias
+
+    def forward(self, query_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
+        attention_mask = query_responses != pad_id
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.backbone(
+            input_ids=query_responses.masked_fill(~attention_mask, 0),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state  # (B, L, H)
+        # The last non-pad token: queries are left-padded and responses right-padded, so it is the rightmost one.
+        last = (attention_mask * torch.arange(attention_mask.size(1), device=attention_mask.device)).argmax(1)
+        hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B,)
+
+
+class ValueModel(nn.Module):
+    """The critic: the reward model's backbone and scalar head, read at every position instead of the last."""
+
+    def __init__(self, reward_model: ScalarRewardModel):
+        super().__init__()
+        self.backbone, self.head, self.bias = reward_model.backbone, reward_model.head, reward_model.bias
+
+    def forward(self, query_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
+        attention_mask = query_responses != pad_id
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.backbone(
+            input_ids=query_responses.masked_fill(~attention_mask, 0),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state  # (B, L, H)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B, L)
+
+
+def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
+    """Load an AutoModelForSequenceClassification with one label, or summarize_from_feedback_details' format
+    (config.json with `base_config`; weights `lm_backbone.*` and `scalar_head.*`)."""
+    from huggingface_hub import snapshot_download
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    local = path if os.path.isdir(path) else snapshot_download(path)
+    config_file = os.path.join(local, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"reward model: no config.json in {local}; pass a save_pretrained directory")
+    with open(config_file) as f:
+        config = json.load(f)
+    if "base_config" in config:  # https://github.com/vwxyzjn/summarize_from_feedback_details (ScalarModel)
+        from safetensors.torch import load_file
+
+        files = [n for n in os.listdir(local) if n.endswith((".safetensors", ".bin"))]
+        if not files:
+            raise FileNotFoundError(f"reward model: no weights (*.safetensors or *.bin) in {local}")
+        state = {}
+        for name in files:
+            fp = os.path.join(local, name)
+            state.update(load_file(fp) if name.endswith(".safetensors") else torch.load(fp, map_location="cpu"))
+        base_config = AutoConfig.for_model(**config["base_config"])
+        backbone = AutoModel.from_config(base_config, torch_dtype=dtype)
+        backbone.load_state_dict({k.removeprefix("lm_backbone."): v for k, v in state.items() if k.startswith("lm_")})
+        head = nn.Linear(config["hidden_size"], 1)
+        head.load_state_dict({k.removeprefix("scalar_head."): v for k, v in state.items() if k.startswith("scalar_")})
+        return ScalarRewardModel(backbone, head.to(dtype), config.get("bias", 0.0))
+    model = AutoModelForSequenceClassification.from_pretrained(local, torch_dtype=dtype)
+    if model.config.num_labels != 1:
+        raise ValueError(f"reward model {path} has {model.config.num_labels} labels; a reward model needs exactly 1")
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"reward model {path}: cannot find a linear `score` head on {type(model).__name__}")
+    return ScalarRewardModel(model.base_model, head)
+
+
+def load_prompts(args: Args, split: str, tokenizer):
+    """Tokenise the prompt column (left padding / truncation) and the reference column (EOS appended)."""
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(args.query_dataset, split=split)
+    except ValueError as e:
+        raise ValueError(f"cannot load split '{split}' of dataset '{args.query_dataset}': {e}") from e
+    for column in (args.query_column, args.reference_column):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"dataset '{args.query_dataset}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
+                f"Pass --query_column / --reference_column."
+            )
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    queries = tokenizer(
+        list(dataset[args.query_column]), padding="max_length", max_length=args.query_length, truncation=True
+    ).input_ids
+    references = []
+    for text in dataset[args.reference_column]:
+        ids = tokenizer(text.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
+        ids = ids[: args.response_length - 1] + [tokenizer.eos_token_id]
+        references.append(ids + [tokenizer.pad_token_id] * (args.response_length - len(ids)))
+    return dataset, torch.tensor(queries), torch.tensor(references)
+
+
+def check_tokenizer(tokenizer, path: str):
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {path} has no EOS token; responses are truncated at EOS, so set one")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(
+            f"the tokenizer of {path} has no pad token distinct from EOS (pad={tokenizer.pad_token!r}). Add one, "
+            "e.g. tokenizer.add_special_tokens({'pad_token': '[PAD]'}) and save it, as sft.py does."
+        )
+
+
+def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
+    """Endless global batches of prompt indices (same shuffle on every rank); each rank takes its share."""
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(num_prompts)
+        for start in range(0, num_prompts - batch_size + 1, batch_size):
+            yield perm[start : start + batch_size][rank::world_size]
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def all_reduce(values: dict, op=None, device=None) -> dict:
+    """Mean (or another op) of scalar metrics over ranks, so that rank 0 logs the global value."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    if op is None:
+        t /= dist.get_world_size()
+    return dict(zip(values, t.tolist()))
+
+
+@torch.no_grad()
+def generate(model, queries, generation_config, pad_id):
+    """Sample exactly response_length tokens per query; EOS does not stop sampling (we truncate after it)."""
+    attention_mask = queries != pad_id
+    output = model.generate(
+        input_ids=queries.masked_fill(~attention_mask, 0),
+        attention_mask=attention_mask,
+        generation_config=generation_config,
+    )
+    return torch.cat((queries, output[:, queries.size(1) :]), 1)
+
+
+@torch.no_grad()
+def rollout(
+    policy, ref_policy, reward_model, queries, args, generation_config, tokenizer, autocast, timer, n=1, critic=None
+):
+    """Sample n responses per query and score them; per-token log-probs and values (0 after EOS). Returns (N, n, ...)
+    tensors, chunked to bound memory."""
+    pad, eos, out = tokenizer.pad_token_id, tokenizer.eos_token_id, []
+    ctx = queries.size(1)
+    for i in range(0, queries.size(0), args.local_rollout_forward_batch_size):
+        query = queries[i : i + args.local_rollout_forward_batch_size].repeat_interleave(n, 0)
+        with timer("generation"), autocast():
+            query_response = generate(policy, query, generation_config, pad)
+        # Response processing 1: truncate after the first EOS, pad the rest.
+        response = truncate_response(query_response[:, ctx:], eos, pad)
+        query_response = torch.cat((query, response), 1)
+        mask = response_mask(response, pad)
+        # Response processing 2: per-token log-probs of the sampled distribution, under pi_old and the SFT reference.
+        with timer("logprob"), autocast():
+            logprob = response_logprobs(policy, query_response, ctx, args.temperature, pad) * mask  # (b, T)
+            with ref_policy() as ref:
+                ref_logprob = response_logprobs(ref, query_response, ctx, args.temperature, pad) * mask
+        # Response processing 3: V(s_t) before each response token, read at positions ctx - 1 .. L - 2.
+        with timer("value"), autocast():
+            value = (
+                critic(query_response, pad)[:, ctx - 1 : -1].float() * mask
+                if critic is not None
+                else torch.zeros_like(logprob)
+            )
+        # Response processing 4: reward model score; responses without EOS get the fixed penalty.
+        with timer("reward"), autocast():
+            score = reward_model(query_response, pad).float()
+        has_eos = (response == eos).any(1)
+        score = torch.where(has_eos, score, torch.full_like(score, args.penalty_reward_value))
+        out.append((query_response, mask, logprob, ref_logprob, value, score, has_eos))
+    return [torch.cat(t).unflatten(0, (-1, n)) for t in zip(*out)]
+
+
+class Timer:
+    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+
+@torch.no_grad()
+def evaluate(
+    policy, ref_policy, reward_model, queries, references, texts, args, generation_config, tokenizer, autocast
+):
+    """RM score, KL to the reference, length and EOS rate on this rank's share of evaluation prompts."""
+    pad, ctx, rows = tokenizer.pad_token_id, queries.size(1), []
+    timer = Timer(queries.device)
+    query_response, mask, logprob, ref_logprob, _, score, has_eos = (
+        t[:, 0]
+        for t in rollout(policy, ref_policy, reward_model, queries, args, generation_config, tokenizer, autocast, timer)
+    )
+    with autocast():
+        reference_score = torch.cat([
+            reward_model(torch.cat((q, r), 1), pad).float()
+            for q, r in zip(queries.split(args.local_rollout_forward_batch_size), references.split(args.local_rollout_forward_batch_size))
+        ])  # fmt: skip
+    responses = tokenizer.batch_decode(query_response[:, ctx:], skip_special_tokens=True)
+    kl = (logprob - ref_logprob).sum(1)  # (N,) sequence KL estimate
+    for i, (query, reference) in enumerate(texts):
+        rows.append({
+            "query": query, "postprocessed_response": responses[i], "reference_response": reference,
+            "score": score[i].item(), "reference_score": reference_score[i].item(), "kl": kl[i].item(),
+            "response_length": mask[i].sum().item(), "has_eos": has_eos[i].item(),
+        })  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+if __name__ == "__main__":
+    import pandas as pd
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    args = tyro.cli(Args, use_underscores=True)
+    for name, value, ok, why in [
+        ("kl_coef", args.kl_coef, args.kl_coef >= 0, ">= 0 (a negative KL penalty rewards leaving the SFT policy)"),
+        ("cliprange", args.cliprange, args.cliprange > 0, "> 0 (the ratio is clipped to [1 - eps, 1 + eps])"),
+        ("cliprange_value", args.cliprange_value, args.cliprange_value > 0, "> 0 (values are clipped to old +- it)"),
+        ("vf_coef", args.vf_coef, args.vf_coef >= 0, ">= 0"),
+        ("gamma", args.gamma, 0 <= args.gamma <= 1, "in [0, 1]"),
+        ("lam", args.lam, 0 <= args.lam <= 1, "in [0, 1]"),
+    ]:
+        if not ok:
+            raise ValueError(f"--{name} must be {why}; got {value}")
+    critic_lora = args.lora if args.critic_lora is None else args.critic_lora
+
+    # DDP set-up: the same file runs under `python` and `torchrun`.
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    use_cuda = args.cuda and torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    master = rank == 0
+    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
+    mini_batch_size = exact_div(local_batch_size, args.num_mini_batches, "per-rank batch over --num_mini_batches")
+    grad_accum = exact_div(
+        mini_batch_size, args.per_device_train_batch_size, "mini-batch over --per_device_train_batch_size"
+    )
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)  # different sampling noise on every rank
+    bf16 = use_cuda and args.bf16
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    # Data: every rank tokenises the whole split and takes its own prompts from the shared shuffle.
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path)
+    check_tokenizer(tokenizer, args.sft_model_path)
+    train_set, train_queries, _ = load_prompts(args, args.train_split, tokenizer)
+    eval_set, eval_queries, eval_references = load_prompts(args, args.eval_split, tokenizer)
+    n_eval = min(args.num_eval_prompts or len(eval_set), len(eval_set))
+    eval_idx = list(range(n_eval))[rank::world_size]
+    eval_texts = [(eval_set[i][args.query_column], eval_set[i][args.reference_column]) for i in eval_idx]
+    total_episodes = args.total_episodes or len(train_set)
+    num_updates = total_episodes // args.batch_size
+    if num_updates < 1:
+        raise ValueError(f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
+    batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
+
+    # Models: dropout is off everywhere because every model stays in eval mode (gradients do not need train mode).
+    policy = AutoModelForCausalLM.from_pretrained(
+        args.sft_model_path, torch_dtype=dtype if args.lora else torch.float32
+    )
+    policy.generation_config.eos_token_id = None  # sample the full length; truncation after EOS happens in rollout()
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora_config = LoraConfig(
+            r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+            target_modules=args.lora_target_modules[0] if args.lora_target_modules == ["all-linear"] else args.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )  # fmt: skip
+        policy = get_peft_model(policy, lora_config)  # peft keeps the adapters in fp32: the master weights
+        peft_model = policy
+
+        @contextmanager
+        def ref_policy():  # the SFT policy is the base model with the adapter switched off
+            with peft_model.disable_adapter():
+                yield peft_model
+    else:
+        ref_model = AutoModelForCausalLM.from_pretrained(args.sft_model_path, torch_dtype=dtype).to(device).eval()
+        ref_model.requires_grad_(False)
+        ref_policy = lambda: nullcontext(ref_model)  # noqa: E731
+    policy.to(device).eval()
+    reward_model = load_reward_model(args.reward_model_path, dtype).to(device).eval()
+    reward_model.requires_grad_(False)
+    # The critic is a second network initialised from the reward model (the official recipe), with its own LoRA adapter
+    # on a frozen backbone, or fully fine-tuned in fp32. Its scalar head is always trained in fp32.
+    critic = ValueModel(load_reward_model(args.reward_model_path, dtype if critic_lora else torch.float32))
+    critic.head.float()
+    if critic_lora:
+        from peft import LoraConfig, get_peft_model
+
+        critic.backbone = get_peft_model(critic.backbone, LoraConfig(
+            r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+            target_modules=args.lora_target_modules[0] if args.lora_target_modules == ["all-linear"] else args.lora_target_modules,
+        ))  # fmt: skip
+    critic.to(device).eval()
+    raw_policy, raw_critic = policy, critic
+    if ddp:
+        policy = DDP(policy, device_ids=[local_rank] if use_cuda else None)
+        critic = DDP(critic, device_ids=[local_rank] if use_cuda else None)
+    # One optimizer over both networks: the joint loss policy + vf_coef * value updates both in one step, as officially.
+    params = [p for m in (policy, critic) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.eps)
+
+    def sampling_config(temperature):
+        return GenerationConfig(
+            max_new_tokens=args.response_length, min_new_tokens=args.response_length, do_sample=True,
+            temperature=temperature, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+
+    generation_config, eval_generation_config = (
+        sampling_config(args.temperature),
+        sampling_config(args.eval_temperature),
+    )
+
+    # Logging: only rank 0 writes.
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.run_dir or os.path.join("runs", run_name)
+    if master:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name,
+                       sync_tensorboard=True, save_code=True)  # fmt: skip
+        os.makedirs(run_dir, exist_ok=True)
+        writer = SummaryWriter(run_dir)
+        writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+        )
+        metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        print(f"run {run_name}: {num_updates} updates of {args.batch_size} prompts, world size {world_size}, "
+              f"{grad_accum} micro-batches per step, critic LoRA {critic_lora}; logs in {run_dir}")  # fmt: skip
+
+    def run_evaluation(update: int):
+        rows = evaluate(raw_policy, ref_policy, reward_model, eval_queries[eval_idx].to(device),
+                        eval_references[eval_idx].to(device), eval_texts, args, eval_generation_config, tokenizer, autocast)  # fmt: skip
+        gathered = [None] * world_size
+        if ddp:
+            dist.all_gather_object(gathered, rows)
+        else:
+            gathered = [rows]
+        if master:
+            df = pd.DataFrame([r for rs in gathered for r in rs])
+            df.to_csv(os.path.join(run_dir, f"eval_{update:06d}.csv"), index=False)
+            stats = {"eval/score": df.score.mean(), "eval/reference_score": df.reference_score.mean(), "eval/kl": df.kl.mean(),
+                     "eval/response_length": df.response_length.mean(), "eval/eos_rate": df.has_eos.mean()}  # fmt: skip
+            for k, v in stats.items():
+                writer.add_scalar(k, v, update)
+            samples = df.head(args.num_sample_rows)[["query", "postprocessed_response", "score"]]
+            writer.add_text("samples", samples.to_string(), update)
+            if args.track:
+                wandb.log({"samples": wandb.Table(dataframe=df.head(args.num_sample_rows * 4))}, step=update)
+            tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+            for _, row in samples.iterrows():
+                tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row.score:.2f})")
+            return stats
+
+    # The loop: rollout -> reward -> GAE -> clipped PPO epochs -> log.
+    start = time.time()
+    run_evaluation(0)
+    for update in tqdm(range(1, num_updates + 1), disable=not master, desc="updates"):
+        timer = Timer(device)
+        if use_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        queries = train_queries[next(batches)].to(device)  # (local_batch_size, query_length)
+
+        # 1. Rollout: one response per prompt from pi_old, with per-token log-probs and the critic's values.
+        query_responses, masks, logprobs, ref_logprobs, values, scores, has_eos = (
+            t[:, 0] for t in rollout(raw_policy, ref_policy, reward_model, queries, args, generation_config, tokenizer,
+                                     autocast, timer, critic=raw_critic)
+        )  # fmt: skip  # each (B, T) but scores, has_eos (B,)
+        # 2. Per-token reward: -kl_coef * (log pi_old(y_t) - log pi_ref(y_t)), plus the RM score at the last valid
+        # token (EOS). The official code adds the score one position after EOS (its `sequence_lengths_p1`); we keep the
+        # episode inside the mask.
+        kl = (logprobs - ref_logprobs) * masks  # (B, T)
+        rewards = -args.kl_coef * kl
+        last = (masks.sum(1) - 1).clamp(min=0)  # (B,)
+        rewards[torch.arange(rewards.size(0), device=device), last] += scores
+        # 3. Advantages: GAE, then whitened over this rank's valid tokens (as officially, per process).
+        advantages, returns = compute_gae(rewards, values, masks, args.gamma, args.lam)
+        advantages = whiten(advantages, masks)
+
+        # 4. PPO: noptepochs passes of the clipped objective and value loss, gradient accumulation.
+        context_length = queries.size(1)
+        loss_stats, approxkl_stats, vf_stats, ppo_stats = [], [], [], []
+        with timer("update"):
+            for _epoch in range(args.noptepochs):
+                perm = torch.randperm(local_batch_size, device=device)
+                for mb_start in range(0, local_batch_size, mini_batch_size):
+                    for micro, mc_start in enumerate(
+                        range(mb_start, mb_start + mini_batch_size, args.per_device_train_batch_size)
+                    ):
+                        idx = perm[mc_start : mc_start + args.per_device_train_batch_size]
+                        sync = micro == grad_accum - 1
+                        with (nullcontext() if sync or not ddp else policy.no_sync()), \
+                             (nullcontext() if sync or not ddp else critic.no_sync()), autocast():  # fmt: skip
+                            new_logprobs = response_logprobs(policy, query_responses[idx], context_length,
+                                                             args.temperature, tokenizer.pad_token_id)  # fmt: skip
+                            vpred = critic(query_responses[idx], tokenizer.pad_token_id)[:, context_length - 1 : -1]
+                            pg_loss, vf_loss, stats = ppo_losses(new_logprobs, logprobs[idx], advantages[idx], vpred.float(),
+                                                                 values[idx], returns[idx], masks[idx], args.cliprange,
+                                                                 args.cliprange_value)  # fmt: skip
+                            loss = pg_loss + args.vf_coef * vf_loss
+                            (loss / grad_accum).backward()
+                        loss_stats.append(pg_loss.item())
+                        vf_stats.append(vf_loss.item())
+                        approxkl_stats.append(stats.pop("policy/approxkl").item())
+                        ppo_stats.append({k: v.item() for k, v in stats.items()})
+                    if args.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+        # 5. Log: metrics reduced over ranks, rank 0 writes (token metrics over valid tokens only).
+        n_micro = len(loss_stats) // args.noptepochs
+        stats = all_reduce({
+            "objective/scores": scores.mean().item(),
+            "objective/kl": kl.sum(1).mean().item(),
+            "objective/rlhf_reward": rewards.sum(1).mean().item(),
+            "objective/entropy": -(logprobs.sum() / masks.sum()).item(),
+            "objective/response_length": masks.sum(-1).float().mean().item(),
+            "objective/eos_rate": has_eos.float().mean().item(),
+            "loss/policy": float(np.mean(loss_stats)),
+            "loss/policy_first_epoch": float(np.mean(loss_stats[:n_micro])),
+            "loss/policy_last_epoch": float(np.mean(loss_stats[-n_micro:])),
+            "policy/approxkl": float(np.mean(approxkl_stats)),
+            "loss/value": float(np.mean(vf_stats)),
+            "objective/advantage_mean": masked_mean(advantages, masks).item(),
+            "objective/value_mean": masked_mean(values, masks).item(),
+            **{k: float(np.mean([s[k] for s in ppo_stats])) for k in ppo_stats[0]},
+        }, device=device)  # fmt: skip
+        timer.times["total"] = sum(timer.times.values())
+        stats.update(all_reduce({f"time/{k}": v for k, v in timer.times.items()}, dist.ReduceOp.MAX, device))
+        stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(device)}, dist.ReduceOp.MAX, device))
+        if master:
+            stats.update({"policy/lr": lr_now, "episode": update * args.batch_size,
+                          "time/episodes_per_second": update * args.batch_size / (time.time() - start)})  # fmt: skip
+            for k, v in stats.items():
+                writer.add_scalar(k, v, update)
+            metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
+            metrics_file.flush()
+        if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
+            run_evaluation(update)
+
+    run_evaluation(num_updates)
+
+    # DDP check: every rank must hold the same weights; a silent divergence would invalidate the run.
+    if ddp:
+        max_diff = 0.0
+        for p in [*raw_policy.parameters(), *raw_critic.parameters()]:
+            if p.requires_grad:
+                q = p.detach().clone()
+                dist.broadcast(q, 0)
+                max_diff = max(max_diff, (p.detach() - q).abs().max().item())
+        max_diff = all_reduce({"d": max_diff}, dist.ReduceOp.MAX, device)["d"]
+        if master:
+            metrics_file.write(json.dumps({"ddp/max_param_diff_across_ranks": max_diff}) + "\n")
+            if max_diff > 0:
+                raise RuntimeError(f"DDP ranks diverged: max parameter difference {max_diff}")
+
+    if master and args.output_dir:
+        raw_policy.save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+        if args.lora and args.save_merged:
+            raw_policy.merge_and_unload().save_pretrained(os.path.join(args.output_dir, "merged"))
+            tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
+        print(f"saved the policy to {args.output_dir}")
+    if master:
+        metrics_file.close()
+        writer.close()
+        if args.track:
+            wandb.finish()
+    if ddp:
+        dist.destroy_process_group()

@@ -1,0 +1,167 @@
+"""ppo.py: the pure helpers (GAE, whitening, clipped losses) against hand computations, then end-to-end runs on the toy."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import run_script
+
+from ppo import compute_gae, ppo_losses, whiten
+
+
+def gae_loop(rewards, values, lengths, gamma, lam):
+    """Plain Python GAE, one episode of `length` tokens per row; the value after the last token is 0."""
+    adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
+    for b, n in enumerate(lengths):
+        last = 0.0
+        for t in reversed(range(n)):
+            next_v = values[b, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[b, t].item() + gamma * next_v - values[b, t].item()
+            last = delta + gamma * lam * last
+            adv[b, t] = last
+            ret[b, t] = last + values[b, t].item()
+    return adv, ret
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)])
+def test_gae_matches_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    B, T = 5, 7
+    rewards, values = (
+        torch.randn(B, T, generator=g, dtype=torch.float64),
+        torch.randn(B, T, generator=g, dtype=torch.float64),
+    )
+    lengths = [7, 3, 1, 5, 0]
+    mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).double()
+    # Garbage after the end must not leak into the valid tokens.
+    adv, ret = compute_gae(rewards, values, mask, gamma, lam)
+    adv_ref, ret_ref = gae_loop(rewards, values, lengths, gamma, lam)
+    torch.testing.assert_close(adv, adv_ref)
+    torch.testing.assert_close(ret, ret_ref)
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+
+
+def test_gae_by_hand():
+    # gamma = lam = 1: A_t = sum of future rewards - V(s_t).
+    rewards, values, mask = (
+        torch.tensor([[0.0, 0.0, 1.0, 9.0]]),
+        torch.tensor([[0.5, 0.2, 0.1, 7.0]]),
+        torch.tensor([[1.0, 1, 1, 0]]),
+    )
+    adv, ret = compute_gae(rewards, values, mask, 1.0, 1.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.8, 0.9, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+
+
+def test_whiten_over_valid_tokens():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, -50.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    w = whiten(x, mask)
+    valid = torch.tensor([1.0, 2, 3, 4, 5])
+    expected = (valid - valid.mean()) / valid.std()  # unbiased, as in the official masked_whiten
+    torch.testing.assert_close(w[mask.bool()], expected, atol=1e-6, rtol=1e-6)
+    assert (w[mask == 0] == 0).all()
+
+
+def test_ppo_losses_by_hand():
+    eps, eps_v = 0.2, 0.2
+    # Token 0: ratio e^0.5 = 1.6487 > 1.2 with A = +1 -> clipped: loss -1.2. Token 1: ratio e^-0.5 = 0.6065 with A = +2
+    # -> unclipped side is larger: loss -2 * 0.6065. Token 2: ratio 1, A = -1 -> loss 1. Token 3 is padding.
+    old = torch.zeros(1, 4)
+    new = torch.tensor([[0.5, -0.5, 0.0, 5.0]])
+    adv = torch.tensor([[1.0, 2.0, -1.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    # Values: old 0 everywhere, returns 1. Token 0: vpred 0.5 -> clipped 0.2, max((0.5)^2, (0.8)^2) = 0.64.
+    # Token 1: vpred -0.1 (inside the clip) -> 1.21. Token 2: vpred 1.0 -> clipped 0.2 -> max(0, 0.64) = 0.64.
+    vpred = torch.tensor([[0.5, -0.1, 1.0, 50.0]])
+    old_v, returns = torch.zeros(1, 4), torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    pg, vf, stats = ppo_losses(new, old, adv, vpred, old_v, returns, mask, eps, eps_v)
+    expected_pg = (-1.2 - 2 * torch.exp(torch.tensor(-0.5)) + 1.0) / 3
+    torch.testing.assert_close(pg, expected_pg)
+    torch.testing.assert_close(vf, torch.tensor(0.5 * (0.64 + 1.21 + 0.64) / 3))
+    torch.testing.assert_close(stats["policy/clipfrac"], torch.tensor(1 / 3))
+    torch.testing.assert_close(stats["loss/value_clipfrac"], torch.tensor(2 / 3))
+    torch.testing.assert_close(stats["policy/approxkl"], torch.tensor(0.5 * (0.25 + 0.25) / 3))
+
+
+def test_ppo_loss_gradient_zero_when_clipped():
+    # A > 0 and ratio above 1 + eps: the clipped branch is taken and the policy gets no gradient (Eq. 7).
+    new = torch.tensor([[0.5]], requires_grad=True)
+    pg, _, _ = ppo_losses(new, torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1), torch.zeros(1, 1),
+                          torch.zeros(1, 1), torch.ones(1, 1), 0.2, 0.2)  # fmt: skip
+    pg.backward()
+    assert new.grad.abs().item() == 0.0
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_ppo_end_to_end(toy, tmp_path):
+    out, run_dir = tmp_path / "ppo", tmp_path / "run"
+    run_script(
+        "ppo.py", *toy.rl_flags, "--output_dir", str(out), "--run_dir", str(run_dir), "--track", cwd=str(tmp_path)
+    )
+    rows = [r for r in read_metrics(run_dir) if "update" in r]
+    assert [r["update"] for r in rows] == [1, 2]
+    for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac",
+                "time/total", "time/value", "memory/peak_gb"):  # fmt: skip
+        assert key in rows[-1], key
+    assert all(map(lambda v: v == v, rows[-1].values()))  # no NaN
+    assert sorted(f for f in os.listdir(run_dir) if f.startswith("eval_")) == ["eval_000000.csv", "eval_000002.csv"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
+    assert os.path.isdir(tmp_path / "wandb")  # --track with WANDB_MODE=offline
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[:2] == (1, 3)
+
+
+def test_ppo_full_finetune_critic_lora(toy, tmp_path):
+    # --no-lora: a full fine-tune of the policy (frozen reference copy), with a LoRA critic.
+    out = tmp_path / "ppo"
+    flags = [*toy.rl_flags, "--total_episodes", "8", "--num_eval_prompts", "4", "--lr", "1e-5"]
+    run_script(
+        "ppo.py",
+        *flags,
+        "--no-lora",
+        "--critic_lora",
+        "True",
+        "--output_dir",
+        str(out),
+        "--run_dir",
+        str(tmp_path / "r"),
+    )
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_help():
+    proc = run_script("ppo.py", "--help")
+    for flag in ("--cliprange", "--vf_coef", "--kl_coef", "--critic_lora", "--lam"):
+        assert flag in proc.stdout
+
+
+def test_ddp_two_ranks_in_sync(toy, tmp_path):
+    run_dir = tmp_path / "run"
+    run_script("ppo.py", *toy.rl_flags, "--output_dir", "", "--run_dir", str(run_dir), torchrun=2)
+    rows = read_metrics(run_dir)
+    assert rows[-1]["ddp/max_param_diff_across_ranks"] == 0.0
+    assert [r["update"] for r in rows if "update" in r] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--kl_coef", "-0.1"], "--kl_coef must be >= 0"),
+        (["--cliprange", "0"], "--cliprange must be > 0"),
+        (["--batch_size", "6", "--per_device_train_batch_size", "4"], "is not divisible by 4"),
+    ],
+)
+def test_bad_input(toy, tmp_path, flags, message):
+    proc = run_script("ppo.py", *toy.rl_flags, *flags, "--output_dir", "", "--run_dir", str(tmp_path), check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout, proc.stdout[-2000:]
