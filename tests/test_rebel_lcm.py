@@ -195,7 +195,7 @@ LEARN = ["--tiny", "--sample-batch-size", "4", "--gradient-accumulation-steps", 
          "--reward", "compressibility", "--num-iterations", "10", "--eval-every", "100"]  # fmt: skip
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow)])  # -m "not slow" keeps one seed
 def test_rebel_raises_compressibility_in_tiny_mode(seed, tmp_path):
     out = run_script([*LEARN, "--seed", str(seed)], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
