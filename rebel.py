@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -536,7 +535,7 @@ if __name__ == "__main__":
         context_length = queries.size(1)
         loss_stats, approxkl_stats = [], []
         with timer("update"):
-            for epoch in range(args.noptepochs):
+            for _epoch in range(args.noptepochs):
                 perm = torch.randperm(local_batch_size, device=device)
                 for mb_start in range(0, local_batch_size, mini_batch_size):
                     for micro, mc_start in enumerate(range(mb_start, mb_start + mini_batch_size, args.per_device_train_batch_size)):
