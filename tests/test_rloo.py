@@ -55,7 +55,14 @@ def test_end_to_end(toy, tmp_path, extra):
     run_script("rloo.py", *toy.rl_flags, *extra, "--output_dir", out, "--run_dir", run, cwd=str(tmp_path))
     rows = _metrics(tmp_path / "run")
     assert [r["update"] for r in rows] == [1, 2]
-    for key in ("loss/policy", "objective/kl", "objective/advantage_std", "time/generation", "time/update", "memory/peak_gb"):
+    for key in (
+        "loss/policy",
+        "objective/kl",
+        "objective/advantage_std",
+        "time/generation",
+        "time/update",
+        "memory/peak_gb",
+    ):
         assert key in rows[0], key
     assert os.path.isfile(tmp_path / "run" / "eval_000000.csv") and os.path.isfile(tmp_path / "run" / "eval_000002.csv")
     from peft import PeftModel
