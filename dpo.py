@@ -1,7 +1,7 @@
 """Offline DPO: Direct Preference Optimization (Rafailov et al., 2023), a baseline of REBEL (arXiv 2404.16767).
 
 No sampling during training: the policy is fitted to a fixed dataset of human preference pairs (x, y_w, y_l), with
-the SFT policy as the reference, by minimising Equation 7 of Rafailov et al. (2023):
+the SFT policy as the reference, by minimising Equation 7 of Rafailov et al. (2023, arXiv 2305.18290):
 
     -ln sigmoid( beta * [ln pi_theta(y_w|x)/pi_SFT(y_w|x) - ln pi_theta(y_l|x)/pi_SFT(y_l|x)] )
 
@@ -81,8 +81,8 @@ class Args:
     sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
     """the SFT policy: initial policy and KL reference (hub name or save_pretrained directory)"""
     reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
-    """the reward model, for evaluation only: AutoModelForSequenceClassification with one label, or the backbone+scalar-head format of
-    summarize_from_feedback_details"""
+    """the reward model, for evaluation only: AutoModelForSequenceClassification with one label, or the
+    backbone+scalar-head format of summarize_from_feedback_details"""
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     temperature: float = 0.7
@@ -432,7 +432,7 @@ if __name__ == "__main__":
         torch.cuda.set_device(device)
     master = rank == 0
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    grad_accum = exact_div(local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size")
+    grad_accum = exact_div(local_batch_size, args.per_device_train_batch_size, "per-rank batch over micro-batches")
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)  # different sampling noise on every rank

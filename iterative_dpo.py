@@ -1,4 +1,4 @@
-"""Iterative DPO (Guo et al., 2024), the online baseline of REBEL (arXiv 2404.16767, Appendix I.1.3, Algorithm 2).
+"""Iterative DPO (Guo et al., 2024, arXiv 2402.04792): REBEL's online baseline (arXiv 2404.16767, Algorithm 2).
 
 Exactly REBEL's loop (two responses y, y' per prompt from pi_t, reward = RM score minus a KL penalty to the SFT
 policy), but only the *sign* of the reward difference is used: the pair is labelled by sgn(r(x, y) - r(x, y')) and

@@ -1,4 +1,4 @@
-"""RLOO: REINFORCE Leave-One-Out (Kool et al., 2019; Ahmadian et al., 2024), a baseline of REBEL (arXiv 2404.16767).
+"""RLOO: REINFORCE Leave-One-Out (Kool et al., 2019; Ahmadian et al., 2024), baseline of REBEL (arXiv 2404.16767).
 
 For every prompt x sample k responses y_1..y_k from the current policy, score them with a reward model minus a
 sequence-level KL penalty to the SFT policy, r_i = score(x, y_i) - kl_coef * (ln pi(y_i|x) - ln pi_SFT(y_i|x)), and
@@ -6,9 +6,11 @@ take a REINFORCE step with the mean reward of the *other* k - 1 samples as the b
 
     A_i = r_i - 1/(k-1) sum_{j != i} r_j,        loss = -mean_{x, i} A_i * ln pi_theta(y_i|x)
 
-REBEL's paper (Section 3.2) shows that REBEL's gradient at theta_t with k = 2 is exactly this estimator; REBEL
-additionally pre-conditions it (a regression instead of a gradient step). `--reinforce` is plain REINFORCE (Williams,
-1992): one sample per prompt, no baseline, A = r, the paper's sixth method. Hyper-parameters: Appendix I.1.4.
+The REBEL paper (Section 3.2) notes that the gradient form grad ln pi(y|x) (r(x, y) - r(x, y')) behind REBEL's
+update is RLOO's with k = 2; REBEL pre-conditions it with the Fisher information (a regression, not one gradient
+step). `--reinforce` is plain REINFORCE (Williams, 1992): one sample per prompt, no baseline, A = r, the paper's
+sixth method. Hyper-parameters: Appendix I.1.4. Kool et al. (2019), "Buy 4 REINFORCE samples, get a baseline for
+free!"; Ahmadian et al. (2024), "Back to Basics", arXiv 2402.14740.
 
     python rloo.py --help
     python rloo.py --rloo_k 2                               # one process
@@ -177,7 +179,7 @@ def response_mask(postprocessed_responses: torch.Tensor, pad_id: int) -> torch.T
 
 def rloo_advantages(rewards: torch.Tensor, reinforce: bool = False) -> torch.Tensor:
     """rewards (B, k), the k responses to one prompt in a row. Leave-one-out: A_i = r_i - mean_{j != i} r_j
-    (Kool et al., 2019, "Buy 4 REINFORCE samples, get a baseline for free!"; Ahmadian et al., 2024, Eq. 6).
+    (Kool et al., 2019; Ahmadian et al., 2024).
     With reinforce=True, A = r (Williams, 1992)."""
     if reinforce:
         return rewards
@@ -536,7 +538,8 @@ if __name__ == "__main__":
 
         # 1. Rollout: k responses per prompt from pi_t, scored by the reward model.
         query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout(
-            raw_policy, ref_policy, reward_model, queries, args, generation_config, tokenizer, autocast, timer, n=num_samples
+            raw_policy, ref_policy, reward_model, queries, args, generation_config, tokenizer, autocast, timer,
+            n=num_samples,
         )  # each (B, k, ...)
         # 2. Reward: r(x, y) = RM score - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)).
         kl = logprobs - ref_logprobs  # (B, k)
