@@ -144,7 +144,9 @@ def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
 
 def truncate_response(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
     """Keep each response up to and including its first EOS; pad the rest."""
-    after_eos = torch.arange(responses.size(1), device=responses.device) > first_true_indices(responses == eos_id)[:, None]
+    after_eos = (
+        torch.arange(responses.size(1), device=responses.device) > first_true_indices(responses == eos_id)[:, None]
+    )
     return responses.masked_fill(after_eos, pad_id)
 
 
@@ -334,7 +336,9 @@ def generate(model, queries, generation_config, pad_id):
     """Sample exactly response_length tokens per query; EOS does not stop sampling (we truncate after it)."""
     attention_mask = queries != pad_id
     output = model.generate(
-        input_ids=queries.masked_fill(~attention_mask, 0), attention_mask=attention_mask, generation_config=generation_config
+        input_ids=queries.masked_fill(~attention_mask, 0),
+        attention_mask=attention_mask,
+        generation_config=generation_config,
     )
     return torch.cat((queries, output[:, queries.size(1) :]), 1)
 
@@ -384,12 +388,17 @@ class Timer:
 
 
 @torch.no_grad()
-def evaluate(policy, ref_policy, reward_model, queries, references, texts, args, generation_config, tokenizer, autocast):
+def evaluate(
+    policy, ref_policy, reward_model, queries, references, texts, args, generation_config, tokenizer, autocast
+):
     """RM score, KL to the reference, length and EOS rate on this rank's share of evaluation prompts."""
     pad, ctx, rows = tokenizer.pad_token_id, queries.size(1), []
     timer = Timer(queries.device)
     query_response, mask, logprob, ref_logprob, score, has_eos = (
-        t[:, 0] for t in rollout(policy, ref_policy, reward_model, queries, args, generation_config, tokenizer, autocast, timer, n=1)
+        t[:, 0]
+        for t in rollout(
+            policy, ref_policy, reward_model, queries, args, generation_config, tokenizer, autocast, timer, n=1
+        )
     )
     with autocast():
         reference_score = torch.cat([
@@ -461,7 +470,9 @@ if __name__ == "__main__":
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
     # Models: dropout is off everywhere because every model stays in eval mode (gradients do not need train mode).
-    policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, torch_dtype=dtype if args.lora else torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(
+        args.sft_model_path, torch_dtype=dtype if args.lora else torch.float32
+    )
     policy.generation_config.eos_token_id = None  # sample the full length; truncation after EOS happens in rollout()
     if args.lora:
         from peft import LoraConfig, get_peft_model
@@ -511,7 +522,9 @@ if __name__ == "__main__":
                        sync_tensorboard=True, save_code=True)  # fmt: skip
         os.makedirs(run_dir, exist_ok=True)
         writer = SummaryWriter(run_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+        )
         metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         print(f"run {run_name}: {num_updates} updates of {args.batch_size} prompts, world size {world_size}, "
               f"{grad_accum} micro-batches per step; logs in {run_dir}")  # fmt: skip
@@ -563,7 +576,7 @@ if __name__ == "__main__":
                 with torch.no_grad(), autocast(), ref_policy() as ref:
                     ref_logprobs = masked_sum(response_logprobs(ref, query_responses, context_length, 1.0, pad), mask)
                 sync = micro == grad_accum - 1
-                with (nullcontext() if sync or not ddp else policy.no_sync()), autocast():
+                with nullcontext() if sync or not ddp else policy.no_sync(), autocast():
                     logprobs = masked_sum(response_logprobs(policy, query_responses, context_length, 1.0, pad), mask)
                     loss = dpo_loss(logprobs.unflatten(0, (-1, 2)), ref_logprobs.unflatten(0, (-1, 2)), args.beta)
                     (loss / grad_accum).backward()

@@ -146,7 +146,9 @@ def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
 
 def truncate_response(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
     """Keep each response up to and including its first EOS; pad the rest."""
-    after_eos = torch.arange(responses.size(1), device=responses.device) > first_true_indices(responses == eos_id)[:, None]
+    after_eos = (
+        torch.arange(responses.size(1), device=responses.device) > first_true_indices(responses == eos_id)[:, None]
+    )
     return responses.masked_fill(after_eos, pad_id)
 
 
@@ -320,7 +322,9 @@ def generate(model, queries, generation_config, pad_id):
     """Sample exactly response_length tokens per query; EOS does not stop sampling (we truncate after it)."""
     attention_mask = queries != pad_id
     output = model.generate(
-        input_ids=queries.masked_fill(~attention_mask, 0), attention_mask=attention_mask, generation_config=generation_config
+        input_ids=queries.masked_fill(~attention_mask, 0),
+        attention_mask=attention_mask,
+        generation_config=generation_config,
     )
     return torch.cat((queries, output[:, queries.size(1) :]), 1)
 
@@ -370,12 +374,17 @@ class Timer:
 
 
 @torch.no_grad()
-def evaluate(policy, ref_policy, reward_model, queries, references, texts, args, generation_config, tokenizer, autocast):
+def evaluate(
+    policy, ref_policy, reward_model, queries, references, texts, args, generation_config, tokenizer, autocast
+):
     """RM score, KL to the reference, length and EOS rate on this rank's share of evaluation prompts."""
     pad, ctx, rows = tokenizer.pad_token_id, queries.size(1), []
     timer = Timer(queries.device)
     query_response, mask, logprob, ref_logprob, score, has_eos = (
-        t[:, 0] for t in rollout(policy, ref_policy, reward_model, queries, args, generation_config, tokenizer, autocast, timer, n=1)
+        t[:, 0]
+        for t in rollout(
+            policy, ref_policy, reward_model, queries, args, generation_config, tokenizer, autocast, timer, n=1
+        )
     )
     with autocast():
         reference_score = torch.cat([
@@ -420,7 +429,9 @@ if __name__ == "__main__":
     master = rank == 0
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
     mini_batch_size = exact_div(local_batch_size, args.num_mini_batches, "per-rank batch over --num_mini_batches")
-    grad_accum = exact_div(mini_batch_size, args.per_device_train_batch_size, "mini-batch over --per_device_train_batch_size")
+    grad_accum = exact_div(
+        mini_batch_size, args.per_device_train_batch_size, "mini-batch over --per_device_train_batch_size"
+    )
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)  # different sampling noise on every rank
@@ -445,7 +456,9 @@ if __name__ == "__main__":
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
     # Models: dropout is off everywhere because every model stays in eval mode (gradients do not need train mode).
-    policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, torch_dtype=dtype if args.lora else torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(
+        args.sft_model_path, torch_dtype=dtype if args.lora else torch.float32
+    )
     policy.generation_config.eos_token_id = None  # sample the full length; truncation after EOS happens in rollout()
     if args.lora:
         from peft import LoraConfig, get_peft_model
@@ -480,7 +493,10 @@ if __name__ == "__main__":
             temperature=temperature, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
 
-    generation_config, eval_generation_config = sampling_config(args.temperature), sampling_config(args.eval_temperature)
+    generation_config, eval_generation_config = (
+        sampling_config(args.temperature),
+        sampling_config(args.eval_temperature),
+    )
 
     # Logging: only rank 0 writes.
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -495,7 +511,9 @@ if __name__ == "__main__":
                        sync_tensorboard=True, save_code=True)  # fmt: skip
         os.makedirs(run_dir, exist_ok=True)
         writer = SummaryWriter(run_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+        )
         metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         print(f"run {run_name}: {num_updates} updates of {args.batch_size} prompts, world size {world_size}, "
               f"{grad_accum} micro-batches per step; logs in {run_dir}")  # fmt: skip
@@ -538,7 +556,15 @@ if __name__ == "__main__":
 
         # 1. Rollout: k responses per prompt from pi_t, scored by the reward model.
         query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout(
-            raw_policy, ref_policy, reward_model, queries, args, generation_config, tokenizer, autocast, timer,
+            raw_policy,
+            ref_policy,
+            reward_model,
+            queries,
+            args,
+            generation_config,
+            tokenizer,
+            autocast,
+            timer,
             n=num_samples,
         )  # each (B, k, ...)
         # 2. Reward: r(x, y) = RM score - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)).
@@ -553,10 +579,12 @@ if __name__ == "__main__":
             for _epoch in range(args.noptepochs):
                 perm = torch.randperm(local_batch_size, device=device)
                 for mb_start in range(0, local_batch_size, mini_batch_size):
-                    for micro, mc_start in enumerate(range(mb_start, mb_start + mini_batch_size, args.per_device_train_batch_size)):
+                    for micro, mc_start in enumerate(
+                        range(mb_start, mb_start + mini_batch_size, args.per_device_train_batch_size)
+                    ):
                         idx = perm[mc_start : mc_start + args.per_device_train_batch_size]
                         sync = micro == grad_accum - 1
-                        with (nullcontext() if sync or not ddp else policy.no_sync()), autocast():
+                        with nullcontext() if sync or not ddp else policy.no_sync(), autocast():
                             new_logprobs = masked_sum(
                                 response_logprobs(policy, query_responses[idx].flatten(0, 1), context_length,
                                                   args.temperature, tokenizer.pad_token_id),
