@@ -55,7 +55,7 @@ def test_benchmark_cli_on_fake_scripts(fake_scripts, tmp_path):
     assert (
         argv["args"]["total_episodes"] == 20 and argv["args"]["query_length"] == 16 and argv["args"]["eval_freq"] == 0
     )
-    assert argv["args"]["output_dir"] == "" and argv["args"]["track"] == "False" and argv["unknown"] == ["--lr", "3e-6"]
+    assert argv["args"]["output_dir"] == "" and argv["args"]["track"] == "" and argv["unknown"] == ["--lr", "3e-6"]
     table = (out / "benchmark.md").read_text()
     assert "| rebel | 4 | 1.250 | 0.500 | 0.250 | 2.000 |" in table and "4.250 ± " in table and "| 1.50 |" in table
     assert (out / "benchmark.png").stat().st_size > 1000
