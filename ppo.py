@@ -16,6 +16,7 @@ import json
 import os
 import random
 import resource
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -46,7 +47,7 @@ class Args:
     run_dir: str | None = None
     """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
     output_dir: str = "models/ppo_tldr"
-    """where the final policy and tokenizer are saved with save_pretrained ('' to skip saving); the critic is not saved"""
+    """where the final policy and tokenizer are saved with save_pretrained, and the critic in <output_dir>/critic ('' to skip)"""
     save_merged: bool = False
     """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
     eval_freq: int = 100
@@ -133,9 +134,21 @@ class Args:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
+class BadInput(ValueError):
+    """A problem with the flags, the data or a checkpoint: reported as one line that names the fix, no traceback."""
+
+
+def print_bad_input(kind, error, tb) -> None:
+    """sys.excepthook: a BadInput prints its message alone; any other error keeps its full traceback."""
+    if issubclass(kind, BadInput):
+        print(f"error: {error}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, tb)
+
+
 def exact_div(a: int, b: int, what: str) -> int:
     if b <= 0 or a % b != 0:
-        raise ValueError(f"{what}: {a} is not divisible by {b}. Change the batch flags so that it divides.")
+        raise BadInput(f"{what}: {a} is not divisible by {b}. Change the batch flags so that it divides.")
     return a // b
 
 
@@ -271,6 +284,22 @@ class ValueModel(nn.Module):
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B, L)
 
 
+def save_critic(critic: ValueModel, path: str) -> None:
+    """Save the critic (LoRA merged) in the reward-model format of summarize_from_feedback_details, which
+    load_reward_model reads back: --reward_model_path <output_dir>/critic warm-starts the next run's critic."""
+    from safetensors.torch import save_file
+
+    backbone = critic.backbone.merge_and_unload() if hasattr(critic.backbone, "merge_and_unload") else critic.backbone
+    state = {f"lm_backbone.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
+    state.update({f"scalar_head.{k}": v.contiguous() for k, v in critic.head.state_dict().items()})
+    state.setdefault("scalar_head.bias", torch.zeros(1, dtype=critic.head.weight.dtype))  # an HF `score` has no bias
+    os.makedirs(path, exist_ok=True)
+    save_file(state, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"base_config": backbone.config.to_dict(), "hidden_size": critic.head.in_features,
+                   "bias": float(critic.bias)}, f, indent=1)  # fmt: skip
+
+
 def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
     """Load an AutoModelForSequenceClassification with one label, or summarize_from_feedback_details' format
     (config.json with `base_config`; weights `lm_backbone.*` and `scalar_head.*`)."""
@@ -280,7 +309,7 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
     local = path if os.path.isdir(path) else snapshot_download(path)
     config_file = os.path.join(local, "config.json")
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"reward model: no config.json in {local}; pass a save_pretrained directory")
+        raise BadInput(f"reward model: no config.json in {local}; pass a save_pretrained directory")
     with open(config_file) as f:
         config = json.load(f)
     if "base_config" in config:  # https://github.com/vwxyzjn/summarize_from_feedback_details (ScalarModel)
@@ -288,7 +317,7 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
 
         files = [n for n in os.listdir(local) if n.endswith((".safetensors", ".bin"))]
         if not files:
-            raise FileNotFoundError(f"reward model: no weights (*.safetensors or *.bin) in {local}")
+            raise BadInput(f"reward model: no weights (*.safetensors or *.bin) in {local}")
         state = {}
         for name in files:
             fp = os.path.join(local, name)
@@ -301,10 +330,10 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
         return ScalarRewardModel(backbone, head.to(dtype), config.get("bias", 0.0))
     model = AutoModelForSequenceClassification.from_pretrained(local, torch_dtype=dtype)
     if model.config.num_labels != 1:
-        raise ValueError(f"reward model {path} has {model.config.num_labels} labels; a reward model needs exactly 1")
+        raise BadInput(f"reward model {path} has {model.config.num_labels} labels; a reward model needs exactly 1")
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"reward model {path}: cannot find a linear `score` head on {type(model).__name__}")
+        raise BadInput(f"reward model {path}: cannot find a linear `score` head on {type(model).__name__}")
     return ScalarRewardModel(model.base_model, head)
 
 
@@ -315,10 +344,10 @@ def load_prompts(args: Args, split: str, tokenizer):
     try:
         dataset = load_dataset(args.query_dataset, split=split)
     except ValueError as e:
-        raise ValueError(f"cannot load split '{split}' of dataset '{args.query_dataset}': {e}") from e
+        raise BadInput(f"cannot load split '{split}' of dataset '{args.query_dataset}': {e}") from e
     for column in (args.query_column, args.reference_column):
         if column not in dataset.column_names:
-            raise ValueError(
+            raise BadInput(
                 f"dataset '{args.query_dataset}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
                 f"Pass --query_column / --reference_column."
             )
@@ -336,9 +365,9 @@ def load_prompts(args: Args, split: str, tokenizer):
 
 def check_tokenizer(tokenizer, path: str):
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {path} has no EOS token; responses are truncated at EOS, so set one")
+        raise BadInput(f"the tokenizer of {path} has no EOS token; responses are truncated at EOS, so set one")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(
+        raise BadInput(
             f"the tokenizer of {path} has no pad token distinct from EOS (pad={tokenizer.pad_token!r}). Add one, "
             "e.g. tokenizer.add_special_tokens({'pad_token': '[PAD]'}) and save it, as sft.py does."
         )
@@ -466,6 +495,7 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------- main
 
 if __name__ == "__main__":
+    sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
     import pandas as pd
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -480,7 +510,7 @@ if __name__ == "__main__":
         ("lam", args.lam, 0 <= args.lam <= 1, "in [0, 1]"),
     ]:
         if not ok:
-            raise ValueError(f"--{name} must be {why}; got {value}")
+            raise BadInput(f"--{name} must be {why}; got {value}")
     critic_lora = args.lora if args.critic_lora is None else args.critic_lora
 
     # DDP set-up: the same file runs under `python` and `torchrun`.
@@ -520,7 +550,7 @@ if __name__ == "__main__":
     total_episodes = args.total_episodes or len(train_set)
     num_updates = total_episodes // args.batch_size
     if num_updates < 1:
-        raise ValueError(f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
+        raise BadInput(f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
     # Models: dropout is off everywhere because every model stays in eval mode (gradients do not need train mode).
@@ -737,7 +767,8 @@ if __name__ == "__main__":
         if args.lora and args.save_merged:
             raw_policy.merge_and_unload().save_pretrained(os.path.join(args.output_dir, "merged"))
             tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
-        print(f"saved the policy to {args.output_dir}")
+        save_critic(raw_critic, os.path.join(args.output_dir, "critic"))
+        print(f"saved the policy to {args.output_dir} and the critic to {args.output_dir}/critic")
     if master:
         metrics_file.close()
         writer.close()

@@ -1,13 +1,12 @@
 """ppo.py: the pure helpers (GAE, whitening, clipped losses) against hand computations, then end-to-end runs on the toy."""
 
-import json
 import os
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, run_script
 
-from ppo import compute_gae, ppo_losses, whiten
+from ppo import compute_gae, load_reward_model, ppo_losses, whiten
 
 
 def gae_loop(rewards, values, lengths, gamma, lam):
@@ -94,49 +93,32 @@ def test_ppo_loss_gradient_zero_when_clipped():
     assert new.grad.abs().item() == 0.0
 
 
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_ppo_end_to_end(toy, tmp_path):
-    out, run_dir = tmp_path / "ppo", tmp_path / "run"
-    run_script(
-        "ppo.py", *toy.rl_flags, "--output_dir", str(out), "--run_dir", str(run_dir), "--track", cwd=str(tmp_path)
-    )
-    rows = [r for r in read_metrics(run_dir) if "update" in r]
-    assert [r["update"] for r in rows] == [1, 2]
-    for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac",
-                "time/total", "time/value", "memory/peak_gb"):  # fmt: skip
-        assert key in rows[-1], key
-    assert all(map(lambda v: v == v, rows[-1].values()))  # no NaN
-    assert sorted(f for f in os.listdir(run_dir) if f.startswith("eval_")) == ["eval_000000.csv", "eval_000002.csv"]
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
-    assert os.path.isdir(tmp_path / "wandb")  # --track with WANDB_MODE=offline
+    keys = ("objective/scores", "objective/kl", "loss/value", "policy/approxkl", "policy/clipfrac", "time/value")
+    check_end_to_end("ppo.py", toy.rl_flags, tmp_path, keys)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "run"))
     from peft import AutoPeftModelForCausalLM
 
-    model = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[:2] == (1, 3)
+    # The critic comes back as a reward model: trained (it differs from the RM it started from) and loadable.
+    critic = load_reward_model(str(tmp_path / "out" / "critic"), torch.float32)
+    rm = load_reward_model(toy.rm, torch.float32)
+    x = torch.tensor([[5, 6, 7, 8]])
+    assert critic(x, pad_id=0).shape == (1,)
+    assert critic(x, pad_id=0).item() != pytest.approx(rm(x, pad_id=0).item(), abs=1e-7)
 
 
 def test_ppo_full_finetune_critic_lora(toy, tmp_path):
     # --no-lora: a full fine-tune of the policy (frozen reference copy), with a LoRA critic.
     out = tmp_path / "ppo"
     flags = [*toy.rl_flags, "--total_episodes", "8", "--num_eval_prompts", "4", "--lr", "1e-5"]
-    run_script(
-        "ppo.py",
-        *flags,
-        "--no-lora",
-        "--critic_lora",
-        "True",
-        "--output_dir",
-        str(out),
-        "--run_dir",
-        str(tmp_path / "r"),
-    )
+    run_script("ppo.py", *flags, "--no-lora", "--critic_lora", "True", "--output_dir", str(out), "--run_dir",
+               str(tmp_path / "r"))  # fmt: skip
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(out))
+    load_reward_model(str(out / "critic"), torch.float32)  # the LoRA critic is saved merged
 
 
 def test_help():
@@ -146,11 +128,7 @@ def test_help():
 
 
 def test_ddp_two_ranks_in_sync(toy, tmp_path):
-    run_dir = tmp_path / "run"
-    run_script("ppo.py", *toy.rl_flags, "--output_dir", "", "--run_dir", str(run_dir), torchrun=2)
-    rows = read_metrics(run_dir)
-    assert rows[-1]["ddp/max_param_diff_across_ranks"] == 0.0
-    assert [r["update"] for r in rows if "update" in r] == [1, 2]
+    check_ranks_in_sync("ppo.py", toy.rl_flags, tmp_path / "run")
 
 
 @pytest.mark.parametrize(
@@ -162,6 +140,4 @@ def test_ddp_two_ranks_in_sync(toy, tmp_path):
     ],
 )
 def test_bad_input(toy, tmp_path, flags, message):
-    proc = run_script("ppo.py", *toy.rl_flags, *flags, "--output_dir", "", "--run_dir", str(tmp_path), check=False)
-    assert proc.returncode != 0
-    assert message in proc.stdout, proc.stdout[-2000:]
+    check_fails_with("ppo.py", [*toy.rl_flags, *flags], message, tmp_path)
