@@ -15,6 +15,7 @@ import json
 import os
 import random
 import resource
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -125,9 +126,21 @@ class Args:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
+class BadInput(ValueError):
+    """A problem with the flags, the data or a checkpoint: reported as one line that names the fix, no traceback."""
+
+
+def print_bad_input(kind, error, tb) -> None:
+    """sys.excepthook: a BadInput prints its message alone; any other error keeps its full traceback."""
+    if issubclass(kind, BadInput):
+        print(f"error: {error}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, tb)
+
+
 def exact_div(a: int, b: int, what: str) -> int:
     if b <= 0 or a % b != 0:
-        raise ValueError(f"{what}: {a} is not divisible by {b}. Change the batch flags so that it divides.")
+        raise BadInput(f"{what}: {a} is not divisible by {b}. Change the batch flags so that it divides.")
     return a // b
 
 
@@ -219,12 +232,12 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
         try:
             local = snapshot_download(path)
         except Exception as e:
-            raise OSError(
+            raise BadInput(
                 f"reward model: '{path}' is not a local directory and cannot be fetched from the hub ({e})"
             ) from e
     config_file = os.path.join(local, "config.json")
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"reward model: no config.json in {local}; pass a save_pretrained directory")
+        raise BadInput(f"reward model: no config.json in {local}; pass a save_pretrained directory")
     with open(config_file) as f:
         config = json.load(f)
     if "base_config" in config:  # https://github.com/vwxyzjn/summarize_from_feedback_details (ScalarModel)
@@ -232,7 +245,7 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
 
         files = [n for n in os.listdir(local) if n.endswith((".safetensors", ".bin"))]
         if not files:
-            raise FileNotFoundError(f"reward model: no weights (*.safetensors or *.bin) in {local}")
+            raise BadInput(f"reward model: no weights (*.safetensors or *.bin) in {local}")
         state = {}
         for name in files:
             fp = os.path.join(local, name)
@@ -247,12 +260,12 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
     try:
         model = AutoModelForSequenceClassification.from_pretrained(local, dtype=dtype)
     except Exception as e:
-        raise OSError(f"reward model: cannot read the checkpoint in {local} ({type(e).__name__}: {e})") from e
+        raise BadInput(f"reward model: cannot read the checkpoint in {local} ({type(e).__name__}: {e})") from e
     if model.config.num_labels != 1:
-        raise ValueError(f"reward model {path} has {model.config.num_labels} labels; a reward model needs exactly 1")
+        raise BadInput(f"reward model {path} has {model.config.num_labels} labels; a reward model needs exactly 1")
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"reward model {path}: cannot find a linear `score` head on {type(model).__name__}")
+        raise BadInput(f"reward model {path}: cannot find a linear `score` head on {type(model).__name__}")
     return ScalarRewardModel(model.base_model, head)
 
 
@@ -263,10 +276,10 @@ def load_prompts(args: Args, split: str, tokenizer):
     try:
         dataset = load_dataset(args.query_dataset, split=split)
     except ValueError as e:
-        raise ValueError(f"cannot load split '{split}' of dataset '{args.query_dataset}': {e}") from e
+        raise BadInput(f"cannot load split '{split}' of dataset '{args.query_dataset}': {e}") from e
     for column in (args.query_column, args.reference_column):
         if column not in dataset.column_names:
-            raise ValueError(
+            raise BadInput(
                 f"dataset '{args.query_dataset}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
                 f"Pass --query_column / --reference_column."
             )
@@ -284,9 +297,9 @@ def load_prompts(args: Args, split: str, tokenizer):
 
 def check_tokenizer(tokenizer, path: str):
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {path} has no EOS token; responses are truncated at EOS, so set one")
+        raise BadInput(f"the tokenizer of {path} has no EOS token; responses are truncated at EOS, so set one")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(
+        raise BadInput(
             f"the tokenizer of {path} has no pad token distinct from EOS (pad={tokenizer.pad_token!r}). Add one, "
             "e.g. tokenizer.add_special_tokens({'pad_token': '[PAD]'}) and save it, as sft.py does."
         )
@@ -406,13 +419,14 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------- main
 
 if __name__ == "__main__":
+    sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
     import pandas as pd
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     args = tyro.cli(Args, use_underscores=True)
     if args.eta <= 0:
-        raise ValueError(f"--eta must be > 0 (it divides the log-ratios in Equation 1); got {args.eta}")
+        raise BadInput(f"--eta must be > 0 (it divides the log-ratios in Equation 1); got {args.eta}")
 
     # DDP set-up: the same file runs under `python` and `torchrun`.
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -451,7 +465,7 @@ if __name__ == "__main__":
     total_episodes = args.total_episodes or len(train_set)
     num_updates = total_episodes // args.batch_size
     if num_updates < 1:
-        raise ValueError(f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
+        raise BadInput(f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
     # Models: dropout is off everywhere because every model stays in eval mode (gradients do not need train mode).

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import resource
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -75,9 +76,21 @@ class Args:
     """on CUDA: fp32 weights, compute under bf16 autocast"""
 
 
+class BadInput(ValueError):
+    """A problem with the flags, the data or a checkpoint: reported as one line that names the fix, no traceback."""
+
+
+def print_bad_input(kind, error, tb) -> None:
+    """sys.excepthook: a BadInput prints its message alone; any other error keeps its full traceback."""
+    if issubclass(kind, BadInput):
+        print(f"error: {error}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, tb)
+
+
 def exact_div(a: int, b: int, what: str) -> int:
     if b <= 0 or a % b != 0:
-        raise ValueError(f"{what}: {a} is not divisible by {b}. Change the batch flags so that it divides.")
+        raise BadInput(f"{what}: {a} is not divisible by {b}. Change the batch flags so that it divides.")
     return a // b
 
 
@@ -124,7 +137,7 @@ def tokenize_preferences(dataset, args: Args, tokenizer):
     """(N, 2, query_length + response_length): chosen then rejected, each query + response + EOS."""
     for column in (args.query_column, args.chosen_column, args.rejected_column):
         if column not in dataset.column_names:
-            raise ValueError(
+            raise BadInput(
                 f"dataset '{args.query_dataset}' has no column '{column}'; it has {dataset.column_names}. "
                 f"Pass --query_column / --chosen_column / --rejected_column."
             )
@@ -150,6 +163,7 @@ def bradley_terry_loss(rewards: torch.Tensor) -> torch.Tensor:
 
 
 if __name__ == "__main__":
+    sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
     from datasets import load_dataset
     from tqdm import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -183,7 +197,7 @@ if __name__ == "__main__":
     # Data
     tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(f"the tokenizer of {args.sft_model_path} has no pad token distinct from EOS; train it with "
+        raise BadInput(f"the tokenizer of {args.sft_model_path} has no pad token distinct from EOS; train it with "
                          "sft.py (which adds '[PAD]') or add one with tokenizer.add_special_tokens")  # fmt: skip
     train_data = tokenize_preferences(load_dataset(args.query_dataset, split=args.train_split), args, tokenizer)
     eval_data = tokenize_preferences(load_dataset(args.query_dataset, split=args.eval_split), args, tokenizer)
@@ -191,7 +205,7 @@ if __name__ == "__main__":
     steps_per_epoch = len(train_data) // args.batch_size
     num_updates = steps_per_epoch * args.num_train_epochs
     if num_updates < 1:
-        raise ValueError(f"the train split has {len(train_data)} pairs, fewer than one --batch_size {args.batch_size}")
+        raise BadInput(f"the train split has {len(train_data)} pairs, fewer than one --batch_size {args.batch_size}")
 
     # Model: the SFT backbone and a fresh scalar head; eval mode keeps dropout off.
     hf_model = AutoModelForSequenceClassification.from_pretrained(

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import resource
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -75,9 +76,21 @@ class Args:
     """on CUDA: fp32 weights, compute under bf16 autocast"""
 
 
+class BadInput(ValueError):
+    """A problem with the flags, the data or a checkpoint: reported as one line that names the fix, no traceback."""
+
+
+def print_bad_input(kind, error, tb) -> None:
+    """sys.excepthook: a BadInput prints its message alone; any other error keeps its full traceback."""
+    if issubclass(kind, BadInput):
+        print(f"error: {error}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, tb)
+
+
 def exact_div(a: int, b: int, what: str) -> int:
     if b <= 0 or a % b != 0:
-        raise ValueError(f"{what}: {a} is not divisible by {b}. Change the batch flags so that it divides.")
+        raise BadInput(f"{what}: {a} is not divisible by {b}. Change the batch flags so that it divides.")
     return a // b
 
 
@@ -102,7 +115,7 @@ def ensure_pad_token(tokenizer):
     """Pythia has no pad token. Add one as summarize_from_feedback_details does; the embedding is not resized
     because pad positions are masked and their input ids replaced by 0 before every forward pass."""
     if tokenizer.eos_token_id is None:
-        raise ValueError("the base model's tokenizer has no EOS token; responses must end with one, so set it")
+        raise BadInput("the base model's tokenizer has no EOS token; responses must end with one, so set it")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
 
@@ -111,7 +124,7 @@ def tokenize_pairs(dataset, args: Args, tokenizer):
     """query (left-padded to query_length) + response (EOS appended, right-padded to response_length)."""
     for column in (args.query_column, args.reference_column):
         if column not in dataset.column_names:
-            raise ValueError(
+            raise BadInput(
                 f"dataset '{args.query_dataset}' has no column '{column}'; it has {dataset.column_names}. "
                 f"Pass --query_column / --reference_column."
             )
@@ -146,6 +159,7 @@ def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: 
 
 
 if __name__ == "__main__":
+    sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
     from datasets import load_dataset
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,9 +199,7 @@ if __name__ == "__main__":
     steps_per_epoch = len(train_data) // args.batch_size
     num_updates = steps_per_epoch * args.num_train_epochs
     if num_updates < 1:
-        raise ValueError(
-            f"the train split has {len(train_data)} examples, fewer than one --batch_size {args.batch_size}"
-        )
+        raise BadInput(f"the train split has {len(train_data)} examples, fewer than one --batch_size {args.batch_size}")
 
     # Model: eval mode keeps dropout off, as in the paper's models.
     model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32).to(device).eval()

@@ -1,5 +1,7 @@
-"""Shared fixtures: a micro-sized toy task with an SFT policy and a reward model, built once per test session."""
+"""Shared fixtures: a micro-sized toy task with an SFT policy and a reward model, built once per test session;
+and the checks every algorithm script gets (end to end, two ranks in sync, a clear error on bad input)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -54,3 +56,39 @@ def toy(tmp_path_factory):
                   "--local_rollout_forward_batch_size", "8", "--total_episodes", "16", "--num_eval_prompts", "8",
                   "--eval_freq", "0", "--lora_rank", "4", "--lora_alpha", "8", "--lr", "1e-3"],
     )  # fmt: skip
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def check_end_to_end(script: str, flags: list[str], tmp_path, keys, track: bool = True) -> list[dict]:
+    """Two updates with an evaluation before and after, saved to tmp_path/out; returns the metrics of each update."""
+    out, run = tmp_path / "out", tmp_path / "run"
+    run_script(script, *flags, *(["--track"] if track else []), "--output_dir", str(out), "--run_dir", str(run),
+               cwd=str(tmp_path))  # fmt: skip
+    rows = [r for r in read_metrics(run) if "update" in r]
+    assert [r["update"] for r in rows] == [1, 2]
+    for key in ("loss/policy", "time/update", "time/total", "memory/peak_gb", *keys):
+        assert key in rows[-1], key
+    assert all(v == v for v in rows[-1].values())  # no NaN
+    assert sorted(f for f in os.listdir(run) if f.startswith("eval_")) == ["eval_000000.csv", "eval_000002.csv"]
+    if track:  # WANDB_MODE=offline writes the run next to where the script was launched
+        assert list((tmp_path / "wandb").glob("offline-run-*")), "--track wrote no offline wandb run"
+    return rows
+
+
+def check_ranks_in_sync(script: str, flags: list[str], run_dir) -> None:
+    """torchrun with two processes on CPU (gloo): the script's own check finds the ranks' weights identical."""
+    run_script(script, *flags, "--output_dir", "", "--run_dir", str(run_dir), torchrun=2)
+    rows = read_metrics(run_dir)
+    assert rows[-1] == {"ddp/max_param_diff_across_ranks": 0.0}
+    assert [r["update"] for r in rows[:-1]] == [1, 2]  # two updates, logged once (by rank 0)
+
+
+def check_fails_with(script: str, flags: list[str], message: str, run_dir) -> None:
+    proc = run_script(script, *flags, "--output_dir", "", "--run_dir", str(run_dir), check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stdout, "bad input should give a message, not a stack trace"

@@ -1,12 +1,10 @@
 """iterative_dpo.py: Equation (20) on hand-picked numbers (sign labels, ties), and end-to-end runs on the toy task."""
 
-import json
 import math
-import os
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, run_script
 
 from iterative_dpo import iterative_dpo_loss
 
@@ -38,24 +36,12 @@ def test_ties_contribute_nothing():
     assert logprobs.grad[1].abs().sum() == 0 and logprobs.grad[0].abs().sum() > 0
 
 
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_end_to_end_with_tracking(toy, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out, run = str(tmp_path / "out"), str(tmp_path / "run")
-    run_script("iterative_dpo.py", *toy.rl_flags, "--track", "--output_dir", out, "--run_dir", run, cwd=str(tmp_path))
-    rows = _metrics(run)
-    assert [r["update"] for r in rows] == [1, 2]
-    for key in ("loss/policy", "objective/tie_rate", "objective/kl", "time/update", "memory/peak_gb"):
-        assert key in rows[0], key
-    assert os.path.isfile(tmp_path / "run" / "eval_000000.csv") and os.path.isfile(tmp_path / "run" / "eval_000002.csv")
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy.sft), out)  # the saved adapter loads
-    assert os.path.isdir(tmp_path / "wandb")  # offline run written next to where it was launched
+    check_end_to_end("iterative_dpo.py", toy.rl_flags, tmp_path, ("objective/tie_rate", "objective/kl"))
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy.sft), str(tmp_path / "out"))  # adapter loads
 
 
 def test_help():
@@ -64,10 +50,7 @@ def test_help():
 
 
 def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
-    run_script("iterative_dpo.py", *toy.rl_flags, "--output_dir", "", "--run_dir", str(tmp_path / "run"), torchrun=2)
-    rows = _metrics(tmp_path / "run")
-    assert rows[-1]["ddp/max_param_diff_across_ranks"] == 0.0
-    assert [r["update"] for r in rows[:-1]] == [1, 2]
+    check_ranks_in_sync("iterative_dpo.py", toy.rl_flags, tmp_path / "run")
 
 
 @pytest.mark.parametrize(
@@ -80,8 +63,4 @@ def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
     ids=["batch", "beta", "column"],
 )
 def test_bad_input(toy, tmp_path, flags, message):
-    proc = run_script(
-        "iterative_dpo.py", *toy.rl_flags, *flags, "--output_dir", "", "--run_dir", str(tmp_path), check=False
-    )
-    assert proc.returncode != 0
-    assert message in proc.stdout
+    check_fails_with("iterative_dpo.py", [*toy.rl_flags, *flags], message, tmp_path)

@@ -5,7 +5,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, run_script
 
 import rebel
 
@@ -183,48 +183,17 @@ def test_no_eos_penalty_in_rollout(toy, monkeypatch):
 
 
 def test_rebel_end_to_end_saves_a_loadable_model(toy, tmp_path):
-    out, runs = tmp_path / "policy", tmp_path / "run"
-    run_script(
-        "rebel.py",
-        *toy.rl_flags,
-        "--output_dir",
-        str(out),
-        "--run_dir",
-        str(runs),
-        "--save_merged",
-        "--track",
-        cwd=str(tmp_path),
-    )
-    lines = [json.loads(x) for x in (runs / "metrics.jsonl").read_text().splitlines()]
-    assert [x["update"] for x in lines] == [1, 2]
-    for key in (
-        "time/generation",
-        "time/reward",
-        "time/logprob",
-        "time/update",
-        "memory/peak_gb",
-        "loss/policy",
-        "objective/kl",
-    ):
-        assert key in lines[0]
     import pandas as pd
-
-    table = pd.read_csv(runs / "eval_000002.csv", keep_default_na=False)
-    assert list(table.columns[:6]) == [
-        "query",
-        "postprocessed_response",
-        "reference_response",
-        "score",
-        "reference_score",
-        "kl",
-    ]
-    assert len(table) == 8
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    AutoPeftModelForCausalLM.from_pretrained(str(out))
-    AutoModelForCausalLM.from_pretrained(str(out / "merged"))
-    assert list((tmp_path / "wandb").glob("offline-run-*")), "--track with WANDB_MODE=offline wrote no wandb run"
+    keys = ("time/generation", "time/reward", "time/logprob", "objective/kl")
+    check_end_to_end("rebel.py", [*toy.rl_flags, "--save_merged"], tmp_path, keys)
+    table = pd.read_csv(tmp_path / "run" / "eval_000002.csv", keep_default_na=False)
+    columns = ["query", "postprocessed_response", "reference_response", "score", "reference_score", "kl"]
+    assert list(table.columns[:6]) == columns and len(table) == 8
+    AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "merged"))
 
 
 def test_full_finetuning_and_official_scaling(toy, tmp_path):
@@ -241,11 +210,7 @@ def test_help():
 
 
 def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
-    runs = tmp_path / "run"
-    run_script("rebel.py", *toy.rl_flags, "--output_dir", "", "--run_dir", str(runs), torchrun=2)
-    lines = [json.loads(x) for x in (runs / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1] == {"ddp/max_param_diff_across_ranks": 0.0}
-    assert len(lines) == 3  # two updates, logged once (by rank 0)
+    check_ranks_in_sync("rebel.py", toy.rl_flags, tmp_path / "run")
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -262,9 +227,7 @@ def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
     ],
 )
 def test_bad_input_gives_a_clear_error(toy, tmp_path, flags, message):
-    proc = run_script("rebel.py", *toy.rl_flags, "--output_dir", "", "--run_dir", str(tmp_path), *flags, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stdout
+    check_fails_with("rebel.py", [*toy.rl_flags, *flags], message, tmp_path)
 
 
 def test_unreadable_reward_checkpoint(toy, tmp_path):
@@ -274,8 +237,7 @@ def test_unreadable_reward_checkpoint(toy, tmp_path):
     (tmp_path / "rm" / "model.safetensors").write_bytes(b"not a checkpoint")
     flags = list(toy.rl_flags)
     flags[flags.index("--reward_model_path") + 1] = str(tmp_path / "rm")
-    proc = run_script("rebel.py", *flags, "--output_dir", "", "--run_dir", str(tmp_path / "run"), check=False)
-    assert proc.returncode != 0 and "reward model: cannot read the checkpoint" in proc.stdout
+    check_fails_with("rebel.py", flags, "reward model: cannot read the checkpoint", tmp_path / "run")
 
 
 def test_tokenizer_without_pad_token(toy, tmp_path):
@@ -287,5 +249,4 @@ def test_tokenizer_without_pad_token(toy, tmp_path):
     AutoModelForCausalLM.from_pretrained(toy.sft).save_pretrained(tmp_path / "sft")
     flags = list(toy.rl_flags)
     flags[flags.index("--sft_model_path") + 1] = str(tmp_path / "sft")
-    proc = run_script("rebel.py", *flags, "--output_dir", "", "--run_dir", str(tmp_path / "run"), check=False)
-    assert proc.returncode != 0 and "no pad token distinct from EOS" in proc.stdout
+    check_fails_with("rebel.py", flags, "no pad token distinct from EOS", tmp_path / "run")
