@@ -10,9 +10,11 @@ It reads what every script writes to `{run_dir}/metrics.jsonl` (one object per u
 max-reduced over ranks, and `memory/peak_gb` (GiB, max over ranks, reset every update; peak RSS on CPU).
 A phase a method does not have (DPO generates nothing) is absent or 0.
 
-    python -m eval.benchmark --scripts rebel.py ppo.py rloo.py dpo.py --nproc_per_node 8 --updates 12 --warmup 2 \
-        --sft_model_path ... --reward_model_path ... --query_dataset ... -- --lr 3e-6
-Everything after `--` is passed to every script unchanged.
+    python -m eval.benchmark --scripts rebel.py ppo.py "rloo.py --rloo_k 4" "rloo.py --reinforce" dpo.py \
+        --nproc_per_node 8 --updates 12 --warmup 2 --sft_model_path ... --reward_model_path ... --query_dataset ... \
+        -- --lr 3e-6
+An entry of `--scripts` may carry flags of its own (quoted, as above); everything after `--` is passed to every
+script unchanged.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ PHASES = ["generation", "reward", "logprob", "update"]
 @dataclass
 class Args:
     scripts: tuple[str, ...] = ("rebel.py",)
-    """the algorithm scripts to compare, each run with the same flags"""
+    """the algorithm scripts to compare, each run with the same flags; an entry may add its own ("rloo.py --rloo_k 4")"""
     updates: int = 12
     """updates to run per script, warm-up included (total_episodes = updates * batch_size)"""
     warmup: int = 2
@@ -62,7 +64,14 @@ class Args:
     """arguments passed to every script (also: everything after `--` on the command line)"""
 
 
-def script_command(script: str, run_dir: str, args: Args) -> list[str]:
+def run_name(spec: str) -> str:
+    """'rloo.py --rloo_k 4' -> 'rloo --rloo_k 4': the table's and the plot's label of one --scripts entry."""
+    script, *flags = shlex.split(spec)
+    return " ".join([os.path.splitext(os.path.basename(script))[0], *flags])
+
+
+def script_command(spec: str, run_dir: str, args: Args) -> list[str]:
+    script, *own_flags = shlex.split(spec)
     launcher = [sys.executable]
     if args.nproc_per_node > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}"]
@@ -83,7 +92,7 @@ def script_command(script: str, run_dir: str, args: Args) -> list[str]:
     for k, v in flags.items():
         if v != "" or k == "output_dir":
             cli += [f"--{k}", str(v)]
-    return launcher + [script] + cli + list(args.extra_args)
+    return launcher + [script] + cli + own_flags + list(args.extra_args)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -113,7 +122,7 @@ def format_table(results: list[dict]) -> str:
     head = "| script | updates | " + " | ".join(f"{k} (s)" for k in PHASES) + " | total (s) | peak memory (GiB) |"
     lines = [head, "|" + "---|" * (len(PHASES) + 4)]
     for r in results:
-        name = os.path.splitext(os.path.basename(r["script"]))[0]
+        name = run_name(r["script"])
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error']} |" + " |" * (len(PHASES) + 2))
             continue
@@ -132,7 +141,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     results = [r for r in results if "error" not in r]
-    names = [os.path.splitext(os.path.basename(r["script"]))[0] for r in results]
+    names = [run_name(r["script"]) for r in results]
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(4 + 1.2 * len(results), 4))
     bottom = [0.0] * len(results)
     for key in [*PHASES, "other"]:
@@ -140,6 +149,8 @@ def plot(results: list[dict], path: str, title: str) -> None:
         ax_time.bar(names, values, bottom=bottom, label=key)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax_time.set_ylabel("time per update (s)")
+    for ax in (ax_time, ax_mem):
+        ax.tick_params(axis="x", labelrotation=30)
     ax_time.legend(fontsize=8)
     ax_mem.bar(names, [r["memory/peak_gb"] for r in results], color="tab:gray")
     ax_mem.set_ylabel("peak memory (GiB)")
@@ -153,8 +164,7 @@ def main(args: Args) -> list[dict]:
     os.makedirs(args.output_dir, exist_ok=True)
     results = []
     for script in args.scripts:
-        name = os.path.splitext(os.path.basename(script))[0]
-        run_dir = os.path.join(args.output_dir, "runs", name)
+        run_dir = os.path.join(args.output_dir, "runs", run_name(script).replace(" --", "_").replace(" ", "_"))
         metrics = os.path.join(run_dir, "metrics.jsonl")
         if not args.reuse:
             os.makedirs(run_dir, exist_ok=True)

@@ -75,11 +75,11 @@ def test_benchmark_dpo_like_failure_and_reuse(fake_scripts, tmp_path):
     assert r["time/generation"] == 0.0 and r["time/total"] == pytest.approx(3.0)
     [again] = main(Args(scripts=dpo.scripts, warmup=2, output_dir=out, reuse=True))  # re-summarised, not rerun
     assert again["updates_measured"] == 1
-    [failed] = main(
-        Args(scripts=(str(fake_scripts / "ppo.py"),), updates=3, batch_size=2, output_dir=out, extra_args=("--fail",))
-    )
+    # A --scripts entry with a flag of its own: it reaches that script only, and names the run "ppo --fail".
+    [failed] = main(Args(scripts=(f"{fake_scripts / 'ppo.py'} --fail",), updates=3, batch_size=2, output_dir=out))
     assert "exit code 1" in failed["error"]
-    assert "failing on purpose" in open(os.path.join(out, "runs", "ppo", "log.txt")).read()
+    assert "failing on purpose" in open(os.path.join(out, "runs", "ppo_fail", "log.txt")).read()
+    assert "| ppo --fail | failed: exit code 1" in open(os.path.join(out, "benchmark.md")).read()
 
 
 def test_benchmark_torchrun_launch(fake_scripts, tmp_path):
