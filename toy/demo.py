@@ -28,9 +28,11 @@ TOY_LENGTHS = ["--query_length", "64", "--response_length", "24"]
 SFT_FLAGS = ["--batch_size", "32", "--per_device_train_batch_size", "32", "--lr", "3e-3", "--num_train_epochs", "3",
              "--num_eval_prompts", "256"]  # fmt: skip
 RM_FLAGS = ["--batch_size", "32", "--per_device_train_batch_size", "32", "--lr", "1e-3", "--num_train_epochs", "2"]
-REBEL_FLAGS = ["--batch_size", "32", "--per_device_train_batch_size", "16", "--local_rollout_forward_batch_size", "64",
-               "--total_episodes", "640", "--eval_freq", "5", "--num_eval_prompts", "256", "--lr", "3e-4",
-               "--lora_rank", "16", "--lora_alpha", "32", "--lora_target_modules", "all-linear"]  # fmt: skip
+# Every online algorithm gets the same budget: 640 prompts in 20 updates of 32, LoRA rank 16 on every linear layer.
+RL_FLAGS = ["--batch_size", "32", "--per_device_train_batch_size", "16", "--local_rollout_forward_batch_size", "64",
+            "--total_episodes", "640", "--eval_freq", "5", "--num_eval_prompts", "256",
+            "--lora_rank", "16", "--lora_alpha", "32", "--lora_target_modules", "all-linear"]  # fmt: skip
+REBEL_FLAGS = [*RL_FLAGS, "--lr", "3e-4"]
 
 
 def run(script: str, flags: list[str], log: str) -> float:
@@ -60,7 +62,8 @@ def judge_table(csv_path: str) -> dict:
             "rm_score": df.score.mean(), "kl": df.kl.mean(), "n": len(df)}  # fmt: skip
 
 
-def run_seed(out: str, seed: int) -> dict:
+def prepare_seed(out: str, seed: int) -> tuple[str, dict]:
+    """Build the toy task of one seed, then train its SFT policy and reward model; return the folder and stage times."""
     d = os.path.join(out, f"seed{seed}")
     os.makedirs(d, exist_ok=True)
     times = {}
@@ -72,6 +75,12 @@ def run_seed(out: str, seed: int) -> dict:
                                   "--output_dir", f"{d}/sft", "--run_dir", f"{d}/runs/sft"], f"{d}/sft.log")  # fmt: skip
     times["reward"] = run("reward.py", [*common, *RM_FLAGS, "--query_dataset", f"{d}/data/preference", "--sft_model_path",
                                         f"{d}/sft", "--output_dir", f"{d}/rm", "--run_dir", f"{d}/runs/rm"], f"{d}/rm.log")  # fmt: skip
+    return d, times
+
+
+def run_seed(out: str, seed: int) -> dict:
+    d, times = prepare_seed(out, seed)
+    common = ["--seed", str(seed), *TOY_LENGTHS]
     times["rebel"] = run("rebel.py", [*common, *REBEL_FLAGS, "--query_dataset", f"{d}/data/tldr", "--sft_model_path", f"{d}/sft",
                                       "--reward_model_path", f"{d}/rm", "--output_dir", f"{d}/rebel", "--run_dir",
                                       f"{d}/runs/rebel"], f"{d}/rebel.log")  # fmt: skip
