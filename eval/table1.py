@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -71,7 +72,8 @@ def run_method(out: str, method: str, seed: int, lr: float) -> dict:
         with open(done) as f:
             return json.load(f)
     script, flags = method_flags(method, d, seed, lr, run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run's files would mix with the new ones
+    os.makedirs(run_dir)
     wall = run(script, flags, os.path.join(run_dir, "log.txt"))
     evals = sorted(f for f in os.listdir(run_dir) if f.startswith("eval_"))
     curve = [{"update": int(f[5:11]), **judge_table(os.path.join(run_dir, f))} for f in evals]
@@ -157,7 +159,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="outputs/table1", help="where tasks, models, runs, tables and figures go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="the seeds reported")
     parser.add_argument("--tune_seed", type=int, default=0, help="the seed the learning rates are chosen on")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3],
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3],
                         help="learning-rate grid, the same for every method (one value: no tuning)")  # fmt: skip
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                         help=f"subset of {list(METHODS)}")  # fmt: skip
