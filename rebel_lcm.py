@@ -151,12 +151,24 @@ class Args:
     """the run's name (filled at run time)"""
 
 
+class BadInput(ValueError):
+    """A problem with the flags or a file: reported as one line that names the fix, no traceback."""
+
+
+def print_bad_input(kind, error, tb) -> None:
+    """sys.excepthook: a BadInput prints its message alone; any other error keeps its full traceback."""
+    if issubclass(kind, BadInput):
+        print(f"error: {error}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, tb)
+
+
 def resolve_args(args: Args) -> Args:
     """Fill the algo-dependent defaults and reject bad input with a message that says how to fix it."""
     if args.algo not in ("rebel", "ppo"):
-        raise ValueError(f"--algo {args.algo!r} is unknown: use --algo rebel or --algo ppo")
+        raise BadInput(f"--algo {args.algo!r} is unknown: use --algo rebel or --algo ppo")
     if args.reward not in REWARDS:
-        raise ValueError(f"--reward {args.reward!r} is unknown: use one of {', '.join(REWARDS)}")
+        raise BadInput(f"--reward {args.reward!r} is unknown: use one of {', '.join(REWARDS)}")
     rebel = args.algo == "rebel"
     defaults = dict(
         train_batch_size=1 if rebel else 2,
@@ -168,17 +180,17 @@ def resolve_args(args: Args) -> Args:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.eta <= 0:
-        raise ValueError(f"--eta {args.eta} must be > 0 (it divides the log-ratio in Eq. 1): try --eta 1.0")
+        raise BadInput(f"--eta {args.eta} must be > 0 (it divides the log-ratio in Eq. 1): try --eta 1.0")
     per_step = args.train_batch_size * args.gradient_accumulation_steps
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1 or args.sample_batch_size % per_step:
-        raise ValueError(
+        raise BadInput(
             f"--sample-batch-size {args.sample_batch_size} must be a positive multiple of --train-batch-size "
             f"{args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps} = {per_step}, "
             f"so that every optimizer step sees the same number of samples: e.g. --gradient-accumulation-steps "
             f"{max(1, args.sample_batch_size // args.train_batch_size)}"
         )
     if args.num_steps < 2:
-        raise ValueError(f"--num-steps {args.num_steps} leaves no stochastic step: use --num-steps 2 or more")
+        raise BadInput(f"--num-steps {args.num_steps} leaves no stochastic step: use --num-steps 2 or more")
     return args
 
 
@@ -289,7 +301,7 @@ def build_aesthetic(args: Args, device):
 
         path = hf_hub_download(*path.split(":", 1))
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise BadInput(
             f"--aesthetic-mlp-path {path!r} not found: download sac+logos+ava1-l14-linearMSE.pth from "
             "https://github.com/christophschuhmann/improved-aesthetic-predictor and pass its path"
         )
@@ -472,10 +484,8 @@ def encode_prompts(tokenizer, text_encoder, prompts, device) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    try:
-        args = resolve_args(tyro.cli(Args))
-    except ValueError as e:  # bad input: one clear line, not a stack trace
-        sys.exit(f"error: {e}")
+    sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
+    args = resolve_args(tyro.cli(Args))
 
     # DDP set-up, nanoGPT style: torchrun sets RANK; the same file runs with plain `python`.
     ddp = int(os.environ.get("RANK", -1)) != -1
