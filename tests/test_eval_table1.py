@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eval.table1 import METHODS, mean_se, method_flags, parse_args, plot_reward_vs_kl, quality_table
+from eval.table1 import METHODS, mean_se, method_flags, parse_args, per_seed_table, plot_reward_vs_kl, quality_table
 
 
 def flag(flags, name):
@@ -38,7 +38,7 @@ def fake_runs(tmp_path):
         for seed in (1, 2):
             run_dir = tmp_path / f"{method}{seed}"
             run_dir.mkdir()
-            curve = [{"update": u, "win_rate": 0.5 + gain * u / 10 + 0.01 * seed, "gold_score": 2.0, "n": 40,
+            curve = [{"update": u, "win_rate": 0.5 + gain * u / 10 + 0.01 * seed, "win_rate_se": 0.02, "gold_score": 2.0, "n": 40,
                       "rm_score": gain * u, "kl": u / 10 * seed} for u in (0, 5, 10)]  # fmt: skip
             pd.DataFrame({"kl": rng.exponential(1.0, 40), "score": rng.normal(0.0, 1.0, 40)}).to_csv(
                 run_dir / "eval_000010.csv", index=False
@@ -54,6 +54,12 @@ def test_quality_table_reports_final_policies_and_sft(tmp_path):
     # PPO at update 10: win rates 0.61 and 0.62, KL 1 and 2.
     assert lines[3] == "| PPO | 0.0001 | 0.615 ± 0.005 | 2.000 ± 0.000 | 1.000 ± 0.000 | 1.500 ± 0.500 |"
     assert lines[4].startswith("| REBEL | 0.0003 | 0.715 ± 0.005 |")
+
+
+def test_per_seed_table(tmp_path):
+    lines = per_seed_table(fake_runs(tmp_path), ["PPO", "REBEL"], [1, 2]).splitlines()
+    assert lines[0] == "| method | seed 1 | seed 2 |"
+    assert lines[2] == "| PPO | 0.610 ± 0.020 | 0.620 ± 0.020 |"
 
 
 def test_reward_vs_kl_plot(tmp_path):
