@@ -1,6 +1,6 @@
 """The main job on the offline toy task: build the task, SFT, reward model, REBEL, then judge with the gold judge.
 
-    python -m toy.demo                       # about 3 minutes on 2 CPU cores
+    python -m toy.demo                       # about 100 s on 2 CPU cores
     python -m toy.demo --seeds 1 2 3         # the README's table (mean and standard error over seeds)
 
 Each stage is the real script run as a subprocess with toy-sized flags (below), exactly as a user would run it.
