@@ -14,6 +14,7 @@ REBEL's Appendix I.1.4 (batch 64, lr 3e-6, 1 epoch, beta 0.05).
     torchrun --nproc_per_node 8 dpo.py --beta 0.05          # the paper's TL;DR run
 """
 
+import gc
 import json
 import os
 import random
@@ -654,4 +655,9 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     if ddp:
+        # Free the DDP wrapper (it holds the process group) so that destroying the group joins gloo's worker threads
+        # now; otherwise a thread can release a collective's tensor during interpreter shutdown and abort the
+        # process ("terminate called without an active exception"; https://github.com/pytorch/pytorch/pull/179291).
+        del policy
+        gc.collect()
         dist.destroy_process_group()

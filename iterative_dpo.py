@@ -13,6 +13,7 @@ REBEL regresses onto the reward difference itself; `diff rebel.py iterative_dpo.
     torchrun --nproc_per_node 8 iterative_dpo.py --beta 0.05         # the paper's TL;DR run
 """
 
+import gc
 import json
 import os
 import random
@@ -650,4 +651,9 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     if ddp:
+        # Free the DDP wrapper (it holds the process group) so that destroying the group joins gloo's worker threads
+        # now; otherwise a thread can release a collective's tensor during interpreter shutdown and abort the
+        # process ("terminate called without an active exception"; https://github.com/pytorch/pytorch/pull/179291).
+        del policy
+        gc.collect()
         dist.destroy_process_group()

@@ -12,6 +12,7 @@ clipped policy objective (Eq. 7 of the REBEL paper, per token) and a clipped val
     python ppo.py --sft_model_path toy_data/sft ...         # the offline toy task (flags as in toy/demo.py)
 """
 
+import gc
 import json
 import os
 import random
@@ -775,4 +776,9 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     if ddp:
+        # Free the DDP wrapper (it holds the process group) so that destroying the group joins gloo's worker threads
+        # now; otherwise a thread can release a collective's tensor during interpreter shutdown and abort the
+        # process ("terminate called without an active exception"; https://github.com/pytorch/pytorch/pull/179291).
+        del policy, critic
+        gc.collect()
         dist.destroy_process_group()

@@ -11,6 +11,7 @@ penalty to the SFT policy, and regress the difference of log-ratios onto the dif
     python rebel.py --sft_model_path toy_data/sft ...       # the offline toy task: python -m toy.demo
 """
 
+import gc
 import json
 import os
 import random
@@ -656,4 +657,9 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     if ddp:
+        # Free the DDP wrapper (it holds the process group) so that destroying the group joins gloo's worker threads
+        # now; otherwise a thread can release a collective's tensor during interpreter shutdown and abort the
+        # process ("terminate called without an active exception"; https://github.com/pytorch/pytorch/pull/179291).
+        del policy
+        gc.collect()
         dist.destroy_process_group()

@@ -20,6 +20,7 @@ where this file differs from it).
 """
 
 import csv
+import gc
 import io
 import json
 import math
@@ -706,4 +707,9 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     if ddp:
+        # Free the DDP wrapper (it holds the process group) so that destroying the group joins gloo's worker threads
+        # now; otherwise a thread can release a collective's tensor during interpreter shutdown and abort the
+        # process ("terminate called without an active exception"; https://github.com/pytorch/pytorch/pull/179291).
+        del unet
+        gc.collect()
         dist.destroy_process_group()

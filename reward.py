@@ -8,6 +8,7 @@ Saved with save_pretrained, so rebel.py (and any hub tool) loads it as a sequenc
     torchrun --nproc_per_node 8 reward.py                    # Pythia 1.4B, from the SFT model
 """
 
+import gc
 import json
 import os
 import random
@@ -300,4 +301,9 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     if ddp:
+        # Free the DDP wrapper (it holds the process group) so that destroying the group joins gloo's worker threads
+        # now; otherwise a thread can release a collective's tensor during interpreter shutdown and abort the
+        # process ("terminate called without an active exception"; https://github.com/pytorch/pytorch/pull/179291).
+        del model
+        gc.collect()
         dist.destroy_process_group()

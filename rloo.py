@@ -18,6 +18,7 @@ free!"; Ahmadian et al. (2024), "Back to Basics", arXiv 2402.14740.
     torchrun --nproc_per_node 8 rloo.py --reinforce         # the paper's REINFORCE
 """
 
+import gc
 import json
 import os
 import random
@@ -670,4 +671,9 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     if ddp:
+        # Free the DDP wrapper (it holds the process group) so that destroying the group joins gloo's worker threads
+        # now; otherwise a thread can release a collective's tensor during interpreter shutdown and abort the
+        # process ("terminate called without an active exception"; https://github.com/pytorch/pytorch/pull/179291).
+        del policy
+        gc.collect()
         dist.destroy_process_group()
