@@ -13,7 +13,6 @@ REBEL regresses onto the reward difference itself; `diff rebel.py iterative_dpo.
     torchrun --nproc_per_node 8 iterative_dpo.py --beta 0.05         # the paper's TL;DR run
 """
 
-import gc
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (imported before init_process_group: see the end of __main__)
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -651,9 +651,8 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     if ddp:
-        # Free the DDP wrapper (it holds the process group) so that destroying the group joins gloo's worker threads
-        # now; otherwise a thread can release a collective's tensor during interpreter shutdown and abort the
-        # process ("terminate called without an active exception"; https://github.com/pytorch/pytorch/pull/179291).
+        # Destroying the group joins gloo's worker threads; one still running at exit can abort the process ("terminate
+        # called without an active exception"). For that the DDP wrapper must be gone, and torch.distributed.nn must have
+        # been imported before init_process_group: imported later (by DDP), its functions keep the group as a default.
         del policy
-        gc.collect()
         dist.destroy_process_group()

@@ -11,7 +11,6 @@ penalty to the SFT policy, and regress the difference of log-ratios onto the dif
     python rebel.py --sft_model_path toy_data/sft ...       # the offline toy task: python -m toy.demo
 """
 
-import gc
 import json
 import os
 import random
@@ -25,6 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (imported before init_process_group: see the end of __main__)
 import torch.nn as nn
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -657,9 +657,8 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     if ddp:
-        # Free the DDP wrapper (it holds the process group) so that destroying the group joins gloo's worker threads
-        # now; otherwise a thread can release a collective's tensor during interpreter shutdown and abort the
-        # process ("terminate called without an active exception"; https://github.com/pytorch/pytorch/pull/179291).
+        # Destroying the group joins gloo's worker threads; one still running at exit can abort the process ("terminate
+        # called without an active exception"). For that the DDP wrapper must be gone, and torch.distributed.nn must have
+        # been imported before init_process_group: imported later (by DDP), its functions keep the group as a default.
         del policy
-        gc.collect()
         dist.destroy_process_group()

@@ -20,7 +20,6 @@ where this file differs from it).
 """
 
 import csv
-import gc
 import io
 import json
 import math
@@ -35,6 +34,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (imported before init_process_group: see the end of __main__)
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -707,9 +707,8 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     if ddp:
-        # Free the DDP wrapper (it holds the process group) so that destroying the group joins gloo's worker threads
-        # now; otherwise a thread can release a collective's tensor during interpreter shutdown and abort the
-        # process ("terminate called without an active exception"; https://github.com/pytorch/pytorch/pull/179291).
+        # Destroying the group joins gloo's worker threads; one still running at exit can abort the process ("terminate
+        # called without an active exception"). For that the DDP wrapper must be gone, and torch.distributed.nn must have
+        # been imported before init_process_group: imported later (by DDP), its functions keep the group as a default.
         del unet
-        gc.collect()
         dist.destroy_process_group()

@@ -8,7 +8,6 @@ Saved with save_pretrained, so rebel.py (and any hub tool) loads it as a sequenc
     torchrun --nproc_per_node 8 reward.py                    # Pythia 1.4B, from the SFT model
 """
 
-import gc
 import json
 import os
 import random
@@ -21,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (imported before init_process_group: see the end of __main__)
 import torch.nn as nn
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -301,9 +301,8 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     if ddp:
-        # Free the DDP wrapper (it holds the process group) so that destroying the group joins gloo's worker threads
-        # now; otherwise a thread can release a collective's tensor during interpreter shutdown and abort the
-        # process ("terminate called without an active exception"; https://github.com/pytorch/pytorch/pull/179291).
+        # Destroying the group joins gloo's worker threads; one still running at exit can abort the process ("terminate
+        # called without an active exception"). For that the DDP wrapper must be gone, and torch.distributed.nn must have
+        # been imported before init_process_group: imported later (by DDP), its functions keep the group as a default.
         del model
-        gc.collect()
         dist.destroy_process_group()

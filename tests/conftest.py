@@ -3,6 +3,7 @@ and the checks every algorithm script gets (end to end, two ranks in sync, a cle
 
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -15,6 +16,15 @@ sys.path.insert(0, ROOT)
 # Tiny models run fastest on one thread per process, and torchrun tests start two processes on two cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
 LENGTHS = ["--query_length", "64", "--response_length", "24"]
+# torchrun workers also load tests/exit_probe/sitecustomize.py, which reports the gloo threads still running at exit.
+TORCHRUN_ENV = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(ROOT, "tests", "exit_probe"),
+                                                                    os.environ.get("PYTHONPATH")]))}  # fmt: skip
+
+
+def check_gloo_threads_joined(output: str, ranks: int) -> None:
+    """Every rank's teardown joined gloo's worker threads (one still running at exit can abort the process)."""
+    if os.path.isdir("/proc/self/task"):  # the probe needs Linux's /proc
+        assert re.findall(r"gloo threads at exit: (\d+)", output) == ["0"] * ranks, output[-3000:]
 
 
 def run_script(
@@ -27,11 +37,14 @@ def run_script(
         else [sys.executable]
     )
     proc = subprocess.run(
-        [*launcher, os.path.join(ROOT, script), *flags], cwd=cwd or ROOT, env=ENV, timeout=timeout,
+        [*launcher, os.path.join(ROOT, script), *flags], cwd=cwd or ROOT, env=TORCHRUN_ENV if torchrun else ENV,
+        timeout=timeout,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited with {proc.returncode}:\n{proc.stdout[-4000:]}")
+    if check and torchrun:
+        check_gloo_threads_joined(proc.stdout, torchrun)
     return proc
 
 

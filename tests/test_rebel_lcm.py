@@ -14,6 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from conftest import TORCHRUN_ENV, check_gloo_threads_joined  # noqa: E402
+
 import rebel_lcm as R  # noqa: E402
 
 # One thread per process: on a shared 2-core machine torch's thread pool otherwise spins and runs ~10x slower.
@@ -22,9 +24,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OF
 SMALL = ["--tiny", "--sample-batch-size", "2", "--gradient-accumulation-steps", "2", "--num-steps", "3"]
 
 
-def run_script(args, tmp_path, launcher=(sys.executable,), timeout=300):
+def run_script(args, tmp_path, launcher=(sys.executable,), timeout=300, env=ENV):
     cmd = [*launcher, str(ROOT / "rebel_lcm.py"), *args, "--output-dir", str(tmp_path / "runs")]
-    return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def read_progress(tmp_path):
@@ -176,8 +178,10 @@ def test_ppo_iteration_end_to_end(tmp_path):
 
 def test_torchrun_two_processes_keep_lora_identical(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    out = run_script([*SMALL, "--reward", "aesthetic", "--num-iterations", "2"], tmp_path, launcher)
+    env = {**TORCHRUN_ENV, "HF_HUB_OFFLINE": "1"}
+    out = run_script([*SMALL, "--reward", "aesthetic", "--num-iterations", "2"], tmp_path, launcher, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
+    check_gloo_threads_joined(out.stdout, ranks=2)
     pattern = r"across ranks (\S+) \(max \|change\| since init (\S+)\), first-noise sums per rank \[(\S+), (\S+)\]"
     match = re.search(pattern, out.stdout)
     assert match, out.stdout
