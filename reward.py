@@ -285,6 +285,20 @@ if __name__ == "__main__":
                     writer.add_scalar(k, v, update)
                 metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
 
+    # DDP check: every rank must hold the same weights; a silent divergence would invalidate the run.
+    if ddp:
+        max_diff = 0.0
+        for p in raw_model.parameters():
+            if p.requires_grad:
+                q = p.detach().clone()
+                dist.broadcast(q, 0)
+                max_diff = max(max_diff, (p.detach() - q).abs().max().item())
+        max_diff = all_reduce({"d": max_diff}, dist.ReduceOp.MAX, device)["d"]
+        if master:
+            metrics_file.write(json.dumps({"ddp/max_param_diff_across_ranks": max_diff}) + "\n")
+            if max_diff > 0:
+                raise RuntimeError(f"DDP ranks diverged: max parameter difference {max_diff}")
+
     val = validation()
     if master:
         for k, v in val.items():

@@ -2,10 +2,12 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import LENGTHS, read_metrics, run_script
+from safetensors.torch import load_file
 
 import reward
 import sft
@@ -98,3 +100,26 @@ def test_rebel_learns_on_the_toy_task(tmp_path):
     se = math.hypot(sft_["win_rate_se"], rebel_["win_rate_se"])
     assert rebel_["win_rate"] - sft_["win_rate"] > 3 * se, result
     assert rebel_["gold_score"] > sft_["gold_score"]
+
+
+def _saved_weights(path) -> dict:
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_torchrun_two_ranks(toy, tmp_path):
+    """reward.py on two ranks takes the same steps as one process with the same global batch (its loss is a mean over
+    pairs, so splitting the batch over ranks changes nothing); sft.py's two ranks stay in sync."""
+    small = ["--batch_size", "32", "--per_device_train_batch_size", "16", "--lr", "3e-3", *LENGTHS]  # as toy.rm's
+    run_script("reward.py", *small, "--query_dataset", toy.preference, "--sft_model_path", toy.sft,
+               "--output_dir", str(tmp_path / "rm"), "--run_dir", str(tmp_path / "runs/rm"), torchrun=2)  # fmt: skip
+    one, two, start = _saved_weights(toy.rm), _saved_weights(tmp_path / "rm"), _saved_weights(toy.sft)
+    gap = max((one[k] - two[k]).abs().max().item() for k in one)
+    moved = max((one[k] - start[k]).abs().max().item() for k in one if k in start)
+    assert moved > 1e-3 and gap < 1e-3 * moved, (gap, moved)
+    assert read_metrics(tmp_path / "runs/rm")[-2] == {"ddp/max_param_diff_across_ranks": 0.0}
+
+    run_script("sft.py", *small, "--query_dataset", toy.tldr, "--base_model", toy.base, "--output_dir", "",
+               "--run_dir", str(tmp_path / "runs/sft"), torchrun=2)  # fmt: skip
+    rows = read_metrics(tmp_path / "runs/sft")
+    assert rows[-2] == {"ddp/max_param_diff_across_ranks": 0.0}
+    assert [r["update"] for r in rows[:-2]] == list(range(1, len(rows) - 1))  # logged once per update, by rank 0
