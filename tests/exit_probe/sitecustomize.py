@@ -6,7 +6,13 @@ import os
 
 
 def _report_gloo_threads():
-    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:  # a thread that ended after listdir
+            pass
     print(f"gloo threads at exit: {sum('gloo' in n for n in names)}", flush=True)
 
 
