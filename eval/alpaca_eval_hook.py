@@ -16,10 +16,9 @@ import json
 import os
 from dataclasses import dataclass
 
-import torch
 import tyro
 
-from eval.generation import MAX_NEW_TOKENS, generate_chat, load_model_and_tokenizer, read_records
+from eval.generation import MAX_NEW_TOKENS, generate_chat, load_for_hook, read_records
 
 HUB_DATASET = "tatsu-lab/alpaca_eval"
 
@@ -63,12 +62,8 @@ def load_instructions(source: str) -> list[dict]:
 
 
 def main(args: Args) -> str:
-    torch.manual_seed(args.seed)
-    records = load_instructions(args.instructions)
-    if args.max_instructions:
-        records = records[: args.max_instructions]
-    model, tokenizer = load_model_and_tokenizer(args.model_path, args.chat_template, args.dtype)
-    generator = args.generator or os.path.basename(os.path.normpath(args.model_path))
+    records = load_instructions(args.instructions)[: args.max_instructions or None]
+    model, tokenizer, generator = load_for_hook(args, args.generator)
     conversations = [[{"role": "user", "content": r["instruction"]}] for r in records]
     answers = generate_chat(
         model, tokenizer, conversations, args.temperature, args.top_p, args.max_new_tokens, args.batch_size

@@ -44,6 +44,29 @@ def load_model_and_tokenizer(model_path: str, chat_template: str = "", dtype: st
     return model, tokenizer
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The model's own stop tokens (generation_config.eos_token_id, an int or a list) plus the tokenizer's EOS.
+
+    A chat model stops on its end-of-turn token, which is often not the tokenizer's EOS (Llama-3-Instruct: <|eot_id|>,
+    Gemma: <end_of_turn>); stopping only on the tokenizer's EOS lets the answer run on and invent the next turn.
+    """
+    configured = model.generation_config.eos_token_id
+    ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def load_for_hook(args, name: str):
+    """The hooks' common start: seed sampling, load args.model_path; returns (model, tokenizer, name of the run).
+
+    The name is `name`, or else the model directory's. `args` has seed, model_path, chat_template and dtype.
+    """
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model_path, args.chat_template, args.dtype)
+    return model, tokenizer, name or os.path.basename(os.path.normpath(args.model_path))
+
+
 @torch.no_grad()
 def generate_chat(
     model,
@@ -57,6 +80,8 @@ def generate_chat(
     """The assistant's next message for each conversation (a list of {"role", "content"} messages).
 
     Temperature 0 is greedy decoding, as in FastChat's gen_model_answer.py (which switches sampling off below 1e-4).
+    Generation settings not passed here (e.g. a repetition_penalty in the model's generation_config.json) keep the
+    model's values; the ones passed here (do_sample, temperature, top_p, top_k, max_new_tokens, stop ids) win.
     """
     outputs = []
     for start in range(0, len(conversations), batch_size):
@@ -73,7 +98,7 @@ def generate_chat(
             **inputs,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_token_ids(model, tokenizer),
             **sampling,
         )
         new_tokens = tokens[:, inputs["input_ids"].shape[1] :]  # (B, T_new)

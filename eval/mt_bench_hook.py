@@ -18,10 +18,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import torch
 import tyro
 
-from eval.generation import MAX_NEW_TOKENS, generate_chat, load_model_and_tokenizer, read_records
+from eval.generation import MAX_NEW_TOKENS, generate_chat, load_for_hook, read_records
 
 QUESTIONS_URL = "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/mt_bench/question.jsonl"
 
@@ -87,12 +86,8 @@ def answer_questions(model, tokenizer, questions: list[dict], args: Args) -> lis
 
 
 def main(args: Args) -> str:
-    torch.manual_seed(args.seed)
-    questions = read_records(args.questions)
-    if args.max_questions:
-        questions = questions[: args.max_questions]
-    model, tokenizer = load_model_and_tokenizer(args.model_path, args.chat_template, args.dtype)
-    model_id = args.model_id or os.path.basename(os.path.normpath(args.model_path))
+    questions = read_records(args.questions)[: args.max_questions or None]
+    model, tokenizer, model_id = load_for_hook(args, args.model_id)
     turns = answer_questions(model, tokenizer, questions, args)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, f"{model_id}.jsonl")

@@ -83,6 +83,8 @@ class Args:
     """timeout of one HTTP request"""
     cache: str = ""
     """judge cache (JSON lines); default {output_dir}/judge_cache.jsonl"""
+    tokenizer: str = ""
+    """a tokenizer (path or hub name) whose special tokens are stripped from both summaries too, besides the usual ones"""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -104,6 +106,30 @@ def format_prompt(template: str, post: str, summary_a: str, summary_b: str) -> s
         .replace("{{summarya}}", summary_a.strip())
         .replace("{{summaryb}}", summary_b.strip())
     )
+
+
+# Special tokens left in a summary (the TL;DR dataset's reference is " summary<|endoftext|>") tell the judge which
+# summary is which. Stripped from both: any <|...|> token (also with DeepSeek's full-width bars, <｜...｜>), and the
+# common special tokens of other vocabularies.
+SPECIAL_TOKEN = re.compile(
+    r"<[|｜][^<>|｜\s]*[|｜]>|</?s>|<(?:pad|unk|eos|bos|mask)>|<(?:start|end)_of_turn>|\[(?:PAD|CLS|SEP|MASK|UNK)\]"
+)
+
+
+def strip_special_tokens(text: str, extra: tuple[str, ...] = ()) -> str:
+    """`text` without special-token strings (SPECIAL_TOKEN, and the strings in `extra`), outer whitespace stripped."""
+    for token in extra:
+        text = text.replace(token, "")
+    return SPECIAL_TOKEN.sub("", text).strip()
+
+
+def tokenizer_special_tokens(name: str) -> tuple[str, ...]:
+    """The special-token strings of a tokenizer, longest first (so that no token is cut inside a longer one)."""
+    if not name:
+        return ()
+    from transformers import AutoTokenizer
+
+    return tuple(sorted(AutoTokenizer.from_pretrained(name).all_special_tokens, key=len, reverse=True))
 
 
 def select_rows(n_rows: int, subset_frac: float, max_samples: int, seed: int, all_rows: bool = False) -> list[int]:
@@ -320,6 +346,7 @@ def main(args: Args) -> list[dict]:
             raise SystemExit(f"winrate: set ${args.api_key_env} to the judge endpoint's API key (or use --judge gold)")
         cache = JudgeCache(args.cache or os.path.join(args.output_dir, "judge_cache.jsonl"))
     judge_name = "toy.tldr.gold_judge" if args.judge == "gold" else args.model
+    special_tokens = tokenizer_special_tokens(args.tokenizer)
 
     summaries, all_judgments = [], []
     for path in args.csvs:
@@ -327,6 +354,8 @@ def main(args: Args) -> list[dict]:
         missing = {"query", "postprocessed_response", "reference_response"} - set(df.columns)
         if missing:
             raise SystemExit(f"winrate: {path} lacks columns {sorted(missing)}")
+        for column in ("postprocessed_response", "reference_response"):  # the same cleaning on both sides
+            df[column] = [strip_special_tokens(str(text), special_tokens) for text in df[column]]
         rows = df.to_dict("records")
         row_ids = select_rows(len(rows), args.subset_frac, args.max_samples, args.seed, args.all)
         print(f"judging {len(row_ids)} of {len(rows)} rows of {path}", flush=True)

@@ -144,3 +144,52 @@ def build_tiny_chat_model(out_dir: str, with_chat_template: bool = True) -> str:
     GPTNeoXForCausalLM(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+END_OF_TURN = "<|eot_id|>"
+
+
+def build_cycling_llama(out_dir: str, stops_on_end_of_turn: bool = True, **generation) -> str:
+    """A 1-layer Llama whose greedy answer to a chat prompt is `hello <|eot_id|> user : hello <|eot_id|> user ...`.
+
+    Each token's logits depend only on the token itself: ":" -> hello -> <|eot_id|> -> user (runner-up: thanks)
+    -> ":". Like Llama-3-Instruct, its generation_config.json stops on <|eot_id|>, which is not the tokenizer's EOS
+    (unless stops_on_end_of_turn=False); `generation` adds other generation_config fields.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from toy.tldr import build_tokenizer
+
+    tokenizer = build_tokenizer(["user assistant : hello thanks what is the capital of france ?"] * 3)
+    tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_TURN]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    cycle = tokenizer.convert_tokens_to_ids([":", "hello", END_OF_TURN, "user"])
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        bos_token_id=eos,
+        pad_token_id=pad,
+        eos_token_id=[eos, cycle[2]] if stops_on_end_of_turn else eos,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        for weight in (model.model.embed_tokens.weight, layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
+            weight.zero_()  # the residual stream stays the current token's embedding
+        model.lm_head.weight.zero_()
+        for i, token in enumerate(cycle):
+            model.model.embed_tokens.weight[token, i] = 1.0
+            model.lm_head.weight[cycle[(i + 1) % len(cycle)], i] = 10.0
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids("thanks"), 2] = 5.0
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.update(**generation)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

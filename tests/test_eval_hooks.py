@@ -1,12 +1,12 @@
 import json
 
 import pytest
-from eval_helpers import CHAT_TEMPLATE, build_tiny_chat_model
+from eval_helpers import CHAT_TEMPLATE, END_OF_TURN, build_cycling_llama, build_tiny_chat_model
 
 import eval.mt_bench_hook as mt_bench_hook
 from eval.alpaca_eval_hook import Args as AlpacaArgs
 from eval.alpaca_eval_hook import main as alpaca_main
-from eval.generation import load_model_and_tokenizer
+from eval.generation import generate_chat, load_model_and_tokenizer, stop_token_ids
 
 QUESTIONS = [
     {"question_id": 82, "category": "math", "turns": ["what is the capital of france ?", "tell me a story"]},
@@ -103,3 +103,32 @@ def test_peft_adapter_directory(tiny_model, tmp_path):
     adapter.save_pretrained(tmp_path / "adapter")  # no tokenizer here: the base model's is used
     model, tokenizer = load_model_and_tokenizer(str(tmp_path / "adapter"))
     assert type(model).__name__.startswith("Peft") and tokenizer.chat_template == CHAT_TEMPLATE
+
+
+QUESTION = [[{"role": "user", "content": "what is the capital of france ?"}]]
+
+
+def test_generation_stops_on_the_models_own_end_of_turn(tmp_path):
+    model, tokenizer = load_model_and_tokenizer(build_cycling_llama(str(tmp_path)))
+    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id, end_of_turn]
+    # Stopping on the tokenizer's EOS only, the answer runs on into an invented next turn ("hello user : hello ...").
+    assert generate_chat(model, tokenizer, QUESTION, temperature=0.0, max_new_tokens=8) == ["hello"]
+    # An int in generation_config is kept too, and the tokenizer's EOS is added once.
+    model.generation_config.eos_token_id = end_of_turn
+    assert stop_token_ids(model, tokenizer) == [end_of_turn, tokenizer.eos_token_id]
+
+
+def test_generation_settings_passed_win_over_the_models_others_kept(tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    # The model's generation_config.json samples hot, stops after 1 new token and suppresses "user".
+    path = build_cycling_llama(str(tmp_path), stops_on_end_of_turn=False, do_sample=True, temperature=50.0)
+    saved = GenerationConfig.from_pretrained(path)
+    saved.update(max_new_tokens=1, suppress_tokens=[AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("user")])
+    saved.save_pretrained(path)
+    model, tokenizer = load_model_and_tokenizer(path)
+    answers = {generate_chat(model, tokenizer, QUESTION, temperature=0.0, max_new_tokens=6)[0] for _ in range(5)}
+    # Greedy and up to 6 tokens (as passed), "user" suppressed (the model's own setting): hello <|eot_id|> thanks,
+    # then the all-zero logits after "thanks" pick token 0, the EOS.
+    assert answers == {"hello thanks"}

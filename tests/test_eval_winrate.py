@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 from eval_helpers import GARBLED, GOOD, FakeJudgeServer, best_summary, toy_queries, weak_summary, write_eval_csv
@@ -12,6 +13,7 @@ from eval.winrate import (
     parse_preference,
     policy_is_a,
     select_rows,
+    strip_special_tokens,
     wilson_interval,
 )
 
@@ -110,6 +112,56 @@ def test_openai_backend_win_rate_is_order_independent(server, tmp_path, capsys):
     summary_json = json.load(open(tmp_path / "out" / "summary.json"))
     assert summary_json["template_version"] == "tldr_winrate_v1" and summary_json["results"][0]["ci_method"] == "wilson"
     assert "0.750" in capsys.readouterr().out
+
+
+def prompt_summaries(request: dict) -> tuple[str, str]:
+    prompt = request["body"]["messages"][0]["content"]
+    return re.search(r"### Summary A:\n(.*?)\n\n### Summary B:\n(.*?)\n\n", prompt, re.S).groups()
+
+
+def test_special_tokens_never_reach_the_judge(server, tmp_path):
+    # The TL;DR dataset's reference is " summary<|endoftext|>"; the policy's decoded response has no EOS marker.
+    queries = toy_queries(12)
+    policy = [f" my summary {i} ." for i in range(12)]
+    reference = [f" my summary {i} .<|endoftext|>" for i in range(12)]
+    write_eval_csv(tmp_path / "eval.csv", policy, reference, queries)
+    main(openai_args(server, [tmp_path / "eval.csv"], tmp_path / "out"))
+    judgments = [json.loads(line) for line in open(tmp_path / "out" / "judgments.jsonl")]
+    assert {j["policy_position"] for j in judgments} == {"A", "B"}
+    # Whichever position the policy has, both summaries read alike: the judge cannot tell the reference by a marker.
+    assert sorted(prompt_summaries(r) for r in server.requests) == sorted((f"my summary {i} .",) * 2 for i in range(12))
+
+    # A tokenizer's own special tokens (--tokenizer) are stripped too, from both sides.
+    from transformers import AutoTokenizer
+
+    from toy.tldr import build_tokenizer
+
+    tokenizer = build_tokenizer(["my summary ."])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<SUMMARY_END>"]})
+    tokenizer.save_pretrained(tmp_path / "tok")
+    assert "<SUMMARY_END>" in AutoTokenizer.from_pretrained(tmp_path / "tok").all_special_tokens
+    write_eval_csv(tmp_path / "own.csv", ["my summary .<SUMMARY_END>"] * 2, ["my summary .</s><pad>"] * 2, queries[:2])
+    server.requests.clear()
+    main(openai_args(server, [tmp_path / "own.csv"], tmp_path / "out_own", tokenizer=str(tmp_path / "tok")))
+    assert [prompt_summaries(r) for r in server.requests] == [("my summary .", "my summary .")] * 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        " a b .<|endoftext|>",
+        "a b .</s>",
+        "a b .<|eot_id|>",
+        "a b .<|im_end|>\n",
+        "a b .<end_of_turn>",
+        "a b .[PAD][PAD]",
+        "<s> a b .<|pad|><|pad|>",
+        "a <|endoftext|>b .",
+    ],
+)
+def test_strip_special_tokens(text):
+    assert strip_special_tokens(text).replace("  ", " ") == "a b ."
+    assert strip_special_tokens("x < y | z and <b>bold</b>") == "x < y | z and <b>bold</b>"
 
 
 def test_retries_parse_failures_cache_and_key_hygiene(server, tmp_path, capsys):
