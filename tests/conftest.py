@@ -92,6 +92,26 @@ def check_end_to_end(script: str, flags: list[str], tmp_path, keys, track: bool 
     return rows
 
 
+def check_reward_composition(rows: list[dict], kl_coef: float) -> None:
+    """The logged reward is the score minus kl_coef times the KL to the reference, with that sign, and the KL is not
+    zero once the policy has moved (it would be if the reference were the current policy)."""
+    for row in rows[1:]:
+        assert abs(row["objective/kl"]) > 1e-5, row
+        expected = row["objective/scores"] - kl_coef * row["objective/kl"]
+        assert abs(row["objective/rlhf_reward"] - expected) < 1e-6, row
+
+
+def check_reference_is_sft(run_dir) -> None:
+    """Before the first update the policy is the reference (KL 0 on every evaluation prompt); after the last it is
+    not (a reference that followed the policy would keep it 0)."""
+    import pandas as pd
+
+    tables = sorted(f for f in os.listdir(run_dir) if f.startswith("eval_"))
+    first, last = (pd.read_csv(os.path.join(run_dir, f)) for f in (tables[0], tables[-1]))
+    assert first.kl.abs().max() < 1e-4, first.kl
+    assert last.kl.abs().max() > 1e-5, last.kl
+
+
 def check_ranks_in_sync(script: str, flags: list[str], run_dir) -> None:
     """torchrun with two processes on CPU (gloo): the exit probe (tests/exit_probe/) finds both ranks' weights equal to
     rank 0's at the end, and rank 0 alone logged each update once."""

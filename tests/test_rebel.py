@@ -5,7 +5,14 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, run_script
+from conftest import (
+    check_end_to_end,
+    check_fails_with,
+    check_ranks_in_sync,
+    check_reference_is_sft,
+    check_reward_composition,
+    run_script,
+)
 
 import rebel
 
@@ -86,31 +93,66 @@ def test_truncate_after_first_eos_and_mask():
 
 
 def _load(toy):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The micro SFT policy as the scripts load it."""
+    return rebel.load_tokenizer(toy.sft), rebel.load_policy(toy.sft, torch.float32).eval()
 
-    tok = AutoTokenizer.from_pretrained(toy.sft)
-    return tok, AutoModelForCausalLM.from_pretrained(toy.sft).eval()
+
+def _queries(tok, texts, length=20):
+    tok.padding_side = "left"
+    return torch.tensor(tok(texts, padding="max_length", max_length=length).input_ids)
+
+
+def _sample(model, queries, pad, n_new=8, temperature=0.7, seed=0):
+    """generate() with the script's sampling config, returning its processed scores as well."""
+    torch.manual_seed(seed)
+    mask = queries != pad
+    return model.generate(
+        input_ids=queries.masked_fill(~mask, 0),
+        attention_mask=mask,
+        output_scores=True,
+        generation_config=rebel.sampling_config(n_new, temperature, pad),
+        return_dict_in_generate=True,
+    )
 
 
 def test_logprobs_are_those_of_the_sampled_distribution(toy):
-    """generate()'s processed scores (temperature applied) equal our forward pass with left padding."""
-    from transformers import GenerationConfig
-
+    """generate()'s processed scores (temperature applied, pad suppressed) equal our forward pass with left padding."""
     tok, model = _load(toy)
-    model.generation_config.eos_token_id = None
-    tok.padding_side = "left"
-    queries = torch.tensor(tok(["TL;DR: my mom", "SUBREDDIT: r/pets TITLE: my dad lost my keys POST: x TL;DR:"],
-                               padding="max_length", max_length=20).input_ids)  # fmt: skip
-    cfg = GenerationConfig(max_new_tokens=8, min_new_tokens=8, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
-                           eos_token_id=None, pad_token_id=tok.pad_token_id)  # fmt: skip
-    mask = queries != tok.pad_token_id
-    torch.manual_seed(0)
-    out = model.generate(input_ids=queries.masked_fill(~mask, 0), attention_mask=mask, generation_config=cfg,
-                         output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    queries = _queries(tok, ["TL;DR: my mom", "SUBREDDIT: r/pets TITLE: my dad lost my keys POST: x TL;DR:"])
+    out = _sample(model, queries, tok.pad_token_id)
     response = out.sequences[:, 20:]
     sampled = torch.gather(torch.stack(out.scores, 1).log_softmax(-1), 2, response[..., None]).squeeze(-1)
     ours = rebel.response_logprobs(model, torch.cat((queries, response), 1), 20, 0.7, tok.pad_token_id)
     torch.testing.assert_close(ours, sampled, atol=1e-4, rtol=1e-4)
+
+
+def test_the_pad_token_is_never_sampled(toy):
+    """The micro SFT model puts mass on its pad token; a sampled pad would end the mask early while the reward model
+    scored the whole response."""
+    tok, model = _load(toy)
+    pad = tok.pad_token_id
+    queries = _queries(tok, ["TL;DR: my mom", "POST: i feel sad . TL;DR:"] * 64)
+    responses = rebel.generate(model, queries, rebel.sampling_config(24, 1.0, pad))[:, 20:]
+    assert not (responses == pad).any()
+
+
+def test_the_checkpoints_generation_config_does_not_apply(toy, tmp_path):
+    """transformers fills unset generation fields from generation_config.json; a repetition penalty there must not
+    change what is sampled, or the log-probs would no longer be those of the sampled distribution."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(toy.sft)
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.3, 2
+    model.save_pretrained(tmp_path / "sft")
+    tok = AutoTokenizer.from_pretrained(toy.sft)
+    queries = _queries(tok, ["TL;DR: my mom", "POST: i feel sad . TL;DR:"] * 4)
+    plain, penalised = (rebel.load_policy(p, torch.float32) for p in (toy.sft, str(tmp_path / "sft")))
+    config = rebel.sampling_config(16, 1.0, tok.pad_token_id)
+    samples = []
+    for model in (plain, penalised):
+        torch.manual_seed(0)
+        samples.append(rebel.generate(model, queries, config))
+    assert torch.equal(*samples)
 
 
 def test_masked_logprob_sum_equals_naive_per_sequence(toy):
@@ -121,12 +163,11 @@ def test_masked_logprob_sum_equals_naive_per_sequence(toy):
     L = max(len(q1), len(q2))
     queries = torch.tensor([[pad] * (L - len(q1)) + q1, [pad] * (L - len(q2)) + q2])
     responses = rebel.truncate_response(torch.tensor([r1, r2]), eos, pad)
-    batch = rebel.masked_sum(
-        rebel.response_logprobs(model, torch.cat((queries, responses), 1), L, 0.7, pad),
-        rebel.response_mask(responses, pad),
-    )
+    query_responses, masks = torch.cat((queries, responses), 1)[:, None], rebel.response_mask(responses, pad)[:, None]
+    batch = rebel.sequence_logprobs(model, query_responses, masks, L, 0.7, pad)[:, 0]
     for i, (q, r) in enumerate(((q1, r1[:3]), (q2, r2))):  # no padding at all, one sequence at a time
         logits = model(torch.tensor([q + r])).logits[0, len(q) - 1 : -1] / 0.7
+        logits[:, pad] = float("-inf")  # the distribution sampled from never holds the pad token
         naive = sum(logits[t].log_softmax(-1)[tok_id].item() for t, tok_id in enumerate(r))
         assert batch[i].item() == pytest.approx(naive, abs=1e-4)
 
@@ -159,24 +200,22 @@ def test_scalar_head_checkpoint_format(toy, tmp_path):
     assert other(x, 1).item() == pytest.approx(rm(x, 1).item() - 0.25, abs=1e-5)
 
 
-def test_no_eos_penalty_in_rollout(toy, monkeypatch):
-    from transformers import GenerationConfig
-
+def test_rollout_pairs_masks_and_eos(toy, monkeypatch):
     tok, model = _load(toy)
     rm = rebel.load_reward_model(toy.rm, torch.float32).eval()
     eos, pad = tok.eos_token_id, tok.pad_token_id
     queries = torch.tensor([[pad, 5, 6], [7, 8, 9]])
     fixed = torch.tensor([[5, eos, 9, 9], [5, 6, 7, 8], [eos, 3, 3, 3], [4, 4, 4, 4]])  # pairs: (0, 1), (2, 3)
-    monkeypatch.setattr(rebel, "generate", lambda m, q, c, p: torch.cat((q, fixed[: q.size(0)]), 1))
-    args = rebel.Args(penalty_reward_value=-7.0, temperature=1.0, local_rollout_forward_batch_size=8)
-    timer = rebel.Timer(torch.device("cpu"))
-    _, masks, _, _, scores, has_eos = rebel.rollout(
-        model, lambda: nullcontext(model), rm, queries, args, GenerationConfig(), tok, nullcontext, timer
+    monkeypatch.setattr(rebel, "generate", lambda m, q, c: torch.cat((q, fixed[: q.size(0)]), 1))
+    config = rebel.sampling_config(4, 1.0, pad)
+    query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rebel.rollout(
+        model, lambda: nullcontext(model), rm, queries, 2, config, eos, 8, rebel.Timer(torch.device("cpu"))
     )
+    assert query_responses.shape == (2, 2, 7) and query_responses[0, 0].tolist() == [pad, 5, 6, 5, eos, pad, pad]
     assert has_eos.tolist() == [[True, False], [True, False]]
-    assert scores[0, 1].item() == -7.0 and scores[1, 1].item() == -7.0
-    assert scores[0, 0].item() != -7.0
     assert masks.sum(-1).tolist() == [[2, 4], [1, 4]]
+    torch.testing.assert_close(logprobs, ref_logprobs)  # the same model as its own reference
+    assert scores[0, 0].item() == pytest.approx(rm(query_responses[0, :1], pad).item(), abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -188,7 +227,9 @@ def test_rebel_end_to_end_saves_a_loadable_model(toy, tmp_path):
     from transformers import AutoModelForCausalLM
 
     keys = ("time/generation", "time/reward", "time/logprob", "objective/kl")
-    check_end_to_end("rebel.py", [*toy.rl_flags, "--save_merged"], tmp_path, keys)
+    rows = check_end_to_end("rebel.py", [*toy.rl_flags, "--save_merged"], tmp_path, keys)
+    check_reward_composition(rows, kl_coef=0.05)
+    check_reference_is_sft(tmp_path / "run")
     table = pd.read_csv(tmp_path / "run" / "eval_000002.csv", keep_default_na=False)
     columns = ["query", "postprocessed_response", "reference_response", "score", "reference_score", "kl"]
     assert list(table.columns[:6]) == columns and len(table) == 8
@@ -240,13 +281,16 @@ def test_unreadable_reward_checkpoint(toy, tmp_path):
     check_fails_with("rebel.py", flags, "reward model: cannot read the checkpoint", tmp_path / "run")
 
 
-def test_tokenizer_without_pad_token(toy, tmp_path):
+def test_tokenizer_with_pad_equal_to_eos_runs(toy, tmp_path):
+    """Llama-3 and Mistral ship pad == EOS: the script adds its own pad token in memory, and the run is unchanged."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(toy.sft)
     tok.pad_token = tok.eos_token
     tok.save_pretrained(tmp_path / "sft")
     AutoModelForCausalLM.from_pretrained(toy.sft).save_pretrained(tmp_path / "sft")
+    loaded = rebel.load_tokenizer(str(tmp_path / "sft"))
+    assert loaded.pad_token_id not in (loaded.eos_token_id, None)
     flags = list(toy.rl_flags)
     flags[flags.index("--sft_model_path") + 1] = str(tmp_path / "sft")
-    check_fails_with("rebel.py", flags, "no pad token distinct from EOS", tmp_path / "run")
+    run_script("rebel.py", *flags, "--output_dir", "", "--run_dir", str(tmp_path / "run"))
