@@ -11,9 +11,9 @@ REBEL regresses the difference of two trajectories' log-ratios onto their reward
 paper's "PPO" baseline. Everything else (sampler, rewards, normalisation, LoRA) is shared.
 
 Launch:
-    python rebel_lcm.py --tiny --reward compressibility --num-iterations 5      # offline CPU demo
-    torchrun --nproc_per_node 4 rebel_lcm.py --algo rebel --aesthetic-mlp-path sac+logos+ava1-l14-linearMSE.pth
-    torchrun --nproc_per_node 4 rebel_lcm.py --algo ppo --aesthetic-mlp-path sac+logos+ava1-l14-linearMSE.pth
+    python rebel_lcm.py --tiny --resolution 32 --reward compressibility --num_iterations 5      # offline CPU demo
+    torchrun --nproc_per_node 4 rebel_lcm.py --algo rebel --aesthetic_mlp_path sac+logos+ava1-l14-linearMSE.pth
+    torchrun --nproc_per_node 4 rebel_lcm.py --algo ppo --lr 1e-4 --aesthetic_mlp_path sac+logos+ava1-l14-linearMSE.pth
 
 Reference implementation of the paper: https://github.com/Owen-Oertell/rlcm (see docs/rebel_lcm.md for
 where this file differs from it).
@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,7 +47,6 @@ ANIMALS = (
     "beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog chicken duck goose bee pig "
     "turkey fly llama camel bat gorilla hedgehog kangaroo"
 ).split()
-REWARDS = ("aesthetic", "compressibility", "incompressibility")
 
 
 @dataclass
@@ -68,12 +68,18 @@ class Args:
     """where TensorBoard logs, progress.csv/json and the LoRA weights go (one sub-folder per run)"""
 
     # model
-    algo: str = "rebel"
-    """`rebel` (Eq. 1) or `ppo` (DDPO's clipped ratio); fields left at None below take this algo's default"""
+    algo: Literal["rebel", "ppo"] = "rebel"
+    """`rebel` (Eq. 1) or `ppo` (DDPO's clipped ratio); the defaults below are the paper's REBEL settings"""
     model: str = "SimianLuo/LCM_Dreamshaper_v7"
     """hub name or path of the latent consistency model (unet, vae, text_encoder, tokenizer, scheduler)"""
     tiny: bool = False
-    """build tiny random models from configs instead of loading `model` (offline tests and CPU demo)"""
+    """tiny random models built from configs instead of `model` (offline tests, CPU demo); pass --resolution 32.
+    Their VAE halves the image side instead of dividing it by 8, so 32 gives 16x16 latents"""
+    resolution: int = 768
+    """image side in pixels (square images); the latents are resolution / 8 on the side (the VAE's downsampling).
+    768 is the size the reference implementation's LCM pipeline generates at"""
+    bf16: bool = True
+    """on CUDA: frozen weights in bf16, trainable (LoRA) weights in fp32, UNet compute under bf16 autocast"""
     num_steps: int = 8
     """denoising steps (the horizon of the MDP)"""
     lcm_origin_steps: int = 50
@@ -93,10 +99,10 @@ class Args:
     timestep and count its log-prob, although the image is decoded from the mean"""
     logprob_per_dim: bool = True
     """average each step's Gaussian log-density over the latent's dimensions (reference implementation and
-    DDPO); False sums them (the exact density, thousands of times larger at 64x64x4)"""
+    DDPO); False sums them (the exact density, 4 x 96 x 96 = 36864 times larger at --resolution 768)"""
 
     # reward
-    reward: str = "aesthetic"
+    reward: Literal["aesthetic", "compressibility", "incompressibility"] = "aesthetic"
     """`aesthetic` (LAION predictor), `compressibility` or `incompressibility` (JPEG size, no weights)"""
     aesthetic_clip: str = "openai/clip-vit-large-patch14"
     """hub name or path of the CLIP ViT-L/14 whose normalised image embedding the aesthetic MLP reads"""
@@ -108,14 +114,17 @@ class Args:
     """sample-then-train iterations (the paper's 100 epochs x 10 batches per epoch)"""
     sample_batch_size: int = 8
     """prompts per rank per iteration; REBEL samples each prompt twice (a pair), PPO once"""
-    train_batch_size: int | None = None
-    """samples per micro-batch (REBEL counts pairs): None gives 1 for rebel, 2 for ppo"""
-    gradient_accumulation_steps: int | None = None
-    """micro-batches per optimizer step: None gives 8 for rebel, 4 for ppo (8 samples / 2 per batch)"""
-    num_inner_epochs: int | None = None
-    """passes over each iteration's samples: None gives 1 for rebel, 2 for ppo"""
-    learning_rate: float | None = None
-    """AdamW learning rate: None gives 3e-4 for rebel, 1e-4 for ppo"""
+    train_batch_size: int = 1
+    """prompts per micro-batch (REBEL: both samples of each prompt's pair). The paper's PPO uses 2"""
+    gradient_accumulation_steps: int = 8
+    """micro-batches per optimizer step, counted across inner epochs. The defaults take one optimizer step per
+    iteration for both algos, as the paper compares them at equal gradient updates; so does the paper's PPO
+    (--train_batch_size 2 --num_inner_epochs 2: 4 micro-batches x 2 epochs = 8)"""
+    num_inner_epochs: int = 1
+    """passes over each iteration's samples. The paper's PPO uses 2; with one optimizer step per iteration the
+    second pass recomputes the first one's gradient at the same parameters: the update of one pass, twice the cost"""
+    lr: float = 3e-4
+    """AdamW learning rate: REBEL's 3e-4 (Appendix I.3.3); the paper's PPO uses 1e-4, so pass --lr 1e-4"""
     weight_decay: float = 0.0
     """AdamW weight decay (0 makes it the reference implementation's Adam)"""
     eta: float = 1.0
@@ -164,37 +173,6 @@ def print_bad_input(kind, error, tb) -> None:
         sys.__excepthook__(kind, error, tb)
 
 
-def resolve_args(args: Args) -> Args:
-    """Fill the algo-dependent defaults and reject bad input with a message that says how to fix it."""
-    if args.algo not in ("rebel", "ppo"):
-        raise BadInput(f"--algo {args.algo!r} is unknown: use --algo rebel or --algo ppo")
-    if args.reward not in REWARDS:
-        raise BadInput(f"--reward {args.reward!r} is unknown: use one of {', '.join(REWARDS)}")
-    rebel = args.algo == "rebel"
-    defaults = dict(
-        train_batch_size=1 if rebel else 2,
-        gradient_accumulation_steps=8 if rebel else 4,
-        num_inner_epochs=1 if rebel else 2,
-        learning_rate=3e-4 if rebel else 1e-4,
-    )
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.eta <= 0:
-        raise BadInput(f"--eta {args.eta} must be > 0 (it divides the log-ratio in Eq. 1): try --eta 1.0")
-    per_step = args.train_batch_size * args.gradient_accumulation_steps
-    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1 or args.sample_batch_size % per_step:
-        raise BadInput(
-            f"--sample-batch-size {args.sample_batch_size} must be a positive multiple of --train-batch-size "
-            f"{args.train_batch_size} x --gradient-accumulation-steps {args.gradient_accumulation_steps} = {per_step}, "
-            f"so that every optimizer step sees the same number of samples: e.g. --gradient-accumulation-steps "
-            f"{max(1, args.sample_batch_size // args.train_batch_size)}"
-        )
-    if args.num_steps < 2:
-        raise BadInput(f"--num-steps {args.num_steps} leaves no stochastic step: use --num-steps 2 or more")
-    return args
-
-
 def build_tiny_tokenizer(folder: str):
     """A character-level CLIPTokenizer written to `folder`: printable ASCII, no merges, no download."""
     from transformers import CLIPTokenizer
@@ -233,21 +211,31 @@ def build_lcm(args: Args):
             tokenizer = build_tiny_tokenizer(folder)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
-                vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                bos_token_id=0,
+                eos_token_id=1,
             )
-        )  # fmt: skip
+        )
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, time_cond_proj_dim=32,
-        )  # fmt: skip
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            time_cond_proj_dim=32,
+        )
         # scaling_factor 1: Stable Diffusion's 0.18215 is its trained VAE's latent std; a random VAE fed latents x5.5
         # decodes saturated texture that no policy can change.
         vae = AutoencoderKL(
-            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, scaling_factor=1.0,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        )  # fmt: skip
+            block_out_channels=(32, 64),
+            scaling_factor=1.0,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+        )
     return tokenizer, text_encoder, unet, vae, LCMScheduler()
 
 
@@ -258,9 +246,15 @@ class AestheticMLP(nn.Module):
     def __init__(self, dim: int = 768):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
-        )  # fmt: skip
+            nn.Linear(dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
 
     def forward(self, embed):
         return self.layers(embed).squeeze(-1)
@@ -290,9 +284,14 @@ def build_aesthetic(args: Args, device):
 
     if args.tiny:  # same interface, random weights: CLIP-vision-like embedding -> normalise -> MLP
         cfg = CLIPVisionConfig(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, projection_dim=32,
-        )  # fmt: skip
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+        )
         with torch.random.fork_rng():  # the same reward model on every rank, whatever the seed
             torch.manual_seed(0)
             return AestheticScorer(CLIPVisionModelWithProjection(cfg), AestheticMLP(32)).to(device).eval()
@@ -303,7 +302,7 @@ def build_aesthetic(args: Args, device):
         path = hf_hub_download(*path.split(":", 1))
     if not os.path.exists(path):
         raise BadInput(
-            f"--aesthetic-mlp-path {path!r} not found: download sac+logos+ava1-l14-linearMSE.pth from "
+            f"--aesthetic_mlp_path {path!r} not found: download sac+logos+ava1-l14-linearMSE.pth from "
             "https://github.com/christophschuhmann/improved-aesthetic-predictor and pass its path"
         )
     if path.endswith(".safetensors"):
@@ -368,9 +367,14 @@ def lcm_coefficients(scheduler, args: Args, device) -> dict:
 
 def consistency_mean(unet, x_t, step, coef, prompt_embeds, w_emb, dtype):
     """The policy's mean for steps `step` (N,) from states x_t (N, C, H, W): the LCM's consistency output
-    (Luo et al., 2023, Eq. 9: c_skip x_t + c_out x0_hat) rescaled to the next timestep. Returns (mean, denoised)."""
+    (Luo et al., 2023, Eq. 9: c_skip x_t + c_out x0_hat) rescaled to the next timestep; w_emb is (1 or N, D).
+    Returns (mean, denoised)."""
     view = lambda v: v[step].view(-1, 1, 1, 1)  # noqa: E731
-    eps = unet(x_t.to(dtype), coef["t"][step], encoder_hidden_states=prompt_embeds, timestep_cond=w_emb).sample
+    # The frozen UNet may be bf16 while the sampler, the w-embedding and the LoRA weights are fp32: every input goes
+    # in at the UNet's dtype (a fp32 w-embedding meets its bf16 cond_proj otherwise), LoRA runs under autocast.
+    cond = dict(encoder_hidden_states=prompt_embeds.to(dtype), timestep_cond=w_emb.to(dtype).expand(len(x_t), -1))
+    with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        eps = unet(x_t.to(dtype), coef["t"][step], **cond).sample
     a_t = view(coef["alpha"])
     x0 = (x_t - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()  # epsilon parameterisation
     denoised = view(coef["c_out"]) * x0 + view(coef["c_skip"]) * x_t
@@ -388,7 +392,7 @@ def sample_trajectories(unet, coef, prompt_embeds, w_emb, noise, args: Args, dty
     """Run the LCM sampler from `noise` (B, C, H, W), recording every stochastic step.
 
     Returns states and next_states (B, T, C, H, W), log_probs (B, T) and the final denoised latents
-    (B, C, H, W), where T = num_steps - 1 (or num_steps with --final-step-logprob)."""
+    (B, C, H, W), where T = num_steps - 1 (or num_steps with --final_step_logprob)."""
     x, states, next_states, log_probs = noise.float(), [], [], []
     num_stochastic = args.num_steps if args.final_step_logprob else args.num_steps - 1
     for i in range(args.num_steps):
@@ -410,17 +414,21 @@ def trajectory_log_probs(unet, coef, states, next_states, prompt_embeds, w_emb, 
     B, T = states.shape[:2]
     step = torch.arange(T, device=states.device).repeat(B)  # (B*T,)
     flat = lambda x: x.reshape(B * T, *x.shape[2:])  # noqa: E731
-    mean, _ = consistency_mean(
-        unet, flat(states), step, coef, prompt_embeds.repeat_interleave(T, 0), w_emb[:1].expand(B * T, -1), dtype
-    )
+    mean, _ = consistency_mean(unet, flat(states), step, coef, prompt_embeds.repeat_interleave(T, 0), w_emb[:1], dtype)
     std = (1 - coef["alpha_next"][step]).sqrt().view(-1, 1, 1, 1)
     return gaussian_log_prob(flat(next_states), mean, std, args.logprob_per_dim).view(B, T)
 
 
-def rebel_loss(logp_y, old_logp_y, logp_y_prime, old_logp_y_prime, r_y, r_y_prime, eta):
-    """Eq. (1), averaged over pairs. Every argument is (B,): entry b of each belongs to pair b only."""
-    log_ratio_diff = (logp_y - old_logp_y) - (logp_y_prime - old_logp_y_prime)  # (B,)
-    return ((log_ratio_diff / eta - (r_y - r_y_prime)) ** 2).mean()
+def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
+    """Equation (1). All inputs (B, 2): column 0 is y, column 1 is y' for the same prompt x.
+
+    mean_x ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
+    """
+    log_ratio = logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
+    prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (B,)
+    target = rewards[:, 0] - rewards[:, 1]  # (B,)
+    loss = ((prediction - target) ** 2).mean()
+    return eta**2 * loss if scaling == "official" else loss
 
 
 def ppo_loss(logp, old_logp, advantages, clip_range):
@@ -477,16 +485,26 @@ def image_grid(images: torch.Tensor, ncol: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts, device) -> torch.Tensor:
-    ids = tokenizer(
-        prompts, padding="max_length", truncation=True, return_tensors="pt",
-        max_length=text_encoder.config.max_position_embeddings,
-    ).input_ids  # fmt: skip
+    length = text_encoder.config.max_position_embeddings
+    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=length, return_tensors="pt").input_ids
     return text_encoder(ids.to(device))[0]
 
 
 if __name__ == "__main__":
     sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
-    args = resolve_args(tyro.cli(Args))
+    args = tyro.cli(Args, use_underscores=True)
+    if args.eta <= 0:
+        raise BadInput(f"--eta {args.eta} must be > 0 (it divides the log-ratio in Eq. 1): try --eta 1.0")
+    if args.num_steps < 2:
+        raise BadInput(f"--num_steps {args.num_steps} leaves no stochastic step: use --num_steps 2 or more")
+    B, mb, accumulation = args.sample_batch_size, args.train_batch_size, args.gradient_accumulation_steps
+    micro_batches = args.num_inner_epochs * B // max(mb, 1)  # per iteration, over all inner epochs
+    if min(B, mb, accumulation, args.num_inner_epochs) < 1 or B % mb or micro_batches % accumulation:
+        raise BadInput(
+            f"--sample_batch_size {B} must be a positive multiple of --train_batch_size {mb}, and its {micro_batches} "
+            f"micro-batches (x --num_inner_epochs) a multiple of --gradient_accumulation_steps {accumulation}, so that "
+            f"every optimizer step sees as many samples: e.g. --gradient_accumulation_steps {max(micro_batches, 1)}"
+        )
 
     # DDP set-up, nanoGPT style: torchrun sets RANK; the same file runs with plain `python`.
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -506,7 +524,7 @@ if __name__ == "__main__":
     run_dir = os.path.join(args.output_dir, args.run_name)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
-    frozen_dtype = torch.bfloat16 if use_cuda else torch.float32  # frozen weights in bf16 on CUDA only
+    frozen_dtype = torch.bfloat16 if use_cuda and args.bf16 else torch.float32
 
     # Models: frozen LCM, LoRA (fp32) on the UNet attention projections.
     from diffusers.utils import logging as diffusers_logging
@@ -519,24 +537,20 @@ if __name__ == "__main__":
     for module in (text_encoder, unet, vae):
         module.requires_grad_(False)
         module.to(device, dtype=frozen_dtype).eval()
-    unet.add_adapter(
-        LoraConfig(
-            r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=list(args.lora_targets),
-        )
-    )  # fmt: skip
+    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=list(args.lora_targets)))
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     for p in lora_params:
         p.data = p.data.float()
-    lora_init = torch.cat([p.detach().flatten() for p in lora_params]).clone()  # for the distributed check
     torch.manual_seed(args.seed + rank)  # from here on every rank draws its own noise
     reward_fn = make_reward_fn(args, device)
     coef = lcm_coefficients(scheduler, args, device)
-    latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    side = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE downsamples by 8 (tiny: 2)
+    latent_shape = (unet.config.in_channels, side, side)
     w_emb = guidance_embedding(torch.full((1,), args.guidance_scale - 1.0), unet.config.time_cond_proj_dim).to(device)
     raw_unet = unet
     if ddp:
         unet = DDP(unet, device_ids=[local_rank] if use_cuda else None)
-    optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
     stat_tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
 
     # Logging: TensorBoard always, wandb behind --track; only the master process writes.
@@ -548,9 +562,13 @@ if __name__ == "__main__":
             import wandb
 
             wandb.init(
-                project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-                name=args.run_name, dir=run_dir, save_code=True,
-            )  # fmt: skip
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                config=asdict(args),
+                name=args.run_name,
+                dir=run_dir,
+                save_code=True,
+            )
             wandb.define_metric("objective/reward_queries")
             wandb.define_metric("*", step_metric="objective/reward_queries")  # the paper's x-axis, as in TensorBoard
         writer = SummaryWriter(run_dir)
@@ -567,8 +585,7 @@ if __name__ == "__main__":
         embeds = encode_prompts(tokenizer, text_encoder, prompts, device)
         g = torch.Generator(device=device).manual_seed(12345)
         noise = torch.randn((len(prompts), *latent_shape), device=device, generator=g)
-        w = w_emb.expand(len(prompts), -1)
-        *_, final = sample_trajectories(raw_unet, coef, embeds, w, noise, args, frozen_dtype, generator=g)
+        *_, final = sample_trajectories(raw_unet, coef, embeds, w_emb, noise, args, frozen_dtype, generator=g)
         images = decode(vae, final, frozen_dtype)
         rewards = reward_fn(images)
         grid = image_grid(images.cpu(), ncol=4)
@@ -576,10 +593,8 @@ if __name__ == "__main__":
         writer.add_scalar("eval/reward", rewards.mean().item(), reward_queries)
         if args.track:
             caption = ", ".join(f"{p}: {r:.2f}" for p, r in zip(prompts, rewards.tolist()))
-            wandb.log({"eval/images": wandb.Image(grid.permute(1, 2, 0).numpy(), caption=caption)}, step=iteration)
-            wandb.log(
-                {"eval/reward": rewards.mean().item(), "objective/reward_queries": reward_queries}, step=iteration
-            )
+            image = wandb.Image(grid.permute(1, 2, 0).numpy(), caption=caption)
+            wandb.log({"eval/images": image, "eval/reward": rewards.mean().item()}, step=iteration)
 
     reward_queries = 0
     for iteration in range(1, args.num_iterations + 1):
@@ -589,12 +604,9 @@ if __name__ == "__main__":
         embeds = encode_prompts(tokenizer, text_encoder, [ANIMALS[i] for i in prompt_ids], device)
         embeds = embeds.repeat(pairs, 1, 1)  # (pairs*B, L, D): rows [0, B) are y, rows [B, 2B) are y'
         noise = torch.randn((pairs * args.sample_batch_size, *latent_shape), device=device)
-        w = w_emb.expand(len(noise), -1)
         states, next_states, old_log_probs, final = sample_trajectories(
-            raw_unet, coef, embeds, w, noise, args, frozen_dtype
+            raw_unet, coef, embeds, w_emb, noise, args, frozen_dtype
         )
-        if iteration == 1:
-            first_noise_sum = noise.sum()
 
         # 2. Score: rewards and prompts gathered from every rank for the per-prompt statistics.
         rewards = reward_fn(decode(vae, final, frozen_dtype)).float().to(device)  # (pairs*B,)
@@ -607,30 +619,32 @@ if __name__ == "__main__":
         reward_queries += args.queries_per_iteration
         t_sample = time.time() - t0
 
-        # 3. Train: micro-batches of whole trajectories (REBEL: whole pairs), accumulated over several.
-        B, mb = args.sample_batch_size, args.train_batch_size
+        # 3. Train: micro-batches of whole trajectories (REBEL: whole pairs); the optimizer steps once every
+        # --gradient_accumulation_steps micro-batches, counted across the inner epochs.
         info = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
         unet.train()
+        micro_step = 0
+        pair = lambda v: v.view(2, mb).T  # noqa: E731  (2*mb,) rows [y of idx, y' of idx] -> (mb, 2): columns y, y'
         for _ in range(args.num_inner_epochs):
             perm = torch.randperm(B, device=device)  # shuffles prompts (pairs), never splitting y from y'
-            for k, start in enumerate(range(0, B, mb)):
+            for start in range(0, B, mb):
                 idx = perm[start : start + mb]
                 rows = torch.cat([idx + j * B for j in range(pairs)])  # REBEL: [y of idx, y' of idx]
-                last_micro_step = (k + 1) % args.gradient_accumulation_steps == 0
+                micro_step += 1
+                last_micro_step = micro_step % accumulation == 0
                 if ddp:  # synchronise LoRA gradients only on the micro-batch that steps the optimizer
                     unet.require_backward_grad_sync = last_micro_step
                 log_probs = trajectory_log_probs(
                     unet, coef, states[rows], next_states[rows], embeds[rows], w_emb, args, frozen_dtype
                 )  # (pairs*mb, T)
-                if args.algo == "rebel":
-                    logp = log_probs.sum(1)  # trajectory log-prob = sum of step log-probs, (2*mb,)
-                    old_logp = old_log_probs[rows].sum(1)
-                    adv = advantages[rows]
-                    loss = rebel_loss(logp[:mb], old_logp[:mb], logp[mb:], old_logp[mb:], adv[:mb], adv[mb:], args.eta)
+                if args.algo == "rebel":  # a trajectory's log-prob is the sum of its step log-probs
+                    loss = rebel_loss(
+                        pair(log_probs.sum(1)), pair(old_log_probs[rows].sum(1)), pair(advantages[rows]), args.eta
+                    )
                 else:
                     loss, clipfrac = ppo_loss(log_probs, old_log_probs[rows], advantages[rows], args.clip_range)
                     info["clipfrac"].append(clipfrac.detach())
-                (loss / args.gradient_accumulation_steps).backward()
+                (loss / accumulation).backward()
                 info["loss"].append(loss.detach())
                 if last_micro_step:
                     if args.clip_grad_norm:
@@ -648,10 +662,7 @@ if __name__ == "__main__":
 
         # 4. Log: metrics reduced over ranks, with reward queries as the x-axis.
         stats = {f"loss/{args.algo}": info["loss"], "policy/approx_kl": info["approx_kl"]}
-        if info["clipfrac"]:
-            stats["policy/clipfrac"] = info["clipfrac"]
-        if info["grad_norm"]:
-            stats["policy/grad_norm"] = info["grad_norm"]
+        stats |= {f"policy/{k}": info[k] for k in ("clipfrac", "grad_norm") if info[k]}  # PPO; --clip_grad_norm
         values = torch.stack([torch.stack(v).float().mean() for v in stats.values()]).to(device)
         if ddp:
             dist.all_reduce(values)
@@ -691,24 +702,12 @@ if __name__ == "__main__":
                     os.path.join(run_dir, "lora.safetensors"),
                 )
 
-    if ddp:  # if DDP really averaged the LoRA gradients, ranks that drew different noise still hold the same weights
-        lora_flat = torch.cat([p.detach().flatten() for p in lora_params])[None]
-        gathered = all_gather_cat(lora_flat, args.world_size)
-        noise_sums = all_gather_cat(first_noise_sum.view(1), args.world_size)
-        if master_process:
-            print(
-                f"distributed check: LoRA max |difference| across ranks {(gathered - gathered[0]).abs().max().item():.3g} "
-                f"(max |change| since init {(gathered[0] - lora_init).abs().max().item():.3g}), "
-                f"first-noise sums per rank {[round(v, 4) for v in noise_sums.tolist()]}"
-            )
     if master_process:
         progress_file.close()
         writer.close()
         if args.track:
             wandb.finish()
     if ddp:
-        # Destroying the group joins gloo's worker threads; one still running at exit can abort the process ("terminate
-        # called without an active exception"). For that the DDP wrapper must be gone, and torch.distributed.nn must have
-        # been imported before init_process_group: imported later (by DDP), its functions keep the group as a default.
+        # A gloo thread left running can abort the exit unless the wrapper is gone: tests/test_ddp_teardown.py
         del unet
         dist.destroy_process_group()

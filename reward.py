@@ -1,11 +1,14 @@
 """Bradley-Terry reward model on TL;DR preference pairs: the second stage of the paper's pipeline (Appendix I.1.2).
 
-The SFT model with a one-output linear head (AutoModelForSequenceClassification, num_labels=1) scores a
-(post, summary) at the summary's EOS token and is trained to minimise -log sigmoid(r(x, y_chosen) - r(x, y_rejected)).
-Saved with save_pretrained, so rebel.py (and any hub tool) loads it as a sequence classifier.
+The SFT model with a one-output linear head (AutoModelForSequenceClassification, num_labels=1) scores a (post, summary)
+at the summary's last token (its EOS) and is trained to minimise -log sigmoid(r(x, y_chosen) - r(x, y_rejected)). After
+training, the mean score of the SFT data's reference summaries is saved as `config.reward_bias`, which rebel.py's
+load_reward_model subtracts: references score 0 on average, as in summarize_from_feedback_details and the official
+REBEL code (the paper's reward scale and the fixed -1 penalty for a missing EOS assume it).
 
     python reward.py --help
     torchrun --nproc_per_node 8 reward.py                    # Pythia 1.4B, from the SFT model
+    python -m toy.demo                                      # the offline toy task, end to end
 """
 
 import json
@@ -14,8 +17,9 @@ import random
 import resource
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -41,6 +45,9 @@ class Args:
     """the wandb entity (team)"""
     cuda: bool = True
     """use CUDA when it is available"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'bf16': weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU (bf16 runs on CPU too,
+    slowly)"""
     run_dir: str | None = None
     """where TensorBoard events and metrics.jsonl go (default: runs/<run name>)"""
     output_dir: str = "models/rm_tldr_pythia-1.4b"
@@ -48,20 +55,36 @@ class Args:
     num_eval_prompts: int | None = None
     """measure validation accuracy on the first N pairs of the evaluation split (default: all)"""
 
-    # data and model
-    query_dataset: str = "cleanrl/summarize_from_feedback_oai_preprocessing_1704563162"
-    """hub name or local path of the preference dataset (load_dataset)"""
+    # data and models
+    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
+    """hub name, local directory or data file of the SFT data (prompts and reference responses, the --train_split):
+    its references' mean score becomes the reward model's zero"""
     query_column: str = "query"
+    """dataset column holding the prompt text (in both datasets)"""
+    reference_column: str = "reference_response"
+    """--query_dataset column holding the reference response"""
+    num_norm_examples: int | None = None
+    """compute the references' mean score on the first N examples of --query_dataset (default: all)"""
+    preference_dataset: str = "cleanrl/summarize_from_feedback_oai_preprocessing_1704563162"
+    """hub name, local directory or single data file of the preference pairs trained on"""
     chosen_column: str = "chosen"
+    """column of --preference_dataset holding the preferred response"""
     rejected_column: str = "rejected"
+    """column of --preference_dataset holding the other response"""
     train_split: str = "train"
+    """split of --preference_dataset trained on, and of --query_dataset whose references set the zero"""
     eval_split: str = "validation"
+    """split of --preference_dataset evaluated on"""
     query_length: int = 512
-    """prompts are left-padded / left-truncated to this many tokens"""
+    """prompts are left-padded to this many tokens"""
+    long_prompts: Literal["filter", "truncate"] = "filter"
+    """prompts longer than --query_length: 'filter' drops them (the count is printed), 'truncate' keeps their last
+    --query_length tokens"""
     response_length: int = 53
     """responses are truncated to this many tokens, EOS included"""
     sft_model_path: str = "models/sft_tldr_pythia-1.4b"
-    """the model the reward model starts from (sft.py's output; hub name or save_pretrained directory)"""
+    """the model the reward model starts from (sft.py's output: hub name, save_pretrained directory, or a LoRA adapter,
+    which is merged into its base)"""
 
     # optimisation
     num_train_epochs: int = 1
@@ -73,8 +96,146 @@ class Args:
     """AdamW learning rate, decayed linearly to 0"""
     eps: float = 1e-5
     """AdamW epsilon"""
-    bf16: bool = True
-    """on CUDA: fp32 weights, compute under bf16 autocast"""
+
+
+# ---------------------------------------------------------------------------------------------- tensor helpers
+
+
+def forward(model, query_responses: torch.Tensor, pad_id: int):
+    """Forward with pads masked and positions counted from the first real token, as generate() does with left
+    padding. The pad id never reaches the model, so it needs no embedding row (see load_tokenizer)."""
+    attention_mask = query_responses != pad_id
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    input_ids = query_responses.masked_fill(~attention_mask, 0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+
+
+def bradley_terry_loss(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards (B, 2), chosen then rejected: -log sigmoid(r_chosen - r_rejected), the Bradley-Terry likelihood."""
+    return -nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
+
+
+# ---------------------------------------------------------------------------------------------- models and data
+
+
+class ScalarRewardModel(nn.Module):
+    """A transformer backbone and a linear head read at the last non-pad token, minus a normalising bias (reward.py
+    sets it so that reference responses score 0 on average)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, bias: float = 0.0):
+        super().__init__()
+        self.backbone, self.head, self.bias = backbone, head, bias
+
+    def forward(self, query_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
+        hidden = forward(self.backbone, query_responses, pad_id).last_hidden_state  # (B, L, H)
+        # The last non-pad token: queries are left-padded and responses right-padded, so it is the rightmost one.
+        positions = torch.arange(query_responses.size(1), device=hidden.device)
+        last = ((query_responses != pad_id) * positions).argmax(1)
+        hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B,)
+
+
+def load_policy(path: str, dtype: torch.dtype):
+    """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
+    merged into its base, so the policy starts at, and the KL reference is, the SFT model itself."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import find_adapter_config_file
+
+    try:
+        if find_adapter_config_file(path):
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:
+        raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
+    model.generation_config = GenerationConfig()  # sampling uses only what generate() sets
+    return model
+
+
+def load_tokenizer(path: str):
+    """The policy's tokenizer, with a pad token distinct from EOS and BOS. Every script pads itself and never feeds or
+    gathers the pad id (forward, response_logprobs), so a pad token added here needs no embedding row: tokenizers
+    with pad == EOS (Llama-3, Mistral) or none (Pythia) work as they are."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise BadInput(f"cannot load a tokenizer from '{path}' ({type(e).__name__}: {e})") from e
+    if tokenizer.eos_token_id is None:
+        raise BadInput(f"the tokenizer of {path} has no EOS token; responses end at EOS, so set one")
+    if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+def load_prompts(path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts):
+    """Prompts left-padded to query_length, references (EOS appended) right-padded to response_length, the dataset
+    rows they came from, and how many prompts were dropped for being too long."""
+    from datasets import load_dataset
+
+    try:
+        if os.path.isfile(path):  # a single file serves every split
+            kind = {"jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(path.rsplit(".", 1)[-1], "json")
+            dataset = load_dataset(kind, data_files=path, split="train")
+        else:
+            dataset = load_dataset(path, split=split)
+    except Exception as e:
+        raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
+    for column in (query_column, reference_column):
+        if column not in dataset.column_names:
+            raise BadInput(
+                f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
+                "Pass --query_column / --reference_column."
+            )
+    ids = tokenizer(list(dataset[query_column])).input_ids
+    long = [i for i, x in enumerate(ids) if len(x) > query_length]
+    if long and long_prompts == "filter":
+        keep = sorted(set(range(len(ids))) - set(long))
+        dataset, ids = dataset.select(keep), [ids[i] for i in keep]
+    elif long:
+        print(
+            f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
+            "keeping their last tokens (--long_prompts filter drops them)",
+            file=sys.stderr,
+        )
+    if not ids:
+        raise BadInput(f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
+    references = []
+    for text in dataset[reference_column]:
+        ref = tokenizer(text.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
+        ref = ref[: response_length - 1] + [eos]
+        references.append(ref + [pad] * (response_length - len(ref)))
+    return dataset, torch.tensor(queries), torch.tensor(references), len(long) if long_prompts == "filter" else 0
+
+
+def load_preferences(path, split, query_column, chosen_column, rejected_column, **data):
+    """Preference pairs (N, 2, query_length + response_length): the prompt left-padded, then the chosen (0) or the
+    rejected (1) response with EOS appended and right-padded (load_prompts reads each column as it reads references);
+    and how many pairs were dropped for a prompt longer than query_length."""
+    pairs = []
+    for column in (chosen_column, rejected_column):
+        _, queries, responses, dropped = load_prompts(path, split, query_column, column, **data)
+        pairs.append(torch.cat((queries, responses), 1))
+    return torch.stack(pairs, 1), dropped
+
+
+def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
+    """Endless global batches of prompt indices (the same shuffle on every rank); each rank takes its share."""
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(num_prompts)
+        for start in range(0, num_prompts - batch_size + 1, batch_size):
+            yield perm[start : start + batch_size][rank::world_size]
+
+
+# ---------------------------------------------------------------------------------------------- plumbing
 
 
 class BadInput(ValueError):
@@ -95,10 +256,9 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+def no_sync(model, sync: bool):
+    """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation."""
+    return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
 
 
 def all_reduce(values: dict, op=None, device=None) -> dict:
@@ -112,62 +272,35 @@ def all_reduce(values: dict, op=None, device=None) -> dict:
     return dict(zip(values, t.tolist()))
 
 
-class ScalarRewardModel(nn.Module):
-    """A transformer backbone and a linear head read at the last non-pad token."""
+class Timer:
+    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, bias: float = 0.0):
-        super().__init__()
-        self.backbone, self.head, self.bias = backbone, head, bias
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
 
-    def forward(self, query_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
-        attention_mask = query_responses != pad_id
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.backbone(
-            input_ids=query_responses.masked_fill(~attention_mask, 0),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state  # (B, L, H)
-        # The last non-pad token: queries are left-padded and responses right-padded, so it is the rightmost one.
-        last = (attention_mask * torch.arange(attention_mask.size(1), device=attention_mask.device)).argmax(1)
-        hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B,)
+    @contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
-def tokenize_preferences(dataset, args: Args, tokenizer):
-    """(N, 2, query_length + response_length): chosen then rejected, each query + response + EOS."""
-    for column in (args.query_column, args.chosen_column, args.rejected_column):
-        if column not in dataset.column_names:
-            raise BadInput(
-                f"dataset '{args.query_dataset}' has no column '{column}'; it has {dataset.column_names}. "
-                f"Pass --query_column / --chosen_column / --rejected_column."
-            )
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-    queries = torch.tensor(tokenizer(
-        list(dataset[args.query_column]), padding="max_length", max_length=args.query_length, truncation=True
-    ).input_ids)  # fmt: skip
-
-    def responses(column):
-        out = []
-        for text in dataset[column]:
-            ids = tokenizer(text.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
-            ids = ids[: args.response_length - 1] + [tokenizer.eos_token_id]
-            out.append(ids + [tokenizer.pad_token_id] * (args.response_length - len(ids)))
-        return torch.cat((queries, torch.tensor(out)), 1)
-
-    return torch.stack((responses(args.chosen_column), responses(args.rejected_column)), 1)
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def bradley_terry_loss(rewards: torch.Tensor) -> torch.Tensor:
-    """rewards (B, 2), chosen then rejected: -log sigmoid(r_chosen - r_rejected), the Bradley-Terry likelihood."""
-    return -nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
-
+# ---------------------------------------------------------------------------------------------- main
 
 if __name__ == "__main__":
     sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
-    from datasets import load_dataset
     from tqdm import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     args = tyro.cli(Args, use_underscores=True)
 
@@ -176,10 +309,8 @@ if __name__ == "__main__":
     use_cuda = args.cuda and torch.cuda.is_available()
     if ddp:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    else:
-        rank, local_rank, world_size = 0, 0, 1
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     master = rank == 0
@@ -189,34 +320,44 @@ if __name__ == "__main__":
     )
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed)  # the new head must start the same on every rank
-    bf16 = use_cuda and args.bf16
+    torch.manual_seed(args.seed + rank)  # the new head may start differently on each rank: DDP copies rank 0's
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and use_cuda)
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    # Data
-    tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise BadInput(f"the tokenizer of {args.sft_model_path} has no pad token distinct from EOS; train it with "
-                         "sft.py (which adds '[PAD]') or add one with tokenizer.add_special_tokens")  # fmt: skip
-    train_data = tokenize_preferences(load_dataset(args.query_dataset, split=args.train_split), args, tokenizer)
-    eval_data = tokenize_preferences(load_dataset(args.query_dataset, split=args.eval_split), args, tokenizer)
+    # Data: preference pairs to train on, and the SFT data's references to set the zero of the score.
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad = tokenizer.pad_token_id
+    data = dict(
+        tokenizer=tokenizer,
+        query_length=args.query_length,
+        response_length=args.response_length,
+        long_prompts=args.long_prompts,
+    )
+    columns = args.query_column, args.chosen_column, args.rejected_column
+    train_data, dropped = load_preferences(args.preference_dataset, args.train_split, *columns, **data)
+    eval_data, _ = load_preferences(args.preference_dataset, args.eval_split, *columns, **data)
     eval_data = eval_data[: args.num_eval_prompts][rank::world_size]
-    steps_per_epoch = len(train_data) // args.batch_size
-    num_updates = steps_per_epoch * args.num_train_epochs
+    _, norm_queries, norm_references, _ = load_prompts(
+        args.query_dataset, args.train_split, args.query_column, args.reference_column, **data
+    )
+    norm_data = torch.cat((norm_queries, norm_references), 1)[: args.num_norm_examples][rank::world_size]
+    num_updates = len(train_data) // args.batch_size * args.num_train_epochs
     if num_updates < 1:
         raise BadInput(f"the train split has {len(train_data)} pairs, fewer than one --batch_size {args.batch_size}")
+    batches = prompt_batches(len(train_data), args.batch_size, rank, world_size, args.seed)
 
-    # Model: the SFT backbone and a fresh scalar head; eval mode keeps dropout off.
-    hf_model = AutoModelForSequenceClassification.from_pretrained(
-        args.sft_model_path, num_labels=1, dtype=torch.float32
-    )
-    hf_model.config.pad_token_id = tokenizer.pad_token_id
+    # Model: the SFT backbone (a LoRA adapter merged) and a fresh scalar head; eval mode keeps dropout off.
+    sft_model = load_policy(args.sft_model_path, torch.float32)
+    sft_model.config.num_labels = 1
+    hf_model = AutoModelForSequenceClassification.from_config(sft_model.config)
+    hf_model.base_model.load_state_dict(sft_model.base_model.state_dict())
+    del sft_model
     model = ScalarRewardModel(hf_model.base_model, hf_model.score).to(device).eval()
     raw_model = model
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+        model = DDP(model, device_ids=[device.index] if use_cuda else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
 
     # Logging: only rank 0 writes.
@@ -228,86 +369,102 @@ if __name__ == "__main__":
         if args.track:
             import wandb
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name,
-                       sync_tensorboard=True, save_code=True)  # fmt: skip
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                config=asdict(args),
+                name=run_name,
+                sync_tensorboard=True,
+                save_code=True,
+            )
         os.makedirs(run_dir, exist_ok=True)
         writer = SummaryWriter(run_dir)
-        writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-        )
+        writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
         metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if dropped:
+            print(f"dropped {dropped} training pairs whose prompt is longer than --query_length {args.query_length}")
         print(
-            f"run {run_name}: {num_updates} steps of {args.batch_size} pairs, world size {world_size}; logs in {run_dir}"
+            f"run {run_name}: {num_updates} updates of {args.batch_size} pairs, world size {world_size}, "
+            f"{grad_accum} micro-batches per step; logs in {run_dir}"
         )
 
-    @torch.no_grad()
-    def validation() -> dict:
-        rewards = torch.cat([raw_model(b.to(device).flatten(0, 1), tokenizer.pad_token_id).view(-1, 2)
-                             for b in eval_data.split(args.per_device_train_batch_size)])  # fmt: skip
-        return all_reduce({
-            "eval/accuracy": (rewards[:, 0] > rewards[:, 1]).float().mean().item(),
-            "eval/loss": bradley_terry_loss(rewards).item(),
-            "eval/reward_chosen": rewards[:, 0].mean().item(),
-            "eval/reward_rejected": rewards[:, 1].mean().item(),
-        }, device=device)  # fmt: skip
-
-    # The loop
+    # The loop: a batch of pairs -> scores -> Bradley-Terry loss -> step -> log.
     start = time.time()
-    rng = np.random.default_rng(args.seed)
-    update = 0
-    for epoch in range(args.num_train_epochs):
-        perm = rng.permutation(len(train_data))
-        for step in tqdm(range(steps_per_epoch), disable=not master, desc=f"epoch {epoch}"):
-            update += 1
-            lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now
-            batch = train_data[perm[step * args.batch_size : (step + 1) * args.batch_size][rank::world_size]].to(device)
-            losses, accuracies = [], []
+    for update in tqdm(range(1, num_updates + 1), disable=not master, desc="updates"):
+        timer = Timer(device)
+        if use_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        batch = train_data[next(batches)].to(device)  # (b, 2, query_length + response_length)
+        losses, accuracies = [], []
+        with timer("update"):
             for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
-                with nullcontext() if micro == grad_accum - 1 or not ddp else model.no_sync(), autocast():
-                    rewards = model(mb.flatten(0, 1), tokenizer.pad_token_id).view(-1, 2).float()  # (B, 2)
+                with no_sync(model, sync=micro == grad_accum - 1), autocast():
+                    rewards = model(mb.flatten(0, 1), pad).float().view(-1, 2)  # (b, 2)
                     loss = bradley_terry_loss(rewards)
-                    (loss / grad_accum).backward()
+                (loss / grad_accum).backward()
                 losses.append(loss.item())
                 accuracies.append((rewards[:, 0] > rewards[:, 1]).float().mean().item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            stats = all_reduce(
-                {"loss/reward": float(np.mean(losses)), "objective/accuracy": float(np.mean(accuracies))}, device=device
-            )
-            stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(device)}, dist.ReduceOp.MAX, device))
-            if master:
-                stats.update(
-                    {"policy/lr": lr_now, "episode": update * args.batch_size, "time/elapsed": time.time() - start}
-                )
-                for k, v in stats.items():
-                    writer.add_scalar(k, v, update)
-                metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
 
-    # DDP check: every rank must hold the same weights; a silent divergence would invalidate the run.
-    if ddp:
-        max_diff = 0.0
-        for p in raw_model.parameters():
-            if p.requires_grad:
-                q = p.detach().clone()
-                dist.broadcast(q, 0)
-                max_diff = max(max_diff, (p.detach() - q).abs().max().item())
-        max_diff = all_reduce({"d": max_diff}, dist.ReduceOp.MAX, device)["d"]
+        stats = all_reduce(
+            {"loss/reward": float(np.mean(losses)), "objective/accuracy": float(np.mean(accuracies))}, device=device
+        )
+        stats.update(all_reduce({f"time/{k}": v for k, v in timer.times.items()}, dist.ReduceOp.MAX, device))
+        stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(device)}, dist.ReduceOp.MAX, device))
         if master:
-            metrics_file.write(json.dumps({"ddp/max_param_diff_across_ranks": max_diff}) + "\n")
-            if max_diff > 0:
-                raise RuntimeError(f"DDP ranks diverged: max parameter difference {max_diff}")
+            stats.update(
+                {
+                    "policy/lr": lr_now,
+                    "episode": update * args.batch_size,
+                    "time/episodes_per_second": update * args.batch_size / (time.time() - start),
+                }
+            )
+            for k, v in stats.items():
+                writer.add_scalar(k, v, update)
+            metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
+            metrics_file.flush()
 
-    val = validation()
+    # Normalisation: the reference responses' mean score, over every rank's share, becomes the zero of the score.
+    with torch.no_grad(), autocast():
+        total = sum(
+            raw_model(mb.to(device), pad).float().sum().item()
+            for mb in norm_data.split(args.per_device_train_batch_size)
+        )
+    norm = all_reduce({"sum": total, "count": len(norm_data)}, dist.ReduceOp.SUM, device)
+    raw_model.bias = hf_model.config.reward_bias = norm["sum"] / norm["count"]
+
+    # Evaluation: accuracy on the validation pairs, with the normalised score.
+    with torch.no_grad(), autocast():
+        rewards = [
+            raw_model(mb.to(device).flatten(0, 1), pad).float().view(-1, 2)
+            for mb in eval_data.split(args.per_device_train_batch_size)
+        ]
+        rewards = torch.cat(rewards)  # (n, 2)
+    val = all_reduce(
+        {
+            "eval/accuracy": (rewards[:, 0] > rewards[:, 1]).float().mean().item(),
+            "eval/loss": bradley_terry_loss(rewards).item(),
+            "eval/reward_chosen": rewards[:, 0].mean().item(),
+            "eval/reward_rejected": rewards[:, 1].mean().item(),
+        },
+        device=device,
+    )
+    val["eval/reference_score_before_norm"] = hf_model.config.reward_bias
+
     if master:
         for k, v in val.items():
-            writer.add_scalar(k, v, update)
-        metrics_file.write(json.dumps({"update": update, **val}) + "\n")
+            writer.add_scalar(k, v, num_updates)
+        metrics_file.write(json.dumps({"update": num_updates, **val}) + "\n")
         print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()) + f" ({time.time() - start:.0f} s)")
         if args.output_dir:
+            # config.pad_token_id stays the SFT model's: the pad token load_tokenizer may add has no embedding row (an
+            # id outside the embedding makes from_pretrained fail), and EOS as the pad id would make transformers' own
+            # forward read the score one token before the EOS, where this model was not trained to score.
             hf_model.save_pretrained(args.output_dir)
-            tokenizer.padding_side = "right"
             tokenizer.save_pretrained(args.output_dir)
             print(f"saved the reward model to {args.output_dir}")
         metrics_file.close()
@@ -315,8 +472,6 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     if ddp:
-        # Destroying the group joins gloo's worker threads; one still running at exit can abort the process ("terminate
-        # called without an active exception"). For that the DDP wrapper must be gone, and torch.distributed.nn must have
-        # been imported before init_process_group: imported later (by DDP), its functions keep the group as a default.
+        # gloo's worker threads must be joined before exit (tests/test_ddp_teardown.py): drop the DDP wrapper first.
         del model
         dist.destroy_process_group()

@@ -26,6 +26,8 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Literal
 
 import numpy as np
 import torch
@@ -51,6 +53,9 @@ class Args:
     """the wandb entity (team)"""
     cuda: bool = True
     """use CUDA when it is available"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'bf16': frozen weights in bf16, trainable weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA,
+    fp32 on CPU (bf16 runs on CPU too, slowly: that is how the tests check the bf16 path)"""
     run_dir: str | None = None
     """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
     output_dir: str = "models/rloo_tldr"
@@ -66,7 +71,7 @@ class Args:
 
     # data and models
     query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
-    """hub name or local path of the prompt dataset (load_dataset)"""
+    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts"""
     query_column: str = "query"
     """dataset column holding the prompt text"""
     reference_column: str = "reference_response"
@@ -74,11 +79,15 @@ class Args:
     train_split: str = "train"
     eval_split: str = "validation"
     query_length: int = 512
-    """prompts are left-padded / left-truncated to this many tokens"""
+    """prompts are left-padded to this many tokens"""
+    long_prompts: Literal["filter", "truncate"] = "filter"
+    """prompts longer than --query_length: 'filter' drops them (as the paper does; the count is printed), 'truncate'
+    keeps their last --query_length tokens"""
     response_length: int = 53
     """tokens sampled per response (min = max new tokens, as in the paper)"""
     sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
-    """the SFT policy: initial policy and KL reference (hub name or save_pretrained directory)"""
+    """the SFT policy: initial policy and KL reference (hub name, save_pretrained directory, or a LoRA adapter, which
+    is merged into its base)"""
     reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
     """the reward model: AutoModelForSequenceClassification with one label, or the backbone+scalar-head format of
     summarize_from_feedback_details"""
@@ -87,7 +96,7 @@ class Args:
     temperature: float = 0.7
     """sampling temperature. The official code samples at 0.7; the paper's Table (Appendix I.1.4) lists 0.1"""
     eval_temperature: float = 0.01
-    """sampling temperature for evaluation (the official code's 0.01, near greedy)"""
+    """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too"""
 
     # RLOO
     rloo_k: int = 2
@@ -126,11 +135,279 @@ class Args:
     lora_target_modules: list[str] | None = None
     """modules to adapt (default: peft's default for the architecture, query_key_value for Pythia, as the official
     code); 'all-linear' adapts every linear layer"""
-    bf16: bool = True
-    """on CUDA: frozen weights in bf16, trainable weights in fp32, compute under bf16 autocast"""
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------- tensor helpers
+
+
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True in each row; the row length where there is none."""
+    row_len = bools.size(-1)
+    return torch.where(bools, torch.arange(row_len, device=bools.device), row_len).min(dim=-1).values
+
+
+def truncate_response(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Keep each response up to and including its first EOS; pad the rest."""
+    positions = torch.arange(responses.size(1), device=responses.device)
+    return responses.masked_fill(positions > first_true_indices(responses == eos_id)[:, None], pad_id)
+
+
+def response_mask(responses: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """True up to and including the first EOS (everything when there is none)."""
+    lengths = first_true_indices(responses == pad_id)  # tokens kept
+    return torch.arange(responses.size(1), device=responses.device)[None] < lengths[:, None]
+
+
+def forward(model, query_responses: torch.Tensor, pad_id: int):
+    """Forward with pads masked and positions counted from the first real token, as generate() does with left
+    padding. The pad id never reaches the model, so it needs no embedding row (see load_tokenizer)."""
+    attention_mask = query_responses != pad_id
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    input_ids = query_responses.masked_fill(~attention_mask, 0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+def response_logprobs(model, query_responses, context_length: int, temperature: float, pad_id: int):
+    """Per-token log pi(y_t | x, y_<t) of the response tokens under the distribution generate() samples from:
+    logits divided by the temperature and the pad token excluded. Pad positions get a placeholder (mask them)."""
+    logits = forward(model, query_responses, pad_id).logits[:, context_length - 1 : -1].float() / temperature
+    if pad_id < logits.size(-1):
+        logits[..., pad_id] = float("-inf")  # generate() suppresses it
+    responses = query_responses[:, context_length:]
+    responses = responses.masked_fill(responses == pad_id, 0)  # (B, T)
+    return logits.log_softmax(-1).gather(2, responses.unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+def sequence_logprobs(model, query_responses, masks, context_length: int, temperature: float, pad_id: int):
+    """log pi(y|x), summed over each response's tokens. query_responses (B, n, L) and masks (B, n, T) -> (B, n)."""
+    logprobs = response_logprobs(model, query_responses.flatten(0, 1), context_length, temperature, pad_id)
+    return (logprobs * masks.flatten(0, 1)).sum(-1).unflatten(0, masks.shape[:2])
+
+
+@contextmanager
+def adapter_disabled(peft_model):
+    with peft_model.disable_adapter():
+        yield peft_model
+
+
+# ---------------------------------------------------------------------------------------------- sampling and rollout
+
+
+def sampling_config(response_length: int, temperature: float, pad_id: int):
+    """Exactly response_length tokens per query: EOS does not stop sampling (rollout truncates after it), and the pad
+    token is never sampled. load_policy empties the model's own generation_config, which transformers would otherwise
+    use to fill every field left unset here (e.g. a repetition penalty)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=response_length,
+        min_new_tokens=response_length,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=None,
+        pad_token_id=pad_id,
+        suppress_tokens=[pad_id],
+    )
+
+
+@torch.no_grad()
+def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
+    attention_mask = queries != config.pad_token_id
+    input_ids = queries.masked_fill(~attention_mask, 0)
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    return torch.cat((queries, output[:, queries.size(1) :]), 1)
+
+
+@torch.no_grad()
+def rollout(policy, ref_policy, reward_model, queries, n: int, config, eos_id: int, chunk_size: int, timer):
+    """n responses per query from the policy, scored. Returns query_responses (B, n, L), masks (B, n, T), the summed
+    log-probs under the policy and the reference (B, n), the reward model's scores (B, n) and has_eos (B, n)."""
+    ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
+    for query in queries.split(chunk_size):
+        with timer("generation"):
+            query_response = generate(policy, query.repeat_interleave(n, 0), config)
+        # Response processing 1: truncate after the first EOS, pad the rest.
+        response = truncate_response(query_response[:, ctx:], eos_id, pad_id)
+        query_response = torch.cat((query_response[:, :ctx], response), 1).unflatten(0, (-1, n))  # (b, n, L)
+        mask = response_mask(response, pad_id).unflatten(0, (-1, n))  # (b, n, T)
+        # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
+        with timer("logprob"):
+            logprob = sequence_logprobs(policy, query_response, mask, ctx, temperature, pad_id)
+            with ref_policy() as ref:
+                ref_logprob = sequence_logprobs(ref, query_response, mask, ctx, temperature, pad_id)
+        # Response processing 3: the reward model's score, and whether the response ended (the penalty needs it).
+        with timer("reward"):
+            score = reward_model(query_response.flatten(0, 1), pad_id).float().unflatten(0, (-1, n))
+        has_eos = (response == eos_id).any(1).unflatten(0, (-1, n))
+        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
+    return [torch.cat(t) for t in zip(*out)]
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+
+
+def rloo_advantages(rewards: torch.Tensor, reinforce: bool = False) -> torch.Tensor:
+    """rewards (B, k), the k responses to one prompt in a row. Leave-one-out (Kool et al., 2019; Ahmadian et al.,
+    2024): A_i = r_i - mean_{j != i} r_j. With reinforce=True, A = r (Williams, 1992)."""
+    if reinforce:
+        return rewards
+    k = rewards.size(1)
+    baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)  # (B, k) mean of the other k - 1
+    return rewards - baseline
+
+
+def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """-mean_{x, i} A_i * ln pi_theta(y_i|x): the REINFORCE surrogate. logprobs are summed over the response's
+    tokens (B, k); the advantages are constants."""
+    return -(advantages.detach() * logprobs).mean()
+
+
+# ---------------------------------------------------------------------------------------------- models and data
+
+
+class ScalarRewardModel(nn.Module):
+    """A transformer backbone and a linear head read at the last non-pad token, minus a normalising bias (reward.py
+    sets it so that reference responses score 0 on average)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, bias: float = 0.0):
+        super().__init__()
+        self.backbone, self.head, self.bias = backbone, head, bias
+
+    def forward(self, query_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
+        hidden = forward(self.backbone, query_responses, pad_id).last_hidden_state  # (B, L, H)
+        # The last non-pad token: queries are left-padded and responses right-padded, so it is the rightmost one.
+        positions = torch.arange(query_responses.size(1), device=hidden.device)
+        last = ((query_responses != pad_id) * positions).argmax(1)
+        hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B,)
+
+
+def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
+    """An AutoModelForSequenceClassification with one label, or summarize_from_feedback_details' format (config.json
+    with `base_config`; weights `lm_backbone.*` and `scalar_head.*`, with or without a head bias)."""
+    from huggingface_hub import snapshot_download
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    try:
+        local = path if os.path.isdir(path) else snapshot_download(path)
+        with open(os.path.join(local, "config.json")) as f:
+            config = json.load(f)
+        if "base_config" not in config:
+            model = AutoModelForSequenceClassification.from_pretrained(local, dtype=dtype)
+            head = getattr(model, "score", None) or getattr(model, "classifier", None)
+            if model.config.num_labels != 1 or not isinstance(head, nn.Linear):
+                raise BadInput(
+                    f"reward model {path}: a reward model needs one linear output (`score`), found "
+                    f"{model.config.num_labels} labels on {type(model).__name__}"
+                )
+            return ScalarRewardModel(model.base_model, head, getattr(model.config, "reward_bias", 0.0))
+        # https://github.com/vwxyzjn/summarize_from_feedback_details (ScalarModel)
+        state = {}
+        for name in sorted(n for n in os.listdir(local) if n.endswith((".safetensors", ".bin"))):
+            file = os.path.join(local, name)
+            state.update(load_file(file) if name.endswith(".safetensors") else torch.load(file, weights_only=True))
+        backbone = AutoModel.from_config(AutoConfig.for_model(**config["base_config"]), dtype=dtype)
+        backbone.load_state_dict({k.removeprefix("lm_backbone."): v for k, v in state.items() if k.startswith("lm_")})
+        head_state = {k.removeprefix("scalar_head."): v for k, v in state.items() if k.startswith("scalar_head.")}
+        head = nn.Linear(config["hidden_size"], 1, bias="bias" in head_state)
+        head.load_state_dict(head_state)
+        return ScalarRewardModel(backbone, head.to(dtype), config.get("bias", 0.0))
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"reward model: cannot read the checkpoint {path} ({type(e).__name__}: {e})") from e
+
+
+def load_policy(path: str, dtype: torch.dtype):
+    """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
+    merged into its base, so the policy starts at, and the KL reference is, the SFT model itself."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import find_adapter_config_file
+
+    try:
+        if find_adapter_config_file(path):
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:
+        raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
+    model.generation_config = GenerationConfig()  # sampling uses only what generate() sets
+    return model
+
+
+def load_tokenizer(path: str):
+    """The policy's tokenizer, with a pad token distinct from EOS and BOS. Every script pads itself and never feeds or
+    gathers the pad id (forward, response_logprobs), so a pad token added here needs no embedding row: tokenizers
+    with pad == EOS (Llama-3, Mistral) or none (Pythia) work as they are."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise BadInput(f"cannot load a tokenizer from '{path}' ({type(e).__name__}: {e})") from e
+    if tokenizer.eos_token_id is None:
+        raise BadInput(f"the tokenizer of {path} has no EOS token; responses end at EOS, so set one")
+    if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+def load_prompts(path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts):
+    """Prompts left-padded to query_length, references (EOS appended) right-padded to response_length, the dataset
+    rows they came from, and how many prompts were dropped for being too long."""
+    from datasets import load_dataset
+
+    try:
+        if os.path.isfile(path):  # a single file serves every split
+            kind = {"jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(path.rsplit(".", 1)[-1], "json")
+            dataset = load_dataset(kind, data_files=path, split="train")
+        else:
+            dataset = load_dataset(path, split=split)
+    except Exception as e:
+        raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
+    for column in (query_column, reference_column):
+        if column not in dataset.column_names:
+            raise BadInput(
+                f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
+                "Pass --query_column / --reference_column."
+            )
+    ids = tokenizer(list(dataset[query_column])).input_ids
+    long = [i for i, x in enumerate(ids) if len(x) > query_length]
+    if long and long_prompts == "filter":
+        keep = sorted(set(range(len(ids))) - set(long))
+        dataset, ids = dataset.select(keep), [ids[i] for i in keep]
+    elif long:
+        print(
+            f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
+            "keeping their last tokens (--long_prompts filter drops them)",
+            file=sys.stderr,
+        )
+    if not ids:
+        raise BadInput(f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
+    references = []
+    for text in dataset[reference_column]:
+        ref = tokenizer(text.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
+        ref = ref[: response_length - 1] + [eos]
+        references.append(ref + [pad] * (response_length - len(ref)))
+    return dataset, torch.tensor(queries), torch.tensor(references), len(long) if long_prompts == "filter" else 0
+
+
+def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
+    """Endless global batches of prompt indices (the same shuffle on every rank); each rank takes its share."""
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(num_prompts)
+        for start in range(0, num_prompts - batch_size + 1, batch_size):
+            yield perm[start : start + batch_size][rank::world_size]
+
+
+# ---------------------------------------------------------------------------------------------- plumbing
 
 
 class BadInput(ValueError):
@@ -151,173 +428,9 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
-    """Index of the first True in each row; the row length where there is none."""
-    row_len = bools.size(-1)
-    idx = torch.arange(row_len, device=bools.device)
-    return torch.where(bools, idx, row_len).min(dim=-1).values
-
-
-def truncate_response(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
-    """Keep each response up to and including its first EOS; pad the rest."""
-    after_eos = (
-        torch.arange(responses.size(1), device=responses.device) > first_true_indices(responses == eos_id)[:, None]
-    )
-    return responses.masked_fill(after_eos, pad_id)
-
-
-def forward(model, query_responses: torch.Tensor, pad_id: int):
-    """Forward with pads masked and positions counted from the first real token, as generate() does with left
-    padding, so that log-probs here are those of the distribution that was sampled."""
-    attention_mask = query_responses != pad_id
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    input_ids = query_responses.masked_fill(~attention_mask, 0)  # the pad id may lie outside the embedding
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-
-
-def response_logprobs(model, query_responses, context_length, temperature, pad_id):
-    """Per-token log pi(y_t | x, y_<t) of the response tokens, logits divided by the sampling temperature."""
-    logits = forward(model, query_responses, pad_id).logits[:, context_length - 1 : -1].float()  # (B, T, V)
-    logits = logits / temperature
-    responses = query_responses[:, context_length:]
-    return torch.gather(logits.log_softmax(-1), 2, responses.unsqueeze(-1)).squeeze(-1)  # (B, T)
-
-
-def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum(-1)
-
-
-def response_mask(postprocessed_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """True up to and including the first EOS (everything when there is none)."""
-    lengths = first_true_indices(postprocessed_responses == pad_id)  # tokens kept
-    return torch.arange(postprocessed_responses.size(1), device=lengths.device)[None] < lengths[:, None]
-
-
-def rloo_advantages(rewards: torch.Tensor, reinforce: bool = False) -> torch.Tensor:
-    """rewards (B, k), the k responses to one prompt in a row. Leave-one-out: A_i = r_i - mean_{j != i} r_j
-    (Kool et al., 2019; Ahmadian et al., 2024).
-    With reinforce=True, A = r (Williams, 1992)."""
-    if reinforce:
-        return rewards
-    k = rewards.size(1)
-    baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)  # (B, k) mean of the other k - 1
-    return rewards - baseline
-
-
-def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """-mean_{x, i} A_i * ln pi_theta(y_i|x): the REINFORCE surrogate. logprobs are summed over the response's
-    tokens (B, k); the advantages are constants."""
-    return -(advantages.detach() * logprobs).mean()
-
-
-class ScalarRewardModel(nn.Module):
-    """A transformer backbone and a linear head read at the last non-pad token."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module, bias: float = 0.0):
-        super().__init__()
-        self.backbone, self.head, self.bias = backbone, head, bias
-
-    def forward(self, query_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
-        attention_mask = query_responses != pad_id
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.backbone(
-            input_ids=query_responses.masked_fill(~attention_mask, 0),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state  # (B, L, H)
-        # The last non-pad token: queries are left-padded and responses right-padded, so it is the rightmost one.
-        last = (attention_mask * torch.arange(attention_mask.size(1), device=attention_mask.device)).argmax(1)
-        hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B,)
-
-
-def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
-    """Load an AutoModelForSequenceClassification with one label, or summarize_from_feedback_details' format
-    (config.json with `base_config`; weights `lm_backbone.*` and `scalar_head.*`)."""
-    from huggingface_hub import snapshot_download
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
-
-    local = path if os.path.isdir(path) else snapshot_download(path)
-    config_file = os.path.join(local, "config.json")
-    if not os.path.isfile(config_file):
-        raise BadInput(f"reward model: no config.json in {local}; pass a save_pretrained directory")
-    with open(config_file) as f:
-        config = json.load(f)
-    if "base_config" in config:  # https://github.com/vwxyzjn/summarize_from_feedback_details (ScalarModel)
-        from safetensors.torch import load_file
-
-        files = [n for n in os.listdir(local) if n.endswith((".safetensors", ".bin"))]
-        if not files:
-            raise BadInput(f"reward model: no weights (*.safetensors or *.bin) in {local}")
-        state = {}
-        for name in files:
-            fp = os.path.join(local, name)
-            state.update(load_file(fp) if name.endswith(".safetensors") else torch.load(fp, map_location="cpu"))
-        base_config = AutoConfig.for_model(**config["base_config"])
-        backbone = AutoModel.from_config(base_config, torch_dtype=dtype)
-        backbone.load_state_dict({k.removeprefix("lm_backbone."): v for k, v in state.items() if k.startswith("lm_")})
-        head = nn.Linear(config["hidden_size"], 1)
-        head.load_state_dict({k.removeprefix("scalar_head."): v for k, v in state.items() if k.startswith("scalar_")})
-        return ScalarRewardModel(backbone, head.to(dtype), config.get("bias", 0.0))
-    model = AutoModelForSequenceClassification.from_pretrained(local, torch_dtype=dtype)
-    if model.config.num_labels != 1:
-        raise BadInput(f"reward model {path} has {model.config.num_labels} labels; a reward model needs exactly 1")
-    head = getattr(model, "score", None) or getattr(model, "classifier", None)
-    if not isinstance(head, nn.Linear):
-        raise BadInput(f"reward model {path}: cannot find a linear `score` head on {type(model).__name__}")
-    return ScalarRewardModel(model.base_model, head)
-
-
-def load_prompts(args: Args, split: str, tokenizer):
-    """Tokenise the prompt column (left padding / truncation) and the reference column (EOS appended)."""
-    from datasets import load_dataset
-
-    try:
-        dataset = load_dataset(args.query_dataset, split=split)
-    except ValueError as e:
-        raise BadInput(f"cannot load split '{split}' of dataset '{args.query_dataset}': {e}") from e
-    for column in (args.query_column, args.reference_column):
-        if column not in dataset.column_names:
-            raise BadInput(
-                f"dataset '{args.query_dataset}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
-                f"Pass --query_column / --reference_column."
-            )
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-    queries = tokenizer(
-        list(dataset[args.query_column]), padding="max_length", max_length=args.query_length, truncation=True
-    ).input_ids
-    references = []
-    for text in dataset[args.reference_column]:
-        ids = tokenizer(text.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
-        ids = ids[: args.response_length - 1] + [tokenizer.eos_token_id]
-        references.append(ids + [tokenizer.pad_token_id] * (args.response_length - len(ids)))
-    return dataset, torch.tensor(queries), torch.tensor(references)
-
-
-def check_tokenizer(tokenizer, path: str):
-    if tokenizer.eos_token_id is None:
-        raise BadInput(f"the tokenizer of {path} has no EOS token; responses are truncated at EOS, so set one")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise BadInput(
-            f"the tokenizer of {path} has no pad token distinct from EOS (pad={tokenizer.pad_token!r}). Add one, "
-            "e.g. tokenizer.add_special_tokens({'pad_token': '[PAD]'}) and save it, as sft.py does."
-        )
-
-
-def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
-    """Endless global batches of prompt indices (same shuffle on every rank); each rank takes its share."""
-    rng = np.random.default_rng(seed)
-    while True:
-        perm = rng.permutation(num_prompts)
-        for start in range(0, num_prompts - batch_size + 1, batch_size):
-            yield perm[start : start + batch_size][rank::world_size]
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+def no_sync(model, sync: bool):
+    """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation."""
+    return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
 
 
 def all_reduce(values: dict, op=None, device=None) -> dict:
@@ -329,45 +442,6 @@ def all_reduce(values: dict, op=None, device=None) -> dict:
     if op is None:
         t /= dist.get_world_size()
     return dict(zip(values, t.tolist()))
-
-
-@torch.no_grad()
-def generate(model, queries, generation_config, pad_id):
-    """Sample exactly response_length tokens per query; EOS does not stop sampling (we truncate after it)."""
-    attention_mask = queries != pad_id
-    output = model.generate(
-        input_ids=queries.masked_fill(~attention_mask, 0),
-        attention_mask=attention_mask,
-        generation_config=generation_config,
-    )
-    return torch.cat((queries, output[:, queries.size(1) :]), 1)
-
-
-@torch.no_grad()
-def rollout(policy, ref_policy, reward_model, queries, args, generation_config, tokenizer, autocast, timer, n=2):
-    """Sample n responses per query and score them. Returns (N, n, ...) tensors, chunked to bound memory."""
-    pad, eos, out = tokenizer.pad_token_id, tokenizer.eos_token_id, []
-    ctx = queries.size(1)
-    for i in range(0, queries.size(0), args.local_rollout_forward_batch_size):
-        query = queries[i : i + args.local_rollout_forward_batch_size].repeat_interleave(n, 0)  # pairs adjacent
-        with timer("generation"), autocast():
-            query_response = generate(policy, query, generation_config, pad)
-        # Response processing 1: truncate after the first EOS, pad the rest.
-        response = truncate_response(query_response[:, ctx:], eos, pad)
-        query_response = torch.cat((query, response), 1)
-        mask = response_mask(response, pad)
-        # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
-        with timer("logprob"), autocast():
-            logprob = masked_sum(response_logprobs(policy, query_response, ctx, args.temperature, pad), mask)
-            with ref_policy() as ref:
-                ref_logprob = masked_sum(response_logprobs(ref, query_response, ctx, args.temperature, pad), mask)
-        # Response processing 3: reward model score; responses without EOS get the fixed penalty.
-        with timer("reward"), autocast():
-            score = reward_model(query_response, pad).float()
-        has_eos = (response == eos).any(1)
-        score = torch.where(has_eos, score, torch.full_like(score, args.penalty_reward_value))
-        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
-    return [torch.cat(t).unflatten(0, (-1, n)) for t in zip(*out)]
 
 
 class Timer:
@@ -387,33 +461,10 @@ class Timer:
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
-@torch.no_grad()
-def evaluate(
-    policy, ref_policy, reward_model, queries, references, texts, args, generation_config, tokenizer, autocast
-):
-    """RM score, KL to the reference, length and EOS rate on this rank's share of evaluation prompts."""
-    pad, ctx, rows = tokenizer.pad_token_id, queries.size(1), []
-    timer = Timer(queries.device)
-    query_response, mask, logprob, ref_logprob, score, has_eos = (
-        t[:, 0]
-        for t in rollout(
-            policy, ref_policy, reward_model, queries, args, generation_config, tokenizer, autocast, timer, n=1
-        )
-    )
-    with autocast():
-        reference_score = torch.cat([
-            reward_model(torch.cat((q, r), 1), pad).float()
-            for q, r in zip(queries.split(args.local_rollout_forward_batch_size), references.split(args.local_rollout_forward_batch_size))
-        ])  # fmt: skip
-    responses = tokenizer.batch_decode(query_response[:, ctx:], skip_special_tokens=True)
-    kl = logprob - ref_logprob
-    for i, (query, reference) in enumerate(texts):
-        rows.append({
-            "query": query, "postprocessed_response": responses[i], "reference_response": reference,
-            "score": score[i].item(), "reference_score": reference_score[i].item(), "kl": kl[i].item(),
-            "response_length": mask[i].sum().item(), "has_eos": has_eos[i].item(),
-        })  # fmt: skip
-    return rows
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -422,12 +473,13 @@ if __name__ == "__main__":
     sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
     import pandas as pd
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     args = tyro.cli(Args, use_underscores=True)
     if args.rloo_k < 2 and not args.reinforce:
-        raise BadInput(f"--rloo_k must be >= 2 (the leave-one-out baseline needs another sample); got {args.rloo_k}. "
-                         "Pass --reinforce for one sample per prompt and no baseline.")  # fmt: skip
+        raise BadInput(
+            f"--rloo_k must be >= 2 (the leave-one-out baseline needs another sample); got {args.rloo_k}. "
+            "Pass --reinforce for one sample per prompt and no baseline."
+        )
     num_samples = 1 if args.reinforce else args.rloo_k  # k
 
     # DDP set-up: the same file runs under `python` and `torchrun`.
@@ -435,10 +487,8 @@ if __name__ == "__main__":
     use_cuda = args.cuda and torch.cuda.is_available()
     if ddp:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    else:
-        rank, local_rank, world_size = 0, 0, 1
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     master = rank == 0
@@ -450,20 +500,26 @@ if __name__ == "__main__":
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)  # different sampling noise on every rank
-    bf16 = use_cuda and args.bf16
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and use_cuda)
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     # Data: every rank tokenises the whole split and takes its own prompts from the shared shuffle.
-    tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path)
-    check_tokenizer(tokenizer, args.sft_model_path)
-    train_set, train_queries, _ = load_prompts(args, args.train_split, tokenizer)
-    eval_set, eval_queries, eval_references = load_prompts(args, args.eval_split, tokenizer)
-    n_eval = min(args.num_eval_prompts or len(eval_set), len(eval_set))
-    eval_idx = list(range(n_eval))[rank::world_size]
-    eval_texts = [(eval_set[i][args.query_column], eval_set[i][args.reference_column]) for i in eval_idx]
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    data = dict(
+        query_column=args.query_column,
+        reference_column=args.reference_column,
+        tokenizer=tokenizer,
+        query_length=args.query_length,
+        response_length=args.response_length,
+        long_prompts=args.long_prompts,
+    )
+    train_set, train_queries, _, dropped = load_prompts(args.query_dataset, args.train_split, **data)
+    eval_set, eval_queries, eval_references, _ = load_prompts(args.query_dataset, args.eval_split, **data)
+    eval_idx = list(range(min(args.num_eval_prompts or len(eval_set), len(eval_set))))[rank::world_size]
     total_episodes = args.total_episodes or len(train_set)
     num_updates = total_episodes // args.batch_size
     if num_updates < 1:
@@ -471,46 +527,31 @@ if __name__ == "__main__":
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
     # Models: dropout is off everywhere because every model stays in eval mode (gradients do not need train mode).
-    policy = AutoModelForCausalLM.from_pretrained(
-        args.sft_model_path, torch_dtype=dtype if args.lora else torch.float32
-    )
-    policy.generation_config.eos_token_id = None  # sample the full length; truncation after EOS happens in rollout()
+    policy = load_policy(args.sft_model_path, dtype if args.lora else torch.float32)
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
+        target_modules = args.lora_target_modules
         lora_config = LoraConfig(
-            r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
-            target_modules=args.lora_target_modules[0] if args.lora_target_modules == ["all-linear"] else args.lora_target_modules,
-            task_type="CAUSAL_LM",
-        )  # fmt: skip
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=target_modules[0] if target_modules == ["all-linear"] else target_modules,
+        )
         policy = get_peft_model(policy, lora_config)  # peft keeps the adapters in fp32: the master weights
-        peft_model = policy
-
-        @contextmanager
-        def ref_policy():  # the SFT policy is the base model with the adapter switched off
-            with peft_model.disable_adapter():
-                yield peft_model
+        ref_policy = partial(adapter_disabled, policy)  # the SFT policy: the base model without the adapter
     else:
-        ref_model = AutoModelForCausalLM.from_pretrained(args.sft_model_path, torch_dtype=dtype).to(device).eval()
-        ref_model.requires_grad_(False)
+        ref_model = load_policy(args.sft_model_path, dtype).to(device).eval().requires_grad_(False)
         ref_policy = lambda: nullcontext(ref_model)  # noqa: E731
     policy.to(device).eval()
-    reward_model = load_reward_model(args.reward_model_path, dtype).to(device).eval()
-    reward_model.requires_grad_(False)
+    reward_model = load_reward_model(args.reward_model_path, dtype).to(device).eval().requires_grad_(False)
     raw_policy = policy
     if ddp:
-        policy = DDP(policy, device_ids=[local_rank] if use_cuda else None)
+        policy = DDP(policy, device_ids=[device.index] if use_cuda else None)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
-
-    def sampling_config(temperature):
-        return GenerationConfig(
-            max_new_tokens=args.response_length, min_new_tokens=args.response_length, do_sample=True,
-            temperature=temperature, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
-
-    generation_config, eval_generation_config = (
-        sampling_config(args.temperature),
-        sampling_config(args.eval_temperature),
+    chunk = args.local_rollout_forward_batch_size
+    config, eval_config = (
+        sampling_config(args.response_length, t, pad) for t in (args.temperature, args.eval_temperature)
     )
 
     # Logging: only rank 0 writes.
@@ -522,40 +563,63 @@ if __name__ == "__main__":
         if args.track:
             import wandb
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name,
-                       sync_tensorboard=True, save_code=True)  # fmt: skip
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                config=asdict(args),
+                name=run_name,
+                sync_tensorboard=True,
+                save_code=True,
+            )
         os.makedirs(run_dir, exist_ok=True)
         writer = SummaryWriter(run_dir)
-        writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-        )
+        writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
         metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        print(f"run {run_name}: {num_updates} updates of {args.batch_size} prompts, world size {world_size}, "
-              f"{grad_accum} micro-batches per step; logs in {run_dir}")  # fmt: skip
+        if dropped:
+            print(f"dropped {dropped} training prompts longer than --query_length {args.query_length} tokens")
+        print(
+            f"run {run_name}: {num_updates} updates of {args.batch_size} prompts, world size {world_size}, "
+            f"{grad_accum} micro-batches per step; logs in {run_dir}"
+        )
 
+    @torch.no_grad()
     def run_evaluation(update: int):
-        rows = evaluate(raw_policy, ref_policy, reward_model, eval_queries[eval_idx].to(device),
-                        eval_references[eval_idx].to(device), eval_texts, args, eval_generation_config, tokenizer, autocast)  # fmt: skip
+        """One response per prompt at the evaluation temperature (its KL at that temperature too, as the official code
+        does) and the reference response's score, on this rank's share of the prompts; rank 0 writes the table."""
+        queries, references = eval_queries[eval_idx].to(device), eval_references[eval_idx].to(device)
+        timer, ctx = Timer(device), queries.size(1)
+        with autocast():
+            rollouts = rollout(raw_policy, ref_policy, reward_model, queries, 1, eval_config, eos, chunk, timer)
+            query_response, mask, logprob, ref_logprob, score, has_eos = (t[:, 0] for t in rollouts)
+            reference_score = [
+                reward_model(torch.cat(qr, 1), pad).float() for qr in zip(queries.split(chunk), references.split(chunk))
+            ]
+        rows = {
+            "query": eval_set[eval_idx][args.query_column],
+            "postprocessed_response": tokenizer.batch_decode(query_response[:, ctx:], skip_special_tokens=True),
+            "reference_response": eval_set[eval_idx][args.reference_column],
+            "score": torch.where(has_eos, score, args.penalty_reward_value).tolist(),
+            "reference_score": torch.cat(reference_score).tolist(),
+            "kl": (logprob - ref_logprob).tolist(),
+            "response_length": mask.sum(1).tolist(),
+            "has_eos": has_eos.tolist(),
+        }
         gathered = [None] * world_size
-        if ddp:
-            dist.all_gather_object(gathered, rows)
-        else:
-            gathered = [rows]
-        if master:
-            df = pd.DataFrame([r for rs in gathered for r in rs])
-            df.to_csv(os.path.join(run_dir, f"eval_{update:06d}.csv"), index=False)
-            stats = {"eval/score": df.score.mean(), "eval/reference_score": df.reference_score.mean(), "eval/kl": df.kl.mean(),
-                     "eval/response_length": df.response_length.mean(), "eval/eos_rate": df.has_eos.mean()}  # fmt: skip
-            for k, v in stats.items():
-                writer.add_scalar(k, v, update)
-            samples = df.head(args.num_sample_rows)[["query", "postprocessed_response", "score"]]
-            writer.add_text("samples", samples.to_string(), update)
-            if args.track:
-                wandb.log({"samples": wandb.Table(dataframe=df.head(args.num_sample_rows * 4))}, step=update)
-            tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
-            for _, row in samples.iterrows():
-                tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row.score:.2f})")
-            return stats
+        dist.all_gather_object(gathered, rows) if ddp else gathered.__setitem__(0, rows)
+        if not master:
+            return
+        df = pd.concat([pd.DataFrame(r) for r in gathered], ignore_index=True)
+        df.to_csv(os.path.join(run_dir, f"eval_{update:06d}.csv"), index=False)
+        stats = {f"eval/{k}": df[k].mean() for k in ("score", "reference_score", "kl", "response_length", "has_eos")}
+        for k, v in stats.items():
+            writer.add_scalar(k, v, update)
+        samples = df.head(args.num_sample_rows)[["query", "postprocessed_response", "score"]]
+        writer.add_text("samples", samples.to_string(), update)
+        if args.track:
+            wandb.log({"samples": wandb.Table(dataframe=df.head(args.num_sample_rows * 4))}, step=update)
+        tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+        for _, row in samples.iterrows():
+            tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row.score:.2f})")
 
     # The loop: rollout -> reward -> leave-one-out advantage -> policy gradient -> log.
     start = time.time()
@@ -567,112 +631,91 @@ if __name__ == "__main__":
         lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
         for group in optimizer.param_groups:
             group["lr"] = lr_now
-        queries = train_queries[next(batches)].to(device)  # (local_batch_size, query_length)
+        queries = train_queries[next(batches)].to(device)  # (B, query_length)
+        context_length = queries.size(1)
 
         # 1. Rollout: k responses per prompt from pi_t, scored by the reward model.
-        query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout(
-            raw_policy,
-            ref_policy,
-            reward_model,
-            queries,
-            args,
-            generation_config,
-            tokenizer,
-            autocast,
-            timer,
-            n=num_samples,
-        )  # each (B, k, ...)
-        # 2. Reward: r(x, y) = RM score - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)).
+        with autocast():
+            query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout(
+                raw_policy, ref_policy, reward_model, queries, num_samples, config, eos, chunk, timer
+            )  # (B, k, ...)
+        # 2. Reward: r(x, y) = RM score (the fixed penalty without EOS) - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)).
+        scores = torch.where(has_eos, scores, args.penalty_reward_value)  # (B, k)
         kl = logprobs - ref_logprobs  # (B, k)
         rewards = scores - args.kl_coef * kl  # (B, k)
         advantages = rloo_advantages(rewards, args.reinforce)  # (B, k)
 
-        # 3. Policy gradient: noptepochs passes, a prompt's k responses kept together, gradient accumulation.
-        context_length = queries.size(1)
+        # 3. Policy gradient: noptepochs passes, a prompt's k responses kept together, one optimizer step per minibatch.
+        minibatches = [
+            mb for _ in range(args.noptepochs) for mb in torch.randperm(local_batch_size).split(mini_batch_size)
+        ]
         loss_stats, approxkl_stats = [], []
         with timer("update"):
-            for _epoch in range(args.noptepochs):
-                perm = torch.randperm(local_batch_size, device=device)
-                for mb_start in range(0, local_batch_size, mini_batch_size):
-                    for micro, mc_start in enumerate(
-                        range(mb_start, mb_start + mini_batch_size, args.per_device_train_batch_size)
-                    ):
-                        idx = perm[mc_start : mc_start + args.per_device_train_batch_size]
-                        sync = micro == grad_accum - 1
-                        with nullcontext() if sync or not ddp else policy.no_sync(), autocast():
-                            new_logprobs = masked_sum(
-                                response_logprobs(policy, query_responses[idx].flatten(0, 1), context_length,
-                                                  args.temperature, tokenizer.pad_token_id),
-                                masks[idx].flatten(0, 1),
-                            ).unflatten(0, (-1, num_samples))  # fmt: skip
-                            loss = policy_gradient_loss(new_logprobs, advantages[idx])
-                            (loss / grad_accum).backward()
-                        loss_stats.append(loss.item())
-                        approxkl_stats.append(0.5 * (new_logprobs - logprobs[idx]).pow(2).mean().item())
-                    if args.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+            for minibatch in minibatches:
+                for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
+                    with no_sync(policy, sync=micro == grad_accum - 1), autocast():
+                        new_logprobs = sequence_logprobs(
+                            policy, query_responses[idx], masks[idx], context_length, args.temperature, pad
+                        )  # (b, k)
+                        loss = policy_gradient_loss(new_logprobs, advantages[idx])
+                    (loss / grad_accum).backward()
+                    loss_stats.append(loss.item())
+                    approxkl_stats.append(0.5 * (new_logprobs - logprobs[idx]).pow(2).mean().item())
+                if args.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
         # 4. Log: metrics reduced over ranks, rank 0 writes.
         n_micro = len(loss_stats) // args.noptepochs
-        stats = all_reduce({
-            "objective/scores": scores.mean().item(),
-            "objective/kl": kl.mean().item(),
-            "objective/rlhf_reward": rewards.mean().item(),
-            "objective/advantage_std": advantages.std().item() if advantages.numel() > 1 else 0.0,
-            "objective/entropy": -(logprobs.sum() / masks.sum()).item(),
-            "objective/response_length": masks.sum(-1).float().mean().item(),
-            "objective/eos_rate": has_eos.float().mean().item(),
-            "loss/policy": float(np.mean(loss_stats)),
-            "loss/policy_first_epoch": float(np.mean(loss_stats[:n_micro])),
-            "loss/policy_last_epoch": float(np.mean(loss_stats[-n_micro:])),
-            "policy/approxkl": float(np.mean(approxkl_stats)),
-        }, device=device)  # fmt: skip
+        stats = all_reduce(
+            {
+                "objective/scores": scores.mean().item(),
+                "objective/kl": kl.mean().item(),
+                "objective/rlhf_reward": rewards.mean().item(),
+                "objective/advantage_std": advantages.std().item() if advantages.numel() > 1 else 0.0,
+                "objective/entropy": -(logprobs.sum() / masks.sum()).item(),
+                "objective/response_length": masks.sum(-1).float().mean().item(),
+                "objective/eos_rate": has_eos.float().mean().item(),
+                "loss/policy": float(np.mean(loss_stats)),
+                "loss/policy_first_epoch": float(np.mean(loss_stats[:n_micro])),
+                "loss/policy_last_epoch": float(np.mean(loss_stats[-n_micro:])),
+                "policy/approxkl": float(np.mean(approxkl_stats)),
+            },
+            device=device,
+        )
         timer.times["total"] = sum(timer.times.values())
         stats.update(all_reduce({f"time/{k}": v for k, v in timer.times.items()}, dist.ReduceOp.MAX, device))
         stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(device)}, dist.ReduceOp.MAX, device))
         if master:
-            stats.update({"policy/lr": lr_now, "episode": update * args.batch_size,
-                          "time/episodes_per_second": update * args.batch_size / (time.time() - start)})  # fmt: skip
+            stats.update(
+                {
+                    "policy/lr": lr_now,
+                    "episode": update * args.batch_size,
+                    "time/episodes_per_second": update * args.batch_size / (time.time() - start),
+                }
+            )
             for k, v in stats.items():
                 writer.add_scalar(k, v, update)
             metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
             metrics_file.flush()
         if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
             run_evaluation(update)
-
     run_evaluation(num_updates)
 
-    # DDP check: every rank must hold the same weights; a silent divergence would invalidate the run.
-    if ddp:
-        max_diff = 0.0
-        for p in raw_policy.parameters():
-            if p.requires_grad:
-                q = p.detach().clone()
-                dist.broadcast(q, 0)
-                max_diff = max(max_diff, (p.detach() - q).abs().max().item())
-        max_diff = all_reduce({"d": max_diff}, dist.ReduceOp.MAX, device)["d"]
-        if master:
-            metrics_file.write(json.dumps({"ddp/max_param_diff_across_ranks": max_diff}) + "\n")
-            if max_diff > 0:
-                raise RuntimeError(f"DDP ranks diverged: max parameter difference {max_diff}")
-
-    if master and args.output_dir:
-        raw_policy.save_pretrained(args.output_dir)
-        tokenizer.save_pretrained(args.output_dir)
-        if args.lora and args.save_merged:
-            raw_policy.merge_and_unload().save_pretrained(os.path.join(args.output_dir, "merged"))
-            tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
-        print(f"saved the policy to {args.output_dir}")
     if master:
+        if args.output_dir:
+            raw_policy.save_pretrained(args.output_dir)
+            tokenizer.save_pretrained(args.output_dir)
+            if args.lora and args.save_merged:
+                raw_policy.merge_and_unload().save_pretrained(os.path.join(args.output_dir, "merged"))
+                tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
+            print(f"saved the policy to {args.output_dir}")
         metrics_file.close()
         writer.close()
         if args.track:
             wandb.finish()
     if ddp:
-        # Destroying the group joins gloo's worker threads; one still running at exit can abort the process ("terminate
-        # called without an active exception"). For that the DDP wrapper must be gone, and torch.distributed.nn must have
-        # been imported before init_process_group: imported later (by DDP), its functions keep the group as a default.
+        # gloo's worker threads must be joined before exit (tests/test_ddp_teardown.py): drop the DDP wrapper first.
         del policy
         dist.destroy_process_group()

@@ -1,11 +1,12 @@
 """Supervised fine-tuning on TL;DR reference summaries: the first stage of the paper's pipeline (Appendix I.1.2).
 
-Next-token cross-entropy on the reference response given the post (the prompt tokens are not trained on).
-The result is saved with save_pretrained, with a pad token added to the tokenizer, so that reward.py and
-rebel.py load it directly.
+Next-token cross-entropy on the reference response given the post (the prompt tokens are not trained on). The model
+and its tokenizer (with the pad token load_tokenizer adds, if it adds one) are saved with save_pretrained, so that
+reward.py and rebel.py load them directly.
 
     python sft.py --help
     torchrun --nproc_per_node 8 sft.py                       # Pythia 1.4B, the paper's SFT model
+    python -m toy.demo                                      # the offline toy task, end to end
 """
 
 import json
@@ -14,8 +15,9 @@ import random
 import resource
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,6 +42,9 @@ class Args:
     """the wandb entity (team)"""
     cuda: bool = True
     """use CUDA when it is available"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'bf16': weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU (bf16 runs on CPU too,
+    slowly)"""
     run_dir: str | None = None
     """where TensorBoard events and metrics.jsonl go (default: runs/<run name>)"""
     output_dir: str = "models/sft_tldr_pythia-1.4b"
@@ -47,9 +52,9 @@ class Args:
     num_eval_prompts: int | None = None
     """compute the validation loss on the first N examples of the evaluation split (default: all)"""
 
-    # data and model
+    # data and models
     query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
-    """hub name or local path of the dataset (load_dataset)"""
+    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts and references"""
     query_column: str = "query"
     """dataset column holding the prompt text"""
     reference_column: str = "reference_response"
@@ -57,11 +62,15 @@ class Args:
     train_split: str = "train"
     eval_split: str = "validation"
     query_length: int = 512
-    """prompts are left-padded / left-truncated to this many tokens"""
+    """prompts are left-padded to this many tokens"""
+    long_prompts: Literal["filter", "truncate"] = "filter"
+    """prompts longer than --query_length: 'filter' drops them (the count is printed), 'truncate' keeps their last
+    --query_length tokens"""
     response_length: int = 53
     """target responses are truncated to this many tokens, EOS included"""
     base_model: str = "EleutherAI/pythia-1.4b-deduped"
-    """the pretrained model to fine-tune (hub name or save_pretrained directory)"""
+    """the pretrained model to fine-tune (hub name, save_pretrained directory, or a LoRA adapter, which is merged into
+    its base)"""
 
     # optimisation
     num_train_epochs: int = 1
@@ -73,8 +82,121 @@ class Args:
     """AdamW learning rate, decayed linearly to 0"""
     eps: float = 1e-5
     """AdamW epsilon"""
-    bf16: bool = True
-    """on CUDA: fp32 weights, compute under bf16 autocast"""
+
+
+# ---------------------------------------------------------------------------------------------- tensor helpers
+
+
+def forward(model, query_responses: torch.Tensor, pad_id: int):
+    """Forward with pads masked and positions counted from the first real token, as generate() does with left
+    padding. The pad id never reaches the model, so it needs no embedding row (see load_tokenizer)."""
+    attention_mask = query_responses != pad_id
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    input_ids = query_responses.masked_fill(~attention_mask, 0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+
+
+def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: int) -> torch.Tensor:
+    """Mean next-token cross-entropy over the response tokens (EOS included, pads excluded)."""
+    logits = forward(model, query_responses, pad_id).logits[:, context_length - 1 : -1].float()  # (B, T, V)
+    labels = query_responses[:, context_length:]  # (B, T)
+    labels = labels.masked_fill(labels == pad_id, -100)  # the pad id may lie outside the vocabulary: never gathered
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+# ---------------------------------------------------------------------------------------------- models and data
+
+
+def load_policy(path: str, dtype: torch.dtype):
+    """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
+    merged into its base, so the policy starts at, and the KL reference is, the SFT model itself."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import find_adapter_config_file
+
+    try:
+        if find_adapter_config_file(path):
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:
+        raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
+    model.generation_config = GenerationConfig()  # sampling uses only what generate() sets
+    return model
+
+
+def load_tokenizer(path: str):
+    """The policy's tokenizer, with a pad token distinct from EOS and BOS. Every script pads itself and never feeds or
+    gathers the pad id (forward, response_logprobs), so a pad token added here needs no embedding row: tokenizers
+    with pad == EOS (Llama-3, Mistral) or none (Pythia) work as they are."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise BadInput(f"cannot load a tokenizer from '{path}' ({type(e).__name__}: {e})") from e
+    if tokenizer.eos_token_id is None:
+        raise BadInput(f"the tokenizer of {path} has no EOS token; responses end at EOS, so set one")
+    if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+def load_prompts(path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts):
+    """Prompts left-padded to query_length, references (EOS appended) right-padded to response_length, the dataset
+    rows they came from, and how many prompts were dropped for being too long."""
+    from datasets import load_dataset
+
+    try:
+        if os.path.isfile(path):  # a single file serves every split
+            kind = {"jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(path.rsplit(".", 1)[-1], "json")
+            dataset = load_dataset(kind, data_files=path, split="train")
+        else:
+            dataset = load_dataset(path, split=split)
+    except Exception as e:
+        raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
+    for column in (query_column, reference_column):
+        if column not in dataset.column_names:
+            raise BadInput(
+                f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
+                "Pass --query_column / --reference_column."
+            )
+    ids = tokenizer(list(dataset[query_column])).input_ids
+    long = [i for i, x in enumerate(ids) if len(x) > query_length]
+    if long and long_prompts == "filter":
+        keep = sorted(set(range(len(ids))) - set(long))
+        dataset, ids = dataset.select(keep), [ids[i] for i in keep]
+    elif long:
+        print(
+            f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
+            "keeping their last tokens (--long_prompts filter drops them)",
+            file=sys.stderr,
+        )
+    if not ids:
+        raise BadInput(f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
+    references = []
+    for text in dataset[reference_column]:
+        ref = tokenizer(text.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
+        ref = ref[: response_length - 1] + [eos]
+        references.append(ref + [pad] * (response_length - len(ref)))
+    return dataset, torch.tensor(queries), torch.tensor(references), len(long) if long_prompts == "filter" else 0
+
+
+def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
+    """Endless global batches of prompt indices (the same shuffle on every rank); each rank takes its share."""
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(num_prompts)
+        for start in range(0, num_prompts - batch_size + 1, batch_size):
+            yield perm[start : start + batch_size][rank::world_size]
+
+
+# ---------------------------------------------------------------------------------------------- plumbing
 
 
 class BadInput(ValueError):
@@ -95,10 +217,9 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+def no_sync(model, sync: bool):
+    """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation."""
+    return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
 
 
 def all_reduce(values: dict, op=None, device=None) -> dict:
@@ -112,58 +233,34 @@ def all_reduce(values: dict, op=None, device=None) -> dict:
     return dict(zip(values, t.tolist()))
 
 
-def ensure_pad_token(tokenizer):
-    """Pythia has no pad token. Add one as summarize_from_feedback_details does; the embedding is not resized
-    because pad positions are masked and their input ids replaced by 0 before every forward pass."""
-    if tokenizer.eos_token_id is None:
-        raise BadInput("the base model's tokenizer has no EOS token; responses must end with one, so set it")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+class Timer:
+    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
-def tokenize_pairs(dataset, args: Args, tokenizer):
-    """query (left-padded to query_length) + response (EOS appended, right-padded to response_length)."""
-    for column in (args.query_column, args.reference_column):
-        if column not in dataset.column_names:
-            raise BadInput(
-                f"dataset '{args.query_dataset}' has no column '{column}'; it has {dataset.column_names}. "
-                f"Pass --query_column / --reference_column."
-            )
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-    queries = tokenizer(
-        list(dataset[args.query_column]), padding="max_length", max_length=args.query_length, truncation=True
-    ).input_ids
-    responses = []
-    for text in dataset[args.reference_column]:
-        ids = tokenizer(text.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
-        ids = ids[: args.response_length - 1] + [tokenizer.eos_token_id]
-        responses.append(ids + [tokenizer.pad_token_id] * (args.response_length - len(ids)))
-    return torch.cat((torch.tensor(queries), torch.tensor(responses)), 1)  # (N, query_length + response_length)
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: int) -> torch.Tensor:
-    """Mean next-token cross-entropy over the response tokens (EOS included, pads excluded)."""
-    attention_mask = query_responses != pad_id
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = (
-        model(
-            input_ids=query_responses.masked_fill(~attention_mask, 0),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        )
-        .logits[:, context_length - 1 : -1]
-        .float()
-    )  # (B, T, V) fmt: skip
-    labels = query_responses[:, context_length:].masked_fill(~attention_mask[:, context_length:], -100)  # (B, T)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-
+# ---------------------------------------------------------------------------------------------- main
 
 if __name__ == "__main__":
     sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
-    from datasets import load_dataset
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = tyro.cli(Args, use_underscores=True)
 
@@ -172,10 +269,8 @@ if __name__ == "__main__":
     use_cuda = args.cuda and torch.cuda.is_available()
     if ddp:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    else:
-        rank, local_rank, world_size = 0, 0, 1
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     master = rank == 0
@@ -186,27 +281,38 @@ if __name__ == "__main__":
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    bf16 = use_cuda and args.bf16
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and use_cuda)
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    # Data
-    tokenizer = AutoTokenizer.from_pretrained(args.base_model)
-    ensure_pad_token(tokenizer)
-    train_data = tokenize_pairs(load_dataset(args.query_dataset, split=args.train_split), args, tokenizer)
-    eval_data = tokenize_pairs(load_dataset(args.query_dataset, split=args.eval_split), args, tokenizer)
-    eval_data = eval_data[: args.num_eval_prompts][rank::world_size]
-    steps_per_epoch = len(train_data) // args.batch_size
-    num_updates = steps_per_epoch * args.num_train_epochs
+    # Data: query (left-padded) + reference response (EOS appended, right-padded); each rank takes its own examples
+    # from the shared shuffle.
+    tokenizer = load_tokenizer(args.base_model)
+    pad = tokenizer.pad_token_id
+    data = dict(
+        query_column=args.query_column,
+        reference_column=args.reference_column,
+        tokenizer=tokenizer,
+        query_length=args.query_length,
+        response_length=args.response_length,
+        long_prompts=args.long_prompts,
+    )
+    _, train_queries, train_references, dropped = load_prompts(args.query_dataset, args.train_split, **data)
+    _, eval_queries, eval_references, _ = load_prompts(args.query_dataset, args.eval_split, **data)
+    train_data = torch.cat((train_queries, train_references), 1)  # (N, query_length + response_length)
+    eval_idx = list(range(min(args.num_eval_prompts or len(eval_queries), len(eval_queries))))[rank::world_size]
+    eval_data = torch.cat((eval_queries[eval_idx], eval_references[eval_idx]), 1)
+    num_updates = len(train_data) // args.batch_size * args.num_train_epochs
     if num_updates < 1:
         raise BadInput(f"the train split has {len(train_data)} examples, fewer than one --batch_size {args.batch_size}")
+    batches = prompt_batches(len(train_data), args.batch_size, rank, world_size, args.seed)
 
-    # Model: eval mode keeps dropout off, as in the paper's models.
-    model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32).to(device).eval()
+    # Model: dropout is off because the model stays in eval mode, as in the paper's models.
+    model = load_policy(args.base_model, torch.float32).to(device).eval()
     raw_model = model
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+        model = DDP(model, device_ids=[device.index] if use_cuda else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
 
     # Logging: only rank 0 writes.
@@ -218,76 +324,77 @@ if __name__ == "__main__":
         if args.track:
             import wandb
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name,
-                       sync_tensorboard=True, save_code=True)  # fmt: skip
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                config=asdict(args),
+                name=run_name,
+                sync_tensorboard=True,
+                save_code=True,
+            )
         os.makedirs(run_dir, exist_ok=True)
         writer = SummaryWriter(run_dir)
-        writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-        )
+        writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
         metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if dropped:
+            print(f"dropped {dropped} training examples longer than --query_length {args.query_length} tokens")
         print(
-            f"run {run_name}: {num_updates} steps of {args.batch_size} examples, world size {world_size}; logs in {run_dir}"
+            f"run {run_name}: {num_updates} updates of {args.batch_size} examples, world size {world_size}, "
+            f"{grad_accum} micro-batches per step; logs in {run_dir}"
         )
 
-    @torch.no_grad()
-    def validation_loss() -> float:
-        losses = [sft_loss(raw_model, b.to(device), args.query_length, tokenizer.pad_token_id).item()
-                  for b in eval_data.split(args.per_device_train_batch_size)]  # fmt: skip
-        return all_reduce({"l": float(np.mean(losses))}, device=device)["l"]
-
-    # The loop: one pass over the shuffled train split (same shuffle on every rank; each takes its share).
+    # The loop: a batch of (post, reference) pairs -> cross-entropy on the reference -> step -> log.
     start = time.time()
-    rng = np.random.default_rng(args.seed)
-    update = 0
-    for epoch in range(args.num_train_epochs):
-        perm = rng.permutation(len(train_data))
-        for step in tqdm(range(steps_per_epoch), disable=not master, desc=f"epoch {epoch}"):
-            update += 1
-            lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now
-            batch = train_data[perm[step * args.batch_size : (step + 1) * args.batch_size][rank::world_size]].to(device)
-            losses = []
+    for update in tqdm(range(1, num_updates + 1), disable=not master, desc="updates"):
+        timer = Timer(device)
+        if use_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        batch = train_data[next(batches)].to(device)  # (b, query_length + response_length)
+        losses = []
+        with timer("update"):
             for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
-                with nullcontext() if micro == grad_accum - 1 or not ddp else model.no_sync(), autocast():
-                    loss = sft_loss(model, mb, args.query_length, tokenizer.pad_token_id)
-                    (loss / grad_accum).backward()
+                with no_sync(model, sync=micro == grad_accum - 1), autocast():
+                    loss = sft_loss(model, mb, args.query_length, pad)
+                (loss / grad_accum).backward()
                 losses.append(loss.item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            stats = all_reduce({"loss/sft": float(np.mean(losses))}, device=device)
-            stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(device)}, dist.ReduceOp.MAX, device))
-            if master:
-                stats.update(
-                    {"policy/lr": lr_now, "episode": update * args.batch_size, "time/elapsed": time.time() - start}
-                )
-                for k, v in stats.items():
-                    writer.add_scalar(k, v, update)
-                metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
 
-    # DDP check: every rank must hold the same weights; a silent divergence would invalidate the run.
-    if ddp:
-        max_diff = 0.0
-        for p in raw_model.parameters():
-            if p.requires_grad:
-                q = p.detach().clone()
-                dist.broadcast(q, 0)
-                max_diff = max(max_diff, (p.detach() - q).abs().max().item())
-        max_diff = all_reduce({"d": max_diff}, dist.ReduceOp.MAX, device)["d"]
+        stats = all_reduce({"loss/sft": float(np.mean(losses))}, device=device)
+        stats.update(all_reduce({f"time/{k}": v for k, v in timer.times.items()}, dist.ReduceOp.MAX, device))
+        stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(device)}, dist.ReduceOp.MAX, device))
         if master:
-            metrics_file.write(json.dumps({"ddp/max_param_diff_across_ranks": max_diff}) + "\n")
-            if max_diff > 0:
-                raise RuntimeError(f"DDP ranks diverged: max parameter difference {max_diff}")
+            stats.update(
+                {
+                    "policy/lr": lr_now,
+                    "episode": update * args.batch_size,
+                    "time/episodes_per_second": update * args.batch_size / (time.time() - start),
+                }
+            )
+            for k, v in stats.items():
+                writer.add_scalar(k, v, update)
+            metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
+            metrics_file.flush()
 
-    val = validation_loss()
+    # Evaluation: the cross-entropy of the validation references, over every rank's share.
+    with torch.no_grad(), autocast():
+        val_losses = [
+            sft_loss(raw_model, mb.to(device), args.query_length, pad).item()
+            for mb in eval_data.split(args.per_device_train_batch_size)
+        ]
+    val = all_reduce({"eval/loss": float(np.mean(val_losses))}, device=device)
+
     if master:
-        writer.add_scalar("eval/loss", val, update)
-        metrics_file.write(json.dumps({"update": update, "eval/loss": val}) + "\n")
-        print(f"validation loss {val:.4f} after {update} steps ({time.time() - start:.0f} s)")
+        writer.add_scalar("eval/loss", val["eval/loss"], num_updates)
+        metrics_file.write(json.dumps({"update": num_updates, **val}) + "\n")
+        print(f"validation loss {val['eval/loss']:.4f} after {num_updates} updates ({time.time() - start:.0f} s)")
         if args.output_dir:
+            # The model's config keeps its own pad id: the pad token load_tokenizer may add has no embedding row, and
+            # a config.pad_token_id outside the embedding makes from_pretrained fail.
             raw_model.save_pretrained(args.output_dir)
-            tokenizer.padding_side = "right"
             tokenizer.save_pretrained(args.output_dir)
             print(f"saved the SFT model to {args.output_dir}")
         metrics_file.close()
@@ -295,8 +402,6 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     if ddp:
-        # Destroying the group joins gloo's worker threads; one still running at exit can abort the process ("terminate
-        # called without an active exception"). For that the DDP wrapper must be gone, and torch.distributed.nn must have
-        # been imported before init_process_group: imported later (by DDP), its functions keep the group as a default.
+        # gloo's worker threads must be joined before exit (tests/test_ddp_teardown.py): drop the DDP wrapper first.
         del model
         dist.destroy_process_group()

@@ -67,7 +67,7 @@ def main():
 
     runs = load_runs(args.runs)
     if not runs:
-        raise SystemExit(f"no progress.json under {args.runs}: point --runs at rebel_lcm.py's --output-dir")
+        raise SystemExit(f"no progress.json under {args.runs}: point --runs at rebel_lcm.py's --output_dir")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for algo, color in (("rebel", "tab:red"), ("ppo", "tab:blue")):
         if algo not in runs:

@@ -58,7 +58,8 @@ def toy(tmp_path_factory):
     small = ["--batch_size", "32", "--per_device_train_batch_size", "16", "--lr", "3e-3", *LENGTHS]
     run_script("sft.py", *small, "--query_dataset", str(d / "data/tldr"), "--base_model", str(d / "data/base_model"),
                "--output_dir", str(d / "sft"), "--run_dir", str(d / "runs/sft"))  # fmt: skip
-    run_script("reward.py", *small, "--query_dataset", str(d / "data/preference"), "--sft_model_path", str(d / "sft"),
+    run_script("reward.py", *small, "--query_dataset", str(d / "data/tldr"), "--preference_dataset", str(d / "data/preference"),
+               "--sft_model_path", str(d / "sft"),
                "--output_dir", str(d / "rm"), "--run_dir", str(d / "runs/rm"))  # fmt: skip
     return SimpleNamespace(
         dir=d, tldr=str(d / "data/tldr"), preference=str(d / "data/preference"), base=str(d / "data/base_model"),

@@ -1,32 +1,67 @@
-"""dpo.py: Equation 7 of Rafailov et al. (2023) on hand-picked numbers, and end-to-end runs on the toy task."""
+"""dpo.py: Equation 7 of Rafailov et al. (2023) on hand-picked numbers, the reference is the SFT policy, the helpers are
+rebel.py's, and end-to-end runs on the toy task."""
 
 import math
 
 import pytest
 import torch
 from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, run_script
+from rl_checks import run_in_process, sequence_logprob, shared_helper_differences
 
-from dpo import dpo_loss
+import dpo
+
+# ---------------------------------------------------------------------------------------------- the loss
 
 
 def test_dpo_loss_closed_form():
     logprobs = torch.tensor([[-1.0, -3.0], [-2.0, -1.0]])  # chosen, rejected
     ref_logprobs = torch.tensor([[-2.0, -2.0], [-2.0, -2.0]])
-    # log-ratio margins: (1 - (-1)) = 2 and (0 - 1) = -1; -ln sigmoid(z) = ln(1 + exp(-z))
+    # log-ratio margins (chosen - rejected): (1 - (-1)) = 2 and (0 - 1) = -1; -ln sigmoid(z) = ln(1 + exp(-z))
     expected = (math.log1p(math.exp(-0.05 * 2)) + math.log1p(math.exp(0.05 * 1))) / 2
-    assert dpo_loss(logprobs, ref_logprobs, beta=0.05).item() == pytest.approx(expected, rel=1e-6)
+    assert dpo.dpo_loss(logprobs, ref_logprobs, beta=0.05).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dpo_loss_sign_rewards_the_chosen_response():
+    """The margin is beta * (log-ratio of the chosen - log-ratio of the rejected): favouring y_w lowers the loss."""
+    ref = torch.tensor([[-3.0, -3.0]])
+    chosen_up = torch.tensor([[-1.0, -3.0]])  # log-ratios (2, 0): margin +2
+    rejected_up = torch.tensor([[-3.0, -1.0]])  # log-ratios (0, 2): margin -2
+    assert dpo.dpo_loss(chosen_up, ref, beta=0.5).item() == pytest.approx(math.log1p(math.exp(-1.0)))
+    assert dpo.dpo_loss(rejected_up, ref, beta=0.5).item() == pytest.approx(math.log1p(math.exp(1.0)))
+    # Only the log-ratios matter: shifting pi_theta and pi_ref of one response together changes nothing.
+    assert dpo.dpo_loss(chosen_up - 4, ref - 4, beta=0.5).item() == pytest.approx(math.log1p(math.exp(-1.0)))
 
 
 def test_dpo_loss_at_the_reference_is_ln2_and_pushes_chosen_up():
     logprobs = torch.tensor([[-4.0, -5.0]], requires_grad=True)
-    loss = dpo_loss(logprobs, logprobs.detach(), beta=0.1)
+    loss = dpo.dpo_loss(logprobs, logprobs.detach(), beta=0.1)
     assert loss.item() == pytest.approx(math.log(2))
     loss.backward()
     torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.05, 0.05]]))  # -beta * sigmoid(0) * (+1, -1)
 
 
+def test_shared_helpers_are_rebels():
+    assert shared_helper_differences("dpo.py") == []
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
 def _flags(toy):
-    return [*toy.rl_flags, "--query_dataset", toy.preference, "--eval_dataset", toy.tldr]
+    return [*toy.rl_flags, "--preference_dataset", toy.preference]
+
+
+def check_reference_is_sft(g: dict, sft_path: str) -> None:
+    """The last update's reference log-probs are those of the SFT checkpoint, loaded here on its own and scored one
+    sequence at a time; the policy's are not (it has taken a step), so a policy used as its own reference fails."""
+    from transformers import AutoModelForCausalLM
+
+    sft = AutoModelForCausalLM.from_pretrained(sft_path).eval()
+    rows = g["query_responses"].flatten(0, 1)  # (2B, L): chosen, rejected, chosen, ...
+    expected = torch.tensor([sequence_logprob(sft, row, g["args"].query_length, g["pad"], 1.0) for row in rows])
+    torch.testing.assert_close(g["ref_logprobs"], expected.view(-1, 2), atol=2e-3, rtol=1e-4)
+    moved = (g["logprobs"] - g["ref_logprobs"]).abs().max()
+    assert moved > 0.02, f"the policy moved by {moved} only: too little to tell it from its reference"
 
 
 def test_end_to_end_with_tracking(toy, tmp_path):
@@ -42,13 +77,42 @@ def test_end_to_end_with_tracking(toy, tmp_path):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy.sft), str(tmp_path / "out"))  # adapter loads
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_reference_is_the_sft_policy(toy, tmp_path, lora):
+    """LoRA: the reference is the adapter switched off; --no-lora: a frozen copy of the SFT checkpoint."""
+    flags = [*_flags(toy), "--output_dir", "", "--run_dir", str(tmp_path / "run"), "--lr", "3e-2"]
+    check_reference_is_sft(run_in_process("dpo.py", flags if lora else [*flags, "--no-lora"]), toy.sft)
+
+
+def test_pad_outside_the_embedding(toy, tmp_path):
+    """A tokenizer whose pad is its EOS: load_tokenizer adds a pad id past the embedding, and the right-padded
+    preference responses must never feed it to the model nor gather its log-prob."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toy.sft)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(tmp_path / "sft")
+    model = AutoModelForCausalLM.from_pretrained(toy.sft)
+    model.save_pretrained(tmp_path / "sft")
+    flags = _flags(toy)
+    flags[flags.index("--sft_model_path") + 1] = str(tmp_path / "sft")
+    g = run_in_process("dpo.py", [*flags, "--output_dir", "", "--run_dir", str(tmp_path / "run"), "--lr", "3e-2"])
+    assert g["pad"] >= model.get_input_embeddings().num_embeddings
+    assert (g["query_responses"][..., g["args"].query_length :] == g["pad"]).any()  # right-padded responses
+    check_reference_is_sft(g, str(tmp_path / "sft"))
+
+
 def test_help():
     out = run_script("dpo.py", "--help").stdout
-    assert "--beta" in out and "--eval_dataset" in out and "--chosen_column" in out
+    assert "--beta" in out and "--preference_dataset" in out and "--chosen_column" in out and "Eq. 7" in out
+    assert "--temperature" not in out  # DPO samples only to evaluate, at --eval_temperature
 
 
-def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
-    check_ranks_in_sync("dpo.py", _flags(toy), tmp_path / "run")
+def test_torchrun_two_ranks_stay_in_sync_in_bf16(toy, tmp_path):
+    check_ranks_in_sync("dpo.py", [*_flags(toy), "--precision", "bf16"], tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
 
 
 @pytest.mark.parametrize(
@@ -57,8 +121,9 @@ def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
         (["--batch_size", "6"], "is not divisible by"),
         (["--beta", "-1"], "--beta must be > 0"),
         (["--chosen_column", "nope"], "has no column 'nope'"),
+        (["--total_episodes", "4"], "smaller than one --batch_size"),
     ],
-    ids=["batch", "beta", "column"],
+    ids=["batch", "beta", "column", "episodes"],
 )
 def test_bad_input(toy, tmp_path, flags, message):
     check_fails_with("dpo.py", [*_flags(toy), *flags], message, tmp_path)

@@ -1,10 +1,12 @@
-"""iterative_dpo.py: Equation (20) on hand-picked numbers (sign labels, ties), and end-to-end runs on the toy task."""
+"""iterative_dpo.py: Equation (20) on hand-picked numbers (sign labels, ties), the reward and its reference in a real
+run, the helpers shared with rebel.py, and end-to-end runs on the toy task."""
 
 import math
 
 import pytest
 import torch
 from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, run_script
+from rl_checks import check_reference_is_sft, check_reward_composition, run_in_process, shared_helper_differences
 
 from iterative_dpo import iterative_dpo_loss
 
@@ -34,6 +36,26 @@ def test_ties_contribute_nothing():
     assert loss.item() == pytest.approx(math.log1p(math.exp(-0.05)) / 2, rel=1e-6)  # the tie adds 0, not ln 2
     loss.backward()
     assert logprobs.grad[1].abs().sum() == 0 and logprobs.grad[0].abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def last_update(toy, tmp_path_factory):
+    """Two updates in this process, with a KL penalty and a learning rate large enough to matter."""
+    run_dir = tmp_path_factory.mktemp("iterative_dpo_in_process")
+    flags = ["--lr", "1e-2", "--kl_coef", "1.0", "--penalty_reward_value", "-5"]
+    return run_in_process("iterative_dpo.py", [*toy.rl_flags, *flags, "--output_dir", "", "--run_dir", str(run_dir)])
+
+
+def test_reward_is_score_minus_kl_penalty(last_update):
+    check_reward_composition(last_update)
+
+
+def test_kl_reference_is_the_sft_policy(toy, last_update):
+    check_reference_is_sft(last_update, toy.sft)
+
+
+def test_shared_helpers_are_rebels():
+    assert shared_helper_differences("iterative_dpo.py") == []
 
 
 def test_end_to_end_with_tracking(toy, tmp_path):

@@ -1,12 +1,32 @@
-"""ppo.py: the pure helpers (GAE, whitening, clipped losses) against hand computations, then end-to-end runs on the toy."""
+"""ppo.py: the pure helpers (per-token rewards, GAE, whitening, clipped losses) against hand computations, then
+end-to-end runs on the toy."""
 
 import os
 
+import pandas as pd
 import pytest
 import torch
-from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, run_script
+from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, read_metrics, run_script
+from rl_checks import run_in_process, sequence_logprob
 
-from ppo import compute_gae, load_reward_model, ppo_losses, whiten
+from ppo import compute_gae, load_reward_model, ppo_losses, token_rewards, whiten
+
+
+def test_token_rewards_by_hand():
+    """The KL penalty is subtracted at every valid token; the score, or the no-EOS penalty, is added at the last one."""
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.0, -1.0, -1.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5, 0.0], [-2.0, -1.0, -3.0, -1.0]])
+    masks = torch.tensor([[True, True, True, False], [True, True, True, True]])  # row 0 ends at EOS, row 1 has none
+    logprobs, ref_logprobs = logprobs * masks, ref_logprobs * masks  # as ppo_rollout returns them
+    scores, has_eos, penalty, kl_coef = torch.tensor([2.0, 5.0]), torch.tensor([True, False]), -1.0, 0.1
+    scores = torch.where(has_eos, scores, penalty)  # __main__, step 2
+    kl, rewards = token_rewards(scores, logprobs, ref_logprobs, masks, kl_coef)
+    # log pi_old - log pi_ref: row 0 (0.5, -1, 0, pad), row 1 (1, 0, 2, 0).
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [1.0, 0.0, 2.0, 0.0]]))
+    expected = torch.tensor([[-0.05, 0.1, 0.0 + 2.0, 0.0], [-0.1, 0.0, -0.2, 0.0 - 1.0]])
+    torch.testing.assert_close(rewards, expected)
+    # The sign: a response more likely under pi_old than under the reference is penalised.
+    assert rewards[0, 0] < 0 and rewards[0, 1] > 0
 
 
 def gae_loop(rewards, values, lengths, gamma, lam):
@@ -87,15 +107,25 @@ def test_ppo_losses_by_hand():
 def test_ppo_loss_gradient_zero_when_clipped():
     # A > 0 and ratio above 1 + eps: the clipped branch is taken and the policy gets no gradient (Eq. 7).
     new = torch.tensor([[0.5]], requires_grad=True)
-    pg, _, _ = ppo_losses(new, torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1), torch.zeros(1, 1),
-                          torch.zeros(1, 1), torch.ones(1, 1), 0.2, 0.2)  # fmt: skip
+    zero, one = torch.zeros(1, 1), torch.ones(1, 1)
+    pg, _, _ = ppo_losses(new, zero, one, zero, zero, zero, one, 0.2, 0.2)
     pg.backward()
     assert new.grad.abs().item() == 0.0
+
+
+def check_reference_is_sft(run_dir):
+    """The KL reference is the SFT policy: pi_old is the SFT policy at update 1 and before training, so the KL is exactly
+    0 there; after an update pi_old has moved and the reference has not, so it is not."""
+    rows = [r for r in read_metrics(run_dir) if "update" in r]
+    assert rows[0]["objective/kl"] == 0.0 and all(r["objective/kl"] != 0.0 for r in rows[1:])
+    before, after = (pd.read_csv(run_dir / f"eval_{u:06d}.csv") for u in (0, len(rows)))
+    assert (before.kl == 0).all() and (after.kl != 0).any()
 
 
 def test_ppo_end_to_end(toy, tmp_path):
     keys = ("objective/scores", "objective/kl", "loss/value", "policy/approxkl", "policy/clipfrac", "time/value")
     check_end_to_end("ppo.py", toy.rl_flags, tmp_path, keys)
+    check_reference_is_sft(tmp_path / "run")
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "run"))
     from peft import AutoPeftModelForCausalLM
 
@@ -109,14 +139,30 @@ def test_ppo_end_to_end(toy, tmp_path):
     assert critic(x, pad_id=0).item() != pytest.approx(rm(x, pad_id=0).item(), abs=1e-7)
 
 
-def test_ppo_full_finetune_critic_lora(toy, tmp_path):
-    # --no-lora: a full fine-tune of the policy (frozen reference copy), with a LoRA critic.
-    out = tmp_path / "ppo"
-    flags = [*toy.rl_flags, "--total_episodes", "8", "--num_eval_prompts", "4", "--lr", "1e-5"]
-    run_script("ppo.py", *flags, "--no-lora", "--critic_lora", "True", "--output_dir", str(out), "--run_dir",
-               str(tmp_path / "r"))  # fmt: skip
+def test_ppo_full_finetune_critic_lora_reference_is_sft(toy, tmp_path):
+    """--no-lora: a full fine-tune of the policy against a frozen reference copy, with a LoRA critic. Run in this process
+    to check the last update's tensors: the reference's log-probs are those of the SFT checkpoint loaded on its own (not
+    the current policy's), and the reward is -kl_coef * KL per token plus the score (or the no-EOS penalty) at the end."""
     from transformers import AutoModelForCausalLM
 
+    out, run = tmp_path / "ppo", tmp_path / "r"
+    flags = ["--no-lora", "--critic_lora", "True", "--lr", "1e-4", "--output_dir", str(out), "--run_dir", str(run)]
+    g = run_in_process("ppo.py", [*toy.rl_flags, *flags])
+    qr, masks, args, pad = g["query_responses"], g["masks"], g["args"], g["pad"]
+    sft = AutoModelForCausalLM.from_pretrained(toy.sft).eval()
+    sft_logprobs = [sequence_logprob(sft, row, args.query_length, pad, args.temperature) for row in qr]
+    torch.testing.assert_close(g["ref_logprobs"].sum(1), torch.tensor(sft_logprobs), atol=2e-3, rtol=1e-4)
+    trained = [sequence_logprob(g["raw_policy"], row, args.query_length, pad, args.temperature) for row in qr]
+    assert (torch.tensor(trained) - g["ref_logprobs"].sum(1)).abs().max() > 0.05, "the policy did not move"
+    # Step 2 of the loop, recomputed from the reward model's raw scores.
+    with torch.no_grad():
+        raw_scores = g["reward_model"](qr, pad).float()
+    scores = torch.where(g["has_eos"], raw_scores, args.penalty_reward_value)
+    kl = (g["logprobs"] - g["ref_logprobs"]) * masks
+    expected = -args.kl_coef * kl
+    expected[torch.arange(len(qr)), masks.sum(1) - 1] += scores
+    torch.testing.assert_close(g["rewards"], expected, atol=1e-5, rtol=1e-5)
+    check_reference_is_sft(run)
     AutoModelForCausalLM.from_pretrained(str(out))
     load_reward_model(str(out / "critic"), torch.float32)  # the LoRA critic is saved merged
 

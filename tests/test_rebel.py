@@ -102,26 +102,29 @@ def _queries(tok, texts, length=20):
     return torch.tensor(tok(texts, padding="max_length", max_length=length).input_ids)
 
 
-def _sample(model, queries, pad, n_new=8, temperature=0.7, seed=0):
-    """generate() with the script's sampling config, returning its processed scores as well."""
-    torch.manual_seed(seed)
-    mask = queries != pad
-    return model.generate(
-        input_ids=queries.masked_fill(~mask, 0),
-        attention_mask=mask,
-        output_scores=True,
-        generation_config=rebel.sampling_config(n_new, temperature, pad),
-        return_dict_in_generate=True,
-    )
+def _sample_with_scores(model, queries, pad, n_new=8, temperature=0.7):
+    """rebel.generate(), and the processed scores that generate() sampled from (a spy on model.generate)."""
+    original, scores = model.generate, []
+
+    def spy(**kwargs):
+        out = original(**kwargs, output_scores=True, return_dict_in_generate=True)
+        scores.extend(out.scores)
+        return out.sequences
+
+    model.generate = spy
+    torch.manual_seed(0)
+    sequences = rebel.generate(model, queries, rebel.sampling_config(n_new, temperature, pad))
+    return sequences, torch.stack(scores, 1)
 
 
 def test_logprobs_are_those_of_the_sampled_distribution(toy):
     """generate()'s processed scores (temperature applied, pad suppressed) equal our forward pass with left padding."""
     tok, model = _load(toy)
     queries = _queries(tok, ["TL;DR: my mom", "SUBREDDIT: r/pets TITLE: my dad lost my keys POST: x TL;DR:"])
-    out = _sample(model, queries, tok.pad_token_id)
-    response = out.sequences[:, 20:]
-    sampled = torch.gather(torch.stack(out.scores, 1).log_softmax(-1), 2, response[..., None]).squeeze(-1)
+    sequences, scores = _sample_with_scores(model, queries, tok.pad_token_id)
+    response = sequences[:, 20:]
+    assert torch.isfinite(scores[..., tok.eos_token_id]).all()  # min_new_tokens must not suppress EOS
+    sampled = torch.gather(scores.log_softmax(-1), 2, response[..., None]).squeeze(-1)
     ours = rebel.response_logprobs(model, torch.cat((queries, response), 1), 20, 0.7, tok.pad_token_id)
     torch.testing.assert_close(ours, sampled, atol=1e-4, rtol=1e-4)
 
@@ -153,6 +156,7 @@ def test_the_checkpoints_generation_config_does_not_apply(toy, tmp_path):
         torch.manual_seed(0)
         samples.append(rebel.generate(model, queries, config))
     assert torch.equal(*samples)
+    assert penalised.generation_config.repetition_penalty == 1.3  # kept for saving: only sampling sets it aside
 
 
 def test_masked_logprob_sum_equals_naive_per_sequence(toy):

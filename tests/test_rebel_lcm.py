@@ -4,13 +4,13 @@ import csv
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -20,12 +20,29 @@ import rebel_lcm as R  # noqa: E402
 
 # One thread per process: on a shared 2-core machine torch's thread pool otherwise spins and runs ~10x slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-# A few-second iteration: 2 prompts (REBEL: 2 pairs), 3 denoising steps.
-SMALL = ["--tiny", "--sample-batch-size", "2", "--gradient-accumulation-steps", "2", "--num-steps", "3"]
+# A few-second iteration: 2 prompts (REBEL: 2 pairs), 3 denoising steps, 32x32 images.
+SMALL = ["--tiny", "--resolution", "32", "--sample_batch_size", "2", "--gradient_accumulation_steps", "2"]
+SMALL += ["--num_steps", "3"]
+# Runs the script as __main__ and then saves, per rank, what a test checks: the optimizer steps taken, the LoRA
+# weights and the last rollout's noise (rank<RANK>.pt in the working directory).
+RUN_AND_DUMP = """
+import os, runpy, sys, torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from peft import get_peft_model_state_dict
+steps = []
+register_optimizer_step_post_hook(lambda *_: steps.append(1))
+sys.argv = sys.argv[1:]
+g = runpy.run_path(sys.argv[0], run_name="__main__")
+dump = dict(steps=len(steps), lora=get_peft_model_state_dict(g["raw_unet"]), noise=g["noise"])
+torch.save(dump, f"rank{os.environ.get('RANK', 0)}.pt")
+"""
 
 
-def run_script(args, tmp_path, launcher=(sys.executable,), timeout=300, env=ENV):
-    cmd = [*launcher, str(ROOT / "rebel_lcm.py"), *args, "--output-dir", str(tmp_path / "runs")]
+def run_script(args, tmp_path, launcher=(sys.executable,), timeout=300, env=ENV, dump=False):
+    if dump:  # the launcher runs RUN_AND_DUMP, which runs rebel_lcm.py
+        (tmp_path / "run_and_dump.py").write_text(RUN_AND_DUMP)
+        launcher = [*launcher, str(tmp_path / "run_and_dump.py")]
+    cmd = [*launcher, str(ROOT / "rebel_lcm.py"), *args, "--output_dir", str(tmp_path / "runs")]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -39,7 +56,7 @@ def read_progress(tmp_path):
 def tiny():
     """Tiny LCM parts, a small config and the step coefficients, shared by the unit tests."""
     torch.set_num_threads(1)
-    args = R.resolve_args(R.Args(tiny=True, num_steps=4, reward="compressibility"))
+    args = R.Args(tiny=True, num_steps=4, reward="compressibility")
     tokenizer, text_encoder, unet, vae, scheduler = R.build_lcm(args)
     coef = R.lcm_coefficients(scheduler, args, "cpu")
     embeds = R.encode_prompts(tokenizer, text_encoder, ["cat", "hedgehog"], "cpu")
@@ -78,7 +95,7 @@ def test_summed_log_prob_is_the_exact_density():
 
 
 def test_final_step_logprob_follows_the_reference(tiny):
-    args = R.resolve_args(R.Args(tiny=True, num_steps=4, final_step_logprob=True))
+    args = R.Args(tiny=True, num_steps=4, final_step_logprob=True)
     coef = R.lcm_coefficients(tiny["scheduler"], args, "cpu")
     # The reference steps from the last timestep to itself: noise with variance 1 - alpha-bar(t_last).
     assert coef["alpha_next"][-1] == coef["alpha"][-1] < 1
@@ -91,29 +108,63 @@ def test_final_step_logprob_follows_the_reference(tiny):
 
 
 def test_rebel_loss_matches_hand_computed_values():
-    t = lambda *v: torch.tensor(v)  # noqa: E731
+    t = lambda *rows: torch.tensor(rows)  # noqa: E731  one (y, y') row per prompt
     # ((1.0 - 0.5) - (0.2 - 0.4)) / 0.5 - (1 - 0) = 0.4, squared 0.16
-    loss = R.rebel_loss(t(1.0), t(0.5), t(0.2), t(0.4), t(1.0), t(0.0), eta=0.5)
+    loss = R.rebel_loss(t((1.0, 0.2)), t((0.5, 0.4)), t((1.0, 0.0)), eta=0.5)
     assert math.isclose(loss.item(), 0.16, rel_tol=1e-6)
-    # two pairs: residuals 0.4 and (0 - 0) / 1 ... with eta 0.5: (0.3 - 0.1)/0.5 - (2 - 1) = -0.6; mean(0.16, 0.36)
-    loss = R.rebel_loss(t(1.0, 0.3), t(0.5, 0.0), t(0.2, 0.1), t(0.4, 0.0), t(1.0, 2.0), t(0.0, 1.0), eta=0.5)
+    # a second pair: ((0.3 - 0.0) - (0.1 - 0.0)) / 0.5 - (2 - 1) = -0.6, squared 0.36; the loss is their mean
+    loss = R.rebel_loss(t((1.0, 0.2), (0.3, 0.1)), t((0.5, 0.4), (0.0, 0.0)), t((1.0, 0.0), (2.0, 1.0)), eta=0.5)
     assert math.isclose(loss.item(), (0.16 + 0.36) / 2, rel_tol=1e-6)
+    # scaling="official" multiplies by eta^2 (the official code's eta * log-ratio - reward form)
+    official = R.rebel_loss(t((1.0, 0.2)), t((0.5, 0.4)), t((1.0, 0.0)), eta=0.5, scaling="official")
+    assert math.isclose(official.item(), 0.25 * 0.16, rel_tol=1e-6)
 
 
 def test_rebel_pairs_are_never_mixed():
     """The reference implementation sums log-probs over the whole train batch; each pair must stand alone."""
     torch.manual_seed(0)
-    logp_y, old_y, logp_yp, old_yp, r_y, r_yp = (torch.randn(4) for _ in range(6))
-    logp_y.requires_grad_(True)
-    loss = R.rebel_loss(logp_y, old_y, logp_yp, old_yp, r_y, r_yp, eta=1.0)
-    (grad,) = torch.autograd.grad(loss, logp_y)
-    residual = (logp_y - old_y) - (logp_yp - old_yp) - (r_y - r_yp)
-    torch.testing.assert_close(grad, 2 * residual.detach() / 4)  # pair b's gradient sees only pair b
+    logp, old, r = (torch.randn(4, 2) for _ in range(3))
+    logp.requires_grad_(True)
+    loss = R.rebel_loss(logp, old, r, eta=1.0)
+    (grad,) = torch.autograd.grad(loss, logp)
+    residual = (logp - old)[:, 0] - (logp - old)[:, 1] - (r[:, 0] - r[:, 1])
+    torch.testing.assert_close(grad[:, 0], 2 * residual.detach() / 4)  # pair b's gradient sees only pair b
+    torch.testing.assert_close(grad[:, 1], -2 * residual.detach() / 4)
     mixed = ((residual.sum()) ** 2).mean()  # what summing over the batch would give
     assert not torch.isclose(loss, mixed)
     perm = torch.tensor([2, 0, 3, 1])  # shuffling whole pairs changes nothing
-    shuffled = R.rebel_loss(*(v[perm] for v in (logp_y, old_y, logp_yp, old_yp, r_y, r_yp)), eta=1.0)
-    torch.testing.assert_close(loss, shuffled)
+    torch.testing.assert_close(loss, R.rebel_loss(logp[perm], old[perm], r[perm], eta=1.0))
+
+
+def test_bf16_frozen_weights_on_cpu():
+    """The CUDA set-up on CPU: frozen LCM in bf16, fp32 LoRA and a fp32 w-embedding as __main__ builds them; one
+    rollout, reward and REBEL loss step. Before the fix the UNet's bf16 cond_proj met the fp32 w-embedding."""
+    from peft import LoraConfig
+
+    args, bf16 = R.Args(tiny=True, num_steps=3), torch.bfloat16
+    tokenizer, text_encoder, unet, vae, scheduler = R.build_lcm(args)
+    for module in (text_encoder, unet, vae):
+        module.requires_grad_(False).to(dtype=bf16)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(args.lora_targets)))
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    for p in lora_params:
+        p.data = p.data.float()
+    coef = R.lcm_coefficients(scheduler, args, "cpu")
+    embeds = R.encode_prompts(tokenizer, text_encoder, ["cat", "dog"], "cpu").repeat(2, 1, 1)  # rows y, y'
+    w_emb = R.guidance_embedding(torch.full((1,), args.guidance_scale - 1), unet.config.time_cond_proj_dim)
+    assert embeds.dtype == bf16 and w_emb.dtype == torch.float32
+    torch.manual_seed(0)
+    states, next_states, old_log_probs, final = R.sample_trajectories(
+        unet, coef, embeds, w_emb, torch.randn(4, 4, 16, 16), args, bf16
+    )
+    rewards = -R.jpeg_kilobytes(R.decode(vae, final, bf16))
+    log_probs = R.trajectory_log_probs(unet, coef, states, next_states, embeds, w_emb, args, bf16)
+    pair = lambda v: v.view(2, 2).T  # noqa: E731
+    loss = R.rebel_loss(pair(log_probs.sum(1)), pair(old_log_probs.sum(1)), pair(rewards), eta=1.0)
+    loss.backward()
+    assert old_log_probs.dtype == log_probs.dtype == torch.float32 and torch.isfinite(loss)
+    grads = torch.cat([p.grad.flatten() for p in lora_params])
+    assert torch.isfinite(grads).all() and grads.abs().max() > 0
 
 
 def test_ppo_loss_at_ratio_one_and_clipping():
@@ -139,14 +190,16 @@ def test_help():
     out = subprocess.run(
         [sys.executable, str(ROOT / "rebel_lcm.py"), "--help"], env=ENV, capture_output=True, text=True
     )
-    assert out.returncode == 0 and "--eta" in out.stdout and "--final-step-logprob" in out.stdout
+    assert out.returncode == 0 and "--eta" in out.stdout and "--final_step_logprob" in out.stdout
+    assert "--lr FLOAT" in out.stdout and "--sample-batch-size" not in out.stdout  # snake_case, as the siblings
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--reward", "beauty"], "--reward 'beauty' is unknown: use one of aesthetic"),
-        (["--sample-batch-size", "8", "--gradient-accumulation-steps", "3"], "must be a positive multiple"),
+        (["--reward", "beauty"], "invalid choice 'beauty' for argument '--reward'"),
+        (["--algo", "dpo"], "invalid choice 'dpo' for argument '--algo'"),
+        (["--sample_batch_size", "8", "--gradient_accumulation_steps", "3"], "must be a positive multiple"),
         (["--eta", "0"], "--eta 0.0 must be > 0"),
     ],
 )
@@ -158,8 +211,8 @@ def test_bad_input_gives_a_clear_error(flags, message, tmp_path):
 
 def test_rebel_iteration_end_to_end_with_wandb_offline(tmp_path):
     # Two pairs per micro-batch: the path on which the reference implementation mixes pairs.
-    flags = [*SMALL, "--train-batch-size", "2", "--gradient-accumulation-steps", "1", "--reward", "compressibility"]
-    out = run_script([*flags, "--num-iterations", "2", "--track"], tmp_path)
+    flags = [*SMALL, "--train_batch_size", "2", "--gradient_accumulation_steps", "1", "--reward", "compressibility"]
+    out = run_script([*flags, "--num_iterations", "2", "--track"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir, rows = read_progress(tmp_path)
     assert [int(r["reward_queries"]) for r in rows] == [4, 8]  # two queries per pair, 2 pairs per iteration
@@ -168,35 +221,66 @@ def test_rebel_iteration_end_to_end_with_wandb_offline(tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
-def test_ppo_iteration_end_to_end(tmp_path):
-    flags = [*SMALL, "--algo", "ppo", "--reward", "aesthetic", "--num-iterations", "1", "--train-batch-size", "1"]
-    out = run_script(flags, tmp_path)
+# Defaults but 2 denoising steps and 32x32 images: every optimizer-step count of the defaults, at little cost.
+TINY_DEFAULTS = ["--tiny", "--resolution", "32", "--num_steps", "2", "--num_iterations", "2"]
+
+
+def test_ppo_iteration_end_to_end_with_the_papers_accumulation(tmp_path):
+    """The paper's PPO (8 samples, 2 per micro-batch, 2 inner epochs, accumulation 8): accepted, one step per
+    iteration."""
+    flags = [
+        "--algo",
+        "ppo",
+        "--train_batch_size",
+        "2",
+        "--num_inner_epochs",
+        "2",
+        "--gradient_accumulation_steps",
+        "8",
+    ]
+    out = run_script([*TINY_DEFAULTS, *flags, "--reward", "aesthetic"], tmp_path, dump=True)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert torch.load(tmp_path / "rank0.pt")["steps"] == 2
     _, rows = read_progress(tmp_path)
-    assert [int(r["reward_queries"]) for r in rows] == [2]  # one query per sample
+    assert [int(r["reward_queries"]) for r in rows] == [8, 16]  # one query per sample
+
+
+@pytest.mark.parametrize("algo", ["rebel", "ppo"])
+def test_defaults_take_one_optimizer_step_per_iteration(algo, tmp_path):
+    """The paper compares REBEL and PPO at equal gradient updates: the defaults step once per iteration for both."""
+    out = run_script([*TINY_DEFAULTS, "--algo", algo, "--reward", "compressibility"], tmp_path, dump=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert torch.load(tmp_path / "rank0.pt")["steps"] == 2
 
 
 def test_torchrun_two_processes_keep_lora_identical(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
     env = {**TORCHRUN_ENV, "HF_HUB_OFFLINE": "1"}
-    out = run_script([*SMALL, "--reward", "aesthetic", "--num-iterations", "2"], tmp_path, launcher, env=env)
+    flags = [*SMALL, "--reward", "aesthetic", "--num_iterations", "2"]
+    out = run_script(flags, tmp_path, launcher, env=env, dump=True)
     assert out.returncode == 0, out.stderr[-3000:]
     check_gloo_threads_joined(out.stdout, ranks=2)
-    pattern = r"across ranks (\S+) \(max \|change\| since init (\S+)\), first-noise sums per rank \[(\S+), (\S+)\]"
-    match = re.search(pattern, out.stdout)
-    assert match, out.stdout
-    assert float(match.group(1)) == 0.0 and float(match.group(2)) > 0  # trained, and still identical on both ranks
-    assert match.group(3) != match.group(4)  # each rank drew its own noise
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert rank0["steps"] == rank1["steps"] == 2
+    assert not torch.equal(rank0["noise"], rank1["noise"])  # each rank drew its own noise ...
+    for name, weight in rank0["lora"].items():  # ... yet DDP's averaged gradients keep the weights identical
+        torch.testing.assert_close(weight, rank1["lora"][name], rtol=0, atol=0)
+    moved = max(w.abs().max().item() for k, w in rank0["lora"].items() if "lora_B" in k)  # lora_B starts at 0
+    assert moved > 0
+    (run_dir,) = list((tmp_path / "runs").iterdir())  # and rank 0 saved those weights
+    saved = load_file(run_dir / "lora.safetensors")
+    assert saved.keys() == rank0["lora"].keys() and all(torch.equal(saved[k], rank0["lora"][k]) for k in saved)
     _, rows = read_progress(tmp_path)
     assert int(rows[-1]["reward_queries"]) == 2 * 2 * 2 * 2  # ranks x prompts x pair x iterations
 
 
 # Measured on seeds 1-5 (docs/rebel_lcm.md): the mean of iterations 8-10 is 0.22 to 0.41 kB above the mean of
 # iterations 1-3 (about -1.59), while batch-to-batch noise at the start is about 0.005. A random tiny UNet needs LoRA
-# on conv_out too (see --lora-targets) and a large step size.
-LEARN = ["--tiny", "--sample-batch-size", "4", "--gradient-accumulation-steps", "4", "--num-steps", "4",
-         "--learning-rate", "3e-2", "--lora-alpha", "64", "--lora-targets", "to_q", "to_k", "to_v", "to_out.0", "conv_out",
-         "--reward", "compressibility", "--num-iterations", "10", "--eval-every", "100"]  # fmt: skip
+# on conv_out too (see --lora_targets) and a large step size.
+LEARN = ["--tiny", "--resolution", "32", "--sample_batch_size", "4", "--gradient_accumulation_steps", "4"]
+LEARN += ["--num_steps", "4", "--lr", "3e-2", "--lora_alpha", "64", "--reward", "compressibility"]
+LEARN += ["--lora_targets", "to_q", "to_k", "to_v", "to_out.0", "conv_out", "--num_iterations", "10"]
+LEARN += ["--eval_every", "100"]
 
 
 @pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow)])  # -m "not slow" keeps one seed
@@ -212,7 +296,7 @@ def test_rebel_raises_compressibility_in_tiny_mode(seed, tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_tiny_iteration_on_cuda_bf16(tmp_path):
-    out = run_script([*SMALL, "--reward", "compressibility", "--num-iterations", "1"], tmp_path)
+    out = run_script([*SMALL, "--reward", "compressibility", "--num_iterations", "1"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -235,9 +319,7 @@ def test_plot_lcm_draws_iqm_with_bootstrap_ci(tmp_path):
     runs = plot_lcm.load_runs(tmp_path / "runs")
     grid, mean, low, high = plot_lcm.iqm_curve(runs["ppo"])
     assert grid[-1] == 320 and np.all(low <= mean + 1e-9) and np.all(mean <= high + 1e-9)
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "eval" / "plot_lcm.py"), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "f.png")],
-        env=ENV, capture_output=True, text=True,
-    )  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "eval" / "plot_lcm.py"), "--runs", str(tmp_path / "runs")]
+    out = subprocess.run([*cmd, "--out", str(tmp_path / "f.png")], env=ENV, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "f.png").stat().st_size > 10_000

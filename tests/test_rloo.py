@@ -1,8 +1,10 @@
-"""rloo.py: the leave-one-out advantage against its definition, and end-to-end runs on the micro toy task."""
+"""rloo.py: the leave-one-out advantage against its definition, the reward and its reference in a real run, the
+helpers shared with rebel.py, and end-to-end runs on the micro toy task."""
 
 import pytest
 import torch
 from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, run_script
+from rl_checks import check_reference_is_sft, check_reward_composition, run_in_process, shared_helper_differences
 
 from rloo import policy_gradient_loss, rloo_advantages
 
@@ -37,6 +39,26 @@ def test_policy_gradient_loss_and_gradient():
     loss.backward()
     torch.testing.assert_close(logprobs.grad, -advantages.detach() / 4)
     assert advantages.grad is None or advantages.grad.abs().sum() == 0  # the advantage is a constant
+
+
+@pytest.fixture(scope="module")
+def last_update(toy, tmp_path_factory):
+    """Two updates of RLOO (k = 3) in this process, with a KL penalty and a learning rate large enough to matter."""
+    run_dir = tmp_path_factory.mktemp("rloo_in_process")
+    flags = ["--rloo_k", "3", "--lr", "1e-2", "--kl_coef", "1.0", "--penalty_reward_value", "-5"]
+    return run_in_process("rloo.py", [*toy.rl_flags, *flags, "--output_dir", "", "--run_dir", str(run_dir)])
+
+
+def test_reward_is_score_minus_kl_penalty(last_update):
+    check_reward_composition(last_update)
+
+
+def test_kl_reference_is_the_sft_policy(toy, last_update):
+    check_reference_is_sft(last_update, toy.sft)
+
+
+def test_shared_helpers_are_rebels():
+    assert shared_helper_differences("rloo.py") == []
 
 
 @pytest.mark.parametrize("extra", [["--rloo_k", "4"], ["--reinforce"]], ids=["k4", "reinforce"])

@@ -1,14 +1,17 @@
 """sft.py and reward.py (losses, saved formats, errors), the toy task's judge, and REBEL learning on the toy task."""
 
+import ast
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
 from conftest import LENGTHS, read_metrics, run_script
 from safetensors.torch import load_file
 
+import rebel
 import reward
 import sft
 from toy.tldr import gold_judge, gold_score, make_post, make_splits, make_summary, parse_post
@@ -32,6 +35,22 @@ def test_sft_loss_only_on_response_tokens(toy):
     assert loss.item() == pytest.approx(naive.item(), abs=1e-4)
 
 
+def _definitions(path) -> dict:
+    with open(path) as f:
+        src = f.read()
+    return {n.name: ast.get_source_segment(src, n) for n in ast.parse(src).body if hasattr(n, "name")}
+
+
+@pytest.mark.parametrize("script", ["sft.py", "reward.py"])
+def test_shared_helpers_are_copied_from_rebel(script):
+    """Every top-level helper that also exists in rebel.py is the same text (Args excepted: it holds each script's own
+    flags)."""
+    ours, theirs = _definitions(script), _definitions("rebel.py")
+    shared = sorted(set(ours) & set(theirs) - {"Args"})
+    assert {"forward", "load_tokenizer", "load_prompts", "load_policy"} <= set(shared)
+    assert [n for n in shared if ours[n] != theirs[n]] == []
+
+
 def test_saved_models_load_in_the_formats_rebel_reads(toy):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -39,18 +58,84 @@ def test_saved_models_load_in_the_formats_rebel_reads(toy):
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
     AutoModelForCausalLM.from_pretrained(toy.sft)
     rm = AutoModelForSequenceClassification.from_pretrained(toy.rm)
-    assert rm.config.num_labels == 1
+    assert rm.config.num_labels == 1 and isinstance(rm.config.reward_bias, float)
+    assert rebel.load_reward_model(toy.rm, torch.float32).bias == rm.config.reward_bias
     metrics = [json.loads(x) for x in (toy.dir / "runs/rm/metrics.jsonl").read_text().splitlines()]
-    assert "eval/accuracy" in metrics[-1]
+    assert "eval/accuracy" in metrics[-1] and metrics[-1]["eval/reference_score_before_norm"] == rm.config.reward_bias
 
 
-def test_sft_adds_a_pad_token_to_pythia_like_tokenizers(toy, tmp_path):
-    from transformers import AutoTokenizer
+def _reference_scores(rm_path, dataset) -> torch.Tensor:
+    """rebel.py's reward model's scores of the train split's reference responses, as reward.py tokenises them."""
+    tokenizer = rebel.load_tokenizer(rm_path)
+    _, queries, references, _ = rebel.load_prompts(
+        dataset, "train", "query", "reference_response", tokenizer, 64, 24, "filter"
+    )
+    model = rebel.load_reward_model(rm_path, torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.cat((queries, references), 1), tokenizer.pad_token_id)
 
-    tok = AutoTokenizer.from_pretrained(toy.base)
-    tok.pad_token = None
-    sft.ensure_pad_token(tok)
-    assert tok.pad_token == "[PAD]" and tok.pad_token_id != tok.eos_token_id
+
+def test_reward_model_scores_references_zero_on_average(toy):
+    """reward.py saves the references' mean score as config.reward_bias; rebel.py subtracts it (the paper's scale)."""
+    scores = _reference_scores(toy.rm, toy.tldr)
+    assert abs(scores.mean().item()) < 1e-3 and scores.std().item() > 1e-3
+
+
+def test_pad_token_outside_the_embedding(toy, tmp_path):
+    """A Llama-architecture base whose embedding has exactly len(tokenizer) rows and whose tokenizer pads with EOS:
+    load_tokenizer adds a pad token with no embedding row. sft.py, then reward.py from a LoRA adapter of the SFT model,
+    train, and what they save loads (the config's pad id must stay inside the embedding)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(toy.base)
+    tokenizer.pad_token = tokenizer.eos_token
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **ids,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    assert rebel.load_tokenizer(str(tmp_path / "base")).pad_token_id == len(tokenizer)  # no embedding row
+
+    small = ["--batch_size", "32", "--per_device_train_batch_size", "16", "--lr", "3e-3", *LENGTHS]
+    sft_flags = ["--query_dataset", toy.tldr, "--base_model", str(tmp_path / "base"), "--run_dir", str(tmp_path / "s")]
+    run_script("sft.py", *small, *sft_flags, "--output_dir", str(tmp_path / "sft"))
+    sft_model = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
+    assert sft_model.config.pad_token_id < sft_model.get_input_embeddings().num_embeddings
+    # A LoRA adapter of the SFT model (with its tokenizer), as rebel.py saves: reward.py merges it into its base.
+    lora = get_peft_model(sft_model, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(tmp_path / "sft").save_pretrained(tmp_path / "adapter")
+    rm_flags = ["--query_dataset", toy.tldr, "--preference_dataset", toy.preference, "--run_dir", str(tmp_path / "r")]
+    run_script(
+        "reward.py",
+        *small,
+        *rm_flags,
+        "--sft_model_path",
+        str(tmp_path / "adapter"),
+        "--output_dir",
+        str(tmp_path / "rm"),
+    )
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert rm.config.pad_token_id is None or rm.config.pad_token_id < rm.get_input_embeddings().num_embeddings
+    assert abs(_reference_scores(str(tmp_path / "rm"), toy.tldr).mean().item()) < 1e-3
 
 
 @pytest.mark.parametrize("script, flags, message", [
@@ -59,10 +144,19 @@ def test_sft_adds_a_pad_token_to_pythia_like_tokenizers(toy, tmp_path):
     ("reward.py", ["--chosen_column", "good"], "has no column 'good'"),
 ])  # fmt: skip
 def test_bad_input(toy, tmp_path, script, flags, message):
-    data = toy.tldr if script == "sft.py" else toy.preference
     model = ["--base_model", toy.base] if script == "sft.py" else ["--sft_model_path", toy.sft]
-    proc = run_script(script, "--query_dataset", data, *model, "--batch_size", "32", "--per_device_train_batch_size", "16",
-                      "--output_dir", "", "--run_dir", str(tmp_path), *flags, check=False)  # fmt: skip
+    data = ["--query_dataset", toy.tldr, *(["--preference_dataset", toy.preference] if script == "reward.py" else [])]
+    small = [
+        "--batch_size",
+        "32",
+        "--per_device_train_batch_size",
+        "16",
+        "--output_dir",
+        "",
+        "--run_dir",
+        str(tmp_path),
+    ]
+    proc = run_script(script, *data, *model, *small, *flags, check=False)
     assert proc.returncode != 0 and message in proc.stdout
 
 
@@ -108,18 +202,24 @@ def _saved_weights(path) -> dict:
 
 def test_torchrun_two_ranks(toy, tmp_path):
     """reward.py on two ranks takes the same steps as one process with the same global batch (its loss is a mean over
-    pairs, so splitting the batch over ranks changes nothing); sft.py's two ranks stay in sync."""
+    pairs, so splitting the batch over ranks changes nothing) and finds the same reference mean; on both scripts the
+    exit probe (tests/exit_probe/) finds the ranks' weights equal, and rank 0 alone logs each update."""
     small = ["--batch_size", "32", "--per_device_train_batch_size", "16", "--lr", "3e-3", *LENGTHS]  # as toy.rm's
-    run_script("reward.py", *small, "--query_dataset", toy.preference, "--sft_model_path", toy.sft,
-               "--output_dir", str(tmp_path / "rm"), "--run_dir", str(tmp_path / "runs/rm"), torchrun=2)  # fmt: skip
+    rm_flags = ["--query_dataset", toy.tldr, "--preference_dataset", toy.preference, "--sft_model_path", toy.sft]
+    rm_flags += ["--run_dir", str(tmp_path / "runs/rm"), "--output_dir", str(tmp_path / "rm")]
+    proc = run_script("reward.py", *small, *rm_flags, torchrun=2)
+    assert re.findall(r"ddp max param diff across ranks: (\S+)", proc.stdout) == ["0.0", "0.0"], proc.stdout[-3000:]
     one, two, start = _saved_weights(toy.rm), _saved_weights(tmp_path / "rm"), _saved_weights(toy.sft)
     gap = max((one[k] - two[k]).abs().max().item() for k in one)
     moved = max((one[k] - start[k]).abs().max().item() for k in one if k in start)
     assert moved > 1e-3 and gap < 1e-3 * moved, (gap, moved)
-    assert read_metrics(tmp_path / "runs/rm")[-2] == {"ddp/max_param_diff_across_ranks": 0.0}
+    bias_one, bias_two = (
+        json.load(open(os.path.join(p, "config.json")))["reward_bias"] for p in (toy.rm, tmp_path / "rm")
+    )
+    assert bias_two == pytest.approx(bias_one, abs=1e-3 * moved)
 
-    run_script("sft.py", *small, "--query_dataset", toy.tldr, "--base_model", toy.base, "--output_dir", "",
-               "--run_dir", str(tmp_path / "runs/sft"), torchrun=2)  # fmt: skip
-    rows = read_metrics(tmp_path / "runs/sft")
-    assert rows[-2] == {"ddp/max_param_diff_across_ranks": 0.0}
-    assert [r["update"] for r in rows[:-2]] == list(range(1, len(rows) - 1))  # logged once per update, by rank 0
+    sft_flags = ["--query_dataset", toy.tldr, "--base_model", toy.base, "--run_dir", str(tmp_path / "runs/sft")]
+    proc = run_script("sft.py", *small, *sft_flags, "--output_dir", "", torchrun=2)
+    assert re.findall(r"ddp max param diff across ranks: (\S+)", proc.stdout) == ["0.0", "0.0"], proc.stdout[-3000:]
+    updates = [r["update"] for r in read_metrics(tmp_path / "runs/sft") if "loss/sft" in r]
+    assert updates == list(range(1, len(updates) + 1)) and len(updates) == 8  # 256 examples / 32 per update

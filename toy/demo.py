@@ -73,7 +73,8 @@ def prepare_seed(out: str, seed: int) -> tuple[str, dict]:
     common = ["--seed", str(seed), *TOY_LENGTHS]
     times["sft"] = run("sft.py", [*common, *SFT_FLAGS, "--query_dataset", f"{d}/data/tldr", "--base_model", f"{d}/data/base_model",
                                   "--output_dir", f"{d}/sft", "--run_dir", f"{d}/runs/sft"], f"{d}/sft.log")  # fmt: skip
-    times["reward"] = run("reward.py", [*common, *RM_FLAGS, "--query_dataset", f"{d}/data/preference", "--sft_model_path",
+    times["reward"] = run("reward.py", [*common, *RM_FLAGS, "--query_dataset", f"{d}/data/tldr", "--preference_dataset",
+                                        f"{d}/data/preference", "--sft_model_path",
                                         f"{d}/sft", "--output_dir", f"{d}/rm", "--run_dir", f"{d}/runs/rm"], f"{d}/rm.log")  # fmt: skip
     return d, times
 

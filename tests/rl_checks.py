@@ -1,0 +1,87 @@
+"""Checks shared by the tests of the online scripts built on rebel.py's skeleton (rloo.py, iterative_dpo.py): run a
+script in this process and inspect the last update's tensors, which `__main__` leaves in the script's globals."""
+
+import ast
+import os
+import runpy
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shared_helper_differences(script: str, reference: str = "rebel.py") -> list[str]:
+    """Names of the top-level functions and classes (Args aside) that `script` shares with rebel.py but spells
+    differently."""
+
+    def definitions(path):
+        with open(os.path.join(ROOT, path)) as f:
+            source = f.read()
+        lines = source.splitlines()
+        return {
+            node.name: "\n".join(
+                lines[min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1 : node.end_lineno]
+            )
+            for node in ast.parse(source).body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+        }
+
+    ours, theirs = definitions(script), definitions(reference)
+    return sorted(name for name in ours.keys() & theirs.keys() - {"Args"} if ours[name] != theirs[name])
+
+
+def run_in_process(script: str, flags: list[str]) -> dict:
+    """Run `python script flags` here and return its globals after the run (the last update's rollout among them)."""
+    saved = sys.argv, sys.excepthook
+    sys.argv = [os.path.join(ROOT, script), *flags]
+    try:
+        with torch.random.fork_rng():
+            return runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        sys.argv, sys.excepthook = saved
+
+
+def sequence_logprob(model, query_response: torch.Tensor, query_length: int, pad_id: int, temperature: float):
+    """log pi(y|x) of one (query, response) row the naive way: pads stripped, no attention mask, no batching."""
+    query, response = query_response[:query_length], query_response[query_length:]
+    query, response = query[query != pad_id], response[response != pad_id]
+    with torch.no_grad():
+        logits = model(torch.cat((query, response))[None]).logits[0, len(query) - 1 : -1].float() / temperature
+    if pad_id < logits.size(-1):
+        logits[:, pad_id] = float("-inf")  # the pad token is never sampled
+    return logits.log_softmax(-1).gather(1, response[:, None]).sum().item()
+
+
+def logprobs_under(model, g: dict) -> torch.Tensor:
+    """(B, n) log-probs of the last update's responses under `model`, computed independently of the script."""
+    qr, args = g["query_responses"], g["args"]
+    flat = [sequence_logprob(model, row, args.query_length, g["pad"], args.temperature) for row in qr.flatten(0, 1)]
+    return torch.tensor(flat, dtype=torch.float32).view(qr.shape[:2])
+
+
+def check_reward_composition(g: dict) -> None:
+    """r(x, y) = RM score (or the no-EOS penalty) - kl_coef * (ln pi_t(y|x) - ln pi_SFT(y|x)), with that sign."""
+    args, qr, pad, eos = g["args"], g["query_responses"], g["pad"], g["eos"]
+    kl = g["logprobs"] - g["ref_logprobs"]  # (B, n)
+    assert kl.abs().max() > 0.05, "pi_t still equals the reference: this run cannot tell the KL's sign"
+    with torch.no_grad():
+        raw_scores = g["reward_model"](qr.flatten(0, 1), pad).float().view(qr.shape[:2])
+    has_eos = (qr[..., args.query_length :] == eos).any(-1)
+    expected = torch.where(has_eos, raw_scores, args.penalty_reward_value) - args.kl_coef * kl
+    torch.testing.assert_close(g["rewards"], expected, atol=1e-4, rtol=1e-4)
+    # The penalty pushes the reward below the score wherever pi_t is more likely than the reference, and above it
+    # where it is less likely.
+    scores = torch.where(has_eos, raw_scores, args.penalty_reward_value)
+    assert ((g["rewards"] - scores) * kl <= 1e-6).all()
+
+
+def check_reference_is_sft(g: dict, sft_path: str) -> None:
+    """The KL reference's log-probs are those of the SFT checkpoint loaded on its own; the trained policy's are not."""
+    from transformers import AutoModelForCausalLM
+
+    sft = AutoModelForCausalLM.from_pretrained(sft_path).eval()
+    ref_logprobs, sft_logprobs = g["ref_logprobs"], logprobs_under(sft, g)
+    torch.testing.assert_close(ref_logprobs, sft_logprobs, atol=2e-3, rtol=1e-4)
+    trained_logprobs = logprobs_under(g["raw_policy"].eval(), g)
+    assert (trained_logprobs - ref_logprobs).abs().max() > 0.05, "training did not move the policy off the reference"
