@@ -599,14 +599,18 @@ if __name__ == "__main__":
             "has_eos": has_eos.tolist(),
         }
         gathered = [None] * world_size
-        dist.all_gather_object(gathered, rows) if ddp else gathered.__setitem__(0, rows)
+        if ddp:
+            dist.all_gather_object(gathered, rows)
+        else:
+            gathered = [rows]
         if not master:
             return
         df = pd.concat([pd.DataFrame(r) for r in gathered], ignore_index=True)
         df.to_csv(os.path.join(run_dir, f"eval_{update:06d}.csv"), index=False)
-        stats = {f"eval/{k}": df[k].mean() for k in ("score", "reference_score", "kl", "response_length", "has_eos")}
-        for k, v in stats.items():
-            writer.add_scalar(k, v, update)
+        stats = {f"eval/{name}": df[name].mean() for name in ("score", "reference_score", "kl", "response_length")}
+        stats["eval/eos_rate"] = df.has_eos.mean()
+        for key, value in stats.items():
+            writer.add_scalar(key, value, update)
         samples = df.head(args.num_sample_rows)[["query", "postprocessed_response", "score"]]
         writer.add_text("samples", samples.to_string(), update)
         if args.track:
@@ -687,8 +691,8 @@ if __name__ == "__main__":
                     "time/episodes_per_second": update * args.batch_size / (time.time() - start),
                 }
             )
-            for k, v in stats.items():
-                writer.add_scalar(k, v, update)
+            for key, value in stats.items():
+                writer.add_scalar(key, value, update)
             metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
             metrics_file.flush()
         if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:

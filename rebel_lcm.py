@@ -162,7 +162,7 @@ class Args:
 
 
 class BadInput(ValueError):
-    """A problem with the flags or a file: reported as one line that names the fix, no traceback."""
+    """A problem with the flags, the data or a checkpoint: reported as one line that names the fix, no traceback."""
 
 
 def print_bad_input(kind, error, tb) -> None:

@@ -195,8 +195,7 @@ def adapter_disabled(peft_model):
 
 def sampling_config(response_length: int, temperature: float, pad_id: int):
     """Exactly response_length tokens per query: EOS does not stop sampling (rollout truncates after it), and the pad
-    token is never sampled. load_policy empties the model's own generation_config, which transformers would otherwise
-    use to fill every field left unset here (e.g. a repetition penalty)."""
+    token is never sampled."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
@@ -214,9 +213,19 @@ def sampling_config(response_length: int, temperature: float, pad_id: int):
 
 @torch.no_grad()
 def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
+    """Sample with `config` alone: transformers fills every field left unset from the model's own generation_config
+    (e.g. a repetition penalty, or EOS ids that min_new_tokens would then suppress), so that one is set aside."""
+    from transformers import GenerationConfig
+
     attention_mask = queries != config.pad_token_id
-    input_ids = queries.masked_fill(~attention_mask, 0)
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+    own_config, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
+    try:
+        output = model.generate(
+            input_ids=queries.masked_fill(~attention_mask, 0), attention_mask=attention_mask, generation_config=config
+        )
+    finally:
+        hf_model.generation_config = own_config
     return torch.cat((queries, output[:, queries.size(1) :]), 1)
 
 
@@ -325,7 +334,7 @@ def load_policy(path: str, dtype: torch.dtype):
     """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
     merged into its base, so the policy starts at, and the KL reference is, the SFT model itself."""
     from peft import AutoPeftModelForCausalLM
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
     from transformers.utils import find_adapter_config_file
 
     try:
@@ -335,7 +344,6 @@ def load_policy(path: str, dtype: torch.dtype):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:
         raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
-    model.generation_config = GenerationConfig()  # sampling uses only what generate() sets
     return model
 
 
@@ -605,14 +613,18 @@ if __name__ == "__main__":
             "has_eos": has_eos.tolist(),
         }
         gathered = [None] * world_size
-        dist.all_gather_object(gathered, rows) if ddp else gathered.__setitem__(0, rows)
+        if ddp:
+            dist.all_gather_object(gathered, rows)
+        else:
+            gathered = [rows]
         if not master:
             return
         df = pd.concat([pd.DataFrame(r) for r in gathered], ignore_index=True)
         df.to_csv(os.path.join(run_dir, f"eval_{update:06d}.csv"), index=False)
-        stats = {f"eval/{k}": df[k].mean() for k in ("score", "reference_score", "kl", "response_length", "has_eos")}
-        for k, v in stats.items():
-            writer.add_scalar(k, v, update)
+        stats = {f"eval/{name}": df[name].mean() for name in ("score", "reference_score", "kl", "response_length")}
+        stats["eval/eos_rate"] = df.has_eos.mean()
+        for key, value in stats.items():
+            writer.add_scalar(key, value, update)
         samples = df.head(args.num_sample_rows)[["query", "postprocessed_response", "score"]]
         writer.add_text("samples", samples.to_string(), update)
         if args.track:
@@ -695,8 +707,8 @@ if __name__ == "__main__":
                     "time/episodes_per_second": update * args.batch_size / (time.time() - start),
                 }
             )
-            for k, v in stats.items():
-                writer.add_scalar(k, v, update)
+            for key, value in stats.items():
+                writer.add_scalar(key, value, update)
             metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
             metrics_file.flush()
         if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:

@@ -114,7 +114,7 @@ def load_policy(path: str, dtype: torch.dtype):
     """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
     merged into its base, so the policy starts at, and the KL reference is, the SFT model itself."""
     from peft import AutoPeftModelForCausalLM
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
     from transformers.utils import find_adapter_config_file
 
     try:
@@ -124,7 +124,6 @@ def load_policy(path: str, dtype: torch.dtype):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:
         raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
-    model.generation_config = GenerationConfig()  # sampling uses only what generate() sets
     return model
 
 
@@ -374,8 +373,8 @@ if __name__ == "__main__":
                     "time/episodes_per_second": update * args.batch_size / (time.time() - start),
                 }
             )
-            for k, v in stats.items():
-                writer.add_scalar(k, v, update)
+            for key, value in stats.items():
+                writer.add_scalar(key, value, update)
             metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
             metrics_file.flush()
 

@@ -53,7 +53,7 @@ def method_flags(method: str, d: str, seed: int, lr: float, run_dir: str) -> tup
     script, extra = METHODS[method]
     data = ["--query_dataset", f"{d}/data/tldr"]
     if script == "dpo.py":  # offline: trains on the preference pairs, evaluates on the TL;DR prompts
-        data = ["--query_dataset", f"{d}/data/preference", "--eval_dataset", f"{d}/data/tldr"]
+        data += ["--preference_dataset", f"{d}/data/preference"]
     flags = [*RL_FLAGS, *TOY_LENGTHS, *data, "--seed", str(seed), "--lr", str(lr), "--sft_model_path", f"{d}/sft",
              "--reward_model_path", f"{d}/rm", "--output_dir", "", "--run_dir", run_dir, *extra]  # fmt: skip
     return script, flags

@@ -20,7 +20,7 @@ def test_every_method_gets_the_same_budget_and_its_own_algorithm_flags():
         assert flag(flags, "--sft_model_path") == "/d/sft" and flag(flags, "--reward_model_path") == "/d/rm"
         assert flags[len(flags) - len(extra) :] == extra  # the algorithm's own flags come last
     _, dpo = method_flags("DPO", "/d", 1, 3e-4, "/r")  # offline: preference pairs in, TL;DR prompts evaluated
-    assert flag(dpo, "--query_dataset") == "/d/data/preference" and flag(dpo, "--eval_dataset") == "/d/data/tldr"
+    assert flag(dpo, "--preference_dataset") == "/d/data/preference" and flag(dpo, "--query_dataset") == "/d/data/tldr"
     _, rloo4 = method_flags("RLOO (k=4)", "/d", 1, 3e-4, "/r")
     assert flag(rloo4, "--rloo_k") == "4" and flag(rloo4, "--query_dataset") == "/d/data/tldr"
 
