@@ -173,13 +173,14 @@ def forward(model, query_responses: torch.Tensor, pad_id: int):
 
 def response_logprobs(model, query_responses, context_length: int, temperature: float, pad_id: int):
     """Per-token log pi(y_t | x, y_<t) of the response tokens under the distribution generate() samples from:
-    logits divided by the temperature and the pad token excluded. Pad positions get a placeholder (mask them)."""
+    logits divided by the temperature and the pad token excluded. Pad positions get 0."""
     logits = forward(model, query_responses, pad_id).logits[:, context_length - 1 : -1].float() / temperature
     if pad_id < logits.size(-1):
         logits[..., pad_id] = float("-inf")  # generate() suppresses it
     responses = query_responses[:, context_length:]
-    responses = responses.masked_fill(responses == pad_id, 0)  # (B, T)
-    return logits.log_softmax(-1).gather(2, responses.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    is_pad = responses == pad_id  # (B, T)
+    logprobs = logits.log_softmax(-1).gather(2, responses.masked_fill(is_pad, 0).unsqueeze(-1)).squeeze(-1)
+    return logprobs.masked_fill(is_pad, 0.0)  # (B, T); 0, not -inf, where the pad id is 0 (pad = unk in Llama-2)
 
 
 @contextmanager
@@ -419,19 +420,24 @@ def save_critic(critic: ValueModel, path: str) -> None:
 
 def load_policy(path: str, dtype: torch.dtype):
     """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
-    merged into its base, so the policy starts at, and the KL reference is, the SFT model itself."""
-    from peft import AutoPeftModelForCausalLM
+    merged into its base, itself loaded this way, so the policy starts at, and the KL reference is, the SFT model.
+    The merged model keeps the adapter's path as its name: an adapter trained on it records that path as its base."""
+    from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
     from transformers.utils import find_adapter_config_file
 
     try:
-        if find_adapter_config_file(path):
-            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload()
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if not find_adapter_config_file(path):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # Not peft's AutoPeftModel: it resizes the embedding to a tokenizer saved beside the adapter.
+        base = load_policy(PeftConfig.from_pretrained(path).base_model_name_or_path, dtype)
+        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        model.name_or_path = path
+        return model
+    except BadInput:
+        raise
     except Exception as e:
         raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
-    return model
 
 
 def load_tokenizer(path: str):
@@ -618,7 +624,7 @@ if __name__ == "__main__":
         long_prompts=args.long_prompts,
     )
     train_set, train_queries, _, dropped = load_prompts(args.query_dataset, args.train_split, **data)
-    eval_set, eval_queries, eval_references, _ = load_prompts(args.query_dataset, args.eval_split, **data)
+    eval_set, eval_queries, eval_references, eval_dropped = load_prompts(args.query_dataset, args.eval_split, **data)
     eval_idx = list(range(min(args.num_eval_prompts or len(eval_set), len(eval_set))))[rank::world_size]
     total_episodes = args.total_episodes or len(train_set)
     num_updates = total_episodes // args.batch_size
@@ -685,8 +691,11 @@ if __name__ == "__main__":
         writer = SummaryWriter(run_dir)
         writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
         metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        if dropped:
-            print(f"dropped {dropped} training prompts longer than --query_length {args.query_length} tokens")
+        if dropped or eval_dropped:
+            print(
+                f"dropped the prompts longer than --query_length {args.query_length} tokens: {dropped} of "
+                f"'{args.train_split}', {eval_dropped} of '{args.eval_split}'"
+            )
         print(
             f"run {run_name}: {num_updates} updates of {args.batch_size} prompts, world size {world_size}, "
             f"{grad_accum} micro-batches per step, critic LoRA {critic_lora}; logs in {run_dir}"

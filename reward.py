@@ -140,19 +140,24 @@ class ScalarRewardModel(nn.Module):
 
 def load_policy(path: str, dtype: torch.dtype):
     """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
-    merged into its base, so the policy starts at, and the KL reference is, the SFT model itself."""
-    from peft import AutoPeftModelForCausalLM
+    merged into its base, itself loaded this way, so the policy starts at, and the KL reference is, the SFT model.
+    The merged model keeps the adapter's path as its name: an adapter trained on it records that path as its base."""
+    from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
     from transformers.utils import find_adapter_config_file
 
     try:
-        if find_adapter_config_file(path):
-            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload()
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if not find_adapter_config_file(path):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # Not peft's AutoPeftModel: it resizes the embedding to a tokenizer saved beside the adapter.
+        base = load_policy(PeftConfig.from_pretrained(path).base_model_name_or_path, dtype)
+        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        model.name_or_path = path
+        return model
+    except BadInput:
+        raise
     except Exception as e:
         raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
-    return model
 
 
 def load_tokenizer(path: str):

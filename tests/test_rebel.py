@@ -176,6 +176,17 @@ def test_masked_logprob_sum_equals_naive_per_sequence(toy):
         assert batch[i].item() == pytest.approx(naive, abs=1e-4)
 
 
+def test_a_pad_id_of_zero_gives_finite_logprobs(toy):
+    """Llama-2 setups often pad with <unk> = 0: the pad logit is excluded, and pad positions must read 0, not -inf
+    (which the mask would turn into NaN)."""
+    _, model = _load(toy)
+    query_responses = torch.tensor([[[7, 8, 9, 5, 6, 0, 0]]])  # one prompt, one response of two tokens, pad id 0
+    masks = torch.tensor([[[True, True, False, False]]])
+    logprobs = rebel.response_logprobs(model, query_responses[0], 3, 1.0, 0)
+    assert logprobs[0, 2:].tolist() == [0.0, 0.0] and torch.isfinite(logprobs).all()
+    assert torch.isfinite(rebel.sequence_logprobs(model, query_responses, masks, 3, 1.0, 0)).all()
+
+
 def test_reward_read_at_last_token_with_left_padding(toy):
     tok, _ = _load(toy)
     rm = rebel.load_reward_model(toy.rm, torch.float32).eval()
@@ -186,7 +197,8 @@ def test_reward_read_at_last_token_with_left_padding(toy):
     assert padded.item() == pytest.approx(alone.item(), abs=1e-5)
     # and the score is the head applied to the hidden state of the last real token (the EOS)
     hidden = rm.backbone(input_ids=torch.tensor([seq])).last_hidden_state[0, -1]
-    assert alone.item() == pytest.approx(rm.head(hidden).item(), abs=1e-5)
+    assert rm.bias != 0  # reward.py normalised it
+    assert alone.item() == pytest.approx(rm.head(hidden).item() - rm.bias, abs=1e-5)
 
 
 def test_scalar_head_checkpoint_format(toy, tmp_path):
@@ -201,7 +213,7 @@ def test_scalar_head_checkpoint_format(toy, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     other = rebel.load_reward_model(str(tmp_path), torch.float32)
     x = torch.tensor([[3, 4, 5, 0]])
-    assert other(x, 1).item() == pytest.approx(rm(x, 1).item() - 0.25, abs=1e-5)
+    assert other(x, 1).item() == pytest.approx(rm(x, 1).item() + rm.bias - 0.25, abs=1e-5)
 
 
 def test_rollout_pairs_masks_and_eos(toy, monkeypatch):

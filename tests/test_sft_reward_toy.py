@@ -208,7 +208,9 @@ def test_torchrun_two_ranks(toy, tmp_path):
     rm_flags = ["--query_dataset", toy.tldr, "--preference_dataset", toy.preference, "--sft_model_path", toy.sft]
     rm_flags += ["--run_dir", str(tmp_path / "runs/rm"), "--output_dir", str(tmp_path / "rm")]
     proc = run_script("reward.py", *small, *rm_flags, torchrun=2)
-    assert re.findall(r"ddp max param diff across ranks: (\S+)", proc.stdout) == ["0.0", "0.0"], proc.stdout[-3000:]
+    assert re.findall(r"ddp max param diff across ranks: ([0-9.eE+-]+)", proc.stdout) == ["0.0", "0.0"], proc.stdout[
+        -3000:
+    ]
     one, two, start = _saved_weights(toy.rm), _saved_weights(tmp_path / "rm"), _saved_weights(toy.sft)
     gap = max((one[k] - two[k]).abs().max().item() for k in one)
     moved = max((one[k] - start[k]).abs().max().item() for k in one if k in start)
@@ -220,6 +222,8 @@ def test_torchrun_two_ranks(toy, tmp_path):
 
     sft_flags = ["--query_dataset", toy.tldr, "--base_model", toy.base, "--run_dir", str(tmp_path / "runs/sft")]
     proc = run_script("sft.py", *small, *sft_flags, "--output_dir", "", torchrun=2)
-    assert re.findall(r"ddp max param diff across ranks: (\S+)", proc.stdout) == ["0.0", "0.0"], proc.stdout[-3000:]
+    assert re.findall(r"ddp max param diff across ranks: ([0-9.eE+-]+)", proc.stdout) == ["0.0", "0.0"], proc.stdout[
+        -3000:
+    ]
     updates = [r["update"] for r in read_metrics(tmp_path / "runs/sft") if "loss/sft" in r]
     assert updates == list(range(1, len(updates) + 1)) and len(updates) == 8  # 256 examples / 32 per update

@@ -2,7 +2,8 @@
 a Llama-architecture policy whose embedding has exactly len(tokenizer) rows and whose tokenizer has pad == EOS, given
 as a LoRA adapter (the SFT checkpoint), whose generation_config.json sets a repetition penalty; a reward model of
 another width in summarize_from_feedback_details' format with a bias-less head; prompts in a single JSONL file.
-Each script must run, start at the SFT policy (KL 0 before the first update), and save an output that loads."""
+Each script must run in bf16 (CPU autocast), start at the SFT policy (KL 0 before the first update), and save an
+output that loads as the trained policy, without an embedding resized to the tokenizer's added pad token."""
 
 import json
 import os
@@ -46,6 +47,7 @@ def user(toy, tmp_path_factory):
     base.generation_config.repetition_penalty = 1.3
     base.save_pretrained(d / "base")
     tok.save_pretrained(d / "base")
+    base = LlamaForCausalLM.from_pretrained(d / "base")  # so that the adapter records where its base is
     adapter = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))  # a non-zero adapter
     adapter.save_pretrained(d / "sft")
     tok.save_pretrained(d / "sft")
@@ -67,8 +69,10 @@ def test_script_on_user_shaped_inputs(toy, user, tmp_path, script):
         flags[flags.index(name) + 1] = str(value)
     extra = [*SCRIPTS[script], toy.preference] if script == "dpo.py" else SCRIPTS[script]
     out, run = tmp_path / "out", tmp_path / "run"
-    run_script(script, *flags, *extra, "--output_dir", str(out), "--run_dir", str(run))
+    run_script(script, *flags, *extra, "--precision", "bf16", "--output_dir", str(out), "--run_dir", str(run))
     first = pd.read_csv(run / "eval_000000.csv")
     assert first.kl.abs().max() < 1e-4  # the policy starts at the SFT policy, the adapter merged
+    # the new adapter sits on the merged SFT adapter, so that loading it rebuilds the trained policy (not base + it)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(user / "sft")
     policy = rebel.load_policy(str(out), torch.float32)
     assert policy.get_input_embeddings().num_embeddings == len(rebel.load_tokenizer(str(user / "base"))) - 1

@@ -16,9 +16,9 @@ def _report_gloo_threads():
         try:
             with open(f"/proc/self/task/{task}/comm") as f:
                 names.append(f.read().strip())
-        except FileNotFoundError:  # a thread that ended after listdir
+        except OSError:  # a thread that ended after listdir (FileNotFoundError or ProcessLookupError)
             pass
-    print(f"gloo threads at exit: {sum('gloo' in n for n in names)}", flush=True)
+    os.write(1, f"gloo threads at exit: {sum('gloo' in n for n in names)}\n".encode())
 
 
 def _install_rank_sync_probe():
@@ -39,7 +39,7 @@ def _install_rank_sync_probe():
                 dist.broadcast(q, 0)
                 diff = max(diff, (p.detach() - q).abs().max().item())
         modules.clear()
-        print(f"ddp max param diff across ranks: {diff}", flush=True)
+        os.write(1, f"ddp max param diff across ranks: {diff}\n".encode())  # one write: ranks' lines stay whole
         destroy(*args, **kwargs)
 
     DistributedDataParallel.__init__ = init
