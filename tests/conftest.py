@@ -93,7 +93,7 @@ def check_end_to_end(script: str, flags: list[str], tmp_path, keys, track: bool 
     return rows
 
 
-def check_reward_composition(rows: list[dict], kl_coef: float) -> None:
+def check_logged_reward_composition(rows: list[dict], kl_coef: float) -> None:
     """The logged reward is the score minus kl_coef times the KL to the reference, with that sign, and the KL is not
     zero once the policy has moved (it would be if the reference were the current policy)."""
     for row in rows[1:]:
@@ -103,14 +103,14 @@ def check_reward_composition(rows: list[dict], kl_coef: float) -> None:
 
 
 def check_reference_is_sft(run_dir) -> None:
-    """Before the first update the policy is the reference (KL 0 on every evaluation prompt); after the last it is
-    not (a reference that followed the policy would keep it 0)."""
+    """The KL reference is the SFT policy: pi_t is the SFT policy at update 1 and before training, so the KL is exactly
+    0 there; after an update pi_t has moved and the reference has not, so it is not."""
     import pandas as pd
 
-    tables = sorted(f for f in os.listdir(run_dir) if f.startswith("eval_"))
-    first, last = (pd.read_csv(os.path.join(run_dir, f)) for f in (tables[0], tables[-1]))
-    assert first.kl.abs().max() < 1e-4, first.kl
-    assert last.kl.abs().max() > 1e-5, last.kl
+    rows = [r for r in read_metrics(run_dir) if "update" in r]
+    assert rows[0]["objective/kl"] == 0.0 and all(r["objective/kl"] != 0.0 for r in rows[1:])
+    before, after = (pd.read_csv(os.path.join(run_dir, f"eval_{u:06d}.csv")) for u in (0, len(rows)))
+    assert (before.kl == 0).all() and (after.kl != 0).any()
 
 
 def check_ranks_in_sync(script: str, flags: list[str], run_dir) -> None:

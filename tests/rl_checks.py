@@ -1,7 +1,6 @@
 """Checks shared by the tests of the online scripts built on rebel.py's skeleton (rloo.py, iterative_dpo.py): run a
 script in this process and inspect the last update's tensors, which `__main__` leaves in the script's globals."""
 
-import ast
 import os
 import runpy
 import sys
@@ -9,26 +8,6 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def shared_helper_differences(script: str, reference: str = "rebel.py") -> list[str]:
-    """Names of the top-level functions and classes (Args aside) that `script` shares with rebel.py but spells
-    differently."""
-
-    def definitions(path):
-        with open(os.path.join(ROOT, path)) as f:
-            source = f.read()
-        lines = source.splitlines()
-        return {
-            node.name: "\n".join(
-                lines[min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1 : node.end_lineno]
-            )
-            for node in ast.parse(source).body
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef))
-        }
-
-    ours, theirs = definitions(script), definitions(reference)
-    return sorted(name for name in ours.keys() & theirs.keys() - {"Args"} if ours[name] != theirs[name])
 
 
 def run_in_process(script: str, flags: list[str]) -> dict:
@@ -76,7 +55,7 @@ def check_reward_composition(g: dict) -> None:
     assert ((g["rewards"] - scores) * kl <= 1e-6).all()
 
 
-def check_reference_is_sft(g: dict, sft_path: str) -> None:
+def check_reference_logprobs_are_sft(g: dict, sft_path: str) -> None:
     """The KL reference's log-probs are those of the SFT checkpoint loaded on its own; the trained policy's are not."""
     from transformers import AutoModelForCausalLM
 

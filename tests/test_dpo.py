@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, run_script
-from rl_checks import run_in_process, sequence_logprob, shared_helper_differences
+from rl_checks import run_in_process, sequence_logprob
 
 import dpo
 
@@ -40,10 +40,6 @@ def test_dpo_loss_at_the_reference_is_ln2_and_pushes_chosen_up():
     torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.05, 0.05]]))  # -beta * sigmoid(0) * (+1, -1)
 
 
-def test_shared_helpers_are_rebels():
-    assert shared_helper_differences("dpo.py") == []
-
-
 # ---------------------------------------------------------------------------------------------- end to end
 
 
@@ -51,7 +47,7 @@ def _flags(toy):
     return [*toy.rl_flags, "--preference_dataset", toy.preference]
 
 
-def check_reference_is_sft(g: dict, sft_path: str) -> None:
+def check_pair_reference_is_sft(g: dict, sft_path: str) -> None:
     """The last update's reference log-probs are those of the SFT checkpoint, loaded here on its own and scored one
     sequence at a time; the policy's are not (it has taken a step), so a policy used as its own reference fails."""
     from transformers import AutoModelForCausalLM
@@ -81,7 +77,7 @@ def test_end_to_end_with_tracking(toy, tmp_path):
 def test_reference_is_the_sft_policy(toy, tmp_path, lora):
     """LoRA: the reference is the adapter switched off; --no-lora: a frozen copy of the SFT checkpoint."""
     flags = [*_flags(toy), "--output_dir", "", "--run_dir", str(tmp_path / "run"), "--lr", "3e-2"]
-    check_reference_is_sft(run_in_process("dpo.py", flags if lora else [*flags, "--no-lora"]), toy.sft)
+    check_pair_reference_is_sft(run_in_process("dpo.py", flags if lora else [*flags, "--no-lora"]), toy.sft)
 
 
 def test_pad_outside_the_embedding(toy, tmp_path):
@@ -99,7 +95,7 @@ def test_pad_outside_the_embedding(toy, tmp_path):
     g = run_in_process("dpo.py", [*flags, "--output_dir", "", "--run_dir", str(tmp_path / "run"), "--lr", "3e-2"])
     assert g["pad"] >= model.get_input_embeddings().num_embeddings
     assert (g["query_responses"][..., g["args"].query_length :] == g["pad"]).any()  # right-padded responses
-    check_reference_is_sft(g, str(tmp_path / "sft"))
+    check_pair_reference_is_sft(g, str(tmp_path / "sft"))
 
 
 def test_help():

@@ -3,10 +3,15 @@ end-to-end runs on the toy."""
 
 import os
 
-import pandas as pd
 import pytest
 import torch
-from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, read_metrics, run_script
+from conftest import (
+    check_end_to_end,
+    check_fails_with,
+    check_ranks_in_sync,
+    check_reference_is_sft,
+    run_script,
+)
 from rl_checks import run_in_process, sequence_logprob
 
 from ppo import compute_gae, load_reward_model, ppo_losses, token_rewards, whiten
@@ -111,15 +116,6 @@ def test_ppo_loss_gradient_zero_when_clipped():
     pg, _, _ = ppo_losses(new, zero, one, zero, zero, zero, one, 0.2, 0.2)
     pg.backward()
     assert new.grad.abs().item() == 0.0
-
-
-def check_reference_is_sft(run_dir):
-    """The KL reference is the SFT policy: pi_old is the SFT policy at update 1 and before training, so the KL is exactly
-    0 there; after an update pi_old has moved and the reference has not, so it is not."""
-    rows = [r for r in read_metrics(run_dir) if "update" in r]
-    assert rows[0]["objective/kl"] == 0.0 and all(r["objective/kl"] != 0.0 for r in rows[1:])
-    before, after = (pd.read_csv(run_dir / f"eval_{u:06d}.csv") for u in (0, len(rows)))
-    assert (before.kl == 0).all() and (after.kl != 0).any()
 
 
 def test_ppo_end_to_end(toy, tmp_path):

@@ -8,9 +8,9 @@ import torch
 from conftest import (
     check_end_to_end,
     check_fails_with,
+    check_logged_reward_composition,
     check_ranks_in_sync,
     check_reference_is_sft,
-    check_reward_composition,
     run_script,
 )
 
@@ -244,7 +244,7 @@ def test_rebel_end_to_end_saves_a_loadable_model(toy, tmp_path):
 
     keys = ("time/generation", "time/reward", "time/logprob", "objective/kl")
     rows = check_end_to_end("rebel.py", [*toy.rl_flags, "--save_merged"], tmp_path, keys)
-    check_reward_composition(rows, kl_coef=0.05)
+    check_logged_reward_composition(rows, kl_coef=0.05)
     check_reference_is_sft(tmp_path / "run")
     table = pd.read_csv(tmp_path / "run" / "eval_000002.csv", keep_default_na=False)
     columns = ["query", "postprocessed_response", "reference_response", "score", "reference_score", "kl"]

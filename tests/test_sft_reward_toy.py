@@ -185,6 +185,7 @@ def test_references_are_mediocre_and_preferences_follow_the_judge():
     assert make_summary(make_post(__import__("random").Random(0)), __import__("random").Random(0)).startswith(" ")
 
 
+@pytest.mark.slow
 def test_rebel_learns_on_the_toy_task(tmp_path):
     """The main job in miniature: on 256 held-out prompts REBEL's gold win rate beats SFT's by > 3 standard errors."""
     from toy.demo import run_seed
