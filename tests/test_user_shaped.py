@@ -12,8 +12,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import run_script
+from peft import PeftModel
 
 import rebel
+
+X = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])  # a few token ids to compare models on
 
 SCRIPTS = {
     "rebel.py": [],
@@ -76,3 +79,22 @@ def test_script_on_user_shaped_inputs(toy, user, tmp_path, script):
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(user / "sft")
     policy = rebel.load_policy(str(out), torch.float32)
     assert policy.get_input_embeddings().num_embeddings == len(rebel.load_tokenizer(str(user / "base"))) - 1
+    by_hand = PeftModel.from_pretrained(sft_by_hand(user).merge_and_unload(), out).merge_and_unload()
+    torch.testing.assert_close(policy(X).logits, by_hand(X).logits, atol=1e-5, rtol=1e-5)
+
+
+def sft_by_hand(user):
+    """The SFT policy as peft builds it: the base with the adapter attached, not merged."""
+    from transformers import LlamaForCausalLM
+
+    return PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(user / "base"), user / "sft").eval()
+
+
+def test_an_adapter_given_as_the_sft_model_is_that_model(user):
+    """The scripts' policy and reference start from load_policy(--sft_model_path): base + adapter, not the base."""
+    from transformers import LlamaForCausalLM
+
+    ours = rebel.load_policy(str(user / "sft"), torch.float32).eval()
+    torch.testing.assert_close(ours(X).logits, sft_by_hand(user)(X).logits, atol=1e-5, rtol=1e-5)
+    base = LlamaForCausalLM.from_pretrained(user / "base")
+    assert (ours(X).logits - base(X).logits).abs().max() > 1e-3
