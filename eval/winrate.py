@@ -7,9 +7,10 @@ gpt-4-0613; those are the defaults here.
 
 Input: the evaluation CSVs that the training scripts write (columns `query, postprocessed_response,
 reference_response, ...`), one summary row per file. Every judge answer is appended to a JSON-lines
-cache as soon as it arrives, keyed by a hash of (judge model, template version, exact prompt), so an
-interrupted run resumes without paying twice. An answer without a readable "Preferred: A/B" is a
-*parse failure*: it is counted and reported, never turned into a coin flip or a loss.
+cache as soon as it arrives, keyed by a hash of the endpoint and the whole request (model, prompt, temperature,
+max_tokens), so an interrupted run resumes without paying twice. An answer without a readable "Preferred: A/B" is
+a *parse failure*: it is counted and reported, never turned into a coin flip or a loss. A rejected key or an
+endpoint that does not answer stops the run with one `error:` line and exit code 1.
 
     # any OpenAI-compatible endpoint; the key is read from $OPENAI_API_KEY and never written anywhere
     python -m eval.winrate runs/rebel/eval.csv runs/ppo/eval.csv --output_dir winrate_out
@@ -26,15 +27,15 @@ import os
 import random
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
+import urllib.parse
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import pandas as pd
 import tyro
+from tqdm import tqdm
 
 from toy.tldr import gold_judge, gold_score
 
@@ -62,7 +63,8 @@ class Args:
 
     # OpenAI-compatible backend
     base_url: str = "https://api.openai.com/v1"
-    """endpoint root; requests go to {base_url}/chat/completions"""
+    """endpoint root; requests go to {base_url}/chat/completions. Credentials in it (user:key@, ?api_key=) are sent
+    but never recorded or printed"""
     model: str = "gpt-4-0613"
     """judge model (the paper's, Appendix I.1.5)"""
     api_key_env: str = "OPENAI_API_KEY"
@@ -75,12 +77,11 @@ class Args:
     """judge answer length cap; the requested answer is two lines"""
     concurrency: int = 8
     """requests in flight at once"""
-    max_retries: int = 6
-    """retries per request on 429, 5xx and connection errors (exponential backoff with jitter)"""
-    backoff_s: float = 1.0
-    """first backoff delay; doubles on each retry, capped at 60 s, times a random factor in [0.5, 1.5)"""
-    request_timeout_s: float = 120.0
-    """timeout of one HTTP request"""
+    max_retries: int = 2
+    """retries per request on 429, 5xx, timeouts and connection errors (the openai client's backoff: 0.5 s,
+    doubling, at most 8 s, or the server's Retry-After)"""
+    request_timeout_s: float = 20.0
+    """timeout of one request. A dead endpoint stops the run after (1 + max_retries) * request_timeout_s, ~1 min"""
     cache: str = ""
     """judge cache (JSON lines); default {output_dir}/judge_cache.jsonl"""
     tokenizer: str = ""
@@ -200,6 +201,30 @@ def summarize(judgments: list[dict]) -> dict:
     }
 
 
+# Query parameters that carry credentials: ?api_key=, ?key=, ?token=, ?sig= (signed URLs), ...
+_SECRET_PARAM = re.compile(r"key|token|secret|passw|sig|auth|cred", re.I)
+
+
+def split_credentials(base_url: str) -> tuple[str, list[str]]:
+    """(the endpoint: base_url without user:password@ and credential query parameters, the credentials removed).
+
+    The endpoint is what summary.json, the cache key and the messages show; the credentials are redacted from them.
+    """
+    parts = urllib.parse.urlsplit(base_url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    public = [(name, value) for name, value in query if not _SECRET_PARAM.search(name)]
+    secrets = [parts.username, parts.password] + [value for name, value in query if _SECRET_PARAM.search(name)]
+    endpoint = parts._replace(netloc=parts.netloc.rpartition("@")[2], query=urllib.parse.urlencode(public))
+    return endpoint.geturl(), [secret for secret in secrets if secret]
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """`text` with each secret replaced by ***."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Judge backends
 
@@ -225,8 +250,10 @@ class JudgeCache:
                         f.write(b"\n")
 
     @staticmethod
-    def key(model: str, version: str, prompt: str) -> str:
-        return hashlib.sha256(f"{model}\n{version}\n{prompt}".encode()).hexdigest()
+    def key(endpoint: str, request: dict) -> str:
+        # The endpoint and the whole request body (model, prompt, temperature, max_tokens): every setting that can
+        # change the answer, so a new one added to the request is covered too. The endpoint has no credentials.
+        return hashlib.sha256(json.dumps([endpoint, request], sort_keys=True).encode()).hexdigest()
 
     def put(self, key: str, model: str, version: str, answer: str) -> None:
         with self.lock:
@@ -237,54 +264,57 @@ class JudgeCache:
 
 
 class RequestFailed(Exception):
-    pass
+    """One row's request failed (a 400, retries used up on 429 or 5xx, a malformed answer); the run goes on."""
 
 
-def chat_completion(prompt: str, args: Args, api_key: str) -> str:
-    """One chat-completions call with bounded retries. Each call sleeps only its own thread while backing off."""
-    body = json.dumps(
-        {
-            "model": args.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": args.temperature,
-            "max_tokens": args.max_tokens,
-        }
-    ).encode()
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}
-    url = args.base_url.rstrip("/") + "/chat/completions"
-    last_error = ""
-    for attempt in range(args.max_retries + 1):
-        retry_after = None
-        try:
-            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=args.request_timeout_s) as response:
-                content = json.loads(response.read())["choices"][0]["message"]["content"]
-                return content if content is not None else ""
-        except urllib.error.HTTPError as e:
-            last_error = f"HTTP {e.code}"
-            if e.code != 429 and e.code < 500:
-                # Error bodies can quote the key ("Incorrect API key provided: sk-..."): redact before keeping them.
-                detail = e.read().decode(errors="replace")[:300].replace(api_key, "***") if api_key else ""
-                raise RequestFailed(f"{last_error}: {detail}") from None
-            retry_after = e.headers.get("Retry-After") if e.headers else None
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
-            last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
-            raise RequestFailed(f"malformed API response: {type(e).__name__}") from None
-        if attempt == args.max_retries:
-            break
-        delay = min(60.0, args.backoff_s * 2**attempt) * random.uniform(0.5, 1.5)
-        if retry_after is not None:
-            try:
-                delay = max(delay, min(60.0, float(retry_after)))
-            except ValueError:
-                pass
-        time.sleep(delay)
-    raise RequestFailed(f"gave up after {args.max_retries + 1} attempts, last error: {last_error}")
+class JudgeUnavailable(Exception):
+    """A failure that every other row would repeat: the run stops."""
+
+
+class KeyRejected(JudgeUnavailable):
+    """401 or 403: a wrong, expired or unauthorised key."""
+
+
+class EndpointDown(JudgeUnavailable):
+    """Timeouts or connection errors in every attempt."""
+
+
+def make_client(base_url: str, api_key: str, timeout_s: float, max_retries: int):
+    from openai import OpenAI  # here, so that importing this module and --judge gold need no openai
+
+    # The client appends /chat/completions after the whole base_url, so a query in it (?api-version=) goes apart.
+    parts = urllib.parse.urlsplit(base_url)
+    query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    return OpenAI(
+        base_url=parts._replace(query="").geturl(),
+        default_query=query or None,
+        api_key=api_key,
+        timeout=timeout_s,
+        max_retries=max_retries,
+    )
+
+
+def chat_completion(client, request: dict) -> str:
+    """The judge's answer. The client retries 429, 5xx, timeouts and connection errors, sleeping only this thread."""
+    import openai
+
+    try:
+        response = client.chat.completions.create(**request)
+    except openai.APIError as e:
+        detail = " ".join(e.message.split())[:300]  # one line: it may end up in an `error:` line
+        if isinstance(e, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            raise KeyRejected(detail) from None
+        if isinstance(e, openai.APIConnectionError):  # APITimeoutError included
+            raise EndpointDown(detail) from None
+        raise RequestFailed(detail) from None
+    try:
+        return response.choices[0].message.content or ""
+    except (AttributeError, IndexError, TypeError):
+        raise RequestFailed("malformed API response") from None
 
 
 def judge_row(
-    row: dict, row_id: int, args: Args, template: str, version: str, cache: JudgeCache | None, api_key: str
+    row: dict, row_id: int, args: Args, template: str, version: str, cache: JudgeCache | None, client, endpoint: str
 ) -> dict:
     a_is_policy = policy_is_a(args.seed, row_id)
     policy, reference = row["postprocessed_response"], row["reference_response"]
@@ -304,10 +334,16 @@ def judge_row(
         record["parsed"] = {1.0: "A", 0.0: "B", 0.5: "tie"}[verdict]
     else:
         prompt = format_prompt(template, row["query"], summary_a, summary_b)
-        key = JudgeCache.key(args.model, version, prompt)
+        request = {
+            "model": args.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": args.temperature,
+            "max_tokens": args.max_tokens,
+        }
+        key = JudgeCache.key(endpoint, request)
         record["cached"] = key in cache.answers
         try:
-            answer = cache.answers[key] if record["cached"] else chat_completion(prompt, args, api_key)
+            answer = cache.answers[key] if record["cached"] else chat_completion(client, request)
         except RequestFailed as e:
             record["error"] = str(e)
             return record
@@ -319,6 +355,31 @@ def judge_row(
     elif record["parsed"] is not None:
         record["winner"] = "policy" if record["parsed"] == record["policy_position"] else "reference"
     return record
+
+
+def judge_in_parallel(
+    judge: Callable[[dict, int], dict], rows: list[dict], row_ids: list[int], concurrency: int, desc: str
+) -> list[dict]:
+    """judge(rows[i], i) for every i in row_ids, `concurrency` at a time, with a progress bar on stderr.
+
+    After a JudgeUnavailable the rows not sent yet are skipped, so that a wrong key costs a few requests, not one
+    per row; the error is raised once the requests in flight end.
+    """
+    stop = threading.Event()
+
+    def judge_unless_stopped(row_id: int) -> dict | None:
+        if stop.is_set():
+            return None
+        try:
+            return judge(rows[row_id], row_id)
+        except JudgeUnavailable:
+            stop.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        futures = [pool.submit(judge_unless_stopped, i) for i in row_ids]
+        with tqdm(futures, desc=desc, unit="row") as progress:
+            return [future.result() for future in progress]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -336,15 +397,19 @@ def format_table(rows: list[dict]) -> str:
 
 def main(args: Args) -> list[dict]:
     if not args.csvs:
-        raise SystemExit("winrate: pass at least one evaluation CSV")
+        raise SystemExit("error: pass at least one evaluation CSV")
     os.makedirs(args.output_dir, exist_ok=True)
     template, version = load_template(args.template)
-    api_key, cache = "", None
+    endpoint, secrets = split_credentials(args.base_url)
+    cache, client = None, None
     if args.judge == "openai":
         api_key = os.environ.get(args.api_key_env, "")
         if not api_key:
-            raise SystemExit(f"winrate: set ${args.api_key_env} to the judge endpoint's API key (or use --judge gold)")
+            raise SystemExit(f"error: set ${args.api_key_env} to the judge endpoint's API key (or use --judge gold)")
+        secrets.append(api_key)  # error bodies can quote it: "Incorrect API key provided: sk-..."
         cache = JudgeCache(args.cache or os.path.join(args.output_dir, "judge_cache.jsonl"))
+        client = make_client(args.base_url, api_key, args.request_timeout_s, args.max_retries)
+    judge = lambda row, i: judge_row(row, i, args, template, version, cache, client, endpoint)  # noqa: E731
     judge_name = "toy.tldr.gold_judge" if args.judge == "gold" else args.model
     special_tokens = tokenizer_special_tokens(args.tokenizer)
 
@@ -353,31 +418,56 @@ def main(args: Args) -> list[dict]:
         df = pd.read_csv(path, keep_default_na=False)  # an empty response is "", not NaN
         missing = {"query", "postprocessed_response", "reference_response"} - set(df.columns)
         if missing:
-            raise SystemExit(f"winrate: {path} lacks columns {sorted(missing)}")
+            raise SystemExit(f"error: {path} lacks columns {sorted(missing)}")
         for column in ("postprocessed_response", "reference_response"):  # the same cleaning on both sides
             df[column] = [strip_special_tokens(str(text), special_tokens) for text in df[column]]
         rows = df.to_dict("records")
         row_ids = select_rows(len(rows), args.subset_frac, args.max_samples, args.seed, args.all)
         print(f"judging {len(row_ids)} of {len(rows)} rows of {path}", flush=True)
-        with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool:
-            judge = lambda row, i: judge_row(row, i, args, template, version, cache, api_key)  # noqa: E731
-            judgments = list(pool.map(judge, [rows[i] for i in row_ids], row_ids))
+        try:
+            judgments = judge_in_parallel(judge, rows, row_ids, args.concurrency, desc=path)
+        except KeyRejected as e:
+            raise SystemExit(
+                f"error: {endpoint} rejected the API key ({redact(str(e), secrets)}); check ${args.api_key_env}, "
+                "or name the variable that holds the key with --api_key_env"
+            ) from None
+        except EndpointDown as e:
+            raise SystemExit(
+                f"error: no answer from {endpoint} in {args.max_retries + 1} attempts of {args.request_timeout_s:g} s "
+                f"({e}); check --base_url, or raise --request_timeout_s / --max_retries"
+            ) from None
         for j in judgments:
             j["file"] = path
+            if j["error"]:  # an error body can quote the key, or the URL with its credentials
+                j["error"] = redact(j["error"], secrets)
         all_judgments += judgments
         summaries.append({"file": path, **summarize(judgments)})
 
-    with open(os.path.join(args.output_dir, "judgments.jsonl"), "w") as f:
+    judgments_path = os.path.join(args.output_dir, "judgments.jsonl")
+    with open(judgments_path, "w") as f:
         f.writelines(json.dumps(j) + "\n" for j in all_judgments)
     meta = {
         "judge": judge_name,
         "template_version": version if args.judge == "openai" else None,
-        "config": asdict(args),
+        "config": {**asdict(args), "base_url": endpoint},
     }
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump({**meta, "results": summaries}, f, indent=2)
-    print(f"judge: {judge_name}" + (f", prompt template {version}" if args.judge == "openai" else ""))
+    print(f"judge: {judge_name}" + (f" at {endpoint}, prompt template {version}" if args.judge == "openai" else ""))
     print(format_table(summaries))
+    for s in summaries:
+        if s["failed_requests"] and s["n_judged"]:
+            print(
+                f"{s['failed_requests']} of {s['n_selected']} requests for {s['file']} failed: its win rate is over "
+                f"the {s['n_judged']} judged rows; rerun the same command to retry only the failed rows"
+            )
+    unjudged = [s["file"] for s in summaries if s["n_judged"] == 0]
+    if unjudged:
+        first_error = next((j["error"] for j in all_judgments if j["error"]), None)
+        raise SystemExit(
+            f"error: no row of {', '.join(unjudged)} could be judged: every request failed or gave no readable "
+            f"preference (first error: {first_error}); each row's error is in {judgments_path}"
+        )
     return summaries
 
 

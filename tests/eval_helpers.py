@@ -25,14 +25,18 @@ ANSWER_FORMATS = [
 class FakeJudgeServer:
     """An OpenAI-compatible /chat/completions endpoint on 127.0.0.1 that prefers the summary containing GOOD.
 
-    `failures` is a list of HTTP status codes served, one per request, before any real answer; a summary
-    containing GARBLED gets an answer with no stated preference; `reject_with_key` answers 401 quoting the key.
+    `failures` is a list of HTTP status codes served, one per request, before any real answer (the error body quotes
+    the request path); a summary
+    containing GARBLED gets an answer with no stated preference; `reject_with_key` answers 401 quoting the key;
+    `hang` records each request and never answers it (until the server shuts down).
     """
 
     def __init__(self):
         self.requests: list[dict] = []
         self.failures: list[int] = []
         self.reject_with_key = False
+        self.hang = False
+        self.release = threading.Event()
         self.lock = threading.Lock()
         server = self
 
@@ -47,10 +51,13 @@ class FakeJudgeServer:
                     server.requests.append({"path": self.path, "auth": auth, "body": body})
                     status = server.failures.pop(0) if server.failures else 200
                     n = len(server.requests)
+                if server.hang:
+                    server.release.wait(30)
+                    return
                 if server.reject_with_key:
                     return self._send(401, {"error": {"message": f"Incorrect API key provided: {auth[7:]}"}})
                 if status != 200:
-                    return self._send(status, {"error": {"message": "try again"}})
+                    return self._send(status, {"error": {"message": f"try again ({self.path})"}})  # as 4xx pages do
                 prompt = body["messages"][0]["content"]
                 a = re.search(r"### Summary A:\n(.*?)\n\n### Summary B:", prompt, re.S).group(1)
                 if GARBLED in prompt:
@@ -77,6 +84,7 @@ class FakeJudgeServer:
         return self
 
     def __exit__(self, *exc):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

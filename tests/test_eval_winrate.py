@@ -1,6 +1,9 @@
 import json
 import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 from eval_helpers import GARBLED, GOOD, FakeJudgeServer, best_summary, toy_queries, weak_summary, write_eval_csv
@@ -13,6 +16,7 @@ from eval.winrate import (
     parse_preference,
     policy_is_a,
     select_rows,
+    split_credentials,
     strip_special_tokens,
     wilson_interval,
 )
@@ -28,16 +32,8 @@ def server(monkeypatch):
 
 
 def openai_args(server, csvs, out, **kw):
-    return Args(
-        csvs=tuple(str(c) for c in csvs),
-        judge="openai",
-        base_url=server.base_url,
-        output_dir=str(out),
-        all=True,
-        backoff_s=0.01,
-        concurrency=4,
-        **kw,
-    )
+    flags = {"base_url": server.base_url, "output_dir": str(out), "all": True, "concurrency": 4}
+    return Args(csvs=tuple(str(c) for c in csvs), judge="openai", **{**flags, **kw})
 
 
 def marked_csv(path, n=20, n_policy_good=15, n_garbled=0):
@@ -164,7 +160,7 @@ def test_strip_special_tokens(text):
     assert strip_special_tokens("x < y | z and <b>bold</b>") == "x < y | z and <b>bold</b>"
 
 
-def test_retries_parse_failures_cache_and_key_hygiene(server, tmp_path, capsys):
+def test_retries_parse_failures_and_cache(server, tmp_path):
     csv = marked_csv(tmp_path / "eval.csv", n=12, n_policy_good=12, n_garbled=3)
     server.failures = [429, 500, 503, 429]
     out = tmp_path / "out"
@@ -182,16 +178,6 @@ def test_retries_parse_failures_cache_and_key_hygiene(server, tmp_path, capsys):
         f.write('{"key": "cut short by a ki')  # an interrupted write is skipped, not fatal
     assert main(openai_args(server, [csv], out)) == [summary] and len(server.requests) == n_before
 
-    # A rejected key is a failed request, not retried, and the error body quoting the key is redacted.
-    server.reject_with_key = True
-    [rejected] = main(openai_args(server, [csv], tmp_path / "out2"))
-    assert rejected["failed_requests"] == 12 and rejected["n_judged"] == 0
-    captured = capsys.readouterr()
-    for root in (out, tmp_path / "out2"):
-        for name in os.listdir(root):
-            assert SECRET not in open(root / name).read()
-    assert SECRET not in captured.out + captured.err
-
 
 def test_cache_survives_a_cut_short_line(tmp_path):
     path = str(tmp_path / "cache.jsonl")
@@ -203,21 +189,130 @@ def test_cache_survives_a_cut_short_line(tmp_path):
     assert JudgeCache(path).answers == {"k1": "Preferred: A", "k3": "Preferred: B"}
 
 
-def test_connection_errors_are_bounded(monkeypatch, tmp_path):
+def test_cache_key_covers_every_setting_that_changes_the_answer(server, tmp_path):
+    csv = marked_csv(tmp_path / "eval.csv", n=4, n_policy_good=4)
+    out = tmp_path / "out"
+    main(openai_args(server, [csv], out))
+    assert len(server.requests) == 4
+    main(openai_args(server, [csv], out, temperature=0.7))
+    assert len(server.requests) == 8 and server.requests[-1]["body"]["temperature"] == 0.7
+    main(openai_args(server, [csv], out, max_tokens=64))
+    assert len(server.requests) == 12 and server.requests[-1]["body"]["max_tokens"] == 64
+    main(openai_args(server, [csv], out, model="another-judge"))
+    assert len(server.requests) == 16
+    other_endpoint = server.base_url.replace("127.0.0.1", "localhost")
+    main(openai_args(server, [csv], out, base_url=other_endpoint))
+    assert len(server.requests) == 20
+    # Every one of those answers is cached under its own key: the same runs again send nothing.
+    for kw in ({}, {"temperature": 0.7}, {"max_tokens": 64}, {"model": "another-judge"}, {"base_url": other_endpoint}):
+        main(openai_args(server, [csv], out, **kw))
+    assert len(server.requests) == 20 and sum(1 for _ in open(out / "judge_cache.jsonl")) == 20
+
+
+def test_rejected_key_stops_the_run_with_one_error_line(server, tmp_path):
+    csv = marked_csv(tmp_path / "eval.csv", n=12, n_policy_good=12)
+    server.reject_with_key = True  # a 401 whose body quotes the key
+    command = [sys.executable, "-m", "eval.winrate", str(csv), "--all", "--concurrency", "2"]
+    command += ["--base_url", server.base_url, "--output_dir", str(tmp_path / "out")]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: {server.base_url} rejected the API key (Error code: 401")
+    assert "$OPENAI_API_KEY" in last_line and "--api_key_env" in last_line
+    assert "Traceback" not in result.stderr
+    assert len(server.requests) <= 2  # the requests in flight, not one per row
+    assert SECRET not in result.stdout + result.stderr and "Incorrect API key provided: ***" in last_line
+    for name in os.listdir(tmp_path / "out"):
+        assert SECRET not in open(tmp_path / "out" / name).read()
+
+
+def test_failed_requests_are_reported_and_none_judged_is_an_error(server, tmp_path, capsys):
+    csv = marked_csv(tmp_path / "eval.csv", n=8, n_policy_good=8)
+    server.failures = [400, 400]  # not retried: this row's request is bad, not the endpoint
+    [summary] = main(openai_args(server, [csv], tmp_path / "out"))
+    assert summary["failed_requests"] == 2 and summary["n_judged"] == 6 and summary["win_rate"] == 1.0
+    assert f"2 of 8 requests for {csv} failed: its win rate is over the 6 judged rows" in capsys.readouterr().out
+    # A rerun sends only the two failed rows.
+    n_before = len(server.requests)
+    [summary] = main(openai_args(server, [csv], tmp_path / "out"))
+    assert len(server.requests) == n_before + 2 and summary["n_judged"] == 8
+
+    server.failures = [400] * 8
+    with pytest.raises(SystemExit) as exit_info:
+        main(openai_args(server, [csv], tmp_path / "out_failed"))
+    message = str(exit_info.value)
+    assert message.startswith(f"error: no row of {csv} could be judged: every request failed")
+    assert "(first error: Error code: 400 - try again (/v1/chat/completions))" in message
+    judgments = [json.loads(line) for line in open(tmp_path / "out_failed" / "judgments.jsonl")]
+    assert len(judgments) == 8 and all(j["error"] for j in judgments)  # the outputs are written before exiting
+
+
+def test_progress_bar_on_stderr(tmp_path, capsys):
+    queries = toy_queries(30)
+    write_eval_csv(
+        tmp_path / "eval.csv", [best_summary(q) for q in queries], [weak_summary(q) for q in queries], queries
+    )
+    main(Args(csvs=(str(tmp_path / "eval.csv"),), judge="gold", output_dir=str(tmp_path / "out"), all=True))
+    assert re.search(r"eval\.csv: 100%.*30/30", capsys.readouterr().err)
+
+
+def test_a_hanging_endpoint_stops_the_run(server, tmp_path):
+    # The defaults surface a dead endpoint in about a minute: (1 + max_retries) attempts of request_timeout_s.
+    defaults = Args(csvs=())
+    assert (1 + defaults.max_retries) * defaults.request_timeout_s <= 75
+    csv = marked_csv(tmp_path / "eval.csv", n=20, n_policy_good=20)
+    server.hang = True
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        main(openai_args(server, [csv], tmp_path / "out", request_timeout_s=0.3, max_retries=1))
+    assert time.perf_counter() - start < 5
+    assert str(exit_info.value).startswith(f"error: no answer from {server.base_url} in 2 attempts of 0.3 s")
+    assert "--request_timeout_s" in str(exit_info.value)
+    assert len(server.requests) <= 4 * 2  # the rows in flight, each tried twice; the other rows are never sent
+
+
+def test_connection_refused_stops_the_run(monkeypatch, tmp_path):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     csv = marked_csv(tmp_path / "eval.csv", n=2, n_policy_good=2)
-    args = Args(
-        csvs=(str(csv),),
-        base_url="http://127.0.0.1:9/v1",
-        output_dir=str(tmp_path),
-        all=True,
-        max_retries=2,
-        backoff_s=0.01,
+    args = Args(csvs=(str(csv),), base_url="http://127.0.0.1:9/v1", output_dir=str(tmp_path), all=True, max_retries=1)
+    with pytest.raises(SystemExit, match=r"^error: no answer from http://127.0.0.1:9/v1 in 2 attempts .*Connection"):
+        main(args)
+
+
+def test_split_credentials():
+    assert split_credentials("https://api.openai.com/v1") == ("https://api.openai.com/v1", [])
+    assert split_credentials("https://me:sk-123@proxy.example:8443/v1?api-version=2024-06-01&api_key=sk-456") == (
+        "https://proxy.example:8443/v1?api-version=2024-06-01",
+        ["me", "sk-123", "sk-456"],
     )
-    [summary] = main(args)
-    assert summary["failed_requests"] == 2 and summary["n_judged"] == 0
-    judgments = [json.loads(line) for line in open(tmp_path / "judgments.jsonl")]
-    assert "gave up after 3 attempts" in judgments[0]["error"]
+    assert split_credentials("https://sk-789@host/v1?token=t1&key=k2&sig=s3") == (
+        "https://host/v1",
+        ["sk-789", "t1", "k2", "s3"],
+    )
+
+
+def test_credentials_in_base_url_are_never_written_or_printed(server, tmp_path, capsys):
+    csv = marked_csv(tmp_path / "eval.csv", n=6, n_policy_good=3)
+    host = server.base_url.split("//")[1]
+    base_url = f"http://judge:URL-PASSWORD@{host}?api-version=7&api_key=QUERY-KEY"
+    server.failures = [400]  # its error body quotes the request path, query included
+    [summary] = main(openai_args(server, [csv], tmp_path / "out", base_url=base_url))
+    assert summary["n_judged"] == 5 and summary["failed_requests"] == 1  # the endpoint is used as given ...
+    assert server.requests[0]["path"] == "/v1/chat/completions?api-version=7&api_key=QUERY-KEY"
+    recorded = json.load(open(tmp_path / "out" / "summary.json"))["config"]["base_url"]
+    assert recorded == f"http://{host}?api-version=7"  # ... and recorded without its credentials
+    [failed] = [json.loads(line) for line in open(tmp_path / "out" / "judgments.jsonl") if '"error": "' in line]
+    assert failed["error"] == "Error code: 400 - try again (/v1/chat/completions?api-version=7&api_key=***)"
+    captured = capsys.readouterr()
+    for secret in ("URL-PASSWORD", "QUERY-KEY", SECRET):
+        assert secret not in captured.out + captured.err
+        for name in os.listdir(tmp_path / "out"):
+            assert secret not in open(tmp_path / "out" / name).read()
+    # The same endpoint without the credentials shares the cache (they are not part of the key): only the failed row
+    # is sent again.
+    main(openai_args(server, [csv], tmp_path / "out", base_url=recorded))
+    assert len(server.requests) == 6 + 1
 
 
 def test_gold_judge_on_toy_csv(tmp_path):
