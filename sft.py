@@ -13,6 +13,8 @@ import json
 import os
 import random
 import resource
+import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -49,6 +51,13 @@ class Args:
     """where TensorBoard events and metrics.jsonl go (default: runs/<run name>)"""
     output_dir: str = "models/sft_tldr_pythia-1.4b"
     """where the model and tokenizer are saved with save_pretrained ('' to skip saving)"""
+    save_freq: int = 20
+    """write a checkpoint every this many updates (and on Ctrl-C or SIGTERM); 0 = only on those signals"""
+    keep_checkpoints: int = 2
+    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
+    resume: str | None = None
+    """continue a stopped run: its run directory (the latest checkpoint) or one checkpoint directory. The other flags
+    must be those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
     num_eval_prompts: int | None = None
     """compute the validation loss on the first N examples of the evaluation split (default: all)"""
 
@@ -193,11 +202,184 @@ def load_prompts(path, split, query_column, reference_column, tokenizer, query_l
 
 def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
     """Endless global batches of prompt indices (the same shuffle on every rank); each rank takes its share."""
-    rng = np.random.default_rng(seed)
-    while True:
-        perm = rng.permutation(num_prompts)
-        for start in range(0, num_prompts - batch_size + 1, batch_size):
-            yield perm[start : start + batch_size][rank::world_size]
+    if num_prompts < batch_size:
+        raise BadInput(f"the train split has {num_prompts} examples, fewer than one --batch_size {batch_size}")
+
+    def batches():
+        rng = np.random.default_rng(seed)
+        while True:
+            perm = rng.permutation(num_prompts)
+            for start in range(0, num_prompts - batch_size + 1, batch_size):
+                yield perm[start : start + batch_size][rank::world_size]
+
+    return batches()
+
+
+# ---------------------------------------------------------------------------------------------- runs and checkpoints
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise BadInput(message)
+
+
+def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
+    """A new run needs an empty run directory, so that its logs never mix with another run's; the run and output
+    directories are created and written to now, so that a bad one fails at start rather than after training."""
+    if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise BadInput(
+            f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
+        )
+    for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
+        try:
+            if path:
+                os.makedirs(path, exist_ok=True)
+                open(os.path.join(path, ".write_test"), "w").close()
+                os.remove(os.path.join(path, ".write_test"))
+        except OSError as e:
+            raise BadInput(f"{flag} {path} is not a writable directory ({e.strerror}); choose another") from e
+    return run_dir
+
+
+def find_checkpoint(path: str) -> str:
+    """--resume: a checkpoint directory, or a run directory whose latest checkpoint is taken."""
+    if os.path.isfile(os.path.join(path, "trainer.json")):
+        return path
+    root = os.path.join(path, "checkpoints")
+    done = sorted(n for n in os.listdir(root) if n[7:].isdigit()) if os.path.isdir(root) else []  # update_N
+    require(bool(done), f"--resume {path}: no checkpoint there (runs write one every --save_freq updates)")
+    return os.path.join(root, done[-1])
+
+
+def metrics_log(path: str, last_update: int):
+    """metrics.jsonl opened for appending, without the rows a stopped run wrote after its last checkpoint: every
+    update appears once in a resumed run's log."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= last_update]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def rng_states() -> dict:
+    """This rank's random number generators (each rank samples with its own seed)."""
+    kind, keys, *rest = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    kind, keys, *rest = states["numpy"]
+    random.setstate(states["python"])
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def trainable_state(model, optimizer) -> dict:
+    """The weights that train (the adapter alone under LoRA) and the optimizer state, keyed by parameter name: the
+    layout of torch.distributed.checkpoint, through which a sharded model saves the same way."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, keep: int) -> str:
+    """<run_dir>/checkpoints/update_N: trainable weights and optimizer (torch.distributed.checkpoint: every rank writes
+    its part), every rank's RNG states, and `trainer` (the update counter, the flags, the wandb run id). It is written
+    under a temporary name and renamed once complete, so a kill while saving leaves the previous one intact."""
+    import torch.distributed.checkpoint as dcp
+
+    rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
+    path = os.path.join(root, f"update_{update:06d}")
+    dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
+    torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
+            json.dump(trainer, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(path + ".tmp", path)
+        for old in sorted(n for n in os.listdir(root) if n[7:].isdigit())[:-keep]:
+            shutil.rmtree(os.path.join(root, old))
+    barrier()
+    return path
+
+
+def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -> dict:
+    """Restore what save_checkpoint wrote, in place, after checking that the run continues with the same flags."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    resumable = "resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq keep_checkpoints"
+    resumable = {*resumable.split(), "eval_freq", "num_sample_rows"}  # flags that do not change the run's course
+    try:
+        with open(os.path.join(path, "trainer.json")) as f:
+            trainer = json.load(f)
+        was = trainer["flags"]
+        changed = [
+            f"--{k} {was.get(k)} (now {v})"
+            for k, v in json.loads(json.dumps(flags)).items()
+            if was.get(k) != v and k not in resumable
+        ]
+        require(not changed, f"--resume {path}: flags differ from the run's: {', '.join(changed)}")
+        n = trainer["world_size"]
+        require(
+            n == world_size, f"--resume {path}: the run had {n} processes; resume it with as many, not {world_size}"
+        )
+        dcp.FileSystemReader(path).read_metadata()  # fails plainly on a damaged checkpoint, where dcp.load logs pages
+        state = trainable_state(model, optimizer)
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen weights are not saved
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+        )
+        set_rng_states(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True))
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"--resume: cannot read the checkpoint {path} ({type(e).__name__}: {e})") from e
+    return trainer
+
+
+def stop_signals() -> list:
+    """Ctrl-C (SIGINT) and pre-emption (SIGTERM) ask the loop to finish its update, save a checkpoint and exit;
+    a second one stops at once. Returns the list of signals received."""
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print(
+            f"\n{signal.Signals(signum).name}: saving a checkpoint after this update (again to stop now)",
+            file=sys.stderr,
+        )
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return received
+
+
+def check_finite(tensors: dict, dump_path: str) -> None:
+    """Stop on NaN or inf before it reaches the optimizer, naming its source (the keys); the tensors go to dump_path."""
+    for name, tensor in tensors.items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            torch.save({k: t.detach().cpu() for k, t in tensors.items()}, dump_path)
+            raise BadInput(
+                f"{name}: {bad} of {tensor.numel()} values are NaN or inf; the batch is saved in {dump_path}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- plumbing
@@ -224,6 +406,20 @@ def exact_div(a: int, b: int, what: str) -> int:
 def no_sync(model, sync: bool):
     """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation."""
     return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(value):
+    """Rank 0's value, on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce(values: dict, op=None, device=None) -> dict:
@@ -267,6 +463,8 @@ if __name__ == "__main__":
     from tqdm import tqdm
 
     args = tyro.cli(Args, use_underscores=True)
+    require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
+    require(min(args.query_length, args.response_length) >= 1, "--query_length and --response_length must be >= 1")
 
     # DDP set-up: the same file runs under `python` and `torchrun`.
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -289,6 +487,12 @@ if __name__ == "__main__":
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    # Run directory: a new run starts in an empty one; --resume continues a stopped run in its own.
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else args.run_dir or f"runs/{run_name}"
+    run_dir = broadcast(start_run_dir(run_dir, checkpoint, args.output_dir) if master else None)
 
     # Data: query (left-padded) + reference response (EOS appended, right-padded); each rank takes its own examples
     # from the shared shuffle.
@@ -319,9 +523,14 @@ if __name__ == "__main__":
         model = DDP(model, device_ids=[device.index] if use_cuda else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
 
+    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
+    trainer = load_checkpoint(checkpoint, model, optimizer, asdict(args), world_size) if checkpoint else {}
+    start_update = trainer.get("update", 0)
+    for _ in range(start_update):  # the batches already trained on
+        next(batches)
+    signals = stop_signals()
+
     # Logging: only rank 0 writes.
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.run_dir or os.path.join("runs", run_name)
     if master:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -333,23 +542,27 @@ if __name__ == "__main__":
                 entity=args.wandb_entity,
                 config=asdict(args),
                 name=run_name,
+                id=trainer.get("wandb_id"),  # None starts a new wandb run
+                resume="allow",
+                dir=run_dir,
                 sync_tensorboard=True,
                 save_code=True,
             )
-        os.makedirs(run_dir, exist_ok=True)
-        writer = SummaryWriter(run_dir)
+            trainer["wandb_id"] = wandb.run.id
+        writer = SummaryWriter(run_dir, purge_step=start_update + 1 if checkpoint else None)
         writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
-        metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        metrics_file = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
         if dropped:
             print(f"dropped {dropped} training examples longer than --query_length {args.query_length} tokens")
         print(
             f"run {run_name}: {num_updates} updates of {args.batch_size} examples, world size {world_size}, "
             f"{grad_accum} micro-batches per step; logs in {run_dir}"
+            + (f"; resumed after update {start_update}" if checkpoint else "")
         )
 
     # The loop: a batch of (post, reference) pairs -> cross-entropy on the reference -> step -> log.
-    start = time.time()
-    for update in tqdm(range(1, num_updates + 1), disable=not master, desc="updates"):
+    start, stop, dump = time.time(), False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
         timer = Timer(device)
         if use_cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -362,6 +575,7 @@ if __name__ == "__main__":
             for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
                 with no_sync(model, sync=micro == grad_accum - 1), autocast():
                     loss = sft_loss(model, mb, args.query_length, pad)
+                check_finite({"the SFT loss": loss.detach(), "batch": mb}, dump)
                 (loss / grad_accum).backward()
                 losses.append(loss.item())
             optimizer.step()
@@ -375,7 +589,7 @@ if __name__ == "__main__":
                 {
                     "policy/lr": lr_now,
                     "episode": update * args.batch_size,
-                    "time/episodes_per_second": update * args.batch_size / (time.time() - start),
+                    "time/episodes_per_second": (update - start_update) * args.batch_size / (time.time() - start),
                 }
             )
             for key, value in stats.items():
@@ -383,19 +597,31 @@ if __name__ == "__main__":
             metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
             metrics_file.flush()
 
-    # Evaluation: the cross-entropy of the validation references, over every rank's share.
-    with torch.no_grad(), autocast():
-        val_losses = [
-            sft_loss(raw_model, mb.to(device), args.query_length, pad).item()
-            for mb in eval_data.split(args.per_device_train_batch_size)
-        ]
-    val = all_reduce({"eval/loss": float(np.mean(val_losses))}, device=device)
+        # Checkpoint every --save_freq updates, and on Ctrl-C or SIGTERM, which then stop the run.
+        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
+        if stop or (args.save_freq and update % args.save_freq == 0):
+            trainer.update(update=update, world_size=world_size, flags=asdict(args))
+            save_checkpoint(run_dir, update, model, optimizer, trainer, args.keep_checkpoints)
+        if stop:
+            break
+
+    # Evaluation: the cross-entropy of the validation references, over every rank's share (skipped after a stop).
+    if not stop:
+        with torch.no_grad(), autocast():
+            val_losses = [
+                sft_loss(raw_model, mb.to(device), args.query_length, pad).item()
+                for mb in eval_data.split(args.per_device_train_batch_size)
+            ]
+        val = all_reduce({"eval/loss": float(np.mean(val_losses))}, device=device)
 
     if master:
-        writer.add_scalar("eval/loss", val["eval/loss"], num_updates)
-        metrics_file.write(json.dumps({"update": num_updates, **val}) + "\n")
-        print(f"validation loss {val['eval/loss']:.4f} after {num_updates} updates ({time.time() - start:.0f} s)")
-        if args.output_dir:
+        if stop:
+            print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
+        else:
+            writer.add_scalar("eval/loss", val["eval/loss"], num_updates)
+            metrics_file.write(json.dumps({"update": num_updates, **val}) + "\n")
+            print(f"validation loss {val['eval/loss']:.4f} after {num_updates} updates ({time.time() - start:.0f} s)")
+        if args.output_dir and not stop:
             # The model's config keeps its own pad id: the pad token load_tokenizer may add has no embedding row, and
             # a config.pad_token_id outside the embedding makes from_pretrained fail.
             raw_model.save_pretrained(args.output_dir)
@@ -409,3 +635,5 @@ if __name__ == "__main__":
         # gloo's worker threads must be joined before exit (tests/test_ddp_teardown.py): drop the DDP wrapper first.
         del model
         dist.destroy_process_group()
+    if stop:
+        sys.exit(128 + (signals or [signal.SIGTERM])[0])

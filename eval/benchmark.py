@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,7 +58,7 @@ class Args:
     per_device_train_batch_size: int = 8
     """micro-batch per process"""
     output_dir: str = "benchmark_out"
-    """benchmark.json, benchmark.md, benchmark.png, and runs/<script>/ with each run's metrics.jsonl and log"""
+    """benchmark.json, benchmark.md, benchmark.png, runs/<script>/ with each run's metrics.jsonl, and runs/<script>.log"""
     reuse: bool = False
     """summarise the metrics.jsonl already under output_dir/runs instead of running the scripts again"""
     extra_args: tuple[str, ...] = ()
@@ -167,15 +168,14 @@ def main(args: Args) -> list[dict]:
         run_dir = os.path.join(args.output_dir, "runs", run_name(script).replace(" --", "_").replace(" ", "_"))
         metrics = os.path.join(run_dir, "metrics.jsonl")
         if not args.reuse:
-            os.makedirs(run_dir, exist_ok=True)
-            if os.path.exists(metrics):
-                os.remove(metrics)  # a stale file would mix two runs
+            shutil.rmtree(run_dir, ignore_errors=True)  # a new run needs an empty run directory
+            os.makedirs(os.path.dirname(run_dir), exist_ok=True)
             command = script_command(script, run_dir, args)
             print("running:", shlex.join(command), flush=True)
-            with open(os.path.join(run_dir, "log.txt"), "w") as log:
+            with open(run_dir + ".log", "w") as log:
                 returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
             if returncode != 0:
-                results.append({"script": script, "error": f"exit code {returncode}, see {run_dir}/log.txt"})
+                results.append({"script": script, "error": f"exit code {returncode}, see {run_dir}.log"})
                 continue
         try:
             results.append({"script": script, **summarize_run(read_metrics(metrics), args.warmup)})

@@ -73,8 +73,7 @@ def run_method(out: str, method: str, seed: int, lr: float) -> dict:
             return json.load(f)
     script, flags = method_flags(method, d, seed, lr, run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run's files would mix with the new ones
-    os.makedirs(run_dir)
-    wall = run(script, flags, os.path.join(run_dir, "log.txt"))
+    wall = run(script, flags, run_dir + ".log")  # beside the run directory: a new run needs an empty one
     evals = sorted(f for f in os.listdir(run_dir) if f.startswith("eval_"))
     curve = [{"update": int(f[5:11]), **judge_table(os.path.join(run_dir, f))} for f in evals]
     result = {"method": method, "seed": seed, "lr": lr, "wall_s": wall, "curve": curve, "run_dir": run_dir,
@@ -135,8 +134,7 @@ def time_method(out: str, method: str, seed: int, lr: float, updates: int = 8, w
     script, flags = method_flags(method, os.path.join(out, f"seed{seed}"), seed, lr, run_dir)
     flags += ["--total_episodes", str(updates * 32), "--eval_freq", "0", "--num_eval_prompts", "32"]
     shutil.rmtree(run_dir, ignore_errors=True)
-    os.makedirs(run_dir)
-    run(script, flags, os.path.join(run_dir, "log.txt"))
+    run(script, flags, run_dir + ".log")
     result = {"script": method, **summarize_run(read_metrics(os.path.join(run_dir, "metrics.jsonl")), warmup)}
     with open(done, "w") as f:
         json.dump(result, f, indent=1)

@@ -27,17 +27,21 @@ def check_gloo_threads_joined(output: str, ranks: int) -> None:
         assert re.findall(r"gloo threads at exit: (\d+)", output) == ["0"] * ranks, output[-3000:]
 
 
+def script_command(script: str, flags, torchrun: int = 0) -> list[str]:
+    """`python script flags`, or under `torchrun --nproc_per_node N` when torchrun > 0."""
+    launcher = [
+        sys.executable,
+        *(["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)] if torchrun else []),
+    ]
+    return [*launcher, os.path.join(ROOT, script), *flags]
+
+
 def run_script(
     script: str, *flags: str, torchrun: int = 0, cwd: str | None = None, check: bool = True, timeout: int = 300
 ):
     """Run a top-level script as a user would; return the CompletedProcess (stdout and stderr merged)."""
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)]
-        if torchrun
-        else [sys.executable]
-    )
     proc = subprocess.run(
-        [*launcher, os.path.join(ROOT, script), *flags], cwd=cwd or ROOT, env=TORCHRUN_ENV if torchrun else ENV,
+        script_command(script, flags, torchrun), cwd=cwd or ROOT, env=TORCHRUN_ENV if torchrun else ENV,
         timeout=timeout,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -88,8 +92,9 @@ def check_end_to_end(script: str, flags: list[str], tmp_path, keys, track: bool 
         assert key in rows[-1], key
     assert all(v == v for v in rows[-1].values())  # no NaN
     assert sorted(f for f in os.listdir(run) if f.startswith("eval_")) == ["eval_000000.csv", "eval_000002.csv"]
-    if track:  # WANDB_MODE=offline writes the run next to where the script was launched
-        assert list((tmp_path / "wandb").glob("offline-run-*")), "--track wrote no offline wandb run"
+    if track:  # wandb writes under the run directory, not where the script was launched
+        assert list((run / "wandb").glob("offline-run-*")), "--track wrote no offline wandb run in the run directory"
+        assert not (tmp_path / "wandb").exists()
     return rows
 
 

@@ -78,7 +78,7 @@ def test_benchmark_dpo_like_failure_and_reuse(fake_scripts, tmp_path):
     # A --scripts entry with a flag of its own: it reaches that script only, and names the run "ppo --fail".
     [failed] = main(Args(scripts=(f"{fake_scripts / 'ppo.py'} --fail",), updates=3, batch_size=2, output_dir=out))
     assert "exit code 1" in failed["error"]
-    assert "failing on purpose" in open(os.path.join(out, "runs", "ppo_fail", "log.txt")).read()
+    assert "failing on purpose" in open(os.path.join(out, "runs", "ppo_fail.log")).read()
     assert "| ppo --fail | failed: exit code 1" in open(os.path.join(out, "benchmark.md")).read()
 
 
@@ -94,5 +94,5 @@ def test_benchmark_torchrun_launch(fake_scripts, tmp_path):
             output_dir=out,
         )
     )
-    assert "error" not in r, open(os.path.join(out, "runs", "rebel", "log.txt")).read()
+    assert "error" not in r, open(os.path.join(out, "runs", "rebel.log")).read()
     assert json.load(open(os.path.join(out, "runs", "rebel", "argv.json")))["world_size"] == 2

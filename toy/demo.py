@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +66,7 @@ def judge_table(csv_path: str) -> dict:
 def prepare_seed(out: str, seed: int) -> tuple[str, dict]:
     """Build the toy task of one seed, then train its SFT policy and reward model; return the folder and stage times."""
     d = os.path.join(out, f"seed{seed}")
+    shutil.rmtree(os.path.join(d, "runs"), ignore_errors=True)  # a rerun starts afresh: each run needs an empty run_dir
     os.makedirs(d, exist_ok=True)
     times = {}
     t0 = time.time()

@@ -1,0 +1,65 @@
+"""The resume check shared by the training scripts' tests: a run stopped part-way (SIGKILL or SIGTERM) and resumed
+ends exactly where the same run without a stop ends, in weights and in every logged update (CPU runs are
+deterministic)."""
+
+import filecmp
+import json
+import os
+import signal
+import subprocess
+import time
+
+from conftest import ENV, TORCHRUN_ENV, run_script, script_command
+
+
+def course(run_dir) -> list[dict]:
+    """The logged updates without their timings and memory, which differ between runs."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "memory/"))} for r in rows]
+
+
+def stop_part_way(script: str, flags: list[str], run_dir, after_rows: int, sig, torchrun: int = 0) -> int:
+    """Start the run, send `sig` to it (its whole process group under torchrun) once it has logged `after_rows`
+    updates, and return its exit code."""
+    log = open(os.path.join(os.path.dirname(run_dir), os.path.basename(run_dir) + ".log"), "w")
+    proc = subprocess.Popen(
+        script_command(script, flags, torchrun), cwd=os.path.dirname(run_dir), env=TORCHRUN_ENV if torchrun else ENV,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    metrics, deadline = os.path.join(run_dir, "metrics.jsonl"), time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= after_rows:
+            os.killpg(proc.pid, sig) if torchrun or sig == signal.SIGKILL else proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    code = proc.wait(timeout=120)
+    log.close()
+    return code
+
+
+def check_resume_is_exact(script: str, flags: list[str], tmp_path, sig=signal.SIGKILL, torchrun: int = 0) -> None:
+    """A whole run, and the same run stopped by `sig` after its fourth logged update (checkpoints every 3) then
+    resumed with --resume: identical metrics for every update, identical evaluation tables, identical saved files."""
+    flags = [*flags, "--save_freq", "3"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_script(script, *flags, "--run_dir", str(full), "--output_dir", str(tmp_path / "full_out"), torchrun=torchrun)
+    n = len(course(full))
+    stopped_flags = [*flags, "--run_dir", str(part), "--output_dir", str(tmp_path / "part_out")]
+    code = stop_part_way(script, stopped_flags, part, after_rows=4, sig=sig, torchrun=torchrun)
+    logged = course(part)
+    assert code != 0 and len(logged) < n, f"the run was not stopped part-way (exit {code}, {len(logged)} of {n} rows)"
+    if sig != signal.SIGKILL:  # a signal the script catches: a checkpoint of the last update, and exit 128 + signal
+        assert code == 128 + sig, code
+        assert os.path.isdir(part / "checkpoints" / f"update_{logged[-1]['update']:06d}")
+    proc = run_script(script, *stopped_flags, "--resume", str(part), torchrun=torchrun)
+    assert "resumed after update" in proc.stdout
+    assert course(part) == course(full)
+    evals = sorted(f for f in os.listdir(full) if f.startswith("eval_"))
+    assert evals == sorted(f for f in os.listdir(part) if f.startswith("eval_"))
+    for name in evals:
+        assert filecmp.cmp(full / name, part / name, shallow=False), name
+    saved = sorted(f for f in os.listdir(tmp_path / "full_out") if f.endswith((".safetensors", ".bin")))
+    assert saved
+    for name in saved:
+        assert filecmp.cmp(tmp_path / "full_out" / name, tmp_path / "part_out" / name, shallow=False), name

@@ -1,0 +1,82 @@
+"""Runs that survive: a run stopped part-way and resumed ends exactly where an uninterrupted run ends (rebel.py in
+one process and under two-rank torchrun, a baseline stopped by SIGTERM); what a resumed run refuses; the NaN guard."""
+
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+from conftest import check_fails_with, run_script
+from resume_checks import check_resume_is_exact
+
+# Seven updates, an evaluation every three (their sampling draws on the RNG state a checkpoint must carry).
+LONGER = ["--total_episodes", "56", "--eval_freq", "3"]
+
+
+def test_rebel_resumes_exactly_after_sigkill(toy, tmp_path):
+    check_resume_is_exact("rebel.py", [*toy.rl_flags, *LONGER], tmp_path, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_rebel_resumes_exactly_under_torchrun(toy, tmp_path):
+    check_resume_is_exact("rebel.py", [*toy.rl_flags, *LONGER], tmp_path, signal.SIGKILL, torchrun=2)
+
+
+def test_ppo_saves_on_sigterm_and_resumes_exactly(toy, tmp_path):
+    check_resume_is_exact("ppo.py", [*toy.rl_flags, *LONGER], tmp_path, signal.SIGTERM)
+
+
+def test_checkpoints_are_complete_and_only_the_last_are_kept(toy, tmp_path):
+    run = tmp_path / "run"
+    run_script("rebel.py", *toy.rl_flags, *LONGER, "--save_freq", "2", "--keep_checkpoints", "2",
+               "--output_dir", "", "--run_dir", str(run))  # fmt: skip
+    assert sorted(os.listdir(run / "checkpoints")) == ["update_000004", "update_000006"]
+    last = run / "checkpoints" / "update_000006"
+    trainer = json.loads((last / "trainer.json").read_text())
+    assert trainer["update"] == 6 and trainer["world_size"] == 1 and trainer["flags"]["save_freq"] == 2
+    assert {".metadata", "rng_rank0.pt"} <= set(os.listdir(last))
+    # Under LoRA only the adapter trains, so only the adapter (and its optimizer state) is saved.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(last)).read_metadata().state_dict_metadata
+    weights = [k for k in saved if k.startswith("model.")]
+    assert weights and all("lora_" in k for k in weights), weights
+    assert any(k.startswith("optimizer.state.") and k.endswith("exp_avg_sq") for k in saved)
+
+
+def test_a_new_run_refuses_a_non_empty_run_dir(toy, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"update": 1}\n')
+    check_fails_with("rebel.py", toy.rl_flags, f"--run_dir {tmp_path} is not empty: pass --resume", tmp_path)
+
+
+def test_resume_refuses_changed_flags_and_missing_checkpoints(toy, tmp_path):
+    run = tmp_path / "run"
+    run_script("rebel.py", *toy.rl_flags, "--save_freq", "1", "--output_dir", "", "--run_dir", str(run))
+    proc = run_script("rebel.py", *toy.rl_flags, "--lr", "5e-4", "--resume", str(run), check=False)
+    assert proc.returncode != 0 and "flags differ from the run's: --lr 0.001 (now 0.0005)" in proc.stdout, proc.stdout
+    proc = run_script("rebel.py", *toy.rl_flags, "--resume", str(tmp_path / "empty"), check=False)
+    assert proc.returncode != 0 and "no checkpoint there" in proc.stdout
+    assert "Traceback" not in proc.stdout
+    shutil.rmtree(run / "checkpoints" / "update_000001")
+    (run / "checkpoints" / "update_000002" / ".metadata").write_bytes(b"garbage")
+    proc = run_script("rebel.py", *toy.rl_flags, "--resume", str(run), check=False)
+    assert proc.returncode != 0 and "cannot read the checkpoint" in proc.stdout and "Traceback" not in proc.stdout
+
+
+def test_a_nan_reward_stops_before_the_optimizer_steps(toy, tmp_path):
+    """A reward model that returns NaN stops the run at the first update, naming it, with the batch saved."""
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(toy.rm)
+    with torch.no_grad():
+        rm.score.weight[0, 0] = float("nan")
+    rm.save_pretrained(tmp_path / "rm")
+    flags = list(toy.rl_flags)
+    flags[flags.index("--reward_model_path") + 1] = str(tmp_path / "rm")
+    run = tmp_path / "run"
+    check_fails_with("rebel.py", flags, "the reward model's scores: 16 of 16 values are NaN or inf", run)
+    assert not os.path.exists(run / "metrics.jsonl") or not (run / "metrics.jsonl").read_text()
+    dump = torch.load(run / "nonfinite_rank0.pt", weights_only=True)
+    assert dump["responses"].shape[:2] == (8, 2) and dump["the reward model's scores"].isnan().all()
