@@ -14,17 +14,19 @@ Launch:
     python rebel_lcm.py --tiny --resolution 32 --reward compressibility --num_iterations 5      # offline CPU demo
     torchrun --nproc_per_node 4 rebel_lcm.py --algo rebel --aesthetic_mlp_path sac+logos+ava1-l14-linearMSE.pth
     torchrun --nproc_per_node 4 rebel_lcm.py --algo ppo --lr 1e-4 --aesthetic_mlp_path sac+logos+ava1-l14-linearMSE.pth
+    torchrun --nproc_per_node 4 rebel_lcm.py <the same flags> --resume runs/<run name>     # continue a stopped run
 
 Reference implementation of the paper: https://github.com/Owen-Oertell/rlcm (see docs/rebel_lcm.md for
 where this file differs from it).
 """
 
-import csv
 import io
 import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -65,7 +67,10 @@ class Args:
     wandb_entity: str | None = None
     """the wandb entity (team)"""
     output_dir: str = "runs"
-    """where TensorBoard logs, progress.csv/json and the LoRA weights go (one sub-folder per run)"""
+    """the folder of the runs: a run writes to <output_dir>/<run name> unless --run_dir names its folder"""
+    run_dir: str | None = None
+    """the run's folder: TensorBoard logs, metrics.jsonl, progress.json, checkpoints, the LoRA weights (default:
+    <output_dir>/<exp_name>__<algo>__<seed>__<time>). A new run needs it empty or absent"""
 
     # model
     algo: Literal["rebel", "ppo"] = "rebel"
@@ -149,8 +154,14 @@ class Args:
     """evaluate (fixed prompts and noise, image grid) every this many iterations, and at the end"""
     num_eval_images: int = 8
     """images in the evaluation grid"""
-    save_every: int = 100
-    """save the LoRA weights (safetensors) every this many iterations, and at the end"""
+    save_freq: int = 20
+    """write a checkpoint and lora.safetensors every this many iterations (and on Ctrl-C or SIGTERM, which stop the
+    run); 0 = only on those signals. lora.safetensors is also written at the end"""
+    keep_checkpoints: int = 2
+    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
+    resume: str | None = None
+    """continue a stopped run: its run directory (the latest checkpoint) or one checkpoint directory. The other flags
+    must be those of the run, except the ones that do not change its course (logging, saving)"""
 
     # filled at run time
     world_size: int = 1
@@ -158,7 +169,7 @@ class Args:
     queries_per_iteration: int = 0
     """reward queries per iteration over all ranks (filled at run time)"""
     run_name: str = ""
-    """the run's name (filled at run time)"""
+    """the run's name: its folder's name (filled at run time)"""
 
 
 class BadInput(ValueError):
@@ -458,6 +469,13 @@ class PerPromptStatTracker:
             advantages[mask] = (rewards[mask] - stats.mean()) / (stats.std() + 1e-6)
         return advantages
 
+    def state_dict(self) -> dict:
+        """The buffers as JSON: a checkpoint carries them, since they normalise the rewards of the iterations to come."""
+        return {str(p): list(buffer) for p, buffer in self.buffers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers = {int(p): deque(buffer, maxlen=self.buffer_size) for p, buffer in state.items()}
+
 
 def all_gather_cat(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """Concatenate a tensor from every rank (rank order) along dim 0; identity without torchrun."""
@@ -466,6 +484,20 @@ def all_gather_cat(x: torch.Tensor, world_size: int) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(out, x)
     return torch.cat(out)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(value):
+    """Rank 0's value, on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @torch.no_grad()
@@ -490,21 +522,191 @@ def encode_prompts(tokenizer, text_encoder, prompts, device) -> torch.Tensor:
     return text_encoder(ids.to(device))[0]
 
 
+# ---------------------------------------------------------------------------------------------- runs and checkpoints
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise BadInput(message)
+
+
+def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
+    """A new run needs an empty run directory, so that its logs never mix with another run's; the run and output
+    directories are created and written to now, so that a bad one fails at start rather than after training."""
+    if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise BadInput(
+            f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
+        )
+    for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise BadInput(f"{flag} {path} is a file, not a directory; choose another")
+        try:
+            if path:
+                os.makedirs(path, exist_ok=True)
+                open(os.path.join(path, ".write_test"), "w").close()
+                os.remove(os.path.join(path, ".write_test"))
+        except OSError as e:
+            raise BadInput(f"{flag} {path} is not a writable directory ({e.strerror}); choose another") from e
+    return run_dir
+
+
+def find_checkpoint(path: str) -> str:
+    """--resume: a checkpoint directory, or a run directory whose latest checkpoint is taken."""
+    path = os.path.normpath(path)  # a trailing slash would hide the run directory from dirname
+    if os.path.isfile(os.path.join(path, "trainer.json")):
+        return path
+    root = os.path.join(path, "checkpoints")
+    done = sorted(n for n in os.listdir(root) if n[7:].isdigit()) if os.path.isdir(root) else []  # update_N
+    require(bool(done), f"--resume {path}: no checkpoint there (runs write one every --save_freq updates)")
+    return os.path.join(root, done[-1])
+
+
+def metrics_log(path: str, last_update: int):
+    """metrics.jsonl opened for appending, without the rows a stopped run wrote after its last checkpoint: every
+    update appears once in a resumed run's log."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= last_update]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def rng_states() -> dict:
+    """This rank's random number generators (each rank samples with its own seed)."""
+    kind, keys, *rest = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    kind, keys, *rest = states["numpy"]
+    random.setstate(states["python"])
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def trainable_state(model, optimizer) -> dict:
+    """The weights that train (the adapter alone under LoRA) and the optimizer state, keyed by parameter name: the
+    layout of torch.distributed.checkpoint, through which a sharded model saves the same way."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, keep: int) -> str:
+    """<run_dir>/checkpoints/update_N: trainable weights and optimizer (torch.distributed.checkpoint: every rank writes
+    its part), every rank's RNG states, and `trainer` (the update counter, the flags, the wandb run id). It is written
+    under a temporary name and renamed once complete, so a kill while saving leaves the previous one intact."""
+    import torch.distributed.checkpoint as dcp
+
+    rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
+    path = os.path.join(root, f"update_{update:06d}")
+    dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
+    torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
+            json.dump(trainer, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(path + ".tmp", path)
+        for old in sorted(n for n in os.listdir(root) if n[7:].isdigit())[: -max(keep, 1)]:
+            shutil.rmtree(os.path.join(root, old))
+    barrier()
+    return path
+
+
+def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -> dict:
+    """Restore what save_checkpoint wrote, in place, after checking that the run continues with the same flags."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # Flags that do not change the run's course (evaluation draws on its own generator in rebel_lcm.py).
+    resumable = "resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq keep_checkpoints"
+    resumable = {*resumable.split(), "eval_freq", "eval_every", "num_eval_images", "num_sample_rows"}
+    try:
+        with open(os.path.join(path, "trainer.json")) as f:
+            trainer = json.load(f)
+        was = trainer["flags"]
+        changed = [
+            f"--{k} {was.get(k)} (now {v})"
+            for k, v in json.loads(json.dumps(flags)).items()
+            if was.get(k) != v and k not in resumable
+        ]
+        require(not changed, f"--resume {path}: flags differ from the run's: {', '.join(changed)}")
+        n = trainer["world_size"]
+        require(
+            n == world_size, f"--resume {path}: the run had {n} processes; resume it with as many, not {world_size}"
+        )
+        dcp.FileSystemReader(path).read_metadata()  # fails plainly on a damaged checkpoint, where dcp.load logs pages
+        state = trainable_state(model, optimizer)
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen weights are not saved
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+        )
+        set_rng_states(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True))
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"--resume: cannot read the checkpoint {path} ({type(e).__name__}: {e})") from e
+    return trainer
+
+
+def stop_signals() -> list:
+    """Ctrl-C (SIGINT) and pre-emption (SIGTERM) ask the loop to finish its update, save a checkpoint and exit;
+    a second one stops at once. Returns the list of signals received."""
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print(
+            f"\n{signal.Signals(signum).name}: saving a checkpoint after this update (again to stop now)",
+            file=sys.stderr,
+        )
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return received
+
+
+def check_finite(tensors: dict, dump_path: str) -> None:
+    """Stop on NaN or inf before it reaches the optimizer, naming its source (the keys); the tensors go to dump_path."""
+    for name, tensor in tensors.items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            torch.save({k: t.detach().cpu() for k, t in tensors.items()}, dump_path)
+            raise BadInput(
+                f"{name}: {bad} of {tensor.numel()} values are NaN or inf; the batch is saved in {dump_path}"
+            )
+
+
 if __name__ == "__main__":
     sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
     args = tyro.cli(Args, use_underscores=True)
-    if args.eta <= 0:
-        raise BadInput(f"--eta {args.eta} must be > 0 (it divides the log-ratio in Eq. 1): try --eta 1.0")
-    if args.num_steps < 2:
-        raise BadInput(f"--num_steps {args.num_steps} leaves no stochastic step: use --num_steps 2 or more")
+    require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
+    require(args.eta > 0, f"--eta {args.eta} must be > 0 (it divides the log-ratio in Eq. 1): try --eta 1.0")
+    require(args.num_steps >= 2, f"--num_steps {args.num_steps} leaves no stochastic step: use --num_steps 2 or more")
     B, mb, accumulation = args.sample_batch_size, args.train_batch_size, args.gradient_accumulation_steps
     micro_batches = args.num_inner_epochs * B // max(mb, 1)  # per iteration, over all inner epochs
-    if min(B, mb, accumulation, args.num_inner_epochs) < 1 or B % mb or micro_batches % accumulation:
-        raise BadInput(
-            f"--sample_batch_size {B} must be a positive multiple of --train_batch_size {mb}, and its {micro_batches} "
-            f"micro-batches (x --num_inner_epochs) a multiple of --gradient_accumulation_steps {accumulation}, so that "
-            f"every optimizer step sees as many samples: e.g. --gradient_accumulation_steps {max(micro_batches, 1)}"
-        )
+    require(
+        min(B, mb, accumulation, args.num_inner_epochs) >= 1 and B % mb == 0 and micro_batches % accumulation == 0,
+        f"--sample_batch_size {B} must be a positive multiple of --train_batch_size {mb}, and its {micro_batches} "
+        f"micro-batches (x --num_inner_epochs) a multiple of --gradient_accumulation_steps {accumulation}, so that "
+        f"every optimizer step sees as many samples: e.g. --gradient_accumulation_steps {max(micro_batches, 1)}",
+    )
 
     # DDP set-up, nanoGPT style: torchrun sets RANK; the same file runs with plain `python`.
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -520,8 +722,15 @@ if __name__ == "__main__":
     master_process = rank == 0
     pairs = 2 if args.algo == "rebel" else 1  # REBEL draws y and y' for every prompt
     args.queries_per_iteration = args.world_size * args.sample_batch_size * pairs
-    args.run_name = f"{args.exp_name}__{args.algo}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, args.run_name)
+
+    # Run directory: a new run starts in an empty one (by default a new sub-folder of --output_dir); --resume continues
+    # a stopped run in its own, under its own name.
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    run_name = f"{args.exp_name}__{args.algo}__{args.seed}__{int(time.time())}"
+    run_dir = args.run_dir or os.path.join(args.output_dir, run_name)
+    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else run_dir
+    run_dir = broadcast(start_run_dir(run_dir, checkpoint, "") if master_process else None)
+    args.run_name = os.path.basename(os.path.normpath(run_dir))
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     frozen_dtype = torch.bfloat16 if use_cuda and args.bf16 else torch.float32
@@ -553,11 +762,18 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
     stat_tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
 
+    # Resume: the LoRA weights, the optimizer, the RNG states, the reward statistics and the position in the run, where
+    # the run stopped.
+    trainer = load_checkpoint(checkpoint, unet, optimizer, asdict(args), args.world_size) if checkpoint else {}
+    start_update = trainer.get("update", 0)
+    stat_tracker.load_state_dict(trainer.get("reward_buffers", {}))
+    reward_queries = start_update * args.queries_per_iteration
+    signals = stop_signals()
+
     # Logging: TensorBoard always, wandb behind --track; only the master process writes.
     if master_process:
         from torch.utils.tensorboard import SummaryWriter
 
-        os.makedirs(run_dir, exist_ok=True)
         if args.track:
             import wandb
 
@@ -566,18 +782,25 @@ if __name__ == "__main__":
                 entity=args.wandb_entity,
                 config=asdict(args),
                 name=args.run_name,
+                id=trainer.get("wandb_id"),  # None starts a new wandb run
+                resume="allow",
                 dir=run_dir,
                 save_code=True,
             )
+            trainer["wandb_id"] = wandb.run.id
             wandb.define_metric("objective/reward_queries")
             wandb.define_metric("*", step_metric="objective/reward_queries")  # the paper's x-axis, as in TensorBoard
-        writer = SummaryWriter(run_dir)
+        writer = SummaryWriter(run_dir, purge_step=reward_queries + 1 if checkpoint else None)
         writer.add_text("hyperparameters", "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        progress_file = open(os.path.join(run_dir, "progress.csv"), "w", newline="")
-        progress = csv.writer(progress_file)
-        progress.writerow(["iteration", "reward_queries", "reward_mean", "reward_std"])
-        history = []
-        print(f"run {args.run_name}: {args.algo} on {args.world_size} process(es), {device}, reward {args.reward}")
+        metrics_file = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
+        history = []  # progress.json's rows
+        if checkpoint:
+            with open(os.path.join(run_dir, "progress.json")) as f:
+                history = [row for row in json.load(f)["history"] if row["iteration"] <= start_update]
+        print(
+            f"run {args.run_name}: {args.algo} on {args.world_size} process(es), {device}, reward {args.reward}; "
+            f"logs in {run_dir}" + (f"; resumed after iteration {start_update}" if checkpoint else "")
+        )
 
     def evaluate(iteration, reward_queries):
         """Fixed prompts and noise on the master process: mean reward and an image grid."""
@@ -596,8 +819,8 @@ if __name__ == "__main__":
             image = wandb.Image(grid.permute(1, 2, 0).numpy(), caption=caption)
             wandb.log({"eval/images": image, "eval/reward": rewards.mean().item()}, step=iteration)
 
-    reward_queries = 0
-    for iteration in range(1, args.num_iterations + 1):
+    stop, dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    for iteration in range(start_update + 1, args.num_iterations + 1):
         t0 = time.time()
         # 1. Rollout: B prompts per rank; REBEL samples each twice with different noise (y, y').
         prompt_ids = torch.from_numpy(np.random.randint(len(ANIMALS), size=args.sample_batch_size))
@@ -610,6 +833,7 @@ if __name__ == "__main__":
 
         # 2. Score: rewards and prompts gathered from every rank for the per-prompt statistics.
         rewards = reward_fn(decode(vae, final, frozen_dtype)).float().to(device)  # (pairs*B,)
+        check_finite({"the rewards": rewards, "the sampler's log-probs": old_log_probs}, dump)
         all_rewards = all_gather_cat(rewards, args.world_size)
         all_ids = all_gather_cat(prompt_ids.repeat(pairs).to(device), args.world_size)
         advantages = stat_tracker.update(all_ids.cpu().numpy(), all_rewards.cpu().numpy().astype(np.float64))
@@ -644,6 +868,7 @@ if __name__ == "__main__":
                 else:
                     loss, clipfrac = ppo_loss(log_probs, old_log_probs[rows], advantages[rows], args.clip_range)
                     info["clipfrac"].append(clipfrac.detach())
+                check_finite({f"the {args.algo} loss": loss.detach(), "the new log-probs": log_probs.detach()}, dump)
                 (loss / accumulation).backward()
                 info["loss"].append(loss.detach())
                 if last_micro_step:
@@ -680,30 +905,51 @@ if __name__ == "__main__":
                 writer.add_scalar(name, value, reward_queries)
             if args.track:
                 wandb.log(metrics, step=iteration)
-            progress.writerow([iteration, reward_queries, metrics["objective/reward"], metrics["objective/reward_std"]])
-            progress_file.flush()
+            metrics_file.write(json.dumps({"update": iteration, **metrics}) + "\n")
+            metrics_file.flush()
             history.append(
                 dict(iteration=iteration, reward_queries=reward_queries, reward_mean=metrics["objective/reward"])
             )
-            # progress.json is rewritten every iteration so that a killed run still plots.
-            with open(os.path.join(run_dir, "progress.json"), "w") as f:
+            # progress.json is rewritten every iteration so that a killed run still plots, and replaced whole so that
+            # a kill while writing it leaves the previous one.
+            with open(os.path.join(run_dir, "progress.json.tmp"), "w") as f:
                 json.dump(dict(args=asdict(args), history=history), f)
+            os.replace(os.path.join(run_dir, "progress.json.tmp"), os.path.join(run_dir, "progress.json"))
             print(
                 f"iter {iteration} queries {reward_queries} reward {metrics['objective/reward']:.4f} "
                 f"loss {metrics[f'loss/{args.algo}']:.4g} kl {metrics['policy/approx_kl']:.3g} "
                 f"({metrics['time/iteration_seconds']:.2f}s)"
             )
-            last = iteration == args.num_iterations
-            if iteration % args.eval_every == 0 or last:
+            if iteration % args.eval_every == 0 or iteration == args.num_iterations:
                 evaluate(iteration, reward_queries)
-            if iteration % args.save_every == 0 or last:
-                save_file(
-                    {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(raw_unet).items()},
-                    os.path.join(run_dir, "lora.safetensors"),
-                )
+
+        # 5. Checkpoint every --save_freq iterations, and on Ctrl-C or SIGTERM, which then stop the run.
+        received = torch.tensor(len(signals), device=device)
+        if ddp:  # a signal may reach the ranks in different iterations: all of them stop after the same one
+            dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        stop = received.item() > 0
+        checkpointing = stop or (args.save_freq > 0 and iteration % args.save_freq == 0)
+        if checkpointing:
+            trainer.update(
+                update=iteration,
+                world_size=args.world_size,
+                flags=asdict(args),
+                reward_buffers=stat_tracker.state_dict(),
+            )
+            save_checkpoint(run_dir, iteration, unet, optimizer, trainer, args.keep_checkpoints)
+        if master_process and (checkpointing or iteration == args.num_iterations):
+            # The LoRA weights alone, in peft's format, for use outside this script.
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(raw_unet).items()},
+                os.path.join(run_dir, "lora.safetensors"),
+            )
+        if stop:
+            break
 
     if master_process:
-        progress_file.close()
+        if stop:
+            print(f"stopped after iteration {iteration}; continue with --resume {run_dir}", file=sys.stderr)
+        metrics_file.close()
         writer.close()
         if args.track:
             wandb.finish()
@@ -711,3 +957,5 @@ if __name__ == "__main__":
         # A gloo thread left running can abort the exit unless the wrapper is gone: tests/test_ddp_teardown.py
         del unet
         dist.destroy_process_group()
+    if stop:
+        sys.exit(128 + (signals or [signal.SIGTERM])[0])

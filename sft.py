@@ -119,6 +119,17 @@ def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: 
 # ---------------------------------------------------------------------------------------------- models and data
 
 
+def check_model_path(path: str) -> None:
+    """A local path must be a directory that save_pretrained wrote: said here, where the loaders would go on to try it
+    as a hub name and fail with a message about something else."""
+    if os.path.isfile(path):
+        raise BadInput(f"'{path}' is a file; give the directory that save_pretrained wrote, or a hub name")
+    if os.path.isdir(path) and not {"config.json", "adapter_config.json"} & set(os.listdir(path)):
+        raise BadInput(f"'{path}' holds no model: no config.json (or adapter_config.json for a LoRA adapter)")
+    if not os.path.exists(path) and path.startswith(("/", ".", "~")):
+        raise BadInput(f"'{path}': no such directory")
+
+
 def load_policy(path: str, dtype: torch.dtype):
     """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
     merged into its base, itself loaded this way, so the policy starts at, and the KL reference is, the SFT model.
@@ -127,6 +138,7 @@ def load_policy(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
     from transformers.utils import find_adapter_config_file
 
+    check_model_path(path)
     try:
         if not find_adapter_config_file(path):
             return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -147,6 +159,7 @@ def load_tokenizer(path: str):
     with pad == EOS (Llama-3, Mistral) or none (Pythia) work as they are."""
     from transformers import AutoTokenizer
 
+    check_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
@@ -163,6 +176,9 @@ def load_prompts(path, split, query_column, reference_column, tokenizer, query_l
     rows they came from, and how many prompts were dropped for being too long."""
     from datasets import load_dataset
 
+    looks_local = path.startswith(("/", ".", "~")) or path.endswith((".jsonl", ".json", ".csv", ".parquet"))
+    require(os.path.exists(path) or not looks_local, f"dataset '{path}': no such file or directory")
+    require(not os.path.isfile(path) or os.path.getsize(path) > 0, f"dataset file '{path}' is empty")
     try:
         if os.path.isfile(path):  # a single file serves every split
             kind = {"jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(path.rsplit(".", 1)[-1], "json")
@@ -171,6 +187,7 @@ def load_prompts(path, split, query_column, reference_column, tokenizer, query_l
             dataset = load_dataset(path, split=split)
     except Exception as e:
         raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
+    require(len(dataset) > 0, f"split '{split}' of dataset '{path}' has no rows")
     for column in (query_column, reference_column):
         if column not in dataset.column_names:
             raise BadInput(
@@ -231,6 +248,8 @@ def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
             f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
         )
     for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise BadInput(f"{flag} {path} is a file, not a directory; choose another")
         try:
             if path:
                 os.makedirs(path, exist_ok=True)
@@ -243,6 +262,7 @@ def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
 
 def find_checkpoint(path: str) -> str:
     """--resume: a checkpoint directory, or a run directory whose latest checkpoint is taken."""
+    path = os.path.normpath(path)  # a trailing slash would hide the run directory from dirname
     if os.path.isfile(os.path.join(path, "trainer.json")):
         return path
     root = os.path.join(path, "checkpoints")
@@ -309,7 +329,7 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
             json.dump(trainer, f)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
-        for old in sorted(n for n in os.listdir(root) if n[7:].isdigit())[:-keep]:
+        for old in sorted(n for n in os.listdir(root) if n[7:].isdigit())[: -max(keep, 1)]:
             shutil.rmtree(os.path.join(root, old))
     barrier()
     return path
@@ -321,8 +341,9 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
+    # Flags that do not change the run's course (evaluation draws on its own generator in rebel_lcm.py).
     resumable = "resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq keep_checkpoints"
-    resumable = {*resumable.split(), "eval_freq", "num_sample_rows"}  # flags that do not change the run's course
+    resumable = {*resumable.split(), "eval_freq", "eval_every", "num_eval_images", "num_sample_rows"}
     try:
         with open(os.path.join(path, "trainer.json")) as f:
             trainer = json.load(f)

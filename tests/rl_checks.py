@@ -3,6 +3,7 @@ script in this process and inspect the last update's tensors, which `__main__` l
 
 import os
 import runpy
+import signal
 import sys
 
 import torch
@@ -12,13 +13,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_in_process(script: str, flags: list[str]) -> dict:
     """Run `python script flags` here and return its globals after the run (the last update's rollout among them)."""
-    saved = sys.argv, sys.excepthook
+    saved = sys.argv, sys.excepthook, signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     sys.argv = [os.path.join(ROOT, script), *flags]
     try:
         with torch.random.fork_rng():
             return runpy.run_path(sys.argv[0], run_name="__main__")
     finally:
-        sys.argv, sys.excepthook = saved
+        sys.argv, sys.excepthook = saved[:2]
+        signal.signal(signal.SIGINT, saved[2])  # the script's stop handlers
+        signal.signal(signal.SIGTERM, saved[3])
+
+
+def bad_input_message(script: str, flags: list[str]) -> str:
+    """Run the script here and return the message of the BadInput it raises (the script prints it as one line)."""
+    try:
+        run_in_process(script, flags)
+    except Exception as e:
+        assert type(e).__name__ == "BadInput", f"{script} raised {type(e).__name__}: {e}"
+        return str(e)
+    raise AssertionError(f"{script} {flags} ran to the end")
 
 
 def sequence_logprob(model, query_response: torch.Tensor, query_length: int, pad_id: int, temperature: float):

@@ -1,11 +1,13 @@
 """Tests for rebel_lcm.py: offline, CPU, tiny models built from configs."""
 
-import csv
+import filecmp
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,10 +48,15 @@ def run_script(args, tmp_path, launcher=(sys.executable,), timeout=300, env=ENV,
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def read_metrics(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
 def read_progress(tmp_path):
+    """The run folder that --output_dir holds, and its per-iteration metrics."""
     (run_dir,) = list((tmp_path / "runs").iterdir())
-    with open(run_dir / "progress.csv") as f:
-        return run_dir, list(csv.DictReader(f))
+    return run_dir, read_metrics(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +208,7 @@ def test_help():
         (["--algo", "dpo"], "invalid choice 'dpo' for argument '--algo'"),
         (["--sample_batch_size", "8", "--gradient_accumulation_steps", "3"], "must be a positive multiple"),
         (["--eta", "0"], "--eta 0.0 must be > 0"),
+        (["--lr", "0"], "--lr must be > 0; got 0.0"),
     ],
 )
 def test_bad_input_gives_a_clear_error(flags, message, tmp_path):
@@ -215,7 +223,7 @@ def test_rebel_iteration_end_to_end_with_wandb_offline(tmp_path):
     out = run_script([*flags, "--num_iterations", "2", "--track"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir, rows = read_progress(tmp_path)
-    assert [int(r["reward_queries"]) for r in rows] == [4, 8]  # two queries per pair, 2 pairs per iteration
+    assert [r["objective/reward_queries"] for r in rows] == [4, 8]  # two queries per pair, 2 pairs per iteration
     assert (run_dir / "lora.safetensors").exists() and list(run_dir.glob("events.out.tfevents*"))
     assert json.loads((run_dir / "progress.json").read_text())["history"][-1]["reward_queries"] == 8
     assert list((run_dir / "wandb").glob("offline-run-*"))
@@ -242,7 +250,7 @@ def test_ppo_iteration_end_to_end_with_the_papers_accumulation(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert torch.load(tmp_path / "rank0.pt")["steps"] == 2
     _, rows = read_progress(tmp_path)
-    assert [int(r["reward_queries"]) for r in rows] == [8, 16]  # one query per sample
+    assert [r["objective/reward_queries"] for r in rows] == [8, 16]  # one query per sample
 
 
 @pytest.mark.parametrize("algo", ["rebel", "ppo"])
@@ -271,7 +279,7 @@ def test_torchrun_two_processes_keep_lora_identical(tmp_path):
     saved = load_file(run_dir / "lora.safetensors")
     assert saved.keys() == rank0["lora"].keys() and all(torch.equal(saved[k], rank0["lora"][k]) for k in saved)
     _, rows = read_progress(tmp_path)
-    assert int(rows[-1]["reward_queries"]) == 2 * 2 * 2 * 2  # ranks x prompts x pair x iterations
+    assert rows[-1]["objective/reward_queries"] == 2 * 2 * 2 * 2  # ranks x prompts x pair x iterations
 
 
 # Measured on seeds 1-5 (docs/rebel_lcm.md): the mean of iterations 8-10 is 0.22 to 0.41 kB above the mean of
@@ -288,7 +296,7 @@ def test_rebel_raises_compressibility_in_tiny_mode(seed, tmp_path):
     out = run_script([*LEARN, "--seed", str(seed)], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     _, rows = read_progress(tmp_path)
-    rewards = [float(r["reward_mean"]) for r in rows]
+    rewards = [r["objective/reward"] for r in rows]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.1, rewards
 
@@ -323,3 +331,116 @@ def test_plot_lcm_draws_iqm_with_bootstrap_ci(tmp_path):
     out = subprocess.run([*cmd, "--out", str(tmp_path / "f.png")], env=ENV, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
+# Eight short iterations, an evaluation every 3 (its own generator: it must not move the run's RNG).
+RESUMABLE = ["--tiny", "--resolution", "32", "--sample_batch_size", "2", "--gradient_accumulation_steps", "2"]
+RESUMABLE += ["--num_steps", "2", "--reward", "compressibility", "--num_iterations", "8", "--eval_every", "3"]
+
+
+def course(run_dir) -> list[dict]:
+    """The logged iterations without their timings, which differ between runs."""
+    return [{k: v for k, v in row.items() if not k.startswith(("time/", "memory/"))} for row in read_metrics(run_dir)]
+
+
+def start(flags, tmp_path, name, launcher=(sys.executable,), env=ENV):
+    """The script in the background, in a process group of its own, its output in tmp_path/<name>.log."""
+    cmd = [*launcher, str(ROOT / "rebel_lcm.py"), *flags]
+    with open(tmp_path / f"{name}.log", "w") as log:
+        return subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop_after(proc, run_dir, rows: int, sig, group: bool = False) -> tuple[int, int]:
+    """Send `sig` (to the whole process group with `group`: torchrun and its workers, as a scheduler stops them) once
+    the run has logged `rows` iterations; return its exit code and the number of iterations logged by then."""
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= rows:
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    code = proc.wait(timeout=120)
+    return code, len(read_metrics(run_dir))
+
+
+def test_a_stopped_run_resumes_exactly(tmp_path):
+    """A whole run, and the same run stopped twice and resumed twice: SIGTERM (a checkpoint of the iteration under way,
+    exit 143), then SIGKILL between checkpoints (logged iterations past the checkpoint, dropped on resume). The same
+    metrics for every iteration, no row twice, the same LoRA weights, one wandb run."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    every_2 = [*RESUMABLE, "--save_freq", "2"]
+    whole = start([*every_2, "--run_dir", str(full)], tmp_path, "full")  # beside the stopped runs: 2 cores
+
+    proc = start([*every_2, "--run_dir", str(part), "--track"], tmp_path, "1")
+    code, logged = stop_after(proc, part, 2, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and logged < 8, (tmp_path / "1.log").read_text()[-3000:]
+    checkpoint = part / "checkpoints" / f"update_{logged:06d}"  # the iteration the signal let finish
+    trainer = json.loads((checkpoint / "trainer.json").read_text())
+    assert trainer["update"] == logged and trainer["reward_buffers"] and trainer["wandb_id"]
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    weights = [k for k in saved if k.startswith("model.")]
+    assert weights and all("lora_" in k for k in weights), weights  # the LoRA weights alone, and their Adam state
+    assert any(k.startswith("optimizer.state.") and k.endswith("exp_avg_sq") for k in saved)
+
+    # --save_freq may change on resume; every 4 leaves iterations 5 to 7 to kill the run in, past a checkpoint.
+    proc = start([*RESUMABLE, "--save_freq", "4", "--resume", str(part)], tmp_path, "2")
+    code, logged = stop_after(proc, part, max(5, logged + 1), signal.SIGKILL)
+    assert code == -signal.SIGKILL and logged < 8, (tmp_path / "2.log").read_text()[-3000:]
+    out = run_script([*every_2, "--resume", str(part), "--track"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split("resumed after iteration ")[1].split()[0]) < logged
+
+    assert whole.wait(timeout=300) == 0, (tmp_path / "full.log").read_text()[-3000:]
+    assert course(part) == course(full) and [r["update"] for r in course(part)] == list(range(1, 9))
+    progress = [json.loads((run / "progress.json").read_text())["history"] for run in (full, part)]
+    assert progress[0] == progress[1] and len(progress[1]) == 8
+    assert filecmp.cmp(full / "lora.safetensors", part / "lora.safetensors", shallow=False)
+    assert sorted(os.listdir(part / "checkpoints")) == ["update_000006", "update_000008"]  # --keep_checkpoints 2
+    runs = sorted((part / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {r.name.rsplit("-", 1)[1] for r in runs} == {trainer["wandb_id"]}
+
+
+def test_run_dir_checks_fail_fast(tmp_path):
+    """A new run refuses a non-empty run folder (its logs would mix with another run's) and one it cannot write, before
+    it builds a model."""
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "metrics.jsonl").write_text('{"update": 1}\n')
+    (tmp_path / "file").write_text("")
+    for run_dir, message in (("used", "is not empty: pass --resume"), ("file/run", "is not a writable directory")):
+        out = run_script(["--tiny", "--run_dir", str(tmp_path / run_dir)], tmp_path, timeout=60)
+        assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_stopped_torchrun_run_resumes_exactly(tmp_path):
+    """Two ranks: SIGTERM to torchrun and its workers; each rank writes its share of the checkpoint and its RNG states,
+    and the resumed run ends where the whole run ends."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    env = {**TORCHRUN_ENV, "HF_HUB_OFFLINE": "1"}
+    full, part = tmp_path / "full", tmp_path / "part"
+    flags = [*RESUMABLE, "--save_freq", "2"]
+    out = run_script([*flags, "--run_dir", str(full)], tmp_path, launcher, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    proc = start([*flags, "--run_dir", str(part)], tmp_path, "part", launcher, env)
+    code, logged = stop_after(proc, part, 2, signal.SIGTERM, group=True)
+    assert code != 0 and logged < 8, (tmp_path / "part.log").read_text()[-3000:]  # torchrun itself exits 1
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(os.listdir(part / "checkpoints" / f"update_{logged:06d}"))
+    out = run_script([*flags, "--resume", str(part)], tmp_path, launcher, env=env)
+    assert out.returncode == 0 and f"resumed after iteration {logged}" in out.stdout, out.stderr[-3000:]
+    assert course(part) == course(full)
+    assert filecmp.cmp(full / "lora.safetensors", part / "lora.safetensors", shallow=False)
+
+
+def test_a_non_finite_batch_stops_the_run(tmp_path):
+    """A learning rate of 1e30 wrecks the LoRA weights at the first step; the next rollout's log-probs are not finite,
+    and the run stops there, naming them, with the batch saved, before the optimizer steps on it."""
+    flags = [*RESUMABLE, "--lr", "1e30", "--no_clip_grad_norm", "--run_dir", str(tmp_path / "run")]
+    out = run_script(flags, tmp_path)
+    assert out.returncode != 0 and "error: the sampler's log-probs: 4 of 4 values are NaN or inf" in out.stderr
+    assert "Traceback" not in out.stderr and len(read_metrics(tmp_path / "run")) == 1
+    assert not torch.load(tmp_path / "run" / "nonfinite_rank0.pt")["the sampler's log-probs"].isfinite().any()
