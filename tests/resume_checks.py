@@ -38,10 +38,13 @@ def stop_part_way(script: str, flags: list[str], run_dir, after_rows: int, sig, 
     return code
 
 
-def check_resume_is_exact(script: str, flags: list[str], tmp_path, sig=signal.SIGKILL, torchrun: int = 0) -> None:
+def check_resume_is_exact(
+    script: str, flags: list[str], tmp_path, sig=signal.SIGKILL, torchrun: int = 0, track: bool = False
+) -> None:
     """A whole run, and the same run stopped by `sig` after its fourth logged update (checkpoints every 3) then
-    resumed with --resume: identical metrics for every update, identical evaluation tables, identical saved files."""
-    flags = [*flags, "--save_freq", "3"]
+    resumed with --resume: identical metrics for every update, identical evaluation tables, identical saved files;
+    with `track`, the resumed run logs to the stopped run's wandb run."""
+    flags = [*flags, "--save_freq", "3", *(["--track"] if track else [])]
     full, part = tmp_path / "full", tmp_path / "part"
     run_script(script, *flags, "--run_dir", str(full), "--output_dir", str(tmp_path / "full_out"), torchrun=torchrun)
     n = len(course(full))
@@ -59,6 +62,9 @@ def check_resume_is_exact(script: str, flags: list[str], tmp_path, sig=signal.SI
     assert evals == sorted(f for f in os.listdir(part) if f.startswith("eval_"))
     for name in evals:
         assert filecmp.cmp(full / name, part / name, shallow=False), name
+    if track:  # WANDB_MODE=offline: <run_dir>/wandb/offline-run-<time>-<run id>, one per process that logged
+        ids = {path.name.rsplit("-", 1)[1] for path in (part / "wandb").glob("offline-run-*")}
+        assert len(list((part / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1, ids
     saved = sorted(f for f in os.listdir(tmp_path / "full_out") if f.endswith((".safetensors", ".bin")))
     assert saved
     for name in saved:

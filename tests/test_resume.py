@@ -27,7 +27,7 @@ def test_rebel_resumes_exactly_under_torchrun(toy, tmp_path):
 
 @pytest.mark.slow
 def test_ppo_saves_on_sigterm_and_resumes_exactly(toy, tmp_path):
-    check_resume_is_exact("ppo.py", [*toy.rl_flags, *LONGER], tmp_path, signal.SIGTERM)
+    check_resume_is_exact("ppo.py", [*toy.rl_flags, *LONGER], tmp_path, signal.SIGTERM, track=True)
 
 
 def test_checkpoints_are_complete_and_only_the_last_are_kept(toy, tmp_path):
