@@ -48,7 +48,8 @@ def sequence_logprob(model, query_response: torch.Tensor, query_length: int, pad
 def logprobs_under(model, g: dict) -> torch.Tensor:
     """(B, n) log-probs of the last update's responses under `model`, computed independently of the script."""
     qr, args = g["query_responses"], g["args"]
-    flat = [sequence_logprob(model, row, args.query_length, g["pad"], args.temperature) for row in qr.flatten(0, 1)]
+    ctx = qr.size(-1) - args.response_length  # the batch's prompts are padded to their longest, not to query_length
+    flat = [sequence_logprob(model, row, ctx, g["pad"], args.temperature) for row in qr.flatten(0, 1)]
     return torch.tensor(flat, dtype=torch.float32).view(qr.shape[:2])
 
 
@@ -59,7 +60,7 @@ def check_reward_composition(g: dict) -> None:
     assert kl.abs().max() > 0.05, "pi_t still equals the reference: this run cannot tell the KL's sign"
     with torch.no_grad():
         raw_scores = g["reward_model"](qr.flatten(0, 1), pad).float().view(qr.shape[:2])
-    has_eos = (qr[..., args.query_length :] == eos).any(-1)
+    has_eos = (qr[..., qr.size(-1) - args.response_length :] == eos).any(-1)
     expected = torch.where(has_eos, raw_scores, args.penalty_reward_value) - args.kl_coef * kl
     torch.testing.assert_close(g["rewards"], expected, atol=1e-4, rtol=1e-4)
     # The penalty pushes the reward below the score wherever pi_t is more likely than the reference, and above it

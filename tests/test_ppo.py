@@ -146,9 +146,10 @@ def test_ppo_full_finetune_critic_lora_reference_is_sft(toy, tmp_path):
     g = run_in_process("ppo.py", [*toy.rl_flags, *flags])
     qr, masks, args, pad = g["query_responses"], g["masks"], g["args"], g["pad"]
     sft = AutoModelForCausalLM.from_pretrained(toy.sft).eval()
-    sft_logprobs = [sequence_logprob(sft, row, args.query_length, pad, args.temperature) for row in qr]
+    ctx = g["context_length"]  # the batch's longest prompt, rounded up to --pad_multiple
+    sft_logprobs = [sequence_logprob(sft, row, ctx, pad, args.temperature) for row in qr]
     torch.testing.assert_close(g["ref_logprobs"].sum(1), torch.tensor(sft_logprobs), atol=2e-3, rtol=1e-4)
-    trained = [sequence_logprob(g["raw_policy"], row, args.query_length, pad, args.temperature) for row in qr]
+    trained = [sequence_logprob(g["raw_policy"], row, ctx, pad, args.temperature) for row in qr]
     assert (torch.tensor(trained) - g["ref_logprobs"].sum(1)).abs().max() > 0.05, "the policy did not move"
     # Step 2 of the loop, recomputed from the reward model's raw scores.
     with torch.no_grad():

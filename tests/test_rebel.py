@@ -159,6 +159,72 @@ def test_the_checkpoints_generation_config_does_not_apply(toy, tmp_path):
     assert penalised.generation_config.repetition_penalty == 1.3  # kept for saving: only sampling sets it aside
 
 
+# ---------------------------------------------------------------------------------------------- speed and memory
+
+
+def test_trim_left_padding_by_hand():
+    pad = 9
+    queries = torch.tensor([[9, 9, 9, 9, 9, 1, 2], [9, 9, 9, 9, 3, 4, 5]])  # longest prompt: 3 tokens
+    assert rebel.trim_left_padding(queries, pad, 2).tolist() == [[9, 9, 1, 2], [9, 3, 4, 5]]  # 4 columns
+    assert rebel.trim_left_padding(queries, pad, 1).tolist() == [[9, 1, 2], [3, 4, 5]]
+    assert rebel.trim_left_padding(queries, pad, 64).shape == (2, 7)  # never more columns than there are
+    assert rebel.trim_left_padding(queries, pad, 0).shape == (2, 7)  # 0: keep the full padding
+
+
+def test_padding_per_batch_leaves_logprobs_and_scores_unchanged(toy):
+    """Positions count from the first real token, so dropping padding columns changes no log-prob and no score."""
+    tok, model = _load(toy)
+    pad = tok.pad_token_id
+    queries = _queries(tok, ["TL;DR: my mom", "SUBREDDIT: r/pets TITLE: my dad POST: x TL;DR:"], length=40)
+    torch.manual_seed(0)
+    query_responses = rebel.generate(model, queries, rebel.sampling_config(6, 0.7, pad))
+    trimmed = torch.cat((rebel.trim_left_padding(queries, pad, 8), query_responses[:, 40:]), 1)
+    assert trimmed.size(1) < query_responses.size(1)
+    full_lp = rebel.response_logprobs(model, query_responses, 40, 0.7, pad)
+    trimmed_lp = rebel.response_logprobs(model, trimmed, trimmed.size(1) - 6, 0.7, pad)
+    torch.testing.assert_close(trimmed_lp, full_lp, atol=1e-5, rtol=1e-5)
+    rm = rebel.load_reward_model(toy.rm, torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rm(trimmed, pad), rm(query_responses, pad), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1e-4])  # sampled, and near greedy
+def test_the_static_cache_samples_the_same_tokens(toy, temperature):
+    tok, model = _load(toy)
+    pad = tok.pad_token_id
+    queries = _queries(tok, ["TL;DR: my mom", "SUBREDDIT: r/pets TITLE: my dad lost my keys POST: x TL;DR:"])
+    samples = []
+    for static in (False, True):
+        torch.manual_seed(3)
+        samples.append(rebel.generate(model, queries, rebel.sampling_config(12, temperature, pad, static)))
+    assert torch.equal(samples[0], samples[1])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(toy):
+    """Recomputed activations give the gradients of stored ones, under LoRA (the frozen base needs no input grads)."""
+    from peft import LoraConfig, get_peft_model
+
+    tok, _ = _load(toy)
+    pad = tok.pad_token_id
+    queries = _queries(tok, ["TL;DR: my mom", "SUBREDDIT: r/pets TITLE: my dad POST: x TL;DR:"])
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(rebel.load_policy(toy.sft, torch.float32), LoraConfig(r=4, init_lora_weights=False))
+        model.eval()
+        if checkpointed:
+            rebel.checkpoint_layers(model)
+            assert any("checkpoint" in type(m).__name__.lower() for m in model.modules())
+        rebel.response_logprobs(model, queries, 10, 1.0, pad).sum().backward()
+        named = model.named_parameters()  # the wrapper adds _checkpoint_wrapped_module to the names
+        grads.append(
+            {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone() for n, p in named if p.requires_grad}
+        )
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
 def test_masked_logprob_sum_equals_naive_per_sequence(toy):
     tok, model = _load(toy)
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -243,7 +309,7 @@ def test_rebel_end_to_end_saves_a_loadable_model(toy, tmp_path):
     from transformers import AutoModelForCausalLM
 
     keys = ("time/generation", "time/reward", "time/logprob", "objective/kl")
-    rows = check_end_to_end("rebel.py", [*toy.rl_flags, "--save_merged"], tmp_path, keys)
+    rows = check_end_to_end("rebel.py", [*toy.rl_flags, "--save_merged", "--gradient_checkpointing"], tmp_path, keys)
     check_logged_reward_composition(rows, kl_coef=0.05)
     check_reference_is_sft(tmp_path / "run")
     table = pd.read_csv(tmp_path / "run" / "eval_000002.csv", keep_default_na=False)
@@ -251,6 +317,11 @@ def test_rebel_end_to_end_saves_a_loadable_model(toy, tmp_path):
     assert list(table.columns[:6]) == columns and len(table) == 8
     AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "merged"))
+    # Activation checkpointing wraps the layers; the saved names must be the model's own.
+    from safetensors.torch import load_file
+
+    for file in (tmp_path / "out" / "adapter_model.safetensors", tmp_path / "out" / "merged" / "model.safetensors"):
+        assert not [k for k in load_file(file) if "checkpoint" in k]
 
 
 def test_full_finetuning_and_official_scaling(toy, tmp_path):
