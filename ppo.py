@@ -144,8 +144,8 @@ class Args:
     """a batch of prompts is left-padded to its longest prompt rounded up to this multiple, not to --query_length (a
     compiled sampler then sees few shapes); 0 pads every batch to --query_length, as the official code"""
     static_cache: bool = True
-    """sample with a static KV cache, which transformers compiles on CUDA (3.3x faster generate for Pythia-1.4B at batch
-    64 on an H200, docs/memory.md); --no-static_cache samples with the dynamic cache"""
+    """sample with a static KV cache, which transformers compiles on CUDA (about 3x faster generate, docs/memory.md);
+    --no-static_cache samples with the dynamic cache"""
     gradient_checkpointing: bool = False
     """recompute each transformer layer's activations in the backward pass instead of keeping them: less memory, about
     a third more update time"""
@@ -254,17 +254,24 @@ def sampling_config(response_length: int, temperature: float, pad_id: int, stati
 def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
     """Sample with `config` alone: transformers fills every field left unset from the model's own generation_config
     (e.g. a repetition penalty, or EOS ids that min_new_tokens would then suppress), so that one is set aside."""
+    from torch.distributed.fsdp import FSDPModule
     from transformers import GenerationConfig
 
     attention_mask = queries != config.pad_token_id
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
     own_config, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
+    sharded = [m for m in hf_model.modules() if isinstance(m, FSDPModule)]  # gather each layer once, not per token
+    for module in sharded:
+        module.set_reshard_after_forward(False, recurse=False)
     try:
         output = model.generate(
             input_ids=queries.masked_fill(~attention_mask, 0), attention_mask=attention_mask, generation_config=config
         )
     finally:
         hf_model.generation_config = own_config
+        for module in sharded:
+            module.set_reshard_after_forward(True, recurse=False)
+            module.reshard()
     return torch.cat((queries, output[:, queries.size(1) :]), 1)
 
 

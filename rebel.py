@@ -134,8 +134,12 @@ class Args:
     """a batch of prompts is left-padded to its longest prompt rounded up to this multiple, not to --query_length (a
     compiled sampler then sees few shapes); 0 pads every batch to --query_length, as the official code"""
     static_cache: bool = True
-    """sample with a static KV cache, which transformers compiles on CUDA (3.3x faster generate for Pythia-1.4B at batch
-    64 on an H200, docs/memory.md); --no-static_cache samples with the dynamic cache"""
+    """sample with a static KV cache, which transformers compiles on CUDA (about 3x faster generate, docs/memory.md);
+    --no-static_cache samples with the dynamic cache. Not used with --fsdp"""
+    fsdp: bool = False
+    """shard the trainable policy (and a full fine-tuning reference) over the ranks with FSDP2, for models whose
+    weights, gradients and AdamW state do not fit on one GPU (6.9B full fine-tuning); torchrun only. The default
+    is plain DDP (every rank holds everything)"""
     gradient_checkpointing: bool = False
     """recompute each transformer layer's activations in the backward pass instead of keeping them: less memory, about
     a third more update time"""
@@ -218,6 +222,31 @@ def checkpoint_layers(model) -> None:
     apply_activation_checkpointing(model, check_fn=lambda module: type(module).__name__ in layers)
 
 
+def shard(model, bf16: bool):
+    """FSDP2 (torch's fully_shard): every transformer layer, then the whole network, sharded over the ranks; compute in
+    bf16 (with --precision bf16) from fp32 master weights, gradients reduced in fp32. The root is the transformers
+    model itself, inside a peft wrapper, because generate() calls its forward and not the wrapper's."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for param in hf_model.parameters():  # rank 0's random init (LoRA's) everywhere, as DDP does; loaded weights agree
+        if param.requires_grad:
+            dist.broadcast(param.data, src=0)
+    for module in hf_model.modules():
+        if type(module).__name__ in hf_model._no_split_modules:
+            fully_shard(module, mp_policy=mixed_precision)
+    fully_shard(hf_model, mp_policy=mixed_precision)
+    return model
+
+
+def full_state_dict(model) -> dict:
+    """Every rank takes part; rank 0 gets the whole (unsharded) state dict on the CPU, for save_pretrained."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 @contextmanager
 def adapter_disabled(peft_model):
     with peft_model.disable_adapter():
@@ -250,17 +279,24 @@ def sampling_config(response_length: int, temperature: float, pad_id: int, stati
 def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
     """Sample with `config` alone: transformers fills every field left unset from the model's own generation_config
     (e.g. a repetition penalty, or EOS ids that min_new_tokens would then suppress), so that one is set aside."""
+    from torch.distributed.fsdp import FSDPModule
     from transformers import GenerationConfig
 
     attention_mask = queries != config.pad_token_id
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
     own_config, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
+    sharded = [m for m in hf_model.modules() if isinstance(m, FSDPModule)]  # gather each layer once, not per token
+    for module in sharded:
+        module.set_reshard_after_forward(False, recurse=False)
     try:
         output = model.generate(
             input_ids=queries.masked_fill(~attention_mask, 0), attention_mask=attention_mask, generation_config=config
         )
     finally:
         hf_model.generation_config = own_config
+        for module in sharded:
+            module.set_reshard_after_forward(True, recurse=False)
+            module.reshard()
     return torch.cat((queries, output[:, queries.size(1) :]), 1)
 
 
@@ -731,6 +767,8 @@ if __name__ == "__main__":
     require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
     require(min(args.query_length, args.response_length) >= 1, "--query_length and --response_length must be >= 1")
     require(args.eta > 0, f"--eta must be > 0 (it divides the log-ratios in Equation 1); got {args.eta}")
+    require(not args.fsdp or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)")
+    require(not (args.fsdp and args.save_merged), "--save_merged does not work with --fsdp: merge the saved adapter")
 
     # DDP set-up: the same file runs under `python` and `torchrun`.
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -798,18 +836,21 @@ if __name__ == "__main__":
         ref_policy = partial(adapter_disabled, policy)  # the SFT policy: the base model without the adapter
     else:
         ref_model = load_policy(args.sft_model_path, dtype).to(device).eval().requires_grad_(False)
+        ref_model = shard(ref_model, bf16) if args.fsdp else ref_model
         ref_policy = lambda: nullcontext(ref_model)  # noqa: E731
     policy.to(device).eval()
     if args.gradient_checkpointing:
         checkpoint_layers(policy)
     reward_model = load_reward_model(args.reward_model_path, dtype).to(device).eval().requires_grad_(False)
     raw_policy = policy
-    if ddp:
+    if args.fsdp:
+        shard(policy, bf16)  # in place: raw_policy is sharded too
+    elif ddp:
         policy = DDP(policy, device_ids=[device.index] if use_cuda else None)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
     chunk = args.local_rollout_forward_batch_size
     config, eval_config = (
-        sampling_config(args.response_length, t, pad, args.static_cache)
+        sampling_config(args.response_length, t, pad, args.static_cache and not args.fsdp)  # compile: untried on FSDP
         for t in (args.temperature, args.eval_temperature)
     )
 
@@ -999,11 +1040,12 @@ if __name__ == "__main__":
     if not stop:
         run_evaluation(num_updates)
 
+    state = full_state_dict(raw_policy) if args.fsdp and args.output_dir and not stop else None  # on every rank
     if master:
         if stop:
             print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
         elif args.output_dir:
-            raw_policy.save_pretrained(args.output_dir)
+            raw_policy.save_pretrained(args.output_dir, state_dict=state)
             tokenizer.save_pretrained(args.output_dir)
             if args.lora and args.save_merged:
                 raw_policy.merge_and_unload().save_pretrained(os.path.join(args.output_dir, "merged"))

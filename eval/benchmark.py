@@ -15,10 +15,21 @@ A phase a method does not have (DPO generates nothing) is absent or 0.
         -- --lr 3e-6
 An entry of `--scripts` may carry flags of its own (quoted, as above); everything after `--` is passed to every
 script unchanged.
+
+`--synthetic SHAPE` (pythia-1.4b, pythia-2.8b, pythia-6.9b, llama-3-8b, or tiny for tests) needs no network: it
+builds random-weight models of that exact shape and random-token prompts of the configured lengths with
+eval/synthetic.py (or reuses those already in output_dir/synthetic_SHAPE) and runs every script on them.
+
+Next to the measured peak, the summary splits each script's memory into the parts that parameter counts determine
+(`memory_breakdown`: weights, gradients, optimizer state, reference policy, reward model, ppo.py's critic, DDP's
+buckets); the rest of the peak is activations and KV cache. docs/memory.md applies the same function to the
+paper's settings.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import os
 import shlex
@@ -26,11 +37,14 @@ import shutil
 import statistics
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import tyro
 
 PHASES = ["generation", "reward", "logprob", "update"]
+GIB = 2**30
+MEMORY_PARTS = ["weights", "gradients", "optimizer", "reference", "reward_model", "critic", "ddp_buckets"]
 
 
 @dataclass
@@ -49,6 +63,15 @@ class Args:
     """--reward_model_path of every script ('' = the script's default)"""
     query_dataset: str = ""
     """--query_dataset of every script ('' = the script's default)"""
+    preference_dataset: str = ""
+    """--preference_dataset of dpo.py ('' = its default)"""
+    synthetic: str = ""
+    """run on random-weight models of this shape and random-token prompts, built offline by eval/synthetic.py (tiny,
+    pythia-1.4b, pythia-2.8b, pythia-6.9b, llama-3-8b) in output_dir/synthetic_<shape>, or reused from there; they
+    replace --sft_model_path, --reward_model_path, --query_dataset and --preference_dataset"""
+    num_eval_prompts: int | None = None
+    """--num_eval_prompts of every script; evaluation runs before the first and after the last update, outside the
+    timings (default: the script's own, every prompt; with --synthetic, 8 per process)"""
     query_length: int = 512
     """prompt length in tokens (the paper's TL;DR setting)"""
     response_length: int = 53
@@ -86,6 +109,8 @@ def script_command(spec: str, run_dir: str, args: Args) -> list[str]:
         "sft_model_path": args.sft_model_path,
         "reward_model_path": args.reward_model_path,
         "query_dataset": args.query_dataset,
+        "preference_dataset": args.preference_dataset if os.path.basename(script) == "dpo.py" else "",
+        "num_eval_prompts": args.num_eval_prompts or "",
         "eval_freq": 0,  # no mid-run evaluation inside the timed updates
         "output_dir": "",  # nothing saved (tracking stays off: it is off by default in every script)
     }
@@ -119,6 +144,138 @@ def summarize_run(records: list[dict], warmup: int) -> dict:
     return summary
 
 
+class Params(NamedTuple):
+    total: int
+    """every parameter of the model"""
+    lora: int
+    """parameters of the LoRA adapters a script would add (rank r on a d_in x d_out linear layer: r * (d_in + d_out))"""
+
+
+def count_params(
+    config, reward: bool = False, lora_rank: int = 1024, target_modules: list[str] | None = None
+) -> Params:
+    """Parameter counts of a causal LM (or, `reward`, a one-label sequence classifier) of this config, built on the
+    meta device (no memory, so any size), and of its LoRA adapters: on peft's default modules for the architecture
+    (Pythia: query_key_value) or on `target_modules`, matched as peft matches them; 'all-linear' leaves the output
+    layer out, as peft does. ppo.py adapts the reward model's backbone only, so a head never counts."""
+    import torch
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if reward:
+        config = copy.deepcopy(config)
+        config.num_labels = 1
+    with torch.device("meta"):
+        model = (AutoModelForSequenceClassification if reward else AutoModelForCausalLM).from_config(config)
+    targets = target_modules or PEFT_DEFAULTS[config.model_type]
+    adapted = [
+        m
+        for name, m in model.base_model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and (targets == ["all-linear"] or any(name == t or name.endswith("." + t) for t in targets))
+    ]
+    lora = sum(lora_rank * (m.in_features + m.out_features) for m in adapted)
+    return Params(sum(p.numel() for p in model.parameters()), lora)
+
+
+def memory_breakdown(
+    script: str,
+    policy: Params,
+    reward: Params,
+    lora: bool = True,
+    critic_lora: bool | None = None,
+    frozen_bytes: int = 2,
+    world_size: int = 1,
+) -> dict[str, float]:
+    """Memory per process, in GiB, that parameter counts determine, for a script as it loads its models today (every
+    process holds all of them). Frozen weights take `frozen_bytes` per parameter (2: bf16, what --precision auto uses
+    on CUDA), trained weights 4 (fp32 master weights), their gradients 4 and AdamW's two moments 8.
+
+    rebel, rloo, dpo, iterative_dpo: under LoRA the policy is the frozen base plus fp32 adapters and the reference is
+    that base with the adapters off (no copy); with --no-lora the whole policy trains, beside a frozen reference copy.
+    The reward model is frozen. ppo adds a critic initialised from the reward model, with adapters of its own
+    (--critic_lora, default: --lora; its 1 x hidden head, trained in fp32, is left out) or fully trained. sft and
+    reward train one model fully (reward.py: the policy's backbone and a scalar head, the reward model's shape).
+    Above one process, DDP's all-reduce buckets hold a second copy of the gradients (gradient_as_bucket_view is off)."""
+    name = os.path.splitext(os.path.basename(script))[0]
+    if name in ("sft", "reward"):
+        trained = policy.total if name == "sft" else reward.total
+        weights, reference, reward_model, critic = 4 * trained, 0, 0, 0
+    else:
+        trained = policy.lora if lora else policy.total
+        weights = frozen_bytes * policy.total + 4 * policy.lora if lora else 4 * policy.total
+        reference = 0 if lora else frozen_bytes * policy.total
+        reward_model, critic = frozen_bytes * reward.total, 0
+        if name == "ppo":
+            critic_lora = lora if critic_lora is None else critic_lora
+            critic = frozen_bytes * reward.total + 4 * reward.lora if critic_lora else 4 * reward.total
+            trained += reward.lora if critic_lora else reward.total
+    parts = dict(
+        weights=weights,
+        gradients=4 * trained,
+        optimizer=8 * trained,
+        reference=reference,
+        reward_model=reward_model,
+        critic=critic,
+        ddp_buckets=4 * trained if world_size > 1 else 0,
+    )
+    return {k: v / GIB for k, v in parts.items()}
+
+
+def memory_flags(argv: list[str]) -> argparse.Namespace:
+    """The flags of a script's command line that its memory depends on, with every script's defaults (the last of a
+    repeated flag wins, as in tyro)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag, default in (("lora", True), ("cuda", True)):
+        parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=default)  # also --no-<flag>
+        parser.add_argument(f"--no_{flag}", dest=flag, action="store_false")
+    parser.add_argument("--lora_rank", type=int, default=1024)
+    parser.add_argument("--lora_target_modules", nargs="+", default=None)
+    parser.add_argument("--critic_lora", choices=["None", "True", "False"], default="None")
+    parser.add_argument("--precision", default="auto")
+    return parser.parse_known_args(argv)[0]
+
+
+def local_config(path: str):
+    """The transformers config of a local model directory (summarize_from_feedback_details' reward models keep it
+    under `base_config`); None for a hub name, which would need the network, or a directory without config.json."""
+    from transformers import AutoConfig
+
+    if not path or not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    return (
+        AutoConfig.for_model(**config["base_config"]) if "base_config" in config else AutoConfig.from_pretrained(path)
+    )
+
+
+def script_memory(spec: str, args: Args, peak_gb: float) -> dict | None:
+    """memory_breakdown of one --scripts entry under its flags, and the rest of its measured peak (activations, KV
+    cache, and on CPU the process's own memory); None where the models' configs are not local files."""
+    script, *own_flags = shlex.split(spec)
+    if os.path.splitext(os.path.basename(script))[0] not in ("rebel", "rloo", "dpo", "iterative_dpo", "ppo"):
+        return None
+    policy_config, reward_config = local_config(args.sft_model_path), local_config(args.reward_model_path)
+    if policy_config is None or reward_config is None:
+        return None
+    import torch
+
+    flags = memory_flags(own_flags + list(args.extra_args))
+    lora = dict(lora_rank=flags.lora_rank, target_modules=flags.lora_target_modules)
+    bf16 = flags.precision == "bf16" or (flags.precision == "auto" and flags.cuda and torch.cuda.is_available())
+    parts = memory_breakdown(
+        script,
+        count_params(policy_config, **lora),
+        count_params(reward_config, reward=True, **lora),
+        lora=flags.lora,
+        critic_lora={"None": None, "True": True, "False": False}[flags.critic_lora],
+        frozen_bytes=2 if bf16 else 4,
+        world_size=args.nproc_per_node,
+    )
+    return {**parts, "activations": peak_gb - sum(parts.values()), "peak": peak_gb}
+
+
 def format_table(results: list[dict]) -> str:
     head = "| script | updates | " + " | ".join(f"{k} (s)" for k in PHASES) + " | total (s) | peak memory (GiB) |"
     lines = [head, "|" + "---|" * (len(PHASES) + 4)]
@@ -133,6 +290,19 @@ def format_table(results: list[dict]) -> str:
             f"| {r['memory/peak_gb']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def format_memory_table(results: list[dict]) -> str:
+    head = (
+        "| script | " + " | ".join(MEMORY_PARTS).replace("_", " ") + " | activations/KV cache (rest) | measured peak |"
+    )
+    lines = [head, "|" + "---|" * (len(MEMORY_PARTS) + 3)]
+    for r in results:
+        if r.get("memory"):
+            values = [r["memory"][k] for k in [*MEMORY_PARTS, "activations", "peak"]]
+            cells = [f"{v:.2f}" if v == 0 or abs(v) >= 0.01 else f"{v:.1e}" for v in values]  # tiny models: 6.2e-04
+            lines.append(f"| {run_name(r['script'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def plot(results: list[dict], path: str, title: str) -> None:
@@ -161,8 +331,32 @@ def plot(results: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def use_synthetic(args: Args) -> Args:
+    """Point every script at the synthetic set of args.synthetic: built now, or, with --reuse, the one built before."""
+    from eval.synthetic import build
+
+    out = os.path.join(args.output_dir, f"synthetic_{args.synthetic}")
+    if args.reuse:
+        with open(os.path.join(out, "synthetic.json")) as f:
+            built = json.load(f)
+    else:
+        print(f"building (or reusing) the synthetic {args.synthetic} models and prompts in {out}", flush=True)
+        rows = args.updates * args.batch_size
+        built = build(args.synthetic, out, args.query_length, args.response_length, rows)
+    return replace(
+        args,
+        sft_model_path=built["policy"],
+        reward_model_path=built["reward_model"],
+        query_dataset=built["prompts"],
+        preference_dataset=built["prompts"],
+        num_eval_prompts=args.num_eval_prompts or 8 * args.nproc_per_node,
+    )
+
+
 def main(args: Args) -> list[dict]:
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.synthetic:
+        args = use_synthetic(args)
     results = []
     for script in args.scripts:
         run_dir = os.path.join(args.output_dir, "runs", run_name(script).replace(" --", "_").replace(" ", "_"))
@@ -178,14 +372,23 @@ def main(args: Args) -> list[dict]:
                 results.append({"script": script, "error": f"exit code {returncode}, see {run_dir}.log"})
                 continue
         try:
-            results.append({"script": script, **summarize_run(read_metrics(metrics), args.warmup)})
+            summary = summarize_run(read_metrics(metrics), args.warmup)
         except (OSError, ValueError, KeyError) as e:
             results.append({"script": script, "error": f"{type(e).__name__}: {e}"})
+            continue
+        results.append({"script": script, **summary, "memory": script_memory(script, args, summary["memory/peak_gb"])})
 
     config = asdict(args)
     with open(os.path.join(args.output_dir, "benchmark.json"), "w") as f:
         json.dump({"config": config, "results": results}, f, indent=2)
     table = format_table(results)
+    memory = format_memory_table(results)
+    if memory:
+        table += (
+            "\n\nMemory per process (GiB): the parts that parameter counts determine (eval.benchmark."
+            "memory_breakdown), and the rest of the measured peak: activations and KV cache (on CPU also the "
+            "process's own memory).\n\n" + memory
+        )
     setting = (
         f"batch {args.batch_size}, query {args.query_length} + response {args.response_length} tokens, "
         f"{args.nproc_per_node} process(es), mean over {args.updates - args.warmup} updates after {args.warmup} warm-up"

@@ -47,7 +47,9 @@ def run_script(
     )  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited with {proc.returncode}:\n{proc.stdout[-4000:]}")
-    if check and torchrun:
+    # Under --fsdp, torch keeps gloo's threads past destroy_process_group even in a ten-line FSDP2 script (nothing in
+    # Python holds the group), so the teardown check does not apply there.
+    if check and torchrun and "--fsdp" not in flags:
         check_gloo_threads_joined(proc.stdout, torchrun)
     return proc
 

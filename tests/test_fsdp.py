@@ -1,0 +1,43 @@
+"""--fsdp (FSDP2, torch's fully_shard) on CPU with gloo: a two-rank sharded run ends where the two-rank DDP run ends,
+under LoRA (adapters sharded with their frozen base) and in full fine-tuning (the reference sharded too), and a sharded
+run resumes exactly from its torch.distributed.checkpoint checkpoint."""
+
+import signal
+
+import pytest
+from conftest import run_script
+from resume_checks import check_resume_is_exact, course
+from rl_checks import bad_input_message
+from safetensors.torch import load_file
+
+LONGER = ["--total_episodes", "32"]  # four updates on two ranks
+
+
+@pytest.mark.parametrize("script, saved, flags", [
+    ("rebel.py", "adapter_model.safetensors", []),
+    pytest.param("rloo.py", "model.safetensors", ["--no-lora", "--lr", "1e-4"], marks=pytest.mark.slow),
+])  # fmt: skip
+def test_sharded_run_matches_ddp(toy, tmp_path, script, saved, flags):
+    weights = {}
+    for mode in ("ddp", "fsdp"):
+        run_script(script, *toy.rl_flags, *LONGER, *flags, *(["--fsdp"] if mode == "fsdp" else []),
+                   "--run_dir", str(tmp_path / mode), "--output_dir", str(tmp_path / f"{mode}_out"), torchrun=2)  # fmt: skip
+        weights[mode] = load_file(tmp_path / f"{mode}_out" / saved)
+    assert sorted(weights["ddp"]) == sorted(weights["fsdp"])
+    for name, tensor in weights["ddp"].items():
+        assert (weights["fsdp"][name] - tensor).abs().max() < 1e-4, name
+    ddp, fsdp = course(tmp_path / "ddp"), course(tmp_path / "fsdp")
+    assert [r["update"] for r in fsdp] == [1, 2, 3, 4]
+    for a, b in zip(ddp, fsdp):
+        assert abs(a["loss/policy"] - b["loss/policy"]) < 1e-3 * max(1.0, abs(a["loss/policy"]))
+
+
+@pytest.mark.slow
+def test_sharded_full_finetuning_resumes_exactly(toy, tmp_path):
+    flags = [*toy.rl_flags, "--total_episodes", "56", "--eval_freq", "3", "--no-lora", "--lr", "1e-4", "--fsdp"]
+    check_resume_is_exact("rebel.py", flags, tmp_path, signal.SIGKILL, torchrun=2)
+
+
+def test_fsdp_needs_torchrun(toy, tmp_path):
+    message = bad_input_message("rebel.py", [*toy.rl_flags, "--fsdp", "--run_dir", str(tmp_path / "run")])
+    assert "--fsdp needs torchrun" in message
