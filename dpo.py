@@ -508,6 +508,12 @@ def load_preferences(path, split, query_column, chosen_column, rejected_column, 
     return torch.stack(pairs, 1), dropped
 
 
+def rank_share(n: int, rank: int, world_size: int) -> list[int]:
+    """This rank's indices of the first n examples, as many on every rank (the remainder is dropped): a sharded model's
+    forward is a collective, so every rank must run as many."""
+    return list(range(n - n % world_size))[rank::world_size]
+
+
 def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
     """Endless global batches of prompt indices (the same shuffle on every rank); each rank takes its share."""
     if num_prompts < batch_size:
@@ -827,7 +833,7 @@ if __name__ == "__main__":
     eval_set, eval_queries, eval_references, _ = load_prompts(
         args.query_dataset, args.eval_split, args.query_column, args.reference_column, **data
     )
-    eval_idx = list(range(min(args.num_eval_prompts or len(eval_set), len(eval_set))))[rank::world_size]
+    eval_idx = rank_share(min(args.num_eval_prompts or len(eval_set), len(eval_set)), rank, world_size)
     total_episodes = args.total_episodes or args.num_train_epochs * len(train_pairs)
     num_updates = total_episodes // args.batch_size
     if num_updates < 1:

@@ -564,6 +564,12 @@ def load_prompts(path, split, query_column, reference_column, tokenizer, query_l
     return dataset, torch.tensor(queries), torch.tensor(references), len(long) if long_prompts == "filter" else 0
 
 
+def rank_share(n: int, rank: int, world_size: int) -> list[int]:
+    """This rank's indices of the first n examples, as many on every rank (the remainder is dropped): a sharded model's
+    forward is a collective, so every rank must run as many."""
+    return list(range(n - n % world_size))[rank::world_size]
+
+
 def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
     """Endless global batches of prompt indices (the same shuffle on every rank); each rank takes its share."""
     if num_prompts < batch_size:
@@ -889,7 +895,7 @@ if __name__ == "__main__":
     )
     train_set, train_queries, _, dropped = load_prompts(args.query_dataset, args.train_split, **data)
     eval_set, eval_queries, eval_references, eval_dropped = load_prompts(args.query_dataset, args.eval_split, **data)
-    eval_idx = list(range(min(args.num_eval_prompts or len(eval_set), len(eval_set))))[rank::world_size]
+    eval_idx = rank_share(min(args.num_eval_prompts or len(eval_set), len(eval_set)), rank, world_size)
     total_episodes = args.total_episodes or len(train_set)
     num_updates = total_episodes // args.batch_size
     if num_updates < 1:

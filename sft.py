@@ -58,6 +58,10 @@ class Args:
     resume: str | None = None
     """continue a stopped run: its run directory (the latest checkpoint) or one checkpoint directory. The other flags
     must be those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
+    fsdp: bool = False
+    """shard the trainable policy (and a full fine-tuning reference) over the ranks with FSDP2, for models whose
+    weights, gradients and AdamW state do not fit on one GPU (6.9B full fine-tuning); torchrun only. The default
+    is plain DDP (every rank holds everything)"""
     num_eval_prompts: int | None = None
     """compute the validation loss on the first N examples of the evaluation split (default: all)"""
 
@@ -128,6 +132,31 @@ def check_model_path(path: str) -> None:
         raise BadInput(f"'{path}' holds no model: no config.json (or adapter_config.json for a LoRA adapter)")
     if not os.path.exists(path) and path.startswith(("/", ".", "~")):
         raise BadInput(f"'{path}': no such directory")
+
+
+def shard(model, bf16: bool):
+    """FSDP2 (torch's fully_shard): every transformer layer, then the whole network, sharded over the ranks; compute in
+    bf16 (with --precision bf16) from fp32 master weights, gradients reduced in fp32. The root is the transformers
+    model itself, inside a peft wrapper, because generate() calls its forward and not the wrapper's."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for param in hf_model.parameters():  # rank 0's random init (LoRA's) everywhere, as DDP does; loaded weights agree
+        if param.requires_grad:
+            dist.broadcast(param.data, src=0)
+    for module in hf_model.modules():
+        if type(module).__name__ in hf_model._no_split_modules:
+            fully_shard(module, mp_policy=mixed_precision)
+    fully_shard(hf_model, mp_policy=mixed_precision)
+    return model
+
+
+def full_state_dict(model) -> dict:
+    """Every rank takes part; rank 0 gets the whole (unsharded) state dict on the CPU, for save_pretrained."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_policy(path: str, dtype: torch.dtype):
@@ -215,6 +244,12 @@ def load_prompts(path, split, query_column, reference_column, tokenizer, query_l
         ref = ref[: response_length - 1] + [eos]
         references.append(ref + [pad] * (response_length - len(ref)))
     return dataset, torch.tensor(queries), torch.tensor(references), len(long) if long_prompts == "filter" else 0
+
+
+def rank_share(n: int, rank: int, world_size: int) -> list[int]:
+    """This rank's indices of the first n examples, as many on every rank (the remainder is dropped): a sharded model's
+    forward is a collective, so every rank must run as many."""
+    return list(range(n - n % world_size))[rank::world_size]
 
 
 def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
@@ -486,6 +521,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
     require(min(args.query_length, args.response_length) >= 1, "--query_length and --response_length must be >= 1")
+    require(not args.fsdp or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)")
 
     # DDP set-up: the same file runs under `python` and `torchrun`.
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -530,7 +566,7 @@ if __name__ == "__main__":
     _, train_queries, train_references, dropped = load_prompts(args.query_dataset, args.train_split, **data)
     _, eval_queries, eval_references, _ = load_prompts(args.query_dataset, args.eval_split, **data)
     train_data = torch.cat((train_queries, train_references), 1)  # (N, query_length + response_length)
-    eval_idx = list(range(min(args.num_eval_prompts or len(eval_queries), len(eval_queries))))[rank::world_size]
+    eval_idx = rank_share(min(args.num_eval_prompts or len(eval_queries), len(eval_queries)), rank, world_size)
     eval_data = torch.cat((eval_queries[eval_idx], eval_references[eval_idx]), 1)
     num_updates = len(train_data) // args.batch_size * args.num_train_epochs
     if num_updates < 1:
@@ -540,7 +576,9 @@ if __name__ == "__main__":
     # Model: dropout is off because the model stays in eval mode, as in the paper's models.
     model = load_policy(args.base_model, torch.float32).to(device).eval()
     raw_model = model
-    if ddp:
+    if args.fsdp:
+        shard(model, bf16)  # in place: raw_model is sharded too
+    elif ddp:
         model = DDP(model, device_ids=[device.index] if use_cuda else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
 
@@ -635,6 +673,7 @@ if __name__ == "__main__":
             ]
         val = all_reduce({"eval/loss": float(np.mean(val_losses))}, device=device)
 
+    state = full_state_dict(raw_model) if args.fsdp and args.output_dir and not stop else None  # on every rank
     if master:
         if stop:
             print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
@@ -645,7 +684,7 @@ if __name__ == "__main__":
         if args.output_dir and not stop:
             # The model's config keeps its own pad id: the pad token load_tokenizer may add has no embedding row, and
             # a config.pad_token_id outside the embedding makes from_pretrained fail.
-            raw_model.save_pretrained(args.output_dir)
+            raw_model.save_pretrained(args.output_dir, state_dict=state)
             tokenizer.save_pretrained(args.output_dir)
             print(f"saved the SFT model to {args.output_dir}")
         metrics_file.close()

@@ -41,3 +41,17 @@ def test_sharded_full_finetuning_resumes_exactly(toy, tmp_path):
 def test_fsdp_needs_torchrun(toy, tmp_path):
     message = bad_input_message("rebel.py", [*toy.rl_flags, "--fsdp", "--run_dir", str(tmp_path / "run")])
     assert "--fsdp needs torchrun" in message
+
+
+@pytest.mark.slow
+def test_sharded_sft_matches_ddp(toy, tmp_path):
+    flags = ["--query_dataset", toy.tldr, "--base_model", toy.base, "--batch_size", "32", "--num_eval_prompts", "8",
+             "--per_device_train_batch_size", "16", "--lr", "3e-3", "--query_length", "64", "--response_length", "24"]  # fmt: skip
+    weights = {}
+    for mode in ("ddp", "fsdp"):
+        run_script("sft.py", *flags, *(["--fsdp"] if mode == "fsdp" else []), "--run_dir", str(tmp_path / mode),
+                   "--output_dir", str(tmp_path / f"{mode}_out"), torchrun=2)  # fmt: skip
+        weights[mode] = load_file(tmp_path / f"{mode}_out" / "model.safetensors")
+    for name, tensor in weights["ddp"].items():
+        assert (weights["fsdp"][name] - tensor).abs().max() < 1e-4, name
+    assert abs(course(tmp_path / "ddp")[-1]["eval/loss"] - course(tmp_path / "fsdp")[-1]["eval/loss"]) < 1e-4
