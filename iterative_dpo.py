@@ -212,14 +212,15 @@ def sequence_logprobs(model, query_responses, masks, context_length: int, temper
 
 
 def checkpoint_layers(model) -> None:
-    """Activation checkpointing of every transformer layer (the classes transformers names in _no_split_modules): their
-    activations are recomputed in the backward pass. torch's wrapper works in eval mode, where the models stay."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    """Activation checkpointing: every transformer layer (the classes transformers names in _no_split_modules) runs its
+    forward under torch.utils.checkpoint, so its activations are recomputed in the backward pass. Unlike transformers'
+    own switch it works in eval mode, where the models stay, and it renames no parameter (peft saves by name)."""
+    from torch.utils.checkpoint import checkpoint
 
-    layers = set(
-        model.get_base_model()._no_split_modules if hasattr(model, "get_base_model") else model._no_split_modules
-    )
-    apply_activation_checkpointing(model, check_fn=lambda module: type(module).__name__ in layers)
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for module in hf_model.modules():
+        if type(module).__name__ in hf_model._no_split_modules:
+            module.forward = partial(checkpoint, module.forward, use_reentrant=False)
 
 
 def shard(model, bf16: bool):

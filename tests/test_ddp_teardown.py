@@ -32,7 +32,10 @@ dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="the exit probe reads Linux /proc")
-@pytest.mark.parametrize("mode", ["scripts", "late-import", "keep-ddp"])
+# The two negative controls (each mistake leaves threads) are slow; every torchrun test checks the scripts' teardown.
+@pytest.mark.parametrize(
+    "mode", ["scripts", *(pytest.param(m, marks=pytest.mark.slow) for m in ("late-import", "keep-ddp"))]
+)
 def test_teardown_joins_gloo_threads(mode, tmp_path):
     script = tmp_path / "teardown.py"
     script.write_text(PROGRAM)

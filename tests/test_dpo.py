@@ -104,6 +104,7 @@ def test_help():
     assert "--temperature" not in out  # DPO samples only to evaluate, at --eval_temperature
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_stay_in_sync_in_bf16(toy, tmp_path):
     check_ranks_in_sync("dpo.py", [*_flags(toy), "--precision", "bf16"], tmp_path / "run")
 

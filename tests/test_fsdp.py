@@ -14,7 +14,7 @@ LONGER = ["--total_episodes", "32"]  # four updates on two ranks
 
 
 @pytest.mark.parametrize("script, saved, flags", [
-    ("rebel.py", "adapter_model.safetensors", []),
+    pytest.param("rebel.py", "adapter_model.safetensors", [], marks=pytest.mark.slow),
     pytest.param("rloo.py", "model.safetensors", ["--no-lora", "--lr", "1e-4"], marks=pytest.mark.slow),
 ])  # fmt: skip
 def test_sharded_run_matches_ddp(toy, tmp_path, script, saved, flags):

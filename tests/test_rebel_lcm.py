@@ -365,6 +365,7 @@ def stop_after(proc, run_dir, rows: int, sig, group: bool = False) -> tuple[int,
     return code, len(read_metrics(run_dir))
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_exactly(tmp_path):
     """A whole run, and the same run stopped twice and resumed twice: SIGTERM (a checkpoint of the iteration under way,
     exit 143), then SIGKILL between checkpoints (logged iterations past the checkpoint, dropped on resume). The same

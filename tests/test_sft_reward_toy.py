@@ -201,6 +201,7 @@ def _saved_weights(path) -> dict:
     return load_file(os.path.join(path, "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks(toy, tmp_path):
     """reward.py on two ranks takes the same steps as one process with the same global batch (its loss is a mean over
     pairs, so splitting the batch over ranks changes nothing) and finds the same reference mean; on both scripts the
