@@ -26,9 +26,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Toy-sized flags shared by every stage; the scripts' defaults are the paper's.
 TOY_LENGTHS = ["--query_length", "64", "--response_length", "24"]
+# SFT and the reward model take a few hundred sub-second updates here: no checkpoint every 20 of them (each costs ~1 s).
 SFT_FLAGS = ["--batch_size", "32", "--per_device_train_batch_size", "32", "--lr", "3e-3", "--num_train_epochs", "3",
-             "--num_eval_prompts", "256"]  # fmt: skip
-RM_FLAGS = ["--batch_size", "32", "--per_device_train_batch_size", "32", "--lr", "1e-3", "--num_train_epochs", "2"]
+             "--num_eval_prompts", "256", "--save_freq", "0"]  # fmt: skip
+RM_FLAGS = ["--batch_size", "32", "--per_device_train_batch_size", "32", "--lr", "1e-3", "--num_train_epochs", "2",
+            "--save_freq", "0"]  # fmt: skip
 # Every online algorithm gets the same budget: 640 prompts in 20 updates of 32, LoRA rank 16 on every linear layer.
 RL_FLAGS = ["--batch_size", "32", "--per_device_train_batch_size", "16", "--local_rollout_forward_batch_size", "64",
             "--total_episodes", "640", "--eval_freq", "5", "--num_eval_prompts", "256",
