@@ -55,7 +55,7 @@ def logprobs_under(model, g: dict) -> torch.Tensor:
 
 def check_reward_composition(g: dict) -> None:
     """r(x, y) = RM score (or the no-EOS penalty) - kl_coef * (ln pi_t(y|x) - ln pi_SFT(y|x)), with that sign."""
-    args, qr, pad, eos = g["args"], g["query_responses"], g["pad"], g["eos"]
+    args, qr, pad, eos = g["args"], g["query_responses"], g["pad"], g["tokenizer"].eos_token_id
     kl = g["logprobs"] - g["ref_logprobs"]  # (B, n)
     assert kl.abs().max() > 0.05, "pi_t still equals the reference: this run cannot tell the KL's sign"
     with torch.no_grad():

@@ -144,7 +144,7 @@ def test_synthetic_set_loads_as_the_scripts_load_it(tmp_path, shape):
     ids = torch.randint(3, len(tokenizer), (200,)).tolist()
     assert tokenizer(tokenizer.decode(ids)).input_ids == ids
     data = dict(tokenizer=tokenizer, query_length=32, response_length=8, long_prompts="filter")
-    rows, queries, references, dropped = load_prompts(built["prompts"], "validation", "query", "chosen", **data)
+    rows, _, queries, references, dropped = load_prompts(built["prompts"], "validation", "query", "chosen", **data)
     assert len(rows) == 6 and dropped == 0
     assert ((queries != tokenizer.pad_token_id).sum(1) == 32 - QUERY_MARGIN).all()
     assert (references[:, -1] == tokenizer.eos_token_id).all() and (references != tokenizer.pad_token_id).all()

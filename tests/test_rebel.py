@@ -87,8 +87,9 @@ def test_exact_rebel_is_mirror_descent():
 def test_truncate_after_first_eos_and_mask():
     eos, pad = 0, 1
     responses = torch.tensor([[5, 6, 0, 7, 0], [5, 6, 7, 8, 9], [0, 5, 5, 5, 5]])
-    out = rebel.truncate_response(responses, eos, pad)
+    out = rebel.truncate_response(responses, [eos], pad)
     assert out.tolist() == [[5, 6, 0, 1, 1], [5, 6, 7, 8, 9], [0, 1, 1, 1, 1]]
+    assert rebel.truncate_response(responses, [eos, 7], pad)[1].tolist() == [5, 6, 7, 1, 1]  # any stop token
     mask = rebel.response_mask(out, pad)
     assert mask.sum(1).tolist() == [3, 5, 1]  # EOS included; everything when there is no EOS
     assert rebel.first_true_indices(responses == eos).tolist() == [2, 5, 0]
@@ -231,7 +232,7 @@ def test_masked_logprob_sum_equals_naive_per_sequence(toy):
     r1, r2 = [5, 6, eos, 7], [8, 9, 10, 11]  # the first stops at EOS, the second has none
     L = max(len(q1), len(q2))
     queries = torch.tensor([[pad] * (L - len(q1)) + q1, [pad] * (L - len(q2)) + q2])
-    responses = rebel.truncate_response(torch.tensor([r1, r2]), eos, pad)
+    responses = rebel.truncate_response(torch.tensor([r1, r2]), [eos], pad)
     query_responses, masks = torch.cat((queries, responses), 1)[:, None], rebel.response_mask(responses, pad)[:, None]
     batch = rebel.sequence_logprobs(model, query_responses, masks, L, 0.7, pad)[:, 0]
     for i, (q, r) in enumerate(((q1, r1[:3]), (q2, r2))):  # no padding at all, one sequence at a time
@@ -285,12 +286,13 @@ def test_rollout_pairs_masks_and_eos(toy, monkeypatch):
     tok, model = _load(toy)
     rm = rebel.load_reward_model(toy.rm, torch.float32).eval()
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    queries = torch.tensor([[pad, 5, 6], [7, 8, 9]])
+    queries, prompts = torch.tensor([[pad, 5, 6], [7, 8, 9]]), ["a", "b"]
     fixed = torch.tensor([[5, eos, 9, 9], [5, 6, 7, 8], [eos, 3, 3, 3], [4, 4, 4, 4]])  # pairs: (0, 1), (2, 3)
     monkeypatch.setattr(rebel, "generate", lambda m, q, c: torch.cat((q, fixed[: q.size(0)]), 1))
     config = rebel.sampling_config(4, 1.0, pad)
     query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rebel.rollout(
-        model, lambda: nullcontext(model), rm, queries, 2, config, eos, 8, rebel.Timer(torch.device("cpu"))
+        model, lambda: nullcontext(model), rebel.Reward(tok, rm), queries, prompts, 2, config, [eos], 8,
+        rebel.Timer(torch.device("cpu")),
     )
     assert query_responses.shape == (2, 2, 7) and query_responses[0, 0].tolist() == [pad, 5, 6, 5, eos, pad, pad]
     assert has_eos.tolist() == [[True, False], [True, False]]
@@ -312,8 +314,8 @@ def test_rebel_end_to_end_saves_a_loadable_model(toy, tmp_path):
     check_logged_reward_composition(rows, kl_coef=0.05)
     check_reference_is_sft(tmp_path / "run")
     table = pd.read_csv(tmp_path / "run" / "eval_000002.csv", keep_default_na=False)
-    columns = ["query", "postprocessed_response", "reference_response", "score", "reference_score", "kl"]
-    assert list(table.columns[:6]) == columns and len(table) == 8
+    columns = ["query", "postprocessed_response", "score", "kl", "response_length", "has_eos", "reference_response"]
+    assert list(table.columns) == [*columns, "reference_score"] and len(table) == 8
     AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "merged"))
     # Under activation checkpointing the adapter is saved whole, with the model's own names.

@@ -139,6 +139,11 @@ def gold_score(query: str, summary: str) -> float:
     return score
 
 
+def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """The gold score as a reward function (rebel.py --reward_fn toy/tldr.py:gold_reward): a verifiable reward."""
+    return [gold_score(p, r) for p, r in zip(prompts, responses)]
+
+
 def gold_judge(query: str, summary_a: str, summary_b: str) -> float:
     """1.0 if A is the better summary, 0.0 if B is, 0.5 for a tie (ties count half in win rates)."""
     a, b = gold_score(query, summary_a), gold_score(query, summary_b)
