@@ -14,9 +14,12 @@ REBEL's Appendix I.1.4 (batch 64, lr 3e-6, 1 epoch, beta 0.05).
     torchrun --nproc_per_node 8 dpo.py --beta 0.05          # the paper's TL;DR run
 """
 
+import copy
+import importlib.util
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -79,13 +82,18 @@ class Args:
     query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
     """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts evaluated on"""
     query_column: str = "query"
-    """dataset column holding the prompt text (in both datasets)"""
-    reference_column: str = "reference_response"
-    """dataset column holding the reference response (for the evaluation table)"""
+    """dataset column holding the prompt (in both datasets): a text, or a conversation (a list of {role, content}
+    messages, without the answer that may end it), which is rendered with the policy tokenizer's chat template"""
+    reference_column: str | None = "reference_response"
+    """dataset column holding the reference response for the evaluation table (a text, or a conversation ending with
+    it); None for none"""
+    chat: bool = False
+    """render text prompts with the chat template too: one user message, or the turns of a "\n\nHuman: ...
+    \n\nAssistant:" text (Anthropic HH, Nectar)"""
     preference_dataset: str = "cleanrl/summarize_from_feedback_oai_preprocessing_1704563162"
     """hub name, local directory or single data file of the preference pairs trained on"""
     chosen_column: str = "chosen"
-    """column of --preference_dataset holding the preferred response y_w"""
+    """column of --preference_dataset holding the preferred response y_w (a text, or a conversation ending with it)"""
     rejected_column: str = "rejected"
     """column of --preference_dataset holding the other response y_l"""
     train_split: str = "train"
@@ -105,6 +113,15 @@ class Args:
     reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
     """the reward model, for evaluation only: AutoModelForSequenceClassification with one label, or the
     backbone+scalar-head format of summarize_from_feedback_details"""
+    reward_tokenizer: str | None = None
+    """the reward model's tokenizer and chat template (default: the one saved with it, else the policy's). When it is
+    not the policy's, the reward model reads the decoded response in its own template and tokens"""
+    reward_fn: str | None = None
+    """path/to/file.py:function scoring the evaluation responses instead of the reward model: it takes the prompts (as
+    the dataset gives them) and the responses (texts) and returns one score per response"""
+    stop_at_eos: bool = False
+    """end an evaluation response at its first stop token (the tokenizer's EOS and the model's generation_config eos
+    ids, e.g. Llama-3's <|eot_id|>); the default samples --response_length tokens always, as the paper's TL;DR runs"""
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     eval_temperature: float = 0.01
@@ -136,7 +153,9 @@ class Args:
     # speed and memory
     pad_multiple: int = 64
     """a batch of prompts is left-padded to its longest prompt rounded up to this multiple, not to --query_length (a
-    compiled sampler then sees few shapes); 0 pads every batch to --query_length, as the official code"""
+    compiled sampler then sees few shapes), and a micro-batch of training pairs drops the padding columns all its
+    sequences share (left of the prompts, right of the responses) in multiples of it; 0 pads every batch to
+    --query_length (+ --response_length), as the official code"""
     static_cache: bool = True
     """sample with a static KV cache, which transformers compiles on CUDA (about 3x faster generate, docs/memory.md);
     --no-static_cache samples with the dynamic cache. Not used with --fsdp"""
@@ -157,6 +176,10 @@ class Args:
     lora_target_modules: list[str] | None = None
     """modules to adapt (default: peft's default for the architecture, query_key_value for Pythia, as the official
     code); 'all-linear' adapts every linear layer"""
+    num_trainable_layers: int | None = None
+    """with --no-lora, train only the last N transformer layers (and the final norm and an untied LM head, as the
+    official code), the rest frozen in bf16: the paper's chat runs train 4. The reference is the same model with
+    those weights' starting values swapped in, so no second copy of the frozen layers is kept"""
 
 
 # ---------------------------------------------------------------------------------------------- tensor helpers
@@ -168,10 +191,11 @@ def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
     return torch.where(bools, torch.arange(row_len, device=bools.device), row_len).min(dim=-1).values
 
 
-def truncate_response(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
-    """Keep each response up to and including its first EOS; pad the rest."""
+def truncate_response(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -> torch.Tensor:
+    """Keep each response up to and including its first stop token (EOS, or a chat model's end of turn); pad the rest."""
     positions = torch.arange(responses.size(1), device=responses.device)
-    return responses.masked_fill(positions > first_true_indices(responses == eos_id)[:, None], pad_id)
+    ends = first_true_indices(torch.isin(responses, torch.tensor(stop_ids, device=responses.device)))
+    return responses.masked_fill(positions > ends[:, None], pad_id)
 
 
 def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
@@ -180,6 +204,21 @@ def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torc
     longest = int((queries != pad_id).sum(1).max())
     keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
     return queries[:, queries.size(1) - keep :]
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Sequences (..., L) laid out as a prompt left-padded to context_length, then a right-padded response: drop the
+    padding columns that every sequence has, on both sides, keeping a multiple of `multiple` prompt columns and of
+    response columns (0: keep them all). Returns the sequences and their context length. forward() masks the padding
+    and counts positions from the first real token, so no score or log-prob changes: only the compute over padding."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    # The right padding: the columns after the last real token of every response.
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 def response_mask(responses: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -261,20 +300,23 @@ def adapter_disabled(peft_model):
 # ---------------------------------------------------------------------------------------------- sampling and rollout
 
 
-def sampling_config(response_length: int, temperature: float, pad_id: int, static_cache: bool = False):
-    """Exactly response_length tokens per query: EOS does not stop sampling (rollout truncates after it), and the pad
+def sampling_config(
+    response_length: int, temperature: float, pad_id: int, static_cache: bool = False, stop_ids: list[int] | None = None
+):
+    """Exactly response_length tokens per query, as the paper: EOS does not stop sampling (rollout truncates after it).
+    With stop_ids (chat), a response ends at its first stop token and sampling ends when every response has. The pad
     token is never sampled. A static KV cache samples the same tokens; transformers compiles it on CUDA."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
         cache_implementation="static" if static_cache else None,
         max_new_tokens=response_length,
-        min_new_tokens=response_length,
+        min_new_tokens=None if stop_ids else response_length,
         do_sample=True,
         temperature=temperature,
         top_k=0,
         top_p=1.0,
-        eos_token_id=None,
+        eos_token_id=stop_ids or None,
         pad_token_id=pad_id,
         suppress_tokens=[pad_id],
     )
@@ -287,7 +329,11 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
     from torch.distributed.fsdp import FSDPModule
     from transformers import GenerationConfig
 
-    attention_mask = queries != config.pad_token_id
+    pad_id, length = config.pad_token_id, queries.size(1) + config.max_new_tokens
+    attention_mask = queries != pad_id
+    if config.eos_token_id:  # a finished response is fed this token: a real one, where the pad may have no embedding
+        config = copy.deepcopy(config)
+        config.pad_token_id = config.eos_token_id[0]
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
     own_config, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
     sharded = [m for m in hf_model.modules() if isinstance(m, FSDPModule)]  # gather each layer once, not per token
@@ -302,19 +348,22 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
         for module in sharded:
             module.set_reshard_after_forward(True, recurse=False)
             module.reshard()
-    return torch.cat((queries, output[:, queries.size(1) :]), 1)
+    output = torch.cat((queries, output[:, queries.size(1) :]), 1)
+    return nn.functional.pad(output, (0, length - output.size(1)), value=pad_id)  # stopped early: the same length
 
 
 @torch.no_grad()
-def rollout(policy, ref_policy, reward_model, queries, n: int, config, eos_id: int, chunk_size: int, timer):
-    """n responses per query from the policy, scored. Returns query_responses (B, n, L), masks (B, n, T), the summed
-    log-probs under the policy and the reference (B, n), the reward model's scores (B, n) and has_eos (B, n)."""
+def rollout(policy, ref_policy, reward, queries, prompts: list, n: int, config, stop_ids: list, chunk_size: int, timer):
+    """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them).
+    Returns query_responses (B, n, L), masks (B, n, T), the summed log-probs under the policy and the reference
+    (B, n), the rewards (B, n) and has_eos (B, n): whether the response ended with a stop token."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
-    for query in queries.split(chunk_size):
+    for start in range(0, len(queries), chunk_size):
+        query = queries[start : start + chunk_size]
         with timer("generation"):
             query_response = generate(policy, query.repeat_interleave(n, 0), config)
-        # Response processing 1: truncate after the first EOS, pad the rest.
-        response = truncate_response(query_response[:, ctx:], eos_id, pad_id)
+        # Response processing 1: truncate after the first stop token, pad the rest.
+        response = truncate_response(query_response[:, ctx:], stop_ids, pad_id)
         query_response = torch.cat((query_response[:, :ctx], response), 1).unflatten(0, (-1, n))  # (b, n, L)
         mask = response_mask(response, pad_id).unflatten(0, (-1, n))  # (b, n, T)
         # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
@@ -322,10 +371,11 @@ def rollout(policy, ref_policy, reward_model, queries, n: int, config, eos_id: i
             logprob = sequence_logprobs(policy, query_response, mask, ctx, temperature, pad_id)
             with ref_policy() as ref:
                 ref_logprob = sequence_logprobs(ref, query_response, mask, ctx, temperature, pad_id)
-        # Response processing 3: the reward model's score, and whether the response ended (the penalty needs it).
+        # Response processing 3: the reward, and whether the response ended (the penalty needs it).
         with timer("reward"):
-            score = reward_model(query_response.flatten(0, 1), pad_id).float().unflatten(0, (-1, n))
-        has_eos = (response == eos_id).any(1).unflatten(0, (-1, n))
+            chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(n)]
+            score = reward(query_response.flatten(0, 1), ctx, chunk_prompts).unflatten(0, (-1, n))
+        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, n))
         out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
     return [torch.cat(t) for t in zip(*out)]
 
@@ -362,6 +412,105 @@ class ScalarRewardModel(nn.Module):
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B,)
 
 
+class Reward:
+    """r(x, y) of sampled responses: a reward model's score, or a Python function's value (fn(prompts, responses) ->
+    scores, on texts). A reward model with the policy's tokenizer and chat template reads the policy's token ids as
+    they are (TL;DR); one with its own reads the decoded response, rendered and tokenised its way (reward_text)."""
+
+    def __init__(self, tokenizer, model=None, model_tokenizer=None, fn=None):
+        self.tokenizer, self.model, self.model_tokenizer, self.fn = tokenizer, model, model_tokenizer, fn
+
+    def __call__(self, query_responses: torch.Tensor, context_length: int, prompts: list) -> torch.Tensor:
+        if self.fn is None and self.model_tokenizer is None:
+            return self.model(query_responses, self.tokenizer.pad_token_id).float()  # (N,)
+        responses = self.tokenizer.batch_decode(query_responses[:, context_length:], skip_special_tokens=True)
+        if self.fn is not None:
+            return torch.as_tensor(self.fn(prompts, responses), dtype=torch.float, device=query_responses.device)
+        tokenizer = self.model_tokenizer
+        ids = tokenizer(
+            [reward_text(*x, tokenizer) for x in zip(prompts, responses)], add_special_tokens=False
+        ).input_ids
+        width, pad_id = max(map(len, ids)), tokenizer.pad_token_id
+        inputs = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=query_responses.device)
+        return self.model(inputs, pad_id).float()  # (N,)
+
+
+def reward_text(prompt, response: str, tokenizer) -> str:
+    """What a reward model with its own tokenizer reads: a conversation with the response as the assistant's turn, in
+    the reward model's chat template (its own special tokens included); a text prompt followed by the response and
+    its EOS."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
+    return prompt + response + tokenizer.eos_token
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether token ids mean the same to both tokenizers (their pad tokens aside: no model reads the pad id) and
+    prompts render the same."""
+    vocab_a, vocab_b = ({k: v for k, v in t.get_vocab().items() if v != t.pad_token_id} for t in (a, b))
+    return vocab_a == vocab_b and a.chat_template == b.chat_template
+
+
+def load_reward_fn(spec: str):
+    """--reward_fn path/to/file.py:name -> the function `name` of that file."""
+    path, _, name = spec.rpartition(":")
+    require(os.path.isfile(path) and name, f"--reward_fn {spec}: give an existing file.py:function_name")
+    module_spec = importlib.util.spec_from_file_location("reward_fn_module", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    require(callable(getattr(module, name, None)), f"--reward_fn {spec}: {path} defines no function '{name}'")
+    return getattr(module, name)
+
+
+def train_last_layers(model, n: int, dtype: torch.dtype) -> dict:
+    """Train only the last n transformer layers and what follows them (the final norm, and the LM head unless it is
+    tied to the frozen embedding), as the official chat code; they move to fp32 (the master weights), the rest stays in
+    `dtype`. Returns copies of their starting weights: with them in place, the model is the reference (SFT) policy."""
+    layers = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
+    require(0 < n <= len(layers), f"--num_trainable_layers {n}: the model has {len(layers)} layers")
+    model.get_input_embeddings().requires_grad_(False)
+    for layer in layers[:-n]:
+        layer.requires_grad_(False)
+    reference = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return reference
+
+
+@contextmanager
+def weights_swapped(model, weights: dict):
+    """The model with the named parameters' values replaced by `weights` (no gradient flows meanwhile)."""
+    params = dict(model.named_parameters())
+    live = {name: params[name].data for name in weights}
+    try:
+        for name, value in weights.items():
+            params[name].data = value
+        yield model
+    finally:
+        for name, value in live.items():
+            params[name].data = value
+
+
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
+    """The tokenizer's EOS and the model's own stop tokens (a chat model's end of turn: Llama-3's <|eot_id|>)."""
+    ids = generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return [tokenizer.eos_token_id] + [i for i in ids if i != tokenizer.eos_token_id]
+
+
+def load_reward_tokenizer(path: str | None, model_path: str, tokenizer):
+    """The reward model's tokenizer: `path`, else the one saved with the reward model, else the policy's (with a
+    note: summarize_from_feedback_details saves none)."""
+    try:
+        return load_tokenizer(path or model_path)
+    except BadInput:
+        if path:
+            raise
+        print(f"the reward model {model_path} has no tokenizer: it reads the policy's tokens", file=sys.stderr)
+        return tokenizer
+
+
 def check_model_path(path: str) -> None:
     """A local path must be a directory that save_pretrained wrote: said here, where the loaders would go on to try it
     as a hub name and fail with a message about something else."""
@@ -386,7 +535,16 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
         with open(os.path.join(local, "config.json")) as f:
             config = json.load(f)
         if "base_config" not in config:
-            model = AutoModelForSequenceClassification.from_pretrained(local, dtype=dtype)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                local, dtype=dtype, output_loading_info=True
+            )
+            if info["missing_keys"]:
+                missing = sorted(info["missing_keys"])
+                raise BadInput(
+                    f"reward model {path}: its checkpoint has no weights for {len(missing)} parameters of "
+                    f"{type(model).__name__} (e.g. {missing[0]}), which would score with random weights. "
+                    "A reward model of its own class (a `v_head`, custom code) must be converted first: docs/chat.md"
+                )
             head = getattr(model, "score", None) or getattr(model, "classifier", None)
             if model.config.num_labels != 1 or not isinstance(head, nn.Linear):
                 raise BadInput(
@@ -452,9 +610,13 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_prompts(path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts):
-    """Prompts left-padded to query_length, references (EOS appended) right-padded to response_length, the dataset
-    rows they came from, and how many prompts were dropped for being too long."""
+def load_prompts(
+    path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
+):
+    """The prompts as the dataset gives them (text, or a list of chat messages), the same left-padded to query_length
+    in tokens, the reference responses (EOS appended) right-padded to response_length (None without
+    reference_column), the dataset rows, and how many prompts were dropped for being too long. Conversations, and
+    text prompts with `chat`, are rendered with the tokenizer's chat template, ready for the assistant's answer."""
     from datasets import load_dataset
 
     looks_local = path.startswith(("/", ".", "~")) or path.endswith((".jsonl", ".json", ".csv", ".parquet"))
@@ -469,17 +631,23 @@ def load_prompts(path, split, query_column, reference_column, tokenizer, query_l
     except Exception as e:
         raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
     require(len(dataset) > 0, f"split '{split}' of dataset '{path}' has no rows")
-    for column in (query_column, reference_column):
+    for column in (query_column, reference_column or query_column):
         if column not in dataset.column_names:
             raise BadInput(
                 f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
                 "Pass --query_column / --reference_column."
             )
-    ids = tokenizer(list(dataset[query_column])).input_ids
+    prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
+    if isinstance(prompts[0], list):
+        require(bool(tokenizer.chat_template), f"the tokenizer has no chat template for the conversations of '{path}'")
+        texts = [tokenizer.apply_chat_template(x, tokenize=False, add_generation_prompt=True) for x in prompts]
+        ids = tokenizer(texts, add_special_tokens=False).input_ids  # the template holds the special tokens it wants
+    else:
+        ids = tokenizer(prompts).input_ids
     long = [i for i, x in enumerate(ids) if len(x) > query_length]
     if long and long_prompts == "filter":
         keep = sorted(set(range(len(ids))) - set(long))
-        dataset, ids = dataset.select(keep), [ids[i] for i in keep]
+        dataset, ids, prompts = dataset.select(keep), [ids[i] for i in keep], [prompts[i] for i in keep]
     elif long:
         print(
             f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
@@ -491,11 +659,30 @@ def load_prompts(path, split, query_column, reference_column, tokenizer, query_l
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
     references = []
-    for text in dataset[reference_column]:
+    for value in dataset[reference_column] if reference_column else []:
+        text = value[-1]["content"] if isinstance(value, list) else value  # a conversation ends with the answer
         ref = tokenizer(text.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
         ref = ref[: response_length - 1] + [eos]
         references.append(ref + [pad] * (response_length - len(ref)))
-    return dataset, torch.tensor(queries), torch.tensor(references), len(long) if long_prompts == "filter" else 0
+    dropped = len(long) if long_prompts == "filter" else 0
+    return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
+
+
+def as_messages(prompt) -> list[dict]:
+    """A prompt as chat messages: a conversation without the answer that may end it; a text in the
+    "\n\nHuman: ... \n\nAssistant:" form of Anthropic HH and Nectar split into its turns; another text, one user
+    message."""
+    if isinstance(prompt, str):
+        parts = re.split(r"\n\n(Human|Assistant):", prompt)
+        if len(parts) < 3 or parts[0].strip():
+            return [{"role": "user", "content": prompt}]
+        roles = {"Human": "user", "Assistant": "assistant"}
+        prompt = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    require(bool(messages), "a conversation in the dataset has no user message")
+    return messages
 
 
 def load_preferences(path, split, query_column, chosen_column, rejected_column, **data):
@@ -504,7 +691,7 @@ def load_preferences(path, split, query_column, chosen_column, rejected_column, 
     and how many pairs were dropped for a prompt longer than query_length."""
     pairs = []
     for column in (chosen_column, rejected_column):
-        _, queries, responses, dropped = load_prompts(path, split, query_column, column, **data)
+        _, _, queries, responses, dropped = load_prompts(path, split, query_column, column, **data)
         pairs.append(torch.cat((queries, responses), 1))
     return torch.stack(pairs, 1), dropped
 
@@ -723,7 +910,8 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 def no_sync(model, sync: bool):
-    """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation."""
+    """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation. FSDP
+    reduce-scatters on every micro-batch: skipping it would keep whole unsharded gradients, the memory it saves."""
     return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
 
 
@@ -787,6 +975,10 @@ if __name__ == "__main__":
     require(min(args.query_length, args.response_length) >= 1, "--query_length and --response_length must be >= 1")
     require(not args.fsdp or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)")
     require(not (args.fsdp and args.save_merged), "--save_merged does not work with --fsdp: merge the saved adapter")
+    require(
+        not args.num_trainable_layers or not (args.lora or args.fsdp),
+        "--num_trainable_layers trains whole layers: add --no-lora (and it does not work with --fsdp)",
+    )
     if args.beta <= 0:
         raise BadInput(f"--beta must be > 0 (it scales the log-ratios in Equation 7); got {args.beta}")
 
@@ -821,17 +1013,18 @@ if __name__ == "__main__":
 
     # Data: every rank tokenises the whole split and takes its own pairs from the shared shuffle.
     tokenizer = load_tokenizer(args.sft_model_path)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
     data = dict(
         tokenizer=tokenizer,
         query_length=args.query_length,
         response_length=args.response_length,
         long_prompts=args.long_prompts,
+        chat=args.chat,
     )
     train_pairs, dropped = load_preferences(
         args.preference_dataset, args.train_split, args.query_column, args.chosen_column, args.rejected_column, **data
     )  # (N, 2, query_length + response_length)
-    eval_set, eval_queries, eval_references, _ = load_prompts(
+    eval_set, eval_prompts, eval_queries, eval_references, _ = load_prompts(
         args.query_dataset, args.eval_split, args.query_column, args.reference_column, **data
     )
     eval_idx = rank_share(min(args.num_eval_prompts or len(eval_set), len(eval_set)), rank, world_size)
@@ -842,7 +1035,8 @@ if __name__ == "__main__":
     batches = prompt_batches(len(train_pairs), args.batch_size, rank, world_size, args.seed)
 
     # Models: dropout is off everywhere because every model stays in eval mode (gradients do not need train mode).
-    policy = load_policy(args.sft_model_path, dtype if args.lora else torch.float32)
+    policy = load_policy(args.sft_model_path, dtype if args.lora or args.num_trainable_layers else torch.float32)
+    stop_ids = stop_token_ids(tokenizer, policy.generation_config)
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -855,6 +1049,9 @@ if __name__ == "__main__":
         )
         policy = get_peft_model(policy, lora_config)  # peft keeps the adapters in fp32: the master weights
         ref_policy = partial(adapter_disabled, policy)  # the SFT policy: the base model without the adapter
+    elif args.num_trainable_layers:
+        policy.to(device)
+        ref_policy = partial(weights_swapped, policy, train_last_layers(policy, args.num_trainable_layers, dtype))
     else:
         ref_model = load_policy(args.sft_model_path, dtype).to(device).eval().requires_grad_(False)
         ref_model = shard(ref_model, bf16) if args.fsdp else ref_model
@@ -862,7 +1059,14 @@ if __name__ == "__main__":
     policy.to(device).eval()
     if args.gradient_checkpointing:
         checkpoint_layers(policy)
-    reward_model = load_reward_model(args.reward_model_path, dtype).to(device).eval().requires_grad_(False)
+    if args.reward_fn:
+        reward = Reward(tokenizer, fn=load_reward_fn(args.reward_fn))
+    else:
+        reward_model = load_reward_model(args.reward_model_path, dtype).to(device).eval().requires_grad_(False)
+        reward_tokenizer = load_reward_tokenizer(args.reward_tokenizer, args.reward_model_path, tokenizer)
+        reward = Reward(
+            tokenizer, reward_model, None if same_tokenizer(reward_tokenizer, tokenizer) else reward_tokenizer
+        )
     raw_policy = policy
     if args.fsdp:
         shard(policy, bf16)  # in place: raw_policy is sharded too
@@ -870,7 +1074,13 @@ if __name__ == "__main__":
         policy = DDP(policy, device_ids=[device.index] if use_cuda else None)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
     chunk = args.local_rollout_forward_batch_size
-    eval_config = sampling_config(args.response_length, args.eval_temperature, pad, args.static_cache and not args.fsdp)
+    eval_config = sampling_config(  # compile: untried on FSDP
+        args.response_length,
+        args.eval_temperature,
+        pad,
+        args.static_cache and not args.fsdp,
+        stop_ids if args.stop_at_eos else None,
+    )
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
     trainer = load_checkpoint(checkpoint, policy, optimizer, asdict(args), world_size) if checkpoint else {}
@@ -913,25 +1123,30 @@ if __name__ == "__main__":
     def run_evaluation(update: int):
         """One response per prompt at the evaluation temperature (its KL at that temperature too, as the official code
         does) and the reference response's score, on this rank's share of the prompts; rank 0 writes the table."""
+        prompts = [eval_prompts[i] for i in eval_idx]
         queries = trim_left_padding(eval_queries[eval_idx], pad, args.pad_multiple).to(device)
-        references = eval_references[eval_idx].to(device)
         timer, ctx = Timer(device), queries.size(1)
         with autocast():
-            rollouts = rollout(raw_policy, ref_policy, reward_model, queries, 1, eval_config, eos, chunk, timer)
+            rollouts = rollout(raw_policy, ref_policy, reward, queries, prompts, 1, eval_config, stop_ids, chunk, timer)
             query_response, mask, logprob, ref_logprob, score, has_eos = (t[:, 0] for t in rollouts)
-            reference_score = [
-                reward_model(torch.cat(qr, 1), pad).float() for qr in zip(queries.split(chunk), references.split(chunk))
-            ]
         rows = {
-            "query": eval_set[eval_idx][args.query_column],
+            "query": [p if isinstance(p, str) else p[-1]["content"] for p in prompts],  # a conversation's last turn
             "postprocessed_response": tokenizer.batch_decode(query_response[:, ctx:], skip_special_tokens=True),
-            "reference_response": eval_set[eval_idx][args.reference_column],
             "score": torch.where(has_eos, score, args.penalty_reward_value).tolist(),
-            "reference_score": torch.cat(reference_score).tolist(),
             "kl": (logprob - ref_logprob).tolist(),
             "response_length": mask.sum(1).tolist(),
             "has_eos": has_eos.tolist(),
         }
+        if eval_references is not None:  # the dataset's own responses, scored the same way
+            query_references = torch.cat((queries, eval_references[eval_idx].to(device)), 1)
+            with autocast():
+                reference_score = [
+                    reward(qr, ctx, prompts[i : i + chunk])
+                    for i, qr in zip(range(0, len(prompts), chunk), query_references.split(chunk))
+                ]
+            references = eval_set[eval_idx][args.reference_column]
+            rows["reference_response"] = [r[-1]["content"] if isinstance(r, list) else r for r in references]
+            rows["reference_score"] = torch.cat(reference_score).tolist()
         gathered = [None] * world_size
         if ddp:
             dist.all_gather_object(gathered, rows)
@@ -941,7 +1156,7 @@ if __name__ == "__main__":
             return
         df = pd.concat([pd.DataFrame(r) for r in gathered], ignore_index=True)
         df.to_csv(os.path.join(run_dir, f"eval_{update:06d}.csv"), index=False)
-        stats = {f"eval/{name}": df[name].mean() for name in ("score", "reference_score", "kl", "response_length")}
+        stats = {f"eval/{n}": df[n].mean() for n in ("score", "reference_score", "kl", "response_length") if n in df}
         stats["eval/eos_rate"] = df.has_eos.mean()
         for key, value in stats.items():
             writer.add_scalar(key, value, update)
@@ -965,19 +1180,20 @@ if __name__ == "__main__":
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         query_responses = train_pairs[next(batches)].to(device)  # (B, 2, query_length + response_length)
-        context_length = args.query_length
-        responses = query_responses[:, :, context_length:]  # (B, 2, T), right-padded after EOS
-        masks = response_mask(responses.flatten(0, 1), pad).unflatten(0, (-1, 2))  # (B, 2, T)
 
         # 1. DPO loss (Eq. 7) on micro-batches, each pair kept together; gradient accumulation fills the batch. No
         # sampling, so log-probs are at temperature 1: pi_theta is the model's own likelihood of the human-written pairs.
         loss_stats, logprob_stats, ref_logprob_stats = [], [], []
         with timer("update"):
             for micro, idx in enumerate(torch.arange(local_batch_size).split(args.per_device_train_batch_size)):
+                # The pairs without the padding columns they all share (--pad_multiple): the log-probs stay the same.
+                mb, context_length = trim_padding(query_responses[idx], args.query_length, pad, args.pad_multiple)
+                responses = mb[:, :, context_length:]  # (b, 2, T), right-padded after EOS
+                masks = response_mask(responses.flatten(0, 1), pad).unflatten(0, (-1, 2))  # (b, 2, T)
                 with torch.no_grad(), autocast(), ref_policy() as ref:
-                    ref_logprobs = sequence_logprobs(ref, query_responses[idx], masks[idx], context_length, 1.0, pad)
+                    ref_logprobs = sequence_logprobs(ref, mb, masks, context_length, 1.0, pad)
                 with no_sync(policy, sync=micro == grad_accum - 1), autocast():
-                    logprobs = sequence_logprobs(policy, query_responses[idx], masks[idx], context_length, 1.0, pad)
+                    logprobs = sequence_logprobs(policy, mb, masks, context_length, 1.0, pad)
                     loss = dpo_loss(logprobs, ref_logprobs, args.beta)  # logprobs, ref_logprobs: (b, 2)
                 check_finite({"the DPO loss": loss.detach(), "log-probs": logprobs.detach()}, dump)
                 (loss / grad_accum).backward()

@@ -443,8 +443,10 @@ def reward_text(prompt, response: str, tokenizer) -> str:
 
 
 def same_tokenizer(a, b) -> bool:
-    """Whether token ids mean the same to both tokenizers and prompts render the same."""
-    return a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
+    """Whether token ids mean the same to both tokenizers (their pad tokens aside: no model reads the pad id) and
+    prompts render the same."""
+    vocab_a, vocab_b = ({k: v for k, v in t.get_vocab().items() if v != t.pad_token_id} for t in (a, b))
+    return vocab_a == vocab_b and a.chat_template == b.chat_template
 
 
 def load_reward_fn(spec: str):
@@ -895,7 +897,8 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 def no_sync(model, sync: bool):
-    """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation."""
+    """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation. FSDP
+    reduce-scatters on every micro-batch: skipping it would keep whole unsharded gradients, the memory it saves."""
     return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
 
 
@@ -1185,7 +1188,7 @@ if __name__ == "__main__":
             )  # (B, k, ...)  # fmt: skip
         check_finite(
             {
-                "the rewards": scores,
+                "--reward_fn's scores" if args.reward_fn else "the reward model's scores": scores,
                 "the policy's log-probs": logprobs,
                 "the reference's log-probs": ref_logprobs,
                 "responses": query_responses,

@@ -14,6 +14,7 @@ REBEL code (the paper's reward scale and the fixed -1 penalty for a missing EOS 
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -61,6 +62,9 @@ class Args:
     resume: str | None = None
     """continue a stopped run: its run directory (the latest checkpoint) or one checkpoint directory. The other flags
     must be those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
+    fsdp: bool = False
+    """shard the reward model (backbone and head) over the ranks with FSDP2, for models whose weights, gradients and
+    AdamW state do not fit on one GPU (6.9B); torchrun only. The default is plain DDP (every rank holds everything)"""
     num_eval_prompts: int | None = None
     """measure validation accuracy on the first N pairs of the evaluation split (default: all)"""
 
@@ -106,8 +110,37 @@ class Args:
     eps: float = 1e-5
     """AdamW epsilon"""
 
+    # speed and memory
+    pad_multiple: int = 64
+    """a micro-batch of pairs drops the padding columns all its sequences share (left of the prompts, right of the
+    responses), keeping a multiple of this many prompt columns and of response columns: the scores do not change, the
+    compute over padding goes; 0 pads every pair to --query_length + --response_length, as the official code"""
+
 
 # ---------------------------------------------------------------------------------------------- tensor helpers
+
+
+def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
+    """Drop the padding columns that every left-padded prompt of the batch has, keeping a multiple of `multiple`
+    columns (0: keep them all), so that no model computes over the padding of a longer prompt in another batch."""
+    longest = int((queries != pad_id).sum(1).max())
+    keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
+    return queries[:, queries.size(1) - keep :]
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Sequences (..., L) laid out as a prompt left-padded to context_length, then a right-padded response: drop the
+    padding columns that every sequence has, on both sides, keeping a multiple of `multiple` prompt columns and of
+    response columns (0: keep them all). Returns the sequences and their context length. forward() masks the padding
+    and counts positions from the first real token, so no score or log-prob changes: only the compute over padding."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    # The right padding: the columns after the last real token of every response.
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 def forward(model, query_responses: torch.Tensor, pad_id: int):
@@ -145,6 +178,30 @@ class ScalarRewardModel(nn.Module):
         last = ((query_responses != pad_id) * positions).argmax(1)
         hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B,)
+
+
+def shard_reward_model(model: ScalarRewardModel, bf16: bool) -> ScalarRewardModel:
+    """FSDP2 as shard() does it (every transformer layer, then a root; bf16 compute with --precision bf16, gradients
+    reduced in fp32), with the ScalarRewardModel as the root: its forward calls the backbone's and the head's directly,
+    so it must own what lies outside the layers (embeddings, final norm, head). Rank 0's new head everywhere, as DDP."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for param in model.parameters():
+        if param.requires_grad:
+            dist.broadcast(param.data, src=0)
+    for module in model.backbone.modules():
+        if type(module).__name__ in model.backbone._no_split_modules:
+            fully_shard(module, mp_policy=mixed_precision)
+    fully_shard(model, mp_policy=mixed_precision)
+    return model
+
+
+def full_state_dict(model) -> dict:
+    """Every rank takes part; rank 0 gets the whole (unsharded) state dict on the CPU, for save_pretrained."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def check_model_path(path: str) -> None:
@@ -199,9 +256,13 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_prompts(path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts):
-    """Prompts left-padded to query_length, references (EOS appended) right-padded to response_length, the dataset
-    rows they came from, and how many prompts were dropped for being too long."""
+def load_prompts(
+    path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
+):
+    """The prompts as the dataset gives them (text, or a list of chat messages), the same left-padded to query_length
+    in tokens, the reference responses (EOS appended) right-padded to response_length (None without
+    reference_column), the dataset rows, and how many prompts were dropped for being too long. Conversations, and
+    text prompts with `chat`, are rendered with the tokenizer's chat template, ready for the assistant's answer."""
     from datasets import load_dataset
 
     looks_local = path.startswith(("/", ".", "~")) or path.endswith((".jsonl", ".json", ".csv", ".parquet"))
@@ -216,17 +277,23 @@ def load_prompts(path, split, query_column, reference_column, tokenizer, query_l
     except Exception as e:
         raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
     require(len(dataset) > 0, f"split '{split}' of dataset '{path}' has no rows")
-    for column in (query_column, reference_column):
+    for column in (query_column, reference_column or query_column):
         if column not in dataset.column_names:
             raise BadInput(
                 f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
                 "Pass --query_column / --reference_column."
             )
-    ids = tokenizer(list(dataset[query_column])).input_ids
+    prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
+    if isinstance(prompts[0], list):
+        require(bool(tokenizer.chat_template), f"the tokenizer has no chat template for the conversations of '{path}'")
+        texts = [tokenizer.apply_chat_template(x, tokenize=False, add_generation_prompt=True) for x in prompts]
+        ids = tokenizer(texts, add_special_tokens=False).input_ids  # the template holds the special tokens it wants
+    else:
+        ids = tokenizer(prompts).input_ids
     long = [i for i, x in enumerate(ids) if len(x) > query_length]
     if long and long_prompts == "filter":
         keep = sorted(set(range(len(ids))) - set(long))
-        dataset, ids = dataset.select(keep), [ids[i] for i in keep]
+        dataset, ids, prompts = dataset.select(keep), [ids[i] for i in keep], [prompts[i] for i in keep]
     elif long:
         print(
             f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
@@ -238,11 +305,30 @@ def load_prompts(path, split, query_column, reference_column, tokenizer, query_l
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
     references = []
-    for text in dataset[reference_column]:
+    for value in dataset[reference_column] if reference_column else []:
+        text = value[-1]["content"] if isinstance(value, list) else value  # a conversation ends with the answer
         ref = tokenizer(text.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
         ref = ref[: response_length - 1] + [eos]
         references.append(ref + [pad] * (response_length - len(ref)))
-    return dataset, torch.tensor(queries), torch.tensor(references), len(long) if long_prompts == "filter" else 0
+    dropped = len(long) if long_prompts == "filter" else 0
+    return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
+
+
+def as_messages(prompt) -> list[dict]:
+    """A prompt as chat messages: a conversation without the answer that may end it; a text in the
+    "\n\nHuman: ... \n\nAssistant:" form of Anthropic HH and Nectar split into its turns; another text, one user
+    message."""
+    if isinstance(prompt, str):
+        parts = re.split(r"\n\n(Human|Assistant):", prompt)
+        if len(parts) < 3 or parts[0].strip():
+            return [{"role": "user", "content": prompt}]
+        roles = {"Human": "user", "Assistant": "assistant"}
+        prompt = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    require(bool(messages), "a conversation in the dataset has no user message")
+    return messages
 
 
 def load_preferences(path, split, query_column, chosen_column, rejected_column, **data):
@@ -251,9 +337,15 @@ def load_preferences(path, split, query_column, chosen_column, rejected_column, 
     and how many pairs were dropped for a prompt longer than query_length."""
     pairs = []
     for column in (chosen_column, rejected_column):
-        _, queries, responses, dropped = load_prompts(path, split, query_column, column, **data)
+        _, _, queries, responses, dropped = load_prompts(path, split, query_column, column, **data)
         pairs.append(torch.cat((queries, responses), 1))
     return torch.stack(pairs, 1), dropped
+
+
+def rank_share(n: int, rank: int, world_size: int) -> list[int]:
+    """This rank's indices of the first n examples, as many on every rank (the remainder is dropped): a sharded model's
+    forward is a collective, so every rank must run as many."""
+    return list(range(n - n % world_size))[rank::world_size]
 
 
 def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
@@ -464,7 +556,8 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 def no_sync(model, sync: bool):
-    """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation."""
+    """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation. FSDP
+    reduce-scatters on every micro-batch: skipping it would keep whole unsharded gradients, the memory it saves."""
     return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
 
 
@@ -526,6 +619,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
     require(min(args.query_length, args.response_length) >= 1, "--query_length and --response_length must be >= 1")
+    require(not args.fsdp or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)")
 
     # DDP set-up: the same file runs under `python` and `torchrun`.
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -567,11 +661,12 @@ if __name__ == "__main__":
     columns = args.query_column, args.chosen_column, args.rejected_column
     train_data, dropped = load_preferences(args.preference_dataset, args.train_split, *columns, **data)
     eval_data, _ = load_preferences(args.preference_dataset, args.eval_split, *columns, **data)
-    eval_data = eval_data[: args.num_eval_prompts][rank::world_size]
-    _, norm_queries, norm_references, _ = load_prompts(
+    eval_data = eval_data[rank_share(min(args.num_eval_prompts or len(eval_data), len(eval_data)), rank, world_size)]
+    _, _, norm_queries, norm_references, _ = load_prompts(
         args.query_dataset, args.train_split, args.query_column, args.reference_column, **data
     )
-    norm_data = torch.cat((norm_queries, norm_references), 1)[: args.num_norm_examples][rank::world_size]
+    norm_data = torch.cat((norm_queries, norm_references), 1)
+    norm_data = norm_data[rank_share(min(args.num_norm_examples or len(norm_data), len(norm_data)), rank, world_size)]
     num_updates = len(train_data) // args.batch_size * args.num_train_epochs
     if num_updates < 1:
         raise BadInput(f"the train split has {len(train_data)} pairs, fewer than one --batch_size {args.batch_size}")
@@ -585,7 +680,9 @@ if __name__ == "__main__":
     del sft_model
     model = ScalarRewardModel(hf_model.base_model, hf_model.score).to(device).eval()
     raw_model = model
-    if ddp:
+    if args.fsdp:
+        shard_reward_model(model, bf16)  # in place: raw_model is sharded too
+    elif ddp:
         model = DDP(model, device_ids=[device.index] if use_cuda else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
 
@@ -639,6 +736,7 @@ if __name__ == "__main__":
         losses, accuracies = [], []
         with timer("update"):
             for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
+                mb, _ = trim_padding(mb, args.query_length, pad, args.pad_multiple)  # the scores stay the same
                 with no_sync(model, sync=micro == grad_accum - 1), autocast():
                     rewards = model(mb.flatten(0, 1), pad).float().view(-1, 2)  # (b, 2)
                     loss = bradley_terry_loss(rewards)
@@ -704,6 +802,7 @@ if __name__ == "__main__":
         )
         val["eval/reference_score_before_norm"] = hf_model.config.reward_bias
 
+    state = full_state_dict(hf_model) if args.fsdp and args.output_dir and not stop else None  # on every rank
     if master:
         if stop:
             print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
@@ -718,7 +817,7 @@ if __name__ == "__main__":
             # config.pad_token_id stays the SFT model's: the pad token load_tokenizer may add has no embedding row (an
             # id outside the embedding makes from_pretrained fail), and EOS as the pad id would make transformers' own
             # forward read the score one token before the EOS, where this model was not trained to score.
-            hf_model.save_pretrained(args.output_dir)
+            hf_model.save_pretrained(args.output_dir, state_dict=state)
             tokenizer.save_pretrained(args.output_dir)
             print(f"saved the reward model to {args.output_dir}")
         metrics_file.close()

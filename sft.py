@@ -12,6 +12,7 @@ reward.py and rebel.py load them directly.
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -96,8 +97,37 @@ class Args:
     eps: float = 1e-5
     """AdamW epsilon"""
 
+    # speed and memory
+    pad_multiple: int = 64
+    """a micro-batch drops the padding columns all its sequences share (left of the prompts, right of the references),
+    keeping a multiple of this many prompt columns and of response columns: the loss does not change, the compute over
+    padding goes; 0 pads every example to --query_length + --response_length, as the official code"""
+
 
 # ---------------------------------------------------------------------------------------------- tensor helpers
+
+
+def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
+    """Drop the padding columns that every left-padded prompt of the batch has, keeping a multiple of `multiple`
+    columns (0: keep them all), so that no model computes over the padding of a longer prompt in another batch."""
+    longest = int((queries != pad_id).sum(1).max())
+    keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
+    return queries[:, queries.size(1) - keep :]
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Sequences (..., L) laid out as a prompt left-padded to context_length, then a right-padded response: drop the
+    padding columns that every sequence has, on both sides, keeping a multiple of `multiple` prompt columns and of
+    response columns (0: keep them all). Returns the sequences and their context length. forward() masks the padding
+    and counts positions from the first real token, so no score or log-prob changes: only the compute over padding."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    # The right padding: the columns after the last real token of every response.
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 def forward(model, query_responses: torch.Tensor, pad_id: int):
@@ -200,9 +230,13 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_prompts(path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts):
-    """Prompts left-padded to query_length, references (EOS appended) right-padded to response_length, the dataset
-    rows they came from, and how many prompts were dropped for being too long."""
+def load_prompts(
+    path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
+):
+    """The prompts as the dataset gives them (text, or a list of chat messages), the same left-padded to query_length
+    in tokens, the reference responses (EOS appended) right-padded to response_length (None without
+    reference_column), the dataset rows, and how many prompts were dropped for being too long. Conversations, and
+    text prompts with `chat`, are rendered with the tokenizer's chat template, ready for the assistant's answer."""
     from datasets import load_dataset
 
     looks_local = path.startswith(("/", ".", "~")) or path.endswith((".jsonl", ".json", ".csv", ".parquet"))
@@ -217,17 +251,23 @@ def load_prompts(path, split, query_column, reference_column, tokenizer, query_l
     except Exception as e:
         raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
     require(len(dataset) > 0, f"split '{split}' of dataset '{path}' has no rows")
-    for column in (query_column, reference_column):
+    for column in (query_column, reference_column or query_column):
         if column not in dataset.column_names:
             raise BadInput(
                 f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
                 "Pass --query_column / --reference_column."
             )
-    ids = tokenizer(list(dataset[query_column])).input_ids
+    prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
+    if isinstance(prompts[0], list):
+        require(bool(tokenizer.chat_template), f"the tokenizer has no chat template for the conversations of '{path}'")
+        texts = [tokenizer.apply_chat_template(x, tokenize=False, add_generation_prompt=True) for x in prompts]
+        ids = tokenizer(texts, add_special_tokens=False).input_ids  # the template holds the special tokens it wants
+    else:
+        ids = tokenizer(prompts).input_ids
     long = [i for i, x in enumerate(ids) if len(x) > query_length]
     if long and long_prompts == "filter":
         keep = sorted(set(range(len(ids))) - set(long))
-        dataset, ids = dataset.select(keep), [ids[i] for i in keep]
+        dataset, ids, prompts = dataset.select(keep), [ids[i] for i in keep], [prompts[i] for i in keep]
     elif long:
         print(
             f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
@@ -239,11 +279,30 @@ def load_prompts(path, split, query_column, reference_column, tokenizer, query_l
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
     references = []
-    for text in dataset[reference_column]:
+    for value in dataset[reference_column] if reference_column else []:
+        text = value[-1]["content"] if isinstance(value, list) else value  # a conversation ends with the answer
         ref = tokenizer(text.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
         ref = ref[: response_length - 1] + [eos]
         references.append(ref + [pad] * (response_length - len(ref)))
-    return dataset, torch.tensor(queries), torch.tensor(references), len(long) if long_prompts == "filter" else 0
+    dropped = len(long) if long_prompts == "filter" else 0
+    return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
+
+
+def as_messages(prompt) -> list[dict]:
+    """A prompt as chat messages: a conversation without the answer that may end it; a text in the
+    "\n\nHuman: ... \n\nAssistant:" form of Anthropic HH and Nectar split into its turns; another text, one user
+    message."""
+    if isinstance(prompt, str):
+        parts = re.split(r"\n\n(Human|Assistant):", prompt)
+        if len(parts) < 3 or parts[0].strip():
+            return [{"role": "user", "content": prompt}]
+        roles = {"Human": "user", "Assistant": "assistant"}
+        prompt = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    require(bool(messages), "a conversation in the dataset has no user message")
+    return messages
 
 
 def rank_share(n: int, rank: int, world_size: int) -> list[int]:
@@ -460,7 +519,8 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 def no_sync(model, sync: bool):
-    """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation."""
+    """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation. FSDP
+    reduce-scatters on every micro-batch: skipping it would keep whole unsharded gradients, the memory it saves."""
     return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
 
 
@@ -563,8 +623,8 @@ if __name__ == "__main__":
         response_length=args.response_length,
         long_prompts=args.long_prompts,
     )
-    _, train_queries, train_references, dropped = load_prompts(args.query_dataset, args.train_split, **data)
-    _, eval_queries, eval_references, _ = load_prompts(args.query_dataset, args.eval_split, **data)
+    _, _, train_queries, train_references, dropped = load_prompts(args.query_dataset, args.train_split, **data)
+    _, _, eval_queries, eval_references, _ = load_prompts(args.query_dataset, args.eval_split, **data)
     train_data = torch.cat((train_queries, train_references), 1)  # (N, query_length + response_length)
     eval_idx = rank_share(min(args.num_eval_prompts or len(eval_queries), len(eval_queries)), rank, world_size)
     eval_data = torch.cat((eval_queries[eval_idx], eval_references[eval_idx]), 1)
@@ -632,8 +692,9 @@ if __name__ == "__main__":
         losses = []
         with timer("update"):
             for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
+                mb, context_length = trim_padding(mb, args.query_length, pad, args.pad_multiple)  # the same loss
                 with no_sync(model, sync=micro == grad_accum - 1), autocast():
-                    loss = sft_loss(model, mb, args.query_length, pad)
+                    loss = sft_loss(model, mb, context_length, pad)
                 check_finite({"the SFT loss": loss.detach(), "batch": mb}, dump)
                 (loss / grad_accum).backward()
                 losses.append(loss.item())

@@ -114,6 +114,17 @@ def test_the_reward_model_reads_its_own_template_and_tokens(chat, monkeypatch):
         assert score.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
+def test_tokenizers_that_differ_only_in_their_pad_token_are_the_same(chat):
+    """A reward model saved with another pad token than the policy's still reads the policy's ids (the fast path)."""
+    from transformers import AutoTokenizer
+
+    a, b = rebel.load_tokenizer(chat.policy), AutoTokenizer.from_pretrained(chat.policy)
+    b.add_special_tokens({"pad_token": "[OTHER_PAD]"})  # where load_tokenizer put its <|pad|>
+    assert b.pad_token != a.pad_token and rebel.same_tokenizer(a, b)
+    b.add_tokens(["paris"])
+    assert not rebel.same_tokenizer(a, b)
+
+
 def test_a_reward_model_without_its_head_weights_is_refused(chat, tmp_path):
     from transformers import AutoModel
 
@@ -269,6 +280,7 @@ def test_rebel_chat_lora_adjacent_pairs_text_prompts_and_a_reward_function(chat,
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, flags", [
     ("rloo.py", ["--rloo_k", "2", "--no-lora", "--num_trainable_layers", "1"]),
     ("iterative_dpo.py", ["--lora_rank", "4", "--lora_alpha", "8"]),

@@ -40,6 +40,27 @@ def test_dpo_loss_at_the_reference_is_ln2_and_pushes_chosen_up():
     torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.05, 0.05]]))  # -beta * sigmoid(0) * (+1, -1)
 
 
+def test_per_batch_padding_leaves_the_loss_unchanged(toy):
+    """A micro-batch of pairs trimmed as dpo.py trims it (--pad_multiple 8) has the log-probs, and so the DPO loss, of
+    the same pairs padded to --query_length + --response_length (--pad_multiple 0)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, model = dpo.load_tokenizer(toy.sft), AutoModelForCausalLM.from_pretrained(toy.sft).eval()
+    pad = tokenizer.pad_token_id
+    data = dict(tokenizer=tokenizer, query_length=64, response_length=40, long_prompts="filter")
+    pairs = dpo.load_preferences(toy.preference, "train", "query", "chosen", "rejected", **data)[0][:4]  # (4, 2, 104)
+    logprobs = []
+    for multiple in (0, 8):
+        batch, context_length = dpo.trim_padding(pairs, 64, pad, multiple)
+        masks = dpo.response_mask(batch[:, :, context_length:].flatten(0, 1), pad).unflatten(0, (-1, 2))
+        with torch.no_grad():
+            logprobs.append(dpo.sequence_logprobs(model, batch, masks, context_length, 1.0, pad))
+    assert context_length < 64 and batch.size(-1) - context_length < 40  # both sides trimmed
+    torch.testing.assert_close(logprobs[1], logprobs[0], atol=1e-5, rtol=1e-5)
+    ref = logprobs[0] + torch.tensor([[0.3, -0.2]])  # any reference: the loss is a function of the log-probs
+    torch.testing.assert_close(dpo.dpo_loss(logprobs[1], ref, 0.5), dpo.dpo_loss(logprobs[0], ref, 0.5))
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 
@@ -75,9 +96,13 @@ def test_end_to_end_with_tracking(toy, tmp_path):
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_reference_is_the_sft_policy(toy, tmp_path, lora):
-    """LoRA: the reference is the adapter switched off; --no-lora: a frozen copy of the SFT checkpoint."""
+    """LoRA: the reference is the adapter switched off; --no-lora: a frozen copy of the SFT checkpoint. The pairs are
+    trimmed per micro-batch (--pad_multiple 8), and the log-probs are checked against untrimmed rows."""
     flags = [*_flags(toy), "--output_dir", "", "--run_dir", str(tmp_path / "run"), "--lr", "3e-2"]
-    check_pair_reference_is_sft(run_in_process("dpo.py", flags if lora else [*flags, "--no-lora"]), toy.sft)
+    flags += ["--pad_multiple", "8"]
+    g = run_in_process("dpo.py", flags if lora else [*flags, "--no-lora"])
+    assert g["context_length"] < g["args"].query_length  # the last micro-batch was trimmed
+    check_pair_reference_is_sft(g, toy.sft)
 
 
 def test_pad_outside_the_embedding(toy, tmp_path):

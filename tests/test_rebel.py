@@ -291,7 +291,15 @@ def test_rollout_pairs_masks_and_eos(toy, monkeypatch):
     monkeypatch.setattr(rebel, "generate", lambda m, q, c: torch.cat((q, fixed[: q.size(0)]), 1))
     config = rebel.sampling_config(4, 1.0, pad)
     query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rebel.rollout(
-        model, lambda: nullcontext(model), rebel.Reward(tok, rm), queries, prompts, 2, config, [eos], 8,
+        model,
+        lambda: nullcontext(model),
+        rebel.Reward(tok, rm),
+        queries,
+        prompts,
+        2,
+        config,
+        [eos],
+        8,
         rebel.Timer(torch.device("cpu")),
     )
     assert query_responses.shape == (2, 2, 7) and query_responses[0, 0].tolist() == [pad, 5, 6, 5, eos, pad, pad]

@@ -57,7 +57,9 @@ def test_kl_reference_is_the_sft_policy(toy, last_update):
     check_reference_logprobs_are_sft(last_update, toy.sft)
 
 
-@pytest.mark.parametrize("extra", [["--rloo_k", "4"], ["--reinforce"]], ids=["k4", "reinforce"])
+@pytest.mark.parametrize(
+    "extra", [["--rloo_k", "4"], pytest.param(["--reinforce"], marks=pytest.mark.slow)], ids=["k4", "reinforce"]
+)
 def test_end_to_end(toy, tmp_path, extra):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

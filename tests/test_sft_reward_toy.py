@@ -35,6 +35,64 @@ def test_sft_loss_only_on_response_tokens(toy):
     assert loss.item() == pytest.approx(naive.item(), abs=1e-4)
 
 
+def test_trim_padding_by_hand():
+    pad = 9
+    x = torch.tensor([[9, 9, 1, 2, 3, 4, 9, 9], [9, 9, 9, 5, 6, 9, 9, 9]])  # prompts of 4 columns, responses of 4
+    trimmed, context_length = sft.trim_padding(x, 4, pad, 1)
+    assert trimmed.tolist() == [[1, 2, 3, 4], [9, 5, 6, 9]] and context_length == 2
+    trimmed, context_length = sft.trim_padding(x, 4, pad, 3)  # 3 columns each side: never more than there are
+    assert trimmed.tolist() == [[9, 1, 2, 3, 4, 9], [9, 9, 5, 6, 9, 9]] and context_length == 3
+    assert sft.trim_padding(x, 4, pad, 0)[0] is x and sft.trim_padding(x, 4, pad, 64)[0].shape == (2, 8)
+    pairs, _ = sft.trim_padding(torch.stack((x, x.flip(0)), 1), 4, pad, 1)  # (B, 2, L): every sequence counts
+    assert pairs.shape == (2, 2, 4) and pairs[:, 0].tolist() == [[1, 2, 3, 4], [9, 5, 6, 9]]
+
+
+def test_trim_padding_is_one_helper():
+    """sft.py, reward.py and dpo.py trim their training batches with the same helper (not in rebel.py, whose batches
+    of prompts trim_left_padding trims), so the skeleton test does not compare these copies: this does."""
+    assert _definitions("sft.py")["trim_padding"] == _definitions("reward.py")["trim_padding"]
+    assert _definitions("sft.py")["trim_padding"] == _definitions("dpo.py")["trim_padding"]
+
+
+def _pairs(toy, tokenizer, n: int = 4):
+    """n preference pairs of the toy task as the scripts lay them out: (n, 2, 64 + 40), the prompt left-padded to 64
+    tokens and each response right-padded to 40 (longer than any, so that there is right padding to drop)."""
+    data = dict(tokenizer=tokenizer, query_length=64, response_length=40, long_prompts="filter")
+    pairs, _ = reward.load_preferences(toy.preference, "train", "query", "chosen", "rejected", **data)
+    return pairs[:n]
+
+
+def test_per_batch_padding_leaves_the_sft_loss_unchanged(toy):
+    """sft.py's training loss on a micro-batch is the same whether or not it is trimmed (--pad_multiple 8 against 0)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, model = sft.load_tokenizer(toy.sft), AutoModelForCausalLM.from_pretrained(toy.sft).eval()
+    pad, batch = tokenizer.pad_token_id, _pairs(toy, tokenizer)[:, 0]  # (4, 104): prompts and chosen responses
+    trimmed, context_length = sft.trim_padding(batch, 64, pad, 8)
+    assert context_length < 64 and trimmed.size(1) - context_length < 40  # both sides trimmed
+    assert sft.trim_padding(batch, 64, pad, 0) == (batch, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            sft.sft_loss(model, trimmed, context_length, pad), sft.sft_loss(model, batch, 64, pad), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_per_batch_padding_leaves_the_reward_model_loss_unchanged(toy):
+    """reward.py's scores, and so its Bradley-Terry loss, on a micro-batch of pairs are the same whether or not it is
+    trimmed (--pad_multiple 8 against 0)."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer, hf_model = reward.load_tokenizer(toy.rm), AutoModelForSequenceClassification.from_pretrained(toy.rm)
+    model, pad = reward.ScalarRewardModel(hf_model.base_model, hf_model.score).eval(), tokenizer.pad_token_id
+    pairs = _pairs(toy, tokenizer)  # (4, 2, 104)
+    trimmed, context_length = reward.trim_padding(pairs, 64, pad, 8)
+    assert context_length < 64 and trimmed.size(-1) - context_length < 40
+    with torch.no_grad():
+        full, cut = (model(x.flatten(0, 1), pad).view(-1, 2) for x in (pairs, trimmed))
+    torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reward.bradley_terry_loss(cut), reward.bradley_terry_loss(full), atol=1e-6, rtol=1e-6)
+
+
 def _definitions(path) -> dict:
     with open(path) as f:
         src = f.read()
@@ -67,7 +125,7 @@ def test_saved_models_load_in_the_formats_rebel_reads(toy):
 def _reference_scores(rm_path, dataset) -> torch.Tensor:
     """rebel.py's reward model's scores of the train split's reference responses, as reward.py tokenises them."""
     tokenizer = rebel.load_tokenizer(rm_path)
-    _, queries, references, _ = rebel.load_prompts(
+    _, _, queries, references, _ = rebel.load_prompts(
         dataset, "train", "query", "reference_response", tokenizer, 64, 24, "filter"
     )
     model = rebel.load_reward_model(rm_path, torch.float32).eval()
