@@ -19,7 +19,7 @@ import json
 import os
 from types import SimpleNamespace
 
-from eval_helpers import END_OF_TURN, best_summary, toy_queries
+from eval_helpers import END_OF_TURN, best_summary, tiny_llama_config, toy_queries
 
 from toy.tldr import EVENTS, FEELINGS, FILLERS, PERSONS, QUESTIONS, SUBREDDITS, build_tokenizer, make_splits
 
@@ -97,7 +97,7 @@ def build_chat_task(root) -> SimpleNamespace:
     """Write <root>/policy, <root>/reward_model (save_pretrained directories with their tokenizers) and <root>/data
     (train.jsonl, validation.jsonl); return their paths and the policy's end-of-turn token."""
     import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification, LlamaForCausalLM
 
     root = str(root)
     paths = SimpleNamespace(
@@ -115,19 +115,10 @@ def build_chat_task(root) -> SimpleNamespace:
     tokenizer = _policy_tokenizer(_corpus(splits))
     eos, eot = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
+    config = tiny_llama_config(
+        len(tokenizer), tie_word_embeddings=False, bos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=[eos, eot],
-    )
+    )  # fmt: skip
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = [eos, eot]
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -157,6 +157,14 @@ def build_tiny_chat_model(out_dir: str, with_chat_template: bool = True) -> str:
 END_OF_TURN = "<|eot_id|>"
 
 
+def tiny_llama_config(vocab_size: int, hidden: int = 32, layers: int = 2, **extra):
+    """A Llama-architecture config small enough for CPU tests: 2 heads (no grouped KV), an MLP twice the width."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, **extra)  # fmt: skip
+
+
 def build_cycling_llama(out_dir: str, stops_on_end_of_turn: bool = True, **generation) -> str:
     """A 1-layer Llama whose greedy answer to a chat prompt is `hello <|eot_id|> user : hello <|eot_id|> user ...`.
 
@@ -165,7 +173,7 @@ def build_cycling_llama(out_dir: str, stops_on_end_of_turn: bool = True, **gener
     (unless stops_on_end_of_turn=False); `generation` adds other generation_config fields.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from toy.tldr import build_tokenizer
 
@@ -174,18 +182,10 @@ def build_cycling_llama(out_dir: str, stops_on_end_of_turn: bool = True, **gener
     tokenizer.chat_template = CHAT_TEMPLATE
     cycle = tokenizer.convert_tokens_to_ids([":", "hello", END_OF_TURN, "user"])
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        bos_token_id=eos,
-        pad_token_id=pad,
+    config = tiny_llama_config(
+        64, hidden=16, layers=1, tie_word_embeddings=False, bos_token_id=eos, pad_token_id=pad,
         eos_token_id=[eos, cycle[2]] if stops_on_end_of_turn else eos,
-    )
+    )  # fmt: skip
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         layer = model.model.layers[0]

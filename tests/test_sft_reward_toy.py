@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from conftest import LENGTHS, read_metrics, run_script
+from eval_helpers import tiny_llama_config
 from safetensors.torch import load_file
 
 import rebel
@@ -148,7 +149,6 @@ def test_pad_token_outside_the_embedding(toy, tmp_path):
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
-        LlamaConfig,
         LlamaForCausalLM,
     )
 
@@ -157,16 +157,7 @@ def test_pad_token_outside_the_embedding(toy, tmp_path):
     ids = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id
     )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **ids,
-    )
+    config = tiny_llama_config(len(tokenizer), **ids)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import run_script
+from eval_helpers import tiny_llama_config
 from peft import PeftModel
 
 import rebel
@@ -28,11 +29,7 @@ SCRIPTS = {
 
 
 def llama(vocab: int, hidden: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0,
-                       eos_token_id=0, pad_token_id=0)  # fmt: skip
+    return tiny_llama_config(vocab, hidden, layers=1, bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
 @pytest.fixture(scope="module")
