@@ -201,6 +201,13 @@ def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torc
     return queries[:, queries.size(1) - keep :]
 
 
+def trim_responses(query_responses: torch.Tensor, masks: torch.Tensor, context_length: int):
+    """Drop the response columns that are padding in every response of the batch (all stopped before them): no model
+    pass needs them. query_responses (..., L) and masks (..., T), trimmed alike."""
+    width = int(masks.sum(-1).max())
+    return query_responses[..., : context_length + width], masks[..., :width]
+
+
 def response_mask(responses: torch.Tensor, pad_id: int) -> torch.Tensor:
     """True up to and including the first EOS (everything when there is none)."""
     lengths = first_true_indices(responses == pad_id)  # tokens kept
@@ -347,14 +354,15 @@ def rollout(policy, ref_policy, reward, queries, prompts: list, n: int, config, 
         query_response = torch.cat((query_response[:, :ctx], response), 1).unflatten(0, (-1, n))  # (b, n, L)
         mask = response_mask(response, pad_id).unflatten(0, (-1, n))  # (b, n, T)
         # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
+        trimmed = trim_responses(query_response, mask, ctx)  # responses that stopped early leave padding columns
         with timer("logprob"):
-            logprob = sequence_logprobs(policy, query_response, mask, ctx, temperature, pad_id)
+            logprob = sequence_logprobs(policy, *trimmed, ctx, temperature, pad_id)
             with ref_policy() as ref:
-                ref_logprob = sequence_logprobs(ref, query_response, mask, ctx, temperature, pad_id)
+                ref_logprob = sequence_logprobs(ref, *trimmed, ctx, temperature, pad_id)
         # Response processing 3: the reward, and whether the response ended (the penalty needs it).
         with timer("reward"):
             chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(n)]
-            score = reward(query_response.flatten(0, 1), ctx, chunk_prompts).unflatten(0, (-1, n))
+            score = reward(trimmed[0].flatten(0, 1), ctx, chunk_prompts).unflatten(0, (-1, n))
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, n))
         out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
     return [torch.cat(t) for t in zip(*out)]

@@ -191,6 +191,23 @@ def test_padding_per_batch_leaves_logprobs_and_scores_unchanged(toy):
         torch.testing.assert_close(rm(trimmed, pad), rm(query_responses, pad), atol=1e-5, rtol=1e-5)
 
 
+def test_trimming_responses_that_stopped_early_leaves_logprobs_and_scores_unchanged(toy):
+    """The response columns that are padding in every response (all stopped before them) are dropped before the model
+    passes of the rollout and of the update; the summed log-probs and the scores are those of the full width."""
+    tok, model = _load(toy)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    queries = _queries(tok, ["TL;DR: my mom", "SUBREDDIT: r/pets TITLE: my dad POST: x TL;DR:"], length=20)
+    responses = rebel.truncate_response(torch.tensor([[5, 6, eos, 7, 8, 9], [5, eos, 6, 7, 8, 9]]), [eos], pad)
+    query_responses, masks = torch.cat((queries, responses), 1)[:, None], rebel.response_mask(responses, pad)[:, None]
+    trimmed = rebel.trim_responses(query_responses, masks, 20)
+    assert trimmed[0].shape == (2, 1, 23) and trimmed[1].shape == (2, 1, 3)  # the longest response: 2 tokens + EOS
+    full = rebel.sequence_logprobs(model, query_responses, masks, 20, 0.7, pad)
+    torch.testing.assert_close(rebel.sequence_logprobs(model, *trimmed, 20, 0.7, pad), full, atol=1e-5, rtol=1e-5)
+    rm = rebel.load_reward_model(toy.rm, torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rm(trimmed[0][:, 0], pad), rm(query_responses[:, 0], pad), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("temperature", [0.7, 1e-4])  # sampled, and near greedy
 def test_the_static_cache_samples_the_same_tokens(toy, temperature):
     tok, model = _load(toy)
