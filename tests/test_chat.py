@@ -277,7 +277,26 @@ def test_rebel_chat_lora_adjacent_pairs_text_prompts_and_a_reward_function(chat,
     lengths = after.postprocessed_response.str.split().str.len()
     assert (after.score[after.has_eos == False] == -1.0).all()  # noqa: E712  (the penalty)
     assert (after.score[after.has_eos] == -lengths[after.has_eos]).all()  # the function's value
-    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "hello"}]))
+    args = alpaca_eval_hook.Args(model_path=str(tmp_path / "out"), instructions=str(tmp_path / "alpaca.json"),
+                                 output_dir=str(tmp_path), max_new_tokens=8)  # fmt: skip
+    [answer] = json.loads(open(alpaca_eval_hook.main(args)).read())  # the hook loads the adapter on its base
+    assert answer["instruction"] == "hello" and answer["generator"] == "out"
+
+
+@pytest.mark.slow
+def test_dpo_on_conversation_pairs(chat, tmp_path):
+    """dpo.py on UltraFeedback-shaped pairs: the prompt and the chosen answer in one conversation, the rejected answer
+    in another; both rendered with the chat template, evaluated with the other family's reward model."""
+    rows = [json.loads(line) for line in open(os.path.join(chat.data, "train.jsonl"))]
+    pairs = [{"messages": r["messages"], "rejected": [*r["messages"][:1], {"role": "assistant", "content": "i feel ."}]}
+             for r in rows]  # fmt: skip
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    flags = [*chat_flags(chat), "--preference_dataset", str(tmp_path / "pairs.jsonl"), "--chosen_column", "messages",
+             "--rejected_column", "rejected", "--lora_rank", "4", "--lora_alpha", "8"]  # fmt: skip
+    run_script("dpo.py", *flags, "--output_dir", "", "--run_dir", str(tmp_path / "run"))
+    rows = [r for r in read_metrics(tmp_path / "run") if "update" in r]
+    assert [r["update"] for r in rows] == [1, 2] and rows[-1]["policy/logprob_chosen"] < 0
 
 
 @pytest.mark.slow
