@@ -531,8 +531,8 @@ def require(ok: bool, message: str) -> None:
 
 
 def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
-    """A new run needs an empty run directory, so that its logs never mix with another run's; the run and output
-    directories are created and written to now, so that a bad one fails at start rather than after training."""
+    """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
+    so that a bad one fails at start rather than after training."""
     if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise BadInput(
             f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
@@ -557,6 +557,8 @@ def find_checkpoint(path: str) -> str:
         return path
     root = os.path.join(path, "checkpoints")
     done = sorted(n for n in os.listdir(root) if n[7:].isdigit()) if os.path.isdir(root) else []  # update_N
+    if not done and os.path.isdir(root):
+        return None  # a run killed while it wrote its first checkpoint (open_run starts it over)
     require(bool(done), f"--resume {path}: no checkpoint there (runs write one every --save_freq updates)")
     return os.path.join(root, done[-1])
 
@@ -611,12 +613,18 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
     path = os.path.join(root, f"update_{update:06d}")
-    dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
-    torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+    try:
+        dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
+        torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+    except Exception as e:
+        raise BadInput(
+            f"cannot write the checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); the earlier checkpoints are "
+            f"intact: free some space and continue with --resume {run_dir}"
+        ) from e
     barrier()
     if rank == 0:
         with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
-            json.dump(trainer, f)
+            json.dump({**trainer, "script": os.path.basename(__file__)}, f)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
         for old in sorted(n for n in os.listdir(root) if n[7:].isdigit())[: -max(keep, 1)]:
@@ -637,6 +645,14 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
     try:
         with open(os.path.join(path, "trainer.json")) as f:
             trainer = json.load(f)
+        script = trainer.get("script", os.path.basename(__file__))
+        require(script == os.path.basename(__file__), f"--resume {path}: that is a run of {script}; resume it with it")
+        name = os.path.basename(os.path.normpath(path))
+        require(
+            name == f"update_{trainer.get('update', -1):06d}",
+            f"--resume {path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's; "
+            "it was edited or copied from another checkpoint: resume from an intact one",
+        )
         was = trainer["flags"]
         changed = [
             f"--{k} {was.get(k)} (now {v})"
@@ -670,7 +686,8 @@ def stop_signals() -> list:
 
     def handler(signum, frame):
         if received:
-            raise KeyboardInterrupt
+            print(f"\n{signal.Signals(signum).name} again: stopping now, without a checkpoint", file=sys.stderr)
+            os._exit(128 + signum)
         received.append(signum)
         print(
             f"\n{signal.Signals(signum).name}: saving a checkpoint after this update (again to stop now)",

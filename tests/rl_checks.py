@@ -1,5 +1,5 @@
 """Checks shared by the tests of the online scripts built on rebel.py's skeleton (rloo.py, iterative_dpo.py): run a
-script in this process and inspect the last update's tensors, which `__main__` leaves in the script's globals."""
+script in this process and inspect the last update's tensors, the local variables of its main() when it returns."""
 
 import os
 import runpy
@@ -12,12 +12,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_in_process(script: str, flags: list[str]) -> dict:
-    """Run `python script flags` here and return its globals after the run (the last update's rollout among them)."""
+    """Run `python script flags` here and return the local variables of the script's main() as it returned (the last
+    update's rollout among them), caught by a profile hook on main's return."""
     saved = sys.argv, sys.excepthook, signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    sys.argv = [os.path.join(ROOT, script), *flags]
+    sys.argv, path, captured = [os.path.join(ROOT, script), *flags], os.path.join(ROOT, script), {}
+
+    def on_return(frame, event, arg):
+        if event == "return" and frame.f_code.co_name == "main" and frame.f_code.co_filename == path:
+            captured.update(frame.f_locals)
+
     try:
         with torch.random.fork_rng():
-            return runpy.run_path(sys.argv[0], run_name="__main__")
+            sys.setprofile(on_return)
+            try:
+                runpy.run_path(sys.argv[0], run_name="__main__")
+            finally:
+                sys.setprofile(None)
+        return captured
     finally:
         sys.argv, sys.excepthook = saved[:2]
         signal.signal(signal.SIGINT, saved[2])  # the script's stop handlers
@@ -59,7 +70,7 @@ def check_reward_composition(g: dict) -> None:
     kl = g["logprobs"] - g["ref_logprobs"]  # (B, n)
     assert kl.abs().max() > 0.05, "pi_t still equals the reference: this run cannot tell the KL's sign"
     with torch.no_grad():
-        raw_scores = g["reward_model"](qr.flatten(0, 1), pad).float().view(qr.shape[:2])
+        raw_scores = g["reward"].model(qr.flatten(0, 1), pad).float().view(qr.shape[:2])
     has_eos = (qr[..., qr.size(-1) - args.response_length :] == eos).any(-1)
     expected = torch.where(has_eos, raw_scores, args.penalty_reward_value) - args.kl_coef * kl
     torch.testing.assert_close(g["rewards"], expected, atol=1e-4, rtol=1e-4)

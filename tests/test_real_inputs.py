@@ -1,0 +1,237 @@
+"""Real inputs that used to give wrong results, lose the model or crash: each case is refused in one line naming the
+fix, or handled as a user would expect. The helpers are rebel.py's appendix, the same in every script (test_skeleton)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from conftest import run_script
+from rl_checks import bad_input_message
+
+import rebel as R
+
+
+def rl(toy, tmp_path, *flags):
+    return [*toy.rl_flags, "--output_dir", "", "--run_dir", str(tmp_path / "run"), *flags]
+
+
+@pytest.fixture
+def tokenizer(toy):
+    return R.load_tokenizer(toy.sft)
+
+
+def prompts_of(path, split, tokenizer, column="query", reference=None):
+    return R.load_prompts(path, split, column, reference, tokenizer, 64, 24, "filter")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_a_saved_dataset_dict_keeps_its_exact_split_names(tmp_path, tokenizer):
+    from datasets import Dataset, DatasetDict
+
+    rows = lambda n, tag: Dataset.from_dict({"query": [f"{tag} {i} ?\n\nTL;DR:" for i in range(n)]})  # noqa: E731
+    DatasetDict(
+        {
+            "train_sft": rows(3, "sft"),
+            "train_prefs": rows(5, "prefs"),
+            "test_sft": rows(2, "a"),
+            "test_prefs": rows(4, "b"),
+        }
+    ).save_to_disk(tmp_path / "uf")
+    dataset, prompts, *_ = prompts_of(str(tmp_path / "uf"), "train_prefs", tokenizer)
+    assert len(dataset) == 5 and all(p.startswith("prefs") for p in prompts)  # not train_sft + train_prefs together
+    with pytest.raises(R.BadInput, match=r"no split 'train'; its splits are \['train_sft', 'train_prefs'"):
+        prompts_of(str(tmp_path / "uf"), "train", tokenizer)
+
+
+@pytest.mark.parametrize(
+    "cell, shown",
+    [("", "''"), ("   ", "'   '"), (None, "'None'"), (7, "'7'"), ([{"role": "user"}], "role")],
+    ids=["empty", "whitespace", "none", "int", "message-without-content"],
+)
+def test_a_bad_cell_is_named_by_column_and_row(tmp_path, tokenizer, cell, shown):
+    rows = [{"query": "fine ?\n\nTL;DR:", "ref": "ok"}] * 3 + [{"query": cell, "ref": "ok"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(R.BadInput, match=f"column 'query', row 3: .*{shown}"):
+        prompts_of(str(tmp_path / "d.jsonl"), "train", tokenizer)
+
+
+def test_a_csv_with_two_columns_of_one_name_is_refused(tmp_path, tokenizer):
+    (tmp_path / "d.csv").write_text("query,query\nfirst ?,second ?\n")
+    with pytest.raises(R.BadInput, match=r"several columns named \['query'\]"):
+        prompts_of(str(tmp_path / "d.csv"), "train", tokenizer)
+
+
+def test_a_json_syntax_error_names_the_file_and_line(tmp_path, tokenizer):
+    (tmp_path / "d.jsonl").write_text('{"query": "a ?"}\n{"query": "b ?"}\n{"query": "c ?",}\n')
+    with pytest.raises(R.BadInput, match="d.jsonl', line 3: not valid JSON"):
+        prompts_of(str(tmp_path / "d.jsonl"), "train", tokenizer)
+
+
+def test_pairs_without_a_preference(tmp_path, tokenizer, capsys):
+    same = [{"query": f"q {i} ?", "chosen": "a b", "rejected": "a b"} for i in range(4)]
+    (tmp_path / "same.jsonl").write_text("\n".join(json.dumps(r) for r in same))
+    args = ("train", "query", "chosen", "rejected", tokenizer, (64, 24), "filter", False)
+    with pytest.raises(R.BadInput, match="every pair .* has chosen == rejected"):
+        R.load_preferences(str(tmp_path / "same.jsonl"), *args)
+    same[0]["rejected"] = "c d"
+    (tmp_path / "some.jsonl").write_text("\n".join(json.dumps(r) for r in same))
+    pairs, _ = R.load_preferences(str(tmp_path / "some.jsonl"), *args)
+    assert len(pairs) == 4 and "3 of 4 pairs" in capsys.readouterr().out
+
+
+def test_fewer_evaluation_prompts_than_processes():
+    assert R.rank_share(5, 1, 2) == [1, 3]
+    with pytest.raises(R.BadInput, match="1 evaluation examples cannot be shared by 2 processes"):
+        R.rank_share(1, 0, 2)
+
+
+# ---------------------------------------------------------------------------------------------- models and reward
+
+
+def test_a_reward_model_saved_without_tokenizer_reads_the_policys(toy, tmp_path, tokenizer, capsys):
+    """transformers builds an empty tokenizer from a directory without tokenizer files: every response then scored
+    the same constant. The policy's tokenizer is taken instead, with a note."""
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(toy.rm).save_pretrained(tmp_path / "rm")
+    assert R.load_reward_tokenizer(None, str(tmp_path / "rm"), tokenizer) is tokenizer
+    assert "has no tokenizer: it reads the policy's tokens" in capsys.readouterr().err
+    with pytest.raises(R.BadInput, match="holds no tokenizer"):
+        R.load_tokenizer(str(tmp_path / "rm"))
+
+
+def test_tokenizers_that_differ_only_in_their_pad_are_the_same(toy, tokenizer):
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(toy.sft)
+    other.pad_token = "job"  # a real token of the policy's vocabulary, where the policy's pad is its own [PAD]
+    assert other.pad_token_id == tokenizer.get_vocab()["job"] != tokenizer.pad_token_id
+    assert R.same_tokenizer(tokenizer, other) and R.same_tokenizer(other, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (lambda p, r: [1.0] * (len(r) - 1), "returned .* one number per response"),
+        (lambda p, r: None, "failed on 4 responses"),
+        (lambda p, r: ["good"] * len(r), "failed on 4 responses"),
+        (lambda p, r: 1 / 0, "failed on 4 responses: ZeroDivisionError"),
+    ],
+    ids=["count", "none", "strings", "raises"],
+)
+def test_a_reward_function_that_returns_nonsense(tokenizer, fn, message):
+    reward = R.Reward(tokenizer, fn=fn)
+    with pytest.raises(R.BadInput, match=f"--reward_fn <lambda> {message}"):
+        reward(torch.ones(4, 10, dtype=torch.long), 5, ["x ?"] * 4)
+
+
+def test_an_adapter_whose_base_is_gone(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    config = {"peft_type": "LORA", "base_model_name_or_path": str(tmp_path / "gone"), "r": 4, "target_modules": ["x"]}
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(R.BadInput, match="is a LoRA adapter whose base model .*gone' cannot be loaded"):
+        R.load_policy(str(tmp_path / "adapter"), torch.float32)
+
+
+def test_lora_targets_that_match_nothing_list_the_real_names(toy, tmp_path):
+    message = bad_input_message("rebel.py", rl(toy, tmp_path, "--lora_target_modules", "q_proj"))
+    assert "--lora_target_modules" in message and "query_key_value" in message
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--noptepochs", "0"], "--noptepochs must be >= 1; got 0"),
+        (["--temperature", "0"], "--temperature must be > 0; got 0.0"),
+        (["--num_eval_prompts", "0"], "--num_eval_prompts must be >= 1; got 0"),
+        (["--save_freq", "-1"], "--save_freq must be >= 0"),
+    ],
+    ids=["noptepochs", "temperature", "eval-prompts", "save-freq"],
+)
+def test_numeric_flags_are_checked_at_start(toy, tmp_path, flags, message):
+    assert message in bad_input_message("rebel.py", rl(toy, tmp_path, *flags))
+
+
+def test_full_fine_tuning_in_bf16_starts_at_kl_zero(toy, tmp_path):
+    """The reference is kept in the policy's fp32 (a bf16 copy computed another distribution): KL 0 at update 0."""
+    flags = [*rl(toy, tmp_path, "--no-lora", "--precision", "bf16", "--total_episodes", "8"), "--num_eval_prompts", "4"]
+    run_script("rebel.py", *flags)
+    assert pd.read_csv(tmp_path / "run" / "eval_000000.csv").kl.abs().max() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- runs and saving
+
+
+def test_a_run_directory_held_by_a_live_process_is_refused(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / ".lock").write_text(str(holder.pid))
+        with pytest.raises(R.BadInput, match=f"is in use by process {holder.pid}"):
+            R.lock_run_dir(str(tmp_path / "run"))
+    finally:
+        holder.kill()
+        holder.wait()
+    R.lock_run_dir(str(tmp_path / "run"))  # a dead holder's lock is taken over
+    assert (tmp_path / "run" / ".lock").read_text() == str(os.getpid())
+
+
+def fake_checkpoint(path, **trainer):
+    os.makedirs(path)
+    with open(os.path.join(path, "trainer.json"), "w") as f:
+        json.dump({"update": 2, "world_size": 1, "flags": {}, **trainer}, f)
+    return str(path)
+
+
+def test_an_edited_update_counter_is_refused(tmp_path):
+    path = fake_checkpoint(tmp_path / "checkpoints" / "update_000002", update=99)
+    with pytest.raises(R.BadInput, match="says update 99, which is not this checkpoint's"):
+        R.load_checkpoint(path, None, None, {}, 1)
+
+
+def test_resuming_another_scripts_run_says_so(tmp_path):
+    path = fake_checkpoint(tmp_path / "checkpoints" / "update_000002", script="ppo.py")
+    with pytest.raises(R.BadInput, match="that is a run of ppo.py; resume it with it"):
+        R.load_checkpoint(path, None, None, {}, 1)
+
+
+def test_a_run_killed_in_its_first_checkpoint_starts_over_on_resume(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "update_000002.tmp").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"update": 1}\n')
+    checkpoint, run_dir, _ = R.open_run(str(run), None, "rebel", 1, "")
+    assert checkpoint is None and run_dir == str(run) and os.listdir(run) == [".lock"]
+
+
+def test_a_failed_final_save_says_how_to_get_the_model(tokenizer):
+    class Unsaveable:
+        def save_pretrained(self, *a, **k):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(R.BadInput, match="No space left on device.*--resume <its run_dir> --output_dir"):
+        R.save_policy(Unsaveable(), tokenizer, "/tmp/out", False, False)
+
+
+def test_a_reward_model_with_its_own_tokenizer_reads_the_response_with_its_space(tokenizer, monkeypatch):
+    """Decoded on its own, a response loses the space that joins it to its prompt ("TL;DR:a summary"); decoded after
+    its prompt it keeps it, and the text is tokenised with the reward tokenizer's special tokens (reward.py's)."""
+    seen, render = [], R.reward_text
+    monkeypatch.setattr(R, "reward_text", lambda *a: seen.append(render(*a)) or seen[-1])
+    calls = []
+
+    class Model:
+        def __call__(self, inputs, pad_id):
+            calls.append(inputs)
+            return torch.zeros(len(inputs))
+
+    prompt = "a b c\n\nTL;DR:"
+    query, response = tokenizer(prompt).input_ids, tokenizer(" i feel .", add_special_tokens=False).input_ids
+    R.Reward(tokenizer, Model(), tokenizer)(torch.tensor([query + response]), len(query), [prompt])
+    assert seen == [prompt + " i feel ." + tokenizer.eos_token]
+    assert calls[0][0].tolist() == tokenizer(seen[0]).input_ids  # with add_special_tokens, as reward.py tokenises
