@@ -138,12 +138,14 @@ def test_a_reward_model_without_its_head_weights_is_refused(chat, tmp_path):
 
 def test_a_reward_function_from_a_file(tmp_path):
     (tmp_path / "r.py").write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n")
-    fn = rebel.load_reward_fn(f"{tmp_path}/r.py:length")
-    assert fn(["a", "b"], ["xyz", ""]) == [3, 0]
+    def load(spec):
+        return rebel.load_reward(spec, "unused", None, None, torch.float32, "cpu")
+
+    assert load(f"{tmp_path}/r.py:length").fn(["a", "b"], ["xyz", ""]) == [3, 0]
     with pytest.raises(rebel.BadInput, match="defines no function 'missing'"):
-        rebel.load_reward_fn(f"{tmp_path}/r.py:missing")
+        load(f"{tmp_path}/r.py:missing")
     with pytest.raises(rebel.BadInput, match="give an existing file.py:function_name"):
-        rebel.load_reward_fn(f"{tmp_path}/nope.py:length")
+        load(f"{tmp_path}/nope.py:length")
 
 
 def test_stop_tokens_end_responses_early_at_the_same_length(tmp_path):

@@ -34,7 +34,8 @@ def test_checkpoints_are_complete_and_only_the_last_are_kept(toy, tmp_path):
     run = tmp_path / "run"
     run_script("rebel.py", *toy.rl_flags, *LONGER, "--save_freq", "2", "--keep_checkpoints", "2",
                "--output_dir", "", "--run_dir", str(run))  # fmt: skip
-    assert sorted(os.listdir(run / "checkpoints")) == ["update_000004", "update_000006"]
+    # every --save_freq updates and at the last one (7), the last --keep_checkpoints kept
+    assert sorted(os.listdir(run / "checkpoints")) == ["update_000006", "update_000007"]
     last = run / "checkpoints" / "update_000006"
     trainer = json.loads((last / "trainer.json").read_text())
     assert trainer["update"] == 6 and trainer["world_size"] == 1 and trainer["flags"]["save_freq"] == 2
