@@ -24,7 +24,7 @@ def test_token_rewards_by_hand():
     masks = torch.tensor([[True, True, True, False], [True, True, True, True]])  # row 0 ends at EOS, row 1 has none
     logprobs, ref_logprobs = logprobs * masks, ref_logprobs * masks  # as ppo_rollout returns them
     scores, has_eos, penalty, kl_coef = torch.tensor([2.0, 5.0]), torch.tensor([True, False]), -1.0, 0.1
-    scores = torch.where(has_eos, scores, penalty)  # __main__, step 2
+    scores = torch.where(has_eos, scores, penalty)  # main, step 2
     kl, rewards = token_rewards(scores, logprobs, ref_logprobs, masks, kl_coef)
     # log pi_old - log pi_ref: row 0 (0.5, -1, 0, pad), row 1 (1, 0, 2, 0).
     torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [1.0, 0.0, 2.0, 0.0]]))
@@ -153,7 +153,7 @@ def test_ppo_full_finetune_critic_lora_reference_is_sft(toy, tmp_path):
     assert (torch.tensor(trained) - g["ref_logprobs"].sum(1)).abs().max() > 0.05, "the policy did not move"
     # Step 2 of the loop, recomputed from the reward model's raw scores.
     with torch.no_grad():
-        raw_scores = g["reward_model"](qr, pad).float()
+        raw_scores = g["reward"].model(qr, pad).float()
     scores = torch.where(g["has_eos"], raw_scores, args.penalty_reward_value)
     kl = (g["logprobs"] - g["ref_logprobs"]) * masks
     expected = -args.kl_coef * kl
