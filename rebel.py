@@ -1234,7 +1234,8 @@ def evaluate(
     prompts = [prompts[i] for i in idx]
     queries = trim_left_padding(queries[idx], tokenizer.pad_token_id, pad_multiple).to(log.device)
     ctx = queries.size(1)
-    with autocast():
+    # Its own random stream: the training's samples do not depend on when, or how often, the run evaluates.
+    with autocast(), torch.random.fork_rng(devices=[log.device] if log.device.type == "cuda" else []):
         query_response, mask, kl, score, has_eos = sample(queries, prompts)
     rows = {
         "query": [last_turn(p) for p in prompts],

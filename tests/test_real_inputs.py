@@ -235,3 +235,26 @@ def test_a_reward_model_with_its_own_tokenizer_reads_the_response_with_its_space
     R.Reward(tokenizer, Model(), tokenizer)(torch.tensor([query + response]), len(query), [prompt])
     assert seen == [prompt + " i feel ." + tokenizer.eos_token]
     assert calls[0][0].tolist() == tokenizer(seen[0]).input_ids  # with add_special_tokens, as reward.py tokenises
+
+
+def test_evaluation_does_not_change_the_training(toy, tmp_path):
+    """--eval_freq may change on --resume: evaluation samples from its own random stream, so the training's rollouts
+    are the same however often the run evaluates."""
+    rows = {}
+    for freq in ("0", "1"):
+        run = tmp_path / f"run{freq}"
+        flags = [
+            *toy.rl_flags,
+            "--total_episodes",
+            "24",
+            "--eval_freq",
+            freq,
+            "--output_dir",
+            "",
+            "--run_dir",
+            str(run),
+        ]
+        run_script("rebel.py", *flags)
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        rows[freq] = [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "memory/"))} for x in lines]
+    assert rows["0"] == rows["1"]
