@@ -94,15 +94,26 @@ def generate_chat(
             if temperature >= 1e-4
             else {"do_sample": False}
         )
+        # As rebel.py's generate(): the pad id never reaches the model, since a model trained by the scripts may have no
+        # embedding row for it (the <|pad|> they add). Pad positions are masked and fed id 0; generate() counts the
+        # positions from each prompt's first real token (attention_mask.cumsum - 1); a finished answer is fed its
+        # first stop id, a real token. The tokenizer's mask, not `!= pad`, as with pad == EOS the template holds EOSs.
+        attention_mask = inputs["attention_mask"].bool()
+        stop_ids = stop_token_ids(model, tokenizer)
         tokens = model.generate(
-            **inputs,
+            input_ids=inputs["input_ids"].masked_fill(~attention_mask, 0),
+            attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stop_token_ids(model, tokenizer),
+            pad_token_id=stop_ids[0] if stop_ids else 0,  # no stop ids: no answer finishes, no filler is fed
+            eos_token_id=stop_ids or None,
             **sampling,
         )
         new_tokens = tokens[:, inputs["input_ids"].shape[1] :]  # (B, T_new)
-        outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        # Everything after an answer's first stop token is filler: cut it, so that it never shows in the text.
+        stopped = torch.isin(new_tokens, torch.tensor(stop_ids, dtype=torch.long, device=new_tokens.device))
+        ends = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, new_tokens.size(1))
+        answers = [t[:end] for t, end in zip(new_tokens, ends.tolist(), strict=True)]
+        outputs += [t.strip() for t in tokenizer.batch_decode(answers, skip_special_tokens=True)]
     return outputs
 
 

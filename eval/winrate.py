@@ -8,9 +8,9 @@ gpt-4-0613; those are the defaults here.
 Input: the evaluation CSVs that the training scripts write (columns `query, postprocessed_response,
 reference_response, ...`), one summary row per file. Every judge answer is appended to a JSON-lines
 cache as soon as it arrives, keyed by a hash of the endpoint and the whole request (model, prompt, temperature,
-max_tokens), so an interrupted run resumes without paying twice. An answer without a readable "Preferred: A/B" is
-a *parse failure*: it is counted and reported, never turned into a coin flip or a loss. A rejected key or an
-endpoint that does not answer stops the run with one `error:` line and exit code 1.
+max_tokens), so an interrupted run resumes without paying twice. An answer without a readable "Preferred: A/B" (one
+letter alone: "Preferred: A or B" is none) is a *parse failure*: it is counted and reported, never turned into a coin
+flip or a loss. A rejected key or an endpoint that does not answer stops the run with one `error:` line and exit code 1.
 
     # any OpenAI-compatible endpoint; the key is read from $OPENAI_API_KEY and never written anywhere
     python -m eval.winrate runs/rebel/eval.csv runs/ppo/eval.csv --output_dir winrate_out
@@ -20,6 +20,7 @@ endpoint that does not answer stops the run with one `error:` line and exit code
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -148,26 +149,35 @@ def policy_is_a(seed: int, row_id: int) -> bool:
     return random.Random(f"{seed}:{row_id}").random() < 0.5
 
 
-# "Preferred" then optional markdown/quotes/"Summary", then a standalone capital A or B.
-_PREFERRED = re.compile(r"(?i:preferred)\W*(?:(?i:summary)\W*)?([AB])(?![A-Za-z0-9])")
-_MARKUP = re.compile(r"[\s*_`\"'.:<>()\[\]]+")
+# The label "Preferred:" (markdown around it allowed), and what follows it on its line.
+_PREFERRED = re.compile(r"(?i:preferred)[\s*_`\"'>)\]]*:([^\n]*)")
+# An answer is one capital A or B alone, in optional markdown/quotes/"Summary": "A or B", "A, B" or a sentence are
+# no answer, as a judge that names both letters has stated no preference.
+_MARKUP = r"[\s*_`\"'.:<>()\[\]]*"
+_ANSWER = re.compile(rf"{_MARKUP}(?:(?i:summary){_MARKUP})?([AB]){_MARKUP}")
 
 
 def parse_preference(answer: str | None) -> str | None:
     """'A', 'B', or None when the answer states no readable preference (a parse failure).
 
-    Accepts "Preferred: A", "Preferred: **B**", "**Preferred:** \"A\"", "Preferred: Summary B"; the last
-    "Preferred" wins (a judge sometimes restates the format first). Without one, a last line that is only
-    A or B (the prompt asks for the letter on its own line) counts too.
+    Accepts "Preferred: A", "Preferred: **B**", "**Preferred:** \"A\"", "Preferred: Summary B", and the letter on
+    the line after "Preferred:"; the last "Preferred:" wins (a judge sometimes restates the format first). Without
+    one, a last line that is only A or B (the prompt asks for the letter on its own line) counts too. Anything else
+    after the label ("A or B", "A, B", a sentence) is a parse failure.
     """
     if not answer:
         return None
-    matches = _PREFERRED.findall(answer)
-    if matches:
-        return matches[-1]
+    labels = list(_PREFERRED.finditer(answer))
+    if labels:
+        stated = labels[-1].group(1)
+        if not stated.strip():  # "Preferred:" alone on its line: the letter is on the next non-empty line
+            rest = [line for line in answer[labels[-1].end() :].splitlines() if line.strip()]
+            stated = rest[0] if rest else ""
+        match = _ANSWER.fullmatch(stated)
+        return match.group(1) if match else None
     lines = [line for line in answer.strip().splitlines() if line.strip()]
-    last = _MARKUP.sub("", lines[-1]) if lines else ""
-    return last if last in ("A", "B") else None
+    match = _ANSWER.fullmatch(lines[-1]) if lines else None
+    return match.group(1) if match and "summary" not in lines[-1].lower() else None
 
 
 def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -382,6 +392,31 @@ def judge_in_parallel(
             return [future.result() for future in progress]
 
 
+def read_eval_csv(path: str) -> pd.DataFrame:
+    """The CSV's rows, or SystemExit when the file does not parse into whole rows.
+
+    pandas reads a CSV with one stray quote as extra fragment rows (the quoted multi-line posts after it read as
+    unquoted lines, short rows filled with ""), which would then be judged and counted. So the file is parsed strictly
+    first, and every record must have the header's number of fields.
+    """
+    fix = "write it with a CSV writer (pandas' DataFrame.to_csv quotes every field that needs it)"
+    with open(path, newline="") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            header = next(reader, [])
+            n_records = 0
+            for record in reader:
+                n_records += 1
+                if len(record) != len(header):
+                    raise csv.Error(f"{len(record)} fields, the header has {len(header)}")
+        except csv.Error as e:
+            raise SystemExit(f"error: {path} is not well-formed CSV (line {reader.line_num}: {e}); {fix}") from None
+    df = pd.read_csv(path, keep_default_na=False)  # an empty response is "", not NaN
+    if len(df) != n_records:  # the two parsers disagree: neither reading can be trusted
+        raise SystemExit(f"error: {path} is not well-formed CSV ({len(df)} rows read, {n_records} records); {fix}")
+    return df
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| file | win rate | 95% CI (Wilson) | judged | W/T/L | parse failures | failed requests |",
@@ -415,7 +450,7 @@ def main(args: Args) -> list[dict]:
 
     summaries, all_judgments = [], []
     for path in args.csvs:
-        df = pd.read_csv(path, keep_default_na=False)  # an empty response is "", not NaN
+        df = read_eval_csv(path)
         missing = {"query", "postprocessed_response", "reference_response"} - set(df.columns)
         if missing:
             raise SystemExit(f"error: {path} lacks columns {sorted(missing)}")
@@ -461,12 +496,21 @@ def main(args: Args) -> list[dict]:
                 f"{s['failed_requests']} of {s['n_selected']} requests for {s['file']} failed: its win rate is over "
                 f"the {s['n_judged']} judged rows; rerun the same command to retry only the failed rows"
             )
+        if s["parse_failures"] and s["n_judged"]:
+            print(
+                f"{s['parse_failures']} of {s['n_selected']} answers for {s['file']} state no readable preference: its "
+                f"win rate is over the {s['n_judged']} judged rows; their answers are in {judgments_path}"
+            )
     unjudged = [s["file"] for s in summaries if s["n_judged"] == 0]
     if unjudged:
-        first_error = next((j["error"] for j in all_judgments if j["error"]), None)
+        failed = [j for j in all_judgments if j["file"] in unjudged and j["winner"] is None]
+        first_error = next((j["error"] for j in failed if j["error"]), None)
+        first_answer = next((j["raw"] for j in failed if not j["error"]), None)
+        # A request error explains the rows best; without one, the first unreadable answer shows what the judge said.
+        first = f"first error: {first_error}" if first_error else f"first unreadable answer: {first_answer!r}"
         raise SystemExit(
             f"error: no row of {', '.join(unjudged)} could be judged: every request failed or gave no readable "
-            f"preference (first error: {first_error}); each row's error is in {judgments_path}"
+            f"preference ({first}); each row's {'error' if first_error else 'answer'} is in {judgments_path}"
         )
     return summaries
 

@@ -28,7 +28,8 @@ class FakeJudgeServer:
     `failures` is a list of HTTP status codes served, one per request, before any real answer (the error body quotes
     the request path); a summary
     containing GARBLED gets an answer with no stated preference; `reject_with_key` answers 401 quoting the key;
-    `hang` records each request and never answers it (until the server shuts down).
+    `hang` records each request and never answers it (until the server shuts down); `answer` is sent as the content
+    of every answer, or only where the policy summary contains one of the strings in `answer_rows` when that is set.
     """
 
     def __init__(self):
@@ -36,6 +37,8 @@ class FakeJudgeServer:
         self.failures: list[int] = []
         self.reject_with_key = False
         self.hang = False
+        self.answer: str | None = None
+        self.answer_rows: set[str] = set()
         self.release = threading.Event()
         self.lock = threading.Lock()
         server = self
@@ -60,7 +63,11 @@ class FakeJudgeServer:
                     return self._send(status, {"error": {"message": f"try again ({self.path})"}})  # as 4xx pages do
                 prompt = body["messages"][0]["content"]
                 a = re.search(r"### Summary A:\n(.*?)\n\n### Summary B:", prompt, re.S).group(1)
-                if GARBLED in prompt:
+                if server.answer is not None and (
+                    not server.answer_rows or any(marker in prompt for marker in server.answer_rows)
+                ):
+                    content = server.answer
+                elif GARBLED in prompt:
                     content = "Comparison: both are fine.\nI cannot decide."
                 else:
                     choice = "A" if GOOD in a else "B"
@@ -199,5 +206,23 @@ def build_cycling_llama(out_dir: str, stops_on_end_of_turn: bool = True, **gener
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.update(**generation)
     model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_chat_recipe_model(out_dir: str) -> str:
+    """A tiny Llama saved the way the README's chat recipe (--no-lora --num_trainable_layers) saves one: the tokenizer
+    carries the `<|pad|>` the scripts add, whose id is one past the embedding's rows (they never feed it)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from toy.tldr import build_tokenizer
+
+    tokenizer = build_tokenizer(["user assistant : what is the capital of france ? write a poem hello thanks"] * 3)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer), bos_token_id=eos, eos_token_id=eos)).save_pretrained(out_dir)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})  # as rebel.py's load_tokenizer, with no embedding row
     tokenizer.save_pretrained(out_dir)
     return out_dir

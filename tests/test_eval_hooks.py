@@ -1,7 +1,13 @@
 import json
 
 import pytest
-from eval_helpers import CHAT_TEMPLATE, END_OF_TURN, build_cycling_llama, build_tiny_chat_model
+from eval_helpers import (
+    CHAT_TEMPLATE,
+    END_OF_TURN,
+    build_chat_recipe_model,
+    build_cycling_llama,
+    build_tiny_chat_model,
+)
 
 import eval.mt_bench_hook as mt_bench_hook
 from eval.alpaca_eval_hook import Args as AlpacaArgs
@@ -132,3 +138,48 @@ def test_generation_settings_passed_win_over_the_models_others_kept(tmp_path):
     # Greedy and up to 6 tokens (as passed), "user" suppressed (the model's own setting): hello <|eot_id|> thanks,
     # then the all-zero logits after "thanks" pick token 0, the EOS.
     assert answers == {"hello thanks"}
+
+
+def test_hooks_on_a_chat_recipe_model_never_feed_the_pad_id(tmp_path):
+    path = build_chat_recipe_model(str(tmp_path / "model"))
+    model, tokenizer = load_model_and_tokenizer(path)
+    assert tokenizer.pad_token_id == model.get_input_embeddings().num_embeddings  # no embedding row for it
+    # Prompts of different lengths, so that the batch is left-padded; greedy, 3 tokens on a random model.
+    (tmp_path / "alpaca.json").write_text(
+        json.dumps([{"instruction": "write a poem"}, {"instruction": QUESTION[0][0]["content"]}])
+    )
+    args = AlpacaArgs(
+        model_path=path, instructions=str(tmp_path / "alpaca.json"), output_dir=str(tmp_path / "out"),
+        temperature=0.0, max_new_tokens=3, batch_size=2,
+    )  # fmt: skip
+    batched = [o["output"] for o in json.load(open(alpaca_main(args)))]
+    # Masked pads and positions counted from the first real token: each prompt is answered as it is alone.
+    args.batch_size, args.output_dir = 1, str(tmp_path / "out_single")
+    assert batched == [o["output"] for o in json.load(open(alpaca_main(args)))]
+    (tmp_path / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS[1:]))
+    mt_args = mt_bench_hook.Args(
+        model_path=path, questions=str(tmp_path / "question.jsonl"), output_dir=str(tmp_path), max_new_tokens=3,
+        model_id="recipe", batch_size=2,
+    )  # fmt: skip
+    assert len(open(mt_bench_hook.main(mt_args)).readlines()) == 2
+
+
+def test_requirements_bound_every_package_to_its_tested_versions():
+    """A fresh install must not pick up a future major release (transformers 6, datasets 6, peft 1.0), and the
+    versions the code is run with must stay admitted: this environment's, and the GPU image's transformers and peft."""
+    import os
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements.txt")
+    lines = [line.split("#")[0].strip() for line in open(path)]
+    requirements = {r.name: r for r in map(Requirement, filter(None, lines))}
+    assert str(requirements["torch"].specifier) == "==2.13.0"
+    for name, requirement in requirements.items():
+        assert any(s.operator in ("<", "==") for s in requirement.specifier), f"{name} has no upper bound"
+        assert requirement.specifier.contains(version(name).split("+")[0]), f"installed {name} not admitted"
+    for name, gpu_image in (("transformers", "5.17.0"), ("peft", "0.21.0")):
+        assert requirements[name].specifier.contains(gpu_image)
+    for name, breaking in (("transformers", "6.0"), ("datasets", "6.0"), ("peft", "1.0")):
+        assert not requirements[name].specifier.contains(breaking)

@@ -59,12 +59,55 @@ def marked_csv(path, n=20, n_policy_good=15, n_garbled=0):
         ("Comparison: both good.\n\nB\n", "B"),
         ("Comparison: I prefer neither.", None),
         ("Preferred: a tie", None),
+        # Both letters, or a letter inside a sentence, are no answer: only one of A or B, alone, is.
+        ("Comparison: both fine.\nPreferred: A or B", None),
+        ('Preferred: <"A" or "B">', None),
+        ("Preferred: A, B", None),
+        ("Preferred: A and B are equally good", None),
+        ("Comparison: A is preferred over B.\nPreferred: A or B", None),
         ("", None),
         (None, None),
     ],
 )
 def test_parse_preference(answer, expected):
     assert parse_preference(answer) == expected
+
+
+def test_ambiguous_answers_are_parse_failures_not_wins(server, tmp_path, capsys):
+    csv = marked_csv(tmp_path / "eval.csv", n=20, n_policy_good=20)
+    server.answer = "Comparison: both are fine.\nPreferred: A or B"  # every row
+    with pytest.raises(SystemExit) as exit_info:
+        main(openai_args(server, [csv], tmp_path / "out"))
+    assert str(exit_info.value) == (
+        f"error: no row of {csv} could be judged: every request failed or gave no readable preference "
+        "(first unreadable answer: 'Comparison: both are fine.\\nPreferred: A or B'); each row's answer is in "
+        f"{tmp_path / 'out' / 'judgments.jsonl'}"
+    )
+    assert "| 0/20 | 0/0/0 | 20 | 0 |" in capsys.readouterr().out  # 20 parse failures, none counted as A
+    # Some rows readable: the others are reported, and the win rate is over the readable ones.
+    server.answer, server.answer_rows = "Preferred: A or B", {"policy GOOD 0\n", "policy GOOD 1\n"}
+    [summary] = main(openai_args(server, [csv], tmp_path / "out_some"))
+    assert summary["parse_failures"] == 2 and summary["n_judged"] == 18 and summary["win_rate"] == 1.0
+    assert (
+        f"2 of 20 answers for {csv} state no readable preference: its win rate is over the 18 judged rows"
+        in capsys.readouterr().out
+    )
+
+
+def test_a_csv_with_a_stray_quote_is_refused(tmp_path):
+    csv = marked_csv(tmp_path / "eval.csv", n=20, n_policy_good=20)
+    text = open(csv).read()
+    # One unescaped quote: the quoted multi-line posts after it read as unquoted lines, i.e. as extra fragment rows.
+    csv.write_text(text.replace("policy GOOD 3", '"policy GOOD 3', 1))
+    with pytest.raises(SystemExit) as exit_info:
+        main(Args(csvs=(str(csv),), judge="gold", output_dir=str(tmp_path / "out"), all=True))
+    message = str(exit_info.value)
+    assert message.startswith(f"error: {csv} is not well-formed CSV (line ") and "\n" not in message
+    assert "to_csv" in message
+    # Rows with a field missing (a hand-edited file) are refused too.
+    csv.write_text(text.replace(",policy GOOD 3", "", 1))
+    with pytest.raises(SystemExit, match=r"is not well-formed CSV \(line \d+: 5 fields, the header has 6\)"):
+        main(Args(csvs=(str(csv),), judge="gold", output_dir=str(tmp_path / "out"), all=True))
 
 
 def test_subset_and_coin_flip_are_seeded():
