@@ -138,6 +138,7 @@ def test_a_reward_model_without_its_head_weights_is_refused(chat, tmp_path):
 
 def test_a_reward_function_from_a_file(tmp_path):
     (tmp_path / "r.py").write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n")
+
     def load(spec):
         return rebel.load_reward(spec, "unused", None, None, torch.float32, "cpu")
 
