@@ -1,7 +1,7 @@
 """REBEL: Reinforcement Learning via Regressing Relative Rewards (Gao et al., 2024, arXiv 2404.16767).
 
-Algorithm 1: for every prompt x sample two responses y, y' from the current policy pi_t (mu = pi_t, as in the paper's
-experiments), score them with a reward model minus a KL penalty to the SFT policy, and regress the difference of
+Algorithm 1: for every prompt x sample two responses y, y' from the current policy pi_t (y' comes from a base
+distribution mu, which here is pi_t, as in the paper's experiments), score them with a reward model minus a KL penalty to the SFT policy, and regress the difference of
 log-ratios onto the difference of rewards (Equation 1):
 
     min_theta  mean_x ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
@@ -108,7 +108,7 @@ class Args:
     total_episodes: int | None = None
     """prompts to train on in total (default: one epoch of the train split)"""
     batch_size: int = 512
-    """prompts (pairs) per update, over all ranks; stays fixed as the world size changes"""
+    """prompts per update, over all ranks (one pair each with 2 samples); stays fixed as the world size changes"""
     per_device_train_batch_size: int = 8
     """pairs per micro-batch on one rank (2x as many sequences); gradient accumulation fills the rest"""
     local_rollout_forward_batch_size: int = 32
@@ -232,14 +232,15 @@ def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "pape
     return eta**2 * loss if scaling == "official" else loss
 
 
-def pair_up(rewards: torch.Tensor, rule: str) -> torch.Tensor:
-    """Which two of a prompt's k responses form each pair (y, y') of Equation (1): rewards (B, k) -> indices (B, P, 2).
+def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
+    """Which two of a prompt's k responses form each pair (y, y') of Equation (1): scores (B, k) -> indices (B, P, 2).
     'adjacent': (0, 1), (2, 3), ... (k/2 pairs, independent samples as Algorithm 1); 'best_worst': the highest and the
-    lowest reward (1 pair, as the official UltraFeedback pipeline with 5 samples)."""
-    B, k = rewards.shape
+    lowest reward-model score, the no-EOS penalty applied and the KL term not (1 pair, as the official UltraFeedback
+    pipeline with 5 samples)."""
+    B, k = scores.shape
     if rule == "adjacent":
-        return torch.arange(k - k % 2, device=rewards.device).view(1, -1, 2).expand(B, -1, -1)
-    return torch.stack((rewards.argmax(1), rewards.argmin(1)), 1).unsqueeze(1)  # (B, 1, 2)
+        return torch.arange(k - k % 2, device=scores.device).view(1, -1, 2).expand(B, -1, -1)
+    return torch.stack((scores.argmax(1), scores.argmin(1)), 1).unsqueeze(1)  # (B, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------- the loop

@@ -25,10 +25,10 @@ def run_in_process(script: str, flags: list[str]) -> dict:
         with torch.random.fork_rng():
             sys.setprofile(on_return)
             try:
-                runpy.run_path(sys.argv[0], run_name="__main__")
+                module_globals = runpy.run_path(sys.argv[0], run_name="__main__")
             finally:
                 sys.setprofile(None)
-        return captured
+        return captured or module_globals  # a script whose loop is not in a main() leaves its globals
     finally:
         sys.argv, sys.excepthook = saved[:2]
         signal.signal(signal.SIGINT, saved[2])  # the script's stop handlers
