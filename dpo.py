@@ -9,12 +9,18 @@ Evaluation is rebel.py's (sample on the TL;DR evaluation prompts, score with the
 policy), so that DPO is judged like the others; the reward model is used for evaluation only. Hyper-parameters:
 REBEL's Appendix I.1.4 (batch 64, lr 3e-6, 1 epoch, beta 0.05).
 
-    python dpo.py --help
+The file reads top to bottom: the flags (Args), the algorithm, the loop (main), then an appendix of plumbing that is
+the same in every script of the project (loading, data, sampling, evaluation, logs, checkpoints): `diff rebel.py
+dpo.py` shows what DPO changes, and docs/rebel.md explains the choices and metrics the scripts share.
+
     python dpo.py --beta 0.05                               # one process
     torchrun --nproc_per_node 8 dpo.py --beta 0.05          # the paper's TL;DR run
+    python dpo.py --help
 """
 
+import atexit
 import copy
+import csv
 import importlib.util
 import json
 import os
@@ -33,7 +39,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401  (imported before init_process_group: see the end of __main__)
+import torch.distributed.nn  # noqa: F401  (imported before init_process_group, which some torch versions need)
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -42,7 +48,112 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 @dataclass
 class Args:
-    # common flags
+    # DPO
+    beta: float = 0.05
+    """beta of Rafailov et al. (2023), Eq. 7: the strength of the KL constraint to the SFT policy"""
+    num_train_epochs: int = 1
+    """passes over the preference dataset"""
+
+    # evaluation sampling and reward (DPO trains on the pairs: it samples only to evaluate)
+    response_length: int = 53
+    """responses are truncated to this many tokens, EOS included; evaluation samples exactly this many"""
+    penalty_reward_value: float = -1.0
+    """score given to responses that contain no EOS token"""
+    stop_at_eos: bool = False
+    """end a response at its first stop token (EOS, or a chat model's end of turn such as Llama-3's <|eot_id|>), so
+    sampling ends when every response has (chat); the default samples --response_length tokens, as the paper's TL;DR"""
+    sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
+    """the SFT policy: initial policy and KL reference (hub name, save_pretrained directory, or a LoRA adapter, which
+    is merged into its base)"""
+    reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
+    """the reward model, for evaluation only: AutoModelForSequenceClassification with one label, or the
+    backbone+scalar-head format of summarize_from_feedback_details"""
+    reward_tokenizer: str | None = None
+    """the reward model's tokenizer and chat template (default: the one saved with it, else the policy's); when it is
+    not the policy's, the reward model reads the decoded response in its own template and tokens"""
+    reward_fn: str | None = None
+    """path/to/file.py:function, used instead of the reward model: fn(prompts, responses) -> one score per response"""
+
+    # data
+    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
+    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts evaluated on"""
+    query_column: str = "query"
+    """the prompt column: a text, or a conversation (a list of {role, content}; an answer ending it is dropped),
+    rendered with the policy tokenizer's chat template"""
+    reference_column: str | None = "reference_response"
+    """the reference response column for the evaluation table (a text, or a conversation ending with it); None: none"""
+    chat: bool = False
+    """render text prompts with the chat template too: one user message, or the turns of a "\n\nHuman: ...
+    \n\nAssistant:" text (Anthropic HH, Nectar)"""
+    preference_dataset: str = "cleanrl/summarize_from_feedback_oai_preprocessing_1704563162"
+    """hub name, local directory or single data file of the preference pairs trained on"""
+    chosen_column: str = "chosen"
+    """the column of the preferred response y_w (a text, or a conversation ending with it)"""
+    rejected_column: str = "rejected"
+    """the column of the other response y_l"""
+    train_split: str = "train"
+    """the split of --preference_dataset to train on"""
+    eval_split: str = "validation"
+    """the split of --query_dataset to evaluate on"""
+    query_length: int = 512
+    """prompts are left-padded to this many tokens"""
+    long_prompts: Literal["filter", "truncate"] = "filter"
+    """prompts longer than --query_length: 'filter' drops them (as the paper; the count is printed), 'truncate' keeps
+    their last --query_length tokens"""
+
+    # optimisation
+    total_episodes: int | None = None
+    """preference pairs to train on in total (default: --num_train_epochs epochs of the train split)"""
+    batch_size: int = 64
+    """preference pairs per update, over all ranks; stays fixed as the world size changes"""
+    per_device_train_batch_size: int = 8
+    """pairs per micro-batch on one rank (2x as many sequences); gradient accumulation fills the rest"""
+    local_rollout_forward_batch_size: int = 32
+    """prompts per no-grad generation / scoring chunk on one rank"""
+    lr: float = 3e-6
+    """AdamW learning rate, decayed linearly to 0"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    max_grad_norm: float | None = None
+    """clip the gradient norm to this (default: no clipping, as in the paper)"""
+
+    # the trained model
+    lora: bool = True
+    """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
+    lora_rank: int = 1024
+    """LoRA rank r"""
+    lora_alpha: int = 2048
+    """LoRA alpha (the adapter's output is scaled by alpha / r)"""
+    lora_dropout: float = 0.0
+    """LoRA dropout"""
+    lora_target_modules: list[str] | None = None
+    """modules to adapt (default: peft's for the architecture, query_key_value for Pythia, as the official code);
+    'all-linear' adapts every linear layer"""
+    num_trainable_layers: int | None = None
+    """with --no-lora, train only the last N transformer layers (and the final norm and an untied LM head), the rest
+    frozen in bf16, as the paper's chat runs (4); the reference swaps their starting weights in (no second copy)"""
+
+    # speed and memory
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'bf16': frozen weights in bf16, trainable weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA,
+    fp32 on CPU (bf16 runs on CPU too, slowly: that is how the tests check the bf16 path)"""
+    pad_multiple: int = 64
+    """a batch of prompts is left-padded to its longest prompt rounded up to this multiple, not to --query_length (a
+    compiled sampler then sees few shapes), and a micro-batch of training pairs drops the padding columns all its
+    sequences share (left of the prompts, right of the responses) in multiples of it; 0 pads every batch to
+    --query_length (+ --response_length), as the official code"""
+    static_cache: bool = True
+    """sample with a static KV cache, which transformers compiles on CUDA (about 3x faster generate, docs/memory.md);
+    --no-static_cache samples with the dynamic cache. Not used with --fsdp"""
+    fsdp: bool = False
+    """shard the trainable policy (and a full fine-tuning reference) over the ranks with FSDP2, for models whose
+    weights, gradients and AdamW state do not fit on one GPU (6.9B full fine-tuning); torchrun only. Default: DDP"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass instead of keeping them: less memory, ~1/3 more time"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+
+    # the run: logs, evaluation, checkpoints
     exp_name: str = "dpo"
     """the name of this experiment (prefix of the run name)"""
     seed: int = 555134
@@ -53,11 +164,6 @@ class Args:
     """the wandb project"""
     wandb_entity: str | None = None
     """the wandb entity (team)"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': frozen weights in bf16, trainable weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA,
-    fp32 on CPU (bf16 runs on CPU too, slowly: that is how the tests check the bf16 path)"""
     run_dir: str | None = None
     """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
     output_dir: str = "models/dpo_tldr"
@@ -77,188 +183,473 @@ class Args:
     """evaluate on the first N prompts of the evaluation split (default: all)"""
     num_sample_rows: int = 4
     """sample completions printed and logged at each evaluation"""
-
-    # data and models
-    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
-    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts evaluated on"""
-    query_column: str = "query"
-    """dataset column holding the prompt (in both datasets): a text, or a conversation (a list of {role, content}
-    messages, without the answer that may end it), which is rendered with the policy tokenizer's chat template"""
-    reference_column: str | None = "reference_response"
-    """dataset column holding the reference response for the evaluation table (a text, or a conversation ending with
-    it); None for none"""
-    chat: bool = False
-    """render text prompts with the chat template too: one user message, or the turns of a "\n\nHuman: ...
-    \n\nAssistant:" text (Anthropic HH, Nectar)"""
-    preference_dataset: str = "cleanrl/summarize_from_feedback_oai_preprocessing_1704563162"
-    """hub name, local directory or single data file of the preference pairs trained on"""
-    chosen_column: str = "chosen"
-    """column of --preference_dataset holding the preferred response y_w (a text, or a conversation ending with it)"""
-    rejected_column: str = "rejected"
-    """column of --preference_dataset holding the other response y_l"""
-    train_split: str = "train"
-    """split of --preference_dataset trained on"""
-    eval_split: str = "validation"
-    """split of --query_dataset evaluated on"""
-    query_length: int = 512
-    """prompts are left-padded to this many tokens"""
-    long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper does; the count is printed), 'truncate'
-    keeps their last --query_length tokens"""
-    response_length: int = 53
-    """responses are truncated to this many tokens, EOS included; evaluation samples exactly this many"""
-    sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
-    """the SFT policy: initial policy and DPO reference (hub name, save_pretrained directory, or a LoRA adapter, which
-    is merged into its base)"""
-    reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
-    """the reward model, for evaluation only: AutoModelForSequenceClassification with one label, or the
-    backbone+scalar-head format of summarize_from_feedback_details"""
-    reward_tokenizer: str | None = None
-    """the reward model's tokenizer and chat template (default: the one saved with it, else the policy's). When it is
-    not the policy's, the reward model reads the decoded response in its own template and tokens"""
-    reward_fn: str | None = None
-    """path/to/file.py:function scoring the evaluation responses instead of the reward model: it takes the prompts (as
-    the dataset gives them) and the responses (texts) and returns one score per response"""
-    stop_at_eos: bool = False
-    """end an evaluation response at its first stop token (the tokenizer's EOS and the model's generation_config eos
-    ids, e.g. Llama-3's <|eot_id|>); the default samples --response_length tokens always, as the paper's TL;DR runs"""
-    penalty_reward_value: float = -1.0
-    """score given to responses that contain no EOS token"""
     eval_temperature: float = 0.01
     """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too. Training
     samples nothing: DPO's pi_theta is the model's own likelihood (temperature 1) of the human-written pairs"""
 
-    # DPO
-    beta: float = 0.05
-    """beta of Rafailov et al. (2023), Eq. 7: the strength of the KL constraint to the SFT policy"""
-    num_train_epochs: int = 1
-    """passes over the preference dataset"""
 
-    # optimisation
-    total_episodes: int | None = None
-    """preference pairs to train on in total (default: --num_train_epochs epochs of the train split)"""
-    batch_size: int = 64
-    """preference pairs per update, over all ranks; stays fixed as the world size changes"""
-    per_device_train_batch_size: int = 8
-    """pairs per micro-batch on one rank (2x as many sequences); gradient accumulation fills the rest"""
-    local_rollout_forward_batch_size: int = 32
-    """prompts per no-grad generation / scoring chunk on one rank (evaluation)"""
-    lr: float = 3e-6
-    """AdamW learning rate, decayed linearly to 0"""
-    eps: float = 1e-5
-    """AdamW epsilon"""
-    max_grad_norm: float | None = None
-    """clip the gradient norm to this (default: no clipping, as in the paper)"""
-
-    # speed and memory
-    pad_multiple: int = 64
-    """a batch of prompts is left-padded to its longest prompt rounded up to this multiple, not to --query_length (a
-    compiled sampler then sees few shapes), and a micro-batch of training pairs drops the padding columns all its
-    sequences share (left of the prompts, right of the responses) in multiples of it; 0 pads every batch to
-    --query_length (+ --response_length), as the official code"""
-    static_cache: bool = True
-    """sample with a static KV cache, which transformers compiles on CUDA (about 3x faster generate, docs/memory.md);
-    --no-static_cache samples with the dynamic cache. Not used with --fsdp"""
-    fsdp: bool = False
-    """shard the trainable policy (and a full fine-tuning reference) over the ranks with FSDP2, for models whose
-    weights, gradients and AdamW state do not fit on one GPU (6.9B full fine-tuning); torchrun only. The default
-    is plain DDP (every rank holds everything)"""
-    gradient_checkpointing: bool = False
-    """recompute each transformer layer's activations in the backward pass instead of keeping them: less memory, about
-    a third more update time"""
-
-    # model
-    lora: bool = True
-    """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
-    lora_rank: int = 1024
-    lora_alpha: int = 2048
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | None = None
-    """modules to adapt (default: peft's default for the architecture, query_key_value for Pythia, as the official
-    code); 'all-linear' adapts every linear layer"""
-    num_trainable_layers: int | None = None
-    """with --no-lora, train only the last N transformer layers (and the final norm and an untied LM head, as the
-    official code), the rest frozen in bf16: the paper's chat runs train 4. The reference is the same model with
-    those weights' starting values swapped in, so no second copy of the frozen layers is kept"""
+# ---------------------------------------------------------------------------------------------- the algorithm
 
 
-# ---------------------------------------------------------------------------------------------- tensor helpers
+@torch.no_grad()
+def rollout(policy, ref_policy, reward, queries, prompts: list, n: int, config, stop_ids: list, chunk_size: int, timer):
+    """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them).
+    Returns query_responses (B, n, L), masks (B, n, T), the summed log-probs under the policy and the reference
+    (B, n), the rewards (B, n) and has_eos (B, n): whether the response ended with a stop token."""
+    ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
+    for start in range(0, len(queries), chunk_size):
+        query = queries[start : start + chunk_size]
+        with timer("generation"):
+            query_response = generate(policy, query.repeat_interleave(n, 0), config)
+        # Response processing 1: truncate after the first stop token, pad the rest.
+        response = truncate_response(query_response[:, ctx:], stop_ids, pad_id)
+        query_response = torch.cat((query_response[:, :ctx], response), 1).unflatten(0, (-1, n))  # (b, n, L)
+        mask = response_mask(response, pad_id).unflatten(0, (-1, n))  # (b, n, T)
+        # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
+        trimmed = trim_responses(query_response, mask, ctx)  # responses that stopped early leave padding columns
+        with timer("logprob"):
+            logprob = sequence_logprobs(policy, *trimmed, ctx, temperature, pad_id)
+            with ref_policy() as ref:
+                ref_logprob = sequence_logprobs(ref, *trimmed, ctx, temperature, pad_id)
+        # Response processing 3: the reward, and whether the response ended (the penalty needs it).
+        with timer("reward"):
+            chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(n)]
+            score = reward(trimmed[0].flatten(0, 1), ctx, chunk_prompts).unflatten(0, (-1, n))
+        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, n))
+        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
+    return [torch.cat(t) for t in zip(*out)]
 
 
-def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
-    """Index of the first True in each row; the row length where there is none."""
-    row_len = bools.size(-1)
-    return torch.where(bools, torch.arange(row_len, device=bools.device), row_len).min(dim=-1).values
+def dpo_loss(logprobs, ref_logprobs, beta: float) -> torch.Tensor:
+    """Rafailov et al. (2023), Equation 7. Inputs (B, 2): column 0 is the chosen y_w, column 1 the rejected y_l.
+
+    mean_x -ln sigmoid( beta * [ln pi_theta(y_w|x)/pi_ref(y_w|x) - ln pi_theta(y_l|x)/pi_ref(y_l|x)] )
+    """
+    log_ratio = logprobs - ref_logprobs  # (B, 2) ln pi_theta / pi_ref
+    return -F.logsigmoid(beta * (log_ratio[:, 0] - log_ratio[:, 1])).mean()
 
 
-def truncate_response(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -> torch.Tensor:
-    """Keep each response up to and including its first stop token (EOS, or a chat model's end of turn); pad the rest."""
-    positions = torch.arange(responses.size(1), device=responses.device)
-    ends = first_true_indices(torch.isin(responses, torch.tensor(stop_ids, device=responses.device)))
-    return responses.masked_fill(positions > ends[:, None], pad_id)
+# ---------------------------------------------------------------------------------------------- the loop
 
 
-def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
-    """Drop the padding columns that every left-padded prompt of the batch has, keeping a multiple of `multiple`
-    columns (0: keep them all), so that no model computes over the padding of a longer prompt in another batch."""
-    longest = int((queries != pad_id).sum(1).max())
-    keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
-    return queries[:, queries.size(1) - keep :]
+def main(args: Args) -> None:
+    require(args.beta > 0, f"--beta must be > 0 (it scales the log-ratios in Equation 7); got {args.beta}")
+    check_flags(asdict(args))
+    from tqdm import tqdm
+
+    # Set-up (the appendix): processes, batch sizes, the run directory, data, models.
+    rank, world_size, device = init_processes(args.cuda, args.seed)
+    master, bf16 = rank == 0, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
+    grad_accum = exact_div(
+        local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size"
+    )
+    checkpoint, run_dir, run_name = open_run(args.resume, args.run_dir, args.exp_name, args.seed, args.output_dir)
+
+    # Data: every rank tokenises the whole split and takes its own pairs from the shared shuffle.
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad = tokenizer.pad_token_id
+    lengths = (args.query_length, args.response_length)
+    train_pairs, dropped = load_preferences(
+        args.preference_dataset, args.train_split, args.query_column, args.chosen_column, args.rejected_column,
+        tokenizer, lengths, args.long_prompts, args.chat,
+    )  # (N, 2, query_length + response_length)  # fmt: skip
+    eval_data = load_prompts(
+        args.query_dataset, args.eval_split, args.query_column, args.reference_column, tokenizer, *lengths,
+        args.long_prompts, args.chat,
+    )  # fmt: skip
+    eval_idx = rank_share(min(args.num_eval_prompts or len(eval_data[0]), len(eval_data[0])), rank, world_size)
+    total_episodes = args.total_episodes or args.num_train_epochs * len(train_pairs)
+    num_updates = total_episodes // args.batch_size
+    require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
+    batches = prompt_batches(len(train_pairs), args.batch_size, rank, world_size, args.seed)
+
+    # Models: the policy pi_theta (raw_policy is the model itself, which samples and is saved; `policy` is what the
+    # gradient steps go through: DDP's wrapper, or the same model sharded by FSDP), its SFT reference, the reward.
+    lora = (
+        lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora else None
+    )
+    raw_policy, ref_policy, stop_ids = load_trained_policy(
+        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16
+    )
+    if args.gradient_checkpointing:
+        checkpoint_layers(raw_policy)
+    reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
+    policy = distribute(raw_policy, args.fsdp, bf16, device)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
+    chunk, static_cache = args.local_rollout_forward_batch_size, args.static_cache and not args.fsdp  # compile: no FSDP
+    stops = stop_ids if args.stop_at_eos else None
+    eval_config = sampling_config(args.response_length, args.eval_temperature, pad, static_cache, stops)
+
+    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
+    trainer = load_checkpoint(checkpoint, policy, optimizer, asdict(args), world_size) if checkpoint else {}
+    start_update = trainer.get("update", 0)
+    for _ in range(start_update):  # the batches already trained on
+        next(batches)
+    signals = stop_signals()
+    log = RunLog(
+        run_dir, run_name, asdict(args), args.track, args.wandb_project_name, args.wandb_entity, trainer, start_update,
+        args.batch_size, device,
+    )  # fmt: skip
+    if master and dropped:
+        print(f"dropped {dropped} preference pairs with a prompt longer than --query_length {args.query_length}")
+    if master:
+        print(
+            f"run {run_name}: {num_updates} updates of {args.batch_size} prompts, world size {world_size}, "
+            f"{grad_accum} micro-batches per step; logs in {run_dir}"
+            + (f"; resumed after update {start_update}" if checkpoint else "")
+        )
+
+    def sample_eval(queries, prompts):
+        """One response per prompt at the evaluation temperature; its KL at that temperature too, as officially."""
+        rollouts = rollout(
+            raw_policy, ref_policy, reward, queries, prompts, 1, eval_config, stop_ids, chunk, Timer(device)
+        )
+        query_response, mask, logprob, ref_logprob, score, has_eos = (t[:, 0] for t in rollouts)
+        return query_response, mask, logprob - ref_logprob, score, has_eos
+
+    run_evaluation = partial(
+        evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, idx=eval_idx,
+        reference_column=args.reference_column, penalty=args.penalty_reward_value, pad_multiple=args.pad_multiple,
+        chunk=chunk, autocast=autocast, log=log, rows_shown=args.num_sample_rows,
+    )  # fmt: skip
+
+    # The loop: a batch of preference pairs -> DPO loss against the SFT policy -> step -> log -> checkpoint.
+    stop, dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    if not checkpoint:
+        run_evaluation(0)
+    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
+        timer = Timer(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        batch = next(batches)
+        query_responses = train_pairs[batch].to(device)  # (B, 2, query_length + response_length)
+
+        # 1. DPO loss (Eq. 7) on micro-batches, each pair kept together; gradient accumulation fills the batch. No
+        # sampling, so log-probs are at temperature 1: pi_theta is the model's own likelihood of the human-written pairs.
+        loss_stats, logprob_stats, ref_logprob_stats = [], [], []
+        with timer("update"):
+            for micro, idx in enumerate(torch.arange(local_batch_size).split(args.per_device_train_batch_size)):
+                # The pairs without the padding columns they all share (--pad_multiple): the log-probs stay the same.
+                query_response, context_length = trim_padding(
+                    query_responses[idx], args.query_length, pad, args.pad_multiple
+                )
+                mask = response_mask(query_response[:, :, context_length:].flatten(0, 1), pad).unflatten(0, (-1, 2))
+                with torch.no_grad(), autocast(), ref_policy() as ref:
+                    ref_logprobs = sequence_logprobs(ref, query_response, mask, context_length, 1.0, pad)  # (b, 2)
+                with no_sync(policy, sync=micro == grad_accum - 1), autocast():
+                    logprobs = sequence_logprobs(policy, query_response, mask, context_length, 1.0, pad)  # (b, 2)
+                    loss = dpo_loss(logprobs, ref_logprobs, args.beta)
+                check_finite({"the DPO loss": loss.detach(), "log-probs": logprobs.detach()}, dump)
+                (loss / grad_accum).backward()
+                loss_stats.append(loss.item())
+                logprob_stats.append(logprobs.detach())
+                ref_logprob_stats.append(ref_logprobs)
+            if args.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # 2. Log: metrics reduced over ranks, rank 0 writes; evaluate every --eval_freq updates.
+        logprobs, ref_logprobs = torch.cat(logprob_stats), torch.cat(ref_logprob_stats)  # (B, 2)
+        implicit_rewards = args.beta * (logprobs - ref_logprobs)  # (B, 2) DPO's implicit reward: beta ln pi / pi_ref
+        stats = {
+            "loss/policy": float(np.mean(loss_stats)),
+            "objective/implicit_reward_chosen": implicit_rewards[:, 0].mean().item(),
+            "objective/implicit_reward_rejected": implicit_rewards[:, 1].mean().item(),
+            "objective/implicit_accuracy": (implicit_rewards[:, 0] > implicit_rewards[:, 1]).float().mean().item(),
+            "policy/logprob_chosen": logprobs[:, 0].mean().item(),
+            "policy/logprob_rejected": logprobs[:, 1].mean().item(),
+        }
+        log.write(update, stats, timer, lr_now)
+        if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
+            run_evaluation(update)
+
+        # 3. Checkpoint every --save_freq updates, at the last (the trained state, whatever happens to the final save),
+        # and on Ctrl-C or SIGTERM, which then stop the run.
+        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
+        if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
+            trainer.update(update=update, world_size=world_size, flags=asdict(args))
+            save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
+        if stop:
+            break
+
+    # The end: the last evaluation and the trained policy saved, or (stopped) the way to resume.
+    if stop and master:
+        print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
+    if not stop:
+        run_evaluation(num_updates)
+        save_policy(raw_policy, tokenizer, args.output_dir, args.fsdp, args.lora and args.save_merged)
+    log.close()
+    del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if stop:
+        sys.exit(128 + (signals or [signal.SIGTERM])[0])
 
 
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Sequences (..., L) laid out as a prompt left-padded to context_length, then a right-padded response: drop the
-    padding columns that every sequence has, on both sides, keeping a multiple of `multiple` prompt columns and of
-    response columns (0: keep them all). Returns the sequences and their context length. forward() masks the padding
-    and counts positions from the first real token, so no score or log-prob changes: only the compute over padding."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    # The right padding: the columns after the last real token of every response.
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
+# ============================================ below: the same in every script (tools/sync_appendix.py copies it)
+# The appendix: what every script needs around its algorithm. Set-up, models, reward, data, sampling, evaluation,
+# logging, checkpoints and the small helpers; each refuses bad input where it reads it (BadInput: one line, no
+# traceback). A fix here is made once, in rebel.py, and copied to the siblings by tools/sync_appendix.py.
 
 
-def trim_responses(query_responses: torch.Tensor, masks: torch.Tensor, context_length: int):
-    """Drop the response columns that are padding in every response of the batch (all stopped before them): no model
-    pass needs them. query_responses (..., L) and masks (..., T), trimmed alike."""
-    width = int(masks.sum(-1).max())
-    return query_responses[..., : context_length + width], masks[..., :width]
+# ---------------------------------------------------------------------------------------------- set-up
 
 
-def response_mask(responses: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """True up to and including the first EOS (everything when there is none)."""
-    lengths = first_true_indices(responses == pad_id)  # tokens kept
-    return torch.arange(responses.size(1), device=responses.device)[None] < lengths[:, None]
+def init_processes(cuda: bool, seed: int):
+    """The same file runs under `python` (one process) and `torchrun` (nccl on CUDA, gloo on CPU). Returns the rank,
+    the world size and the device; rank r seeds every generator with seed + r (its own sampling noise)."""
+    use_cuda = cuda and torch.cuda.is_available()
+    if "RANK" in os.environ:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+    return rank, world_size, device
 
 
-def forward(model, query_responses: torch.Tensor, pad_id: int):
-    """Forward with pads masked and positions counted from the first real token, as generate() does with left
-    padding. The pad id never reaches the model, so it needs no embedding row (see load_tokenizer)."""
-    attention_mask = query_responses != pad_id
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    input_ids = query_responses.masked_fill(~attention_mask, 0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+def check_flags(flags: dict) -> None:
+    """The flags the scripts share, checked once at start, each where the script has it (its own: in its main)."""
+    positive = """lr eps batch_size per_device_train_batch_size local_rollout_forward_batch_size query_length
+    response_length noptepochs num_mini_batches num_train_epochs temperature eval_temperature lora_rank lora_alpha
+    keep_checkpoints total_episodes num_eval_prompts num_norm_examples max_grad_norm num_trainable_layers"""
+    for key in positive.split():  # None: the default (all, or off)
+        value = flags.get(key)
+        if value is not None:
+            require(value > 0, f"--{key} must be {'>= 1' if isinstance(value, int) else '> 0'}; got {value}")
+    for key in "save_freq eval_freq pad_multiple num_sample_rows kl_coef lora_dropout".split():
+        require(flags.get(key, 0) >= 0, f"--{key} must be >= 0; got {flags.get(key)}")
+    require(
+        not flags.get("fsdp") or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)"
+    )
+    require(
+        not (flags.get("fsdp") and flags.get("save_merged")),
+        "--save_merged does not work with --fsdp: merge the saved adapter",
+    )
+    require(
+        not flags.get("num_trainable_layers") or not (flags["lora"] or flags["fsdp"]),
+        "--num_trainable_layers trains whole layers: add --no-lora (and it does not work with --fsdp)",
+    )
 
 
-def response_logprobs(model, query_responses, context_length: int, temperature: float, pad_id: int):
-    """Per-token log pi(y_t | x, y_<t) of the response tokens under the distribution generate() samples from:
-    logits divided by the temperature and the pad token excluded. Pad positions get 0."""
-    logits = forward(model, query_responses, pad_id).logits[:, context_length - 1 : -1].float() / temperature
-    if pad_id < logits.size(-1):
-        logits[..., pad_id] = float("-inf")  # generate() suppresses it
-    responses = query_responses[:, context_length:]
-    is_pad = responses == pad_id  # (B, T)
-    logprobs = logits.log_softmax(-1).gather(2, responses.masked_fill(is_pad, 0).unsqueeze(-1)).squeeze(-1)
-    return logprobs.masked_fill(is_pad, 0.0)  # (B, T); 0, not -inf, where the pad id is 0 (pad = unk in Llama-2)
+def open_run(resume: str | None, run_dir: str | None, exp_name: str, seed: int, output_dir: str):
+    """The checkpoint to resume from (None for a new run), the run directory and the run's name. A new run starts in
+    an empty directory, so that its logs never mix with another's; --resume continues a stopped run in its own."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    checkpoint = find_checkpoint(resume) if resume else None
+    run_name = f"{exp_name}__{seed}__{int(time.time())}"
+    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else run_dir or f"runs/{run_name}"
+    if resume and not checkpoint:  # killed while writing its first checkpoint: nothing to keep, so start it over
+        run_dir = os.path.normpath(resume)
+        if master:
+            lock_run_dir(run_dir)
+            print(f"--resume {run_dir}: no complete checkpoint there; starting the run over in it", file=sys.stderr)
+            shutil.rmtree(run_dir)
+    if master:
+        start_run_dir(run_dir, checkpoint, output_dir)
+        lock_run_dir(run_dir)
+    return checkpoint, broadcast(run_dir), run_name
 
 
-def sequence_logprobs(model, query_responses, masks, context_length: int, temperature: float, pad_id: int):
-    """log pi(y|x), summed over each response's tokens. query_responses (B, n, L) and masks (B, n, T) -> (B, n)."""
-    logprobs = response_logprobs(model, query_responses.flatten(0, 1), context_length, temperature, pad_id)
-    return (logprobs * masks.flatten(0, 1)).sum(-1).unflatten(0, masks.shape[:2])
+def lock_run_dir(run_dir: str) -> None:
+    """<run_dir>/.lock holds the PID of the process that writes the run (rank 0): a second one is refused while the
+    first is alive. A lock left by a killed process is taken over; the lock goes when the process exits."""
+    lock = os.path.join(run_dir, ".lock")
+    try:
+        with open(lock) as f:
+            pid = int(f.read())
+        os.kill(pid, 0)  # raises if no such process
+        alive = pid != os.getpid()
+    except (OSError, ValueError):
+        alive = False
+    if alive:
+        raise BadInput(f"--run_dir {run_dir} is in use by process {pid}; stop it, or wait for it to finish")
+    if os.path.isdir(run_dir):
+        with open(lock, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
+
+
+def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
+    """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
+    so that a bad one fails at start rather than after training."""
+    if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise BadInput(
+            f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
+        )
+    for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise BadInput(f"{flag} {path} is a file, not a directory; choose another")
+        try:
+            if path:
+                os.makedirs(path, exist_ok=True)
+                open(os.path.join(path, ".write_test"), "w").close()
+                os.remove(os.path.join(path, ".write_test"))
+        except OSError as e:
+            raise BadInput(f"{flag} {path} is not a writable directory ({e.strerror}); choose another") from e
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def lora_config(rank: int, alpha: int, dropout: float, target_modules: list[str] | None):
+    from peft import LoraConfig
+
+    target_modules = target_modules[0] if target_modules == ["all-linear"] else target_modules
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+
+
+def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, device, fsdp: bool, bf16: bool):
+    """The policy to train (on `device`, in eval mode: no dropout, and gradients do not need train mode), its
+    reference, the SFT policy, as a context manager (`with ref_policy() as ref`), and its stop tokens.
+    - LoRA (`lora`, a peft LoraConfig): adapters in fp32 (the master weights) on a frozen base in `dtype`; the
+      reference is the base with the adapter switched off.
+    - num_trainable_layers: the last layers in fp32, the rest frozen in `dtype`; the reference is the same model with
+      the starting values of the trained weights swapped in, so no second copy of the frozen layers is kept.
+    - Otherwise full fine-tuning in fp32, and the reference a frozen fp32 copy (sharded too under FSDP): in the
+      policy's precision, so that it equals the policy at update 0 (a bf16 copy computes another KL)."""
+    from peft import get_peft_model
+
+    policy = load_policy(path, dtype if lora or num_trainable_layers else torch.float32)
+    stop_ids = stop_token_ids(tokenizer, policy.generation_config)
+    if lora:
+        try:
+            policy = get_peft_model(policy, lora)
+        except ValueError as e:
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in policy.named_modules() if isinstance(m, nn.Linear)})
+            raise BadInput(f"--lora_target_modules: {e}. The model's linear layers are named {names[:12]}") from e
+        ref_policy = partial(adapter_disabled, policy)
+    elif num_trainable_layers:
+        policy.to(device)
+        ref_policy = partial(weights_swapped, policy, train_last_layers(policy, num_trainable_layers, dtype))
+    else:
+        ref_model = load_policy(path, torch.float32).to(device).eval().requires_grad_(False)
+        ref_model = shard(ref_model, bf16) if fsdp else ref_model
+        ref_policy = partial(nullcontext, ref_model)
+    return policy.to(device).eval(), ref_policy, stop_ids
+
+
+def distribute(model, fsdp: bool, bf16: bool, device):
+    """The model as the gradient steps see it: sharded in place by FSDP2, or wrapped in DDP under torchrun (one
+    process: itself). Sampling and saving use the model itself, which the scripts keep as raw_policy."""
+    if fsdp:
+        return shard(model, bf16)
+    if dist.is_initialized():
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def load_policy(path: str, dtype: torch.dtype):
+    """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
+    merged into its base, itself loaded this way, so the policy starts at, and the KL reference is, the SFT model.
+    The merged model keeps the adapter's path as its name: an adapter trained on it records that path as its base."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import find_adapter_config_file
+
+    check_model_path(path)
+    try:
+        if not find_adapter_config_file(path):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # Not peft's AutoPeftModel: it resizes the embedding to a tokenizer saved beside the adapter.
+        base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
+        try:
+            base = load_policy(base_path, dtype)
+        except BadInput as e:
+            raise BadInput(f"'{path}' is a LoRA adapter whose base model '{base_path}' cannot be loaded: {e}") from e
+        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        model.name_or_path = path
+        return model
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
+
+
+def load_tokenizer(path: str):
+    """The policy's tokenizer, with a pad token distinct from EOS and BOS. Every script pads itself and never feeds or
+    gathers the pad id (forward, response_logprobs), so a pad token added here needs no embedding row: tokenizers
+    with pad == EOS (Llama-3, Mistral) or none (Pythia) work as they are."""
+    from transformers import AutoTokenizer
+
+    check_model_path(path)
+    files = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
+    if os.path.isdir(path) and not files & set(os.listdir(path)):
+        raise BadInput(f"'{path}' holds no tokenizer (no tokenizer.json or tokenizer_config.json): save one there")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise BadInput(f"cannot load a tokenizer from '{path}' ({type(e).__name__}: {e})") from e
+    if tokenizer.eos_token_id is None:
+        raise BadInput(f"the tokenizer of {path} has no EOS token; responses end at EOS, so set one")
+    if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+def check_model_path(path: str) -> None:
+    """A local path must be a directory that save_pretrained wrote: said here, where the loaders would go on to try it
+    as a hub name and fail with a message about something else."""
+    if os.path.isfile(path):
+        raise BadInput(f"'{path}' is a file; give the directory that save_pretrained wrote, or a hub name")
+    if os.path.isdir(path) and not {"config.json", "adapter_config.json"} & set(os.listdir(path)):
+        raise BadInput(f"'{path}' holds no model: no config.json (or adapter_config.json for a LoRA adapter)")
+    if not os.path.exists(path) and path.startswith(("/", ".", "~")):
+        raise BadInput(f"'{path}': no such directory")
+
+
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
+    """The tokenizer's EOS and the model's own stop tokens (a chat model's end of turn: Llama-3's <|eot_id|>)."""
+    ids = generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return [tokenizer.eos_token_id] + [i for i in ids if i != tokenizer.eos_token_id]
+
+
+@contextmanager
+def adapter_disabled(peft_model):
+    with peft_model.disable_adapter():
+        yield peft_model
+
+
+def train_last_layers(model, n: int, dtype: torch.dtype) -> dict:
+    """Train only the last n transformer layers and what follows them (the final norm, and the LM head unless it is
+    tied to the frozen embedding), as the official chat code; they move to fp32 (the master weights), the rest stays in
+    `dtype`. Returns copies of their starting weights: with them in place, the model is the reference (SFT) policy."""
+    layers = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
+    require(0 < n <= len(layers), f"--num_trainable_layers {n}: the model has {len(layers)} layers")
+    model.get_input_embeddings().requires_grad_(False)
+    for layer in layers[:-n]:
+        layer.requires_grad_(False)
+    reference = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return reference
+
+
+@contextmanager
+def weights_swapped(model, weights: dict):
+    """The model with the named parameters' values replaced by `weights` (no gradient flows meanwhile)."""
+    params = dict(model.named_parameters())
+    live = {name: params[name].data for name in weights}
+    try:
+        for name, value in weights.items():
+            params[name].data = value
+        yield model
+    finally:
+        for name, value in live.items():
+            params[name].data = value
 
 
 def checkpoint_layers(model) -> None:
@@ -298,13 +689,342 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-@contextmanager
-def adapter_disabled(peft_model):
-    with peft_model.disable_adapter():
-        yield peft_model
+def save_policy(model, tokenizer, output_dir: str, fsdp: bool, merged: bool) -> None:
+    """save_pretrained of the trained policy and its tokenizer (with `merged`, the LoRA adapter merged into its base
+    too, in <output_dir>/merged). Every rank takes part under FSDP, which gathers the shards; rank 0 writes."""
+    state = full_state_dict(model) if fsdp and output_dir else None
+    if not output_dir or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    try:
+        model.save_pretrained(output_dir, state_dict=state)
+        tokenizer.save_pretrained(output_dir)
+        if merged:
+            model.merge_and_unload().save_pretrained(os.path.join(output_dir, "merged"))
+            tokenizer.save_pretrained(os.path.join(output_dir, "merged"))
+    except Exception as e:
+        raise BadInput(
+            f"cannot save the policy to {output_dir} ({type(e).__name__}: {str(e)[:200]}). The trained state is in the "
+            "run's last checkpoint: run the same command with --resume <its run_dir> --output_dir <another directory>"
+        ) from e
+    print(f"saved the policy to {output_dir}")
 
 
-# ---------------------------------------------------------------------------------------------- sampling and rollout
+# ---------------------------------------------------------------------------------------------- the reward
+
+
+class ScalarRewardModel(nn.Module):
+    """A transformer backbone and a linear head read at the last non-pad token, minus a normalising bias (reward.py
+    sets it so that reference responses score 0 on average)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, bias: float = 0.0):
+        super().__init__()
+        self.backbone, self.head, self.bias = backbone, head, bias
+
+    def forward(self, query_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
+        hidden = forward(self.backbone, query_responses, pad_id).last_hidden_state  # (B, L, H)
+        # The last non-pad token: queries are left-padded and responses right-padded, so it is the rightmost one.
+        positions = torch.arange(query_responses.size(1), device=hidden.device)
+        last = ((query_responses != pad_id) * positions).argmax(1)
+        hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B,)
+
+
+class Reward:
+    """r(x, y) of sampled responses: a reward model's score, or a Python function's value (fn(prompts, responses) ->
+    scores, on texts). A reward model with the policy's tokenizer and chat template reads the policy's token ids as
+    they are (TL;DR); one with its own reads the decoded response, rendered and tokenised its way (reward_text)."""
+
+    def __init__(self, tokenizer, model=None, model_tokenizer=None, fn=None):
+        self.tokenizer, self.model, self.model_tokenizer, self.fn = tokenizer, model, model_tokenizer, fn
+
+    def __call__(self, query_responses: torch.Tensor, context_length: int, prompts: list) -> torch.Tensor:
+        if self.fn is None and self.model_tokenizer is None:
+            return self.model(query_responses, self.tokenizer.pad_token_id).float()  # (N,)
+        responses = self.tokenizer.batch_decode(query_responses[:, context_length:], skip_special_tokens=True)
+        if self.fn is not None:
+            name = f"--reward_fn {getattr(self.fn, '__name__', self.fn)}"
+            try:
+                scores = self.fn(prompts, responses)
+                values = torch.as_tensor(scores, dtype=torch.float, device=query_responses.device)
+            except Exception as e:
+                raise BadInput(f"{name} failed on {len(responses)} responses: {type(e).__name__}: {e}") from e
+            require(
+                values.shape == (len(responses),),
+                f"{name} returned {str(scores)[:80]!r}; it must return one number per response ({len(responses)})",
+            )
+            return values
+        tokenizer, texts, pad = self.model_tokenizer, [], self.tokenizer.pad_token_id
+        for prompt, response, query_response in zip(prompts, responses, query_responses):
+            if isinstance(prompt, str):  # decoded after its prompt, so that a sentencepiece response keeps its space
+                query, whole = query_response[:context_length], query_response[query_response != pad]
+                head = self.tokenizer.decode(query[query != pad], skip_special_tokens=True)
+                whole = self.tokenizer.decode(whole, skip_special_tokens=True)
+                response = whole[len(head) :] if whole.startswith(head) else response
+            texts.append(reward_text(prompt, response, tokenizer))
+        # The special tokens reward.py trains with: a text gets the tokenizer's own (its BOS); a template holds them.
+        ids = [tokenizer(t, add_special_tokens=isinstance(p, str)).input_ids for t, p in zip(texts, prompts)]
+        width, pad_id = max(map(len, ids)), tokenizer.pad_token_id
+        inputs = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=query_responses.device)
+        return self.model(inputs, pad_id).float()  # (N,)
+
+
+def reward_text(prompt, response: str, tokenizer) -> str:
+    """What a reward model with its own tokenizer reads: a conversation with the response as the assistant's turn, in
+    the reward model's chat template (its own special tokens included); a text prompt followed by the response and
+    its EOS."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
+    return prompt + response + tokenizer.eos_token
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether token ids mean the same to both tokenizers (their pad tokens aside: no model reads the pad id) and
+    prompts render the same."""
+    pads = {a.pad_token, b.pad_token}
+    vocab_a, vocab_b = ({k: v for k, v in t.get_vocab().items() if k not in pads} for t in (a, b))
+    return vocab_a == vocab_b and a.chat_template == b.chat_template
+
+
+def load_reward(reward_fn: str | None, model_path: str, tokenizer_path: str | None, tokenizer, dtype, device) -> Reward:
+    """--reward_fn path/to/file.py:name (that file's function), or the reward model with its tokenizer: its own when
+    it differs from the policy's (`tokenizer`), which then reads the decoded responses."""
+    if reward_fn:
+        path, _, name = reward_fn.rpartition(":")
+        require(os.path.isfile(path) and name, f"--reward_fn {reward_fn}: give an existing file.py:function_name")
+        module_spec = importlib.util.spec_from_file_location("reward_fn_module", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        require(callable(getattr(module, name, None)), f"--reward_fn {reward_fn}: {path} defines no function '{name}'")
+        return Reward(tokenizer, fn=getattr(module, name))
+    model = load_reward_model(model_path, dtype).to(device).eval().requires_grad_(False)
+    reward_tokenizer = load_reward_tokenizer(tokenizer_path, model_path, tokenizer)
+    return Reward(tokenizer, model, None if same_tokenizer(reward_tokenizer, tokenizer) else reward_tokenizer)
+
+
+def load_reward_tokenizer(path: str | None, model_path: str, tokenizer):
+    """The reward model's tokenizer: `path`, else the one saved with the reward model, else the policy's (with a
+    note: summarize_from_feedback_details saves none)."""
+    try:
+        return load_tokenizer(path or model_path)
+    except BadInput:
+        if path:
+            raise
+        print(f"the reward model {model_path} has no tokenizer: it reads the policy's tokens", file=sys.stderr)
+        return tokenizer
+
+
+def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
+    """An AutoModelForSequenceClassification with one label, or summarize_from_feedback_details' format (config.json
+    with `base_config`; weights `lm_backbone.*` and `scalar_head.*`, with or without a head bias)."""
+    from huggingface_hub import snapshot_download
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    check_model_path(path)
+    try:
+        local = path if os.path.isdir(path) else snapshot_download(path)
+        with open(os.path.join(local, "config.json")) as f:
+            config = json.load(f)
+        if "base_config" not in config:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                local, dtype=dtype, output_loading_info=True
+            )
+            if info["missing_keys"]:
+                missing = sorted(info["missing_keys"])
+                raise BadInput(
+                    f"reward model {path}: its checkpoint has no weights for {len(missing)} parameters of "
+                    f"{type(model).__name__} (e.g. {missing[0]}), which would score with random weights. "
+                    "A reward model of its own class (a `v_head`, custom code) must be converted first: docs/chat.md"
+                )
+            head = getattr(model, "score", None) or getattr(model, "classifier", None)
+            if model.config.num_labels != 1 or not isinstance(head, nn.Linear):
+                raise BadInput(
+                    f"reward model {path}: a reward model needs one linear output (`score`), found "
+                    f"{model.config.num_labels} labels on {type(model).__name__}"
+                )
+            return ScalarRewardModel(model.base_model, head, getattr(model.config, "reward_bias", 0.0))
+        # https://github.com/vwxyzjn/summarize_from_feedback_details (ScalarModel)
+        state = {}
+        for name in sorted(n for n in os.listdir(local) if n.endswith((".safetensors", ".bin"))):
+            file = os.path.join(local, name)
+            state.update(load_file(file) if name.endswith(".safetensors") else torch.load(file, weights_only=True))
+        backbone = AutoModel.from_config(AutoConfig.for_model(**config["base_config"]), dtype=dtype)
+        backbone.load_state_dict({k.removeprefix("lm_backbone."): v for k, v in state.items() if k.startswith("lm_")})
+        head_state = {k.removeprefix("scalar_head."): v for k, v in state.items() if k.startswith("scalar_head.")}
+        head = nn.Linear(config["hidden_size"], 1, bias="bias" in head_state)
+        head.load_state_dict(head_state)
+        return ScalarRewardModel(backbone, head.to(dtype), config.get("bias", 0.0))
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"reward model: cannot read the checkpoint {path} ({type(e).__name__}: {e})") from e
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_prompts(
+    path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
+):
+    """The dataset rows, the prompts as the dataset gives them (text, or a list of chat messages), the same left-padded
+    to query_length in tokens, the reference responses (EOS appended) right-padded to response_length (None without
+    reference_column), and how many prompts were dropped for being too long. Conversations, and text prompts with
+    `chat`, are rendered with the tokenizer's chat template, ready for the assistant's answer."""
+    from datasets import load_dataset, load_from_disk
+
+    looks_local = path.startswith(("/", ".", "~")) or path.endswith((".jsonl", ".json", ".csv", ".parquet"))
+    require(os.path.exists(path) or not looks_local, f"dataset '{path}': no such file or directory")
+    require(not os.path.isfile(path) or os.path.getsize(path) > 0, f"dataset file '{path}' is empty")
+    kind = {"jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(path.rsplit(".", 1)[-1], "json")
+    if os.path.isfile(path) and kind == "json":
+        check_json_lines(path)
+    if os.path.isfile(path) and kind == "csv":
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        twice = sorted({c for c in header if header.count(c) > 1})
+        require(not twice, f"dataset file '{path}' has several columns named {twice}: rename them")
+    try:
+        if os.path.isfile(path):  # a single file serves every split
+            dataset = load_dataset(kind, data_files=path, split="train")
+        elif os.path.isfile(os.path.join(path, "dataset_dict.json")):  # save_to_disk: its splits by their exact names
+            splits = load_from_disk(path)
+            require(split in splits, f"dataset '{path}' has no split '{split}'; its splits are {list(splits)}")
+            dataset = splits[split]
+        else:
+            dataset = load_dataset(path, split=split)
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
+    require(len(dataset) > 0, f"split '{split}' of dataset '{path}' has no rows")
+    for column in (query_column, reference_column or query_column):
+        if column not in dataset.column_names:
+            raise BadInput(
+                f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
+                "Pass --query_column / --reference_column."
+            )
+        for row, value in enumerate(dataset[column]):  # a text, or a conversation of {role, content} messages
+            text = value if isinstance(value, str) else None
+            if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+                text = value[-1].get("content") if all(isinstance(m.get("content"), str) for m in value) else None
+            require(
+                isinstance(text, str) and bool(text.strip()),
+                f"dataset '{path}' ({split}), column '{column}', row {row}: {str(value)[:60]!r} is not a non-empty "
+                "text or conversation; fix or drop the rows like it",
+            )
+    prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
+    if isinstance(prompts[0], list):
+        require(bool(tokenizer.chat_template), f"the tokenizer has no chat template for the conversations of '{path}'")
+        texts = [tokenizer.apply_chat_template(x, tokenize=False, add_generation_prompt=True) for x in prompts]
+        ids = tokenizer(texts, add_special_tokens=False).input_ids  # the template holds the special tokens it wants
+    else:
+        ids = tokenizer(prompts).input_ids
+    long = [i for i, x in enumerate(ids) if len(x) > query_length]
+    if long and long_prompts == "filter":
+        keep = sorted(set(range(len(ids))) - set(long))
+        dataset, ids, prompts = dataset.select(keep), [ids[i] for i in keep], [prompts[i] for i in keep]
+    elif long:
+        print(
+            f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
+            "keeping their last tokens (--long_prompts filter drops them)",
+            file=sys.stderr,
+        )
+    if not ids:
+        raise BadInput(f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
+    references = []
+    for value in dataset[reference_column] if reference_column else []:
+        ref = tokenizer(last_turn(value).removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
+        ref = ref[: response_length - 1] + [eos]
+        references.append(ref + [pad] * (response_length - len(ref)))
+    dropped = len(long) if long_prompts == "filter" else 0
+    return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
+
+
+def check_json_lines(path: str) -> None:
+    """A JSON Lines file parses line by line (a .json file may be one document): name the first line that does not."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return
+    except ValueError:
+        pass
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            line.strip() and json.loads(line)
+        except ValueError as e:
+            raise BadInput(f"dataset file '{path}', line {number}: not valid JSON ({e}); fix that line") from e
+
+
+def as_messages(prompt) -> list[dict]:
+    """A prompt as chat messages: a conversation without the answer that may end it; a text in the
+    "\n\nHuman: ... \n\nAssistant:" form of Anthropic HH and Nectar split into its turns; another text, one user
+    message."""
+    if isinstance(prompt, str):
+        parts = re.split(r"\n\n(Human|Assistant):", prompt)
+        if len(parts) < 3 or parts[0].strip():
+            return [{"role": "user", "content": prompt}]
+        roles = {"Human": "user", "Assistant": "assistant"}
+        prompt = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    require(bool(messages), "a conversation in the dataset has no user message")
+    return messages
+
+
+def last_turn(value) -> str:
+    """A text as it is; a conversation's last message (a prompt's question, or the answer that ends a response)."""
+    return value if isinstance(value, str) else value[-1]["content"]
+
+
+def load_preferences(path, split, query_column, chosen_column, rejected_column, tokenizer, lengths, long_prompts, chat):
+    """Preference pairs (N, 2, query_length + response_length): the prompt left-padded, then the chosen (0) or the
+    rejected (1) response with EOS appended and right-padded (load_prompts reads each column as it reads references);
+    and how many pairs were dropped for a prompt longer than query_length. lengths: (query_length, response_length)."""
+    pairs = []
+    for column in (chosen_column, rejected_column):
+        _, _, queries, responses, dropped = load_prompts(
+            path, split, query_column, column, tokenizer, *lengths, long_prompts, chat
+        )
+        pairs.append(torch.cat((queries, responses), 1))
+    pairs = torch.stack(pairs, 1)
+    same = (pairs[:, 0] == pairs[:, 1]).all(-1)  # (N,) a pair whose two responses are one: no preference
+    require(
+        not same.all(), f"every pair of '{path}' ({split}) has {chosen_column} == {rejected_column}: check the columns"
+    )
+    if same.any():
+        print(f"warning: {int(same.sum())} of {len(same)} pairs of '{path}' ({split}) have two identical responses")
+    return pairs, dropped
+
+
+def rank_share(n: int, rank: int, world_size: int) -> list[int]:
+    """This rank's indices of the first n examples, as many on every rank (the remainder is dropped): a sharded model's
+    forward is a collective, so every rank must run as many."""
+    require(
+        n >= world_size, f"{n} evaluation examples cannot be shared by {world_size} processes: give at least as many"
+    )
+    return list(range(n - n % world_size))[rank::world_size]
+
+
+def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
+    """Endless global batches of prompt indices (the same shuffle on every rank); each rank takes its share."""
+    if num_prompts < batch_size:
+        raise BadInput(f"the train split has {num_prompts} examples, fewer than one --batch_size {batch_size}")
+
+    def batches():
+        rng = np.random.default_rng(seed)
+        while True:
+            perm = rng.permutation(num_prompts)
+            for start in range(0, num_prompts - batch_size + 1, batch_size):
+                yield perm[start : start + batch_size][rank::world_size]
+
+    return batches()
+
+
+# ---------------------------------------------------------------------------------------------- sampling and log-probs
 
 
 def sampling_config(
@@ -359,398 +1079,220 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
     return nn.functional.pad(output, (0, length - output.size(1)), value=pad_id)  # stopped early: the same length
 
 
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True in each row; the row length where there is none."""
+    row_len = bools.size(-1)
+    return torch.where(bools, torch.arange(row_len, device=bools.device), row_len).min(dim=-1).values
+
+
+def truncate_response(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -> torch.Tensor:
+    """Keep each response up to and including its first stop token (EOS, or a chat model's end of turn); pad the rest."""
+    positions = torch.arange(responses.size(1), device=responses.device)
+    ends = first_true_indices(torch.isin(responses, torch.tensor(stop_ids, device=responses.device)))
+    return responses.masked_fill(positions > ends[:, None], pad_id)
+
+
+def response_mask(responses: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """True up to and including the first EOS (everything when there is none)."""
+    lengths = first_true_indices(responses == pad_id)  # tokens kept
+    return torch.arange(responses.size(1), device=responses.device)[None] < lengths[:, None]
+
+
+def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
+    """Drop the padding columns that every left-padded prompt of the batch has, keeping a multiple of `multiple`
+    columns (0: keep them all), so that no model computes over the padding of a longer prompt in another batch."""
+    longest = int((queries != pad_id).sum(1).max())
+    keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
+    return queries[:, queries.size(1) - keep :]
+
+
+def trim_responses(query_responses: torch.Tensor, masks: torch.Tensor, context_length: int):
+    """Drop the response columns that are padding in every response of the batch (all stopped before them): no model
+    pass needs them. query_responses (..., L) and masks (..., T), trimmed alike."""
+    width = int(masks.sum(-1).max())
+    return query_responses[..., : context_length + width], masks[..., :width]
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Sequences (..., L) laid out as a prompt left-padded to context_length, then a right-padded response: drop the
+    padding columns that every sequence has, on both sides, keeping a multiple of `multiple` prompt columns and of
+    response columns (0: keep them all). Returns the sequences and their context length. forward() masks the padding
+    and counts positions from the first real token, so no score or log-prob changes: only the compute over padding."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    # The right padding: the columns after the last real token of every response.
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
+
+
+def forward(model, query_responses: torch.Tensor, pad_id: int):
+    """Forward with pads masked and positions counted from the first real token, as generate() does with left
+    padding. The pad id never reaches the model, so it needs no embedding row (see load_tokenizer)."""
+    attention_mask = query_responses != pad_id
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    input_ids = query_responses.masked_fill(~attention_mask, 0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+def response_logprobs(model, query_responses, context_length: int, temperature: float, pad_id: int):
+    """Per-token log pi(y_t | x, y_<t) of the response tokens under the distribution generate() samples from:
+    logits divided by the temperature and the pad token excluded. Pad positions get 0."""
+    logits = forward(model, query_responses, pad_id).logits[:, context_length - 1 : -1].float() / temperature
+    if pad_id < logits.size(-1):
+        logits[..., pad_id] = float("-inf")  # generate() suppresses it
+    responses = query_responses[:, context_length:]
+    is_pad = responses == pad_id  # (B, T)
+    logprobs = logits.log_softmax(-1).gather(2, responses.masked_fill(is_pad, 0).unsqueeze(-1)).squeeze(-1)
+    return logprobs.masked_fill(is_pad, 0.0)  # (B, T); 0, not -inf, where the pad id is 0 (pad = unk in Llama-2)
+
+
+def sequence_logprobs(model, query_responses, masks, context_length: int, temperature: float, pad_id: int):
+    """log pi(y|x), summed over each response's tokens. query_responses (B, n, L) and masks (B, n, T) -> (B, n)."""
+    logprobs = response_logprobs(model, query_responses.flatten(0, 1), context_length, temperature, pad_id)
+    return (logprobs * masks.flatten(0, 1)).sum(-1).unflatten(0, masks.shape[:2])
+
+
+# ---------------------------------------------------------------------------------------------- evaluation and logs
+
+
 @torch.no_grad()
-def rollout(policy, ref_policy, reward, queries, prompts: list, n: int, config, stop_ids: list, chunk_size: int, timer):
-    """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them).
-    Returns query_responses (B, n, L), masks (B, n, T), the summed log-probs under the policy and the reference
-    (B, n), the rewards (B, n) and has_eos (B, n): whether the response ended with a stop token."""
-    ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
-    for start in range(0, len(queries), chunk_size):
-        query = queries[start : start + chunk_size]
-        with timer("generation"):
-            query_response = generate(policy, query.repeat_interleave(n, 0), config)
-        # Response processing 1: truncate after the first stop token, pad the rest.
-        response = truncate_response(query_response[:, ctx:], stop_ids, pad_id)
-        query_response = torch.cat((query_response[:, :ctx], response), 1).unflatten(0, (-1, n))  # (b, n, L)
-        mask = response_mask(response, pad_id).unflatten(0, (-1, n))  # (b, n, T)
-        # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
-        trimmed = trim_responses(query_response, mask, ctx)  # responses that stopped early leave padding columns
-        with timer("logprob"):
-            logprob = sequence_logprobs(policy, *trimmed, ctx, temperature, pad_id)
-            with ref_policy() as ref:
-                ref_logprob = sequence_logprobs(ref, *trimmed, ctx, temperature, pad_id)
-        # Response processing 3: the reward, and whether the response ended (the penalty needs it).
-        with timer("reward"):
-            chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(n)]
-            score = reward(trimmed[0].flatten(0, 1), ctx, chunk_prompts).unflatten(0, (-1, n))
-        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, n))
-        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
-    return [torch.cat(t) for t in zip(*out)]
-
-
-# ---------------------------------------------------------------------------------------------- the loss
-
-
-def dpo_loss(logprobs, ref_logprobs, beta: float) -> torch.Tensor:
-    """Rafailov et al. (2023), Equation 7. Inputs (B, 2): column 0 is the chosen y_w, column 1 the rejected y_l.
-
-    mean_x -ln sigmoid( beta * [ln pi_theta(y_w|x)/pi_ref(y_w|x) - ln pi_theta(y_l|x)/pi_ref(y_l|x)] )
-    """
-    log_ratio = logprobs - ref_logprobs  # (B, 2) ln pi_theta / pi_ref
-    return -F.logsigmoid(beta * (log_ratio[:, 0] - log_ratio[:, 1])).mean()
-
-
-# ---------------------------------------------------------------------------------------------- models and data
-
-
-class ScalarRewardModel(nn.Module):
-    """A transformer backbone and a linear head read at the last non-pad token, minus a normalising bias (reward.py
-    sets it so that reference responses score 0 on average)."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Linear, bias: float = 0.0):
-        super().__init__()
-        self.backbone, self.head, self.bias = backbone, head, bias
-
-    def forward(self, query_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
-        hidden = forward(self.backbone, query_responses, pad_id).last_hidden_state  # (B, L, H)
-        # The last non-pad token: queries are left-padded and responses right-padded, so it is the rightmost one.
-        positions = torch.arange(query_responses.size(1), device=hidden.device)
-        last = ((query_responses != pad_id) * positions).argmax(1)
-        hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B,)
-
-
-class Reward:
-    """r(x, y) of sampled responses: a reward model's score, or a Python function's value (fn(prompts, responses) ->
-    scores, on texts). A reward model with the policy's tokenizer and chat template reads the policy's token ids as
-    they are (TL;DR); one with its own reads the decoded response, rendered and tokenised its way (reward_text)."""
-
-    def __init__(self, tokenizer, model=None, model_tokenizer=None, fn=None):
-        self.tokenizer, self.model, self.model_tokenizer, self.fn = tokenizer, model, model_tokenizer, fn
-
-    def __call__(self, query_responses: torch.Tensor, context_length: int, prompts: list) -> torch.Tensor:
-        if self.fn is None and self.model_tokenizer is None:
-            return self.model(query_responses, self.tokenizer.pad_token_id).float()  # (N,)
-        responses = self.tokenizer.batch_decode(query_responses[:, context_length:], skip_special_tokens=True)
-        if self.fn is not None:
-            return torch.as_tensor(self.fn(prompts, responses), dtype=torch.float, device=query_responses.device)
-        tokenizer = self.model_tokenizer
-        ids = tokenizer(
-            [reward_text(*x, tokenizer) for x in zip(prompts, responses)], add_special_tokens=False
-        ).input_ids
-        width, pad_id = max(map(len, ids)), tokenizer.pad_token_id
-        inputs = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=query_responses.device)
-        return self.model(inputs, pad_id).float()  # (N,)
-
-
-def reward_text(prompt, response: str, tokenizer) -> str:
-    """What a reward model with its own tokenizer reads: a conversation with the response as the assistant's turn, in
-    the reward model's chat template (its own special tokens included); a text prompt followed by the response and
-    its EOS."""
-    if isinstance(prompt, list):
-        return tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
-    return prompt + response + tokenizer.eos_token
-
-
-def same_tokenizer(a, b) -> bool:
-    """Whether token ids mean the same to both tokenizers (their pad tokens aside: no model reads the pad id) and
-    prompts render the same."""
-    vocab_a, vocab_b = ({k: v for k, v in t.get_vocab().items() if v != t.pad_token_id} for t in (a, b))
-    return vocab_a == vocab_b and a.chat_template == b.chat_template
-
-
-def load_reward_fn(spec: str):
-    """--reward_fn path/to/file.py:name -> the function `name` of that file."""
-    path, _, name = spec.rpartition(":")
-    require(os.path.isfile(path) and name, f"--reward_fn {spec}: give an existing file.py:function_name")
-    module_spec = importlib.util.spec_from_file_location("reward_fn_module", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    require(callable(getattr(module, name, None)), f"--reward_fn {spec}: {path} defines no function '{name}'")
-    return getattr(module, name)
-
-
-def train_last_layers(model, n: int, dtype: torch.dtype) -> dict:
-    """Train only the last n transformer layers and what follows them (the final norm, and the LM head unless it is
-    tied to the frozen embedding), as the official chat code; they move to fp32 (the master weights), the rest stays in
-    `dtype`. Returns copies of their starting weights: with them in place, the model is the reference (SFT) policy."""
-    layers = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
-    require(0 < n <= len(layers), f"--num_trainable_layers {n}: the model has {len(layers)} layers")
-    model.get_input_embeddings().requires_grad_(False)
-    for layer in layers[:-n]:
-        layer.requires_grad_(False)
-    reference = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return reference
-
-
-@contextmanager
-def weights_swapped(model, weights: dict):
-    """The model with the named parameters' values replaced by `weights` (no gradient flows meanwhile)."""
-    params = dict(model.named_parameters())
-    live = {name: params[name].data for name in weights}
-    try:
-        for name, value in weights.items():
-            params[name].data = value
-        yield model
-    finally:
-        for name, value in live.items():
-            params[name].data = value
-
-
-def stop_token_ids(tokenizer, generation_config) -> list[int]:
-    """The tokenizer's EOS and the model's own stop tokens (a chat model's end of turn: Llama-3's <|eot_id|>)."""
-    ids = generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return [tokenizer.eos_token_id] + [i for i in ids if i != tokenizer.eos_token_id]
-
-
-def load_reward_tokenizer(path: str | None, model_path: str, tokenizer):
-    """The reward model's tokenizer: `path`, else the one saved with the reward model, else the policy's (with a
-    note: summarize_from_feedback_details saves none)."""
-    try:
-        return load_tokenizer(path or model_path)
-    except BadInput:
-        if path:
-            raise
-        print(f"the reward model {model_path} has no tokenizer: it reads the policy's tokens", file=sys.stderr)
-        return tokenizer
-
-
-def check_model_path(path: str) -> None:
-    """A local path must be a directory that save_pretrained wrote: said here, where the loaders would go on to try it
-    as a hub name and fail with a message about something else."""
-    if os.path.isfile(path):
-        raise BadInput(f"'{path}' is a file; give the directory that save_pretrained wrote, or a hub name")
-    if os.path.isdir(path) and not {"config.json", "adapter_config.json"} & set(os.listdir(path)):
-        raise BadInput(f"'{path}' holds no model: no config.json (or adapter_config.json for a LoRA adapter)")
-    if not os.path.exists(path) and path.startswith(("/", ".", "~")):
-        raise BadInput(f"'{path}': no such directory")
-
-
-def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
-    """An AutoModelForSequenceClassification with one label, or summarize_from_feedback_details' format (config.json
-    with `base_config`; weights `lm_backbone.*` and `scalar_head.*`, with or without a head bias)."""
-    from huggingface_hub import snapshot_download
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
-
-    check_model_path(path)
-    try:
-        local = path if os.path.isdir(path) else snapshot_download(path)
-        with open(os.path.join(local, "config.json")) as f:
-            config = json.load(f)
-        if "base_config" not in config:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                local, dtype=dtype, output_loading_info=True
-            )
-            if info["missing_keys"]:
-                missing = sorted(info["missing_keys"])
-                raise BadInput(
-                    f"reward model {path}: its checkpoint has no weights for {len(missing)} parameters of "
-                    f"{type(model).__name__} (e.g. {missing[0]}), which would score with random weights. "
-                    "A reward model of its own class (a `v_head`, custom code) must be converted first: docs/chat.md"
-                )
-            head = getattr(model, "score", None) or getattr(model, "classifier", None)
-            if model.config.num_labels != 1 or not isinstance(head, nn.Linear):
-                raise BadInput(
-                    f"reward model {path}: a reward model needs one linear output (`score`), found "
-                    f"{model.config.num_labels} labels on {type(model).__name__}"
-                )
-            return ScalarRewardModel(model.base_model, head, getattr(model.config, "reward_bias", 0.0))
-        # https://github.com/vwxyzjn/summarize_from_feedback_details (ScalarModel)
-        state = {}
-        for name in sorted(n for n in os.listdir(local) if n.endswith((".safetensors", ".bin"))):
-            file = os.path.join(local, name)
-            state.update(load_file(file) if name.endswith(".safetensors") else torch.load(file, weights_only=True))
-        backbone = AutoModel.from_config(AutoConfig.for_model(**config["base_config"]), dtype=dtype)
-        backbone.load_state_dict({k.removeprefix("lm_backbone."): v for k, v in state.items() if k.startswith("lm_")})
-        head_state = {k.removeprefix("scalar_head."): v for k, v in state.items() if k.startswith("scalar_head.")}
-        head = nn.Linear(config["hidden_size"], 1, bias="bias" in head_state)
-        head.load_state_dict(head_state)
-        return ScalarRewardModel(backbone, head.to(dtype), config.get("bias", 0.0))
-    except BadInput:
-        raise
-    except Exception as e:
-        raise BadInput(f"reward model: cannot read the checkpoint {path} ({type(e).__name__}: {e})") from e
-
-
-def load_policy(path: str, dtype: torch.dtype):
-    """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
-    merged into its base, itself loaded this way, so the policy starts at, and the KL reference is, the SFT model.
-    The merged model keeps the adapter's path as its name: an adapter trained on it records that path as its base."""
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import find_adapter_config_file
-
-    check_model_path(path)
-    try:
-        if not find_adapter_config_file(path):
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        # Not peft's AutoPeftModel: it resizes the embedding to a tokenizer saved beside the adapter.
-        base = load_policy(PeftConfig.from_pretrained(path).base_model_name_or_path, dtype)
-        model = PeftModel.from_pretrained(base, path).merge_and_unload()
-        model.name_or_path = path
-        return model
-    except BadInput:
-        raise
-    except Exception as e:
-        raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
-
-
-def load_tokenizer(path: str):
-    """The policy's tokenizer, with a pad token distinct from EOS and BOS. Every script pads itself and never feeds or
-    gathers the pad id (forward, response_logprobs), so a pad token added here needs no embedding row: tokenizers
-    with pad == EOS (Llama-3, Mistral) or none (Pythia) work as they are."""
-    from transformers import AutoTokenizer
-
-    check_model_path(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise BadInput(f"cannot load a tokenizer from '{path}' ({type(e).__name__}: {e})") from e
-    if tokenizer.eos_token_id is None:
-        raise BadInput(f"the tokenizer of {path} has no EOS token; responses end at EOS, so set one")
-    if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    return tokenizer
-
-
-def load_prompts(
-    path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
+def evaluate(
+    update,
+    sample,
+    reward,
+    tokenizer,
+    data,
+    idx,
+    reference_column,
+    penalty,
+    pad_multiple,
+    chunk,
+    autocast,
+    log,
+    rows_shown,
 ):
-    """The prompts as the dataset gives them (text, or a list of chat messages), the same left-padded to query_length
-    in tokens, the reference responses (EOS appended) right-padded to response_length (None without
-    reference_column), the dataset rows, and how many prompts were dropped for being too long. Conversations, and
-    text prompts with `chat`, are rendered with the tokenizer's chat template, ready for the assistant's answer."""
-    from datasets import load_dataset
+    """The evaluation table at `update` on this rank's share `idx` of the evaluation prompts (`data`: load_prompts'
+    output): one response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores, has_eos),
+    its score as in training (`penalty` without EOS), and the dataset's reference response with its score. Rank 0
+    writes <run_dir>/eval_<update>.csv and logs the eval/ metrics and `rows_shown` samples."""
+    dataset, prompts, queries, references, _ = data
+    prompts = [prompts[i] for i in idx]
+    queries = trim_left_padding(queries[idx], tokenizer.pad_token_id, pad_multiple).to(log.device)
+    ctx = queries.size(1)
+    # Its own random stream: the training's samples do not depend on when, or how often, the run evaluates.
+    with autocast(), torch.random.fork_rng(devices=[log.device] if log.device.type == "cuda" else []):
+        query_response, mask, kl, score, has_eos = sample(queries, prompts)
+    rows = {
+        "query": [last_turn(p) for p in prompts],
+        "postprocessed_response": tokenizer.batch_decode(query_response[:, ctx:], skip_special_tokens=True),
+        "score": torch.where(has_eos, score, penalty).tolist(),
+        "kl": kl.tolist(),
+        "response_length": mask.sum(1).tolist(),
+        "has_eos": has_eos.tolist(),
+    }
+    if references is not None:  # the dataset's own responses, scored the same way
+        query_references = torch.cat((queries, references[idx].to(log.device)), 1)
+        with autocast():
+            reference_score = [
+                reward(qr, ctx, prompts[i : i + chunk])
+                for i, qr in zip(range(0, len(prompts), chunk), query_references.split(chunk))
+            ]
+        rows["reference_response"] = [last_turn(r) for r in dataset[idx][reference_column]]
+        rows["reference_score"] = torch.cat(reference_score).tolist()
+    gathered = [rows]
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rows)
+    if log.master:
+        log.table(update, gathered, rows_shown)
 
-    looks_local = path.startswith(("/", ".", "~")) or path.endswith((".jsonl", ".json", ".csv", ".parquet"))
-    require(os.path.exists(path) or not looks_local, f"dataset '{path}': no such file or directory")
-    require(not os.path.isfile(path) or os.path.getsize(path) > 0, f"dataset file '{path}' is empty")
-    try:
-        if os.path.isfile(path):  # a single file serves every split
-            kind = {"jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(path.rsplit(".", 1)[-1], "json")
-            dataset = load_dataset(kind, data_files=path, split="train")
-        else:
-            dataset = load_dataset(path, split=split)
-    except Exception as e:
-        raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
-    require(len(dataset) > 0, f"split '{split}' of dataset '{path}' has no rows")
-    for column in (query_column, reference_column or query_column):
-        if column not in dataset.column_names:
-            raise BadInput(
-                f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
-                "Pass --query_column / --reference_column."
+
+class RunLog:
+    """Rank 0's logs: TensorBoard events, metrics.jsonl (a row per update) and, with `track`, the wandb run, each
+    continued where the checkpoint left it on resume (`trainer`: the checkpoint's record, which keeps the wandb id).
+    Every rank calls write(), which reduces the metrics over the ranks."""
+
+    def __init__(
+        self, run_dir, run_name, flags: dict, track, project, entity, trainer, start_update, batch_size, device
+    ):
+        self.master = not dist.is_initialized() or dist.get_rank() == 0
+        self.run_dir, self.track, self.device, self.batch_size = run_dir, track, device, batch_size
+        self.start_update, self.start = start_update, time.time()
+        if not self.master:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        if track:
+            import wandb
+
+            wandb.init(
+                project=project,
+                entity=entity,
+                config=flags,
+                name=run_name,
+                id=trainer.get("wandb_id"),  # None starts a new wandb run
+                resume="allow",
+                dir=run_dir,
+                sync_tensorboard=True,
+                save_code=True,
             )
-    prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
-    if isinstance(prompts[0], list):
-        require(bool(tokenizer.chat_template), f"the tokenizer has no chat template for the conversations of '{path}'")
-        texts = [tokenizer.apply_chat_template(x, tokenize=False, add_generation_prompt=True) for x in prompts]
-        ids = tokenizer(texts, add_special_tokens=False).input_ids  # the template holds the special tokens it wants
-    else:
-        ids = tokenizer(prompts).input_ids
-    long = [i for i, x in enumerate(ids) if len(x) > query_length]
-    if long and long_prompts == "filter":
-        keep = sorted(set(range(len(ids))) - set(long))
-        dataset, ids, prompts = dataset.select(keep), [ids[i] for i in keep], [prompts[i] for i in keep]
-    elif long:
-        print(
-            f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
-            "keeping their last tokens (--long_prompts filter drops them)",
-            file=sys.stderr,
-        )
-    if not ids:
-        raise BadInput(f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
-    references = []
-    for value in dataset[reference_column] if reference_column else []:
-        text = value[-1]["content"] if isinstance(value, list) else value  # a conversation ends with the answer
-        ref = tokenizer(text.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
-        ref = ref[: response_length - 1] + [eos]
-        references.append(ref + [pad] * (response_length - len(ref)))
-    dropped = len(long) if long_prompts == "filter" else 0
-    return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
+            trainer["wandb_id"] = wandb.run.id
+        self.writer = SummaryWriter(run_dir, purge_step=start_update + 1 if start_update else None)
+        self.writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in flags.items()))
+        self.metrics = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
+
+    def write(self, update: int, stats: dict, timer, lr: float) -> None:
+        """One update's metrics (the mean over ranks), the phase times and peak memory (the max), the learning rate."""
+        stats = all_reduce(stats, device=self.device)
+        timer.times["total"] = sum(timer.times.values())
+        stats.update(all_reduce({f"time/{k}": v for k, v in timer.times.items()}, dist.ReduceOp.MAX, self.device))
+        stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(self.device)}, dist.ReduceOp.MAX, self.device))
+        if not self.master:
+            return
+        speed = (update - self.start_update) * self.batch_size / (time.time() - self.start)
+        stats.update({"policy/lr": lr, "episode": update * self.batch_size, "time/episodes_per_second": speed})
+        for key, value in stats.items():
+            self.writer.add_scalar(key, value, update)
+        self.metrics.write(json.dumps({"update": update, **stats}) + "\n")
+        self.metrics.flush()
+
+    def table(self, update: int, rows: list[dict], num_sample_rows: int) -> None:
+        """The evaluation table (every rank's rows): its csv, its eval/ means and a few samples printed and logged."""
+        import pandas as pd
+        from tqdm import tqdm
+
+        df = pd.concat([pd.DataFrame(r) for r in rows], ignore_index=True)
+        df.to_csv(os.path.join(self.run_dir, f"eval_{update:06d}.csv"), index=False)
+        stats = {f"eval/{n}": df[n].mean() for n in ("score", "reference_score", "kl", "response_length") if n in df}
+        stats["eval/eos_rate"] = df.has_eos.mean()
+        for key, value in stats.items():
+            self.writer.add_scalar(key, value, update)
+        samples = df.head(num_sample_rows)[["query", "postprocessed_response", "score"]]
+        self.writer.add_text("samples", samples.to_string(), update)
+        if self.track:
+            import wandb
+
+            wandb.log({"samples": wandb.Table(dataframe=df.head(num_sample_rows * 4))}, step=update)
+        tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+        for _, row in samples.iterrows():
+            tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row.score:.2f})")
+
+    def close(self) -> None:
+        if self.master:
+            if os.path.exists(os.path.join(self.run_dir, ".lock")):
+                os.remove(os.path.join(self.run_dir, ".lock"))
+            self.metrics.close()
+            self.writer.close()
+            if self.track:
+                import wandb
+
+                wandb.finish()
 
 
-def as_messages(prompt) -> list[dict]:
-    """A prompt as chat messages: a conversation without the answer that may end it; a text in the
-    "\n\nHuman: ... \n\nAssistant:" form of Anthropic HH and Nectar split into its turns; another text, one user
-    message."""
-    if isinstance(prompt, str):
-        parts = re.split(r"\n\n(Human|Assistant):", prompt)
-        if len(parts) < 3 or parts[0].strip():
-            return [{"role": "user", "content": prompt}]
-        roles = {"Human": "user", "Assistant": "assistant"}
-        prompt = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
-    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
-    while messages and messages[-1]["role"] == "assistant":
-        messages.pop()
-    require(bool(messages), "a conversation in the dataset has no user message")
-    return messages
-
-
-def load_preferences(path, split, query_column, chosen_column, rejected_column, **data):
-    """Preference pairs (N, 2, query_length + response_length): the prompt left-padded, then the chosen (0) or the
-    rejected (1) response with EOS appended and right-padded (load_prompts reads each column as it reads references);
-    and how many pairs were dropped for a prompt longer than query_length."""
-    pairs = []
-    for column in (chosen_column, rejected_column):
-        _, _, queries, responses, dropped = load_prompts(path, split, query_column, column, **data)
-        pairs.append(torch.cat((queries, responses), 1))
-    return torch.stack(pairs, 1), dropped
-
-
-def rank_share(n: int, rank: int, world_size: int) -> list[int]:
-    """This rank's indices of the first n examples, as many on every rank (the remainder is dropped): a sharded model's
-    forward is a collective, so every rank must run as many."""
-    return list(range(n - n % world_size))[rank::world_size]
-
-
-def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
-    """Endless global batches of prompt indices (the same shuffle on every rank); each rank takes its share."""
-    if num_prompts < batch_size:
-        raise BadInput(f"the train split has {num_prompts} examples, fewer than one --batch_size {batch_size}")
-
-    def batches():
-        rng = np.random.default_rng(seed)
-        while True:
-            perm = rng.permutation(num_prompts)
-            for start in range(0, num_prompts - batch_size + 1, batch_size):
-                yield perm[start : start + batch_size][rank::world_size]
-
-    return batches()
-
-
-# ---------------------------------------------------------------------------------------------- runs and checkpoints
-
-
-def require(ok: bool, message: str) -> None:
-    if not ok:
-        raise BadInput(message)
-
-
-def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
-    """A new run needs an empty run directory, so that its logs never mix with another run's; the run and output
-    directories are created and written to now, so that a bad one fails at start rather than after training."""
-    if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
-        raise BadInput(
-            f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
-        )
-    for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            raise BadInput(f"{flag} {path} is a file, not a directory; choose another")
-        try:
-            if path:
-                os.makedirs(path, exist_ok=True)
-                open(os.path.join(path, ".write_test"), "w").close()
-                os.remove(os.path.join(path, ".write_test"))
-        except OSError as e:
-            raise BadInput(f"{flag} {path} is not a writable directory ({e.strerror}); choose another") from e
-    return run_dir
+# ---------------------------------------------------------------------------------------------- checkpoints
 
 
 def find_checkpoint(path: str) -> str:
@@ -760,6 +1302,8 @@ def find_checkpoint(path: str) -> str:
         return path
     root = os.path.join(path, "checkpoints")
     done = sorted(n for n in os.listdir(root) if n[7:].isdigit()) if os.path.isdir(root) else []  # update_N
+    if not done and os.path.isdir(root):
+        return None  # a run killed while it wrote its first checkpoint (open_run starts it over)
     require(bool(done), f"--resume {path}: no checkpoint there (runs write one every --save_freq updates)")
     return os.path.join(root, done[-1])
 
@@ -814,12 +1358,18 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
     path = os.path.join(root, f"update_{update:06d}")
-    dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
-    torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+    try:
+        dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
+        torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+    except Exception as e:
+        raise BadInput(
+            f"cannot write the checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); the earlier checkpoints are "
+            f"intact: free some space and continue with --resume {run_dir}"
+        ) from e
     barrier()
     if rank == 0:
         with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
-            json.dump(trainer, f)
+            json.dump({**trainer, "script": os.path.basename(__file__)}, f)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
         for old in sorted(n for n in os.listdir(root) if n[7:].isdigit())[: -max(keep, 1)]:
@@ -840,6 +1390,14 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
     try:
         with open(os.path.join(path, "trainer.json")) as f:
             trainer = json.load(f)
+        script = trainer.get("script", os.path.basename(__file__))
+        require(script == os.path.basename(__file__), f"--resume {path}: that is a run of {script}; resume it with it")
+        name = os.path.basename(os.path.normpath(path))
+        require(
+            name == f"update_{trainer.get('update', -1):06d}",
+            f"--resume {path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's; "
+            "it was edited or copied from another checkpoint: resume from an intact one",
+        )
         was = trainer["flags"]
         changed = [
             f"--{k} {was.get(k)} (now {v})"
@@ -873,7 +1431,8 @@ def stop_signals() -> list:
 
     def handler(signum, frame):
         if received:
-            raise KeyboardInterrupt
+            print(f"\n{signal.Signals(signum).name} again: stopping now, without a checkpoint", file=sys.stderr)
+            os._exit(128 + signum)
         received.append(signum)
         print(
             f"\n{signal.Signals(signum).name}: saving a checkpoint after this update (again to stop now)",
@@ -971,308 +1530,11 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-# ---------------------------------------------------------------------------------------------- main
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise BadInput(message)
+
 
 if __name__ == "__main__":
     sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
-    import pandas as pd
-    from tqdm import tqdm
-
-    args = tyro.cli(Args, use_underscores=True)
-    require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
-    require(min(args.query_length, args.response_length) >= 1, "--query_length and --response_length must be >= 1")
-    require(not args.fsdp or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)")
-    require(not (args.fsdp and args.save_merged), "--save_merged does not work with --fsdp: merge the saved adapter")
-    require(
-        not args.num_trainable_layers or not (args.lora or args.fsdp),
-        "--num_trainable_layers trains whole layers: add --no-lora (and it does not work with --fsdp)",
-    )
-    if args.beta <= 0:
-        raise BadInput(f"--beta must be > 0 (it scales the log-ratios in Equation 7); got {args.beta}")
-
-    # DDP set-up: the same file runs under `python` and `torchrun`.
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    use_cuda = args.cuda and torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    master = rank == 0
-    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    grad_accum = exact_div(
-        local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size"
-    )
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)  # different sampling noise on every rank
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and use_cuda)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-    # Run directory: a new run starts in an empty one; --resume continues a stopped run in its own.
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else args.run_dir or f"runs/{run_name}"
-    run_dir = broadcast(start_run_dir(run_dir, checkpoint, args.output_dir) if master else None)
-
-    # Data: every rank tokenises the whole split and takes its own pairs from the shared shuffle.
-    tokenizer = load_tokenizer(args.sft_model_path)
-    pad = tokenizer.pad_token_id
-    data = dict(
-        tokenizer=tokenizer,
-        query_length=args.query_length,
-        response_length=args.response_length,
-        long_prompts=args.long_prompts,
-        chat=args.chat,
-    )
-    train_pairs, dropped = load_preferences(
-        args.preference_dataset, args.train_split, args.query_column, args.chosen_column, args.rejected_column, **data
-    )  # (N, 2, query_length + response_length)
-    eval_set, eval_prompts, eval_queries, eval_references, _ = load_prompts(
-        args.query_dataset, args.eval_split, args.query_column, args.reference_column, **data
-    )
-    eval_idx = rank_share(min(args.num_eval_prompts or len(eval_set), len(eval_set)), rank, world_size)
-    total_episodes = args.total_episodes or args.num_train_epochs * len(train_pairs)
-    num_updates = total_episodes // args.batch_size
-    if num_updates < 1:
-        raise BadInput(f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
-    batches = prompt_batches(len(train_pairs), args.batch_size, rank, world_size, args.seed)
-
-    # Models: dropout is off everywhere because every model stays in eval mode (gradients do not need train mode).
-    policy = load_policy(args.sft_model_path, dtype if args.lora or args.num_trainable_layers else torch.float32)
-    stop_ids = stop_token_ids(tokenizer, policy.generation_config)
-    if args.lora:
-        from peft import LoraConfig, get_peft_model
-
-        target_modules = args.lora_target_modules
-        lora_config = LoraConfig(
-            r=args.lora_rank,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules=target_modules[0] if target_modules == ["all-linear"] else target_modules,
-        )
-        policy = get_peft_model(policy, lora_config)  # peft keeps the adapters in fp32: the master weights
-        ref_policy = partial(adapter_disabled, policy)  # the SFT policy: the base model without the adapter
-    elif args.num_trainable_layers:
-        policy.to(device)
-        ref_policy = partial(weights_swapped, policy, train_last_layers(policy, args.num_trainable_layers, dtype))
-    else:
-        ref_model = load_policy(args.sft_model_path, dtype).to(device).eval().requires_grad_(False)
-        ref_model = shard(ref_model, bf16) if args.fsdp else ref_model
-        ref_policy = lambda: nullcontext(ref_model)  # noqa: E731
-    policy.to(device).eval()
-    if args.gradient_checkpointing:
-        checkpoint_layers(policy)
-    if args.reward_fn:
-        reward = Reward(tokenizer, fn=load_reward_fn(args.reward_fn))
-    else:
-        reward_model = load_reward_model(args.reward_model_path, dtype).to(device).eval().requires_grad_(False)
-        reward_tokenizer = load_reward_tokenizer(args.reward_tokenizer, args.reward_model_path, tokenizer)
-        reward = Reward(
-            tokenizer, reward_model, None if same_tokenizer(reward_tokenizer, tokenizer) else reward_tokenizer
-        )
-    raw_policy = policy
-    if args.fsdp:
-        shard(policy, bf16)  # in place: raw_policy is sharded too
-    elif ddp:
-        policy = DDP(policy, device_ids=[device.index] if use_cuda else None)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
-    chunk = args.local_rollout_forward_batch_size
-    eval_config = sampling_config(  # compile: untried on FSDP
-        args.response_length,
-        args.eval_temperature,
-        pad,
-        args.static_cache and not args.fsdp,
-        stop_ids if args.stop_at_eos else None,
-    )
-
-    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, policy, optimizer, asdict(args), world_size) if checkpoint else {}
-    start_update = trainer.get("update", 0)
-    for _ in range(start_update):  # the batches already trained on
-        next(batches)
-    signals = stop_signals()
-
-    # Logging: only rank 0 writes.
-    if master:
-        from torch.utils.tensorboard import SummaryWriter
-
-        if args.track:
-            import wandb
-
-            wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                config=asdict(args),
-                name=run_name,
-                id=trainer.get("wandb_id"),  # None starts a new wandb run
-                resume="allow",
-                dir=run_dir,
-                sync_tensorboard=True,
-                save_code=True,
-            )
-            trainer["wandb_id"] = wandb.run.id
-        writer = SummaryWriter(run_dir, purge_step=start_update + 1 if checkpoint else None)
-        writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
-        metrics_file = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
-        if dropped:
-            print(f"dropped {dropped} preference pairs with a prompt longer than --query_length {args.query_length}")
-        print(
-            f"run {run_name}: {num_updates} updates of {args.batch_size} prompts, world size {world_size}, "
-            f"{grad_accum} micro-batches per step; logs in {run_dir}"
-            + (f"; resumed after update {start_update}" if checkpoint else "")
-        )
-
-    @torch.no_grad()
-    def run_evaluation(update: int):
-        """One response per prompt at the evaluation temperature (its KL at that temperature too, as the official code
-        does) and the reference response's score, on this rank's share of the prompts; rank 0 writes the table."""
-        prompts = [eval_prompts[i] for i in eval_idx]
-        queries = trim_left_padding(eval_queries[eval_idx], pad, args.pad_multiple).to(device)
-        timer, ctx = Timer(device), queries.size(1)
-        with autocast():
-            rollouts = rollout(raw_policy, ref_policy, reward, queries, prompts, 1, eval_config, stop_ids, chunk, timer)
-            query_response, mask, logprob, ref_logprob, score, has_eos = (t[:, 0] for t in rollouts)
-        rows = {
-            "query": [p if isinstance(p, str) else p[-1]["content"] for p in prompts],  # a conversation's last turn
-            "postprocessed_response": tokenizer.batch_decode(query_response[:, ctx:], skip_special_tokens=True),
-            "score": torch.where(has_eos, score, args.penalty_reward_value).tolist(),
-            "kl": (logprob - ref_logprob).tolist(),
-            "response_length": mask.sum(1).tolist(),
-            "has_eos": has_eos.tolist(),
-        }
-        if eval_references is not None:  # the dataset's own responses, scored the same way
-            query_references = torch.cat((queries, eval_references[eval_idx].to(device)), 1)
-            with autocast():
-                reference_score = [
-                    reward(qr, ctx, prompts[i : i + chunk])
-                    for i, qr in zip(range(0, len(prompts), chunk), query_references.split(chunk))
-                ]
-            references = eval_set[eval_idx][args.reference_column]
-            rows["reference_response"] = [r[-1]["content"] if isinstance(r, list) else r for r in references]
-            rows["reference_score"] = torch.cat(reference_score).tolist()
-        gathered = [None] * world_size
-        if ddp:
-            dist.all_gather_object(gathered, rows)
-        else:
-            gathered = [rows]
-        if not master:
-            return
-        df = pd.concat([pd.DataFrame(r) for r in gathered], ignore_index=True)
-        df.to_csv(os.path.join(run_dir, f"eval_{update:06d}.csv"), index=False)
-        stats = {f"eval/{n}": df[n].mean() for n in ("score", "reference_score", "kl", "response_length") if n in df}
-        stats["eval/eos_rate"] = df.has_eos.mean()
-        for key, value in stats.items():
-            writer.add_scalar(key, value, update)
-        samples = df.head(args.num_sample_rows)[["query", "postprocessed_response", "score"]]
-        writer.add_text("samples", samples.to_string(), update)
-        if args.track:
-            wandb.log({"samples": wandb.Table(dataframe=df.head(args.num_sample_rows * 4))}, step=update)
-        tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
-        for _, row in samples.iterrows():
-            tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row.score:.2f})")
-
-    # The loop: a batch of preference pairs -> DPO loss against the SFT policy -> step -> log.
-    start, stop, dump = time.time(), False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
-    if not checkpoint:
-        run_evaluation(0)
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
-        timer = Timer(device)
-        if use_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        query_responses = train_pairs[next(batches)].to(device)  # (B, 2, query_length + response_length)
-
-        # 1. DPO loss (Eq. 7) on micro-batches, each pair kept together; gradient accumulation fills the batch. No
-        # sampling, so log-probs are at temperature 1: pi_theta is the model's own likelihood of the human-written pairs.
-        loss_stats, logprob_stats, ref_logprob_stats = [], [], []
-        with timer("update"):
-            for micro, idx in enumerate(torch.arange(local_batch_size).split(args.per_device_train_batch_size)):
-                # The pairs without the padding columns they all share (--pad_multiple): the log-probs stay the same.
-                mb, context_length = trim_padding(query_responses[idx], args.query_length, pad, args.pad_multiple)
-                responses = mb[:, :, context_length:]  # (b, 2, T), right-padded after EOS
-                masks = response_mask(responses.flatten(0, 1), pad).unflatten(0, (-1, 2))  # (b, 2, T)
-                with torch.no_grad(), autocast(), ref_policy() as ref:
-                    ref_logprobs = sequence_logprobs(ref, mb, masks, context_length, 1.0, pad)
-                with no_sync(policy, sync=micro == grad_accum - 1), autocast():
-                    logprobs = sequence_logprobs(policy, mb, masks, context_length, 1.0, pad)
-                    loss = dpo_loss(logprobs, ref_logprobs, args.beta)  # logprobs, ref_logprobs: (b, 2)
-                check_finite({"the DPO loss": loss.detach(), "log-probs": logprobs.detach()}, dump)
-                (loss / grad_accum).backward()
-                loss_stats.append(loss.item())
-                logprob_stats.append(logprobs.detach())
-                ref_logprob_stats.append(ref_logprobs)
-            if args.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        # 2. Log: metrics reduced over ranks, rank 0 writes. The implicit reward is beta * ln pi_theta / pi_ref.
-        logprobs, ref_logprobs = torch.cat(logprob_stats), torch.cat(ref_logprob_stats)  # (B, 2)
-        implicit_rewards = args.beta * (logprobs - ref_logprobs)  # (B, 2)
-        stats = all_reduce(
-            {
-                "loss/policy": float(np.mean(loss_stats)),
-                "objective/implicit_reward_chosen": implicit_rewards[:, 0].mean().item(),
-                "objective/implicit_reward_rejected": implicit_rewards[:, 1].mean().item(),
-                "objective/implicit_accuracy": (implicit_rewards[:, 0] > implicit_rewards[:, 1]).float().mean().item(),
-                "policy/logprob_chosen": logprobs[:, 0].mean().item(),
-                "policy/logprob_rejected": logprobs[:, 1].mean().item(),
-            },
-            device=device,
-        )
-        timer.times["total"] = sum(timer.times.values())
-        stats.update(all_reduce({f"time/{k}": v for k, v in timer.times.items()}, dist.ReduceOp.MAX, device))
-        stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(device)}, dist.ReduceOp.MAX, device))
-        if master:
-            stats.update(
-                {
-                    "policy/lr": lr_now,
-                    "episode": update * args.batch_size,
-                    "time/episodes_per_second": (update - start_update) * args.batch_size / (time.time() - start),
-                }
-            )
-            for key, value in stats.items():
-                writer.add_scalar(key, value, update)
-            metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
-            metrics_file.flush()
-        if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
-            run_evaluation(update)
-
-        # 5. Checkpoint every --save_freq updates, and on Ctrl-C or SIGTERM, which then stop the run.
-        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
-        if stop or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=asdict(args))
-            save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
-        if stop:
-            break
-    if not stop:
-        run_evaluation(num_updates)
-
-    state = full_state_dict(raw_policy) if args.fsdp and args.output_dir and not stop else None  # on every rank
-    if master:
-        if stop:
-            print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
-        elif args.output_dir:
-            raw_policy.save_pretrained(args.output_dir, state_dict=state)
-            tokenizer.save_pretrained(args.output_dir)
-            if args.lora and args.save_merged:
-                raw_policy.merge_and_unload().save_pretrained(os.path.join(args.output_dir, "merged"))
-                tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
-            print(f"saved the policy to {args.output_dir}")
-        metrics_file.close()
-        writer.close()
-        if args.track:
-            wandb.finish()
-    if ddp:
-        # gloo's worker threads must be joined before exit (tests/test_ddp_teardown.py): drop the DDP wrapper first.
-        del policy
-        dist.destroy_process_group()
-    if stop:
-        sys.exit(128 + (signals or [signal.SIGTERM])[0])
+    main(tyro.cli(Args, use_underscores=True))

@@ -47,8 +47,8 @@ def test_per_batch_padding_leaves_the_loss_unchanged(toy):
 
     tokenizer, model = dpo.load_tokenizer(toy.sft), AutoModelForCausalLM.from_pretrained(toy.sft).eval()
     pad = tokenizer.pad_token_id
-    data = dict(tokenizer=tokenizer, query_length=64, response_length=40, long_prompts="filter")
-    pairs = dpo.load_preferences(toy.preference, "train", "query", "chosen", "rejected", **data)[0][:4]  # (4, 2, 104)
+    columns_and_lengths = ("query", "chosen", "rejected", tokenizer, (64, 40), "filter", False)
+    pairs = dpo.load_preferences(toy.preference, "train", *columns_and_lengths)[0][:4]  # (4, 2, 104)
     logprobs = []
     for multiple in (0, 8):
         batch, context_length = dpo.trim_padding(pairs, 64, pad, multiple)
