@@ -1,16 +1,22 @@
 """Bradley-Terry reward model on TL;DR preference pairs: the second stage of the paper's pipeline (Appendix I.1.2).
 
 The SFT model with a one-output linear head (AutoModelForSequenceClassification, num_labels=1) scores a (post, summary)
-at the summary's last token (its EOS) and is trained to minimise -log sigmoid(r(x, y_chosen) - r(x, y_rejected)). After
-training, the mean score of the SFT data's reference summaries is saved as `config.reward_bias`, which rebel.py's
+at the summary's last token (its EOS) and is trained on pairs (y_chosen, y_rejected) of responses to a post x:
+
+    min_theta  - mean_x  ln sigmoid( r_theta(x, y_chosen) - r_theta(x, y_rejected) )
+
+After training, the mean score of the SFT data's reference summaries is saved as `config.reward_bias`, which rebel.py's
 load_reward_model subtracts: references score 0 on average, as in summarize_from_feedback_details and the official
-REBEL code (the paper's reward scale and the fixed -1 penalty for a missing EOS assume it).
+REBEL code (the paper's reward scale and the fixed -1 penalty for a missing EOS assume it). The file reads top to
+bottom: the flags (Args), the loss, the loop (main), then an appendix of plumbing copied from rebel.py.
 
     python reward.py --help
     torchrun --nproc_per_node 8 reward.py                    # Pythia 1.4B, from the SFT model
     python -m toy.demo                                      # the offline toy task, end to end
 """
 
+import atexit
+import csv
 import json
 import os
 import random
@@ -22,12 +28,13 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401  (imported before init_process_group: see the end of __main__)
+import torch.distributed.nn  # noqa: F401  (imported before init_process_group, which some torch versions need)
 import torch.nn as nn
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -35,55 +42,24 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 @dataclass
 class Args:
-    # common flags
-    exp_name: str = "reward"
-    """the name of this experiment (prefix of the run name)"""
-    seed: int = 555134
-    """seed of the experiment"""
-    track: bool = False
-    """log to Weights and Biases (works with WANDB_MODE=offline)"""
-    wandb_project_name: str = "rebel"
-    """the wandb project"""
-    wandb_entity: str | None = None
-    """the wandb entity (team)"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU (bf16 runs on CPU too,
-    slowly)"""
-    run_dir: str | None = None
-    """where TensorBoard events and metrics.jsonl go (default: runs/<run name>)"""
-    output_dir: str = "models/rm_tldr_pythia-1.4b"
-    """where the reward model and tokenizer are saved with save_pretrained ('' to skip saving)"""
-    save_freq: int = 20
-    """write a checkpoint every this many updates (and on Ctrl-C or SIGTERM); 0 = only on those signals"""
-    keep_checkpoints: int = 2
-    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
-    resume: str | None = None
-    """continue a stopped run: its run directory (the latest checkpoint) or one checkpoint directory. The other flags
-    must be those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
-    fsdp: bool = False
-    """shard the reward model (backbone and head) over the ranks with FSDP2, for models whose weights, gradients and
-    AdamW state do not fit on one GPU (6.9B); torchrun only. The default is plain DDP (every rank holds everything)"""
-    num_eval_prompts: int | None = None
-    """measure validation accuracy on the first N pairs of the evaluation split (default: all)"""
-
-    # data and models
-    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
-    """hub name, local directory or data file of the SFT data (prompts and reference responses, the --train_split):
-    its references' mean score becomes the reward model's zero"""
-    query_column: str = "query"
-    """dataset column holding the prompt text (in both datasets)"""
-    reference_column: str = "reference_response"
-    """--query_dataset column holding the reference response"""
-    num_norm_examples: int | None = None
-    """compute the references' mean score on the first N examples of --query_dataset (default: all)"""
+    # the reward model: the preference pairs trained on, the references that set its zero
     preference_dataset: str = "cleanrl/summarize_from_feedback_oai_preprocessing_1704563162"
     """hub name, local directory or single data file of the preference pairs trained on"""
     chosen_column: str = "chosen"
     """column of --preference_dataset holding the preferred response"""
     rejected_column: str = "rejected"
     """column of --preference_dataset holding the other response"""
+    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
+    """hub name, local directory or data file of the SFT data (prompts and reference responses, the --train_split):
+    its references' mean score becomes the reward model's zero"""
+    reference_column: str = "reference_response"
+    """--query_dataset column holding the reference response"""
+    num_norm_examples: int | None = None
+    """compute the references' mean score on the first N examples of --query_dataset (default: all)"""
+
+    # data
+    query_column: str = "query"
+    """dataset column holding the prompt text (in both datasets)"""
     train_split: str = "train"
     """split of --preference_dataset trained on, and of --query_dataset whose references set the zero"""
     eval_split: str = "validation"
@@ -95,12 +71,10 @@ class Args:
     --query_length tokens"""
     response_length: int = 53
     """responses are truncated to this many tokens, EOS included"""
-    sft_model_path: str = "models/sft_tldr_pythia-1.4b"
-    """the model the reward model starts from (sft.py's output: hub name, save_pretrained directory, or a LoRA adapter,
-    which is merged into its base)"""
 
     # optimisation
     num_train_epochs: int = 1
+    """passes over the preference pairs"""
     batch_size: int = 64
     """preference pairs per optimizer step, over all ranks"""
     per_device_train_batch_size: int = 8
@@ -110,14 +84,628 @@ class Args:
     eps: float = 1e-5
     """AdamW epsilon"""
 
+    # the trained model
+    sft_model_path: str = "models/sft_tldr_pythia-1.4b"
+    """the model the reward model starts from (sft.py's output: hub name, save_pretrained directory, or a LoRA adapter,
+    which is merged into its base)"""
+
     # speed and memory
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'bf16': weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU (bf16 runs on CPU too,
+    slowly)"""
     pad_multiple: int = 64
     """a micro-batch of pairs drops the padding columns all its sequences share (left of the prompts, right of the
     responses), keeping a multiple of this many prompt columns and of response columns: the scores do not change, the
     compute over padding goes; 0 pads every pair to --query_length + --response_length, as the official code"""
+    fsdp: bool = False
+    """shard the reward model (backbone and head) over the ranks with FSDP2, for models whose weights, gradients and
+    AdamW state do not fit on one GPU (6.9B); torchrun only. Default: DDP (every rank holds everything)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+
+    # the run: logs, evaluation, checkpoints
+    exp_name: str = "reward"
+    """the name of this experiment (prefix of the run name)"""
+    seed: int = 555134
+    """seed of the experiment"""
+    track: bool = False
+    """log to Weights and Biases (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rebel"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    run_dir: str | None = None
+    """where TensorBoard events and metrics.jsonl go (default: runs/<run name>)"""
+    output_dir: str = "models/rm_tldr_pythia-1.4b"
+    """where the reward model and tokenizer are saved with save_pretrained ('' to skip saving)"""
+    save_freq: int = 20
+    """write a checkpoint every this many updates (and on Ctrl-C or SIGTERM); 0 = only on those signals"""
+    keep_checkpoints: int = 2
+    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
+    resume: str | None = None
+    """continue a stopped run: its run directory (the latest checkpoint) or one checkpoint directory. The other flags
+    must be those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
+    num_eval_prompts: int | None = None
+    """measure validation accuracy on the first N pairs of the evaluation split (default: all)"""
 
 
-# ---------------------------------------------------------------------------------------------- tensor helpers
+# ---------------------------------------------------------------------------------------------- the algorithm
+
+
+def bradley_terry_loss(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards (B, 2), chosen then rejected: -log sigmoid(r_chosen - r_rejected), the Bradley-Terry likelihood."""
+    return -nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
+
+
+def new_reward_model(sft_model_path: str):
+    """The SFT model's backbone (a LoRA adapter merged) under a fresh one-output linear head: the
+    AutoModelForSequenceClassification that is saved, and the ScalarRewardModel over its modules that scores."""
+    from transformers import AutoModelForSequenceClassification
+
+    sft_model = load_policy(sft_model_path, torch.float32)
+    sft_model.config.num_labels = 1
+    hf_model = AutoModelForSequenceClassification.from_config(sft_model.config)
+    hf_model.base_model.load_state_dict(sft_model.base_model.state_dict())
+    return hf_model, ScalarRewardModel(hf_model.base_model, hf_model.score)
+
+
+def shard_reward_model(model, bf16: bool):
+    """FSDP2 as shard() does it (every transformer layer, then a root; bf16 compute with --precision bf16, gradients
+    reduced in fp32), with the ScalarRewardModel as the root: its forward calls the backbone's and the head's directly,
+    so it must own what lies outside the layers (embeddings, final norm, head). Rank 0's new head everywhere, as DDP."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for param in model.parameters():
+        if param.requires_grad:
+            dist.broadcast(param.data, src=0)
+    for module in model.backbone.modules():
+        if type(module).__name__ in model.backbone._no_split_modules:
+            fully_shard(module, mp_policy=mixed_precision)
+    fully_shard(model, mp_policy=mixed_precision)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def main(args: Args) -> None:
+    check_flags(asdict(args))
+    from tqdm import tqdm
+
+    # Set-up (the appendix): processes, batch sizes, the run directory, data, the model.
+    rank, world_size, device = init_processes(args.cuda, args.seed)  # each rank its own new head: DDP copies rank 0's
+    master, bf16 = rank == 0, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
+    grad_accum = exact_div(
+        local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size"
+    )
+    checkpoint, run_dir, run_name = open_run(args.resume, args.run_dir, args.exp_name, args.seed, args.output_dir)
+
+    # Data: preference pairs to train on, and the SFT data's references to set the zero of the score; every rank
+    # tokenises the whole splits and takes its own pairs from the shared shuffle.
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad = tokenizer.pad_token_id
+    lengths = (args.query_length, args.response_length)
+    pairs = (args.query_column, args.chosen_column, args.rejected_column, tokenizer, lengths, args.long_prompts, False)
+    train_data, dropped = load_preferences(args.preference_dataset, args.train_split, *pairs)
+    eval_data, _ = load_preferences(args.preference_dataset, args.eval_split, *pairs)
+    eval_data = eval_data[rank_share(min(args.num_eval_prompts or len(eval_data), len(eval_data)), rank, world_size)]
+    _, _, norm_queries, norm_references, _ = load_prompts(
+        args.query_dataset, args.train_split, args.query_column, args.reference_column, tokenizer, *lengths,
+        args.long_prompts,
+    )  # fmt: skip
+    norm_data = torch.cat((norm_queries, norm_references), 1)
+    norm_data = norm_data[rank_share(min(args.num_norm_examples or len(norm_data), len(norm_data)), rank, world_size)]
+    num_updates = len(train_data) // args.batch_size * args.num_train_epochs
+    batches = prompt_batches(len(train_data), args.batch_size, rank, world_size, args.seed)
+
+    # Model: hf_model is what is saved; raw_model scores with its modules (eval mode keeps dropout off); `model` is
+    # what the gradient steps go through (DDP's wrapper, or the same model sharded by FSDP with itself as the root).
+    hf_model, raw_model = new_reward_model(args.sft_model_path)
+    raw_model.to(device).eval()
+    model = shard_reward_model(raw_model, bf16) if args.fsdp else distribute(raw_model, False, bf16, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
+
+    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
+    trainer = load_checkpoint(checkpoint, model, optimizer, asdict(args), world_size) if checkpoint else {}
+    start_update = trainer.get("update", 0)
+    for _ in range(start_update):  # the batches already trained on
+        next(batches)
+    signals = stop_signals()
+    log = RunLog(
+        run_dir, run_name, asdict(args), args.track, args.wandb_project_name, args.wandb_entity, trainer, start_update,
+        args.batch_size, device,
+    )  # fmt: skip
+    if master and dropped:
+        print(f"dropped {dropped} training pairs whose prompt is longer than --query_length {args.query_length}")
+    if master:
+        print(
+            f"run {run_name}: {num_updates} updates of {args.batch_size} pairs, world size {world_size}, "
+            f"{grad_accum} micro-batches per step; logs in {run_dir}"
+            + (f"; resumed after update {start_update}" if checkpoint else "")
+        )
+
+    # The loop: a batch of pairs -> scores -> Bradley-Terry loss -> step -> log -> checkpoint.
+    stop, dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
+        timer = Timer(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        batch = train_data[next(batches)].to(device)  # (b, 2, query_length + response_length)
+
+        # 1. Scores of each micro-batch's pairs, trimmed of the padding all its sequences share (the same scores), the
+        # Bradley-Terry loss, and a step.
+        loss_stats, accuracy_stats = [], []
+        with timer("update"):
+            for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
+                query_responses, _ = trim_padding(mb, args.query_length, pad, args.pad_multiple)
+                with no_sync(model, sync=micro == grad_accum - 1), autocast():
+                    rewards = model(query_responses.flatten(0, 1), pad).float().view(-1, 2)  # (b, 2)
+                    loss = bradley_terry_loss(rewards)
+                check_finite({"the reward model's scores": rewards.detach(), "pairs": query_responses}, dump)
+                (loss / grad_accum).backward()
+                loss_stats.append(loss.item())
+                accuracy_stats.append((rewards[:, 0] > rewards[:, 1]).float().mean().item())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # 2. Log: metrics reduced over ranks, rank 0 writes.
+        stats = {"loss/reward": float(np.mean(loss_stats)), "objective/accuracy": float(np.mean(accuracy_stats))}
+        log.write(update, stats, timer, lr_now)
+
+        # 3. Checkpoint every --save_freq updates, and on Ctrl-C or SIGTERM, which then stop the run.
+        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
+        if stop or (args.save_freq and update % args.save_freq == 0):
+            trainer.update(update=update, world_size=world_size, flags=asdict(args))
+            save_checkpoint(run_dir, update, model, optimizer, trainer, args.keep_checkpoints)
+        if stop:
+            break
+
+    # The end: the zero of the score, the validation accuracy and the reward model saved, or (stopped) the way to resume.
+    if stop and master:
+        print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
+    if not stop:
+        # Normalisation: the reference responses' mean score, over every rank's share, becomes the zero of the score.
+        with torch.no_grad(), autocast():
+            total = sum(
+                raw_model(mb.to(device), pad).float().sum().item()
+                for mb in norm_data.split(args.per_device_train_batch_size)
+            )
+        norm = all_reduce({"sum": total, "count": len(norm_data)}, dist.ReduceOp.SUM, device)
+        raw_model.bias = hf_model.config.reward_bias = norm["sum"] / norm["count"]
+        # Evaluation: accuracy on the validation pairs, with the normalised score.
+        with torch.no_grad(), autocast():
+            rewards = [
+                raw_model(mb.to(device).flatten(0, 1), pad).float().view(-1, 2)
+                for mb in eval_data.split(args.per_device_train_batch_size)
+            ]
+            rewards = torch.cat(rewards)  # (n, 2)
+        val = all_reduce(
+            {
+                "eval/accuracy": (rewards[:, 0] > rewards[:, 1]).float().mean().item(),
+                "eval/loss": bradley_terry_loss(rewards).item(),
+                "eval/reward_chosen": rewards[:, 0].mean().item(),
+                "eval/reward_rejected": rewards[:, 1].mean().item(),
+            },
+            device=device,
+        )
+        val["eval/reference_score_before_norm"] = hf_model.config.reward_bias
+        if master:
+            for key, value in val.items():
+                log.writer.add_scalar(key, value, num_updates)
+            log.metrics.write(json.dumps({"update": num_updates, **val}) + "\n")
+            seconds = time.time() - log.start
+            print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()) + f" ({seconds:.0f} s)")
+        # config.pad_token_id stays the SFT model's: the pad token load_tokenizer may add has no embedding row (an id
+        # outside the embedding makes from_pretrained fail), and EOS as the pad id would make transformers' own forward
+        # read the score one token before the EOS, where this model was not trained to score.
+        state = full_state_dict(hf_model) if args.fsdp and args.output_dir else None  # on every rank
+        if master and args.output_dir:
+            hf_model.save_pretrained(args.output_dir, state_dict=state)
+            tokenizer.save_pretrained(args.output_dir)
+            print(f"saved the reward model to {args.output_dir}")
+    log.close()
+    del model  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if stop:
+        sys.exit(128 + (signals or [signal.SIGTERM])[0])
+
+
+# ============================================ below: the same in every script (tools/sync_appendix.py copies it)
+# The appendix: what every script needs around its algorithm. Set-up, models, reward, data, sampling, evaluation,
+# logging, checkpoints and the small helpers; each refuses bad input where it reads it (BadInput: one line, no
+# traceback). A fix here is made once, in rebel.py, and copied to the siblings by tools/sync_appendix.py.
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+def init_processes(cuda: bool, seed: int):
+    """The same file runs under `python` (one process) and `torchrun` (nccl on CUDA, gloo on CPU). Returns the rank,
+    the world size and the device; rank r seeds every generator with seed + r (its own sampling noise)."""
+    use_cuda = cuda and torch.cuda.is_available()
+    if "RANK" in os.environ:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+    return rank, world_size, device
+
+
+def check_flags(flags: dict) -> None:
+    """The flags the scripts share, checked once at start, each where the script has it (its own: in its main)."""
+    positive = """lr eps batch_size per_device_train_batch_size local_rollout_forward_batch_size query_length
+    response_length noptepochs num_mini_batches num_train_epochs temperature eval_temperature lora_rank lora_alpha
+    keep_checkpoints total_episodes num_eval_prompts num_norm_examples max_grad_norm num_trainable_layers"""
+    for key in positive.split():  # None: the default (all, or off)
+        value = flags.get(key)
+        if value is not None:
+            require(value > 0, f"--{key} must be {'>= 1' if isinstance(value, int) else '> 0'}; got {value}")
+    for key in "save_freq eval_freq pad_multiple num_sample_rows kl_coef lora_dropout".split():
+        require(flags.get(key, 0) >= 0, f"--{key} must be >= 0; got {flags.get(key)}")
+    require(
+        not flags.get("fsdp") or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)"
+    )
+    require(
+        not (flags.get("fsdp") and flags.get("save_merged")),
+        "--save_merged does not work with --fsdp: merge the saved adapter",
+    )
+    require(
+        not flags.get("num_trainable_layers") or not (flags["lora"] or flags["fsdp"]),
+        "--num_trainable_layers trains whole layers: add --no-lora (and it does not work with --fsdp)",
+    )
+
+
+def open_run(resume: str | None, run_dir: str | None, exp_name: str, seed: int, output_dir: str):
+    """The checkpoint to resume from (None for a new run), the run directory and the run's name. A new run starts in
+    an empty directory, so that its logs never mix with another's; --resume continues a stopped run in its own."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    checkpoint = find_checkpoint(resume) if resume else None
+    run_name = f"{exp_name}__{seed}__{int(time.time())}"
+    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else run_dir or f"runs/{run_name}"
+    if resume and not checkpoint:  # killed while writing its first checkpoint: nothing to keep, so start it over
+        run_dir = os.path.normpath(resume)
+        if master:
+            lock_run_dir(run_dir)
+            print(f"--resume {run_dir}: no complete checkpoint there; starting the run over in it", file=sys.stderr)
+            shutil.rmtree(run_dir)
+    if master:
+        start_run_dir(run_dir, checkpoint, output_dir)
+        lock_run_dir(run_dir)
+    return checkpoint, broadcast(run_dir), run_name
+
+
+def lock_run_dir(run_dir: str) -> None:
+    """<run_dir>/.lock holds the PID of the process that writes the run (rank 0): a second one is refused while the
+    first is alive. A lock left by a killed process is taken over; the lock goes when the process exits."""
+    lock = os.path.join(run_dir, ".lock")
+    try:
+        with open(lock) as f:
+            pid = int(f.read())
+        os.kill(pid, 0)  # raises if no such process
+        alive = pid != os.getpid()
+    except (OSError, ValueError):
+        alive = False
+    if alive:
+        raise BadInput(f"--run_dir {run_dir} is in use by process {pid}; stop it, or wait for it to finish")
+    if os.path.isdir(run_dir):
+        with open(lock, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
+
+
+def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
+    """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
+    so that a bad one fails at start rather than after training."""
+    if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise BadInput(
+            f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
+        )
+    for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise BadInput(f"{flag} {path} is a file, not a directory; choose another")
+        try:
+            if path:
+                os.makedirs(path, exist_ok=True)
+                open(os.path.join(path, ".write_test"), "w").close()
+                os.remove(os.path.join(path, ".write_test"))
+        except OSError as e:
+            raise BadInput(f"{flag} {path} is not a writable directory ({e.strerror}); choose another") from e
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def distribute(model, fsdp: bool, bf16: bool, device):
+    """The model as the gradient steps see it: sharded in place by FSDP2, or wrapped in DDP under torchrun (one
+    process: itself). Sampling and saving use the model itself, which the scripts keep as raw_policy."""
+    if fsdp:
+        return shard(model, bf16)
+    if dist.is_initialized():
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def load_policy(path: str, dtype: torch.dtype):
+    """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
+    merged into its base, itself loaded this way, so the policy starts at, and the KL reference is, the SFT model.
+    The merged model keeps the adapter's path as its name: an adapter trained on it records that path as its base."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import find_adapter_config_file
+
+    check_model_path(path)
+    try:
+        if not find_adapter_config_file(path):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # Not peft's AutoPeftModel: it resizes the embedding to a tokenizer saved beside the adapter.
+        base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
+        try:
+            base = load_policy(base_path, dtype)
+        except BadInput as e:
+            raise BadInput(f"'{path}' is a LoRA adapter whose base model '{base_path}' cannot be loaded: {e}") from e
+        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        model.name_or_path = path
+        return model
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
+
+
+def load_tokenizer(path: str):
+    """The policy's tokenizer, with a pad token distinct from EOS and BOS. Every script pads itself and never feeds or
+    gathers the pad id (forward, response_logprobs), so a pad token added here needs no embedding row: tokenizers
+    with pad == EOS (Llama-3, Mistral) or none (Pythia) work as they are."""
+    from transformers import AutoTokenizer
+
+    check_model_path(path)
+    files = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
+    if os.path.isdir(path) and not files & set(os.listdir(path)):
+        raise BadInput(f"'{path}' holds no tokenizer (no tokenizer.json or tokenizer_config.json): save one there")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise BadInput(f"cannot load a tokenizer from '{path}' ({type(e).__name__}: {e})") from e
+    if tokenizer.eos_token_id is None:
+        raise BadInput(f"the tokenizer of {path} has no EOS token; responses end at EOS, so set one")
+    if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+def check_model_path(path: str) -> None:
+    """A local path must be a directory that save_pretrained wrote: said here, where the loaders would go on to try it
+    as a hub name and fail with a message about something else."""
+    if os.path.isfile(path):
+        raise BadInput(f"'{path}' is a file; give the directory that save_pretrained wrote, or a hub name")
+    if os.path.isdir(path) and not {"config.json", "adapter_config.json"} & set(os.listdir(path)):
+        raise BadInput(f"'{path}' holds no model: no config.json (or adapter_config.json for a LoRA adapter)")
+    if not os.path.exists(path) and path.startswith(("/", ".", "~")):
+        raise BadInput(f"'{path}': no such directory")
+
+
+def shard(model, bf16: bool):
+    """FSDP2 (torch's fully_shard): every transformer layer, then the whole network, sharded over the ranks; compute in
+    bf16 (with --precision bf16) from fp32 master weights, gradients reduced in fp32. The root is the transformers
+    model itself, inside a peft wrapper, because generate() calls its forward and not the wrapper's."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for param in hf_model.parameters():  # rank 0's random init (LoRA's) everywhere, as DDP does; loaded weights agree
+        if param.requires_grad:
+            dist.broadcast(param.data, src=0)
+    for module in hf_model.modules():
+        if type(module).__name__ in hf_model._no_split_modules:
+            fully_shard(module, mp_policy=mixed_precision)
+    fully_shard(hf_model, mp_policy=mixed_precision)
+    return model
+
+
+def full_state_dict(model) -> dict:
+    """Every rank takes part; rank 0 gets the whole (unsharded) state dict on the CPU, for save_pretrained."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ---------------------------------------------------------------------------------------------- the reward
+
+
+class ScalarRewardModel(nn.Module):
+    """A transformer backbone and a linear head read at the last non-pad token, minus a normalising bias (reward.py
+    sets it so that reference responses score 0 on average)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, bias: float = 0.0):
+        super().__init__()
+        self.backbone, self.head, self.bias = backbone, head, bias
+
+    def forward(self, query_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
+        hidden = forward(self.backbone, query_responses, pad_id).last_hidden_state  # (B, L, H)
+        # The last non-pad token: queries are left-padded and responses right-padded, so it is the rightmost one.
+        positions = torch.arange(query_responses.size(1), device=hidden.device)
+        last = ((query_responses != pad_id) * positions).argmax(1)
+        hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B,)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_prompts(
+    path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
+):
+    """The dataset rows, the prompts as the dataset gives them (text, or a list of chat messages), the same left-padded
+    to query_length in tokens, the reference responses (EOS appended) right-padded to response_length (None without
+    reference_column), and how many prompts were dropped for being too long. Conversations, and text prompts with
+    `chat`, are rendered with the tokenizer's chat template, ready for the assistant's answer."""
+    from datasets import load_dataset, load_from_disk
+
+    looks_local = path.startswith(("/", ".", "~")) or path.endswith((".jsonl", ".json", ".csv", ".parquet"))
+    require(os.path.exists(path) or not looks_local, f"dataset '{path}': no such file or directory")
+    require(not os.path.isfile(path) or os.path.getsize(path) > 0, f"dataset file '{path}' is empty")
+    kind = {"jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(path.rsplit(".", 1)[-1], "json")
+    if os.path.isfile(path) and kind == "json":
+        check_json_lines(path)
+    if os.path.isfile(path) and kind == "csv":
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        twice = sorted({c for c in header if header.count(c) > 1})
+        require(not twice, f"dataset file '{path}' has several columns named {twice}: rename them")
+    try:
+        if os.path.isfile(path):  # a single file serves every split
+            dataset = load_dataset(kind, data_files=path, split="train")
+        elif os.path.isfile(os.path.join(path, "dataset_dict.json")):  # save_to_disk: its splits by their exact names
+            splits = load_from_disk(path)
+            require(split in splits, f"dataset '{path}' has no split '{split}'; its splits are {list(splits)}")
+            dataset = splits[split]
+        else:
+            dataset = load_dataset(path, split=split)
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
+    require(len(dataset) > 0, f"split '{split}' of dataset '{path}' has no rows")
+    for column in (query_column, reference_column or query_column):
+        if column not in dataset.column_names:
+            raise BadInput(
+                f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
+                "Pass --query_column / --reference_column."
+            )
+        for row, value in enumerate(dataset[column]):  # a text, or a conversation of {role, content} messages
+            text = value if isinstance(value, str) else None
+            if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+                text = value[-1].get("content") if all(isinstance(m.get("content"), str) for m in value) else None
+            require(
+                isinstance(text, str) and bool(text.strip()),
+                f"dataset '{path}' ({split}), column '{column}', row {row}: {str(value)[:60]!r} is not a non-empty "
+                "text or conversation; fix or drop the rows like it",
+            )
+    prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
+    if isinstance(prompts[0], list):
+        require(bool(tokenizer.chat_template), f"the tokenizer has no chat template for the conversations of '{path}'")
+        texts = [tokenizer.apply_chat_template(x, tokenize=False, add_generation_prompt=True) for x in prompts]
+        ids = tokenizer(texts, add_special_tokens=False).input_ids  # the template holds the special tokens it wants
+    else:
+        ids = tokenizer(prompts).input_ids
+    long = [i for i, x in enumerate(ids) if len(x) > query_length]
+    if long and long_prompts == "filter":
+        keep = sorted(set(range(len(ids))) - set(long))
+        dataset, ids, prompts = dataset.select(keep), [ids[i] for i in keep], [prompts[i] for i in keep]
+    elif long:
+        print(
+            f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
+            "keeping their last tokens (--long_prompts filter drops them)",
+            file=sys.stderr,
+        )
+    if not ids:
+        raise BadInput(f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
+    references = []
+    for value in dataset[reference_column] if reference_column else []:
+        ref = tokenizer(last_turn(value).removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
+        ref = ref[: response_length - 1] + [eos]
+        references.append(ref + [pad] * (response_length - len(ref)))
+    dropped = len(long) if long_prompts == "filter" else 0
+    return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
+
+
+def check_json_lines(path: str) -> None:
+    """A JSON Lines file parses line by line (a .json file may be one document): name the first line that does not."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return
+    except ValueError:
+        pass
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            line.strip() and json.loads(line)
+        except ValueError as e:
+            raise BadInput(f"dataset file '{path}', line {number}: not valid JSON ({e}); fix that line") from e
+
+
+def as_messages(prompt) -> list[dict]:
+    """A prompt as chat messages: a conversation without the answer that may end it; a text in the
+    "\n\nHuman: ... \n\nAssistant:" form of Anthropic HH and Nectar split into its turns; another text, one user
+    message."""
+    if isinstance(prompt, str):
+        parts = re.split(r"\n\n(Human|Assistant):", prompt)
+        if len(parts) < 3 or parts[0].strip():
+            return [{"role": "user", "content": prompt}]
+        roles = {"Human": "user", "Assistant": "assistant"}
+        prompt = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    require(bool(messages), "a conversation in the dataset has no user message")
+    return messages
+
+
+def last_turn(value) -> str:
+    """A text as it is; a conversation's last message (a prompt's question, or the answer that ends a response)."""
+    return value if isinstance(value, str) else value[-1]["content"]
+
+
+def load_preferences(path, split, query_column, chosen_column, rejected_column, tokenizer, lengths, long_prompts, chat):
+    """Preference pairs (N, 2, query_length + response_length): the prompt left-padded, then the chosen (0) or the
+    rejected (1) response with EOS appended and right-padded (load_prompts reads each column as it reads references);
+    and how many pairs were dropped for a prompt longer than query_length. lengths: (query_length, response_length)."""
+    pairs = []
+    for column in (chosen_column, rejected_column):
+        _, _, queries, responses, dropped = load_prompts(
+            path, split, query_column, column, tokenizer, *lengths, long_prompts, chat
+        )
+        pairs.append(torch.cat((queries, responses), 1))
+    pairs = torch.stack(pairs, 1)
+    same = (pairs[:, 0] == pairs[:, 1]).all(-1)  # (N,) a pair whose two responses are one: no preference
+    require(
+        not same.all(), f"every pair of '{path}' ({split}) has {chosen_column} == {rejected_column}: check the columns"
+    )
+    if same.any():
+        print(f"warning: {int(same.sum())} of {len(same)} pairs of '{path}' ({split}) have two identical responses")
+    return pairs, dropped
+
+
+def rank_share(n: int, rank: int, world_size: int) -> list[int]:
+    """This rank's indices of the first n examples, as many on every rank (the remainder is dropped): a sharded model's
+    forward is a collective, so every rank must run as many."""
+    require(
+        n >= world_size, f"{n} evaluation examples cannot be shared by {world_size} processes: give at least as many"
+    )
+    return list(range(n - n % world_size))[rank::world_size]
+
+
+def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
+    """Endless global batches of prompt indices (the same shuffle on every rank); each rank takes its share."""
+    if num_prompts < batch_size:
+        raise BadInput(f"the train split has {num_prompts} examples, fewer than one --batch_size {batch_size}")
+
+    def batches():
+        rng = np.random.default_rng(seed)
+        while True:
+            perm = rng.permutation(num_prompts)
+            for start in range(0, num_prompts - batch_size + 1, batch_size):
+                yield perm[start : start + batch_size][rank::world_size]
+
+    return batches()
+
+
+# ---------------------------------------------------------------------------------------------- sampling and log-probs
 
 
 def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
@@ -152,243 +740,92 @@ def forward(model, query_responses: torch.Tensor, pad_id: int):
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
 
 
-# ---------------------------------------------------------------------------------------------- the loss
+# ---------------------------------------------------------------------------------------------- evaluation and logs
 
 
-def bradley_terry_loss(rewards: torch.Tensor) -> torch.Tensor:
-    """rewards (B, 2), chosen then rejected: -log sigmoid(r_chosen - r_rejected), the Bradley-Terry likelihood."""
-    return -nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
+class RunLog:
+    """Rank 0's logs: TensorBoard events, metrics.jsonl (a row per update) and, with `track`, the wandb run, each
+    continued where the checkpoint left it on resume (`trainer`: the checkpoint's record, which keeps the wandb id).
+    Every rank calls write(), which reduces the metrics over the ranks."""
 
+    def __init__(
+        self, run_dir, run_name, flags: dict, track, project, entity, trainer, start_update, batch_size, device
+    ):
+        self.master = not dist.is_initialized() or dist.get_rank() == 0
+        self.run_dir, self.track, self.device, self.batch_size = run_dir, track, device, batch_size
+        self.start_update, self.start = start_update, time.time()
+        if not self.master:
+            return
+        from torch.utils.tensorboard import SummaryWriter
 
-# ---------------------------------------------------------------------------------------------- models and data
+        if track:
+            import wandb
 
-
-class ScalarRewardModel(nn.Module):
-    """A transformer backbone and a linear head read at the last non-pad token, minus a normalising bias (reward.py
-    sets it so that reference responses score 0 on average)."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Linear, bias: float = 0.0):
-        super().__init__()
-        self.backbone, self.head, self.bias = backbone, head, bias
-
-    def forward(self, query_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
-        hidden = forward(self.backbone, query_responses, pad_id).last_hidden_state  # (B, L, H)
-        # The last non-pad token: queries are left-padded and responses right-padded, so it is the rightmost one.
-        positions = torch.arange(query_responses.size(1), device=hidden.device)
-        last = ((query_responses != pad_id) * positions).argmax(1)
-        hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B,)
-
-
-def shard_reward_model(model: ScalarRewardModel, bf16: bool) -> ScalarRewardModel:
-    """FSDP2 as shard() does it (every transformer layer, then a root; bf16 compute with --precision bf16, gradients
-    reduced in fp32), with the ScalarRewardModel as the root: its forward calls the backbone's and the head's directly,
-    so it must own what lies outside the layers (embeddings, final norm, head). Rank 0's new head everywhere, as DDP."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for param in model.parameters():
-        if param.requires_grad:
-            dist.broadcast(param.data, src=0)
-    for module in model.backbone.modules():
-        if type(module).__name__ in model.backbone._no_split_modules:
-            fully_shard(module, mp_policy=mixed_precision)
-    fully_shard(model, mp_policy=mixed_precision)
-    return model
-
-
-def full_state_dict(model) -> dict:
-    """Every rank takes part; rank 0 gets the whole (unsharded) state dict on the CPU, for save_pretrained."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def check_model_path(path: str) -> None:
-    """A local path must be a directory that save_pretrained wrote: said here, where the loaders would go on to try it
-    as a hub name and fail with a message about something else."""
-    if os.path.isfile(path):
-        raise BadInput(f"'{path}' is a file; give the directory that save_pretrained wrote, or a hub name")
-    if os.path.isdir(path) and not {"config.json", "adapter_config.json"} & set(os.listdir(path)):
-        raise BadInput(f"'{path}' holds no model: no config.json (or adapter_config.json for a LoRA adapter)")
-    if not os.path.exists(path) and path.startswith(("/", ".", "~")):
-        raise BadInput(f"'{path}': no such directory")
-
-
-def load_policy(path: str, dtype: torch.dtype):
-    """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
-    merged into its base, itself loaded this way, so the policy starts at, and the KL reference is, the SFT model.
-    The merged model keeps the adapter's path as its name: an adapter trained on it records that path as its base."""
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import find_adapter_config_file
-
-    check_model_path(path)
-    try:
-        if not find_adapter_config_file(path):
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        # Not peft's AutoPeftModel: it resizes the embedding to a tokenizer saved beside the adapter.
-        base = load_policy(PeftConfig.from_pretrained(path).base_model_name_or_path, dtype)
-        model = PeftModel.from_pretrained(base, path).merge_and_unload()
-        model.name_or_path = path
-        return model
-    except BadInput:
-        raise
-    except Exception as e:
-        raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
-
-
-def load_tokenizer(path: str):
-    """The policy's tokenizer, with a pad token distinct from EOS and BOS. Every script pads itself and never feeds or
-    gathers the pad id (forward, response_logprobs), so a pad token added here needs no embedding row: tokenizers
-    with pad == EOS (Llama-3, Mistral) or none (Pythia) work as they are."""
-    from transformers import AutoTokenizer
-
-    check_model_path(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise BadInput(f"cannot load a tokenizer from '{path}' ({type(e).__name__}: {e})") from e
-    if tokenizer.eos_token_id is None:
-        raise BadInput(f"the tokenizer of {path} has no EOS token; responses end at EOS, so set one")
-    if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    return tokenizer
-
-
-def load_prompts(
-    path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
-):
-    """The prompts as the dataset gives them (text, or a list of chat messages), the same left-padded to query_length
-    in tokens, the reference responses (EOS appended) right-padded to response_length (None without
-    reference_column), the dataset rows, and how many prompts were dropped for being too long. Conversations, and
-    text prompts with `chat`, are rendered with the tokenizer's chat template, ready for the assistant's answer."""
-    from datasets import load_dataset
-
-    looks_local = path.startswith(("/", ".", "~")) or path.endswith((".jsonl", ".json", ".csv", ".parquet"))
-    require(os.path.exists(path) or not looks_local, f"dataset '{path}': no such file or directory")
-    require(not os.path.isfile(path) or os.path.getsize(path) > 0, f"dataset file '{path}' is empty")
-    try:
-        if os.path.isfile(path):  # a single file serves every split
-            kind = {"jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(path.rsplit(".", 1)[-1], "json")
-            dataset = load_dataset(kind, data_files=path, split="train")
-        else:
-            dataset = load_dataset(path, split=split)
-    except Exception as e:
-        raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
-    require(len(dataset) > 0, f"split '{split}' of dataset '{path}' has no rows")
-    for column in (query_column, reference_column or query_column):
-        if column not in dataset.column_names:
-            raise BadInput(
-                f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
-                "Pass --query_column / --reference_column."
+            wandb.init(
+                project=project,
+                entity=entity,
+                config=flags,
+                name=run_name,
+                id=trainer.get("wandb_id"),  # None starts a new wandb run
+                resume="allow",
+                dir=run_dir,
+                sync_tensorboard=True,
+                save_code=True,
             )
-    prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
-    if isinstance(prompts[0], list):
-        require(bool(tokenizer.chat_template), f"the tokenizer has no chat template for the conversations of '{path}'")
-        texts = [tokenizer.apply_chat_template(x, tokenize=False, add_generation_prompt=True) for x in prompts]
-        ids = tokenizer(texts, add_special_tokens=False).input_ids  # the template holds the special tokens it wants
-    else:
-        ids = tokenizer(prompts).input_ids
-    long = [i for i, x in enumerate(ids) if len(x) > query_length]
-    if long and long_prompts == "filter":
-        keep = sorted(set(range(len(ids))) - set(long))
-        dataset, ids, prompts = dataset.select(keep), [ids[i] for i in keep], [prompts[i] for i in keep]
-    elif long:
-        print(
-            f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
-            "keeping their last tokens (--long_prompts filter drops them)",
-            file=sys.stderr,
-        )
-    if not ids:
-        raise BadInput(f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
-    references = []
-    for value in dataset[reference_column] if reference_column else []:
-        text = value[-1]["content"] if isinstance(value, list) else value  # a conversation ends with the answer
-        ref = tokenizer(text.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
-        ref = ref[: response_length - 1] + [eos]
-        references.append(ref + [pad] * (response_length - len(ref)))
-    dropped = len(long) if long_prompts == "filter" else 0
-    return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
+            trainer["wandb_id"] = wandb.run.id
+        self.writer = SummaryWriter(run_dir, purge_step=start_update + 1 if start_update else None)
+        self.writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in flags.items()))
+        self.metrics = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
+
+    def write(self, update: int, stats: dict, timer, lr: float) -> None:
+        """One update's metrics (the mean over ranks), the phase times and peak memory (the max), the learning rate."""
+        stats = all_reduce(stats, device=self.device)
+        timer.times["total"] = sum(timer.times.values())
+        stats.update(all_reduce({f"time/{k}": v for k, v in timer.times.items()}, dist.ReduceOp.MAX, self.device))
+        stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(self.device)}, dist.ReduceOp.MAX, self.device))
+        if not self.master:
+            return
+        speed = (update - self.start_update) * self.batch_size / (time.time() - self.start)
+        stats.update({"policy/lr": lr, "episode": update * self.batch_size, "time/episodes_per_second": speed})
+        for key, value in stats.items():
+            self.writer.add_scalar(key, value, update)
+        self.metrics.write(json.dumps({"update": update, **stats}) + "\n")
+        self.metrics.flush()
+
+    def table(self, update: int, rows: list[dict], num_sample_rows: int) -> None:
+        """The evaluation table (every rank's rows): its csv, its eval/ means and a few samples printed and logged."""
+        import pandas as pd
+        from tqdm import tqdm
+
+        df = pd.concat([pd.DataFrame(r) for r in rows], ignore_index=True)
+        df.to_csv(os.path.join(self.run_dir, f"eval_{update:06d}.csv"), index=False)
+        stats = {f"eval/{n}": df[n].mean() for n in ("score", "reference_score", "kl", "response_length") if n in df}
+        stats["eval/eos_rate"] = df.has_eos.mean()
+        for key, value in stats.items():
+            self.writer.add_scalar(key, value, update)
+        samples = df.head(num_sample_rows)[["query", "postprocessed_response", "score"]]
+        self.writer.add_text("samples", samples.to_string(), update)
+        if self.track:
+            import wandb
+
+            wandb.log({"samples": wandb.Table(dataframe=df.head(num_sample_rows * 4))}, step=update)
+        tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+        for _, row in samples.iterrows():
+            tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row.score:.2f})")
+
+    def close(self) -> None:
+        if self.master:
+            if os.path.exists(os.path.join(self.run_dir, ".lock")):
+                os.remove(os.path.join(self.run_dir, ".lock"))
+            self.metrics.close()
+            self.writer.close()
+            if self.track:
+                import wandb
+
+                wandb.finish()
 
 
-def as_messages(prompt) -> list[dict]:
-    """A prompt as chat messages: a conversation without the answer that may end it; a text in the
-    "\n\nHuman: ... \n\nAssistant:" form of Anthropic HH and Nectar split into its turns; another text, one user
-    message."""
-    if isinstance(prompt, str):
-        parts = re.split(r"\n\n(Human|Assistant):", prompt)
-        if len(parts) < 3 or parts[0].strip():
-            return [{"role": "user", "content": prompt}]
-        roles = {"Human": "user", "Assistant": "assistant"}
-        prompt = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
-    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
-    while messages and messages[-1]["role"] == "assistant":
-        messages.pop()
-    require(bool(messages), "a conversation in the dataset has no user message")
-    return messages
-
-
-def load_preferences(path, split, query_column, chosen_column, rejected_column, **data):
-    """Preference pairs (N, 2, query_length + response_length): the prompt left-padded, then the chosen (0) or the
-    rejected (1) response with EOS appended and right-padded (load_prompts reads each column as it reads references);
-    and how many pairs were dropped for a prompt longer than query_length."""
-    pairs = []
-    for column in (chosen_column, rejected_column):
-        _, _, queries, responses, dropped = load_prompts(path, split, query_column, column, **data)
-        pairs.append(torch.cat((queries, responses), 1))
-    return torch.stack(pairs, 1), dropped
-
-
-def rank_share(n: int, rank: int, world_size: int) -> list[int]:
-    """This rank's indices of the first n examples, as many on every rank (the remainder is dropped): a sharded model's
-    forward is a collective, so every rank must run as many."""
-    return list(range(n - n % world_size))[rank::world_size]
-
-
-def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int, seed: int):
-    """Endless global batches of prompt indices (the same shuffle on every rank); each rank takes its share."""
-    if num_prompts < batch_size:
-        raise BadInput(f"the train split has {num_prompts} examples, fewer than one --batch_size {batch_size}")
-
-    def batches():
-        rng = np.random.default_rng(seed)
-        while True:
-            perm = rng.permutation(num_prompts)
-            for start in range(0, num_prompts - batch_size + 1, batch_size):
-                yield perm[start : start + batch_size][rank::world_size]
-
-    return batches()
-
-
-# ---------------------------------------------------------------------------------------------- runs and checkpoints
-
-
-def require(ok: bool, message: str) -> None:
-    if not ok:
-        raise BadInput(message)
-
-
-def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
-    """A new run needs an empty run directory, so that its logs never mix with another run's; the run and output
-    directories are created and written to now, so that a bad one fails at start rather than after training."""
-    if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
-        raise BadInput(
-            f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
-        )
-    for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            raise BadInput(f"{flag} {path} is a file, not a directory; choose another")
-        try:
-            if path:
-                os.makedirs(path, exist_ok=True)
-                open(os.path.join(path, ".write_test"), "w").close()
-                os.remove(os.path.join(path, ".write_test"))
-        except OSError as e:
-            raise BadInput(f"{flag} {path} is not a writable directory ({e.strerror}); choose another") from e
-    return run_dir
+# ---------------------------------------------------------------------------------------------- checkpoints
 
 
 def find_checkpoint(path: str) -> str:
@@ -398,6 +835,8 @@ def find_checkpoint(path: str) -> str:
         return path
     root = os.path.join(path, "checkpoints")
     done = sorted(n for n in os.listdir(root) if n[7:].isdigit()) if os.path.isdir(root) else []  # update_N
+    if not done and os.path.isdir(root):
+        return None  # a run killed while it wrote its first checkpoint (open_run starts it over)
     require(bool(done), f"--resume {path}: no checkpoint there (runs write one every --save_freq updates)")
     return os.path.join(root, done[-1])
 
@@ -452,12 +891,18 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
     path = os.path.join(root, f"update_{update:06d}")
-    dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
-    torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+    try:
+        dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
+        torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+    except Exception as e:
+        raise BadInput(
+            f"cannot write the checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); the earlier checkpoints are "
+            f"intact: free some space and continue with --resume {run_dir}"
+        ) from e
     barrier()
     if rank == 0:
         with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
-            json.dump(trainer, f)
+            json.dump({**trainer, "script": os.path.basename(__file__)}, f)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
         for old in sorted(n for n in os.listdir(root) if n[7:].isdigit())[: -max(keep, 1)]:
@@ -478,6 +923,14 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
     try:
         with open(os.path.join(path, "trainer.json")) as f:
             trainer = json.load(f)
+        script = trainer.get("script", os.path.basename(__file__))
+        require(script == os.path.basename(__file__), f"--resume {path}: that is a run of {script}; resume it with it")
+        name = os.path.basename(os.path.normpath(path))
+        require(
+            name == f"update_{trainer.get('update', -1):06d}",
+            f"--resume {path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's; "
+            "it was edited or copied from another checkpoint: resume from an intact one",
+        )
         was = trainer["flags"]
         changed = [
             f"--{k} {was.get(k)} (now {v})"
@@ -511,7 +964,8 @@ def stop_signals() -> list:
 
     def handler(signum, frame):
         if received:
-            raise KeyboardInterrupt
+            print(f"\n{signal.Signals(signum).name} again: stopping now, without a checkpoint", file=sys.stderr)
+            os._exit(128 + signum)
         received.append(signum)
         print(
             f"\n{signal.Signals(signum).name}: saving a checkpoint after this update (again to stop now)",
@@ -609,224 +1063,11 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-# ---------------------------------------------------------------------------------------------- main
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise BadInput(message)
+
 
 if __name__ == "__main__":
     sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
-    from tqdm import tqdm
-    from transformers import AutoModelForSequenceClassification
-
-    args = tyro.cli(Args, use_underscores=True)
-    require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
-    require(min(args.query_length, args.response_length) >= 1, "--query_length and --response_length must be >= 1")
-    require(not args.fsdp or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)")
-
-    # DDP set-up: the same file runs under `python` and `torchrun`.
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    use_cuda = args.cuda and torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    master = rank == 0
-    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    grad_accum = exact_div(
-        local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size"
-    )
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)  # the new head may start differently on each rank: DDP copies rank 0's
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and use_cuda)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-    # Run directory: a new run starts in an empty one; --resume continues a stopped run in its own.
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else args.run_dir or f"runs/{run_name}"
-    run_dir = broadcast(start_run_dir(run_dir, checkpoint, args.output_dir) if master else None)
-
-    # Data: preference pairs to train on, and the SFT data's references to set the zero of the score.
-    tokenizer = load_tokenizer(args.sft_model_path)
-    pad = tokenizer.pad_token_id
-    data = dict(
-        tokenizer=tokenizer,
-        query_length=args.query_length,
-        response_length=args.response_length,
-        long_prompts=args.long_prompts,
-    )
-    columns = args.query_column, args.chosen_column, args.rejected_column
-    train_data, dropped = load_preferences(args.preference_dataset, args.train_split, *columns, **data)
-    eval_data, _ = load_preferences(args.preference_dataset, args.eval_split, *columns, **data)
-    eval_data = eval_data[rank_share(min(args.num_eval_prompts or len(eval_data), len(eval_data)), rank, world_size)]
-    _, _, norm_queries, norm_references, _ = load_prompts(
-        args.query_dataset, args.train_split, args.query_column, args.reference_column, **data
-    )
-    norm_data = torch.cat((norm_queries, norm_references), 1)
-    norm_data = norm_data[rank_share(min(args.num_norm_examples or len(norm_data), len(norm_data)), rank, world_size)]
-    num_updates = len(train_data) // args.batch_size * args.num_train_epochs
-    if num_updates < 1:
-        raise BadInput(f"the train split has {len(train_data)} pairs, fewer than one --batch_size {args.batch_size}")
-    batches = prompt_batches(len(train_data), args.batch_size, rank, world_size, args.seed)
-
-    # Model: the SFT backbone (a LoRA adapter merged) and a fresh scalar head; eval mode keeps dropout off.
-    sft_model = load_policy(args.sft_model_path, torch.float32)
-    sft_model.config.num_labels = 1
-    hf_model = AutoModelForSequenceClassification.from_config(sft_model.config)
-    hf_model.base_model.load_state_dict(sft_model.base_model.state_dict())
-    del sft_model
-    model = ScalarRewardModel(hf_model.base_model, hf_model.score).to(device).eval()
-    raw_model = model
-    if args.fsdp:
-        shard_reward_model(model, bf16)  # in place: raw_model is sharded too
-    elif ddp:
-        model = DDP(model, device_ids=[device.index] if use_cuda else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
-
-    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, model, optimizer, asdict(args), world_size) if checkpoint else {}
-    start_update = trainer.get("update", 0)
-    for _ in range(start_update):  # the batches already trained on
-        next(batches)
-    signals = stop_signals()
-
-    # Logging: only rank 0 writes.
-    if master:
-        from torch.utils.tensorboard import SummaryWriter
-
-        if args.track:
-            import wandb
-
-            wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                config=asdict(args),
-                name=run_name,
-                id=trainer.get("wandb_id"),  # None starts a new wandb run
-                resume="allow",
-                dir=run_dir,
-                sync_tensorboard=True,
-                save_code=True,
-            )
-            trainer["wandb_id"] = wandb.run.id
-        writer = SummaryWriter(run_dir, purge_step=start_update + 1 if checkpoint else None)
-        writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
-        metrics_file = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
-        if dropped:
-            print(f"dropped {dropped} training pairs whose prompt is longer than --query_length {args.query_length}")
-        print(
-            f"run {run_name}: {num_updates} updates of {args.batch_size} pairs, world size {world_size}, "
-            f"{grad_accum} micro-batches per step; logs in {run_dir}"
-            + (f"; resumed after update {start_update}" if checkpoint else "")
-        )
-
-    # The loop: a batch of pairs -> scores -> Bradley-Terry loss -> step -> log.
-    start, stop, dump = time.time(), False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
-        timer = Timer(device)
-        if use_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        batch = train_data[next(batches)].to(device)  # (b, 2, query_length + response_length)
-        losses, accuracies = [], []
-        with timer("update"):
-            for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
-                mb, _ = trim_padding(mb, args.query_length, pad, args.pad_multiple)  # the scores stay the same
-                with no_sync(model, sync=micro == grad_accum - 1), autocast():
-                    rewards = model(mb.flatten(0, 1), pad).float().view(-1, 2)  # (b, 2)
-                    loss = bradley_terry_loss(rewards)
-                check_finite({"the reward model's scores": rewards.detach(), "pairs": mb}, dump)
-                (loss / grad_accum).backward()
-                losses.append(loss.item())
-                accuracies.append((rewards[:, 0] > rewards[:, 1]).float().mean().item())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        stats = all_reduce(
-            {"loss/reward": float(np.mean(losses)), "objective/accuracy": float(np.mean(accuracies))}, device=device
-        )
-        stats.update(all_reduce({f"time/{k}": v for k, v in timer.times.items()}, dist.ReduceOp.MAX, device))
-        stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(device)}, dist.ReduceOp.MAX, device))
-        if master:
-            stats.update(
-                {
-                    "policy/lr": lr_now,
-                    "episode": update * args.batch_size,
-                    "time/episodes_per_second": (update - start_update) * args.batch_size / (time.time() - start),
-                }
-            )
-            for key, value in stats.items():
-                writer.add_scalar(key, value, update)
-            metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
-            metrics_file.flush()
-
-        # Checkpoint every --save_freq updates, and on Ctrl-C or SIGTERM, which then stop the run.
-        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
-        if stop or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=asdict(args))
-            save_checkpoint(run_dir, update, model, optimizer, trainer, args.keep_checkpoints)
-        if stop:
-            break
-
-    # After training (skipped after a stop): normalisation, then evaluation.
-    if not stop:
-        # Normalisation: the reference responses' mean score, over every rank's share, becomes the zero of the score.
-        with torch.no_grad(), autocast():
-            total = sum(
-                raw_model(mb.to(device), pad).float().sum().item()
-                for mb in norm_data.split(args.per_device_train_batch_size)
-            )
-        norm = all_reduce({"sum": total, "count": len(norm_data)}, dist.ReduceOp.SUM, device)
-        raw_model.bias = hf_model.config.reward_bias = norm["sum"] / norm["count"]
-
-        # Evaluation: accuracy on the validation pairs, with the normalised score.
-        with torch.no_grad(), autocast():
-            rewards = [
-                raw_model(mb.to(device).flatten(0, 1), pad).float().view(-1, 2)
-                for mb in eval_data.split(args.per_device_train_batch_size)
-            ]
-            rewards = torch.cat(rewards)  # (n, 2)
-        val = all_reduce(
-            {
-                "eval/accuracy": (rewards[:, 0] > rewards[:, 1]).float().mean().item(),
-                "eval/loss": bradley_terry_loss(rewards).item(),
-                "eval/reward_chosen": rewards[:, 0].mean().item(),
-                "eval/reward_rejected": rewards[:, 1].mean().item(),
-            },
-            device=device,
-        )
-        val["eval/reference_score_before_norm"] = hf_model.config.reward_bias
-
-    state = full_state_dict(hf_model) if args.fsdp and args.output_dir and not stop else None  # on every rank
-    if master:
-        if stop:
-            print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
-        else:
-            for k, v in val.items():
-                writer.add_scalar(k, v, num_updates)
-            metrics_file.write(json.dumps({"update": num_updates, **val}) + "\n")
-            print(
-                "validation: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()) + f" ({time.time() - start:.0f} s)"
-            )
-        if args.output_dir and not stop:
-            # config.pad_token_id stays the SFT model's: the pad token load_tokenizer may add has no embedding row (an
-            # id outside the embedding makes from_pretrained fail), and EOS as the pad id would make transformers' own
-            # forward read the score one token before the EOS, where this model was not trained to score.
-            hf_model.save_pretrained(args.output_dir, state_dict=state)
-            tokenizer.save_pretrained(args.output_dir)
-            print(f"saved the reward model to {args.output_dir}")
-        metrics_file.close()
-        writer.close()
-        if args.track:
-            wandb.finish()
-    if ddp:
-        # gloo's worker threads must be joined before exit (tests/test_ddp_teardown.py): drop the DDP wrapper first.
-        del model
-        dist.destroy_process_group()
-    if stop:
-        sys.exit(128 + (signals or [signal.SIGTERM])[0])
+    main(tyro.cli(Args, use_underscores=True))

@@ -1,14 +1,20 @@
 """Supervised fine-tuning on TL;DR reference summaries: the first stage of the paper's pipeline (Appendix I.1.2).
 
-Next-token cross-entropy on the reference response given the post (the prompt tokens are not trained on). The model
-and its tokenizer (with the pad token load_tokenizer adds, if it adds one) are saved with save_pretrained, so that
-reward.py and rebel.py load them directly.
+Next-token cross-entropy on the reference response y given the post x (the prompt tokens are not trained on):
+
+    min_theta  - mean over the response tokens y_t (EOS included) of  ln pi_theta(y_t | x, y_<t)
+
+The file reads top to bottom: the flags (Args), the loss, the loop (main), then an appendix of plumbing copied from
+rebel.py (loading, data, logs, checkpoints). The model and its tokenizer (with the pad token load_tokenizer adds, if
+it adds one) are saved with save_pretrained, so that reward.py and rebel.py load them directly.
 
     python sft.py --help
     torchrun --nproc_per_node 8 sft.py                       # Pythia 1.4B, the paper's SFT model
     python -m toy.demo                                      # the offline toy task, end to end
 """
 
+import atexit
+import csv
 import json
 import os
 import random
@@ -20,19 +26,70 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401  (imported before init_process_group: see the end of __main__)
+import torch.distributed.nn  # noqa: F401  (imported before init_process_group, which some torch versions need)
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
 class Args:
-    # common flags
+    # SFT: the prompts and the reference responses trained on
+    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
+    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts and references"""
+    query_column: str = "query"
+    """the prompt column: a text, or a conversation (a list of {role, content}), rendered with the chat template"""
+    reference_column: str = "reference_response"
+    """the target response column: a text, or a conversation ending with it"""
+    train_split: str = "train"
+    """the split to train on"""
+    eval_split: str = "validation"
+    """the split whose references give the validation loss"""
+    query_length: int = 512
+    """prompts are left-padded to this many tokens"""
+    long_prompts: Literal["filter", "truncate"] = "filter"
+    """prompts longer than --query_length: 'filter' drops them (the count is printed), 'truncate' keeps their last
+    --query_length tokens"""
+    response_length: int = 53
+    """target responses are truncated to this many tokens, EOS included"""
+
+    # optimisation
+    num_train_epochs: int = 1
+    """passes over the train split"""
+    batch_size: int = 64
+    """examples per optimizer step, over all ranks"""
+    per_device_train_batch_size: int = 8
+    """examples per micro-batch on one rank; gradient accumulation fills the rest"""
+    lr: float = 3e-6
+    """AdamW learning rate, decayed linearly to 0"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+
+    # the trained model
+    base_model: str = "EleutherAI/pythia-1.4b-deduped"
+    """the pretrained model to fine-tune (hub name, save_pretrained directory, or a LoRA adapter, which is merged into
+    its base)"""
+
+    # speed and memory
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'bf16': weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU (bf16 runs on CPU too,
+    slowly)"""
+    pad_multiple: int = 64
+    """a micro-batch drops the padding columns all its sequences share (left of the prompts, right of the references),
+    keeping a multiple of this many prompt columns and of response columns: the loss does not change, the compute over
+    padding goes; 0 pads every example to --query_length + --response_length, as the official code"""
+    fsdp: bool = False
+    """shard the model over the ranks with FSDP2, for models whose weights, gradients and AdamW state do not fit on one
+    GPU (6.9B full fine-tuning); torchrun only. Default: DDP (every rank holds everything)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+
+    # the run: logs, evaluation, checkpoints
     exp_name: str = "sft"
     """the name of this experiment (prefix of the run name)"""
     seed: int = 555134
@@ -43,11 +100,6 @@ class Args:
     """the wandb project"""
     wandb_entity: str | None = None
     """the wandb entity (team)"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU (bf16 runs on CPU too,
-    slowly)"""
     run_dir: str | None = None
     """where TensorBoard events and metrics.jsonl go (default: runs/<run name>)"""
     output_dir: str = "models/sft_tldr_pythia-1.4b"
@@ -59,84 +111,8 @@ class Args:
     resume: str | None = None
     """continue a stopped run: its run directory (the latest checkpoint) or one checkpoint directory. The other flags
     must be those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
-    fsdp: bool = False
-    """shard the trainable policy (and a full fine-tuning reference) over the ranks with FSDP2, for models whose
-    weights, gradients and AdamW state do not fit on one GPU (6.9B full fine-tuning); torchrun only. The default
-    is plain DDP (every rank holds everything)"""
     num_eval_prompts: int | None = None
     """compute the validation loss on the first N examples of the evaluation split (default: all)"""
-
-    # data and models
-    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
-    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts and references"""
-    query_column: str = "query"
-    """dataset column holding the prompt text"""
-    reference_column: str = "reference_response"
-    """dataset column holding the target response"""
-    train_split: str = "train"
-    eval_split: str = "validation"
-    query_length: int = 512
-    """prompts are left-padded to this many tokens"""
-    long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (the count is printed), 'truncate' keeps their last
-    --query_length tokens"""
-    response_length: int = 53
-    """target responses are truncated to this many tokens, EOS included"""
-    base_model: str = "EleutherAI/pythia-1.4b-deduped"
-    """the pretrained model to fine-tune (hub name, save_pretrained directory, or a LoRA adapter, which is merged into
-    its base)"""
-
-    # optimisation
-    num_train_epochs: int = 1
-    batch_size: int = 64
-    """examples per optimizer step, over all ranks"""
-    per_device_train_batch_size: int = 8
-    """examples per micro-batch on one rank; gradient accumulation fills the rest"""
-    lr: float = 3e-6
-    """AdamW learning rate, decayed linearly to 0"""
-    eps: float = 1e-5
-    """AdamW epsilon"""
-
-    # speed and memory
-    pad_multiple: int = 64
-    """a micro-batch drops the padding columns all its sequences share (left of the prompts, right of the references),
-    keeping a multiple of this many prompt columns and of response columns: the loss does not change, the compute over
-    padding goes; 0 pads every example to --query_length + --response_length, as the official code"""
-
-
-# ---------------------------------------------------------------------------------------------- tensor helpers
-
-
-def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
-    """Drop the padding columns that every left-padded prompt of the batch has, keeping a multiple of `multiple`
-    columns (0: keep them all), so that no model computes over the padding of a longer prompt in another batch."""
-    longest = int((queries != pad_id).sum(1).max())
-    keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
-    return queries[:, queries.size(1) - keep :]
-
-
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Sequences (..., L) laid out as a prompt left-padded to context_length, then a right-padded response: drop the
-    padding columns that every sequence has, on both sides, keeping a multiple of `multiple` prompt columns and of
-    response columns (0: keep them all). Returns the sequences and their context length. forward() masks the padding
-    and counts positions from the first real token, so no score or log-prob changes: only the compute over padding."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    # The right padding: the columns after the last real token of every response.
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
-
-
-def forward(model, query_responses: torch.Tensor, pad_id: int):
-    """Forward with pads masked and positions counted from the first real token, as generate() does with left
-    padding. The pad id never reaches the model, so it needs no embedding row (see load_tokenizer)."""
-    attention_mask = query_responses != pad_id
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    input_ids = query_responses.masked_fill(~attention_mask, 0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
 
 
 # ---------------------------------------------------------------------------------------------- the loss
@@ -150,7 +126,291 @@ def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: 
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-# ---------------------------------------------------------------------------------------------- models and data
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def main(args: Args) -> None:
+    check_flags(asdict(args))
+    from tqdm import tqdm
+
+    # Set-up (the appendix): processes, batch sizes, the run directory, data, the model.
+    rank, world_size, device = init_processes(args.cuda, args.seed)
+    master, bf16 = rank == 0, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
+    grad_accum = exact_div(
+        local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size"
+    )
+    checkpoint, run_dir, run_name = open_run(args.resume, args.run_dir, args.exp_name, args.seed, args.output_dir)
+
+    # Data: the prompt (left-padded) and its reference response (EOS appended, right-padded); every rank tokenises the
+    # whole split and takes its own examples from the shared shuffle.
+    tokenizer = load_tokenizer(args.base_model)
+    pad = tokenizer.pad_token_id
+    data = (args.query_column, args.reference_column, tokenizer, args.query_length, args.response_length)
+    _, _, train_queries, train_references, dropped = load_prompts(
+        args.query_dataset, args.train_split, *data, args.long_prompts
+    )
+    _, _, eval_queries, eval_references, _ = load_prompts(args.query_dataset, args.eval_split, *data, args.long_prompts)
+    train_data = torch.cat((train_queries, train_references), 1)  # (N, query_length + response_length)
+    eval_idx = rank_share(min(args.num_eval_prompts or len(eval_queries), len(eval_queries)), rank, world_size)
+    eval_data = torch.cat((eval_queries[eval_idx], eval_references[eval_idx]), 1)
+    num_updates = len(train_data) // args.batch_size * args.num_train_epochs
+    batches = prompt_batches(len(train_data), args.batch_size, rank, world_size, args.seed)
+
+    # Model: raw_policy is the model itself (evaluated and saved); `policy` is what the gradient steps go through (DDP's
+    # wrapper, or the same model sharded by FSDP). Eval mode keeps dropout off, as in the paper's models.
+    raw_policy = load_policy(args.base_model, torch.float32).to(device).eval()
+    policy = distribute(raw_policy, args.fsdp, bf16, device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.eps)
+
+    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
+    trainer = load_checkpoint(checkpoint, policy, optimizer, asdict(args), world_size) if checkpoint else {}
+    start_update = trainer.get("update", 0)
+    for _ in range(start_update):  # the batches already trained on
+        next(batches)
+    signals = stop_signals()
+    log = RunLog(
+        run_dir, run_name, asdict(args), args.track, args.wandb_project_name, args.wandb_entity, trainer, start_update,
+        args.batch_size, device,
+    )  # fmt: skip
+    if master and dropped:
+        print(f"dropped {dropped} training examples longer than --query_length {args.query_length} tokens")
+    if master:
+        print(
+            f"run {run_name}: {num_updates} updates of {args.batch_size} examples, world size {world_size}, "
+            f"{grad_accum} micro-batches per step; logs in {run_dir}"
+            + (f"; resumed after update {start_update}" if checkpoint else "")
+        )
+
+    # The loop: a batch of (prompt, reference) pairs -> cross-entropy on the references -> step -> log -> checkpoint.
+    stop, dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
+        timer = Timer(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        batch = train_data[next(batches)].to(device)  # (b, query_length + response_length)
+
+        # 1. The loss on each micro-batch, trimmed of the padding all its sequences share (the same loss), and a step.
+        loss_stats = []
+        with timer("update"):
+            for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
+                query_responses, context_length = trim_padding(mb, args.query_length, pad, args.pad_multiple)
+                with no_sync(policy, sync=micro == grad_accum - 1), autocast():
+                    loss = sft_loss(policy, query_responses, context_length, pad)
+                check_finite({"the SFT loss": loss.detach(), "batch": query_responses}, dump)
+                (loss / grad_accum).backward()
+                loss_stats.append(loss.item())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # 2. Log: metrics reduced over ranks, rank 0 writes.
+        log.write(update, {"loss/sft": float(np.mean(loss_stats))}, timer, lr_now)
+
+        # 3. Checkpoint every --save_freq updates, and on Ctrl-C or SIGTERM, which then stop the run.
+        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
+        if stop or (args.save_freq and update % args.save_freq == 0):
+            trainer.update(update=update, world_size=world_size, flags=asdict(args))
+            save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
+        if stop:
+            break
+
+    # The end: the validation references' cross-entropy over every rank's share and the model saved, or (stopped) the
+    # way to resume.
+    if stop and master:
+        print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
+    if not stop:
+        with torch.no_grad(), autocast():
+            val_losses = [
+                sft_loss(raw_policy, mb.to(device), args.query_length, pad).item()
+                for mb in eval_data.split(args.per_device_train_batch_size)
+            ]
+        val = all_reduce({"eval/loss": float(np.mean(val_losses))}, device=device)
+        if master:
+            log.writer.add_scalar("eval/loss", val["eval/loss"], num_updates)
+            log.metrics.write(json.dumps({"update": num_updates, **val}) + "\n")
+            seconds = time.time() - log.start
+            print(f"validation loss {val['eval/loss']:.4f} after {num_updates} updates ({seconds:.0f} s)")
+        # The config keeps its own pad id: the pad token load_tokenizer may add has no embedding row, and a
+        # config.pad_token_id outside the embedding makes from_pretrained fail.
+        save_policy(raw_policy, tokenizer, args.output_dir, args.fsdp, merged=False)
+    log.close()
+    del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if stop:
+        sys.exit(128 + (signals or [signal.SIGTERM])[0])
+
+
+# ============================================ below: the same in every script (tools/sync_appendix.py copies it)
+# The appendix: what every script needs around its algorithm. Set-up, models, reward, data, sampling, evaluation,
+# logging, checkpoints and the small helpers; each refuses bad input where it reads it (BadInput: one line, no
+# traceback). A fix here is made once, in rebel.py, and copied to the siblings by tools/sync_appendix.py.
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+def init_processes(cuda: bool, seed: int):
+    """The same file runs under `python` (one process) and `torchrun` (nccl on CUDA, gloo on CPU). Returns the rank,
+    the world size and the device; rank r seeds every generator with seed + r (its own sampling noise)."""
+    use_cuda = cuda and torch.cuda.is_available()
+    if "RANK" in os.environ:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+    return rank, world_size, device
+
+
+def check_flags(flags: dict) -> None:
+    """The flags the scripts share, checked once at start, each where the script has it (its own: in its main)."""
+    positive = """lr eps batch_size per_device_train_batch_size local_rollout_forward_batch_size query_length
+    response_length noptepochs num_mini_batches num_train_epochs temperature eval_temperature lora_rank lora_alpha
+    keep_checkpoints total_episodes num_eval_prompts num_norm_examples max_grad_norm num_trainable_layers"""
+    for key in positive.split():  # None: the default (all, or off)
+        value = flags.get(key)
+        if value is not None:
+            require(value > 0, f"--{key} must be {'>= 1' if isinstance(value, int) else '> 0'}; got {value}")
+    for key in "save_freq eval_freq pad_multiple num_sample_rows kl_coef lora_dropout".split():
+        require(flags.get(key, 0) >= 0, f"--{key} must be >= 0; got {flags.get(key)}")
+    require(
+        not flags.get("fsdp") or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)"
+    )
+    require(
+        not (flags.get("fsdp") and flags.get("save_merged")),
+        "--save_merged does not work with --fsdp: merge the saved adapter",
+    )
+    require(
+        not flags.get("num_trainable_layers") or not (flags["lora"] or flags["fsdp"]),
+        "--num_trainable_layers trains whole layers: add --no-lora (and it does not work with --fsdp)",
+    )
+
+
+def open_run(resume: str | None, run_dir: str | None, exp_name: str, seed: int, output_dir: str):
+    """The checkpoint to resume from (None for a new run), the run directory and the run's name. A new run starts in
+    an empty directory, so that its logs never mix with another's; --resume continues a stopped run in its own."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    checkpoint = find_checkpoint(resume) if resume else None
+    run_name = f"{exp_name}__{seed}__{int(time.time())}"
+    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else run_dir or f"runs/{run_name}"
+    if resume and not checkpoint:  # killed while writing its first checkpoint: nothing to keep, so start it over
+        run_dir = os.path.normpath(resume)
+        if master:
+            lock_run_dir(run_dir)
+            print(f"--resume {run_dir}: no complete checkpoint there; starting the run over in it", file=sys.stderr)
+            shutil.rmtree(run_dir)
+    if master:
+        start_run_dir(run_dir, checkpoint, output_dir)
+        lock_run_dir(run_dir)
+    return checkpoint, broadcast(run_dir), run_name
+
+
+def lock_run_dir(run_dir: str) -> None:
+    """<run_dir>/.lock holds the PID of the process that writes the run (rank 0): a second one is refused while the
+    first is alive. A lock left by a killed process is taken over; the lock goes when the process exits."""
+    lock = os.path.join(run_dir, ".lock")
+    try:
+        with open(lock) as f:
+            pid = int(f.read())
+        os.kill(pid, 0)  # raises if no such process
+        alive = pid != os.getpid()
+    except (OSError, ValueError):
+        alive = False
+    if alive:
+        raise BadInput(f"--run_dir {run_dir} is in use by process {pid}; stop it, or wait for it to finish")
+    if os.path.isdir(run_dir):
+        with open(lock, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
+
+
+def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
+    """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
+    so that a bad one fails at start rather than after training."""
+    if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise BadInput(
+            f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
+        )
+    for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise BadInput(f"{flag} {path} is a file, not a directory; choose another")
+        try:
+            if path:
+                os.makedirs(path, exist_ok=True)
+                open(os.path.join(path, ".write_test"), "w").close()
+                os.remove(os.path.join(path, ".write_test"))
+        except OSError as e:
+            raise BadInput(f"{flag} {path} is not a writable directory ({e.strerror}); choose another") from e
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def distribute(model, fsdp: bool, bf16: bool, device):
+    """The model as the gradient steps see it: sharded in place by FSDP2, or wrapped in DDP under torchrun (one
+    process: itself). Sampling and saving use the model itself, which the scripts keep as raw_policy."""
+    if fsdp:
+        return shard(model, bf16)
+    if dist.is_initialized():
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def load_policy(path: str, dtype: torch.dtype):
+    """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
+    merged into its base, itself loaded this way, so the policy starts at, and the KL reference is, the SFT model.
+    The merged model keeps the adapter's path as its name: an adapter trained on it records that path as its base."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import find_adapter_config_file
+
+    check_model_path(path)
+    try:
+        if not find_adapter_config_file(path):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # Not peft's AutoPeftModel: it resizes the embedding to a tokenizer saved beside the adapter.
+        base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
+        try:
+            base = load_policy(base_path, dtype)
+        except BadInput as e:
+            raise BadInput(f"'{path}' is a LoRA adapter whose base model '{base_path}' cannot be loaded: {e}") from e
+        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        model.name_or_path = path
+        return model
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
+
+
+def load_tokenizer(path: str):
+    """The policy's tokenizer, with a pad token distinct from EOS and BOS. Every script pads itself and never feeds or
+    gathers the pad id (forward, response_logprobs), so a pad token added here needs no embedding row: tokenizers
+    with pad == EOS (Llama-3, Mistral) or none (Pythia) work as they are."""
+    from transformers import AutoTokenizer
+
+    check_model_path(path)
+    files = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
+    if os.path.isdir(path) and not files & set(os.listdir(path)):
+        raise BadInput(f"'{path}' holds no tokenizer (no tokenizer.json or tokenizer_config.json): save one there")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise BadInput(f"cannot load a tokenizer from '{path}' ({type(e).__name__}: {e})") from e
+    if tokenizer.eos_token_id is None:
+        raise BadInput(f"the tokenizer of {path} has no EOS token; responses end at EOS, so set one")
+    if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
 
 
 def check_model_path(path: str) -> None:
@@ -189,65 +449,60 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_policy(path: str, dtype: torch.dtype):
-    """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
-    merged into its base, itself loaded this way, so the policy starts at, and the KL reference is, the SFT model.
-    The merged model keeps the adapter's path as its name: an adapter trained on it records that path as its base."""
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import find_adapter_config_file
-
-    check_model_path(path)
+def save_policy(model, tokenizer, output_dir: str, fsdp: bool, merged: bool) -> None:
+    """save_pretrained of the trained policy and its tokenizer (with `merged`, the LoRA adapter merged into its base
+    too, in <output_dir>/merged). Every rank takes part under FSDP, which gathers the shards; rank 0 writes."""
+    state = full_state_dict(model) if fsdp and output_dir else None
+    if not output_dir or (dist.is_initialized() and dist.get_rank() != 0):
+        return
     try:
-        if not find_adapter_config_file(path):
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        # Not peft's AutoPeftModel: it resizes the embedding to a tokenizer saved beside the adapter.
-        base = load_policy(PeftConfig.from_pretrained(path).base_model_name_or_path, dtype)
-        model = PeftModel.from_pretrained(base, path).merge_and_unload()
-        model.name_or_path = path
-        return model
-    except BadInput:
-        raise
+        model.save_pretrained(output_dir, state_dict=state)
+        tokenizer.save_pretrained(output_dir)
+        if merged:
+            model.merge_and_unload().save_pretrained(os.path.join(output_dir, "merged"))
+            tokenizer.save_pretrained(os.path.join(output_dir, "merged"))
     except Exception as e:
-        raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
+        raise BadInput(
+            f"cannot save the policy to {output_dir} ({type(e).__name__}: {str(e)[:200]}). The trained state is in the "
+            "run's last checkpoint: run the same command with --resume <its run_dir> --output_dir <another directory>"
+        ) from e
+    print(f"saved the policy to {output_dir}")
 
 
-def load_tokenizer(path: str):
-    """The policy's tokenizer, with a pad token distinct from EOS and BOS. Every script pads itself and never feeds or
-    gathers the pad id (forward, response_logprobs), so a pad token added here needs no embedding row: tokenizers
-    with pad == EOS (Llama-3, Mistral) or none (Pythia) work as they are."""
-    from transformers import AutoTokenizer
-
-    check_model_path(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise BadInput(f"cannot load a tokenizer from '{path}' ({type(e).__name__}: {e})") from e
-    if tokenizer.eos_token_id is None:
-        raise BadInput(f"the tokenizer of {path} has no EOS token; responses end at EOS, so set one")
-    if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    return tokenizer
+# ---------------------------------------------------------------------------------------------- data
 
 
 def load_prompts(
     path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
 ):
-    """The prompts as the dataset gives them (text, or a list of chat messages), the same left-padded to query_length
-    in tokens, the reference responses (EOS appended) right-padded to response_length (None without
-    reference_column), the dataset rows, and how many prompts were dropped for being too long. Conversations, and
-    text prompts with `chat`, are rendered with the tokenizer's chat template, ready for the assistant's answer."""
-    from datasets import load_dataset
+    """The dataset rows, the prompts as the dataset gives them (text, or a list of chat messages), the same left-padded
+    to query_length in tokens, the reference responses (EOS appended) right-padded to response_length (None without
+    reference_column), and how many prompts were dropped for being too long. Conversations, and text prompts with
+    `chat`, are rendered with the tokenizer's chat template, ready for the assistant's answer."""
+    from datasets import load_dataset, load_from_disk
 
     looks_local = path.startswith(("/", ".", "~")) or path.endswith((".jsonl", ".json", ".csv", ".parquet"))
     require(os.path.exists(path) or not looks_local, f"dataset '{path}': no such file or directory")
     require(not os.path.isfile(path) or os.path.getsize(path) > 0, f"dataset file '{path}' is empty")
+    kind = {"jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(path.rsplit(".", 1)[-1], "json")
+    if os.path.isfile(path) and kind == "json":
+        check_json_lines(path)
+    if os.path.isfile(path) and kind == "csv":
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        twice = sorted({c for c in header if header.count(c) > 1})
+        require(not twice, f"dataset file '{path}' has several columns named {twice}: rename them")
     try:
         if os.path.isfile(path):  # a single file serves every split
-            kind = {"jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(path.rsplit(".", 1)[-1], "json")
             dataset = load_dataset(kind, data_files=path, split="train")
+        elif os.path.isfile(os.path.join(path, "dataset_dict.json")):  # save_to_disk: its splits by their exact names
+            splits = load_from_disk(path)
+            require(split in splits, f"dataset '{path}' has no split '{split}'; its splits are {list(splits)}")
+            dataset = splits[split]
         else:
             dataset = load_dataset(path, split=split)
+    except BadInput:
+        raise
     except Exception as e:
         raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
     require(len(dataset) > 0, f"split '{split}' of dataset '{path}' has no rows")
@@ -256,6 +511,15 @@ def load_prompts(
             raise BadInput(
                 f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
                 "Pass --query_column / --reference_column."
+            )
+        for row, value in enumerate(dataset[column]):  # a text, or a conversation of {role, content} messages
+            text = value if isinstance(value, str) else None
+            if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+                text = value[-1].get("content") if all(isinstance(m.get("content"), str) for m in value) else None
+            require(
+                isinstance(text, str) and bool(text.strip()),
+                f"dataset '{path}' ({split}), column '{column}', row {row}: {str(value)[:60]!r} is not a non-empty "
+                "text or conversation; fix or drop the rows like it",
             )
     prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
     if isinstance(prompts[0], list):
@@ -280,12 +544,27 @@ def load_prompts(
     queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
     references = []
     for value in dataset[reference_column] if reference_column else []:
-        text = value[-1]["content"] if isinstance(value, list) else value  # a conversation ends with the answer
-        ref = tokenizer(text.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
+        ref = tokenizer(last_turn(value).removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
         ref = ref[: response_length - 1] + [eos]
         references.append(ref + [pad] * (response_length - len(ref)))
     dropped = len(long) if long_prompts == "filter" else 0
     return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
+
+
+def check_json_lines(path: str) -> None:
+    """A JSON Lines file parses line by line (a .json file may be one document): name the first line that does not."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return
+    except ValueError:
+        pass
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            line.strip() and json.loads(line)
+        except ValueError as e:
+            raise BadInput(f"dataset file '{path}', line {number}: not valid JSON ({e}); fix that line") from e
 
 
 def as_messages(prompt) -> list[dict]:
@@ -305,9 +584,17 @@ def as_messages(prompt) -> list[dict]:
     return messages
 
 
+def last_turn(value) -> str:
+    """A text as it is; a conversation's last message (a prompt's question, or the answer that ends a response)."""
+    return value if isinstance(value, str) else value[-1]["content"]
+
+
 def rank_share(n: int, rank: int, world_size: int) -> list[int]:
     """This rank's indices of the first n examples, as many on every rank (the remainder is dropped): a sharded model's
     forward is a collective, so every rank must run as many."""
+    require(
+        n >= world_size, f"{n} evaluation examples cannot be shared by {world_size} processes: give at least as many"
+    )
     return list(range(n - n % world_size))[rank::world_size]
 
 
@@ -326,32 +613,127 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
     return batches()
 
 
-# ---------------------------------------------------------------------------------------------- runs and checkpoints
+# ---------------------------------------------------------------------------------------------- sampling and log-probs
 
 
-def require(ok: bool, message: str) -> None:
-    if not ok:
-        raise BadInput(message)
+def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
+    """Drop the padding columns that every left-padded prompt of the batch has, keeping a multiple of `multiple`
+    columns (0: keep them all), so that no model computes over the padding of a longer prompt in another batch."""
+    longest = int((queries != pad_id).sum(1).max())
+    keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
+    return queries[:, queries.size(1) - keep :]
 
 
-def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
-    """A new run needs an empty run directory, so that its logs never mix with another run's; the run and output
-    directories are created and written to now, so that a bad one fails at start rather than after training."""
-    if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
-        raise BadInput(
-            f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
-        )
-    for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            raise BadInput(f"{flag} {path} is a file, not a directory; choose another")
-        try:
-            if path:
-                os.makedirs(path, exist_ok=True)
-                open(os.path.join(path, ".write_test"), "w").close()
-                os.remove(os.path.join(path, ".write_test"))
-        except OSError as e:
-            raise BadInput(f"{flag} {path} is not a writable directory ({e.strerror}); choose another") from e
-    return run_dir
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Sequences (..., L) laid out as a prompt left-padded to context_length, then a right-padded response: drop the
+    padding columns that every sequence has, on both sides, keeping a multiple of `multiple` prompt columns and of
+    response columns (0: keep them all). Returns the sequences and their context length. forward() masks the padding
+    and counts positions from the first real token, so no score or log-prob changes: only the compute over padding."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    # The right padding: the columns after the last real token of every response.
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
+
+
+def forward(model, query_responses: torch.Tensor, pad_id: int):
+    """Forward with pads masked and positions counted from the first real token, as generate() does with left
+    padding. The pad id never reaches the model, so it needs no embedding row (see load_tokenizer)."""
+    attention_mask = query_responses != pad_id
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    input_ids = query_responses.masked_fill(~attention_mask, 0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation and logs
+
+
+class RunLog:
+    """Rank 0's logs: TensorBoard events, metrics.jsonl (a row per update) and, with `track`, the wandb run, each
+    continued where the checkpoint left it on resume (`trainer`: the checkpoint's record, which keeps the wandb id).
+    Every rank calls write(), which reduces the metrics over the ranks."""
+
+    def __init__(
+        self, run_dir, run_name, flags: dict, track, project, entity, trainer, start_update, batch_size, device
+    ):
+        self.master = not dist.is_initialized() or dist.get_rank() == 0
+        self.run_dir, self.track, self.device, self.batch_size = run_dir, track, device, batch_size
+        self.start_update, self.start = start_update, time.time()
+        if not self.master:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        if track:
+            import wandb
+
+            wandb.init(
+                project=project,
+                entity=entity,
+                config=flags,
+                name=run_name,
+                id=trainer.get("wandb_id"),  # None starts a new wandb run
+                resume="allow",
+                dir=run_dir,
+                sync_tensorboard=True,
+                save_code=True,
+            )
+            trainer["wandb_id"] = wandb.run.id
+        self.writer = SummaryWriter(run_dir, purge_step=start_update + 1 if start_update else None)
+        self.writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in flags.items()))
+        self.metrics = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
+
+    def write(self, update: int, stats: dict, timer, lr: float) -> None:
+        """One update's metrics (the mean over ranks), the phase times and peak memory (the max), the learning rate."""
+        stats = all_reduce(stats, device=self.device)
+        timer.times["total"] = sum(timer.times.values())
+        stats.update(all_reduce({f"time/{k}": v for k, v in timer.times.items()}, dist.ReduceOp.MAX, self.device))
+        stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(self.device)}, dist.ReduceOp.MAX, self.device))
+        if not self.master:
+            return
+        speed = (update - self.start_update) * self.batch_size / (time.time() - self.start)
+        stats.update({"policy/lr": lr, "episode": update * self.batch_size, "time/episodes_per_second": speed})
+        for key, value in stats.items():
+            self.writer.add_scalar(key, value, update)
+        self.metrics.write(json.dumps({"update": update, **stats}) + "\n")
+        self.metrics.flush()
+
+    def table(self, update: int, rows: list[dict], num_sample_rows: int) -> None:
+        """The evaluation table (every rank's rows): its csv, its eval/ means and a few samples printed and logged."""
+        import pandas as pd
+        from tqdm import tqdm
+
+        df = pd.concat([pd.DataFrame(r) for r in rows], ignore_index=True)
+        df.to_csv(os.path.join(self.run_dir, f"eval_{update:06d}.csv"), index=False)
+        stats = {f"eval/{n}": df[n].mean() for n in ("score", "reference_score", "kl", "response_length") if n in df}
+        stats["eval/eos_rate"] = df.has_eos.mean()
+        for key, value in stats.items():
+            self.writer.add_scalar(key, value, update)
+        samples = df.head(num_sample_rows)[["query", "postprocessed_response", "score"]]
+        self.writer.add_text("samples", samples.to_string(), update)
+        if self.track:
+            import wandb
+
+            wandb.log({"samples": wandb.Table(dataframe=df.head(num_sample_rows * 4))}, step=update)
+        tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+        for _, row in samples.iterrows():
+            tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row.score:.2f})")
+
+    def close(self) -> None:
+        if self.master:
+            if os.path.exists(os.path.join(self.run_dir, ".lock")):
+                os.remove(os.path.join(self.run_dir, ".lock"))
+            self.metrics.close()
+            self.writer.close()
+            if self.track:
+                import wandb
+
+                wandb.finish()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
 
 
 def find_checkpoint(path: str) -> str:
@@ -361,6 +743,8 @@ def find_checkpoint(path: str) -> str:
         return path
     root = os.path.join(path, "checkpoints")
     done = sorted(n for n in os.listdir(root) if n[7:].isdigit()) if os.path.isdir(root) else []  # update_N
+    if not done and os.path.isdir(root):
+        return None  # a run killed while it wrote its first checkpoint (open_run starts it over)
     require(bool(done), f"--resume {path}: no checkpoint there (runs write one every --save_freq updates)")
     return os.path.join(root, done[-1])
 
@@ -415,12 +799,18 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
     path = os.path.join(root, f"update_{update:06d}")
-    dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
-    torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+    try:
+        dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
+        torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+    except Exception as e:
+        raise BadInput(
+            f"cannot write the checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); the earlier checkpoints are "
+            f"intact: free some space and continue with --resume {run_dir}"
+        ) from e
     barrier()
     if rank == 0:
         with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
-            json.dump(trainer, f)
+            json.dump({**trainer, "script": os.path.basename(__file__)}, f)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
         for old in sorted(n for n in os.listdir(root) if n[7:].isdigit())[: -max(keep, 1)]:
@@ -441,6 +831,14 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
     try:
         with open(os.path.join(path, "trainer.json")) as f:
             trainer = json.load(f)
+        script = trainer.get("script", os.path.basename(__file__))
+        require(script == os.path.basename(__file__), f"--resume {path}: that is a run of {script}; resume it with it")
+        name = os.path.basename(os.path.normpath(path))
+        require(
+            name == f"update_{trainer.get('update', -1):06d}",
+            f"--resume {path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's; "
+            "it was edited or copied from another checkpoint: resume from an intact one",
+        )
         was = trainer["flags"]
         changed = [
             f"--{k} {was.get(k)} (now {v})"
@@ -474,7 +872,8 @@ def stop_signals() -> list:
 
     def handler(signum, frame):
         if received:
-            raise KeyboardInterrupt
+            print(f"\n{signal.Signals(signum).name} again: stopping now, without a checkpoint", file=sys.stderr)
+            os._exit(128 + signum)
         received.append(signum)
         print(
             f"\n{signal.Signals(signum).name}: saving a checkpoint after this update (again to stop now)",
@@ -572,189 +971,11 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-# ---------------------------------------------------------------------------------------------- main
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise BadInput(message)
+
 
 if __name__ == "__main__":
     sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
-    from tqdm import tqdm
-
-    args = tyro.cli(Args, use_underscores=True)
-    require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
-    require(min(args.query_length, args.response_length) >= 1, "--query_length and --response_length must be >= 1")
-    require(not args.fsdp or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)")
-
-    # DDP set-up: the same file runs under `python` and `torchrun`.
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    use_cuda = args.cuda and torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    master = rank == 0
-    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    grad_accum = exact_div(
-        local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size"
-    )
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and use_cuda)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-    # Run directory: a new run starts in an empty one; --resume continues a stopped run in its own.
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else args.run_dir or f"runs/{run_name}"
-    run_dir = broadcast(start_run_dir(run_dir, checkpoint, args.output_dir) if master else None)
-
-    # Data: query (left-padded) + reference response (EOS appended, right-padded); each rank takes its own examples
-    # from the shared shuffle.
-    tokenizer = load_tokenizer(args.base_model)
-    pad = tokenizer.pad_token_id
-    data = dict(
-        query_column=args.query_column,
-        reference_column=args.reference_column,
-        tokenizer=tokenizer,
-        query_length=args.query_length,
-        response_length=args.response_length,
-        long_prompts=args.long_prompts,
-    )
-    _, _, train_queries, train_references, dropped = load_prompts(args.query_dataset, args.train_split, **data)
-    _, _, eval_queries, eval_references, _ = load_prompts(args.query_dataset, args.eval_split, **data)
-    train_data = torch.cat((train_queries, train_references), 1)  # (N, query_length + response_length)
-    eval_idx = rank_share(min(args.num_eval_prompts or len(eval_queries), len(eval_queries)), rank, world_size)
-    eval_data = torch.cat((eval_queries[eval_idx], eval_references[eval_idx]), 1)
-    num_updates = len(train_data) // args.batch_size * args.num_train_epochs
-    if num_updates < 1:
-        raise BadInput(f"the train split has {len(train_data)} examples, fewer than one --batch_size {args.batch_size}")
-    batches = prompt_batches(len(train_data), args.batch_size, rank, world_size, args.seed)
-
-    # Model: dropout is off because the model stays in eval mode, as in the paper's models.
-    model = load_policy(args.base_model, torch.float32).to(device).eval()
-    raw_model = model
-    if args.fsdp:
-        shard(model, bf16)  # in place: raw_model is sharded too
-    elif ddp:
-        model = DDP(model, device_ids=[device.index] if use_cuda else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
-
-    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, model, optimizer, asdict(args), world_size) if checkpoint else {}
-    start_update = trainer.get("update", 0)
-    for _ in range(start_update):  # the batches already trained on
-        next(batches)
-    signals = stop_signals()
-
-    # Logging: only rank 0 writes.
-    if master:
-        from torch.utils.tensorboard import SummaryWriter
-
-        if args.track:
-            import wandb
-
-            wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                config=asdict(args),
-                name=run_name,
-                id=trainer.get("wandb_id"),  # None starts a new wandb run
-                resume="allow",
-                dir=run_dir,
-                sync_tensorboard=True,
-                save_code=True,
-            )
-            trainer["wandb_id"] = wandb.run.id
-        writer = SummaryWriter(run_dir, purge_step=start_update + 1 if checkpoint else None)
-        writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
-        metrics_file = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
-        if dropped:
-            print(f"dropped {dropped} training examples longer than --query_length {args.query_length} tokens")
-        print(
-            f"run {run_name}: {num_updates} updates of {args.batch_size} examples, world size {world_size}, "
-            f"{grad_accum} micro-batches per step; logs in {run_dir}"
-            + (f"; resumed after update {start_update}" if checkpoint else "")
-        )
-
-    # The loop: a batch of (post, reference) pairs -> cross-entropy on the reference -> step -> log.
-    start, stop, dump = time.time(), False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
-        timer = Timer(device)
-        if use_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        batch = train_data[next(batches)].to(device)  # (b, query_length + response_length)
-        losses = []
-        with timer("update"):
-            for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
-                mb, context_length = trim_padding(mb, args.query_length, pad, args.pad_multiple)  # the same loss
-                with no_sync(model, sync=micro == grad_accum - 1), autocast():
-                    loss = sft_loss(model, mb, context_length, pad)
-                check_finite({"the SFT loss": loss.detach(), "batch": mb}, dump)
-                (loss / grad_accum).backward()
-                losses.append(loss.item())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        stats = all_reduce({"loss/sft": float(np.mean(losses))}, device=device)
-        stats.update(all_reduce({f"time/{k}": v for k, v in timer.times.items()}, dist.ReduceOp.MAX, device))
-        stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(device)}, dist.ReduceOp.MAX, device))
-        if master:
-            stats.update(
-                {
-                    "policy/lr": lr_now,
-                    "episode": update * args.batch_size,
-                    "time/episodes_per_second": (update - start_update) * args.batch_size / (time.time() - start),
-                }
-            )
-            for key, value in stats.items():
-                writer.add_scalar(key, value, update)
-            metrics_file.write(json.dumps({"update": update, **stats}) + "\n")
-            metrics_file.flush()
-
-        # Checkpoint every --save_freq updates, and on Ctrl-C or SIGTERM, which then stop the run.
-        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
-        if stop or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=asdict(args))
-            save_checkpoint(run_dir, update, model, optimizer, trainer, args.keep_checkpoints)
-        if stop:
-            break
-
-    # Evaluation: the cross-entropy of the validation references, over every rank's share (skipped after a stop).
-    if not stop:
-        with torch.no_grad(), autocast():
-            val_losses = [
-                sft_loss(raw_model, mb.to(device), args.query_length, pad).item()
-                for mb in eval_data.split(args.per_device_train_batch_size)
-            ]
-        val = all_reduce({"eval/loss": float(np.mean(val_losses))}, device=device)
-
-    state = full_state_dict(raw_model) if args.fsdp and args.output_dir and not stop else None  # on every rank
-    if master:
-        if stop:
-            print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
-        else:
-            writer.add_scalar("eval/loss", val["eval/loss"], num_updates)
-            metrics_file.write(json.dumps({"update": num_updates, **val}) + "\n")
-            print(f"validation loss {val['eval/loss']:.4f} after {num_updates} updates ({time.time() - start:.0f} s)")
-        if args.output_dir and not stop:
-            # The model's config keeps its own pad id: the pad token load_tokenizer may add has no embedding row, and
-            # a config.pad_token_id outside the embedding makes from_pretrained fail.
-            raw_model.save_pretrained(args.output_dir, state_dict=state)
-            tokenizer.save_pretrained(args.output_dir)
-            print(f"saved the SFT model to {args.output_dir}")
-        metrics_file.close()
-        writer.close()
-        if args.track:
-            wandb.finish()
-    if ddp:
-        # gloo's worker threads must be joined before exit (tests/test_ddp_teardown.py): drop the DDP wrapper first.
-        del model
-        dist.destroy_process_group()
-    if stop:
-        sys.exit(128 + (signals or [signal.SIGTERM])[0])
+    main(tyro.cli(Args, use_underscores=True))
