@@ -40,8 +40,6 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
-import tyro
-
 PHASES = ["generation", "reward", "logprob", "update"]
 GIB = 2**30
 MEMORY_PARTS = ["weights", "gradients", "optimizer", "reference", "reward_model", "critic", "ddp_buckets"]
@@ -57,6 +55,8 @@ class Args:
     """first updates left out of every statistic"""
     nproc_per_node: int = 1
     """processes (GPUs) per script; above 1 the script is launched with torchrun"""
+    torchrun: bool = False
+    """launch with torchrun even for one process (--fsdp needs it)"""
     sft_model_path: str = ""
     """--sft_model_path of every script ('' = the script's default)"""
     reward_model_path: str = ""
@@ -96,8 +96,9 @@ def run_name(spec: str) -> str:
 
 def script_command(spec: str, run_dir: str, args: Args) -> list[str]:
     script, *own_flags = shlex.split(spec)
+    name = os.path.splitext(os.path.basename(script))[0]
     launcher = [sys.executable]
-    if args.nproc_per_node > 1:
+    if args.nproc_per_node > 1 or args.torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}"]
     flags = {
         "run_dir": run_dir,
@@ -109,11 +110,17 @@ def script_command(spec: str, run_dir: str, args: Args) -> list[str]:
         "sft_model_path": args.sft_model_path,
         "reward_model_path": args.reward_model_path,
         "query_dataset": args.query_dataset,
-        "preference_dataset": args.preference_dataset if os.path.basename(script) == "dpo.py" else "",
+        "preference_dataset": args.preference_dataset if name in ("dpo", "reward") else "",
         "num_eval_prompts": args.num_eval_prompts or "",
         "eval_freq": 0,  # no mid-run evaluation inside the timed updates
         "output_dir": "",  # nothing saved (tracking stays off: it is off by default in every script)
     }
+    if name in ("sft", "reward"):
+        # One epoch over the training split: `updates` updates when it holds updates * batch_size rows (as the
+        # --synthetic set does). They evaluate only after training, and sft.py calls its starting model --base_model.
+        del flags["total_episodes"], flags["reward_model_path"], flags["eval_freq"]
+        if name == "sft":
+            flags["base_model"] = flags.pop("sft_model_path")
     cli = []
     for k, v in flags.items():
         if v != "" or k == "output_dir":
@@ -122,8 +129,11 @@ def script_command(spec: str, run_dir: str, args: Args) -> list[str]:
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The per-update rows of a metrics.jsonl (an evaluation's row, which sft.py and reward.py write there after
+    training, has no time/ keys)."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if any(k.startswith("time/") for k in r)]
 
 
 def summarize_run(records: list[dict], warmup: int) -> dict:
@@ -404,6 +414,8 @@ def main(args: Args) -> list[dict]:
 
 def parse_cli(argv: list[str]) -> Args:
     """Everything after the first `--` goes to the scripts, so tyro never sees the scripts' own flags."""
+    import tyro
+
     extra = []
     if "--" in argv:
         argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
