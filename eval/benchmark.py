@@ -202,7 +202,7 @@ def memory_breakdown(
     on CUDA), trained weights 4 (fp32 master weights), their gradients 4 and AdamW's two moments 8.
 
     rebel, rloo, dpo, iterative_dpo: under LoRA the policy is the frozen base plus fp32 adapters and the reference is
-    that base with the adapters off (no copy); with --no-lora the whole policy trains, beside a frozen reference copy.
+    that base with the adapters off (no copy); with --no-lora the whole policy trains, beside a frozen fp32 reference copy.
     The reward model is frozen. ppo adds a critic initialised from the reward model, with adapters of its own
     (--critic_lora, default: --lora; its 1 x hidden head, trained in fp32, is left out) or fully trained. sft and
     reward train one model fully (reward.py: the policy's backbone and a scalar head, the reward model's shape).
@@ -214,7 +214,7 @@ def memory_breakdown(
     else:
         trained = policy.lora if lora else policy.total
         weights = frozen_bytes * policy.total + 4 * policy.lora if lora else 4 * policy.total
-        reference = 0 if lora else frozen_bytes * policy.total
+        reference = 0 if lora else 4 * policy.total  # a frozen fp32 copy: the policy's precision (KL 0 at start)
         reward_model, critic = frozen_bytes * reward.total, 0
         if name == "ppo":
             critic_lora = lora if critic_lora is None else critic_lora

@@ -206,8 +206,8 @@ def test_memory_breakdown_hand_computed():
 
     # LoRA, bf16: frozen base 2 x 165,632 + fp32 adapters 4 x 2,048; the reference is the base (no copy).
     assert bytes_of("rebel.py") == (339_456, 8_192, 16_384, 0, 265_856, 0, 0)
-    # --no-lora: fp32 policy, its gradients and AdamW moments (4 + 4 + 8 bytes), and a bf16 reference copy.
-    assert bytes_of("/any/dir/rloo.py", lora=False) == (662_528, 662_528, 1_325_056, 331_264, 265_856, 0, 0)
+    # --no-lora: fp32 policy, its gradients and AdamW moments (4 + 4 + 8 bytes), and an fp32 reference copy (4 bytes).
+    assert bytes_of("/any/dir/rloo.py", lora=False) == (662_528, 662_528, 1_325_056, 662_528, 265_856, 0, 0)
     # ppo.py: a critic of the reward model's shape (bf16 2 x 132,928 + adapters 4 x 2,048); both adapters train.
     assert bytes_of("ppo.py") == (339_456, 16_384, 32_768, 0, 265_856, 274_048, 0)
     # ppo.py --no-lora in fp32: the critic trains fully, like the policy (165,632 + 132,928 trained parameters).
