@@ -101,9 +101,9 @@ class Args:
     total_episodes: int | None = None
     """prompts to train on in total (default: one epoch of the train split)"""
     batch_size: int = 512
-    """prompts (pairs) per update, over all ranks; stays fixed as the world size changes"""
+    """prompts per update, over all ranks (one pair each with 2 samples); stays fixed as the world size changes"""
     per_device_train_batch_size: int = 8
-    """prompts per micro-batch on one rank (2x as many sequences); gradient accumulation fills the rest"""
+    """pairs per micro-batch on one rank (2x as many sequences); gradient accumulation fills the rest"""
     local_rollout_forward_batch_size: int = 32
     """prompts per no-grad generation / scoring chunk on one rank"""
     lr: float = 3e-6
@@ -337,7 +337,7 @@ def main(args: Args) -> None:
             query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout(
                 raw_policy, ref_policy, reward, queries, [train_prompts[i] for i in batch], 2, config,
                 stop_ids, chunk, timer,
-            )  # (B, 2, ...)  # fmt: skip
+            )  # (B, k = 2, ...)  # fmt: skip
         check_finite(
             {
                 "--reward_fn's scores" if args.reward_fn else "the reward model's scores": scores,
@@ -348,14 +348,13 @@ def main(args: Args) -> None:
             dump,
         )
         # 2. Reward: r(x, y) = RM score (the fixed penalty without EOS) - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)).
-        scores = torch.where(has_eos, scores, args.penalty_reward_value)  # (B, 2)
-        kl = logprobs - ref_logprobs  # (B, 2)
-        rewards = scores - args.kl_coef * kl  # (B, 2)
+        scores = torch.where(has_eos, scores, args.penalty_reward_value)  # (B, k)
+        kl = logprobs - ref_logprobs  # (B, k)
+        rewards = scores - args.kl_coef * kl  # (B, k)
 
         # 3. DPO on the labelled pairs (Equation 20): noptepochs passes, one optimizer step per minibatch.
-        minibatches = [
-            mb for _ in range(args.noptepochs) for mb in torch.randperm(local_batch_size).split(mini_batch_size)
-        ]
+        num_pairs = len(rewards)  # one pair per prompt
+        minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(num_pairs).split(mini_batch_size)]
         loss_stats, approxkl_stats = [], []
         with timer("update"):
             for minibatch in minibatches:

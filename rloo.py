@@ -362,9 +362,8 @@ def main(args: Args) -> None:
         advantages = rloo_advantages(rewards, args.reinforce)  # (B, k)
 
         # 3. Policy gradient: noptepochs passes, a prompt's k responses kept together, one optimizer step per minibatch.
-        minibatches = [
-            mb for _ in range(args.noptepochs) for mb in torch.randperm(local_batch_size).split(mini_batch_size)
-        ]
+        num_prompts = len(advantages)  # a prompt's k responses stay together
+        minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(num_prompts).split(mini_batch_size)]
         loss_stats, approxkl_stats = [], []
         with timer("update"):
             for minibatch in minibatches:
