@@ -580,9 +580,8 @@ def main(args: Args) -> None:
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
-# The appendix: what every script needs around its algorithm. Set-up, models, reward, data, sampling, evaluation,
-# logging, checkpoints and the small helpers; each refuses bad input where it reads it (BadInput: one line, no
-# traceback). A fix here is made once, in rebel.py, and copied to the siblings by tools/sync_appendix.py.
+# The appendix: the plumbing every script shares. Each loader refuses bad input where it reads it (BadInput: one line
+# that names the fix, no traceback). A fix is made here in rebel.py, and tools/sync_appendix.py copies it.
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -605,7 +604,7 @@ def init_processes(cuda: bool, seed: int):
 
 
 def check_flags(flags: dict) -> None:
-    """The flags the scripts share, checked once at start, each where the script has it (its own: in its main)."""
+    """The flags the scripts share, checked once at start (a script's own flags: in its main)."""
     positive = """lr eps batch_size per_device_train_batch_size local_rollout_forward_batch_size query_length
     response_length noptepochs num_mini_batches num_train_epochs temperature eval_temperature lora_rank lora_alpha
     keep_checkpoints total_episodes num_eval_prompts num_norm_examples max_grad_norm num_trainable_layers"""
@@ -615,15 +614,11 @@ def check_flags(flags: dict) -> None:
             require(value > 0, f"--{key} must be {'>= 1' if isinstance(value, int) else '> 0'}; got {value}")
     for key in "save_freq eval_freq pad_multiple num_sample_rows kl_coef lora_dropout".split():
         require(flags.get(key, 0) >= 0, f"--{key} must be >= 0; got {flags.get(key)}")
+    fsdp = flags.get("fsdp")
+    require(not fsdp or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)")
+    require(not (fsdp and flags.get("save_merged")), "--save_merged does not work with --fsdp: merge the saved adapter")
     require(
-        not flags.get("fsdp") or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)"
-    )
-    require(
-        not (flags.get("fsdp") and flags.get("save_merged")),
-        "--save_merged does not work with --fsdp: merge the saved adapter",
-    )
-    require(
-        not flags.get("num_trainable_layers") or not (flags["lora"] or flags["fsdp"]),
+        not flags.get("num_trainable_layers") or not (flags["lora"] or fsdp),
         "--num_trainable_layers trains whole layers: add --no-lora (and it does not work with --fsdp)",
     )
 
@@ -649,16 +644,15 @@ def open_run(resume: str | None, run_dir: str | None, exp_name: str, seed: int, 
 
 def lock_run_dir(run_dir: str) -> None:
     """<run_dir>/.lock holds the PID of the process that writes the run (rank 0): a second one is refused while the
-    first is alive. A lock left by a killed process is taken over; the lock goes when the process exits."""
+    first lives. A killed process's lock is taken over; the lock goes when the process exits."""
     lock = os.path.join(run_dir, ".lock")
     try:
         with open(lock) as f:
             pid = int(f.read())
         os.kill(pid, 0)  # raises if no such process
-        alive = pid != os.getpid()
     except (OSError, ValueError):
-        alive = False
-    if alive:
+        pid = None
+    if pid not in (None, os.getpid()):
         raise BadInput(f"--run_dir {run_dir} is in use by process {pid}; stop it, or wait for it to finish")
     if os.path.isdir(run_dir):
         with open(lock, "w") as f:
@@ -673,11 +667,11 @@ def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
         raise BadInput(
             f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
         )
+
     for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            raise BadInput(f"{flag} {path} is a file, not a directory; choose another")
+        require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
         try:
-            if path:
+            if path:  # no --output_dir: nothing is saved
                 os.makedirs(path, exist_ok=True)
                 open(os.path.join(path, ".write_test"), "w").close()
                 os.remove(os.path.join(path, ".write_test"))
@@ -690,6 +684,7 @@ def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
 
 
 def lora_config(rank: int, alpha: int, dropout: float, target_modules: list[str] | None):
+    """peft's LoraConfig; ['all-linear'] (the flag's list) is peft's string for every linear layer."""
     from peft import LoraConfig
 
     target_modules = target_modules[0] if target_modules == ["all-linear"] else target_modules
@@ -699,12 +694,11 @@ def lora_config(rank: int, alpha: int, dropout: float, target_modules: list[str]
 def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, device, fsdp: bool, bf16: bool):
     """The policy to train (on `device`, in eval mode: no dropout, and gradients do not need train mode), its
     reference, the SFT policy, as a context manager (`with ref_policy() as ref`), and its stop tokens.
-    - LoRA (`lora`, a peft LoraConfig): adapters in fp32 (the master weights) on a frozen base in `dtype`; the
-      reference is the base with the adapter switched off.
-    - num_trainable_layers: the last layers in fp32, the rest frozen in `dtype`; the reference is the same model with
-      the starting values of the trained weights swapped in, so no second copy of the frozen layers is kept.
-    - Otherwise full fine-tuning in fp32, and the reference a frozen fp32 copy (sharded too under FSDP): in the
-      policy's precision, so that it equals the policy at update 0 (a bf16 copy computes another KL)."""
+    - LoRA (`lora`, a LoraConfig): fp32 adapters on a frozen base in `dtype`; the reference switches the adapter off.
+    - num_trainable_layers: the last layers in fp32, the rest frozen in `dtype`; the reference swaps the trained
+      weights' starting values in (no second copy of the frozen layers).
+    - Otherwise full fine-tuning in fp32, and a frozen fp32 copy as the reference (sharded too under FSDP): in the
+      policy's precision, so that it equals the policy at update 0."""
     from peft import get_peft_model
 
     policy = load_policy(path, dtype if lora or num_trainable_layers else torch.float32)
@@ -721,8 +715,7 @@ def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, devi
         ref_policy = partial(weights_swapped, policy, train_last_layers(policy, num_trainable_layers, dtype))
     else:
         ref_model = load_policy(path, torch.float32).to(device).eval().requires_grad_(False)
-        ref_model = shard(ref_model, bf16) if fsdp else ref_model
-        ref_policy = partial(nullcontext, ref_model)
+        ref_policy = partial(nullcontext, shard(ref_model, bf16) if fsdp else ref_model)
     return policy.to(device).eval(), ref_policy, stop_ids
 
 
@@ -804,6 +797,7 @@ def stop_token_ids(tokenizer, generation_config) -> list[int]:
 
 @contextmanager
 def adapter_disabled(peft_model):
+    """The peft model with its adapter switched off: the base model (peft's own context manager yields nothing)."""
     with peft_model.disable_adapter():
         yield peft_model
 
@@ -939,6 +933,7 @@ class Reward:
                 f"{name} returned {str(scores)[:80]!r}; it must return one number per response ({len(responses)})",
             )
             return values
+
         tokenizer, texts, pad = self.model_tokenizer, [], self.tokenizer.pad_token_id
         for prompt, response, query_response in zip(prompts, responses, query_responses):
             if isinstance(prompt, str):  # decoded after its prompt, so that a sentencepiece response keeps its space
@@ -1028,6 +1023,7 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
                     f"reward model {path}: a reward model needs one linear output (`score`), found "
                     f"{model.config.num_labels} labels on {type(model).__name__}"
                 )
+
             return ScalarRewardModel(model.base_model, head, getattr(model.config, "reward_bias", 0.0))
         # https://github.com/vwxyzjn/summarize_from_feedback_details (ScalarModel)
         state = {}
@@ -1110,13 +1106,9 @@ def load_prompts(
         keep = sorted(set(range(len(ids))) - set(long))
         dataset, ids, prompts = dataset.select(keep), [ids[i] for i in keep], [prompts[i] for i in keep]
     elif long:
-        print(
-            f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
-            "keeping their last tokens (--long_prompts filter drops them)",
-            file=sys.stderr,
-        )
-    if not ids:
-        raise BadInput(f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
+        print(f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
+              "keeping their last tokens (--long_prompts filter drops them)", file=sys.stderr)  # fmt: skip
+    require(bool(ids), f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
     references = []
@@ -1129,19 +1121,17 @@ def load_prompts(
 
 
 def check_json_lines(path: str) -> None:
-    """A JSON Lines file parses line by line (a .json file may be one document): name the first line that does not."""
+    """A .json file may be one document; otherwise each line must parse: name the first one that does not."""
     with open(path) as f:
         text = f.read()
     try:
         json.loads(text)
-        return
     except ValueError:
-        pass
-    for number, line in enumerate(text.splitlines(), 1):
-        try:
-            line.strip() and json.loads(line)
-        except ValueError as e:
-            raise BadInput(f"dataset file '{path}', line {number}: not valid JSON ({e}); fix that line") from e
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                line.strip() and json.loads(line)
+            except ValueError as e:
+                raise BadInput(f"dataset file '{path}', line {number}: not valid JSON ({e}); fix that line") from e
 
 
 def as_messages(prompt) -> list[dict]:
@@ -1178,9 +1168,8 @@ def load_preferences(path, split, query_column, chosen_column, rejected_column, 
         pairs.append(torch.cat((queries, responses), 1))
     pairs = torch.stack(pairs, 1)
     same = (pairs[:, 0] == pairs[:, 1]).all(-1)  # (N,) a pair whose two responses are one: no preference
-    require(
-        not same.all(), f"every pair of '{path}' ({split}) has {chosen_column} == {rejected_column}: check the columns"
-    )
+    if same.all():
+        raise BadInput(f"every pair of '{path}' ({split}) has {chosen_column} == {rejected_column}: check the columns")
     if same.any():
         print(f"warning: {int(same.sum())} of {len(same)} pairs of '{path}' ({split}) have two identical responses")
     return pairs, dropped
@@ -1189,9 +1178,8 @@ def load_preferences(path, split, query_column, chosen_column, rejected_column, 
 def rank_share(n: int, rank: int, world_size: int) -> list[int]:
     """This rank's indices of the first n examples, as many on every rank (the remainder is dropped): a sharded model's
     forward is a collective, so every rank must run as many."""
-    require(
-        n >= world_size, f"{n} evaluation examples cannot be shared by {world_size} processes: give at least as many"
-    )
+    if n < world_size:
+        raise BadInput(f"{n} evaluation examples cannot be shared by {world_size} processes: give at least as many")
     return list(range(n - n % world_size))[rank::world_size]
 
 
@@ -1222,17 +1210,10 @@ def sampling_config(
     from transformers import GenerationConfig
 
     return GenerationConfig(
+        max_new_tokens=response_length, min_new_tokens=None if stop_ids else response_length, eos_token_id=stop_ids or None,
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad_id, suppress_tokens=[pad_id],
         cache_implementation="static" if static_cache else None,
-        max_new_tokens=response_length,
-        min_new_tokens=None if stop_ids else response_length,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        eos_token_id=stop_ids or None,
-        pad_token_id=pad_id,
-        suppress_tokens=[pad_id],
-    )
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -1345,21 +1326,8 @@ def sequence_logprobs(model, query_responses, masks, context_length: int, temper
 
 
 @torch.no_grad()
-def evaluate(
-    update,
-    sample,
-    reward,
-    tokenizer,
-    data,
-    idx,
-    reference_column,
-    penalty,
-    pad_multiple,
-    chunk,
-    autocast,
-    log,
-    rows_shown,
-):
+def evaluate(update, sample, reward, tokenizer, data, idx, reference_column, penalty, pad_multiple, chunk, autocast,
+             log, rows_shown):  # fmt: skip
     """The evaluation table at `update` on this rank's share `idx` of the evaluation prompts (`data`: load_prompts'
     output): one response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores, has_eos),
     its score as in training (`penalty` without EOS), and the dataset's reference response with its score. Rank 0
@@ -1414,17 +1382,9 @@ class RunLog:
         if track:
             import wandb
 
-            wandb.init(
-                project=project,
-                entity=entity,
-                config=flags,
-                name=run_name,
-                id=trainer.get("wandb_id"),  # None starts a new wandb run
-                resume="allow",
-                dir=run_dir,
-                sync_tensorboard=True,
-                save_code=True,
-            )
+            # The checkpoint's wandb run id continues that run (None: a new one).
+            wandb.init(project=project, entity=entity, config=flags, name=run_name, dir=run_dir, save_code=True,
+                       id=trainer.get("wandb_id"), resume="allow", sync_tensorboard=True)  # fmt: skip
             trainer["wandb_id"] = wandb.run.id
         self.writer = SummaryWriter(run_dir, purge_step=start_update + 1 if start_update else None)
         self.writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in flags.items()))
@@ -1434,8 +1394,12 @@ class RunLog:
         """One update's metrics (the mean over ranks), the phase times and peak memory (the max), the learning rate."""
         stats = all_reduce(stats, device=self.device)
         timer.times["total"] = sum(timer.times.values())
-        stats.update(all_reduce({f"time/{k}": v for k, v in timer.times.items()}, dist.ReduceOp.MAX, self.device))
-        stats.update(all_reduce({"memory/peak_gb": peak_memory_gb(self.device)}, dist.ReduceOp.MAX, self.device))
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+        times = {f"time/{k}": v for k, v in timer.times.items()}
+        stats.update(all_reduce({**times, "memory/peak_gb": peak}, dist.ReduceOp.MAX, self.device))
         if not self.master:
             return
         speed = (update - self.start_update) * self.batch_size / (time.time() - self.start)
@@ -1467,15 +1431,17 @@ class RunLog:
             tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row.score:.2f})")
 
     def close(self) -> None:
-        if self.master:
-            if os.path.exists(os.path.join(self.run_dir, ".lock")):
-                os.remove(os.path.join(self.run_dir, ".lock"))
-            self.metrics.close()
-            self.writer.close()
-            if self.track:
-                import wandb
+        """Close the logs and free the run directory (its lock)."""
+        if not self.master:
+            return
+        if os.path.exists(os.path.join(self.run_dir, ".lock")):
+            os.remove(os.path.join(self.run_dir, ".lock"))
+        self.metrics.close()
+        self.writer.close()
+        if self.track:
+            import wandb
 
-                wandb.finish()
+            wandb.finish()
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -1519,6 +1485,7 @@ def rng_states() -> dict:
 
 
 def set_rng_states(states: dict) -> None:
+    """Restore what rng_states returned."""
     kind, keys, *rest = states["numpy"]
     random.setstate(states["python"])
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
@@ -1584,12 +1551,8 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
             f"--resume {path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's; "
             "it was edited or copied from another checkpoint: resume from an intact one",
         )
-        was = trainer["flags"]
-        changed = [
-            f"--{k} {was.get(k)} (now {v})"
-            for k, v in json.loads(json.dumps(flags)).items()
-            if was.get(k) != v and k not in resumable
-        ]
+        was, flags = trainer["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
+        changed = [f"--{k} {was.get(k)} (now {v})" for k, v in flags.items() if was.get(k) != v and k not in resumable]
         require(not changed, f"--resume {path}: flags differ from the run's: {', '.join(changed)}")
         n = trainer["world_size"]
         require(
@@ -1616,14 +1579,12 @@ def stop_signals() -> list:
     received = []
 
     def handler(signum, frame):
+        name = signal.Signals(signum).name
         if received:
-            print(f"\n{signal.Signals(signum).name} again: stopping now, without a checkpoint", file=sys.stderr)
+            print(f"\n{name} again: stopping now, without a checkpoint", file=sys.stderr)
             os._exit(128 + signum)
         received.append(signum)
-        print(
-            f"\n{signal.Signals(signum).name}: saving a checkpoint after this update (again to stop now)",
-            file=sys.stderr,
-        )
+        print(f"\n{name}: saving a checkpoint after this update (again to stop now)", file=sys.stderr)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
@@ -1632,13 +1593,11 @@ def stop_signals() -> list:
 
 def check_finite(tensors: dict, dump_path: str) -> None:
     """Stop on NaN or inf before it reaches the optimizer, naming its source (the keys); the tensors go to dump_path."""
-    for name, tensor in tensors.items():
-        bad = int((~torch.isfinite(tensor)).sum())
+    for name, t in tensors.items():
+        bad = int((~torch.isfinite(t)).sum())
         if bad:
-            torch.save({k: t.detach().cpu() for k, t in tensors.items()}, dump_path)
-            raise BadInput(
-                f"{name}: {bad} of {tensor.numel()} values are NaN or inf; the batch is saved in {dump_path}"
-            )
+            torch.save({k: v.detach().cpu() for k, v in tensors.items()}, dump_path)
+            raise BadInput(f"{name}: {bad} of {t.numel()} values are NaN or inf; the batch is saved in {dump_path}")
 
 
 # ---------------------------------------------------------------------------------------------- plumbing
@@ -1657,6 +1616,7 @@ def print_bad_input(kind, error, tb) -> None:
 
 
 def exact_div(a: int, b: int, what: str) -> int:
+    """a / b for batch sizes, which must divide exactly (`what` names them in the error)."""
     if b <= 0 or a % b != 0:
         raise BadInput(f"{what}: {a} is not divisible by {b}. Change the batch flags so that it divides.")
     return a // b
@@ -1669,6 +1629,7 @@ def no_sync(model, sync: bool):
 
 
 def barrier() -> None:
+    """Wait for every rank (nothing in one process)."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -1710,13 +1671,8 @@ class Timer:
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 def require(ok: bool, message: str) -> None:
+    """Refuse bad input: a BadInput with `message` unless `ok`."""
     if not ok:
         raise BadInput(message)
 

@@ -487,6 +487,7 @@ def all_gather_cat(x: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def barrier() -> None:
+    """Wait for every rank (nothing in one process)."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -526,6 +527,7 @@ def encode_prompts(tokenizer, text_encoder, prompts, device) -> torch.Tensor:
 
 
 def require(ok: bool, message: str) -> None:
+    """Refuse bad input: a BadInput with `message` unless `ok`."""
     if not ok:
         raise BadInput(message)
 
@@ -537,11 +539,11 @@ def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
         raise BadInput(
             f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
         )
+
     for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            raise BadInput(f"{flag} {path} is a file, not a directory; choose another")
+        require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
         try:
-            if path:
+            if path:  # no --output_dir: nothing is saved
                 os.makedirs(path, exist_ok=True)
                 open(os.path.join(path, ".write_test"), "w").close()
                 os.remove(os.path.join(path, ".write_test"))
@@ -588,6 +590,7 @@ def rng_states() -> dict:
 
 
 def set_rng_states(states: dict) -> None:
+    """Restore what rng_states returned."""
     kind, keys, *rest = states["numpy"]
     random.setstate(states["python"])
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
@@ -653,12 +656,8 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
             f"--resume {path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's; "
             "it was edited or copied from another checkpoint: resume from an intact one",
         )
-        was = trainer["flags"]
-        changed = [
-            f"--{k} {was.get(k)} (now {v})"
-            for k, v in json.loads(json.dumps(flags)).items()
-            if was.get(k) != v and k not in resumable
-        ]
+        was, flags = trainer["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
+        changed = [f"--{k} {was.get(k)} (now {v})" for k, v in flags.items() if was.get(k) != v and k not in resumable]
         require(not changed, f"--resume {path}: flags differ from the run's: {', '.join(changed)}")
         n = trainer["world_size"]
         require(
@@ -685,14 +684,12 @@ def stop_signals() -> list:
     received = []
 
     def handler(signum, frame):
+        name = signal.Signals(signum).name
         if received:
-            print(f"\n{signal.Signals(signum).name} again: stopping now, without a checkpoint", file=sys.stderr)
+            print(f"\n{name} again: stopping now, without a checkpoint", file=sys.stderr)
             os._exit(128 + signum)
         received.append(signum)
-        print(
-            f"\n{signal.Signals(signum).name}: saving a checkpoint after this update (again to stop now)",
-            file=sys.stderr,
-        )
+        print(f"\n{name}: saving a checkpoint after this update (again to stop now)", file=sys.stderr)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
@@ -701,13 +698,11 @@ def stop_signals() -> list:
 
 def check_finite(tensors: dict, dump_path: str) -> None:
     """Stop on NaN or inf before it reaches the optimizer, naming its source (the keys); the tensors go to dump_path."""
-    for name, tensor in tensors.items():
-        bad = int((~torch.isfinite(tensor)).sum())
+    for name, t in tensors.items():
+        bad = int((~torch.isfinite(t)).sum())
         if bad:
-            torch.save({k: t.detach().cpu() for k, t in tensors.items()}, dump_path)
-            raise BadInput(
-                f"{name}: {bad} of {tensor.numel()} values are NaN or inf; the batch is saved in {dump_path}"
-            )
+            torch.save({k: v.detach().cpu() for k, v in tensors.items()}, dump_path)
+            raise BadInput(f"{name}: {bad} of {t.numel()} values are NaN or inf; the batch is saved in {dump_path}")
 
 
 if __name__ == "__main__":
