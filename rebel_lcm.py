@@ -20,6 +20,7 @@ Reference implementation of the paper: https://github.com/Owen-Oertell/rlcm (see
 where this file differs from it).
 """
 
+import atexit
 import io
 import json
 import math
@@ -681,7 +682,8 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
 
 def stop_signals() -> list:
     """Ctrl-C (SIGINT) and pre-emption (SIGTERM) ask the loop to finish its update, save a checkpoint and exit;
-    a second one stops at once. Returns the list of signals received."""
+    a second one stops at once. Either way the exit code is 128 + signal: once a stopped run is exiting, further
+    signals are ignored. Returns the list of signals received."""
     received = []
 
     def handler(signum, frame):
@@ -694,8 +696,14 @@ def stop_signals() -> list:
             file=sys.stderr,
         )
 
+    def exiting():  # Python drops its handlers before its last clean-up, where a second signal would kill it (-N)
+        if received:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    atexit.register(exiting)
     return received
 
 
