@@ -2,7 +2,7 @@
 
 The recipe the paper used (summarize_from_feedback_details/ppo.py): for every prompt x sample one response y from
 pi_old; the per-token reward is -kl_coef * (log pi_old(y_t) - log pi_ref(y_t)), plus the reward model's score at the
-last response token (EOS). A critic initialised from the reward model gives V(s_t); GAE (gamma 1, lambda 0.95) gives the
+last response token (EOS). A critic initialised from the reward model (or the policy) gives V(s_t); GAE (gamma 1, lambda 0.95) gives the
 advantages A_t, whitened over valid tokens; then 4 epochs of the clipped objective (Eq. 7 of the REBEL paper, per token)
 and a clipped value loss, minimised jointly:
 
@@ -65,6 +65,9 @@ class Args:
     """lambda of GAE"""
     critic_lora: bool | None = None
     """True: the critic gets its own LoRA adapter; False: it is fully fine-tuned (default None: the value of --lora)"""
+    critic_init: Literal["reward_model", "policy"] = "reward_model"
+    """what the critic starts from: the reward model of --reward_model_path (the official recipe), or the SFT policy's
+    backbone under a zero scalar head (V = 0 at the start), which needs no reward model when --reward_fn scores"""
 
     # sampling and reward
     temperature: float = 0.7
@@ -315,10 +318,18 @@ class PolicyAndValue(nn.Module):
         return logprobs, self.critic(query_responses, pad_id)[:, context_length - 1 : -1]
 
 
-def load_critic(path: str, dtype: torch.dtype, lora_config=None) -> ValueModel:
-    """The critic, initialised from the reward model at `path` (the official recipe): with its own LoRA adapter on a
-    frozen backbone, or (lora_config None) fully fine-tuned. Its scalar head is always trained in fp32."""
-    critic = ValueModel(load_reward_model(path, dtype))
+def load_critic(path: str, dtype: torch.dtype, lora_config=None, init: str = "reward_model") -> ValueModel:
+    """The critic, initialised from the reward model at `path` (the official recipe), or (init `policy`) from the
+    policy at `path`: its backbone under a scalar head of zeros. With its own LoRA adapter on a frozen backbone, or
+    (lora_config None) fully fine-tuned. Its scalar head is always trained in fp32."""
+    if init == "policy":
+        backbone = load_policy(path, dtype).base_model  # the transformer without its LM head
+        head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        critic = ValueModel(ScalarRewardModel(backbone, head))
+    else:
+        critic = ValueModel(load_reward_model(path, dtype))
     critic.head.float()
     if lora_config is not None:
         from peft import get_peft_model
@@ -410,16 +421,32 @@ def main(args: Args) -> None:
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
-    # The critic is a second network initialised from the reward model: its own LoRA adapter, or fully fine-tuned in fp32.
-    # It reads the policy's tokens, so the reward model it starts from (needed with --reward_fn too) must share them.
+    # The critic is a second network initialised from the reward model (or the policy, --critic_init): its own LoRA
+    # adapter, or fully fine-tuned in fp32. It reads the policy's tokens, so a reward model it starts from (needed with
+    # --reward_fn too) must share them.
+    from_policy = args.critic_init == "policy"
+    critic_dtype = dtype if critic_lora else torch.float32
+    new_critic = partial(
+        load_critic, args.sft_model_path if from_policy else args.reward_model_path, critic_dtype, init=args.critic_init
+    )
+    try:
+        critic = new_critic(new_lora() if critic_lora else None).to(device).eval()
+    except BadInput as e:
+        if from_policy:
+            raise
+        raise BadInput(
+            f"PPO's critic needs a model to start from: the reward model {args.reward_model_path} (--critic_init "
+            f"reward_model), which cannot be loaded: {e}. Give a --reward_model_path that loads, or pass --critic_init "
+            "policy to start it from the policy with a fresh value head"
+        ) from e
     require(
-        same_tokenizer(load_reward_tokenizer(args.reward_tokenizer, args.reward_model_path, tokenizer), tokenizer),
+        from_policy
+        or same_tokenizer(load_reward_tokenizer(args.reward_tokenizer, args.reward_model_path, tokenizer), tokenizer),
         f"ppo.py starts its critic from the reward model {args.reward_model_path}, which has another tokenizer or chat "
         "template than the policy: the critic would read the policy's token ids in another vocabulary. Give a reward "
-        "model with the policy's tokenizer (rebel.py and rloo.py score with any reward model)",
+        "model with the policy's tokenizer, or pass --critic_init policy (rebel.py and rloo.py score with any reward "
+        "model)",
     )
-    critic_dtype = dtype if critic_lora else torch.float32
-    critic = load_critic(args.reward_model_path, critic_dtype, new_lora() if critic_lora else None).to(device).eval()
     if args.gradient_checkpointing:
         checkpoint_layers(critic.backbone)
     policy = PolicyAndValue(raw_policy, critic)  # one DDP wrapper, one all-reduce for both networks
@@ -567,7 +594,7 @@ def main(args: Args) -> None:
         critic_state = full_state_dict(critic) if args.fsdp and args.output_dir else None  # every rank takes part
         if master and args.output_dir:
             if critic_state is not None:  # the sharded critic's weights, into a whole one that save_critic can merge
-                critic = load_critic(args.reward_model_path, critic_dtype, new_lora() if critic_lora else None)
+                critic = new_critic(new_lora() if critic_lora else None)
                 critic.load_state_dict(critic_state)
             save_critic(critic, os.path.join(args.output_dir, "critic"))
             print(f"saved the critic to {args.output_dir}/critic")
