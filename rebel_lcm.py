@@ -207,13 +207,19 @@ def build_lcm(args: Args):
 
     if not args.tiny:
         m = args.model
-        return (
-            CLIPTokenizer.from_pretrained(m, subfolder="tokenizer"),
-            CLIPTextModel.from_pretrained(m, subfolder="text_encoder"),
-            UNet2DConditionModel.from_pretrained(m, subfolder="unet"),
-            AutoencoderKL.from_pretrained(m, subfolder="vae"),
-            LCMScheduler.from_pretrained(m, subfolder="scheduler"),
-        )
+        try:
+            return (
+                CLIPTokenizer.from_pretrained(m, subfolder="tokenizer"),
+                CLIPTextModel.from_pretrained(m, subfolder="text_encoder"),
+                UNet2DConditionModel.from_pretrained(m, subfolder="unet"),
+                AutoencoderKL.from_pretrained(m, subfolder="vae"),
+                LCMScheduler.from_pretrained(m, subfolder="scheduler"),
+            )
+        except Exception as e:  # one line, not the hub client's two chained tracebacks
+            raise BadInput(
+                f"--model {m}: cannot load the latent consistency model ({type(e).__name__}: {str(e)[:300]}); give a "
+                "hub name or a folder with its tokenizer, text_encoder, unet, vae and scheduler"
+            ) from e
     # Sizes follow diffusers' own pipeline tests; time_cond_proj_dim gives the UNet the LCM's w-embedding input.
     # A forked RNG seeded 0: the same tiny "pretrained" weights on every rank and in every run, and the caller's
     # random stream untouched.
@@ -531,6 +537,44 @@ def require(ok: bool, message: str) -> None:
         raise BadInput(message)
 
 
+def open_run(resume: str | None, run_dir: str | None, exp_name: str, seed: int, output_dir: str):
+    """The checkpoint to resume from (None for a new run), the run directory and the run's name. A new run starts in
+    an empty directory, so that its logs never mix with another's; --resume continues a stopped run in its own."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    checkpoint = find_checkpoint(resume) if resume else None
+    run_name = f"{exp_name}__{seed}__{int(time.time())}"
+    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else run_dir or f"runs/{run_name}"
+    if resume and not checkpoint:  # killed while writing its first checkpoint: nothing to keep, so start it over
+        run_dir = os.path.normpath(resume)
+        if master:
+            lock_run_dir(run_dir)
+            print(f"--resume {run_dir}: no complete checkpoint there; starting the run over in it", file=sys.stderr)
+            shutil.rmtree(run_dir)
+    if master:
+        start_run_dir(run_dir, checkpoint, output_dir)
+        lock_run_dir(run_dir)
+    return checkpoint, broadcast(run_dir), run_name
+
+
+def lock_run_dir(run_dir: str) -> None:
+    """<run_dir>/.lock holds the PID of the process that writes the run (rank 0): a second one is refused while the
+    first is alive. A lock left by a killed process is taken over; the lock goes when the process exits."""
+    lock = os.path.join(run_dir, ".lock")
+    try:
+        with open(lock) as f:
+            pid = int(f.read())
+        os.kill(pid, 0)  # raises if no such process
+        alive = pid != os.getpid()
+    except (OSError, ValueError):
+        alive = False
+    if alive:
+        raise BadInput(f"--run_dir {run_dir} is in use by process {pid}; stop it, or wait for it to finish")
+    if os.path.isdir(run_dir):
+        with open(lock, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
+
+
 def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
     so that a bad one fails at start rather than after training."""
@@ -723,6 +767,10 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
     require(args.eta > 0, f"--eta {args.eta} must be > 0 (it divides the log-ratio in Eq. 1): try --eta 1.0")
+    require(
+        args.tiny or os.path.isdir(args.model) or not args.model.startswith(("/", ".", "~")),
+        f"--model '{args.model}': no such directory",
+    )
     require(args.num_steps >= 2, f"--num_steps {args.num_steps} leaves no stochastic step: use --num_steps 2 or more")
     B, mb, accumulation = args.sample_batch_size, args.train_batch_size, args.gradient_accumulation_steps
     micro_batches = args.num_inner_epochs * B // max(mb, 1)  # per iteration, over all inner epochs
@@ -750,11 +798,11 @@ if __name__ == "__main__":
 
     # Run directory: a new run starts in an empty one (by default a new sub-folder of --output_dir); --resume continues
     # a stopped run in its own, under its own name.
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    # A run killed while it wrote its first checkpoint starts over in its own folder; <run_dir>/.lock keeps a second
+    # process out of it.
     run_name = f"{args.exp_name}__{args.algo}__{args.seed}__{int(time.time())}"
     run_dir = args.run_dir or os.path.join(args.output_dir, run_name)
-    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else run_dir
-    run_dir = broadcast(start_run_dir(run_dir, checkpoint, "") if master_process else None)
+    checkpoint, run_dir, _ = open_run(args.resume, run_dir, f"{args.exp_name}__{args.algo}", args.seed, "")
     args.run_name = os.path.basename(os.path.normpath(run_dir))
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
