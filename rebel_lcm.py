@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -217,8 +218,9 @@ def build_lcm(args: Args):
             )
         except Exception as e:  # one line, not the hub client's two chained tracebacks
             raise BadInput(
-                f"--model {m}: cannot load the latent consistency model ({type(e).__name__}: {str(e)[:300]}); give a "
-                "hub name or a folder with its tokenizer, text_encoder, unet, vae and scheduler"
+                f"--model {m}: cannot load the latent consistency model ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:300]}); give a hub name or a folder with its tokenizer, text_encoder, unet, "
+                "vae and scheduler"
             ) from e
     # Sizes follow diffusers' own pipeline tests; time_cond_proj_dim gives the UNet the LCM's w-embedding input.
     # A forked RNG seeded 0: the same tiny "pretrained" weights on every rank and in every run, and the caller's
@@ -819,7 +821,16 @@ if __name__ == "__main__":
     for module in (text_encoder, unet, vae):
         module.requires_grad_(False)
         module.to(device, dtype=frozen_dtype).eval()
-    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=list(args.lora_targets)))
+    try:
+        unet.add_adapter(
+            LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=list(args.lora_targets))
+        )
+    except ValueError as e:  # peft's NoMatchingPeftModuleError
+        layers = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        names = sorted(
+            {re.sub(r"^(.*\.)?([A-Za-z_]\w*(\.\d+)?)$", r"\2", n) for n in layers}
+        )  # to_q, to_out.0, conv_out, ...
+        raise BadInput(f"--lora_targets: {e} The UNet's linear and conv layers are named {names}") from e
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     for p in lora_params:
         p.data = p.data.float()

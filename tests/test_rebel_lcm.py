@@ -209,6 +209,10 @@ def test_help():
         (["--sample_batch_size", "8", "--gradient_accumulation_steps", "3"], "must be a positive multiple"),
         (["--eta", "0"], "--eta 0.0 must be > 0"),
         (["--lr", "0"], "--lr must be > 0; got 0.0"),
+        (
+            ["--lora_targets", "q_proj"],
+            "found in the base model. Please check the target modules and try again. The UNet's linear and conv layers are named",
+        ),
     ],
 )
 def test_bad_input_gives_a_clear_error(flags, message, tmp_path):
