@@ -2,7 +2,7 @@
 
 The recipe the paper used (summarize_from_feedback_details/ppo.py): for every prompt x sample one response y from
 pi_old; the per-token reward is -kl_coef * (log pi_old(y_t) - log pi_ref(y_t)), plus the reward model's score at the
-last response token (EOS). A critic initialised from the reward model gives V(s_t); GAE (gamma 1, lambda 0.95) gives the
+last response token (EOS). A critic initialised from the reward model (or the policy) gives V(s_t); GAE (gamma 1, lambda 0.95) gives the
 advantages A_t, whitened over valid tokens; then 4 epochs of the clipped objective (Eq. 7 of the REBEL paper, per token)
 and a clipped value loss, minimised jointly:
 
@@ -65,6 +65,9 @@ class Args:
     """lambda of GAE"""
     critic_lora: bool | None = None
     """True: the critic gets its own LoRA adapter; False: it is fully fine-tuned (default None: the value of --lora)"""
+    critic_init: Literal["reward_model", "policy"] = "reward_model"
+    """what the critic starts from: the reward model of --reward_model_path (the official recipe), or the SFT policy's
+    backbone under a zero scalar head (V = 0 at the start), which needs no reward model when --reward_fn scores"""
 
     # sampling and reward
     temperature: float = 0.7
@@ -315,10 +318,18 @@ class PolicyAndValue(nn.Module):
         return logprobs, self.critic(query_responses, pad_id)[:, context_length - 1 : -1]
 
 
-def load_critic(path: str, dtype: torch.dtype, lora_config=None) -> ValueModel:
-    """The critic, initialised from the reward model at `path` (the official recipe): with its own LoRA adapter on a
-    frozen backbone, or (lora_config None) fully fine-tuned. Its scalar head is always trained in fp32."""
-    critic = ValueModel(load_reward_model(path, dtype))
+def load_critic(path: str, dtype: torch.dtype, lora_config=None, init: str = "reward_model") -> ValueModel:
+    """The critic, initialised from the reward model at `path` (the official recipe), or (init `policy`) from the
+    policy at `path`: its backbone under a scalar head of zeros. With its own LoRA adapter on a frozen backbone, or
+    (lora_config None) fully fine-tuned. Its scalar head is always trained in fp32."""
+    if init == "policy":
+        backbone = load_policy(path, dtype).base_model  # the transformer without its LM head
+        head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        critic = ValueModel(ScalarRewardModel(backbone, head))
+    else:
+        critic = ValueModel(load_reward_model(path, dtype))
     critic.head.float()
     if lora_config is not None:
         from peft import get_peft_model
@@ -405,21 +416,37 @@ def main(args: Args) -> None:
     new_lora = partial(lora_config, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     lora = new_lora() if args.lora else None
     raw_policy, ref_policy, stop_ids = load_trained_policy(
-        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16
+        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16, lengths
     )
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
-    # The critic is a second network initialised from the reward model: its own LoRA adapter, or fully fine-tuned in fp32.
-    # It reads the policy's tokens, so the reward model it starts from (needed with --reward_fn too) must share them.
+    # The critic is a second network initialised from the reward model (or the policy, --critic_init): its own LoRA
+    # adapter, or fully fine-tuned in fp32. It reads the policy's tokens, so a reward model it starts from (needed with
+    # --reward_fn too) must share them.
+    from_policy = args.critic_init == "policy"
+    critic_dtype = dtype if critic_lora else torch.float32
+    new_critic = partial(
+        load_critic, args.sft_model_path if from_policy else args.reward_model_path, critic_dtype, init=args.critic_init
+    )
+    try:
+        critic = new_critic(new_lora() if critic_lora else None).to(device).eval()
+    except BadInput as e:
+        if from_policy:
+            raise
+        raise BadInput(
+            f"PPO's critic needs a model to start from: the reward model {args.reward_model_path} (--critic_init "
+            f"reward_model), which cannot be loaded: {e}. Give a --reward_model_path that loads, or pass --critic_init "
+            "policy to start it from the policy with a fresh value head"
+        ) from e
     require(
-        same_tokenizer(load_reward_tokenizer(args.reward_tokenizer, args.reward_model_path, tokenizer), tokenizer),
+        from_policy
+        or same_tokenizer(load_reward_tokenizer(args.reward_tokenizer, args.reward_model_path, tokenizer), tokenizer),
         f"ppo.py starts its critic from the reward model {args.reward_model_path}, which has another tokenizer or chat "
         "template than the policy: the critic would read the policy's token ids in another vocabulary. Give a reward "
-        "model with the policy's tokenizer (rebel.py and rloo.py score with any reward model)",
+        "model with the policy's tokenizer, or pass --critic_init policy (rebel.py and rloo.py score with any reward "
+        "model)",
     )
-    critic_dtype = dtype if critic_lora else torch.float32
-    critic = load_critic(args.reward_model_path, critic_dtype, new_lora() if critic_lora else None).to(device).eval()
     if args.gradient_checkpointing:
         checkpoint_layers(critic.backbone)
     policy = PolicyAndValue(raw_policy, critic)  # one DDP wrapper, one all-reduce for both networks
@@ -567,7 +594,7 @@ def main(args: Args) -> None:
         critic_state = full_state_dict(critic) if args.fsdp and args.output_dir else None  # every rank takes part
         if master and args.output_dir:
             if critic_state is not None:  # the sharded critic's weights, into a whole one that save_critic can merge
-                critic = load_critic(args.reward_model_path, critic_dtype, new_lora() if critic_lora else None)
+                critic = new_critic(new_lora() if critic_lora else None)
                 critic.load_state_dict(critic_state)
             save_critic(critic, os.path.join(args.output_dir, "critic"))
             print(f"saved the critic to {args.output_dir}/critic")
@@ -691,9 +718,10 @@ def lora_config(rank: int, alpha: int, dropout: float, target_modules: list[str]
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
 
 
-def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, device, fsdp: bool, bf16: bool):
+def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, device, fsdp: bool, bf16: bool, lengths):
     """The policy to train (on `device`, in eval mode: no dropout, and gradients do not need train mode), its
-    reference, the SFT policy, as a context manager (`with ref_policy() as ref`), and its stop tokens.
+    reference, the SFT policy, as a context manager (`with ref_policy() as ref`), and its stop tokens. lengths:
+    (query_length, response_length), which must fit in the model's positions.
     - LoRA (`lora`, a LoraConfig): fp32 adapters on a frozen base in `dtype`; the reference switches the adapter off.
     - num_trainable_layers: the last layers in fp32, the rest frozen in `dtype`; the reference swaps the trained
       weights' starting values in (no second copy of the frozen layers).
@@ -702,6 +730,7 @@ def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, devi
     from peft import get_peft_model
 
     policy = load_policy(path, dtype if lora or num_trainable_layers else torch.float32)
+    check_positions(policy.config, lengths, path)
     stop_ids = stop_token_ids(tokenizer, policy.generation_config)
     if lora:
         try:
@@ -775,6 +804,18 @@ def load_tokenizer(path: str):
     if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return tokenizer
+
+
+def check_positions(config, lengths: tuple, path: str) -> None:
+    """A prompt and its response fit in the model's positions: past them a learned position table has no row (an
+    IndexError at the first evaluation) and rotary ones were never trained. No limit in the config: no check."""
+    fields = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+    limit = next((v for v in (getattr(config, f, None) for f in fields) if isinstance(v, int)), None)
+    require(
+        limit is None or sum(lengths) <= limit,
+        f"--query_length {lengths[0]} + --response_length {lengths[1]} = {sum(lengths)} tokens is more than the "
+        f"{limit} positions of the model {path}: lower them so that the sum fits",
+    )
 
 
 def check_model_path(path: str) -> None:
@@ -1018,12 +1059,15 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
                     "A reward model of its own class (a `v_head`, custom code) must be converted first: docs/chat.md"
                 )
             head = getattr(model, "score", None) or getattr(model, "classifier", None)
-            if model.config.num_labels != 1 or not isinstance(head, nn.Linear):
-                raise BadInput(
-                    f"reward model {path}: a reward model needs one linear output (`score`), found "
-                    f"{model.config.num_labels} labels on {type(model).__name__}"
-                )
-
+            require(
+                model.config.num_labels == 1,
+                f"reward model {path} has num_labels={model.config.num_labels}; a reward model needs num_labels=1 "
+                "(one score per response)",
+            )
+            require(
+                isinstance(head, nn.Linear),
+                f"reward model {path}: {type(model).__name__} has no linear output (`score`) to read one score from",
+            )
             return ScalarRewardModel(model.base_model, head, getattr(model.config, "reward_bias", 0.0))
         # https://github.com/vwxyzjn/summarize_from_feedback_details (ScalarModel)
         state = {}
@@ -1575,7 +1619,8 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
 
 def stop_signals() -> list:
     """Ctrl-C (SIGINT) and pre-emption (SIGTERM) ask the loop to finish its update, save a checkpoint and exit;
-    a second one stops at once. Returns the list of signals received."""
+    a second one stops at once. Either way the exit code is 128 + signal: once a stopped run is exiting, further
+    signals are ignored. Returns the list of signals received."""
     received = []
 
     def handler(signum, frame):
@@ -1586,8 +1631,14 @@ def stop_signals() -> list:
         received.append(signum)
         print(f"\n{name}: saving a checkpoint after this update (again to stop now)", file=sys.stderr)
 
+    def exiting():  # Python drops its handlers before its last clean-up, where a second signal would kill it (-N)
+        if received:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    atexit.register(exiting)
     return received
 
 

@@ -20,11 +20,13 @@ Reference implementation of the paper: https://github.com/Owen-Oertell/rlcm (see
 where this file differs from it).
 """
 
+import atexit
 import io
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -206,13 +208,20 @@ def build_lcm(args: Args):
 
     if not args.tiny:
         m = args.model
-        return (
-            CLIPTokenizer.from_pretrained(m, subfolder="tokenizer"),
-            CLIPTextModel.from_pretrained(m, subfolder="text_encoder"),
-            UNet2DConditionModel.from_pretrained(m, subfolder="unet"),
-            AutoencoderKL.from_pretrained(m, subfolder="vae"),
-            LCMScheduler.from_pretrained(m, subfolder="scheduler"),
-        )
+        try:
+            return (
+                CLIPTokenizer.from_pretrained(m, subfolder="tokenizer"),
+                CLIPTextModel.from_pretrained(m, subfolder="text_encoder"),
+                UNet2DConditionModel.from_pretrained(m, subfolder="unet"),
+                AutoencoderKL.from_pretrained(m, subfolder="vae"),
+                LCMScheduler.from_pretrained(m, subfolder="scheduler"),
+            )
+        except Exception as e:  # one line, not the hub client's two chained tracebacks
+            raise BadInput(
+                f"--model {m}: cannot load the latent consistency model ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:300]}); give a hub name or a folder with its tokenizer, text_encoder, unet, "
+                "vae and scheduler"
+            ) from e
     # Sizes follow diffusers' own pipeline tests; time_cond_proj_dim gives the UNet the LCM's w-embedding input.
     # A forked RNG seeded 0: the same tiny "pretrained" weights on every rank and in every run, and the caller's
     # random stream untouched.
@@ -532,6 +541,43 @@ def require(ok: bool, message: str) -> None:
         raise BadInput(message)
 
 
+def open_run(resume: str | None, run_dir: str | None, exp_name: str, seed: int, output_dir: str):
+    """The checkpoint to resume from (None for a new run), the run directory and the run's name. A new run starts in
+    an empty directory, so that its logs never mix with another's; --resume continues a stopped run in its own."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    checkpoint = find_checkpoint(resume) if resume else None
+    run_name = f"{exp_name}__{seed}__{int(time.time())}"
+    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else run_dir or f"runs/{run_name}"
+    if resume and not checkpoint:  # killed while writing its first checkpoint: nothing to keep, so start it over
+        run_dir = os.path.normpath(resume)
+        if master:
+            lock_run_dir(run_dir)
+            print(f"--resume {run_dir}: no complete checkpoint there; starting the run over in it", file=sys.stderr)
+            shutil.rmtree(run_dir)
+    if master:
+        start_run_dir(run_dir, checkpoint, output_dir)
+        lock_run_dir(run_dir)
+    return checkpoint, broadcast(run_dir), run_name
+
+
+def lock_run_dir(run_dir: str) -> None:
+    """<run_dir>/.lock holds the PID of the process that writes the run (rank 0): a second one is refused while the
+    first lives. A killed process's lock is taken over; the lock goes when the process exits."""
+    lock = os.path.join(run_dir, ".lock")
+    try:
+        with open(lock) as f:
+            pid = int(f.read())
+        os.kill(pid, 0)  # raises if no such process
+    except (OSError, ValueError):
+        pid = None
+    if pid not in (None, os.getpid()):
+        raise BadInput(f"--run_dir {run_dir} is in use by process {pid}; stop it, or wait for it to finish")
+    if os.path.isdir(run_dir):
+        with open(lock, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
+
+
 def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
     so that a bad one fails at start rather than after training."""
@@ -680,7 +726,8 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
 
 def stop_signals() -> list:
     """Ctrl-C (SIGINT) and pre-emption (SIGTERM) ask the loop to finish its update, save a checkpoint and exit;
-    a second one stops at once. Returns the list of signals received."""
+    a second one stops at once. Either way the exit code is 128 + signal: once a stopped run is exiting, further
+    signals are ignored. Returns the list of signals received."""
     received = []
 
     def handler(signum, frame):
@@ -691,8 +738,14 @@ def stop_signals() -> list:
         received.append(signum)
         print(f"\n{name}: saving a checkpoint after this update (again to stop now)", file=sys.stderr)
 
+    def exiting():  # Python drops its handlers before its last clean-up, where a second signal would kill it (-N)
+        if received:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    atexit.register(exiting)
     return received
 
 
@@ -710,6 +763,10 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
     require(args.eta > 0, f"--eta {args.eta} must be > 0 (it divides the log-ratio in Eq. 1): try --eta 1.0")
+    require(
+        args.tiny or os.path.isdir(args.model) or not args.model.startswith(("/", ".", "~")),
+        f"--model '{args.model}': no such directory",
+    )
     require(args.num_steps >= 2, f"--num_steps {args.num_steps} leaves no stochastic step: use --num_steps 2 or more")
     B, mb, accumulation = args.sample_batch_size, args.train_batch_size, args.gradient_accumulation_steps
     micro_batches = args.num_inner_epochs * B // max(mb, 1)  # per iteration, over all inner epochs
@@ -737,11 +794,11 @@ if __name__ == "__main__":
 
     # Run directory: a new run starts in an empty one (by default a new sub-folder of --output_dir); --resume continues
     # a stopped run in its own, under its own name.
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    # A run killed while it wrote its first checkpoint starts over in its own folder; <run_dir>/.lock keeps a second
+    # process out of it.
     run_name = f"{args.exp_name}__{args.algo}__{args.seed}__{int(time.time())}"
     run_dir = args.run_dir or os.path.join(args.output_dir, run_name)
-    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else run_dir
-    run_dir = broadcast(start_run_dir(run_dir, checkpoint, "") if master_process else None)
+    checkpoint, run_dir, _ = open_run(args.resume, run_dir, f"{args.exp_name}__{args.algo}", args.seed, "")
     args.run_name = os.path.basename(os.path.normpath(run_dir))
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -758,7 +815,16 @@ if __name__ == "__main__":
     for module in (text_encoder, unet, vae):
         module.requires_grad_(False)
         module.to(device, dtype=frozen_dtype).eval()
-    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=list(args.lora_targets)))
+    try:
+        unet.add_adapter(
+            LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=list(args.lora_targets))
+        )
+    except ValueError as e:  # peft's NoMatchingPeftModuleError
+        layers = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        names = sorted(
+            {re.sub(r"^(.*\.)?([A-Za-z_]\w*(\.\d+)?)$", r"\2", n) for n in layers}
+        )  # to_q, to_out.0, conv_out, ...
+        raise BadInput(f"--lora_targets: {e} The UNet's linear and conv layers are named {names}") from e
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     for p in lora_params:
         p.data = p.data.float()

@@ -204,6 +204,7 @@ def main(args: Args) -> None:
     # Model: hf_model is what is saved; raw_model scores with its modules (eval mode keeps dropout off); `model` is
     # what the gradient steps go through (DDP's wrapper, or the same model sharded by FSDP with itself as the root).
     hf_model, raw_model = new_reward_model(args.sft_model_path)
+    check_positions(hf_model.config, lengths, args.sft_model_path)
     raw_model.to(device).eval()
     model = shard_reward_model(raw_model, bf16) if args.fsdp else distribute(raw_model, False, bf16, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
@@ -478,6 +479,18 @@ def load_tokenizer(path: str):
     if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return tokenizer
+
+
+def check_positions(config, lengths: tuple, path: str) -> None:
+    """A prompt and its response fit in the model's positions: past them a learned position table has no row (an
+    IndexError at the first evaluation) and rotary ones were never trained. No limit in the config: no check."""
+    fields = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+    limit = next((v for v in (getattr(config, f, None) for f in fields) if isinstance(v, int)), None)
+    require(
+        limit is None or sum(lengths) <= limit,
+        f"--query_length {lengths[0]} + --response_length {lengths[1]} = {sum(lengths)} tokens is more than the "
+        f"{limit} positions of the model {path}: lower them so that the sum fits",
+    )
 
 
 def check_model_path(path: str) -> None:
@@ -941,7 +954,8 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
 
 def stop_signals() -> list:
     """Ctrl-C (SIGINT) and pre-emption (SIGTERM) ask the loop to finish its update, save a checkpoint and exit;
-    a second one stops at once. Returns the list of signals received."""
+    a second one stops at once. Either way the exit code is 128 + signal: once a stopped run is exiting, further
+    signals are ignored. Returns the list of signals received."""
     received = []
 
     def handler(signum, frame):
@@ -952,8 +966,14 @@ def stop_signals() -> list:
         received.append(signum)
         print(f"\n{name}: saving a checkpoint after this update (again to stop now)", file=sys.stderr)
 
+    def exiting():  # Python drops its handlers before its last clean-up, where a second signal would kill it (-N)
+        if received:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    atexit.register(exiting)
     return received
 
 

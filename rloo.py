@@ -279,7 +279,7 @@ def main(args: Args) -> None:
         lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora else None
     )
     raw_policy, ref_policy, stop_ids = load_trained_policy(
-        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16
+        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16, lengths
     )
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
@@ -536,9 +536,10 @@ def lora_config(rank: int, alpha: int, dropout: float, target_modules: list[str]
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
 
 
-def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, device, fsdp: bool, bf16: bool):
+def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, device, fsdp: bool, bf16: bool, lengths):
     """The policy to train (on `device`, in eval mode: no dropout, and gradients do not need train mode), its
-    reference, the SFT policy, as a context manager (`with ref_policy() as ref`), and its stop tokens.
+    reference, the SFT policy, as a context manager (`with ref_policy() as ref`), and its stop tokens. lengths:
+    (query_length, response_length), which must fit in the model's positions.
     - LoRA (`lora`, a LoraConfig): fp32 adapters on a frozen base in `dtype`; the reference switches the adapter off.
     - num_trainable_layers: the last layers in fp32, the rest frozen in `dtype`; the reference swaps the trained
       weights' starting values in (no second copy of the frozen layers).
@@ -547,6 +548,7 @@ def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, devi
     from peft import get_peft_model
 
     policy = load_policy(path, dtype if lora or num_trainable_layers else torch.float32)
+    check_positions(policy.config, lengths, path)
     stop_ids = stop_token_ids(tokenizer, policy.generation_config)
     if lora:
         try:
@@ -620,6 +622,18 @@ def load_tokenizer(path: str):
     if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return tokenizer
+
+
+def check_positions(config, lengths: tuple, path: str) -> None:
+    """A prompt and its response fit in the model's positions: past them a learned position table has no row (an
+    IndexError at the first evaluation) and rotary ones were never trained. No limit in the config: no check."""
+    fields = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+    limit = next((v for v in (getattr(config, f, None) for f in fields) if isinstance(v, int)), None)
+    require(
+        limit is None or sum(lengths) <= limit,
+        f"--query_length {lengths[0]} + --response_length {lengths[1]} = {sum(lengths)} tokens is more than the "
+        f"{limit} positions of the model {path}: lower them so that the sum fits",
+    )
 
 
 def check_model_path(path: str) -> None:
@@ -863,12 +877,15 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
                     "A reward model of its own class (a `v_head`, custom code) must be converted first: docs/chat.md"
                 )
             head = getattr(model, "score", None) or getattr(model, "classifier", None)
-            if model.config.num_labels != 1 or not isinstance(head, nn.Linear):
-                raise BadInput(
-                    f"reward model {path}: a reward model needs one linear output (`score`), found "
-                    f"{model.config.num_labels} labels on {type(model).__name__}"
-                )
-
+            require(
+                model.config.num_labels == 1,
+                f"reward model {path} has num_labels={model.config.num_labels}; a reward model needs num_labels=1 "
+                "(one score per response)",
+            )
+            require(
+                isinstance(head, nn.Linear),
+                f"reward model {path}: {type(model).__name__} has no linear output (`score`) to read one score from",
+            )
             return ScalarRewardModel(model.base_model, head, getattr(model.config, "reward_bias", 0.0))
         # https://github.com/vwxyzjn/summarize_from_feedback_details (ScalarModel)
         state = {}
@@ -1420,7 +1437,8 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
 
 def stop_signals() -> list:
     """Ctrl-C (SIGINT) and pre-emption (SIGTERM) ask the loop to finish its update, save a checkpoint and exit;
-    a second one stops at once. Returns the list of signals received."""
+    a second one stops at once. Either way the exit code is 128 + signal: once a stopped run is exiting, further
+    signals are ignored. Returns the list of signals received."""
     received = []
 
     def handler(signum, frame):
@@ -1431,8 +1449,14 @@ def stop_signals() -> list:
         received.append(signum)
         print(f"\n{name}: saving a checkpoint after this update (again to stop now)", file=sys.stderr)
 
+    def exiting():  # Python drops its handlers before its last clean-up, where a second signal would kill it (-N)
+        if received:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    atexit.register(exiting)
     return received
 
 

@@ -6,15 +6,17 @@ import os
 import pytest
 import torch
 from conftest import (
+    ROOT,
     check_end_to_end,
     check_fails_with,
     check_ranks_in_sync,
     check_reference_is_sft,
     run_script,
 )
-from rl_checks import run_in_process, sequence_logprob
+from rl_checks import bad_input_message, run_in_process, sequence_logprob
+from transformers import AutoModelForCausalLM
 
-from ppo import compute_gae, load_reward_model, ppo_losses, token_rewards, whiten
+from ppo import compute_gae, load_critic, load_reward_model, ppo_losses, token_rewards, whiten
 
 
 def test_token_rewards_by_hand():
@@ -184,3 +186,30 @@ def test_ddp_two_ranks_in_sync(toy, tmp_path):
 )
 def test_bad_input(toy, tmp_path, flags, message):
     check_fails_with("ppo.py", [*toy.rl_flags, *flags], message, tmp_path)
+
+
+GOLD = os.path.join(ROOT, "toy", "tldr.py") + ":gold_reward"  # the toy task's gold score as --reward_fn
+
+
+def test_with_a_reward_function_the_critic_still_needs_a_model_to_start_from(toy, tmp_path):
+    """--reward_fn replaces the reward model as the reward, not as the critic's starting point: without a reward model
+    that loads, the error says so and offers the policy with a fresh head."""
+    (tmp_path / "no_model").mkdir()
+    flags = [*toy.rl_flags, "--reward_fn", GOLD, "--reward_model_path", str(tmp_path / "no_model")]
+    message = bad_input_message("ppo.py", [*flags, "--output_dir", "", "--run_dir", str(tmp_path / "run")])
+    assert "PPO's critic needs a model to start from" in message and "--critic_init policy" in message, message
+
+
+def test_a_critic_started_from_the_policy(toy, tmp_path):
+    """--critic_init policy: the SFT policy's backbone under a zero scalar head (V = 0 everywhere at the start), so PPO
+    runs with --reward_fn and no reward model at all; the trained critic is saved as a reward model."""
+    critic = load_critic(toy.sft, torch.float32, None, "policy")
+    sft = AutoModelForCausalLM.from_pretrained(toy.sft)
+    assert all(torch.equal(v, sft.base_model.state_dict()[k]) for k, v in critic.backbone.state_dict().items())
+    x = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    assert torch.equal(critic(x, pad_id=0), torch.zeros(2, 4))
+    (tmp_path / "no_model").mkdir()
+    flags = [*toy.rl_flags, "--reward_fn", GOLD, "--reward_model_path", str(tmp_path / "no_model")]
+    check_end_to_end("ppo.py", [*flags, "--critic_init", "policy"], tmp_path, ("loss/value",), track=False)
+    trained = load_reward_model(str(tmp_path / "out" / "critic"), torch.float32)
+    assert trained.head.weight.abs().max() > 0  # the head learnt from its zeros

@@ -3,13 +3,15 @@ fix, or handled as a user would expect. The helpers are rebel.py's appendix, the
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
 import torch
-from conftest import run_script
+from conftest import ENV, run_script, script_command
 from rl_checks import bad_input_message
 
 import rebel as R
@@ -258,3 +260,89 @@ def test_evaluation_does_not_change_the_training(toy, tmp_path):
         lines = (run / "metrics.jsonl").read_text().splitlines()
         rows[freq] = [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "memory/"))} for x in lines]
     assert rows["0"] == rows["1"]
+
+
+# ---------------------------------------------------------------------------------------------- issue 19, the rest
+
+
+@pytest.mark.parametrize("script", ["rebel.py", "ppo.py", "sft.py", "reward.py"])
+def test_a_prompt_and_response_longer_than_the_models_positions_is_refused(toy, tmp_path, script):
+    """The toy model has 256 positions: 200 + 100 tokens would index past its position table at the first evaluation
+    (GPT-2's learned positions; rotary ones were never trained there). sft.py trains on the prompt and its reference,
+    reward.py on the prompt and each response: the same sum."""
+    long = ["--query_length", "200", "--response_length", "100"]
+    data = ["--query_dataset", toy.tldr, "--output_dir", "", "--run_dir", str(tmp_path / "run"), *long]
+    flags = {
+        "sft.py": [*data, "--base_model", toy.base],
+        "reward.py": [*data, "--sft_model_path", toy.sft, "--preference_dataset", toy.preference],
+    }.get(script, rl(toy, tmp_path, *long))
+    message = bad_input_message(script, flags)
+    assert "--query_length 200 + --response_length 100 = 300 tokens" in message and "256 positions" in message
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_position_limit_is_read_from_whichever_field_the_config_has():
+    from types import SimpleNamespace as Config
+
+    R.check_positions(Config(max_position_embeddings=88), (64, 24), "m")
+    R.check_positions(Config(), (10**6, 10**6), "m")  # no limit in the config (relative positions): no check
+    for field in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        with pytest.raises(R.BadInput, match="= 89 tokens is more than the 88 positions of the model m"):
+            R.check_positions(Config(**{field: 88}), (64, 25), "m")
+
+
+def test_a_reward_model_with_two_labels_names_num_labels(toy, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(toy.rm, num_labels=2, ignore_mismatched_sizes=True)
+    model.save_pretrained(tmp_path / "rm2")
+    with pytest.raises(R.BadInput, match="has num_labels=2; a reward model needs num_labels=1"):
+        R.load_reward_model(str(tmp_path / "rm2"), torch.float32)
+
+
+LATE_SIGNAL = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import rebel
+signals = rebel.stop_signals()
+os.kill(os.getpid(), signal.SIGTERM)  # the first: the run checkpoints and exits
+time.sleep(0.1)
+
+
+class SecondSignal:  # the second, in Python's last clean-up (module teardown), where its handlers are gone
+    def __del__(self, kill=os.kill, pid=os.getpid(), sig=signal.SIGTERM, sleep=time.sleep):
+        kill(pid, sig)
+        sleep(0.1)
+
+
+late = SecondSignal()
+sys.exit(128 + signals[0])
+"""
+
+
+def test_a_second_signal_while_the_process_exits_keeps_the_exit_code(tmp_path):
+    """Python restores the default handlers before its last clean-up: a second SIGTERM there killed the process
+    (-15, not the documented exit code 143)."""
+    (tmp_path / "late.py").write_text(LATE_SIGNAL.format(root=os.path.dirname(R.__file__)))
+    proc = subprocess.run([sys.executable, str(tmp_path / "late.py")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_two_signals_in_quick_succession_exit_by_the_signal_without_a_traceback(toy, tmp_path, sig):
+    """The first stops the run after its update with a checkpoint; the second, 0.05 s later, while the script writes
+    it or exits, stops it at once: exit code 128 + signal (143, 130) and no traceback, wherever it lands."""
+    run = tmp_path / "run"
+    flags = [*rl(toy, tmp_path, "--total_episodes", "800")]
+    proc = subprocess.Popen(
+        script_command("rebel.py", flags), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    time.sleep(0.05)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig and "Traceback" not in out, (proc.returncode, out[-3000:])

@@ -209,6 +209,10 @@ def test_help():
         (["--sample_batch_size", "8", "--gradient_accumulation_steps", "3"], "must be a positive multiple"),
         (["--eta", "0"], "--eta 0.0 must be > 0"),
         (["--lr", "0"], "--lr must be > 0; got 0.0"),
+        (
+            ["--lora_targets", "q_proj"],
+            "found in the base model. Please check the target modules and try again. The UNet's linear and conv layers are named",
+        ),
     ],
 )
 def test_bad_input_gives_a_clear_error(flags, message, tmp_path):
@@ -445,3 +449,26 @@ def test_a_non_finite_batch_stops_the_run(tmp_path):
     assert out.returncode != 0 and "error: the sampler's log-probs: 4 of 4 values are NaN or inf" in out.stderr
     assert "Traceback" not in out.stderr and len(read_metrics(tmp_path / "run")) == 1
     assert not torch.load(tmp_path / "run" / "nonfinite_rank0.pt")["the sampler's log-probs"].isfinite().any()
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [("/nonexistent", "--model '/nonexistent': no such directory"), ("nobody/no-lcm", "--model nobody/no-lcm: cannot")],
+    ids=["missing-folder", "unknown-hub-name"],
+)
+def test_a_model_that_cannot_be_loaded_is_one_line(model, message, tmp_path):
+    out = run_script(["--model", model], tmp_path, timeout=120)
+    assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def test_a_run_killed_in_its_first_checkpoint_starts_over_on_resume(tmp_path):
+    """Killed while it wrote its first checkpoint, a run has only update_N.tmp: --resume starts it over in its own
+    folder (as the LM scripts' open_run does), rather than refusing it or starting elsewhere."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "update_000002.tmp").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"update": 1}\n{"update": 2}\n')
+    out = run_script([*RESUMABLE, "--num_iterations", "2", "--resume", str(run)], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no complete checkpoint there; starting the run over in it" in out.stderr
+    assert [r["update"] for r in read_metrics(run)] == [1, 2] and not (tmp_path / "runs").exists()
+    assert (run / "lora.safetensors").exists() and not (run / "checkpoints" / "update_000002.tmp").exists()
