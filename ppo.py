@@ -1011,16 +1011,44 @@ def load_reward(reward_fn: str | None, model_path: str, tokenizer_path: str | No
     """--reward_fn path/to/file.py:name (that file's function), or the reward model with its tokenizer: its own when
     it differs from the policy's (`tokenizer`), which then reads the decoded responses."""
     if reward_fn:
-        path, _, name = reward_fn.rpartition(":")
-        require(os.path.isfile(path) and name, f"--reward_fn {reward_fn}: give an existing file.py:function_name")
-        module_spec = importlib.util.spec_from_file_location("reward_fn_module", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        require(callable(getattr(module, name, None)), f"--reward_fn {reward_fn}: {path} defines no function '{name}'")
-        return Reward(tokenizer, fn=getattr(module, name))
+        return Reward(tokenizer, fn=load_function(reward_fn, "--reward_fn"))
     model = load_reward_model(model_path, dtype).to(device).eval().requires_grad_(False)
     reward_tokenizer = load_reward_tokenizer(tokenizer_path, model_path, tokenizer)
     return Reward(tokenizer, model, None if same_tokenizer(reward_tokenizer, tokenizer) else reward_tokenizer)
+
+
+def load_function(spec: str, flag: str):
+    """The function `name` of the file of spec 'path/to/file.py:name' (--reward_fn, --preference_fn)."""
+    path, _, name = spec.rpartition(":")
+    require(os.path.isfile(path) and name, f"{flag} {spec}: give an existing file.py:function_name")
+    module_spec = importlib.util.spec_from_file_location(f"{flag.lstrip('-')}_module", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    require(callable(getattr(module, name, None)), f"{flag} {spec}: {path} defines no function '{name}'")
+    return getattr(module, name)
+
+
+@torch.no_grad()
+def compare_pairs(fn, tokenizer, query_responses: torch.Tensor, context_length: int, prompts: list) -> torch.Tensor:
+    """P(y_i > y_j | x) for every ordered pair of distinct responses of each prompt, by --preference_fn
+    fn(prompts, responses_a, responses_b) (one call, on the decoded texts) -> a probability, or a 0/1 outcome, per
+    pair. query_responses (B, m, L), prompts (B) -> (B, m, m), 0.5 on the diagonal."""
+    B, m = query_responses.shape[:2]
+    texts = tokenizer.batch_decode(query_responses[..., context_length:].flatten(0, 1), skip_special_tokens=True)
+    b, i, j = torch.tensor([(b, i, j) for b in range(B) for i in range(m) for j in range(m) if i != j]).unbind(1)
+    name = f"--preference_fn {getattr(fn, '__name__', fn)}"
+    try:
+        out = fn([prompts[x] for x in b], [texts[x] for x in b * m + i], [texts[x] for x in b * m + j])
+        values = torch.as_tensor(out, dtype=torch.float)
+    except Exception as e:
+        raise BadInput(f"{name} failed on {len(b)} pairs: {type(e).__name__}: {e}") from e
+    require(
+        values.shape == (len(b),) and bool(((values >= 0) & (values <= 1)).all()),
+        f"{name} returned {str(out)[:80]!r}; it must return one probability in [0, 1] per pair ({len(b)})",
+    )
+    wins = torch.full((B, m, m), 0.5)
+    wins[b, i, j] = values
+    return wins.to(query_responses.device)
 
 
 def load_reward_tokenizer(path: str | None, model_path: str, tokenizer):

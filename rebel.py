@@ -1,8 +1,9 @@
 """REBEL: Reinforcement Learning via Regressing Relative Rewards (Gao et al., 2024, arXiv 2404.16767).
 
-Algorithm 1: for every prompt x sample two responses y, y' from the current policy pi_t (y' comes from a base
-distribution mu, which here is pi_t, as in the paper's experiments), score them with a reward model minus a KL penalty to the SFT policy, and regress the difference of
-log-ratios onto the difference of rewards (Equation 1):
+Algorithm 1: for every prompt x sample a response y from the current policy pi_t and y' from a base distribution mu
+(pi_t, as in the paper's experiments, or with --mu dataset the dataset's response), score them with a reward model
+minus a KL penalty to the SFT policy (--preference_fn: by their preferences, Appendix D.2), and regress the difference
+of log-ratios onto the difference of rewards (Equation 1):
 
     min_theta  mean_x ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
 
@@ -60,6 +61,13 @@ class Args:
     """passes over each batch of pairs"""
     num_mini_batches: int = 1
     """optimizer steps per pass (each over batch_size / num_mini_batches pairs)"""
+    mu: Literal["policy", "dataset"] = "policy"
+    """Algorithm 1's base distribution of y': 'policy' (pi_t: sampled); 'dataset' (the prompt's --mu_column response)"""
+    mu_column: str | None = None
+    """with --mu dataset, the train split's column of y' (a text, or a conversation ending with it)"""
+    preference_fn: str | None = None
+    """path/to/file.py:fn, instead of a reward (Appendix D.2): fn(prompts, responses_a, responses_b) -> P(a > b) per
+    pair in [0, 1] (or 0/1); the reward model (or --reward_fn) then scores only the evaluation"""
 
     # sampling and reward
     temperature: float = 0.7
@@ -192,19 +200,23 @@ class Args:
 
 
 @torch.no_grad()
-def rollout(policy, ref_policy, reward, queries, prompts: list, n: int, config, stop_ids: list, chunk_size: int, timer):
-    """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them).
-    Returns query_responses (B, n, L), masks (B, n, T), the summed log-probs under the policy and the reference
-    (B, n), the rewards (B, n) and has_eos (B, n): whether the response ended with a stop token."""
+def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_ids, chunk_size: int, timer, given=None):
+    """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them; no
+    reward: scores 0); given (B, T): one more response per query, the second (--mu dataset's y'), processed alike.
+    Returns query_responses (B, m, L), masks (B, m, T), the summed log-probs under the policy and the reference
+    (B, m), the rewards (B, m) and has_eos (B, m): whether the response ended with a stop token."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
     for start in range(0, len(queries), chunk_size):
         query = queries[start : start + chunk_size]
         with timer("generation"):
-            query_response = generate(policy, query.repeat_interleave(n, 0), config)
+            response = generate(policy, query.repeat_interleave(n, 0), config)[:, ctx:].unflatten(0, (-1, n))
+        if given is not None:
+            response = torch.cat((response[:, :1], given[start : start + chunk_size, None], response[:, 1:]), 1)
+        m = response.size(1)
         # Response processing 1: truncate after the first stop token, pad the rest.
-        response = truncate_response(query_response[:, ctx:], stop_ids, pad_id)
-        query_response = torch.cat((query_response[:, :ctx], response), 1).unflatten(0, (-1, n))  # (b, n, L)
-        mask = response_mask(response, pad_id).unflatten(0, (-1, n))  # (b, n, T)
+        response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
+        query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
+        mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
         # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
         trimmed = trim_responses(query_response, mask, ctx)  # responses that stopped early leave padding columns
         with timer("logprob"):
@@ -213,9 +225,10 @@ def rollout(policy, ref_policy, reward, queries, prompts: list, n: int, config, 
                 ref_logprob = sequence_logprobs(ref, *trimmed, ctx, temperature, pad_id)
         # Response processing 3: the reward, and whether the response ended (the penalty needs it).
         with timer("reward"):
-            chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(n)]
-            score = reward(trimmed[0].flatten(0, 1), ctx, chunk_prompts).unflatten(0, (-1, n))
-        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, n))
+            chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(m)]
+            score = reward(trimmed[0].flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
+            score = score.view_as(logprob)
+        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
         out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
     return [torch.cat(t) for t in zip(*out)]
 
@@ -243,6 +256,21 @@ def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
     return torch.stack((scores.argmax(1), scores.argmin(1)), 1).unsqueeze(1)  # (B, 1, 2)
 
 
+def preference_rewards(wins: torch.Tensor, comparators: torch.Tensor) -> torch.Tensor:
+    """Appendix D.2's reward r_t(x, y) = l(x, y, pi_t), the mean of l(x, y, y'') = 2 P(y > y''|x) - 1 (Equation 11)
+    over y'' ~ pi_t: wins (B, m, m) holds P(y_i > y_j | x) (or a 0/1 outcome), comparators (m, m) y_j's weight as a y''
+    of y_i. Returns (B, m)."""
+    weights = comparators.to(wins.dtype)
+    return ((2 * wins - 1) * weights).sum(-1) / weights.sum(-1)
+
+
+def comparators(k: int) -> torch.Tensor:
+    """The y'' of each response (m, m): for k >= 3 samples, the other k - 1 (SPO's win rate); for k = 2, a third sample
+    alone (D.2's one-sample variant: l(y, y'') - l(y', y'') estimates l(y, pi_t) - l(y', pi_t) without bias), itself
+    compared with both and never trained on."""
+    return ~torch.eye(k, dtype=torch.bool) if k > 2 else torch.tensor([[0, 0, 1], [0, 0, 1], [1, 1, 0]]).bool()
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -252,6 +280,12 @@ def main(args: Args) -> None:
     require(
         args.pairing != "adjacent" or args.num_samples % 2 == 0,
         f"--pairing adjacent pairs responses two by two: --num_samples must be even, not {args.num_samples}",
+    )
+    require(
+        (args.mu == "dataset") == bool(args.mu_column), "--mu dataset and --mu_column NAME (y''s column) go together"
+    )
+    require(
+        args.mu == "policy" or args.num_samples == 2, "--mu dataset pairs one sample with y': --num_samples must be 2"
     )
     check_flags(asdict(args))
     from tqdm import tqdm
@@ -275,9 +309,10 @@ def main(args: Args) -> None:
     tokenizer = load_tokenizer(args.sft_model_path)
     pad = tokenizer.pad_token_id
     lengths = (args.query_length, args.response_length)
-    train_set, train_prompts, train_queries, _, dropped = load_prompts(
-        args.query_dataset, args.train_split, args.query_column, None, tokenizer, *lengths, args.long_prompts, args.chat
-    )
+    train_set, train_prompts, train_queries, train_mu, dropped = load_prompts(
+        args.query_dataset, args.train_split, args.query_column, args.mu_column, tokenizer, *lengths, args.long_prompts,
+        args.chat,
+    )  # fmt: skip
     eval_data = load_prompts(
         args.query_dataset, args.eval_split, args.query_column, args.reference_column, tokenizer, *lengths,
         args.long_prompts, args.chat,
@@ -299,6 +334,8 @@ def main(args: Args) -> None:
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
+    preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
+    num_sampled = args.num_samples - (args.mu == "dataset") + (args.num_samples == 2 and preference is not None)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
     chunk, static_cache = args.local_rollout_forward_batch_size, args.static_cache and not args.fsdp  # compile: no FSDP
@@ -355,12 +392,14 @@ def main(args: Args) -> None:
         queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
         context_length = queries.size(1)
 
-        # 1. Rollout: num_samples responses per prompt from pi_t, scored by the reward model (or --reward_fn).
+        # 1. Rollout: num_samples responses per prompt from pi_t (--mu dataset: y and the dataset's y'; preferences
+        # with 2 samples: y, y' and y''), scored by the reward model (or --reward_fn; with --preference_fn, in step 2).
+        given, prompts = None if train_mu is None else train_mu[batch].to(device), [train_prompts[i] for i in batch]
         with autocast():
             query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout(
-                raw_policy, ref_policy, reward, queries, [train_prompts[i] for i in batch], args.num_samples, config,
-                stop_ids, chunk, timer,
-            )  # (B, k, ...)  # fmt: skip
+                raw_policy, ref_policy, None if preference else reward, queries, prompts, num_sampled, config, stop_ids,
+                chunk, timer, given,
+            )  # (B, m, ...)  # fmt: skip
         check_finite(
             {
                 "--reward_fn's scores" if args.reward_fn else "the reward model's scores": scores,
@@ -370,12 +409,17 @@ def main(args: Args) -> None:
             },
             dump,
         )
-        # 2. Reward: r(x, y) = RM score (the fixed penalty without EOS) - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)).
+        # 2. Reward: r(x, y) = RM score (the fixed penalty without EOS) - kl_coef * (log pi_t(y|x) - log pi_ref(y|x));
+        # with --preference_fn, the score is y's mean preference over its comparators y'' ~ pi_t (Appendix D.2).
+        if preference:
+            with timer("reward"):
+                wins = compare_pairs(preference, tokenizer, query_responses, context_length, prompts)  # (B, m, m)
+            scores = preference_rewards(wins, comparators(args.num_samples).to(device))  # (B, m)
         scores = torch.where(has_eos, scores, args.penalty_reward_value)  # (B, k)
         kl = logprobs - ref_logprobs  # (B, k)
         rewards = scores - args.kl_coef * kl  # (B, k)
         # The pairs (y, y') of each prompt's responses (--pairing); Equation (1) applies to each pair.
-        pairs = pair_up(scores, args.pairing)  # (B, P, 2), indices among the k responses
+        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2), indices among the k responses
         prompt_idx = torch.arange(len(pairs), device=device)[:, None, None]
         pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
             t[prompt_idx, pairs].flatten(0, 1) for t in (query_responses, masks, logprobs, rewards)
@@ -407,18 +451,25 @@ def main(args: Args) -> None:
 
         # 4. Log: metrics reduced over ranks, rank 0 writes; evaluate every --eval_freq updates.
         n_micro = len(loss_stats) // args.noptepochs
+        own = slice(None) if given is None else [0, *range(2, scores.size(1))]  # pi_t's samples (y' is the dataset's)
         stats = {
-            "objective/scores": scores.mean().item(),
-            "objective/kl": kl.mean().item(),
-            "objective/rlhf_reward": rewards.mean().item(),
-            "objective/entropy": -(logprobs.sum() / masks.sum()).item(),
-            "objective/response_length": masks.sum(-1).float().mean().item(),
-            "objective/eos_rate": has_eos.float().mean().item(),
+            "objective/scores": scores[:, own].mean().item(),
+            "objective/kl": kl[:, own].mean().item(),
+            "objective/rlhf_reward": rewards[:, own].mean().item(),
+            "objective/entropy": -(logprobs[:, own].sum() / masks[:, own].sum()).item(),
+            "objective/response_length": masks[:, own].sum(-1).float().mean().item(),
+            "objective/eos_rate": has_eos[:, own].float().mean().item(),
             "loss/policy": float(np.mean(loss_stats)),
             "loss/policy_first_epoch": float(np.mean(loss_stats[:n_micro])),
             "loss/policy_last_epoch": float(np.mean(loss_stats[-n_micro:])),
             "policy/approxkl": float(np.mean(approxkl_stats)),
         }
+        if given is not None:  # y beats the dataset's y': P(y > y'), or score(y) > score(y') (ties half)
+            win = wins[:, 0, 1] if preference else (scores[:, 0] > scores[:, 1]) + 0.5 * (scores[:, 0] == scores[:, 1])
+            stats["objective/win_rate_vs_mu"] = win.float().mean().item()
+        if preference:  # the mean 2 P(y_i > y_j) - 1 over ordered pairs of distinct samples: ~0 (skew-symmetry)
+            self_play = 2 * wins[:, own][:, :, own] - 1  # (B, n, n)
+            stats["objective/self_preference"] = self_play[:, ~torch.eye(self_play.size(1), dtype=bool)].mean().item()
         log.write(update, stats, timer, lr_now)
         if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
             run_evaluation(update)
@@ -851,16 +902,44 @@ def load_reward(reward_fn: str | None, model_path: str, tokenizer_path: str | No
     """--reward_fn path/to/file.py:name (that file's function), or the reward model with its tokenizer: its own when
     it differs from the policy's (`tokenizer`), which then reads the decoded responses."""
     if reward_fn:
-        path, _, name = reward_fn.rpartition(":")
-        require(os.path.isfile(path) and name, f"--reward_fn {reward_fn}: give an existing file.py:function_name")
-        module_spec = importlib.util.spec_from_file_location("reward_fn_module", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        require(callable(getattr(module, name, None)), f"--reward_fn {reward_fn}: {path} defines no function '{name}'")
-        return Reward(tokenizer, fn=getattr(module, name))
+        return Reward(tokenizer, fn=load_function(reward_fn, "--reward_fn"))
     model = load_reward_model(model_path, dtype).to(device).eval().requires_grad_(False)
     reward_tokenizer = load_reward_tokenizer(tokenizer_path, model_path, tokenizer)
     return Reward(tokenizer, model, None if same_tokenizer(reward_tokenizer, tokenizer) else reward_tokenizer)
+
+
+def load_function(spec: str, flag: str):
+    """The function `name` of the file of spec 'path/to/file.py:name' (--reward_fn, --preference_fn)."""
+    path, _, name = spec.rpartition(":")
+    require(os.path.isfile(path) and name, f"{flag} {spec}: give an existing file.py:function_name")
+    module_spec = importlib.util.spec_from_file_location(f"{flag.lstrip('-')}_module", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    require(callable(getattr(module, name, None)), f"{flag} {spec}: {path} defines no function '{name}'")
+    return getattr(module, name)
+
+
+@torch.no_grad()
+def compare_pairs(fn, tokenizer, query_responses: torch.Tensor, context_length: int, prompts: list) -> torch.Tensor:
+    """P(y_i > y_j | x) for every ordered pair of distinct responses of each prompt, by --preference_fn
+    fn(prompts, responses_a, responses_b) (one call, on the decoded texts) -> a probability, or a 0/1 outcome, per
+    pair. query_responses (B, m, L), prompts (B) -> (B, m, m), 0.5 on the diagonal."""
+    B, m = query_responses.shape[:2]
+    texts = tokenizer.batch_decode(query_responses[..., context_length:].flatten(0, 1), skip_special_tokens=True)
+    b, i, j = torch.tensor([(b, i, j) for b in range(B) for i in range(m) for j in range(m) if i != j]).unbind(1)
+    name = f"--preference_fn {getattr(fn, '__name__', fn)}"
+    try:
+        out = fn([prompts[x] for x in b], [texts[x] for x in b * m + i], [texts[x] for x in b * m + j])
+        values = torch.as_tensor(out, dtype=torch.float)
+    except Exception as e:
+        raise BadInput(f"{name} failed on {len(b)} pairs: {type(e).__name__}: {e}") from e
+    require(
+        values.shape == (len(b),) and bool(((values >= 0) & (values <= 1)).all()),
+        f"{name} returned {str(out)[:80]!r}; it must return one probability in [0, 1] per pair ({len(b)})",
+    )
+    wins = torch.full((B, m, m), 0.5)
+    wins[b, i, j] = values
+    return wins.to(query_responses.device)
 
 
 def load_reward_tokenizer(path: str | None, model_path: str, tokenizer):

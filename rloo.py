@@ -189,19 +189,23 @@ class Args:
 
 
 @torch.no_grad()
-def rollout(policy, ref_policy, reward, queries, prompts: list, n: int, config, stop_ids: list, chunk_size: int, timer):
-    """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them).
-    Returns query_responses (B, n, L), masks (B, n, T), the summed log-probs under the policy and the reference
-    (B, n), the rewards (B, n) and has_eos (B, n): whether the response ended with a stop token."""
+def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_ids, chunk_size: int, timer, given=None):
+    """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them; no
+    reward: scores 0); given (B, T): one more response per query, the second (--mu dataset's y'), processed alike.
+    Returns query_responses (B, m, L), masks (B, m, T), the summed log-probs under the policy and the reference
+    (B, m), the rewards (B, m) and has_eos (B, m): whether the response ended with a stop token."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
     for start in range(0, len(queries), chunk_size):
         query = queries[start : start + chunk_size]
         with timer("generation"):
-            query_response = generate(policy, query.repeat_interleave(n, 0), config)
+            response = generate(policy, query.repeat_interleave(n, 0), config)[:, ctx:].unflatten(0, (-1, n))
+        if given is not None:
+            response = torch.cat((response[:, :1], given[start : start + chunk_size, None], response[:, 1:]), 1)
+        m = response.size(1)
         # Response processing 1: truncate after the first stop token, pad the rest.
-        response = truncate_response(query_response[:, ctx:], stop_ids, pad_id)
-        query_response = torch.cat((query_response[:, :ctx], response), 1).unflatten(0, (-1, n))  # (b, n, L)
-        mask = response_mask(response, pad_id).unflatten(0, (-1, n))  # (b, n, T)
+        response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
+        query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
+        mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
         # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
         trimmed = trim_responses(query_response, mask, ctx)  # responses that stopped early leave padding columns
         with timer("logprob"):
@@ -210,9 +214,10 @@ def rollout(policy, ref_policy, reward, queries, prompts: list, n: int, config, 
                 ref_logprob = sequence_logprobs(ref, *trimmed, ctx, temperature, pad_id)
         # Response processing 3: the reward, and whether the response ended (the penalty needs it).
         with timer("reward"):
-            chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(n)]
-            score = reward(trimmed[0].flatten(0, 1), ctx, chunk_prompts).unflatten(0, (-1, n))
-        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, n))
+            chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(m)]
+            score = reward(trimmed[0].flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
+            score = score.view_as(logprob)
+        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
         out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
     return [torch.cat(t) for t in zip(*out)]
 
@@ -829,16 +834,44 @@ def load_reward(reward_fn: str | None, model_path: str, tokenizer_path: str | No
     """--reward_fn path/to/file.py:name (that file's function), or the reward model with its tokenizer: its own when
     it differs from the policy's (`tokenizer`), which then reads the decoded responses."""
     if reward_fn:
-        path, _, name = reward_fn.rpartition(":")
-        require(os.path.isfile(path) and name, f"--reward_fn {reward_fn}: give an existing file.py:function_name")
-        module_spec = importlib.util.spec_from_file_location("reward_fn_module", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        require(callable(getattr(module, name, None)), f"--reward_fn {reward_fn}: {path} defines no function '{name}'")
-        return Reward(tokenizer, fn=getattr(module, name))
+        return Reward(tokenizer, fn=load_function(reward_fn, "--reward_fn"))
     model = load_reward_model(model_path, dtype).to(device).eval().requires_grad_(False)
     reward_tokenizer = load_reward_tokenizer(tokenizer_path, model_path, tokenizer)
     return Reward(tokenizer, model, None if same_tokenizer(reward_tokenizer, tokenizer) else reward_tokenizer)
+
+
+def load_function(spec: str, flag: str):
+    """The function `name` of the file of spec 'path/to/file.py:name' (--reward_fn, --preference_fn)."""
+    path, _, name = spec.rpartition(":")
+    require(os.path.isfile(path) and name, f"{flag} {spec}: give an existing file.py:function_name")
+    module_spec = importlib.util.spec_from_file_location(f"{flag.lstrip('-')}_module", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    require(callable(getattr(module, name, None)), f"{flag} {spec}: {path} defines no function '{name}'")
+    return getattr(module, name)
+
+
+@torch.no_grad()
+def compare_pairs(fn, tokenizer, query_responses: torch.Tensor, context_length: int, prompts: list) -> torch.Tensor:
+    """P(y_i > y_j | x) for every ordered pair of distinct responses of each prompt, by --preference_fn
+    fn(prompts, responses_a, responses_b) (one call, on the decoded texts) -> a probability, or a 0/1 outcome, per
+    pair. query_responses (B, m, L), prompts (B) -> (B, m, m), 0.5 on the diagonal."""
+    B, m = query_responses.shape[:2]
+    texts = tokenizer.batch_decode(query_responses[..., context_length:].flatten(0, 1), skip_special_tokens=True)
+    b, i, j = torch.tensor([(b, i, j) for b in range(B) for i in range(m) for j in range(m) if i != j]).unbind(1)
+    name = f"--preference_fn {getattr(fn, '__name__', fn)}"
+    try:
+        out = fn([prompts[x] for x in b], [texts[x] for x in b * m + i], [texts[x] for x in b * m + j])
+        values = torch.as_tensor(out, dtype=torch.float)
+    except Exception as e:
+        raise BadInput(f"{name} failed on {len(b)} pairs: {type(e).__name__}: {e}") from e
+    require(
+        values.shape == (len(b),) and bool(((values >= 0) & (values <= 1)).all()),
+        f"{name} returned {str(out)[:80]!r}; it must return one probability in [0, 1] per pair ({len(b)})",
+    )
+    wins = torch.full((B, m, m), 0.5)
+    wins[b, i, j] = values
+    return wins.to(query_responses.device)
 
 
 def load_reward_tokenizer(path: str | None, model_path: str, tokenizer):

@@ -83,14 +83,21 @@ def prepare_seed(out: str, seed: int) -> tuple[str, dict]:
     return d, times
 
 
+def rebel_curve(d: str, seed: int, name: str = "rebel", flags: tuple | list = (), times: dict | None = None) -> list:
+    """REBEL on the prepared task in `d` with REBEL_FLAGS (and `flags`: another setting, the same budget); returns
+    the judged evaluation tables, update 0 (the SFT policy) first."""
+    t = run("rebel.py", ["--seed", str(seed), *TOY_LENGTHS, *REBEL_FLAGS, "--query_dataset", f"{d}/data/tldr",
+                         "--sft_model_path", f"{d}/sft", "--reward_model_path", f"{d}/rm", "--output_dir", f"{d}/{name}",
+                         "--run_dir", f"{d}/runs/{name}", *flags], f"{d}/{name}.log")  # fmt: skip
+    if times is not None:
+        times[name] = t
+    evals = sorted(f for f in os.listdir(f"{d}/runs/{name}") if f.startswith("eval_"))
+    return [{"update": int(f[5:11]), **judge_table(f"{d}/runs/{name}/{f}")} for f in evals]
+
+
 def run_seed(out: str, seed: int) -> dict:
     d, times = prepare_seed(out, seed)
-    common = ["--seed", str(seed), *TOY_LENGTHS]
-    times["rebel"] = run("rebel.py", [*common, *REBEL_FLAGS, "--query_dataset", f"{d}/data/tldr", "--sft_model_path", f"{d}/sft",
-                                      "--reward_model_path", f"{d}/rm", "--output_dir", f"{d}/rebel", "--run_dir",
-                                      f"{d}/runs/rebel"], f"{d}/rebel.log")  # fmt: skip
-    evals = sorted(f for f in os.listdir(f"{d}/runs/rebel") if f.startswith("eval_"))
-    curve = [{"update": int(f[5:11]), **judge_table(f"{d}/runs/rebel/{f}")} for f in evals]
+    curve = rebel_curve(d, seed, times=times)
     with open(f"{d}/runs/rm/metrics.jsonl") as f:
         rm_accuracy = [json.loads(line) for line in f][-1]["eval/accuracy"]
     return {

@@ -150,6 +150,12 @@ def gold_judge(query: str, summary_a: str, summary_b: str) -> float:
     return 1.0 if a > b else 0.0 if b > a else 0.5
 
 
+def gold_preference(prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
+    """The gold judge as a preference oracle (rebel.py --preference_fn toy/tldr.py:gold_preference): per pair,
+    P(a > b) = 1, 0 or 0.5 for a tie. It is skew-symmetric: swapping a and b gives 1 - P."""
+    return [gold_judge(p, a, b) for p, a, b in zip(prompts, responses_a, responses_b)]
+
+
 def make_splits(seed: int = 0, n_train: int = 4000, n_validation: int = 512, n_test: int = 512, n_pref: int = 4000):
     """Deterministic splits in the columns the scripts read (same names as the TL;DR hub datasets)."""
     rng = random.Random(seed)
