@@ -194,7 +194,7 @@ class Args:
 @torch.no_grad()
 def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_ids, chunk_size: int, timer, given=None):
     """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them; no
-    reward: scores 0); given (B, T): one more response per query, the second (--mu dataset's y'), processed alike.
+    reward: scores 0); given (B, T): one more, put second so that the pair (0, 1) is (y, y'): m = n + 1 responses.
     Returns query_responses (B, m, L), masks (B, m, T), the summed log-probs under the policy and the reference
     (B, m), the rewards (B, m) and has_eos (B, m): whether the response ended with a stop token."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
@@ -947,7 +947,7 @@ def load_prompts(
         if column not in dataset.column_names:
             raise BadInput(
                 f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
-                "Pass the column flag that names it (--query_column, --reference_column, --mu_column, ...) one of those."
+                "Set the flag that names it (--query_column, --reference_column, --mu_column, ...) to one of those."
             )
         for row, value in enumerate(dataset[column]):  # a text, or a conversation of {role, content} messages
             text = value if isinstance(value, str) else None

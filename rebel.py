@@ -2,8 +2,8 @@
 
 Algorithm 1: for every prompt x sample a response y from the current policy pi_t and y' from a base distribution mu
 (pi_t, as in the paper's experiments, or with --mu dataset the dataset's response), score them with a reward model
-minus a KL penalty to the SFT policy (--preference_fn: by their preferences, Appendix D.2), and regress the difference
-of log-ratios onto the difference of rewards (Equation 1):
+minus a KL penalty to the SFT policy (--preference_fn: a response's score is its mean 2 P(y > y'') - 1 against other
+samples y'', Appendix D.2), and regress the difference of log-ratios onto the difference of rewards (Equation 1):
 
     min_theta  mean_x ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
 
@@ -53,7 +53,7 @@ class Args:
     loss_scaling: Literal["paper", "official"] = "paper"
     """'paper': Equation (1) as written; 'official': eta^2 times it, what the official code minimises"""
     num_samples: int = 2
-    """responses sampled per prompt"""
+    """responses per prompt (--mu dataset: y and the dataset's y'; --preference_fn with 2: y, y', a comparator y'')"""
     pairing: Literal["adjacent", "best_worst"] = "adjacent"
     """the pairs (y, y') regressed on: 'adjacent' (1st with 2nd, 3rd with 4th, ...: num_samples / 2 pairs per prompt);
     'best_worst' (the highest and the lowest reward of the num_samples: one pair, as the official UltraFeedback runs)"""
@@ -202,7 +202,7 @@ class Args:
 @torch.no_grad()
 def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_ids, chunk_size: int, timer, given=None):
     """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them; no
-    reward: scores 0); given (B, T): one more response per query, the second (--mu dataset's y'), processed alike.
+    reward: scores 0); given (B, T): one more, put second so that the pair (0, 1) is (y, y'): m = n + 1 responses.
     Returns query_responses (B, m, L), masks (B, m, T), the summed log-probs under the policy and the reference
     (B, m), the rewards (B, m) and has_eos (B, m): whether the response ended with a stop token."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
@@ -236,7 +236,7 @@ def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_i
 def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
     """Equation (1). All inputs (B, 2): column 0 is y, column 1 is y' for the same prompt x.
 
-    mean_x ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
+    mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
     """
     log_ratio = logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
     prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (B,)
@@ -256,18 +256,18 @@ def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
     return torch.stack((scores.argmax(1), scores.argmin(1)), 1).unsqueeze(1)  # (B, 1, 2)
 
 
-def preference_rewards(wins: torch.Tensor, comparators: torch.Tensor) -> torch.Tensor:
+def preference_rewards(wins: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
     """Appendix D.2's reward r_t(x, y) = l(x, y, pi_t), the mean of l(x, y, y'') = 2 P(y > y''|x) - 1 (Equation 11)
-    over y'' ~ pi_t: wins (B, m, m) holds P(y_i > y_j | x) (or a 0/1 outcome), comparators (m, m) y_j's weight as a y''
-    of y_i. Returns (B, m)."""
-    weights = comparators.to(wins.dtype)
+    over y'' ~ pi_t: wins (B, m, m) holds P(y_i > y_j | x) (or a 0/1 outcome), against (m, m) y_j's weight as a y'' of
+    y_i (comparators()). Returns (B, m)."""
+    weights = against.to(wins.dtype)
     return ((2 * wins - 1) * weights).sum(-1) / weights.sum(-1)
 
 
 def comparators(k: int) -> torch.Tensor:
-    """The y'' of each response (m, m): for k >= 3 samples, the other k - 1 (SPO's win rate); for k = 2, a third sample
-    alone (D.2's one-sample variant: l(y, y'') - l(y', y'') estimates l(y, pi_t) - l(y', pi_t) without bias), itself
-    compared with both and never trained on."""
+    """The y'' of each response (m, m): for k >= 3 samples, the other k - 1 (SPO's win rate; a pair's own comparison
+    then enters both its rewards: docs/rebel.md); for k = 2, a third sample alone (D.2's one-sample variant: l(y, y'') -
+    l(y', y'') estimates l(y, pi_t) - l(y', pi_t) without bias), itself compared with both and never trained on."""
     return ~torch.eye(k, dtype=torch.bool) if k > 2 else torch.tensor([[0, 0, 1], [0, 0, 1], [1, 1, 0]]).bool()
 
 
@@ -281,9 +281,7 @@ def main(args: Args) -> None:
         args.pairing != "adjacent" or args.num_samples % 2 == 0,
         f"--pairing adjacent pairs responses two by two: --num_samples must be even, not {args.num_samples}",
     )
-    require(
-        (args.mu == "dataset") == bool(args.mu_column), "--mu dataset and --mu_column NAME (y''s column) go together"
-    )
+    require((args.mu == "dataset") == bool(args.mu_column), "--mu dataset and --mu_column NAME go together")
     require(
         args.mu == "policy" or args.num_samples == 2, "--mu dataset pairs one sample with y': --num_samples must be 2"
     )
@@ -335,6 +333,7 @@ def main(args: Args) -> None:
         checkpoint_layers(raw_policy)
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
+    # Responses generated per prompt: --mu dataset's y' is not; --preference_fn with 2 samples adds the comparator y''.
     num_sampled = args.num_samples - (args.mu == "dataset") + (args.num_samples == 2 and preference is not None)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
@@ -415,12 +414,12 @@ def main(args: Args) -> None:
             with timer("reward"):
                 wins = compare_pairs(preference, tokenizer, query_responses, context_length, prompts)  # (B, m, m)
             scores = preference_rewards(wins, comparators(args.num_samples).to(device))  # (B, m)
-        scores = torch.where(has_eos, scores, args.penalty_reward_value)  # (B, k)
-        kl = logprobs - ref_logprobs  # (B, k)
-        rewards = scores - args.kl_coef * kl  # (B, k)
+        scores = torch.where(has_eos, scores, args.penalty_reward_value)  # (B, m)
+        kl = logprobs - ref_logprobs  # (B, m)
+        rewards = scores - args.kl_coef * kl  # (B, m)
         # The pairs (y, y') of each prompt's responses (--pairing); Equation (1) applies to each pair.
-        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2), indices among the k responses
-        prompt_idx = torch.arange(len(pairs), device=device)[:, None, None]
+        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2), indices; y'' is in no pair
+        prompt_idx = torch.arange(len(pairs), device=device)[:, None, None]  # (B, 1, 1), broadcast against pairs
         pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
             t[prompt_idx, pairs].flatten(0, 1) for t in (query_responses, masks, logprobs, rewards)
         )  # (B * P, 2, ...)
@@ -436,7 +435,7 @@ def main(args: Args) -> None:
                     with no_sync(policy, sync=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(
                             policy, query_response, mask, context_length, args.temperature, pad
-                        )  # (b, 2)
+                        )  # (b, 2), at the sampling temperature: the distribution pi_t sampled from
                         loss = rebel_loss(
                             new_logprobs, pair_logprobs[idx], pair_rewards[idx], args.eta, args.loss_scaling
                         )
@@ -1046,7 +1045,7 @@ def load_prompts(
         if column not in dataset.column_names:
             raise BadInput(
                 f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
-                "Pass the column flag that names it (--query_column, --reference_column, --mu_column, ...) one of those."
+                "Set the flag that names it (--query_column, --reference_column, --mu_column, ...) to one of those."
             )
         for row, value in enumerate(dataset[column]):  # a text, or a conversation of {role, content} messages
             text = value if isinstance(value, str) else None

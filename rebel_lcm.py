@@ -442,7 +442,7 @@ def trajectory_log_probs(unet, coef, states, next_states, prompt_embeds, w_emb, 
 def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
     """Equation (1). All inputs (B, 2): column 0 is y, column 1 is y' for the same prompt x.
 
-    mean_x ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
+    mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
     """
     log_ratio = logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
     prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (B,)
