@@ -844,6 +844,10 @@ if __name__ == "__main__":
     # the run stopped.
     trainer = load_checkpoint(checkpoint, unet, optimizer, asdict(args), args.world_size) if checkpoint else {}
     start_update = trainer.get("update", 0)
+    require(
+        start_update <= args.num_iterations,
+        f"--resume: update {start_update} is past the run's {args.num_iterations} updates",
+    )
     stat_tracker.load_state_dict(trainer.get("reward_buffers", {}))
     reward_queries = start_update * args.queries_per_iteration
     signals = stop_signals()

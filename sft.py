@@ -168,6 +168,7 @@ def main(args: Args) -> None:
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
     trainer = load_checkpoint(checkpoint, policy, optimizer, asdict(args), world_size) if checkpoint else {}
     start_update = trainer.get("update", 0)
+    require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
     for _ in range(start_update):  # the batches already trained on
         next(batches)
     signals = stop_signals()

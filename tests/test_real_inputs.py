@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import ENV, run_script, script_command
-from rl_checks import bad_input_message
+from rl_checks import bad_input_message, run_in_process
 
 import rebel as R
 
@@ -195,6 +195,18 @@ def test_an_edited_update_counter_is_refused(tmp_path):
     path = fake_checkpoint(tmp_path / "checkpoints" / "update_000002", update=99)
     with pytest.raises(R.BadInput, match="says update 99, which is not this checkpoint's"):
         R.load_checkpoint(path, None, None, {}, 1)
+
+
+def test_a_checkpoint_past_the_runs_last_update_is_refused(toy, tmp_path):
+    """Name and counter agree, but update 99 of a 2-update run: resuming it would train nothing and exit 0."""
+    flags = rl(toy, tmp_path)
+    run_in_process("rebel.py", flags)
+    last = tmp_path / "run" / "checkpoints" / "update_000002"
+    trainer = json.loads((last / "trainer.json").read_text())
+    (last / "trainer.json").write_text(json.dumps({**trainer, "update": 99}))
+    last.rename(last.with_name("update_000099"))
+    message = bad_input_message("rebel.py", [*flags, "--resume", str(tmp_path / "run")])
+    assert "update 99 is past the run's 2 updates" in message
 
 
 def test_resuming_another_scripts_run_says_so(tmp_path):
