@@ -633,13 +633,18 @@ def load_tokenizer(path: str):
 def check_positions(config, lengths: tuple, path: str) -> None:
     """A prompt and its response fit in the model's positions: past them a learned position table has no row (an
     IndexError at the first evaluation) and rotary ones were never trained. No limit in the config: no check."""
-    fields = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
-    limit = next((v for v in (getattr(config, f, None) for f in fields) if isinstance(v, int)), None)
+    limit = position_limit(config)
     require(
         limit is None or sum(lengths) <= limit,
         f"--query_length {lengths[0]} + --response_length {lengths[1]} = {sum(lengths)} tokens is more than the "
         f"{limit} positions of the model {path}: lower them so that the sum fits",
     )
+
+
+def position_limit(config) -> int | None:
+    """The most tokens a model has positions for, from whichever field its config names it by (None: no limit)."""
+    fields = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+    return next((v for v in (getattr(config, f, None) for f in fields) if isinstance(v, int)), None)
 
 
 def check_model_path(path: str) -> None:
@@ -766,6 +771,12 @@ class ScalarRewardModel(nn.Module):
         self.backbone, self.head, self.bias = backbone, head, bias
 
     def forward(self, query_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
+        width, limit = query_responses.size(1), position_limit(self.backbone.config)
+        require(
+            limit is None or width <= limit,
+            f"the reward model reads {width} tokens (prompt and response), more than its {limit} positions: lower "
+            "--query_length / --response_length, or use a reward model with more positions",
+        )
         hidden = forward(self.backbone, query_responses, pad_id).last_hidden_state  # (B, L, H)
         # The last non-pad token: queries are left-padded and responses right-padded, so it is the rightmost one.
         positions = torch.arange(query_responses.size(1), device=hidden.device)

@@ -3,6 +3,8 @@ fix, or handled as a user would expect. The helpers are rebel.py's appendix, the
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -291,6 +293,20 @@ def test_a_prompt_and_response_longer_than_the_models_positions_is_refused(toy, 
     message = bad_input_message(script, flags)
     assert "--query_length 200 + --response_length 100 = 300 tokens" in message and "256 positions" in message
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_reward_model_with_fewer_positions_than_prompt_and_response_is_refused(toy, tmp_path):
+    """The policy has room for 64 + 24 tokens, the reward model (a copy of the toy's, its config cut to 64 positions)
+    has not: past its positions it would score with positions it never trained on (or index past a learned table)."""
+    shutil.copytree(toy.rm, tmp_path / "rm")
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    (tmp_path / "rm" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    flags = rl(toy, tmp_path, "--reward_model_path", str(tmp_path / "rm"))
+    message = bad_input_message("rebel.py", flags)
+    assert re.search(
+        r"the reward model reads (6[5-9]|[78]\d) tokens \(prompt and response\), more than its 64 positions", message
+    )
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""  # refused at the first evaluation, before update 1
 
 
 def test_the_position_limit_is_read_from_whichever_field_the_config_has():
