@@ -1001,6 +1001,12 @@ def load_prompts(
                 f"dataset '{path}' ({split}), column '{column}', row {row}: {str(value)[:60]!r} is not a non-empty "
                 "text or conversation; fix or drop the rows like it",
             )
+            role = value[-1].get("role") if column != query_column and isinstance(value, list) else "assistant"
+            require(
+                role == "assistant",
+                f"dataset '{path}' ({split}), column '{column}', row {row}: the conversation ends with a {role!r} "
+                "message, not the assistant's answer; a response column must end with the response",
+            )
     prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
     if isinstance(prompts[0], list):
         require(bool(tokenizer.chat_template), f"the tokenizer has no chat template for the conversations of '{path}'")

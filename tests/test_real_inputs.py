@@ -65,6 +65,21 @@ def test_a_bad_cell_is_named_by_column_and_row(tmp_path, tokenizer, cell, shown)
         prompts_of(str(tmp_path / "d.jsonl"), "train", tokenizer)
 
 
+def test_a_response_conversation_must_end_with_the_assistants_answer(tmp_path, tokenizer):
+    """A reference (or --mu_column, chosen, rejected) conversation ending with a user turn would make that question
+    the response: refused, row named. One ending with the answer is read as its last message."""
+    answer = [{"role": "user", "content": "q ?"}, {"role": "assistant", "content": "i feel fine ."}]
+    rows = [{"query": "fine ?\n\nTL;DR:", "ref": answer, "text": "i feel fine ."}] * 3
+    (tmp_path / "ok.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    *_, references, _ = prompts_of(str(tmp_path / "ok.jsonl"), "train", tokenizer, reference="ref")
+    *_, from_text, _ = prompts_of(str(tmp_path / "ok.jsonl"), "train", tokenizer, reference="text")
+    assert torch.equal(references, from_text)  # the conversation's answer, as the same text in a plain column
+    rows[2] = {**rows[2], "ref": [*answer, {"role": "user", "content": "and then ?"}]}
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(R.BadInput, match="column 'ref', row 2: the conversation ends with a 'user' message"):
+        prompts_of(str(tmp_path / "d.jsonl"), "train", tokenizer, reference="ref")
+
+
 def test_a_csv_with_two_columns_of_one_name_is_refused(tmp_path, tokenizer):
     (tmp_path / "d.csv").write_text("query,query\nfirst ?,second ?\n")
     with pytest.raises(R.BadInput, match=r"several columns named \['query'\]"):
