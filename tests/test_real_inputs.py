@@ -249,6 +249,23 @@ def test_a_failed_final_save_says_how_to_get_the_model(tokenizer):
         R.save_policy(Unsaveable(), tokenizer, "/tmp/out", False, False)
 
 
+def test_a_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_earlier_ones(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    run = str(tmp_path / "run")
+    first = R.save_checkpoint(run, 1, model, optimizer, {"update": 1}, keep=2)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", full)
+    with pytest.raises(R.BadInput, match=r"cannot write the checkpoint .*update_000002 .*No space left.*--resume"):
+        R.save_checkpoint(run, 2, model, optimizer, {"update": 2}, keep=2)
+    assert R.find_checkpoint(run) == first  # the earlier checkpoint is intact, and --resume finds it
+
+
 def test_a_reward_model_with_its_own_tokenizer_reads_the_response_with_its_space(tokenizer, monkeypatch):
     """Decoded on its own, a response loses the space that joins it to its prompt ("TL;DR:a summary"); decoded after
     its prompt it keeps it, and the text is tokenised with the reward tokenizer's special tokens (reward.py's)."""
