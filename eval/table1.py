@@ -134,6 +134,7 @@ def time_method(out: str, method: str, seed: int, lr: float, updates: int = 8, w
     script, flags = method_flags(method, os.path.join(out, f"seed{seed}"), seed, lr, run_dir)
     flags += ["--total_episodes", str(updates * 32), "--eval_freq", "0", "--num_eval_prompts", "32"]
     shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)  # its log goes beside the run directory
     run(script, flags, run_dir + ".log")
     result = {"script": method, **summarize_run(read_metrics(os.path.join(run_dir, "metrics.jsonl")), warmup)}
     with open(done, "w") as f:

@@ -74,3 +74,27 @@ def test_cli_refuses_to_tune_on_a_reported_seed(capsys):
     assert "tune on a seed you do not report" in capsys.readouterr().err
     args = parse_args(["--seeds", "0", "--lrs", "3e-4", "--methods", "REBEL", "DPO"])  # one lr: nothing is tuned
     assert args.methods == ["DPO", "REBEL"]  # the table's order
+
+
+def test_timing_runs_in_a_fresh_output_folder(tmp_path, monkeypatch):
+    """The timing stage (Figure 2) on an --out where no timing run was made yet: its log's folder is created."""
+    import json
+    import os
+
+    import eval.table1 as table1
+
+    def fake_run(script, flags, log):  # what toy.demo.run does first, then a script's metrics
+        open(log, "w").close()
+        run_dir = flags[len(flags) - 1 - flags[::-1].index("--run_dir") + 1]
+        os.makedirs(run_dir)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            for update in range(1, 9):
+                f.write(
+                    json.dumps({"update": update, "time/update": 0.5, "time/total": 1.0, "memory/peak_gb": 1}) + "\n"
+                )
+        return 0.0
+
+    monkeypatch.setattr(table1, "run", fake_run)
+    result = table1.time_method(str(tmp_path), "REBEL", 1, 3e-4)
+    assert result["updates_measured"] == 6 and result["time/total"] == 1.0
+    assert table1.time_method(str(tmp_path), "REBEL", 1, 3e-4) == result  # done.json: not run again
