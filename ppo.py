@@ -203,7 +203,9 @@ class Args:
 def ppo_rollout(policy, ref_policy, critic, reward, queries, prompts, config, stop_ids: list, chunk_size: int, timer):
     """One response per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them),
     with what PPO needs per token. Returns query_responses (B, L), masks (B, T), the per-token log-probs under the
-    policy and the reference and the critic's values V(s_t) (B, T, 0 after EOS), the rewards (B,) and has_eos (B,)."""
+    policy and the reference and the critic's values V(s_t) (B, T, 0 after EOS; all 0 with critic None), the scores
+    (B,) and has_eos (B,). `with ref_policy() as ref` gives the SFT reference (load_trained_policy's); `config`,
+    sampling_config's."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
     for start in range(0, len(queries), chunk_size):
         query = queries[start : start + chunk_size]
@@ -220,7 +222,9 @@ def ppo_rollout(policy, ref_policy, critic, reward, queries, prompts, config, st
                 ref_logprob = response_logprobs(ref, query_response, ctx, temperature, pad_id) * mask
         # Response processing 3: V(s_t) before each response token, read at positions ctx - 1 .. L - 2.
         with timer("value"):
-            value = critic(query_response, pad_id)[:, ctx - 1 : -1].float() * mask
+            value = torch.zeros(mask.shape, device=mask.device)  # evaluation: no critic
+            if critic is not None:
+                value = critic(query_response, pad_id)[:, ctx - 1 : -1].float() * mask
         # Response processing 4: the reward, and whether the response ended (the penalty needs it).
         with timer("reward"):
             score = reward(query_response, ctx, prompts[start : start + chunk_size])
@@ -318,56 +322,6 @@ class PolicyAndValue(nn.Module):
         return logprobs, self.critic(query_responses, pad_id)[:, context_length - 1 : -1]
 
 
-def load_critic(path: str, dtype: torch.dtype, lora_config=None, init: str = "reward_model") -> ValueModel:
-    """The critic, initialised from the reward model at `path` (the official recipe), or (init `policy`) from the
-    policy at `path`: its backbone under a scalar head of zeros. With its own LoRA adapter on a frozen backbone, or
-    (lora_config None) fully fine-tuned. Its scalar head is always trained in fp32."""
-    if init == "policy":
-        backbone = load_policy(path, dtype).base_model  # the transformer without its LM head
-        head = nn.Linear(backbone.config.hidden_size, 1)
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-        critic = ValueModel(ScalarRewardModel(backbone, head))
-    else:
-        critic = ValueModel(load_reward_model(path, dtype))
-    critic.head.float()
-    if lora_config is not None:
-        from peft import get_peft_model
-
-        critic.backbone = get_peft_model(critic.backbone, lora_config)
-    return critic
-
-
-def shard_critic(critic: ValueModel, bf16: bool) -> ValueModel:
-    """FSDP2 for the critic: its backbone as shard() does the policy (every layer, then the backbone), then the critic
-    itself, a root that owns the scalar head. Rank 0's head everywhere, as shard() does for the trainable weights."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    shard(critic.backbone, bf16)
-    for param in critic.head.parameters():
-        dist.broadcast(param.data, src=0)
-    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    fully_shard(critic, mp_policy=mixed_precision)
-    return critic
-
-
-def save_critic(critic: ValueModel, path: str) -> None:
-    """Save the critic (LoRA merged) in the reward-model format of summarize_from_feedback_details, which
-    load_reward_model reads back: --reward_model_path <output_dir>/critic warm-starts the next run's critic."""
-    from safetensors.torch import save_file
-
-    backbone = critic.backbone
-    if hasattr(backbone, "merge_and_unload"):  # merged in a copy: the critic stays as it trained, as on the other ranks
-        backbone = copy.deepcopy(backbone).merge_and_unload()
-    state = {f"lm_backbone.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
-    state.update({f"scalar_head.{k}": v.contiguous() for k, v in critic.head.state_dict().items()})
-    os.makedirs(path, exist_ok=True)
-    save_file(state, os.path.join(path, "model.safetensors"))
-    config = dict(base_config=backbone.config.to_dict(), hidden_size=critic.head.in_features, bias=float(critic.bias))
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -421,32 +375,12 @@ def main(args: Args) -> None:
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
-    # The critic is a second network initialised from the reward model (or the policy, --critic_init): its own LoRA
-    # adapter, or fully fine-tuned in fp32. It reads the policy's tokens, so a reward model it starts from (needed with
-    # --reward_fn too) must share them.
-    from_policy = args.critic_init == "policy"
-    critic_dtype = dtype if critic_lora else torch.float32
-    new_critic = partial(
-        load_critic, args.sft_model_path if from_policy else args.reward_model_path, critic_dtype, init=args.critic_init
-    )
-    try:
-        critic = new_critic(new_lora() if critic_lora else None).to(device).eval()
-    except BadInput as e:
-        if from_policy:
-            raise
-        raise BadInput(
-            f"PPO's critic needs a model to start from: the reward model {args.reward_model_path} (--critic_init "
-            f"reward_model), which cannot be loaded: {e}. Give a --reward_model_path that loads, or pass --critic_init "
-            "policy to start it from the policy with a fresh value head"
-        ) from e
-    require(
-        from_policy
-        or same_tokenizer(load_reward_tokenizer(args.reward_tokenizer, args.reward_model_path, tokenizer), tokenizer),
-        f"ppo.py starts its critic from the reward model {args.reward_model_path}, which has another tokenizer or chat "
-        "template than the policy: the critic would read the policy's token ids in another vocabulary. Give a reward "
-        "model with the policy's tokenizer, or pass --critic_init policy (rebel.py and rloo.py score with any reward "
-        "model)",
-    )
+    # The critic V: a second network started from the reward model (needed with --reward_fn too), or from the policy
+    # with --critic_init policy; its own LoRA adapter, or fully fine-tuned in fp32.
+    critic_path = args.sft_model_path if args.critic_init == "policy" else args.reward_model_path
+    new_critic = partial(load_critic, critic_path, dtype if critic_lora else torch.float32, init=args.critic_init)
+    critic = new_critic(new_lora() if critic_lora else None, tokenizer=tokenizer, tokenizer_path=args.reward_tokenizer)
+    critic.to(device).eval()
     if args.gradient_checkpointing:
         checkpoint_layers(critic.backbone)
     policy = PolicyAndValue(raw_policy, critic)  # one DDP wrapper, one all-reduce for both networks
@@ -486,7 +420,7 @@ def main(args: Args) -> None:
     def sample_eval(queries, prompts):
         """One response per prompt at the evaluation temperature; its KL at that temperature too, as officially."""
         query_response, mask, logprob, ref_logprob, _, score, has_eos = ppo_rollout(
-            raw_policy, ref_policy, critic, reward, queries, prompts, eval_config, stop_ids, chunk, Timer(device)
+            raw_policy, ref_policy, None, reward, queries, prompts, eval_config, stop_ids, chunk, Timer(device)
         )
         return query_response, mask, (logprob - ref_logprob).sum(1), score, has_eos
 
@@ -497,7 +431,7 @@ def main(args: Args) -> None:
     )  # fmt: skip
 
     # The loop: rollout -> reward -> GAE -> clipped PPO epochs -> log -> checkpoint.
-    stop, dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
     if not checkpoint:
         run_evaluation(0)
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
@@ -525,7 +459,7 @@ def main(args: Args) -> None:
                 "the critic's values": values,
                 "responses": query_responses,
             },
-            dump,
+            nan_dump,
         )
         # 2. Reward: per token -kl_coef * (log pi_old(y_t) - log pi_ref(y_t)); at the last one the RM score (the fixed
         # penalty without EOS).
@@ -536,17 +470,22 @@ def main(args: Args) -> None:
         advantages = whiten(advantages, masks)
 
         # 3. PPO: noptepochs passes of the clipped objective and value loss, one optimizer step per minibatch.
-        minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(len(scores)).split(mini_batch_size)]
+        minibatches = [
+            mb for _ in range(args.noptepochs) for mb in torch.randperm(local_batch_size).split(mini_batch_size)
+        ]
         loss_stats, vf_stats, ppo_stats = [], [], []
         with timer("update"):
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
                     with no_sync(policy, sync=micro == grad_accum - 1), autocast():
+                        # PolicyAndValue: pi_theta's per-token log-probs and V(s_t), (b, T) each, in one forward.
                         new_logprobs, vpred = policy(query_responses[idx], context_length, args.temperature, pad)
-                        old = (logprobs[idx], advantages[idx], vpred.float(), values[idx], returns[idx], masks[idx])
-                        pg_loss, vf_loss, stats = ppo_losses(new_logprobs, *old, args.cliprange, args.cliprange_value)
+                        pg_loss, vf_loss, stats = ppo_losses(
+                            new_logprobs, logprobs[idx], advantages[idx], vpred.float(), values[idx], returns[idx],
+                            masks[idx], args.cliprange, args.cliprange_value,
+                        )  # fmt: skip
                         loss = pg_loss + args.vf_coef * vf_loss
-                    check_finite({"the PPO loss": loss.detach(), "new log-probs": new_logprobs.detach()}, dump)
+                    check_finite({"the PPO loss": loss.detach(), "new log-probs": new_logprobs.detach()}, nan_dump)
                     (loss / grad_accum).backward()
                     loss_stats.append(pg_loss.item())
                     vf_stats.append(vf_loss.item())
@@ -557,7 +496,7 @@ def main(args: Args) -> None:
                 optimizer.zero_grad(set_to_none=True)
 
         # 4. Log: metrics reduced over ranks, rank 0 writes; evaluate every --eval_freq updates.
-        n_micro = len(loss_stats) // args.noptepochs
+        per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
         stats = {
             "objective/scores": scores.mean().item(),
             "objective/kl": kl.sum(1).mean().item(),
@@ -566,8 +505,8 @@ def main(args: Args) -> None:
             "objective/response_length": masks.sum(-1).float().mean().item(),
             "objective/eos_rate": has_eos.float().mean().item(),
             "loss/policy": float(np.mean(loss_stats)),
-            "loss/policy_first_epoch": float(np.mean(loss_stats[:n_micro])),
-            "loss/policy_last_epoch": float(np.mean(loss_stats[-n_micro:])),
+            "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
+            "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
             "loss/value": float(np.mean(vf_stats)),
             "objective/advantage_mean": masked_mean(advantages, masks).item(),
             "objective/value_mean": masked_mean(values, masks).item(),
@@ -605,6 +544,73 @@ def main(args: Args) -> None:
         dist.destroy_process_group()
     if stop:
         sys.exit(128 + (signals or [signal.SIGTERM])[0])
+
+
+# ---------------------------------------------------------------------------------------------- the critic's plumbing
+
+
+def load_critic(path, dtype, lora_config=None, init="reward_model", tokenizer=None, tokenizer_path=None) -> ValueModel:
+    """The critic, initialised from the reward model at `path` (the official recipe), or (init `policy`) from the
+    policy at `path`: its backbone under a scalar head of zeros. With its own LoRA adapter on a frozen backbone, or
+    (lora_config None) fully fine-tuned. Its scalar head is always trained in fp32. It reads the policy's token ids:
+    given the policy's `tokenizer`, a reward model with another one (its own, or --reward_tokenizer's) is refused."""
+    if init == "policy":
+        backbone = load_policy(path, dtype).base_model  # the transformer without its LM head
+        head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        critic = ValueModel(ScalarRewardModel(backbone, head))
+    else:
+        try:
+            critic = ValueModel(load_reward_model(path, dtype))
+        except BadInput as e:
+            raise BadInput(
+                f"PPO's critic needs a model to start from: the reward model {path} (--critic_init reward_model), "
+                f"which cannot be loaded: {e}. Give a --reward_model_path that loads, or pass --critic_init policy to "
+                "start it from the policy with a fresh value head"
+            ) from e
+        require(
+            tokenizer is None or same_tokenizer(load_reward_tokenizer(tokenizer_path, path, tokenizer), tokenizer),
+            f"ppo.py starts its critic from the reward model {path}, which has another tokenizer or chat template than "
+            "the policy: the critic would read the policy's token ids in another vocabulary. Give a reward model with "
+            "the policy's tokenizer, or pass --critic_init policy (rebel.py and rloo.py score with any reward model)",
+        )
+    critic.head.float()
+    if lora_config is not None:
+        from peft import get_peft_model
+
+        critic.backbone = get_peft_model(critic.backbone, lora_config)
+    return critic
+
+
+def shard_critic(critic: ValueModel, bf16: bool) -> ValueModel:
+    """FSDP2 for the critic: its backbone as shard() does the policy (every layer, then the backbone), then the critic
+    itself, a root that owns the scalar head. Rank 0's head everywhere, as shard() does for the trainable weights."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    shard(critic.backbone, bf16)
+    for param in critic.head.parameters():
+        dist.broadcast(param.data, src=0)
+    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    fully_shard(critic, mp_policy=mixed_precision)
+    return critic
+
+
+def save_critic(critic: ValueModel, path: str) -> None:
+    """Save the critic (LoRA merged) in the reward-model format of summarize_from_feedback_details, which
+    load_reward_model reads back: --reward_model_path <output_dir>/critic warm-starts the next run's critic."""
+    from safetensors.torch import save_file
+
+    backbone = critic.backbone
+    if hasattr(backbone, "merge_and_unload"):  # merged in a copy: the critic stays as it trained, as on the other ranks
+        backbone = copy.deepcopy(backbone).merge_and_unload()
+    state = {f"lm_backbone.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
+    state.update({f"scalar_head.{k}": v.contiguous() for k, v in critic.head.state_dict().items()})
+    os.makedirs(path, exist_ok=True)
+    save_file(state, os.path.join(path, "model.safetensors"))
+    config = dict(base_config=backbone.config.to_dict(), hidden_size=critic.head.in_features, bias=float(critic.bias))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
@@ -690,7 +696,8 @@ def lock_run_dir(run_dir: str) -> None:
 
 def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
-    so that a bad one fails at start rather than after training."""
+    so that a bad one fails at start rather than after training. One created here and still empty at exit (a run that
+    failed to start) is removed."""
     if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise BadInput(
             f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
@@ -699,6 +706,8 @@ def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
         require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
         try:
+            if path and not os.path.exists(path):
+                atexit.register(lambda p=path: os.path.isdir(p) and not os.listdir(p) and os.rmdir(p))
             if path:  # no --output_dir: nothing is saved
                 os.makedirs(path, exist_ok=True)
                 open(os.path.join(path, ".write_test"), "w").close()
@@ -1026,6 +1035,8 @@ def load_reward(reward_fn: str | None, model_path: str, tokenizer_path: str | No
         return Reward(tokenizer, fn=load_function(reward_fn, "--reward_fn"))
     model = load_reward_model(model_path, dtype).to(device).eval().requires_grad_(False)
     reward_tokenizer = load_reward_tokenizer(tokenizer_path, model_path, tokenizer)
+    if reward_tokenizer is tokenizer:
+        print(f"the reward model {model_path} has no tokenizer: it reads the policy's tokens", file=sys.stderr)
     return Reward(tokenizer, model, None if same_tokenizer(reward_tokenizer, tokenizer) else reward_tokenizer)
 
 
@@ -1064,14 +1075,13 @@ def compare_pairs(fn, tokenizer, query_responses: torch.Tensor, context_length: 
 
 
 def load_reward_tokenizer(path: str | None, model_path: str, tokenizer):
-    """The reward model's tokenizer: `path`, else the one saved with the reward model, else the policy's (with a
-    note: summarize_from_feedback_details saves none)."""
+    """The reward model's tokenizer: `path`, else the one saved with the reward model, else the policy's, `tokenizer`
+    itself (summarize_from_feedback_details saves none)."""
     try:
         return load_tokenizer(path or model_path)
     except BadInput:
         if path:
             raise
-        print(f"the reward model {model_path} has no tokenizer: it reads the policy's tokens", file=sys.stderr)
         return tokenizer
 
 
@@ -1201,11 +1211,16 @@ def load_prompts(
     require(bool(ids), f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
-    references = []
+    references, cut = [], 0
     for value in dataset[reference_column] if reference_column else []:
         ref = tokenizer(last_turn(value).removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
+        cut += len(ref) >= response_length
         ref = ref[: response_length - 1] + [eos]
         references.append(ref + [pad] * (response_length - len(ref)))
+    if cut:
+        print(f"warning: {cut} responses in column '{reference_column}' of '{path}' ({split}) are longer than "
+              f"--response_length {response_length} with their EOS; each is cut to its first {response_length - 1} "
+              "tokens and an EOS", file=sys.stderr)  # fmt: skip
     dropped = len(long) if long_prompts == "filter" else 0
     return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
 
