@@ -189,6 +189,7 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------- the algorithm
+# dpo.py samples only to evaluate, with rebel.py's rollout (one response per prompt); the loss is dpo_loss, below.
 
 
 @torch.no_grad()
@@ -266,10 +267,12 @@ def main(args: Args) -> None:
         args.long_prompts, args.chat,
     )  # fmt: skip
     eval_idx = rank_share(min(args.num_eval_prompts or len(eval_data[0]), len(eval_data[0])), rank, world_size)
-    total_episodes = args.total_episodes or args.num_train_epochs * len(train_pairs)
+    batches = prompt_batches(len(train_pairs), args.batch_size, rank, world_size, args.seed)  # whole batches per epoch
+    total_episodes = (
+        args.total_episodes or args.num_train_epochs * (len(train_pairs) // args.batch_size) * args.batch_size
+    )
     num_updates = total_episodes // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
-    batches = prompt_batches(len(train_pairs), args.batch_size, rank, world_size, args.seed)
 
     # Models: the policy pi_theta (raw_policy is the model itself, which samples and is saved; `policy` is what the
     # gradient steps go through: DDP's wrapper, or the same model sharded by FSDP), its SFT reference, the reward.
@@ -303,7 +306,7 @@ def main(args: Args) -> None:
         print(f"dropped {dropped} preference pairs with a prompt longer than --query_length {args.query_length}")
     if master:
         print(
-            f"run {run_name}: {num_updates} updates of {args.batch_size} prompts, world size {world_size}, "
+            f"run {run_name}: {num_updates} updates of {args.batch_size} pairs, world size {world_size}, "
             f"{grad_accum} micro-batches per step; logs in {run_dir}"
             + (f"; resumed after update {start_update}" if checkpoint else "")
         )
@@ -323,7 +326,7 @@ def main(args: Args) -> None:
     )  # fmt: skip
 
     # The loop: a batch of preference pairs -> DPO loss against the SFT policy -> step -> log -> checkpoint.
-    stop, dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
     if not checkpoint:
         run_evaluation(0)
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
@@ -341,7 +344,8 @@ def main(args: Args) -> None:
         loss_stats, logprob_stats, ref_logprob_stats = [], [], []
         with timer("update"):
             for micro, idx in enumerate(torch.arange(local_batch_size).split(args.per_device_train_batch_size)):
-                # The pairs without the padding columns they all share (--pad_multiple): the log-probs stay the same.
+                # The pairs without the padding columns they all share (--pad_multiple): the log-probs stay the same,
+                # and context_length is this micro-batch's prompt width.
                 query_response, context_length = trim_padding(
                     query_responses[idx], args.query_length, pad, args.pad_multiple
                 )
@@ -351,7 +355,7 @@ def main(args: Args) -> None:
                 with no_sync(policy, sync=micro == grad_accum - 1), autocast():
                     logprobs = sequence_logprobs(policy, query_response, mask, context_length, 1.0, pad)  # (b, 2)
                     loss = dpo_loss(logprobs, ref_logprobs, args.beta)
-                check_finite({"the DPO loss": loss.detach(), "log-probs": logprobs.detach()}, dump)
+                check_finite({"the DPO loss": loss.detach(), "log-probs": logprobs.detach()}, nan_dump)
                 (loss / grad_accum).backward()
                 loss_stats.append(loss.item())
                 logprob_stats.append(logprobs.detach())
@@ -482,7 +486,8 @@ def lock_run_dir(run_dir: str) -> None:
 
 def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
-    so that a bad one fails at start rather than after training."""
+    so that a bad one fails at start rather than after training. One created here and still empty at exit (a run that
+    failed to start) is removed."""
     if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise BadInput(
             f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
@@ -491,6 +496,8 @@ def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
         require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
         try:
+            if path and not os.path.exists(path):
+                atexit.register(lambda p=path: os.path.isdir(p) and not os.listdir(p) and os.rmdir(p))
             if path:  # no --output_dir: nothing is saved
                 os.makedirs(path, exist_ok=True)
                 open(os.path.join(path, ".write_test"), "w").close()
@@ -818,6 +825,8 @@ def load_reward(reward_fn: str | None, model_path: str, tokenizer_path: str | No
         return Reward(tokenizer, fn=load_function(reward_fn, "--reward_fn"))
     model = load_reward_model(model_path, dtype).to(device).eval().requires_grad_(False)
     reward_tokenizer = load_reward_tokenizer(tokenizer_path, model_path, tokenizer)
+    if reward_tokenizer is tokenizer:
+        print(f"the reward model {model_path} has no tokenizer: it reads the policy's tokens", file=sys.stderr)
     return Reward(tokenizer, model, None if same_tokenizer(reward_tokenizer, tokenizer) else reward_tokenizer)
 
 
@@ -856,14 +865,13 @@ def compare_pairs(fn, tokenizer, query_responses: torch.Tensor, context_length: 
 
 
 def load_reward_tokenizer(path: str | None, model_path: str, tokenizer):
-    """The reward model's tokenizer: `path`, else the one saved with the reward model, else the policy's (with a
-    note: summarize_from_feedback_details saves none)."""
+    """The reward model's tokenizer: `path`, else the one saved with the reward model, else the policy's, `tokenizer`
+    itself (summarize_from_feedback_details saves none)."""
     try:
         return load_tokenizer(path or model_path)
     except BadInput:
         if path:
             raise
-        print(f"the reward model {model_path} has no tokenizer: it reads the policy's tokens", file=sys.stderr)
         return tokenizer
 
 
@@ -993,11 +1001,16 @@ def load_prompts(
     require(bool(ids), f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
-    references = []
+    references, cut = [], 0
     for value in dataset[reference_column] if reference_column else []:
         ref = tokenizer(last_turn(value).removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
+        cut += len(ref) >= response_length
         ref = ref[: response_length - 1] + [eos]
         references.append(ref + [pad] * (response_length - len(ref)))
+    if cut:
+        print(f"warning: {cut} responses in column '{reference_column}' of '{path}' ({split}) are longer than "
+              f"--response_length {response_length} with their EOS; each is cut to its first {response_length - 1} "
+              "tokens and an EOS", file=sys.stderr)  # fmt: skip
     dropped = len(long) if long_prompts == "filter" else 0
     return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
 

@@ -123,6 +123,19 @@ def test_pad_outside_the_embedding(toy, tmp_path):
     check_pair_reference_is_sft(g, str(tmp_path / "sft"))
 
 
+def test_each_epoch_is_the_whole_batches_of_the_pairs(toy, tmp_path):
+    """--num_train_epochs 2 over 12 pairs in batches of 8: each pass over the shuffled pairs yields one whole batch
+    (the remainder is dropped), so 2 updates, and not the 3 that 2 * 12 / 8 would start."""
+    import json
+
+    rows = [{"query": f"q {i} ?\n\nTL;DR:", "chosen": f"a {i}", "rejected": f"b {i} c"} for i in range(12)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    flags = [*toy.rl_flags, "--preference_dataset", str(tmp_path / "pairs.jsonl"), "--num_train_epochs", "2"]
+    del flags[flags.index("--total_episodes") : flags.index("--total_episodes") + 2]
+    g = run_in_process("dpo.py", [*flags, "--output_dir", "", "--run_dir", str(tmp_path / "run")])
+    assert g["num_updates"] == 2 and g["update"] == 2
+
+
 def test_help():
     out = run_script("dpo.py", "--help").stdout
     assert "--beta" in out and "--preference_dataset" in out and "--chosen_column" in out and "Eq. 7" in out
