@@ -378,7 +378,7 @@ def main(args: Args) -> None:
     )  # fmt: skip
 
     # The loop: rollout -> reward -> REBEL regression -> log -> checkpoint.
-    stop, dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
     if not checkpoint:
         run_evaluation(0)
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
@@ -407,7 +407,7 @@ def main(args: Args) -> None:
                 "the reference's log-probs": ref_logprobs,
                 "responses": query_responses,
             },
-            dump,
+            nan_dump,
         )
         # 2. Reward: r(x, y) = RM score (the fixed penalty without EOS) - kl_coef * (log pi_t(y|x) - log pi_ref(y|x));
         # with --preference_fn, the score is y's mean preference over its comparators y'' ~ pi_t (Appendix D.2).
@@ -440,7 +440,7 @@ def main(args: Args) -> None:
                         loss = rebel_loss(
                             new_logprobs, pair_logprobs[idx], pair_rewards[idx], args.eta, args.loss_scaling
                         )
-                    check_finite({"the REBEL loss": loss.detach(), "new log-probs": new_logprobs.detach()}, dump)
+                    check_finite({"the REBEL loss": loss.detach(), "new log-probs": new_logprobs.detach()}, nan_dump)
                     (loss / grad_accum).backward()
                     loss_stats.append(loss.item())
                     approxkl_stats.append(0.5 * (new_logprobs - pair_logprobs[idx]).pow(2).mean().item())
@@ -450,7 +450,7 @@ def main(args: Args) -> None:
                 optimizer.zero_grad(set_to_none=True)
 
         # 4. Log: metrics reduced over ranks, rank 0 writes; evaluate every --eval_freq updates.
-        n_micro = len(loss_stats) // args.noptepochs
+        per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
         own = slice(None) if given is None else [0, *range(2, scores.size(1))]  # pi_t's samples (y' is the dataset's)
         stats = {
             "objective/scores": scores[:, own].mean().item(),
@@ -460,8 +460,8 @@ def main(args: Args) -> None:
             "objective/response_length": masks[:, own].sum(-1).float().mean().item(),
             "objective/eos_rate": has_eos[:, own].float().mean().item(),
             "loss/policy": float(np.mean(loss_stats)),
-            "loss/policy_first_epoch": float(np.mean(loss_stats[:n_micro])),
-            "loss/policy_last_epoch": float(np.mean(loss_stats[-n_micro:])),
+            "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
+            "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
             "policy/approxkl": float(np.mean(approxkl_stats)),
         }
         if given is not None:  # y beats the dataset's y': P(y > y'), or score(y) > score(y') (ties half)
@@ -580,7 +580,8 @@ def lock_run_dir(run_dir: str) -> None:
 
 def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
-    so that a bad one fails at start rather than after training."""
+    so that a bad one fails at start rather than after training. One created here and still empty at exit (a run that
+    failed to start) is removed."""
     if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise BadInput(
             f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
@@ -589,6 +590,8 @@ def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
         require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
         try:
+            if path and not os.path.exists(path):
+                atexit.register(lambda p=path: os.path.isdir(p) and not os.listdir(p) and os.rmdir(p))
             if path:  # no --output_dir: nothing is saved
                 os.makedirs(path, exist_ok=True)
                 open(os.path.join(path, ".write_test"), "w").close()
@@ -916,6 +919,8 @@ def load_reward(reward_fn: str | None, model_path: str, tokenizer_path: str | No
         return Reward(tokenizer, fn=load_function(reward_fn, "--reward_fn"))
     model = load_reward_model(model_path, dtype).to(device).eval().requires_grad_(False)
     reward_tokenizer = load_reward_tokenizer(tokenizer_path, model_path, tokenizer)
+    if reward_tokenizer is tokenizer:
+        print(f"the reward model {model_path} has no tokenizer: it reads the policy's tokens", file=sys.stderr)
     return Reward(tokenizer, model, None if same_tokenizer(reward_tokenizer, tokenizer) else reward_tokenizer)
 
 
@@ -954,14 +959,13 @@ def compare_pairs(fn, tokenizer, query_responses: torch.Tensor, context_length: 
 
 
 def load_reward_tokenizer(path: str | None, model_path: str, tokenizer):
-    """The reward model's tokenizer: `path`, else the one saved with the reward model, else the policy's (with a
-    note: summarize_from_feedback_details saves none)."""
+    """The reward model's tokenizer: `path`, else the one saved with the reward model, else the policy's, `tokenizer`
+    itself (summarize_from_feedback_details saves none)."""
     try:
         return load_tokenizer(path or model_path)
     except BadInput:
         if path:
             raise
-        print(f"the reward model {model_path} has no tokenizer: it reads the policy's tokens", file=sys.stderr)
         return tokenizer
 
 
@@ -1091,11 +1095,16 @@ def load_prompts(
     require(bool(ids), f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
-    references = []
+    references, cut = [], 0
     for value in dataset[reference_column] if reference_column else []:
         ref = tokenizer(last_turn(value).removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
+        cut += len(ref) >= response_length
         ref = ref[: response_length - 1] + [eos]
         references.append(ref + [pad] * (response_length - len(ref)))
+    if cut:
+        print(f"warning: {cut} responses in column '{reference_column}' of '{path}' ({split}) are longer than "
+              f"--response_length {response_length} with their EOS; each is cut to its first {response_length - 1} "
+              "tokens and an EOS", file=sys.stderr)  # fmt: skip
     dropped = len(long) if long_prompts == "filter" else 0
     return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
 

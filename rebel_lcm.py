@@ -580,7 +580,8 @@ def lock_run_dir(run_dir: str) -> None:
 
 def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
-    so that a bad one fails at start rather than after training."""
+    so that a bad one fails at start rather than after training. One created here and still empty at exit (a run that
+    failed to start) is removed."""
     if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise BadInput(
             f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
@@ -589,6 +590,8 @@ def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
         require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
         try:
+            if path and not os.path.exists(path):
+                atexit.register(lambda p=path: os.path.isdir(p) and not os.listdir(p) and os.rmdir(p))
             if path:  # no --output_dir: nothing is saved
                 os.makedirs(path, exist_ok=True)
                 open(os.path.join(path, ".write_test"), "w").close()
@@ -901,7 +904,7 @@ if __name__ == "__main__":
             image = wandb.Image(grid.permute(1, 2, 0).numpy(), caption=caption)
             wandb.log({"eval/images": image, "eval/reward": rewards.mean().item()}, step=iteration)
 
-    stop, dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
     for iteration in range(start_update + 1, args.num_iterations + 1):
         t0 = time.time()
         # 1. Rollout: B prompts per rank; REBEL samples each twice with different noise (y, y').
@@ -915,7 +918,7 @@ if __name__ == "__main__":
 
         # 2. Score: rewards and prompts gathered from every rank for the per-prompt statistics.
         rewards = reward_fn(decode(vae, final, frozen_dtype)).float().to(device)  # (pairs*B,)
-        check_finite({"the rewards": rewards, "the sampler's log-probs": old_log_probs}, dump)
+        check_finite({"the rewards": rewards, "the sampler's log-probs": old_log_probs}, nan_dump)
         all_rewards = all_gather_cat(rewards, args.world_size)
         all_ids = all_gather_cat(prompt_ids.repeat(pairs).to(device), args.world_size)
         advantages = stat_tracker.update(all_ids.cpu().numpy(), all_rewards.cpu().numpy().astype(np.float64))
@@ -950,7 +953,9 @@ if __name__ == "__main__":
                 else:
                     loss, clipfrac = ppo_loss(log_probs, old_log_probs[rows], advantages[rows], args.clip_range)
                     info["clipfrac"].append(clipfrac.detach())
-                check_finite({f"the {args.algo} loss": loss.detach(), "the new log-probs": log_probs.detach()}, dump)
+                check_finite(
+                    {f"the {args.algo} loss": loss.detach(), "the new log-probs": log_probs.detach()}, nan_dump
+                )
                 (loss / accumulation).backward()
                 info["loss"].append(loss.detach())
                 if last_micro_step:

@@ -230,7 +230,7 @@ def main(args: Args) -> None:
         )
 
     # The loop: a batch of pairs -> scores -> Bradley-Terry loss -> step -> log -> checkpoint.
-    stop, dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
         timer = Timer(device)
         if device.type == "cuda":
@@ -249,7 +249,7 @@ def main(args: Args) -> None:
                 with no_sync(model, sync=micro == grad_accum - 1), autocast():
                     rewards = model(query_responses.flatten(0, 1), pad).float().view(-1, 2)  # (b, 2)
                     loss = bradley_terry_loss(rewards)
-                check_finite({"the reward model's scores": rewards.detach(), "pairs": query_responses}, dump)
+                check_finite({"the reward model's scores": rewards.detach(), "pairs": query_responses}, nan_dump)
                 (loss / grad_accum).backward()
                 loss_stats.append(loss.item())
                 accuracy_stats.append((rewards[:, 0] > rewards[:, 1]).float().mean().item())
@@ -403,7 +403,8 @@ def lock_run_dir(run_dir: str) -> None:
 
 def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
-    so that a bad one fails at start rather than after training."""
+    so that a bad one fails at start rather than after training. One created here and still empty at exit (a run that
+    failed to start) is removed."""
     if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise BadInput(
             f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
@@ -412,6 +413,8 @@ def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
         require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
         try:
+            if path and not os.path.exists(path):
+                atexit.register(lambda p=path: os.path.isdir(p) and not os.listdir(p) and os.rmdir(p))
             if path:  # no --output_dir: nothing is saved
                 os.makedirs(path, exist_ok=True)
                 open(os.path.join(path, ".write_test"), "w").close()
@@ -636,11 +639,16 @@ def load_prompts(
     require(bool(ids), f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
-    references = []
+    references, cut = [], 0
     for value in dataset[reference_column] if reference_column else []:
         ref = tokenizer(last_turn(value).removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
+        cut += len(ref) >= response_length
         ref = ref[: response_length - 1] + [eos]
         references.append(ref + [pad] * (response_length - len(ref)))
+    if cut:
+        print(f"warning: {cut} responses in column '{reference_column}' of '{path}' ({split}) are longer than "
+              f"--response_length {response_length} with their EOS; each is cut to its first {response_length - 1} "
+              "tokens and an EOS", file=sys.stderr)  # fmt: skip
     dropped = len(long) if long_prompts == "filter" else 0
     return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
 

@@ -104,6 +104,31 @@ def test_pairs_without_a_preference(tmp_path, tokenizer, capsys):
     assert len(pairs) == 4 and "3 of 4 pairs" in capsys.readouterr().out
 
 
+def test_a_response_longer_than_response_length_is_cut_with_a_warning(tmp_path, tokenizer, capsys):
+    """A chosen response over --response_length tokens (EOS included) is cut and given an EOS: dpo.py and sft.py then
+    teach the model to stop there, so the count of such responses is said, by column."""
+    rows = [{"query": "q ?", "chosen": "a " * 30, "rejected": "b c"}, {"query": "r ?", "chosen": "a", "rejected": "d"}]
+    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pairs, _ = R.load_preferences(str(tmp_path / "long.jsonl"), "train", "query", "chosen", "rejected", tokenizer,
+                                  (64, 24), "filter", False)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "warning: 1 responses in column 'chosen'" in err and "cut to its first 23 tokens and an EOS" in err, err
+    assert "column 'rejected'" not in err
+    assert (pairs[0, 0, 64:] == tokenizer.eos_token_id).sum() == 1 and pairs[0, 0, -1] == tokenizer.eos_token_id
+
+
+def test_a_run_that_fails_to_start_leaves_no_empty_folder(toy, tmp_path):
+    """The run and output folders a new run creates are removed at exit when nothing was written to them; a folder
+    that existed before is kept."""
+    (tmp_path / "mine").mkdir()
+    for run_dir in ("new_run", "mine"):
+        flags = [*toy.rl_flags, "--sft_model_path", str(tmp_path / "gone"), "--run_dir", str(tmp_path / run_dir)]
+        out = run_script("rebel.py", *flags, "--output_dir", str(tmp_path / "new_out"), check=False)
+        assert out.returncode == 1 and "no such directory" in out.stdout and "Traceback" not in out.stdout, out.stdout
+        assert not (tmp_path / "new_run").exists() and not (tmp_path / "new_out").exists()
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_fewer_evaluation_prompts_than_processes():
     assert R.rank_share(5, 1, 2) == [1, 3]
     with pytest.raises(R.BadInput, match="1 evaluation examples cannot be shared by 2 processes"):
@@ -120,7 +145,13 @@ def test_a_reward_model_saved_without_tokenizer_reads_the_policys(toy, tmp_path,
 
     AutoModelForSequenceClassification.from_pretrained(toy.rm).save_pretrained(tmp_path / "rm")
     assert R.load_reward_tokenizer(None, str(tmp_path / "rm"), tokenizer) is tokenizer
+    reward = R.load_reward(None, str(tmp_path / "rm"), None, tokenizer, torch.float32, torch.device("cpu"))
+    assert reward.model_tokenizer is None  # it reads the policy's token ids as they are
     assert "has no tokenizer: it reads the policy's tokens" in capsys.readouterr().err
+    # ppo.py's critic starts from that reward model too: the note is said once.
+    flags = [*toy.rl_flags, "--reward_model_path", str(tmp_path / "rm"), "--total_episodes", "8"]
+    run_in_process("ppo.py", [*flags, "--output_dir", "", "--run_dir", str(tmp_path / "run")])
+    assert capsys.readouterr().err.count("has no tokenizer") == 1
     with pytest.raises(R.BadInput, match="holds no tokenizer"):
         R.load_tokenizer(str(tmp_path / "rm"))
 
