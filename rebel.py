@@ -2,14 +2,13 @@
 
 Algorithm 1: for every prompt x sample a response y from the current policy pi_t and y' from a base distribution mu
 (pi_t, as in the paper's experiments, or with --mu dataset the dataset's response), score them with a reward model
-minus a KL penalty to the SFT policy (--preference_fn: a response's score is its mean 2 P(y > y'') - 1 against other
-samples y'', Appendix D.2), and regress the difference of log-ratios onto the difference of rewards (Equation 1):
+(--preference_fn: a response's score is its mean 2 P(y > y'') - 1 against other samples y'', Appendix D.2) minus a KL
+penalty to the SFT policy, and regress the difference of log-ratios onto the difference of rewards (Equation 1):
 
-    min_theta  mean_x ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
+  min_theta mean_{x,y,y'} (1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')])^2
 
-The file reads top to bottom: the flags (Args), the algorithm, the loop (main), then an appendix of plumbing that is
-the same in every script of the project (loading, data, sampling, evaluation, logs, checkpoints). docs/rebel.md
-explains each choice and every logged metric.
+The file reads top to bottom: the flags (Args), the algorithm, the loop (main), then an appendix of the plumbing that
+every script shares (loading, data, sampling, evaluation, logs, checkpoints). docs/rebel.md explains every metric.
 
     python rebel.py --eta 1.0                               # one process
     torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the paper's 2.8B TL;DR run
@@ -47,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 class Args:
     # REBEL
     eta: float = 1.0
-    """eta of Equation (1): the inverse strength of the KL constraint to pi_t"""
+    """eta of Equation (1): the inverse strength of the KL constraint to pi_t (Algorithm 1's learning rate)"""
     kl_coef: float = 0.05
     """coefficient of the KL penalty to the SFT policy inside the reward"""
     loss_scaling: Literal["paper", "official"] = "paper"
@@ -203,8 +202,9 @@ class Args:
 def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_ids, chunk_size: int, timer, given=None):
     """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them; no
     reward: scores 0); given (B, T): one more, put second so that the pair (0, 1) is (y, y'): m = n + 1 responses.
-    Returns query_responses (B, m, L), masks (B, m, T), the summed log-probs under the policy and the reference
-    (B, m), the rewards (B, m) and has_eos (B, m): whether the response ended with a stop token."""
+    `with ref_policy() as ref` is the SFT reference (load_trained_policy). Returns query_responses (B, m, L), masks
+    (B, m, T), the summed log-probs under the policy and the reference (B, m), the reward model's scores (B, m) and
+    has_eos (B, m): whether the response ended with a stop token."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
     for start in range(0, len(queries), chunk_size):
         query = queries[start : start + chunk_size]
@@ -218,15 +218,15 @@ def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_i
         query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
         mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
         # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
-        trimmed = trim_responses(query_response, mask, ctx)  # responses that stopped early leave padding columns
+        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # without the columns that all padding
         with timer("logprob"):
-            logprob = sequence_logprobs(policy, *trimmed, ctx, temperature, pad_id)
+            logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
             with ref_policy() as ref:
-                ref_logprob = sequence_logprobs(ref, *trimmed, ctx, temperature, pad_id)
+                ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
         # Response processing 3: the reward, and whether the response ended (the penalty needs it).
         with timer("reward"):
             chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(m)]
-            score = reward(trimmed[0].flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
+            score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
             score = score.view_as(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
         out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
@@ -265,9 +265,10 @@ def preference_rewards(wins: torch.Tensor, against: torch.Tensor) -> torch.Tenso
 
 
 def comparators(k: int) -> torch.Tensor:
-    """The y'' of each response (m, m): for k >= 3 samples, the other k - 1 (SPO's win rate; a pair's own comparison
-    then enters both its rewards: docs/rebel.md); for k = 2, a third sample alone (D.2's one-sample variant: l(y, y'') -
-    l(y', y'') estimates l(y, pi_t) - l(y', pi_t) without bias), itself compared with both and never trained on."""
+    """The y'' of each response: (m, m), row i marks the y_j that y_i is compared with. For k >= 3 samples, the other
+    k - 1 (SPO's win rate; a pair's own comparison then enters both its rewards: docs/rebel.md); for k = 2, a third
+    sample alone (D.2's one-sample variant: l(y, y'') - l(y', y'') estimates l(y, pi_t) - l(y', pi_t) without bias),
+    itself compared with both and never trained on."""
     return ~torch.eye(k, dtype=torch.bool) if k > 2 else torch.tensor([[0, 0, 1], [0, 0, 1], [1, 1, 0]]).bool()
 
 
@@ -282,9 +283,7 @@ def main(args: Args) -> None:
         f"--pairing adjacent pairs responses two by two: --num_samples must be even, not {args.num_samples}",
     )
     require((args.mu == "dataset") == bool(args.mu_column), "--mu dataset and --mu_column NAME go together")
-    require(
-        args.mu == "policy" or args.num_samples == 2, "--mu dataset pairs one sample with y': --num_samples must be 2"
-    )
+    require(args.mu == "policy" or args.num_samples == 2, "--mu dataset pairs y with its y': --num_samples must be 2")
     check_flags(asdict(args))
     from tqdm import tqdm
 
@@ -333,8 +332,10 @@ def main(args: Args) -> None:
         checkpoint_layers(raw_policy)
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
-    # Responses generated per prompt: --mu dataset's y' is not; --preference_fn with 2 samples adds the comparator y''.
+    # A prompt's responses, by column: y_1 .. y_k ~ pi_t (--mu policy); or y ~ pi_t, then the dataset's y' (--mu
+    # dataset); with --preference_fn and k = 2, then a comparator y'' ~ pi_t, in no pair. `own`: pi_t's samples.
     num_sampled = args.num_samples - (args.mu == "dataset") + (args.num_samples == 2 and preference is not None)
+    own = slice(None) if args.mu == "policy" else [0, *range(2, num_sampled + 1)]
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
     chunk, static_cache = args.local_rollout_forward_batch_size, args.static_cache and not args.fsdp  # compile: no FSDP
@@ -451,7 +452,6 @@ def main(args: Args) -> None:
 
         # 4. Log: metrics reduced over ranks, rank 0 writes; evaluate every --eval_freq updates.
         per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
-        own = slice(None) if given is None else [0, *range(2, scores.size(1))]  # pi_t's samples (y' is the dataset's)
         stats = {
             "objective/scores": scores[:, own].mean().item(),
             "objective/kl": kl[:, own].mean().item(),
@@ -580,8 +580,8 @@ def lock_run_dir(run_dir: str) -> None:
 
 def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
-    so that a bad one fails at start rather than after training. One created here and still empty at exit (a run that
-    failed to start) is removed."""
+    so that a bad one fails at start rather than after training. The folders made here that are still empty at exit
+    (a run that failed to start) are removed."""
     if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise BadInput(
             f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
@@ -589,9 +589,12 @@ def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
 
     for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
         require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
+        made = [path] if path and not os.path.exists(path) else []  # the folders makedirs makes, deepest first
+        while made and not os.path.exists(os.path.dirname(made[-1]) or "."):
+            made.append(os.path.dirname(made[-1]))
+        for folder in reversed(made):  # atexit runs the last registered first: the deepest goes first
+            atexit.register(lambda f=folder: os.path.isdir(f) and not os.listdir(f) and os.rmdir(f))
         try:
-            if path and not os.path.exists(path):
-                atexit.register(lambda p=path: os.path.isdir(p) and not os.listdir(p) and os.rmdir(p))
             if path:  # no --output_dir: nothing is saved
                 os.makedirs(path, exist_ok=True)
                 open(os.path.join(path, ".write_test"), "w").close()
@@ -1249,7 +1252,7 @@ def truncate_response(responses: torch.Tensor, stop_ids: list[int], pad_id: int)
 
 
 def response_mask(responses: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """True up to and including the first EOS (everything when there is none)."""
+    """True before the first pad: after truncate_response, up to and including the first stop token (or all)."""
     lengths = first_true_indices(responses == pad_id)  # tokens kept
     return torch.arange(responses.size(1), device=responses.device)[None] < lengths[:, None]
 

@@ -580,8 +580,8 @@ def lock_run_dir(run_dir: str) -> None:
 
 def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
-    so that a bad one fails at start rather than after training. One created here and still empty at exit (a run that
-    failed to start) is removed."""
+    so that a bad one fails at start rather than after training. The folders made here that are still empty at exit
+    (a run that failed to start) are removed."""
     if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise BadInput(
             f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
@@ -589,9 +589,12 @@ def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
 
     for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
         require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
+        made = [path] if path and not os.path.exists(path) else []  # the folders makedirs makes, deepest first
+        while made and not os.path.exists(os.path.dirname(made[-1]) or "."):
+            made.append(os.path.dirname(made[-1]))
+        for folder in reversed(made):  # atexit runs the last registered first: the deepest goes first
+            atexit.register(lambda f=folder: os.path.isdir(f) and not os.listdir(f) and os.rmdir(f))
         try:
-            if path and not os.path.exists(path):
-                atexit.register(lambda p=path: os.path.isdir(p) and not os.listdir(p) and os.rmdir(p))
             if path:  # no --output_dir: nothing is saved
                 os.makedirs(path, exist_ok=True)
                 open(os.path.join(path, ".write_test"), "w").close()

@@ -8,9 +8,8 @@ to the SFT policy, and take a REINFORCE step with the mean reward of the other k
 REBEL's update direction grad ln pi(y|x) (r(x, y) - r(x, y')) is RLOO's with k = 2 (Section 3.2); REBEL regresses onto
 it instead of taking one gradient step. `--reinforce`: plain REINFORCE (Williams, 1992), one sample per prompt, A = r.
 
-The file reads top to bottom: the flags (Args), the algorithm, the loop (main), then an appendix of plumbing that is
-the same in every script of the project (loading, data, sampling, evaluation, logs, checkpoints). docs/rebel.md
-explains each choice and every logged metric.
+The file reads top to bottom: the flags (Args), the algorithm, the loop (main), then an appendix of the plumbing that
+every script shares (loading, data, sampling, evaluation, logs, checkpoints). docs/rebel.md explains every metric.
 
     python rloo.py --rloo_k 2                               # one process
     torchrun --nproc_per_node 8 rloo.py --rloo_k 4          # the paper's RLOO (k = 4) TL;DR run
@@ -192,8 +191,9 @@ class Args:
 def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_ids, chunk_size: int, timer, given=None):
     """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them; no
     reward: scores 0); given (B, T): one more, put second so that the pair (0, 1) is (y, y'): m = n + 1 responses.
-    Returns query_responses (B, m, L), masks (B, m, T), the summed log-probs under the policy and the reference
-    (B, m), the rewards (B, m) and has_eos (B, m): whether the response ended with a stop token."""
+    `with ref_policy() as ref` is the SFT reference (load_trained_policy). Returns query_responses (B, m, L), masks
+    (B, m, T), the summed log-probs under the policy and the reference (B, m), the reward model's scores (B, m) and
+    has_eos (B, m): whether the response ended with a stop token."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
     for start in range(0, len(queries), chunk_size):
         query = queries[start : start + chunk_size]
@@ -207,15 +207,15 @@ def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_i
         query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
         mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
         # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
-        trimmed = trim_responses(query_response, mask, ctx)  # responses that stopped early leave padding columns
+        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # without the columns that all padding
         with timer("logprob"):
-            logprob = sequence_logprobs(policy, *trimmed, ctx, temperature, pad_id)
+            logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
             with ref_policy() as ref:
-                ref_logprob = sequence_logprobs(ref, *trimmed, ctx, temperature, pad_id)
+                ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
         # Response processing 3: the reward, and whether the response ended (the penalty needs it).
         with timer("reward"):
             chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(m)]
-            score = reward(trimmed[0].flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
+            score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
             score = score.view_as(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
         out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
@@ -513,8 +513,8 @@ def lock_run_dir(run_dir: str) -> None:
 
 def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
     """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
-    so that a bad one fails at start rather than after training. One created here and still empty at exit (a run that
-    failed to start) is removed."""
+    so that a bad one fails at start rather than after training. The folders made here that are still empty at exit
+    (a run that failed to start) are removed."""
     if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise BadInput(
             f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
@@ -522,9 +522,12 @@ def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
 
     for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
         require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
+        made = [path] if path and not os.path.exists(path) else []  # the folders makedirs makes, deepest first
+        while made and not os.path.exists(os.path.dirname(made[-1]) or "."):
+            made.append(os.path.dirname(made[-1]))
+        for folder in reversed(made):  # atexit runs the last registered first: the deepest goes first
+            atexit.register(lambda f=folder: os.path.isdir(f) and not os.listdir(f) and os.rmdir(f))
         try:
-            if path and not os.path.exists(path):
-                atexit.register(lambda p=path: os.path.isdir(p) and not os.listdir(p) and os.rmdir(p))
             if path:  # no --output_dir: nothing is saved
                 os.makedirs(path, exist_ok=True)
                 open(os.path.join(path, ".write_test"), "w").close()
@@ -1182,7 +1185,7 @@ def truncate_response(responses: torch.Tensor, stop_ids: list[int], pad_id: int)
 
 
 def response_mask(responses: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """True up to and including the first EOS (everything when there is none)."""
+    """True before the first pad: after truncate_response, up to and including the first stop token (or all)."""
     lengths = first_true_indices(responses == pad_id)  # tokens kept
     return torch.arange(responses.size(1), device=responses.device)[None] < lengths[:, None]
 

@@ -118,15 +118,14 @@ def test_a_response_longer_than_response_length_is_cut_with_a_warning(tmp_path, 
 
 
 def test_a_run_that_fails_to_start_leaves_no_empty_folder(toy, tmp_path):
-    """The run and output folders a new run creates are removed at exit when nothing was written to them; a folder
-    that existed before is kept."""
+    """The run and output folders a new run creates (their parents too) are removed at exit when nothing was written
+    to them; a folder that existed before is kept."""
     (tmp_path / "mine").mkdir()
-    for run_dir in ("new_run", "mine"):
+    for run_dir in ("new/run", "mine", "mine/run"):
         flags = [*toy.rl_flags, "--sft_model_path", str(tmp_path / "gone"), "--run_dir", str(tmp_path / run_dir)]
-        out = run_script("rebel.py", *flags, "--output_dir", str(tmp_path / "new_out"), check=False)
+        out = run_script("rebel.py", *flags, "--output_dir", str(tmp_path / "out/policy"), check=False)
         assert out.returncode == 1 and "no such directory" in out.stdout and "Traceback" not in out.stdout, out.stdout
-        assert not (tmp_path / "new_run").exists() and not (tmp_path / "new_out").exists()
-    assert (tmp_path / "mine").is_dir()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not list((tmp_path / "mine").iterdir())
 
 
 def test_fewer_evaluation_prompts_than_processes():
