@@ -195,10 +195,10 @@ class Args:
 @torch.no_grad()
 def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_ids, chunk_size: int, timer, given=None):
     """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them; no
-    reward: scores 0); given (B, T): one more, put second so that the pair (0, 1) is (y, y'): m = n + 1 responses.
-    `with ref_policy() as ref` is the SFT reference (load_trained_policy). Returns query_responses (B, m, L), masks
-    (B, m, T), the summed log-probs under the policy and the reference (B, m), the reward model's scores (B, m) and
-    has_eos (B, m): whether the response ended with a stop token."""
+    reward: scores 0), and `given` (B, T; rebel.py's --mu dataset) put second, as y': m = n (+ 1) responses of T tokens.
+    `with ref_policy() as ref` is the SFT reference (load_trained_policy). Returns query_responses (B, m, L = ctx + T),
+    masks (B, m, T), the summed log-probs under the policy and the reference (B, m), the reward model's scores (B, m)
+    and has_eos (B, m): whether the response ended with a stop token."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
     for start in range(0, len(queries), chunk_size):
         query = queries[start : start + chunk_size]

@@ -2,7 +2,8 @@
 
 Exactly REBEL's loop (two responses y, y' per prompt from pi_t, reward = RM score minus a KL penalty to the SFT
 policy), but only the *sign* of the reward difference is used: the pair is labelled by sgn(r(x, y) - r(x, y')) and
-the DPO loss is minimised with pi_t, the policy that sampled the batch, as the reference (Equation 20):
+the DPO loss is minimised with pi_t, the policy that sampled the batch, as the reference (Equation 20; Guo et al.
+keep the SFT policy as DPO's reference, and here the SFT policy is only in the reward's KL term):
 
     -ln sigmoid( sgn(r(x, y) - r(x, y')) * beta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] )
 
@@ -49,7 +50,7 @@ class Args:
     kl_coef: float = 0.05
     """coefficient of the KL penalty to the SFT policy inside the reward (which only decides the labels)"""
     noptepochs: int = 4
-    """passes over each batch of pairs"""
+    """passes over each batch of pairs (the paper's "num epochs", Appendix I.1.4)"""
     num_mini_batches: int = 1
     """optimizer steps per pass (each over batch_size / num_mini_batches pairs)"""
 
@@ -186,10 +187,10 @@ class Args:
 @torch.no_grad()
 def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_ids, chunk_size: int, timer, given=None):
     """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them; no
-    reward: scores 0); given (B, T): one more, put second so that the pair (0, 1) is (y, y'): m = n + 1 responses.
-    `with ref_policy() as ref` is the SFT reference (load_trained_policy). Returns query_responses (B, m, L), masks
-    (B, m, T), the summed log-probs under the policy and the reference (B, m), the reward model's scores (B, m) and
-    has_eos (B, m): whether the response ended with a stop token."""
+    reward: scores 0), and `given` (B, T; rebel.py's --mu dataset) put second, as y': m = n (+ 1) responses of T tokens.
+    `with ref_policy() as ref` is the SFT reference (load_trained_policy). Returns query_responses (B, m, L = ctx + T),
+    masks (B, m, T), the summed log-probs under the policy and the reference (B, m), the reward model's scores (B, m)
+    and has_eos (B, m): whether the response ended with a stop token."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
     for start in range(0, len(queries), chunk_size):
         query = queries[start : start + chunk_size]
@@ -224,8 +225,8 @@ def iterative_dpo_loss(logprobs, old_logprobs, rewards, beta: float) -> torch.Te
     mean_x -ln sigmoid( sgn(r(x, y) - r(x, y')) * beta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] )
 
     A tie (r = r', e.g. two identical responses) carries no preference: sgn = 0 makes its term the constant ln 2 with
-    zero gradient, and we mask it to 0 so that the logged loss is that of the labelled pairs (the mean still divides
-    by all B pairs, so ties do not change the gradient's scale).
+    zero gradient, and we mask it to 0 (the mean still divides by all B pairs: ties add no loss and no gradient, and
+    do not change the scale of the labelled pairs' gradients).
     """
     log_ratio = logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
     sign = torch.sign(rewards[:, 0] - rewards[:, 1])  # (B,) +1: y preferred, -1: y' preferred, 0: tie
@@ -343,7 +344,7 @@ def main(args: Args) -> None:
             query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout(
                 raw_policy, ref_policy, reward, queries, [train_prompts[i] for i in batch], 2, config,
                 stop_ids, chunk, timer,
-            )  # (B, k = 2, ...)  # fmt: skip
+            )  # (B, 2, ...): y, y'  # fmt: skip
         check_finite(
             {
                 "--reward_fn's scores" if args.reward_fn else "the reward model's scores": scores,
@@ -354,9 +355,9 @@ def main(args: Args) -> None:
             nan_dump,
         )
         # 2. Reward: r(x, y) = RM score (the fixed penalty without EOS) - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)).
-        scores = torch.where(has_eos, scores, args.penalty_reward_value)  # (B, k)
-        kl = logprobs - ref_logprobs  # (B, k)
-        rewards = scores - args.kl_coef * kl  # (B, k)
+        scores = torch.where(has_eos, scores, args.penalty_reward_value)  # (B, 2)
+        kl = logprobs - ref_logprobs  # (B, 2)
+        rewards = scores - args.kl_coef * kl  # (B, 2)
 
         # 3. DPO on the labelled pairs (Equation 20): noptepochs passes, one optimizer step per minibatch.
         num_pairs = len(rewards)  # one pair per prompt

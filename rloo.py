@@ -49,7 +49,8 @@ class Args:
     rloo_k: int = 2
     """k: responses sampled per prompt (the paper runs 2 and 4); each one's baseline is the mean reward of the others"""
     reinforce: bool = False
-    """plain REINFORCE instead: one response per prompt and no baseline (advantage = reward); --rloo_k is ignored"""
+    """plain REINFORCE (Williams, 1992) instead: one response per prompt, no baseline (advantage = reward; Ahmadian et
+    al.'s REINFORCE subtracts a moving average); --rloo_k is ignored"""
     kl_coef: float = 0.05
     """coefficient of the KL penalty to the SFT policy inside the reward"""
     noptepochs: int = 1
@@ -190,10 +191,10 @@ class Args:
 @torch.no_grad()
 def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_ids, chunk_size: int, timer, given=None):
     """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them; no
-    reward: scores 0); given (B, T): one more, put second so that the pair (0, 1) is (y, y'): m = n + 1 responses.
-    `with ref_policy() as ref` is the SFT reference (load_trained_policy). Returns query_responses (B, m, L), masks
-    (B, m, T), the summed log-probs under the policy and the reference (B, m), the reward model's scores (B, m) and
-    has_eos (B, m): whether the response ended with a stop token."""
+    reward: scores 0), and `given` (B, T; rebel.py's --mu dataset) put second, as y': m = n (+ 1) responses of T tokens.
+    `with ref_policy() as ref` is the SFT reference (load_trained_policy). Returns query_responses (B, m, L = ctx + T),
+    masks (B, m, T), the summed log-probs under the policy and the reference (B, m), the reward model's scores (B, m)
+    and has_eos (B, m): whether the response ended with a stop token."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
     for start in range(0, len(queries), chunk_size):
         query = queries[start : start + chunk_size]
@@ -368,7 +369,7 @@ def main(args: Args) -> None:
         advantages = rloo_advantages(rewards, args.reinforce)  # (B, k)
 
         # 3. Policy gradient: noptepochs passes, a prompt's k responses kept together, one optimizer step per minibatch.
-        num_prompts = len(advantages)  # a prompt's k responses stay together
+        num_prompts = len(advantages)
         minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(num_prompts).split(mini_batch_size)]
         loss_stats, approxkl_stats = [], []
         with timer("update"):
