@@ -253,7 +253,8 @@ def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
     B, k = scores.shape
     if rule == "adjacent":
         return torch.arange(k - k % 2, device=scores.device).view(1, -1, 2).expand(B, -1, -1)
-    return torch.stack((scores.argmax(1), scores.argmin(1)), 1).unsqueeze(1)  # (B, 1, 2)
+    best = scores.argmax(1)  # (B,); the worst is another response even when all tie (e.g. none ended: the penalty)
+    return torch.stack((best, scores.scatter(1, best[:, None], float("inf")).argmin(1)), 1).unsqueeze(1)  # (B, 1, 2)
 
 
 def preference_rewards(wins: torch.Tensor, against: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,10 @@ def test_pairs_adjacent_and_best_worst_by_hand():
     scores = torch.tensor([[0.1, 0.9, -0.5, 0.3], [2.0, 1.0, 3.0, -1.0]])
     assert rebel.pair_up(scores, "adjacent").tolist() == [[[0, 1], [2, 3]], [[0, 1], [2, 3]]]
     assert rebel.pair_up(scores, "best_worst").tolist() == [[[1, 2]], [[2, 3]]]  # (best, worst) of each prompt
+    # All tied (every response without EOS gets the same penalty): still two distinct responses, whose rewards then
+    # differ by their KL terms; a response paired with itself would regress 0 onto 0.
+    tied = torch.tensor([[-1.0, -1.0, -1.0], [0.5, 2.0, 2.0]])
+    assert [sorted(set(p)) == sorted(p) for (p,) in rebel.pair_up(tied, "best_worst").tolist()] == [True, True]
 
 
 def test_prompts_as_messages():
