@@ -964,9 +964,10 @@ def load_prompts(
     path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
 ):
     """The dataset rows, the prompts as the dataset gives them (text, or a list of chat messages), the same left-padded
-    to query_length in tokens, the reference responses (EOS appended) right-padded to response_length (None without
-    reference_column), and how many prompts were dropped for being too long. Conversations, and text prompts with
-    `chat`, are rendered with the tokenizer's chat template, ready for the assistant's answer."""
+    to query_length in tokens, the reference responses right-padded to response_length, ending as the policy ends its
+    own (response_ids; None without reference_column), and how many prompts were dropped for being too long.
+    Conversations, and text prompts with `chat`, are rendered with the tokenizer's chat template, ready for the
+    assistant's answer."""
     from datasets import load_dataset, load_from_disk
 
     looks_local = path.startswith(("/", ".", "~")) or path.endswith((".jsonl", ".json", ".csv", ".parquet"))
@@ -1030,20 +1031,42 @@ def load_prompts(
         print(f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
               "keeping their last tokens (--long_prompts filter drops them)", file=sys.stderr)  # fmt: skip
     require(bool(ids), f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
     queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
     references, cut = [], 0
-    for value in dataset[reference_column] if reference_column else []:
-        ref = tokenizer(last_turn(value).removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids
-        cut += len(ref) >= response_length
-        ref = ref[: response_length - 1] + [eos]
+    for row, (value, prompt) in enumerate(zip(dataset[reference_column] if reference_column else [], prompts)):
+        where = f"'{path}' ({split}), column '{reference_column}', row {row}"
+        ref = response_ids(last_turn(value), prompt, tokenizer, where)
+        cut += len(ref) > response_length
+        ref = ref[: response_length - 1] + ref[-1:] if len(ref) > response_length else ref  # still ends as it ended
         references.append(ref + [pad] * (response_length - len(ref)))
     if cut:
         print(f"warning: {cut} responses in column '{reference_column}' of '{path}' ({split}) are longer than "
               f"--response_length {response_length} with their EOS; each is cut to its first {response_length - 1} "
-              "tokens and an EOS", file=sys.stderr)  # fmt: skip
+              "tokens and an EOS (an answer after a chat prompt: its end of turn)", file=sys.stderr)  # fmt: skip
     dropped = len(long) if long_prompts == "filter" else 0
     return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
+
+
+def response_ids(answer: str, prompt, tokenizer, where: str) -> list[int]:
+    """A dataset response's token ids, ending as the policy ends a response it samples. After a text prompt: the text
+    and EOS. After a conversation (rendered with the chat template): the tokens the template renders for the answer
+    as the assistant's turn (the prompt and answer rendered, minus the prompt rendered with its generation prompt), up
+    to and including the first special token after it, the end of turn (Llama-3's <|eot_id|>; EOS if there is none)."""
+    eos = tokenizer.eos_token_id
+    if isinstance(prompt, str):
+        return tokenizer(answer.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids + [eos]
+    render = partial(tokenizer.apply_chat_template, tokenize=False)
+    head = tokenizer(render(prompt, add_generation_prompt=True), add_special_tokens=False).input_ids
+    whole = tokenizer(render([*prompt, {"role": "assistant", "content": answer}]), add_special_tokens=False).input_ids
+    require(
+        whole[: len(head)] == head,
+        f"dataset {where}: the chat template renders a prompt with its answer so that the prompt with the generation "
+        "prompt is not its start (in tokens); use a template that starts the answer where the generation prompt ends",
+    )
+    tail, special = whole[len(head) :], set(tokenizer.all_special_ids) - {tokenizer.pad_token_id}
+    end = next((i for i, t in enumerate(tail) if t in special), None)
+    return tail + [eos] if end is None else tail[: end + 1]
 
 
 def check_json_lines(path: str) -> None:
@@ -1084,8 +1107,8 @@ def last_turn(value) -> str:
 
 def load_preferences(path, split, query_column, chosen_column, rejected_column, tokenizer, lengths, long_prompts, chat):
     """Preference pairs (N, 2, query_length + response_length): the prompt left-padded, then the chosen (0) or the
-    rejected (1) response with EOS appended and right-padded (load_prompts reads each column as it reads references);
-    and how many pairs were dropped for a prompt longer than query_length. lengths: (query_length, response_length)."""
+    rejected (1) response right-padded, ending as the policy ends its own (load_prompts reads each column as it reads
+    references); and how many pairs were dropped for a prompt longer than query_length. lengths: (query_length, response_length)."""
     pairs = []
     for column in (chosen_column, rejected_column):
         _, _, queries, responses, dropped = load_prompts(

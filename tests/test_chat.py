@@ -77,6 +77,15 @@ def test_prompts_are_rendered_with_the_policy_chat_template(chat):
         [t for t in references[0].tolist() if t != tokenizer.pad_token_id], skip_special_tokens=True
     )
     assert rows[0]["messages"][1]["content"].startswith(answer)  # the conversation's answer (cut to 15 tokens + EOS)
+    # A dataset answer (--mu dataset's y', a reference, DPO's pair) ends as the template renders the assistant's turn
+    # and as the policy ends its own: '.', '<|eot_id|>', not the EOS '<|endoftext|>' the policy never ends an answer with
+    pad, eot = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(chat.eot)
+    for row, query, reference in zip(rows, queries.tolist(), references.tolist()):
+        whole = tokenizer(tokenizer.apply_chat_template(row["messages"], tokenize=False), add_special_tokens=False)
+        prompt, answer = [t for t in query if t != pad], [t for t in reference if t != pad]
+        assert answer[-1] == eot and whole.input_ids[-1] == eot
+        if len(answer) < 16:  # not cut: the template's rendering of the whole conversation, token for token
+            assert prompt + answer == whole.input_ids
     # the same prompts as plain text with --chat, and 1 token too short a limit drops the longest
     _, text_prompts, text_queries, _, _ = rebel.load_prompts(chat.data, "validation", "prompt", None, **data, chat=True)
     assert text_prompts == prompts and torch.equal(text_queries, queries)
