@@ -1311,25 +1311,44 @@ def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int
     return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
-def forward(model, query_responses: torch.Tensor, pad_id: int):
+def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: int = 0):
     """Forward with pads masked and positions counted from the first real token, as generate() does with left
-    padding. The pad id never reaches the model, so it needs no embedding row (see load_tokenizer)."""
+    padding. The pad id never reaches the model, so it needs no embedding row (see load_tokenizer). logits_to_keep > 0
+    (a causal LM only): the LM head reads the last that many positions, not all (passed through peft, DDP and FSDP)."""
     attention_mask = query_responses != pad_id
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     input_ids = query_responses.masked_fill(~attention_mask, 0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}  # a backbone (no LM head) takes no such flag
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
 
 
 def response_logprobs(model, query_responses, context_length: int, temperature: float, pad_id: int):
     """Per-token log pi(y_t | x, y_<t) of the response tokens under the distribution generate() samples from:
     logits divided by the temperature and the pad token excluded. Pad positions get 0."""
-    logits = forward(model, query_responses, pad_id).logits[:, context_length - 1 : -1].float() / temperature
-    if pad_id < logits.size(-1):
-        logits[..., pad_id] = float("-inf")  # generate() suppresses it
+    from torch.utils.checkpoint import checkpoint
+
     responses = query_responses[:, context_length:]
+    width = responses.size(1)
+    # The LM head over the response positions only (the logits at t - 1 give token t): the prompt's would go unused,
+    # and at a 128k vocabulary they are most of a pass's memory. The slice also holds if a model ignores the flag.
+    logits = forward(model, query_responses, pad_id, logits_to_keep=width + 1).logits[:, -width - 1 : -1]  # (B, T, V)
     is_pad = responses == pad_id  # (B, T)
-    logprobs = logits.log_softmax(-1).gather(2, responses.masked_fill(is_pad, 0).unsqueeze(-1)).squeeze(-1)
-    return logprobs.masked_fill(is_pad, 0.0)  # (B, T); 0, not -inf, where the pad id is 0 (pad = unk in Llama-2)
+    tokens = responses.masked_fill(is_pad, 0)
+    # A few positions at a time (about 64 MB of fp32 logits each), so no second (B, T, V) tensor is made; under grad,
+    # each chunk is recomputed in the backward pass rather than kept.
+    step = max(1, 2**24 // (logits.size(0) * logits.size(-1)))
+    chunks = zip(logits.split(step, 1), tokens.split(step, 1))
+    parts = [checkpoint(token_logprobs, z, y, temperature, pad_id, use_reentrant=False) for z, y in chunks]
+    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); 0, not -inf, where the pad id is 0 (Llama-2's unk)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, pad_id: int) -> torch.Tensor:
+    """log softmax(logits / temperature)[tokens] in fp32, the pad token excluded: z_y - logsumexp(z). (B, t, V) and
+    (B, t) -> (B, t)."""
+    z = logits.float() / temperature
+    if pad_id < z.size(-1):
+        z[..., pad_id] = float("-inf")  # generate() suppresses it
+    return z.gather(2, tokens.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
 
 
 def sequence_logprobs(model, query_responses, masks, context_length: int, temperature: float, pad_id: int):
