@@ -6,7 +6,10 @@ to the SFT policy, and take a REINFORCE step with the mean reward of the other k
     A_i = r_i - 1/(k-1) sum_{j != i} r_j,        loss = -mean_{x, i} A_i * ln pi_theta(y_i|x)
 
 REBEL's update direction grad ln pi(y|x) (r(x, y) - r(x, y')) is RLOO's with k = 2 (Section 3.2); REBEL regresses onto
-it instead of taking one gradient step. `--reinforce`: plain REINFORCE (Williams, 1992), one sample per prompt, A = r.
+it instead of taking one gradient step. `--reinforce`: REINFORCE (Williams, 1992), one sample per prompt, A = r - b with
+b the mean of every reward so far in training, Ahmadian et al.'s b_MA (arXiv 2402.14740, Eq. 8): the REINFORCE whose
+number the paper's Table 1 gives (70.7, "directly obtained from Ahmadian et al. (2024)"); `--reinforce_baseline none`:
+A = r.
 
 The file reads top to bottom: the flags (Args), the algorithm, the loop (main), then an appendix of the plumbing that
 every script shares (loading, data, sampling, evaluation, logs, checkpoints). docs/rebel.md explains every metric.
@@ -49,8 +52,11 @@ class Args:
     rloo_k: int = 2
     """k: responses sampled per prompt (the paper runs 2 and 4); each one's baseline is the mean reward of the others"""
     reinforce: bool = False
-    """plain REINFORCE (Williams, 1992) instead: one response per prompt, no baseline (advantage = reward; Ahmadian et
-    al.'s REINFORCE subtracts a moving average); --rloo_k is ignored"""
+    """REINFORCE (Williams, 1992) instead: one response per prompt, advantage = reward - --reinforce_baseline;
+    --rloo_k is ignored"""
+    reinforce_baseline: Literal["moving_average", "none"] = "moving_average"
+    """with --reinforce: 'moving_average' subtracts the mean of every reward so far in training, this update's
+    included (Ahmadian et al. 2024's b_MA, the paper's Table 1 REINFORCE); 'none': no baseline (advantage = reward)"""
     kl_coef: float = 0.05
     """coefficient of the KL penalty to the SFT policy inside the reward"""
     noptepochs: int = 1
@@ -223,11 +229,11 @@ def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_i
     return [torch.cat(t) for t in zip(*out)]
 
 
-def rloo_advantages(rewards: torch.Tensor, reinforce: bool = False) -> torch.Tensor:
+def rloo_advantages(rewards: torch.Tensor, reinforce: bool = False, baseline: float = 0.0) -> torch.Tensor:
     """rewards (B, k), the k responses to one prompt in a row. Leave-one-out (Kool et al., 2019; Ahmadian et al.,
-    2024): A_i = r_i - mean_{j != i} r_j. With reinforce=True, A = r (Williams, 1992)."""
+    2024): A_i = r_i - mean_{j != i} r_j. With reinforce=True, A = r - baseline (Williams, 1992)."""
     if reinforce:
-        return rewards
+        return rewards - baseline
     k = rewards.size(1)
     baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)  # (B, k) mean of the other k - 1
     return rewards - baseline
@@ -366,7 +372,16 @@ def main(args: Args) -> None:
         scores = torch.where(has_eos, scores, args.penalty_reward_value)  # (B, k)
         kl = logprobs - ref_logprobs  # (B, k)
         rewards = scores - args.kl_coef * kl  # (B, k)
-        advantages = rloo_advantages(rewards, args.reinforce)  # (B, k)
+        # REINFORCE's baseline b_MA = (1/S) sum_s R(x^s, y^s), the mean of every reward in training so far (all ranks,
+        # this update's included): Ahmadian et al. 2024 (https://arxiv.org/abs/2402.14740), Section 3.2, Eq. 8, which
+        # calls it parameter-free (no decay: every past reward weighs the same). Kept in the checkpoint for --resume.
+        baseline = 0.0
+        if args.reinforce and args.reinforce_baseline == "moving_average":
+            seen = all_reduce({"sum": rewards.sum().item(), "count": rewards.numel()}, dist.ReduceOp.SUM, device)
+            trainer["reward_sum"] = trainer.get("reward_sum", 0.0) + seen["sum"]
+            trainer["reward_count"] = trainer.get("reward_count", 0) + int(seen["count"])
+            baseline = trainer["reward_sum"] / trainer["reward_count"]
+        advantages = rloo_advantages(rewards, args.reinforce, baseline)  # (B, k)
 
         # 3. Policy gradient: noptepochs passes, a prompt's k responses kept together, one optimizer step per minibatch.
         num_prompts = len(advantages)
@@ -404,6 +419,8 @@ def main(args: Args) -> None:
             "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
             "policy/approxkl": float(np.mean(approxkl_stats)),
         }
+        if args.reinforce:
+            stats["objective/baseline"] = baseline
         log.write(update, stats, timer, lr_now)
         if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
             run_evaluation(update)

@@ -3,7 +3,7 @@ helpers shared with rebel.py, and end-to-end runs on the micro toy task."""
 
 import pytest
 import torch
-from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, run_script
+from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, read_metrics, run_script
 from rl_checks import check_reference_logprobs_are_sft, check_reward_composition, run_in_process
 
 from rloo import policy_gradient_loss, rloo_advantages
@@ -26,9 +26,10 @@ def test_rloo_k2_hand_values():
     torch.testing.assert_close(rloo_advantages(rewards), torch.tensor([[-2.0, 2.0], [0.0, 0.0]]))
 
 
-def test_reinforce_advantage_is_reward():
+def test_reinforce_advantage_is_reward_minus_its_baseline():
     rewards = torch.tensor([[1.5], [-0.25]])
     torch.testing.assert_close(rloo_advantages(rewards, reinforce=True), rewards)
+    torch.testing.assert_close(rloo_advantages(rewards, reinforce=True, baseline=0.5), torch.tensor([[1.0], [-0.75]]))
 
 
 def test_policy_gradient_loss_and_gradient():
@@ -67,6 +68,23 @@ def test_end_to_end(toy, tmp_path, extra):
     keys = ("objective/kl", "objective/advantage_std", "time/generation")
     check_end_to_end("rloo.py", [*toy.rl_flags, *extra], tmp_path, keys, track="--reinforce" in extra)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy.sft), str(tmp_path / "out"))  # adapter loads
+
+
+@pytest.mark.slow
+def test_reinforce_baseline_is_the_mean_of_every_reward_so_far_and_resumes(toy, tmp_path):
+    """Ahmadian et al.'s b_MA: at update 2, the mean of both updates' rewards (8 each); a run resumed from update 1's
+    checkpoint carries the running sum on, so its update 2 is the uninterrupted run's."""
+    run, flags = tmp_path / "run", [*toy.rl_flags, "--reinforce", "--save_freq", "1", "--output_dir", ""]
+    run_script("rloo.py", *flags, "--run_dir", str(run))
+    rows = [r for r in read_metrics(run) if "update" in r]
+    first, second = (r["objective/rlhf_reward"] for r in rows)
+    assert rows[0]["objective/baseline"] == pytest.approx(first) and first != pytest.approx(second)
+    assert rows[1]["objective/baseline"] == pytest.approx((first + second) / 2)
+    run_script("rloo.py", *flags, "--resume", str(run / "checkpoints" / "update_000001"))
+    resumed = [r for r in read_metrics(run) if "update" in r][1]
+    assert [resumed[k] for k in ("objective/baseline", "loss/policy")] == [
+        rows[1][k] for k in ("objective/baseline", "loss/policy")
+    ]
 
 
 def test_help():
