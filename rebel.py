@@ -3,7 +3,8 @@
 Algorithm 1: for every prompt x sample a response y from the current policy pi_t and y' from a base distribution mu
 (pi_t, as in the paper's experiments, or with --mu dataset the dataset's response), score them with a reward model
 (--preference_fn: a response's score is its mean 2 P(y > y'') - 1 against other samples y'', Appendix D.2) minus a KL
-penalty to the SFT policy, and regress the difference of log-ratios onto the difference of rewards (Equation 1):
+penalty to the SFT policy (none by default with --preference_fn, as D.2), and regress the difference of log-ratios
+onto the difference of rewards (Equation 1):
 
   min_theta mean_{x,y,y'} (1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')])^2
 
@@ -47,8 +48,8 @@ class Args:
     # REBEL
     eta: float = 1.0
     """eta of Equation (1): the inverse strength of the KL constraint to pi_t (Algorithm 1's learning rate)"""
-    kl_coef: float = 0.05
-    """coefficient of the KL penalty to the SFT policy inside the reward"""
+    kl_coef: float | None = None
+    """coefficient of the KL penalty to the SFT policy inside the reward (default 0.05; with --preference_fn, 0)"""
     loss_scaling: Literal["paper", "official"] = "paper"
     """'paper': Equation (1) as written; 'official': eta^2 times it, what the official code minimises"""
     num_samples: int = 2
@@ -66,7 +67,11 @@ class Args:
     """with --mu dataset, the train split's column of y' (a text, or a conversation ending with it)"""
     preference_fn: str | None = None
     """path/to/file.py:fn, instead of a reward (Appendix D.2): fn(prompts, responses_a, responses_b) -> P(a > b) per
-    pair in [0, 1] (or 0/1); the reward model (or --reward_fn) then scores only the evaluation"""
+    pair in [0, 1] (or 0/1). --kl_coef defaults to 0 here, D.2 as written (its target l(y, y'') - l(y', y'') has no
+    reference policy), whose fixed point is D.1's minimax winner; --kl_coef c > 0 subtracts c * KL(pi_t || SFT) from
+    l in [-1, 1] (at c = 0.05 a KL of 40 nats costs 2, l's whole range) and converges to the equilibrium of that
+    KL-regularised game instead. Evaluation: the win rate against the references by fn, and a reward model or
+    --reward_fn only if one is named"""
 
     # sampling and reward
     temperature: float = 0.7
@@ -81,9 +86,10 @@ class Args:
     sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
     """the SFT policy: initial policy and KL reference (hub name, save_pretrained directory, or a LoRA adapter, which
     is merged into its base)"""
-    reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
+    reward_model_path: str | None = None
     """the reward model: AutoModelForSequenceClassification with one label, or the backbone+scalar-head format of
-    summarize_from_feedback_details"""
+    summarize_from_feedback_details (default: vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr; with
+    --preference_fn, none)"""
     reward_tokenizer: str | None = None
     """the reward model's tokenizer and chat template (default: the one saved with it, else the policy's); when it is
     not the policy's, the reward model reads the decoded response in its own template and tokens"""
@@ -285,6 +291,12 @@ def main(args: Args) -> None:
     )
     require((args.mu == "dataset") == bool(args.mu_column), "--mu dataset and --mu_column NAME go together")
     require(args.mu == "policy" or args.num_samples == 2, "--mu dataset pairs y with its y': --num_samples must be 2")
+    # The defaults that depend on --preference_fn (resolved here, so that a checkpoint records the values used):
+    # Appendix D.2's regression has no reference policy, so no KL penalty; no reward model unless one is named.
+    if args.kl_coef is None:
+        args.kl_coef = 0.0 if args.preference_fn else 0.05
+    if args.reward_model_path is None and not (args.preference_fn or args.reward_fn):
+        args.reward_model_path = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
     check_flags(asdict(args))
     from tqdm import tqdm
 
@@ -331,7 +343,9 @@ def main(args: Args) -> None:
     )
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
-    reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
+    reward = None  # --preference_fn with no reward model named: none (the evaluation uses the preference)
+    if args.reward_fn or args.reward_model_path:
+        reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
     # A prompt's responses, by column: y_1 .. y_k ~ pi_t (--mu policy); or y ~ pi_t, then the dataset's y' (--mu
     # dataset); with --preference_fn and k = 2, then a comparator y'' ~ pi_t, in no pair. `own`: pi_t's samples.
@@ -376,7 +390,7 @@ def main(args: Args) -> None:
     run_evaluation = partial(
         evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, idx=eval_idx,
         reference_column=args.reference_column, penalty=args.penalty_reward_value, pad_multiple=args.pad_multiple,
-        chunk=chunk, autocast=autocast, log=log, rows_shown=args.num_sample_rows,
+        chunk=chunk, autocast=autocast, log=log, rows_shown=args.num_sample_rows, preference=preference,
     )  # fmt: skip
 
     # The loop: rollout -> reward -> REBEL regression -> log -> checkpoint.
@@ -1362,11 +1376,13 @@ def sequence_logprobs(model, query_responses, masks, context_length: int, temper
 
 @torch.no_grad()
 def evaluate(update, sample, reward, tokenizer, data, idx, reference_column, penalty, pad_multiple, chunk, autocast,
-             log, rows_shown):  # fmt: skip
+             log, rows_shown, preference=None):  # fmt: skip
     """The evaluation table at `update` on this rank's share `idx` of the evaluation prompts (`data`: load_prompts'
     output): one response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores, has_eos),
-    its score as in training (`penalty` without EOS), and the dataset's reference response with its score. Rank 0
-    writes <run_dir>/eval_<update>.csv and logs the eval/ metrics and `rows_shown` samples."""
+    its score as in training (`penalty` without EOS), and the dataset's reference response with its score; without a
+    `reward`, no scores. With `preference` (rebel.py's --preference_fn) and references, the response's win rate
+    against the reference, P(response > reference) by the judge, both orders averaged. Rank 0 writes
+    <run_dir>/eval_<update>.csv and logs the eval/ metrics and `rows_shown` samples."""
     dataset, prompts, queries, references, _ = data
     prompts = [prompts[i] for i in idx]
     queries = trim_left_padding(queries[idx], tokenizer.pad_token_id, pad_multiple).to(log.device)
@@ -1377,20 +1393,26 @@ def evaluate(update, sample, reward, tokenizer, data, idx, reference_column, pen
     rows = {
         "query": [last_turn(p) for p in prompts],
         "postprocessed_response": tokenizer.batch_decode(query_response[:, ctx:], skip_special_tokens=True),
-        "score": torch.where(has_eos, score, penalty).tolist(),
+        **({"score": torch.where(has_eos, score, penalty).tolist()} if reward else {}),
         "kl": kl.tolist(),
         "response_length": mask.sum(1).tolist(),
         "has_eos": has_eos.tolist(),
     }
     if references is not None:  # the dataset's own responses, scored the same way
         query_references = torch.cat((queries, references[idx].to(log.device)), 1)
-        with autocast():
-            reference_score = [
-                reward(qr, ctx, prompts[i : i + chunk])
-                for i, qr in zip(range(0, len(prompts), chunk), query_references.split(chunk))
-            ]
         rows["reference_response"] = [last_turn(r) for r in dataset[idx][reference_column]]
-        rows["reference_score"] = torch.cat(reference_score).tolist()
+        if reward:
+            with autocast():
+                reference_score = [
+                    reward(qr, ctx, prompts[i : i + chunk])
+                    for i, qr in zip(range(0, len(prompts), chunk), query_references.split(chunk))
+                ]
+            rows["reference_score"] = torch.cat(reference_score).tolist()
+        if preference:
+            wins = compare_pairs(
+                preference, tokenizer, torch.stack((query_response, query_references), 1), ctx, prompts
+            )
+            rows["win_rate"] = ((wins[:, 0, 1] + 1 - wins[:, 1, 0]) / 2).tolist()
     gathered = [rows]
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
@@ -1451,11 +1473,13 @@ class RunLog:
 
         df = pd.concat([pd.DataFrame(r) for r in rows], ignore_index=True)
         df.to_csv(os.path.join(self.run_dir, f"eval_{update:06d}.csv"), index=False)
-        stats = {f"eval/{n}": df[n].mean() for n in ("score", "reference_score", "kl", "response_length") if n in df}
+        names = ("score", "reference_score", "win_rate", "kl", "response_length")
+        stats = {f"eval/{n}": df[n].mean() for n in names if n in df}
         stats["eval/eos_rate"] = df.has_eos.mean()
         for key, value in stats.items():
             self.writer.add_scalar(key, value, update)
-        samples = df.head(num_sample_rows)[["query", "postprocessed_response", "score"]]
+        shown = next((n for n in ("score", "win_rate") if n in df), "kl")  # what the printed samples show
+        samples = df.head(num_sample_rows)[["query", "postprocessed_response", shown]]
         self.writer.add_text("samples", samples.to_string(), update)
         if self.track:
             import wandb
@@ -1463,7 +1487,7 @@ class RunLog:
             wandb.log({"samples": wandb.Table(dataframe=df.head(num_sample_rows * 4))}, step=update)
         tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
         for _, row in samples.iterrows():
-            tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row.score:.2f})")
+            tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row[shown]:.2f})")
 
     def close(self) -> None:
         """Close the logs and free the run directory (its lock)."""

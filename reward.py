@@ -849,11 +849,13 @@ class RunLog:
 
         df = pd.concat([pd.DataFrame(r) for r in rows], ignore_index=True)
         df.to_csv(os.path.join(self.run_dir, f"eval_{update:06d}.csv"), index=False)
-        stats = {f"eval/{n}": df[n].mean() for n in ("score", "reference_score", "kl", "response_length") if n in df}
+        names = ("score", "reference_score", "win_rate", "kl", "response_length")
+        stats = {f"eval/{n}": df[n].mean() for n in names if n in df}
         stats["eval/eos_rate"] = df.has_eos.mean()
         for key, value in stats.items():
             self.writer.add_scalar(key, value, update)
-        samples = df.head(num_sample_rows)[["query", "postprocessed_response", "score"]]
+        shown = next((n for n in ("score", "win_rate") if n in df), "kl")  # what the printed samples show
+        samples = df.head(num_sample_rows)[["query", "postprocessed_response", shown]]
         self.writer.add_text("samples", samples.to_string(), update)
         if self.track:
             import wandb
@@ -861,7 +863,7 @@ class RunLog:
             wandb.log({"samples": wandb.Table(dataframe=df.head(num_sample_rows * 4))}, step=update)
         tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
         for _, row in samples.iterrows():
-            tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row.score:.2f})")
+            tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row[shown]:.2f})")
 
     def close(self) -> None:
         """Close the logs and free the run directory (its lock)."""

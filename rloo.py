@@ -1312,11 +1312,13 @@ def sequence_logprobs(model, query_responses, masks, context_length: int, temper
 
 @torch.no_grad()
 def evaluate(update, sample, reward, tokenizer, data, idx, reference_column, penalty, pad_multiple, chunk, autocast,
-             log, rows_shown):  # fmt: skip
+             log, rows_shown, preference=None):  # fmt: skip
     """The evaluation table at `update` on this rank's share `idx` of the evaluation prompts (`data`: load_prompts'
     output): one response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores, has_eos),
-    its score as in training (`penalty` without EOS), and the dataset's reference response with its score. Rank 0
-    writes <run_dir>/eval_<update>.csv and logs the eval/ metrics and `rows_shown` samples."""
+    its score as in training (`penalty` without EOS), and the dataset's reference response with its score; without a
+    `reward`, no scores. With `preference` (rebel.py's --preference_fn) and references, the response's win rate
+    against the reference, P(response > reference) by the judge, both orders averaged. Rank 0 writes
+    <run_dir>/eval_<update>.csv and logs the eval/ metrics and `rows_shown` samples."""
     dataset, prompts, queries, references, _ = data
     prompts = [prompts[i] for i in idx]
     queries = trim_left_padding(queries[idx], tokenizer.pad_token_id, pad_multiple).to(log.device)
@@ -1327,20 +1329,26 @@ def evaluate(update, sample, reward, tokenizer, data, idx, reference_column, pen
     rows = {
         "query": [last_turn(p) for p in prompts],
         "postprocessed_response": tokenizer.batch_decode(query_response[:, ctx:], skip_special_tokens=True),
-        "score": torch.where(has_eos, score, penalty).tolist(),
+        **({"score": torch.where(has_eos, score, penalty).tolist()} if reward else {}),
         "kl": kl.tolist(),
         "response_length": mask.sum(1).tolist(),
         "has_eos": has_eos.tolist(),
     }
     if references is not None:  # the dataset's own responses, scored the same way
         query_references = torch.cat((queries, references[idx].to(log.device)), 1)
-        with autocast():
-            reference_score = [
-                reward(qr, ctx, prompts[i : i + chunk])
-                for i, qr in zip(range(0, len(prompts), chunk), query_references.split(chunk))
-            ]
         rows["reference_response"] = [last_turn(r) for r in dataset[idx][reference_column]]
-        rows["reference_score"] = torch.cat(reference_score).tolist()
+        if reward:
+            with autocast():
+                reference_score = [
+                    reward(qr, ctx, prompts[i : i + chunk])
+                    for i, qr in zip(range(0, len(prompts), chunk), query_references.split(chunk))
+                ]
+            rows["reference_score"] = torch.cat(reference_score).tolist()
+        if preference:
+            wins = compare_pairs(
+                preference, tokenizer, torch.stack((query_response, query_references), 1), ctx, prompts
+            )
+            rows["win_rate"] = ((wins[:, 0, 1] + 1 - wins[:, 1, 0]) / 2).tolist()
     gathered = [rows]
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
@@ -1401,11 +1409,13 @@ class RunLog:
 
         df = pd.concat([pd.DataFrame(r) for r in rows], ignore_index=True)
         df.to_csv(os.path.join(self.run_dir, f"eval_{update:06d}.csv"), index=False)
-        stats = {f"eval/{n}": df[n].mean() for n in ("score", "reference_score", "kl", "response_length") if n in df}
+        names = ("score", "reference_score", "win_rate", "kl", "response_length")
+        stats = {f"eval/{n}": df[n].mean() for n in names if n in df}
         stats["eval/eos_rate"] = df.has_eos.mean()
         for key, value in stats.items():
             self.writer.add_scalar(key, value, update)
-        samples = df.head(num_sample_rows)[["query", "postprocessed_response", "score"]]
+        shown = next((n for n in ("score", "win_rate") if n in df), "kl")  # what the printed samples show
+        samples = df.head(num_sample_rows)[["query", "postprocessed_response", shown]]
         self.writer.add_text("samples", samples.to_string(), update)
         if self.track:
             import wandb
@@ -1413,7 +1423,7 @@ class RunLog:
             wandb.log({"samples": wandb.Table(dataframe=df.head(num_sample_rows * 4))}, step=update)
         tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
         for _, row in samples.iterrows():
-            tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row.score:.2f})")
+            tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row[shown]:.2f})")
 
     def close(self) -> None:
         """Close the logs and free the run directory (its lock)."""

@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import pandas as pd
 import pytest
 import torch
 from conftest import ROOT, check_end_to_end, read_metrics
@@ -146,12 +147,20 @@ def test_mu_dataset_end_to_end(toy, tmp_path):
 
 def test_preferences_end_to_end(toy, tmp_path):
     """--preference_fn with the gold judge, 2 samples: a third sample y'' is drawn, and y's and y''s rewards are their
-    preference against it, from one call on the decoded texts. The gold judge is skew-symmetric: the logged mean
-    preference of the samples against each other is exactly 0. The full run (evaluations, saving) works."""
-    rows = check_end_to_end("rebel.py", [*toy.rl_flags, "--preference_fn", GOLD_PREFERENCE], tmp_path,
+    preference against it, from one call on the decoded texts, with no KL penalty (D.2 as written). The gold judge is
+    skew-symmetric: the logged mean preference of the samples against each other is exactly 0. The full run
+    (evaluations, saving) works offline with no reward model named: the evaluation is the judge's win rate against the
+    references, and the default TL;DR reward model is not fetched."""
+    i = toy.rl_flags.index("--reward_model_path")
+    no_reward_model = toy.rl_flags[:i] + toy.rl_flags[i + 2 :]
+    rows = check_end_to_end("rebel.py", [*no_reward_model, "--preference_fn", GOLD_PREFERENCE], tmp_path,
                             ["objective/self_preference"], track=False)  # fmt: skip
     assert all(r["objective/self_preference"] == 0.0 for r in rows)
     assert all(-1.0 <= r["objective/scores"] <= 1.0 for r in rows)
+    assert all(r["objective/rlhf_reward"] == r["objective/scores"] for r in rows)  # --kl_coef 0 under preferences
+    table = pd.read_csv(tmp_path / "run" / "eval_000002.csv")
+    assert "win_rate" in table and not {"score", "reference_score"} & set(table.columns)
+    assert set(table.win_rate) <= {0, 0.25, 0.5, 0.75, 1} and len(table) == 8  # gold: 0, 0.5 or 1 in each order
 
     from toy.tldr import gold_judge
 
@@ -175,12 +184,14 @@ def test_preferences_with_more_samples_and_a_biased_judge(toy, tmp_path):
     """4 samples, each rewarded by its mean preference over the other 3. A judge that always prefers the first
     response shown (P = 0.7) is not skew-symmetric: the logged mean preference says so (0.4, not 0)."""
     judge = _judge(tmp_path, "return [0.7] * len(responses_a)")
-    flags = [*toy.rl_flags, "--preference_fn", judge, "--num_samples", "4", "--output_dir", ""]
+    flags = [*toy.rl_flags, "--preference_fn", judge, "--num_samples", "4", "--output_dir", "", "--kl_coef", "0.5"]
     g = run_in_process("rebel.py", [*flags, "--run_dir", str(tmp_path / "run")])
     assert g["query_responses"].shape[1] == 4 and g["pairs"].shape[1:] == (2, 2)
     row = read_metrics(tmp_path / "run")[-1]
     assert row["objective/self_preference"] == pytest.approx(0.4)
     torch.testing.assert_close(g["scores"], torch.where(g["has_eos"], 0.4, g["args"].penalty_reward_value))
+    # An explicit --kl_coef is kept under --preference_fn (its default there is 0)
+    torch.testing.assert_close(g["rewards"], g["scores"] - 0.5 * (g["logprobs"] - g["ref_logprobs"]))
 
 
 def test_mu_dataset_from_preferences(toy, tmp_path):
@@ -257,7 +268,7 @@ def test_rebel_with_a_dataset_mu_and_with_preferences_learns_on_the_toy_task(tmp
     d, _ = prepare_seed(str(tmp_path), 1)
     settings = {
         "mu_dataset": ["--mu", "dataset", "--mu_column", "reference_response", "--kl_coef", "0.2"],
-        "preferences": ["--preference_fn", GOLD_PREFERENCE],
+        "preferences": ["--preference_fn", GOLD_PREFERENCE, "--kl_coef", "0.05"],  # as measured (docs/rebel.md)
     }
     results = {name: rebel_curve(d, 1, name, flags) for name, flags in settings.items()}
     for name, curve in results.items():
