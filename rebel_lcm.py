@@ -179,11 +179,33 @@ class BadInput(ValueError):
 
 
 def print_bad_input(kind, error, tb) -> None:
-    """sys.excepthook: a BadInput prints its message alone; any other error keeps its full traceback."""
-    if issubclass(kind, BadInput):
-        print(f"error: {error}", file=sys.stderr)
+    """sys.excepthook: a BadInput prints its message alone, a failed read or write (OSError) one line; any other error
+    keeps its full traceback. Under torchrun the line goes into the ranks' store: a rank whose collective then fails
+    (its peer has exited) prints that line instead of its own traceback."""
+    from datetime import timedelta
+
+    message = str(error) if issubclass(kind, BadInput) else None
+    if issubclass(kind, OSError):
+        message = f"{cause(error)}: check that path, its permissions and the free space"
+    store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    try:
+        if store and message:
+            store.set("error", message)
+        elif store:  # a peer's refusal ends its process, and with it the collectives of the others
+            store.wait(["error"], timedelta(seconds=10))
+            message = store.get("error").decode()
+    except Exception:  # no store (the rank hosting it has gone), or no refusal: the traceback
+        pass
+    if message:
+        print(f"error: {message}", file=sys.stderr)
     else:
         sys.__excepthook__(kind, error, tb)
+
+
+def cause(error: BaseException) -> str:
+    """An exception in one line: torch's CheckpointException by the first rank's failure inside it."""
+    error = next(iter(getattr(error, "failures", {}).values()), (error,))[0]  # CheckpointException: {rank: (e, tb)}
+    return f"{type(error).__name__}: {str(error)[:200]}"
 
 
 def build_tiny_tokenizer(folder: str):
@@ -665,21 +687,23 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
     its part), every rank's RNG states, and `trainer` (the update counter, the flags, the wandb run id). It is written
     under a temporary name and renamed once complete, so a kill while saving leaves the previous one intact."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
     path = os.path.join(root, f"update_{update:06d}")
     try:
         dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
         torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
-    except Exception as e:
+        barrier()
+        if rank == 0:
+            with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
+                json.dump({**trainer, "script": os.path.basename(__file__)}, f)
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise BadInput(
-            f"cannot write the checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); the earlier checkpoints are "
-            f"intact: free some space and continue with --resume {run_dir}"
+            f"cannot write the checkpoint {path} ({cause(e)}); the earlier checkpoints are intact: free some space "
+            f"and continue with --resume {run_dir}"
         ) from e
-    barrier()
     if rank == 0:
-        with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
-            json.dump({**trainer, "script": os.path.basename(__file__)}, f)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
         for old in sorted(n for n in os.listdir(root) if n[7:].isdigit())[: -max(keep, 1)]:
@@ -691,6 +715,7 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
 def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -> dict:
     """Restore what save_checkpoint wrote, in place, after checking that the run continues with the same flags."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -725,8 +750,8 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
         set_rng_states(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True))
     except BadInput:
         raise
-    except Exception as e:
-        raise BadInput(f"--resume: cannot read the checkpoint {path} ({type(e).__name__}: {e})") from e
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise BadInput(f"--resume: cannot read the checkpoint {path} ({cause(e)}); resume from an intact one") from e
     return trainer
 
 

@@ -205,6 +205,7 @@ def main(args: Args) -> None:
     # what the gradient steps go through (DDP's wrapper, or the same model sharded by FSDP with itself as the root).
     hf_model, raw_model = new_reward_model(args.sft_model_path)
     check_positions(hf_model.config, lengths, args.sft_model_path)
+    check_vocabulary(tokenizer, hf_model, args.sft_model_path)
     raw_model.to(device).eval()
     model = shard_reward_model(raw_model, bf16) if args.fsdp else distribute(raw_model, False, bf16, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
@@ -355,6 +356,9 @@ def check_flags(flags: dict) -> None:
             require(value > 0, f"--{key} must be {'>= 1' if isinstance(value, int) else '> 0'}; got {value}")
     for key in "save_freq eval_freq pad_multiple num_sample_rows kl_coef lora_dropout".split():
         require(flags.get(key, 0) >= 0, f"--{key} must be >= 0; got {flags.get(key)}")
+    require(
+        flags.get("lora_dropout", 0) < 1, f"--lora_dropout must be < 1 (a probability); got {flags.get('lora_dropout')}"
+    )
     fsdp = flags.get("fsdp")
     require(not fsdp or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)")
     require(not (fsdp and flags.get("save_merged")), "--save_merged does not work with --fsdp: merge the saved adapter")
@@ -451,7 +455,14 @@ def load_policy(path: str, dtype: torch.dtype):
     check_model_path(path)
     try:
         if not find_adapter_config_file(path):
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+            missing = sorted(info["missing_keys"])  # initialised at random: a reward model's folder has no LM head
+            require(
+                not missing,
+                f"'{path}' is not a whole causal LM: its checkpoint has no weights for {len(missing)} parameters "
+                f"(e.g. {missing[:1]}), which would start random; give a policy saved with its LM head",
+            )
+            return model
         # Not peft's AutoPeftModel: it resizes the embedding to a tokenizer saved beside the adapter.
         base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
         try:
@@ -474,8 +485,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     check_model_path(path)
-    files = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
-    if os.path.isdir(path) and not files & set(os.listdir(path)):
+    if os.path.isdir(path) and not has_tokenizer(path):
         raise BadInput(f"'{path}' holds no tokenizer (no tokenizer.json or tokenizer_config.json): save one there")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -492,6 +502,17 @@ def position_limit(config) -> int | None:
     """The most tokens a model has positions for, from whichever field its config names it by (None: no limit)."""
     fields = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
     return next((v for v in (getattr(config, f, None) for f in fields) if isinstance(v, int)), None)
+
+
+def check_vocabulary(tokenizer, model, path: str) -> None:
+    """Every id the tokenizer gives (its pad aside: no model reads it) has a row in the model's embedding."""
+    top = max(i for i in tokenizer.get_vocab().values() if i != tokenizer.pad_token_id)
+    rows = model.get_input_embeddings().num_embeddings
+    require(
+        top < rows,
+        f"the tokenizer gives ids up to {top}, past the {rows} embedding rows of the model {path}: use the tokenizer "
+        "that model was trained with",
+    )
 
 
 def check_positions(config, lengths: tuple, path: str) -> None:
@@ -580,20 +601,31 @@ def load_prompts(
     assistant's answer."""
     from datasets import load_dataset, load_from_disk
 
-    looks_local = path.startswith(("/", ".", "~")) or path.endswith((".jsonl", ".json", ".csv", ".parquet"))
+    formats = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
+    looks_local = path.startswith(("/", ".", "~")) or path.rsplit(".", 1)[-1] in formats
     require(os.path.exists(path) or not looks_local, f"dataset '{path}': no such file or directory")
-    require(not os.path.isfile(path) or os.path.getsize(path) > 0, f"dataset file '{path}' is empty")
-    kind = {"jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(path.rsplit(".", 1)[-1], "json")
-    if os.path.isfile(path) and kind == "json":
-        check_json_lines(path)
-    if os.path.isfile(path) and kind == "csv":
-        with open(path, newline="") as f:
+    file = path if os.path.isfile(path) else None  # a single file serves every split
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "dataset_dict.json")):  # the split's own file
+        named = [n for n in sorted(os.listdir(path)) if n.rpartition(".")[::2] in {(split, f) for f in formats}]
+        require(
+            len(named) == 1,
+            f"dataset folder '{path}' needs one file for split '{split}', named {split}.jsonl (or .json, .csv, "
+            f".parquet); it has {sorted(os.listdir(path))[:8]}",
+        )
+        file = os.path.join(path, named[0])
+    kind = formats.get(file.rsplit(".", 1)[-1]) if file else None
+    require(not file or kind, f"dataset file '{file}': unknown format; give a .jsonl, .json, .csv or .parquet file")
+    require(not file or os.path.getsize(file) > 0, f"dataset file '{file}' is empty")
+    if kind == "json":
+        check_json_lines(file)
+    if kind == "csv":
+        with open(file, newline="") as f:
             header = next(csv.reader(f), [])
         twice = sorted({c for c in header if header.count(c) > 1})
-        require(not twice, f"dataset file '{path}' has several columns named {twice}: rename them")
+        require(not twice, f"dataset file '{file}' has several columns named {twice}: rename them")
     try:
-        if os.path.isfile(path):  # a single file serves every split
-            dataset = load_dataset(kind, data_files=path, split="train")
+        if file:
+            dataset = load_dataset(kind, data_files=file, split="train")
         elif os.path.isfile(os.path.join(path, "dataset_dict.json")):  # save_to_disk: its splits by their exact names
             splits = load_from_disk(path)
             require(split in splits, f"dataset '{path}' has no split '{split}'; its splits are {list(splits)}")
@@ -614,11 +646,14 @@ def load_prompts(
         for row, value in enumerate(dataset[column]):  # a text, or a conversation of {role, content} messages
             text = value if isinstance(value, str) else None
             if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-                text = value[-1].get("content") if all(isinstance(m.get("content"), str) for m in value) else None
+                roles = {"system", "user", "assistant"}
+                whole = all(isinstance(m.get("content"), str) and m.get("role") in roles for m in value)
+                text = value[-1].get("content") if whole else None
             require(
                 isinstance(text, str) and bool(text.strip()),
                 f"dataset '{path}' ({split}), column '{column}', row {row}: {str(value)[:60]!r} is not a non-empty "
-                "text or conversation; fix or drop the rows like it",
+                "text or conversation (of {role, content} messages, roles system, user, assistant); fix or drop the "
+                "rows like it",
             )
             role = value[-1].get("role") if column != query_column and isinstance(value, list) else "assistant"
             require(
@@ -680,17 +715,31 @@ def response_ids(answer: str, prompt, tokenizer, where: str) -> list[int]:
 
 
 def check_json_lines(path: str) -> None:
-    """A .json file may be one document; otherwise each line must parse: name the first one that does not."""
+    """A .json file may be one document; otherwise each line must parse: name the first one that does not. A column
+    holds one kind of cell: datasets would turn a column of texts and conversations into JSON strings."""
     with open(path) as f:
         text = f.read()
     try:
-        json.loads(text)
+        rows = json.loads(text)
     except ValueError:
+        rows = []
         for number, line in enumerate(text.splitlines(), 1):
             try:
-                line.strip() and json.loads(line)
+                rows += [json.loads(line)] if line.strip() else []
             except ValueError as e:
                 raise BadInput(f"dataset file '{path}', line {number}: not valid JSON ({e}); fix that line") from e
+    kinds = {}  # column -> {whether a text: the first row of that kind}
+    for row, record in enumerate(rows if isinstance(rows, list) else []):
+        for column, value in record.items() if isinstance(record, dict) else ():
+            if isinstance(value, str | list):
+                text, seen = isinstance(value, str), kinds.setdefault(column, {})
+                seen.setdefault(text, row)
+                require(
+                    len(seen) == 1,
+                    f"dataset file '{path}', column '{column}', row {row}: {str(value)[:60]!r} is a "
+                    f"{'text' if text else 'conversation'} where row {seen.get(not text)} is not; a column holds one "
+                    "kind (texts, or conversations): convert the rows of one to the other",
+                )
 
 
 def as_messages(prompt) -> list[dict]:
@@ -943,21 +992,23 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
     its part), every rank's RNG states, and `trainer` (the update counter, the flags, the wandb run id). It is written
     under a temporary name and renamed once complete, so a kill while saving leaves the previous one intact."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
     path = os.path.join(root, f"update_{update:06d}")
     try:
         dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
         torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
-    except Exception as e:
+        barrier()
+        if rank == 0:
+            with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
+                json.dump({**trainer, "script": os.path.basename(__file__)}, f)
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise BadInput(
-            f"cannot write the checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); the earlier checkpoints are "
-            f"intact: free some space and continue with --resume {run_dir}"
+            f"cannot write the checkpoint {path} ({cause(e)}); the earlier checkpoints are intact: free some space "
+            f"and continue with --resume {run_dir}"
         ) from e
-    barrier()
     if rank == 0:
-        with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
-            json.dump({**trainer, "script": os.path.basename(__file__)}, f)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
         for old in sorted(n for n in os.listdir(root) if n[7:].isdigit())[: -max(keep, 1)]:
@@ -969,6 +1020,7 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
 def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -> dict:
     """Restore what save_checkpoint wrote, in place, after checking that the run continues with the same flags."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -1003,8 +1055,8 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
         set_rng_states(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True))
     except BadInput:
         raise
-    except Exception as e:
-        raise BadInput(f"--resume: cannot read the checkpoint {path} ({type(e).__name__}: {e})") from e
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise BadInput(f"--resume: cannot read the checkpoint {path} ({cause(e)}); resume from an intact one") from e
     return trainer
 
 
@@ -1050,11 +1102,39 @@ class BadInput(ValueError):
 
 
 def print_bad_input(kind, error, tb) -> None:
-    """sys.excepthook: a BadInput prints its message alone; any other error keeps its full traceback."""
-    if issubclass(kind, BadInput):
-        print(f"error: {error}", file=sys.stderr)
+    """sys.excepthook: a BadInput prints its message alone, a failed read or write (OSError) one line; any other error
+    keeps its full traceback. Under torchrun the line goes into the ranks' store: a rank whose collective then fails
+    (its peer has exited) prints that line instead of its own traceback."""
+    from datetime import timedelta
+
+    message = str(error) if issubclass(kind, BadInput) else None
+    if issubclass(kind, OSError):
+        message = f"{cause(error)}: check that path, its permissions and the free space"
+    store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    try:
+        if store and message:
+            store.set("error", message)
+        elif store:  # a peer's refusal ends its process, and with it the collectives of the others
+            store.wait(["error"], timedelta(seconds=10))
+            message = store.get("error").decode()
+    except Exception:  # no store (the rank hosting it has gone), or no refusal: the traceback
+        pass
+    if message:
+        print(f"error: {message}", file=sys.stderr)
     else:
         sys.__excepthook__(kind, error, tb)
+
+
+def cause(error: BaseException) -> str:
+    """An exception in one line: torch's CheckpointException by the first rank's failure inside it."""
+    error = next(iter(getattr(error, "failures", {}).values()), (error,))[0]  # CheckpointException: {rank: (e, tb)}
+    return f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def has_tokenizer(folder: str) -> bool:
+    """Whether a folder holds a tokenizer's files."""
+    files = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
+    return bool(files & set(os.listdir(folder)))
 
 
 def exact_div(a: int, b: int, what: str) -> int:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import tyro
 
-from eval.generation import MAX_NEW_TOKENS, generate_chat, load_for_hook, read_records
+from eval import BadInput, print_error
+from eval.generation import MAX_NEW_TOKENS, generate_chat, load_for_hook, output_file, read_records
 
 HUB_DATASET = "tatsu-lab/alpaca_eval"
 
@@ -53,16 +55,17 @@ class Args:
 
 def load_instructions(source: str) -> list[dict]:
     if os.path.exists(source) or source.startswith(("http://", "https://")):
-        return read_records(source)
+        return read_records(source, {"instruction": str})
     if source != HUB_DATASET:
-        raise FileNotFoundError(f"alpaca_eval_hook: {source} is neither a local file nor {HUB_DATASET}")
+        raise BadInput(f"--instructions {source}: no such file; give a .json/.jsonl file, or {HUB_DATASET}")
     from huggingface_hub import hf_hub_download
 
-    return read_records(hf_hub_download(HUB_DATASET, "alpaca_eval.json", repo_type="dataset"))
+    return read_records(hf_hub_download(HUB_DATASET, "alpaca_eval.json", repo_type="dataset"), {"instruction": str})
 
 
 def main(args: Args) -> str:
     records = load_instructions(args.instructions)[: args.max_instructions or None]
+    path = output_file(args.output_dir, "model_outputs.json")
     model, tokenizer, generator = load_for_hook(args, args.generator)
     conversations = [[{"role": "user", "content": r["instruction"]}] for r in records]
     answers = generate_chat(
@@ -74,8 +77,6 @@ def main(args: Args) -> str:
         if "dataset" in record:
             out["dataset"] = record["dataset"]
         outputs.append(out)
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "model_outputs.json")
     with open(path, "w") as f:
         json.dump(outputs, f, indent=2)
     print(f"wrote {len(outputs)} answers to {path}; score them with AlpacaEval 2.0 (needs OPENAI_API_KEY):")
@@ -84,4 +85,5 @@ def main(args: Args) -> str:
 
 
 if __name__ == "__main__":
+    sys.excepthook = print_error  # bad input or a failed read or write: one line, no traceback
     main(tyro.cli(Args, use_underscores=True))

@@ -40,6 +40,8 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
+from eval import print_error
+
 PHASES = ["generation", "reward", "logprob", "update"]
 GIB = 2**30
 MEMORY_PARTS = ["weights", "gradients", "optimizer", "reference", "reward_model", "critic", "ddp_buckets"]
@@ -425,5 +427,6 @@ def parse_cli(argv: list[str]) -> Args:
 
 
 if __name__ == "__main__":
+    sys.excepthook = print_error  # bad input or a failed read or write: one line, no traceback
     results = main(parse_cli(sys.argv[1:]))
     sys.exit(1 if any("error" in r for r in results) else 0)

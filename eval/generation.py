@@ -9,6 +9,8 @@ import urllib.request
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from eval import BadInput
+
 # The paper (Table 4, Appendix I.2.1) generates up to 1024 tokens in the general-chat experiments.
 MAX_NEW_TOKENS = 1024
 
@@ -33,7 +35,7 @@ def load_model_and_tokenizer(model_path: str, chat_template: str = "", dtype: st
         with open(chat_template) as f:
             tokenizer.chat_template = f.read()
     if not tokenizer.chat_template:
-        raise ValueError(
+        raise BadInput(
             f"the tokenizer of {model_path} has no chat template, so instructions cannot be formatted as the model was "
             "trained to read them: pass --chat_template PATH (a Jinja template file, e.g. the one of the model you fine-tuned)"
         )
@@ -117,14 +119,33 @@ def generate_chat(
     return outputs
 
 
-def read_records(source: str) -> list[dict]:
-    """Records from a local .json (a list) or .jsonl file, or an http(s) URL of either."""
+def read_records(source: str, keys: dict) -> list[dict]:
+    """Records from a local .json (a list) or .jsonl file, or an http(s) URL of either; each must have `keys`
+    (name -> type), checked before any model is loaded."""
     if source.startswith(("http://", "https://")):
         with urllib.request.urlopen(source, timeout=60) as response:
             text = response.read().decode()
     else:
         with open(source) as f:
             text = f.read()
-    if source.endswith(".jsonl"):
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return json.loads(text)
+    try:
+        lines = source.endswith(".jsonl")
+        records = [json.loads(line) for line in text.splitlines() if line.strip()] if lines else json.loads(text)
+    except ValueError as e:
+        raise BadInput(f"{source} is not valid JSON{' Lines' if lines else ''} ({e}); fix the file") from e
+    if not isinstance(records, list) or not records:
+        raise BadInput(f"{source} holds no records: give a JSON list (.json) or one JSON object a line (.jsonl)")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in keys.items()):
+            want = ", ".join(f"{k} ({getattr(t, '__name__', t)})" for k, t in keys.items())
+            raise BadInput(f"{source}, record {i}: {str(record)[:60]!r} lacks one of {want}; fix or drop it")
+    return records
+
+
+def output_file(folder: str, name: str) -> str:
+    """<folder>/<name>, the folder created and written to now: one that cannot be written fails before generating."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    open(path + ".tmp", "w").close()
+    os.remove(path + ".tmp")
+    return path

@@ -44,6 +44,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 
+from eval import print_error
 from eval.benchmark import PHASES, count_params, memory_flags, read_metrics, script_command, summarize_run
 from eval.benchmark import Args as BenchmarkArgs
 from eval.synthetic import model_config
@@ -569,4 +570,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.excepthook = print_error  # bad input or a failed read or write: one line, no traceback
     sys.exit(main())

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
 
 import tyro
 
-from eval.generation import MAX_NEW_TOKENS, generate_chat, load_for_hook, read_records
+from eval import BadInput, print_error
+from eval.generation import MAX_NEW_TOKENS, generate_chat, load_for_hook, output_file, read_records
 
 QUESTIONS_URL = "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/mt_bench/question.jsonl"
 
@@ -86,11 +88,16 @@ def answer_questions(model, tokenizer, questions: list[dict], args: Args) -> lis
 
 
 def main(args: Args) -> str:
-    questions = read_records(args.questions)[: args.max_questions or None]
+    keys = {"question_id": int | str, "category": str, "turns": list}
+    questions = read_records(args.questions, keys)[: args.max_questions or None]
+    for q in questions:  # two user turns each: a question without its second would fail after every first answer
+        if len(q["turns"]) < 2 or not all(isinstance(t, str) and t for t in q["turns"][:2]):
+            raise BadInput(
+                f"{args.questions}, question {q['question_id']}: 'turns' must hold two texts; fix or drop it"
+            )
     model, tokenizer, model_id = load_for_hook(args, args.model_id)
+    path = output_file(args.output_dir, f"{model_id}.jsonl")
     turns = answer_questions(model, tokenizer, questions, args)
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, f"{model_id}.jsonl")
     with open(path, "w") as f:
         for q, answer in sorted(zip(questions, turns, strict=True), key=lambda qa: qa[0]["question_id"]):
             record = {
@@ -110,4 +117,5 @@ def main(args: Args) -> str:
 
 
 if __name__ == "__main__":
+    sys.excepthook = print_error  # bad input or a failed read or write: one line, no traceback
     main(tyro.cli(Args, use_underscores=True))

@@ -67,7 +67,7 @@ def main():
 
     runs = load_runs(args.runs)
     if not runs:
-        raise SystemExit(f"no progress.json under {args.runs}: point --runs at rebel_lcm.py's --output_dir")
+        raise SystemExit(f"error: no progress.json under {args.runs}: point --runs at rebel_lcm.py's --output_dir")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for algo, color in (("rebel", "tab:red"), ("ppo", "tab:blue")):
         if algo not in runs:
@@ -86,4 +86,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError, KeyError) as e:  # a failed read or write; a progress.json not of rebel_lcm.py
+        raise SystemExit(f"error: {type(e).__name__}: {e}; check --runs and --out") from None

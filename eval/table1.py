@@ -27,12 +27,14 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 
+from eval import print_error
 from eval.benchmark import format_table, read_metrics, summarize_run
 from eval.benchmark import plot as plot_runtime
 from toy.demo import RL_FLAGS, TOY_LENGTHS, judge_table, prepare_seed, run
@@ -199,6 +201,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
+    sys.excepthook = print_error  # bad input or a failed read or write: one line, no traceback
     args = parse_args()
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()

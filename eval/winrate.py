@@ -27,6 +27,7 @@ import math
 import os
 import random
 import re
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -38,6 +39,7 @@ import pandas as pd
 import tyro
 from tqdm import tqdm
 
+from eval import print_error
 from toy.tldr import gold_judge, gold_score
 
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
@@ -516,4 +518,5 @@ def main(args: Args) -> list[dict]:
 
 
 if __name__ == "__main__":
+    sys.excepthook = print_error  # bad input or a failed read or write: one line, no traceback
     main(tyro.cli(Args, use_underscores=True))
