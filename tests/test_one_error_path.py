@@ -44,6 +44,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(disk)])
 
 
+@pytest.mark.slow  # a run to its first checkpoint
 def test_a_full_disk_while_checkpointing_is_one_line_and_the_evaluation_survives(toy, small_disk):
     run = small_disk / "run"
     proc = run_script("rebel.py", *toy.rl_flags, "--save_freq", "1", "--output_dir", "", "--run_dir", str(run),
