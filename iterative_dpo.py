@@ -888,7 +888,10 @@ def load_function(spec: str, flag: str):
     require(os.path.isfile(path) and name, f"{flag} {spec}: give an existing file.py:function_name")
     module_spec = importlib.util.spec_from_file_location(f"{flag.lstrip('-')}_module", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a syntax error, a missing import: the user's file, said in one line
+        raise BadInput(f"{flag} {spec}: {path} fails to run ({type(e).__name__}: {e}); fix it") from e
     require(callable(getattr(module, name, None)), f"{flag} {spec}: {path} defines no function '{name}'")
     return getattr(module, name)
 
@@ -1051,7 +1054,11 @@ def load_prompts(
             )
     prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
     if isinstance(prompts[0], list):
-        require(bool(tokenizer.chat_template), f"the tokenizer has no chat template for the conversations of '{path}'")
+        require(
+            bool(tokenizer.chat_template),
+            f"the policy's tokenizer has no chat template for the conversations of '{path}' (--chat, or a column of "
+            "conversations): give a model saved with one, or prompts as text without --chat",
+        )
         texts = [tokenizer.apply_chat_template(x, tokenize=False, add_generation_prompt=True) for x in prompts]
         ids = tokenizer(texts, add_special_tokens=False).input_ids  # the template holds the special tokens it wants
     else:

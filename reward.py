@@ -663,7 +663,11 @@ def load_prompts(
             )
     prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
     if isinstance(prompts[0], list):
-        require(bool(tokenizer.chat_template), f"the tokenizer has no chat template for the conversations of '{path}'")
+        require(
+            bool(tokenizer.chat_template),
+            f"the policy's tokenizer has no chat template for the conversations of '{path}' (--chat, or a column of "
+            "conversations): give a model saved with one, or prompts as text without --chat",
+        )
         texts = [tokenizer.apply_chat_template(x, tokenize=False, add_generation_prompt=True) for x in prompts]
         ids = tokenizer(texts, add_special_tokens=False).input_ids  # the template holds the special tokens it wants
     else:

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from typing import Literal
 
 import tyro
 
@@ -47,7 +48,7 @@ class Args:
     """prompts generated together"""
     max_instructions: int = 0
     """generate for the first N instructions only (0 = all 805); for smoke tests"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """model dtype: auto, bfloat16, float16, float32"""
     seed: int = 0
     """sampling seed"""

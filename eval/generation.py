@@ -64,6 +64,10 @@ def load_for_hook(args, name: str):
 
     The name is `name`, or else the model directory's. `args` has seed, model_path, chat_template and dtype.
     """
+    least = {"batch_size": 1, "max_new_tokens": 1, "max_instructions": 0, "max_questions": 0}  # before loading
+    for flag, low in least.items():
+        if getattr(args, flag, low) < low:
+            raise BadInput(f"--{flag} must be >= {low}; got {getattr(args, flag)}")
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model_path, args.chat_template, args.dtype)
     return model, tokenizer, name or os.path.basename(os.path.normpath(args.model_path))

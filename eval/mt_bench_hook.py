@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Literal
 
 import tyro
 
@@ -59,7 +60,7 @@ class Args:
     """questions generated together (one batch per category temperature)"""
     max_questions: int = 0
     """answer the first N questions only (0 = all 80); for smoke tests"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """model dtype: auto, bfloat16, float16, float32"""
     seed: int = 0
     """sampling seed"""

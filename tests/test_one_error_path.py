@@ -91,17 +91,29 @@ def test_the_hooks_check_their_records_and_output_folder_before_generating(tmp_p
     output, code = run_tool("eval.alpaca_eval_hook", "--model_path", "no/model", "--instructions",
                             str(tmp_path / "alpaca.json"))  # fmt: skip
     assert "record 1" in error_line(output, code) and "instruction" in output
+    import eval.alpaca_eval_hook as alpaca
+    import eval.mt_bench_hook as mt_bench
+    from eval import BadInput
+
     (tmp_path / "questions.jsonl").write_text(json.dumps({"question_id": 1, "category": "math", "turns": ["hi"]}))
-    output, code = run_tool("eval.mt_bench_hook", "--model_path", "no/model", "--questions",
-                            str(tmp_path / "questions.jsonl"))  # fmt: skip
-    assert "question 1: 'turns' must hold two texts" in error_line(output, code)
+    with pytest.raises(BadInput, match="question 1: 'turns' must hold two texts"):
+        mt_bench.main(mt_bench.Args(model_path="no/model", questions=str(tmp_path / "questions.jsonl")))
     (tmp_path / "broken.jsonl").write_text('{"instruction": "a"}\n{"instruction": \n')
-    output, code = run_tool("eval.alpaca_eval_hook", "--model_path", "no/model", "--instructions",
-                            str(tmp_path / "broken.jsonl"))  # fmt: skip
-    assert "is not valid JSON Lines" in error_line(output, code)
+    with pytest.raises(BadInput, match="is not valid JSON Lines"):
+        alpaca.main(alpaca.Args(model_path="no/model", instructions=str(tmp_path / "broken.jsonl")))
+    (tmp_path / "ok.json").write_text(json.dumps([{"instruction": "hi"}]))
+    for flags, message in (({"batch_size": 0}, "--batch_size must be >= 1"), ({"max_instructions": -1}, "-1")):
+        with pytest.raises(BadInput, match=message):  # -1 dropped the last instruction at abf420a
+            alpaca.main(alpaca.Args(model_path="no/model", instructions=str(tmp_path / "ok.json"), **flags))
 
 
 # ---------------------------------------------------------------------------------------------- rule 4: models
+
+
+def test_a_reward_function_file_that_fails_to_run_is_one_line(tmp_path):
+    (tmp_path / "fns.py").write_text("def score(prompts, responses:\n")
+    with pytest.raises(R.BadInput, match=r"--reward_fn .*fns.py fails to run \(SyntaxError"):
+        R.load_function(f"{tmp_path / 'fns.py'}:score", "--reward_fn")  # a SyntaxError traceback at abf420a
 
 
 def test_a_reward_model_folder_is_not_a_policy(toy, tmp_path):
