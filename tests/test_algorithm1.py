@@ -89,7 +89,11 @@ def test_self_play_on_rock_paper_scissors_approaches_the_minimax_winner():
     for t in range(1, 301):
         r_t = rebel.preference_rewards(P[None], logp.exp().expand(3, 3))  # (1, 3): l(y, pi_t)
         torch.testing.assert_close(r_t[0], L @ logp.exp()[0])
-        logp = solve_equation_1(logp, pairs[:, 0], pairs[:, 1], r_t, eta, steps=1)  # 3 parameters: one step solves it
+        old, logp = logp, solve_equation_1(logp, pairs[:, 0], pairs[:, 1], r_t, eta, steps=1)  # 3 parameters: solved
+        # Each step is mirror descent towards the responses that beat pi_t: ln pi_{t+1} = ln pi_t + eta r_t - ln Z
+        # (at t = 1, paper, which beats the rock-heavy pi_1, gains; the minimiser of the payoff would lose it).
+        step = logp - old - eta * r_t
+        torch.testing.assert_close(step, step.mean().expand(1, 3), atol=1e-5, rtol=0)
         total += logp.exp()[0]
         if t in (10, 100, 300):
             gaps[t] = duality_gap(L, total / t)
@@ -164,7 +168,10 @@ def test_preferences_end_to_end(toy, tmp_path):
 
     from toy.tldr import gold_judge
 
+    # One update from the SFT policy at the paper's table temperature, 0.1: every response ends (one that does not
+    # would score the penalty, hiding its comparators), yet they differ enough for the judge to prefer some.
     g = run_in_process("rebel.py", [*toy.rl_flags, "--preference_fn", GOLD_PREFERENCE, "--output_dir", "",
+                                    "--total_episodes", "8", "--temperature", "0.1",
                                     "--run_dir", str(tmp_path / "again")])  # fmt: skip
     qr, ctx, wins = g["query_responses"], g["context_length"], g["wins"]
     assert qr.shape[1] == 3 and wins.shape == (len(qr), 3, 3)
@@ -178,6 +185,10 @@ def test_preferences_end_to_end(toy, tmp_path):
     l = 2 * wins - 1  # noqa: E741
     expected = torch.stack((l[:, 0, 2], l[:, 1, 2], (l[:, 2, 0] + l[:, 2, 1]) / 2), 1)
     torch.testing.assert_close(g["scores"], torch.where(g["has_eos"], expected, g["args"].penalty_reward_value))
+    # The check tells y'' alone from every other sample as y's or y''s comparator: an ended y or y' whose preference
+    # against y' (or y) differs from the one against y''.
+    other = torch.stack((l[:, 0, 1], l[:, 1, 0]), 1)
+    assert (g["has_eos"][:, :2] & (other != expected[:, :2])).any(), "no ended y or y' tells the comparators apart"
 
 
 def test_preferences_with_more_samples_and_a_biased_judge(toy, tmp_path):

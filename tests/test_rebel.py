@@ -14,7 +14,7 @@ from conftest import (
     check_reference_is_sft,
     run_script,
 )
-from rl_checks import bad_input_message
+from rl_checks import bad_input_message, run_in_process
 
 import rebel
 
@@ -327,6 +327,33 @@ def test_rollout_pairs_masks_and_eos(toy, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+
+
+def test_one_large_step_raises_the_better_response_of_every_pair(toy, tmp_path):
+    """One update at a large learning rate, rewarded by a deterministic --reward_fn (a response's word count; the
+    no-EOS penalty without EOS) and no KL term: each pair's rewards are those of its own responses, and in every pair
+    whose rewards differ the better response gains log-probability on the other, ln pi_1(y)/pi_0(y) -
+    ln pi_1(y')/pi_0(y') has the sign of r(y) - r(y') (Equation 1 regresses the one onto the other)."""
+    (tmp_path / "words.py").write_text(
+        "def words(prompts, responses):\n    return [len(r.split()) for r in responses]\n"
+    )
+    i = toy.rl_flags.index("--reward_model_path")
+    flags = [*toy.rl_flags[:i], *toy.rl_flags[i + 2 :], "--reward_fn", f"{tmp_path / 'words.py'}:words", "--lr", "1e-2",
+             "--kl_coef", "0", "--total_episodes", "8", "--num_eval_prompts", "1", "--output_dir", "",
+             "--run_dir", str(tmp_path / "run")]  # fmt: skip
+    g = run_in_process("rebel.py", flags)
+    tok, qr, masks, ctx = g["tokenizer"], g["pair_query_responses"], g["pair_masks"], g["context_length"]
+    texts = tok.batch_decode(qr[..., ctx:].flatten(0, 1), skip_special_tokens=True)
+    ended = (qr[..., ctx:] == tok.eos_token_id).any(-1).flatten()
+    expected = torch.where(ended, torch.tensor([float(len(t.split())) for t in texts]), -1.0).view(-1, 2)
+    torch.testing.assert_close(g["pair_rewards"], expected)  # (B, 2): y's reward first, y''s second
+    with torch.no_grad():
+        new = rebel.sequence_logprobs(g["raw_policy"], qr, masks, ctx, g["args"].temperature, g["pad"])  # pi_1
+    gain = (new - g["pair_logprobs"]) @ torch.tensor([1.0, -1.0])  # (B,)
+    target = expected @ torch.tensor([1.0, -1.0])
+    differ = target != 0
+    assert differ.sum() >= 2, "too few pairs with different rewards to check"
+    assert (gain.sign() == target.sign())[differ].all(), (gain, target)
 
 
 def test_rebel_end_to_end_saves_a_loadable_model(toy, tmp_path):
