@@ -230,15 +230,15 @@ def test_bad_flags(toy, tmp_path, extra, message):
 
 
 @pytest.mark.parametrize("body, message", [
-    ("return [0.5]", "--preference_fn judge returned '[0.5]'; it must return one probability in [0, 1] per pair (48)"),
+    ("return [0.5]", "--preference_fn judge returned '[0.5]'; it must return one probability in [0, 1] per pair (16)"),
     ("return [1.5] * len(responses_a)", "one probability in [0, 1] per pair"),
     ("return [float('nan')] * len(responses_a)", "one probability in [0, 1] per pair"),
-    ("return ['a'] * len(responses_a)", "--preference_fn judge failed on 48 pairs: ValueError"),
-    ("raise RuntimeError('no judge')", "--preference_fn judge failed on 48 pairs: RuntimeError: no judge"),
+    ("return ['a'] * len(responses_a)", "--preference_fn judge failed on 16 pairs: ValueError"),
+    ("raise RuntimeError('no judge')", "--preference_fn judge failed on 16 pairs: RuntimeError: no judge"),
 ])  # fmt: skip
 def test_bad_preference_fn(toy, tmp_path, body, message):
-    """A judge's output is checked as --reward_fn's is, with one line naming the function (8 prompts x 3 responses x
-    the 2 other responses: 48 ordered pairs)."""
+    """A judge's output is checked as --reward_fn's is, with one line naming the function. Its first call is the
+    evaluation before training: each of the 8 prompts' response against its reference, both orders, 16 pairs."""
     flags = [*toy.rl_flags, "--preference_fn", _judge(tmp_path, body), "--run_dir", str(tmp_path / "run")]
     assert message in bad_input_message("rebel.py", flags)
 
