@@ -1298,14 +1298,14 @@ def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int
     return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
-def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: int = 0):
+def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
     """Forward with pads masked and positions counted from the first real token, as generate() does with left
-    padding. The pad id never reaches the model, so it needs no embedding row (see load_tokenizer). logits_to_keep > 0
-    (a causal LM only): the LM head reads the last that many positions, not all (passed through peft, DDP and FSDP)."""
+    padding. The pad id never reaches the model, so it needs no embedding row (see load_tokenizer). logits_to_keep
+    (a causal LM only): the positions the LM head reads, not all (passed through peft, DDP and FSDP)."""
     attention_mask = query_responses != pad_id
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     input_ids = query_responses.masked_fill(~attention_mask, 0)
-    keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}  # a backbone (no LM head) takes no such flag
+    keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}  # a backbone takes no such flag
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
 
 
@@ -1315,10 +1315,12 @@ def response_logprobs(model, query_responses, context_length: int, temperature: 
     from torch.utils.checkpoint import checkpoint
 
     responses = query_responses[:, context_length:]
-    width = responses.size(1)
     # The LM head over the response positions only (the logits at t - 1 give token t): the prompt's would go unused,
-    # and at a 128k vocabulary they are most of a pass's memory. The slice also holds if a model ignores the flag.
-    logits = forward(model, query_responses, pad_id, logits_to_keep=width + 1).logits[:, -width - 1 : -1]  # (B, T, V)
+    # and at a 128k vocabulary they are most of a pass's memory.
+    positions = torch.arange(context_length - 1, query_responses.size(1) - 1, device=query_responses.device)
+    logits = forward(model, query_responses, pad_id, positions).logits
+    if logits.size(1) != responses.size(1):  # a model that ignores logits_to_keep
+        logits = logits[:, context_length - 1 : -1]  # (B, T, V)
     is_pad = responses == pad_id  # (B, T)
     tokens = responses.masked_fill(is_pad, 0)
     # A few positions at a time (about 64 MB of fp32 logits each), so no second (B, T, V) tensor is made; under grad,

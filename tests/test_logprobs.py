@@ -72,7 +72,24 @@ def test_the_lm_head_reads_the_response_positions_only(wrap):
     head.register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
     query_responses = batch(0)
     rebel.sequence_logprobs(model, query_responses[:, None], torch.ones(2, 1, 9), 12, 1.0, 0).sum().backward()
-    assert positions == [9 + 1]  # the response's 9, and the last one (predicting nothing)
+    assert positions == [9]  # the response's 9 positions
+
+
+def test_a_model_that_ignores_logits_to_keep_gets_the_same_logprobs():
+    """A causal LM whose forward takes the flag in **kwargs and computes every position (transformers' xLSTM)."""
+
+    class IgnoresTheFlag(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, logits_to_keep=None, **kwargs):
+            return self.model(**kwargs)
+
+    model = tiny_llama()
+    query_responses = batch(0)
+    ours = rebel.response_logprobs(IgnoresTheFlag(model), query_responses, 12, 0.7, 0)
+    torch.testing.assert_close(ours, plain_logprobs(model, query_responses, 12, 0.7, 0))
 
 
 def test_the_sft_loss_reads_the_response_positions_only():
@@ -84,7 +101,7 @@ def test_the_sft_loss_reads_the_response_positions_only():
     model.get_output_embeddings().register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
     query_responses = batch(300)
     loss = sft.sft_loss(model, query_responses, 12, 300)
-    assert positions == [9 + 1]
+    assert positions == [9]
     logits = rebel.forward(model, query_responses, 300).logits[:, 11:-1]
     labels = query_responses[:, 12:].masked_fill(query_responses[:, 12:] == 300, -100)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()))
