@@ -12,7 +12,8 @@ class BadInput(ValueError):
 def print_error(kind, error, tb) -> None:
     """sys.excepthook: BadInput and OSError as one line; anything else with its full traceback."""
     if issubclass(kind, BadInput | OSError):
-        print(f"error: {error}" + ("" if issubclass(kind, BadInput) else ": check that path and its permissions"),
-              file=sys.stderr)  # fmt: skip
+        fix = "check that path and its permissions"
+        fix = "a file is where a folder is needed: choose another path" if issubclass(kind, FileExistsError) else fix
+        print(f"error: {error}" + ("" if issubclass(kind, BadInput) else f": {fix}"), file=sys.stderr)
     else:
         sys.__excepthook__(kind, error, tb)

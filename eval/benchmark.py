@@ -40,7 +40,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
-from eval import print_error
+from eval import BadInput, print_error
 
 PHASES = ["generation", "reward", "logprob", "update"]
 GIB = 2**30
@@ -366,6 +366,10 @@ def use_synthetic(args: Args) -> Args:
 
 
 def main(args: Args) -> list[dict]:
+    missing = [spec for spec in args.scripts if not os.path.isfile(shlex.split(spec)[0])]
+    if missing or args.updates <= args.warmup:
+        raise BadInput(f"--scripts {missing}: no such file here; run from the repository with rebel.py, ppo.py, ..."
+                       if missing else f"--updates {args.updates} must be more than --warmup {args.warmup}")  # fmt: skip
     os.makedirs(args.output_dir, exist_ok=True)
     if args.synthetic:
         args = use_synthetic(args)

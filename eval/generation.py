@@ -18,6 +18,8 @@ MAX_NEW_TOKENS = 1024
 def load_model_and_tokenizer(model_path: str, chat_template: str = "", dtype: str = "auto", device: str = ""):
     """A `save_pretrained` directory or hub name; a peft adapter directory (adapter_config.json) is loaded on its base."""
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    if not os.path.isdir(model_path) and model_path.startswith(("/", ".", "~")):
+        raise BadInput(f"--model_path {model_path}: no such directory")
     if os.path.exists(os.path.join(model_path, "adapter_config.json")):
         from peft import AutoPeftModelForCausalLM
 

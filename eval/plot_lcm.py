@@ -30,6 +30,8 @@ def load_runs(folder: Path) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
         history = record["history"]
         if not history:
             continue
+        if not all("reward_queries" in h and "reward_mean" in h for h in history):
+            raise SystemExit(f"error: {path} is not a progress.json of rebel_lcm.py (no reward_queries, reward_mean)")
         queries = np.array([h["reward_queries"] for h in history], dtype=float)
         rewards = np.array([h["reward_mean"] for h in history], dtype=float)
         runs.setdefault(record["args"]["algo"], []).append((queries, rewards))

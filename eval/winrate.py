@@ -39,7 +39,7 @@ import pandas as pd
 import tyro
 from tqdm import tqdm
 
-from eval import print_error
+from eval import BadInput, print_error
 from toy.tldr import gold_judge, gold_score
 
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
@@ -340,7 +340,12 @@ def judge_row(
         "error": None,
     }
     if args.judge == "gold":
-        verdict = gold_judge(row["query"], summary_a, summary_b)
+        try:
+            verdict = gold_judge(row["query"], summary_a, summary_b)
+        except ValueError as e:  # a post of another task
+            raise BadInput(
+                f"row {row_id}: {e}: --judge gold judges the toy task only (--judge openai otherwise)"
+            ) from e
         score_a, score_b = gold_score(row["query"], summary_a), gold_score(row["query"], summary_b)
         record["raw"] = f"gold_score A={score_a:.3f} B={score_b:.3f}"
         record["parsed"] = {1.0: "A", 0.0: "B", 0.5: "tie"}[verdict]
@@ -413,6 +418,8 @@ def read_eval_csv(path: str) -> pd.DataFrame:
                     raise csv.Error(f"{len(record)} fields, the header has {len(header)}")
         except csv.Error as e:
             raise SystemExit(f"error: {path} is not well-formed CSV (line {reader.line_num}: {e}); {fix}") from None
+    if not header:
+        raise SystemExit(f"error: {path} is empty: give an evaluation CSV that the training scripts wrote")
     df = pd.read_csv(path, keep_default_na=False)  # an empty response is "", not NaN
     if len(df) != n_records:  # the two parsers disagree: neither reading can be trusted
         raise SystemExit(f"error: {path} is not well-formed CSV ({len(df)} rows read, {n_records} records); {fix}")
@@ -435,6 +442,8 @@ def format_table(rows: list[dict]) -> str:
 def main(args: Args) -> list[dict]:
     if not args.csvs:
         raise SystemExit("error: pass at least one evaluation CSV")
+    if not 0 < args.subset_frac <= 1:
+        raise SystemExit(f"error: --subset_frac must be in (0, 1] (1: every row); got {args.subset_frac}")
     os.makedirs(args.output_dir, exist_ok=True)
     template, version = load_template(args.template)
     endpoint, secrets = split_credentials(args.base_url)

@@ -86,6 +86,30 @@ def test_an_eval_tool_that_cannot_read_its_input_says_so_in_one_line(tmp_path):
     assert "No such file or directory" in error_line(output, code)
 
 
+def test_the_eval_tools_refuse_bad_input_in_one_line(tmp_path):
+    import pandas as pd
+
+    import eval.benchmark as benchmark
+    import eval.winrate as winrate
+    from eval import BadInput
+
+    (tmp_path / "empty.csv").write_text("")  # pandas' EmptyDataError traceback at abf420a
+    with pytest.raises(SystemExit, match="error: .*empty.csv is empty"):
+        winrate.main(winrate.Args(csvs=(str(tmp_path / "empty.csv"),), judge="gold", output_dir=str(tmp_path / "w")))
+    row = {"query": "not a toy post", "postprocessed_response": "a", "reference_response": "b"}
+    pd.DataFrame([row]).to_csv(tmp_path / "other.csv", index=False)  # a ValueError traceback at abf420a
+    with pytest.raises(BadInput, match="--judge gold judges the toy task only"):
+        winrate.main(winrate.Args(csvs=(str(tmp_path / "other.csv"),), judge="gold", output_dir=str(tmp_path / "w")))
+    with pytest.raises(SystemExit, match=r"--subset_frac must be in \(0, 1\]"):  # judged one row at abf420a
+        winrate.main(winrate.Args(csvs=(str(tmp_path / "other.csv"),), judge="gold", subset_frac=0.0))
+    with pytest.raises(BadInput, match=r"--scripts \['nosuch.py'\]: no such file"):  # a table of failures at abf420a
+        benchmark.main(benchmark.Args(scripts=("nosuch.py",), output_dir=str(tmp_path / "b")))
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "hi"}]))
+    output, code = run_tool("eval.alpaca_eval_hook", "--model_path", str(tmp_path / "gone"), "--instructions",
+                            str(tmp_path / "alpaca.json"))  # fmt: skip
+    assert error_line(output, code) == f"error: --model_path {tmp_path / 'gone'}: no such directory"
+
+
 def test_the_hooks_check_their_records_and_output_folder_before_generating(tmp_path):
     (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "hi"}, {"prompt": "no instruction"}]))
     output, code = run_tool("eval.alpaca_eval_hook", "--model_path", "no/model", "--instructions",
