@@ -33,7 +33,6 @@ import copy
 import json
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -370,15 +369,22 @@ def main(args: Args) -> list[dict]:
     if missing or args.updates <= args.warmup:
         raise BadInput(f"--scripts {missing}: no such file here; run from the repository with rebel.py, ppo.py, ..."
                        if missing else f"--updates {args.updates} must be more than --warmup {args.warmup}")  # fmt: skip
+    run_dirs = [
+        os.path.join(args.output_dir, "runs", run_name(s).replace(" --", "_").replace(" ", "_")) for s in args.scripts
+    ]
+    # It deletes nothing: a run folder from before (an earlier benchmark's, or a user's) is refused before any run.
+    earlier = [d for d in run_dirs if os.path.exists(d) or os.path.exists(d + ".log")]
+    if earlier and not args.reuse:
+        raise BadInput(
+            f"{earlier[0]} exists (an earlier benchmark's?): pass a new --output_dir, or --reuse to summarise it"
+        )
     os.makedirs(args.output_dir, exist_ok=True)
     if args.synthetic:
         args = use_synthetic(args)
     results = []
-    for script in args.scripts:
-        run_dir = os.path.join(args.output_dir, "runs", run_name(script).replace(" --", "_").replace(" ", "_"))
+    for script, run_dir in zip(args.scripts, run_dirs):
         metrics = os.path.join(run_dir, "metrics.jsonl")
         if not args.reuse:
-            shutil.rmtree(run_dir, ignore_errors=True)  # a new run needs an empty run directory
             os.makedirs(os.path.dirname(run_dir), exist_ok=True)
             command = script_command(script, run_dir, args)
             print("running:", shlex.join(command), flush=True)

@@ -35,7 +35,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -122,8 +121,7 @@ def run_logged(command: list[str], log_path: str, deadline: float, env: dict | N
 def check_script(spec: str, run_dir: str, bench: BenchmarkArgs, deadline: float, env: dict | None = None) -> dict:
     """One script under eval.benchmark's command line for `bench`: exit code, loss/ metrics, time per phase (mean
     over the updates after the first), peak GiB (max over every update), and `ok`."""
-    shutil.rmtree(run_dir, ignore_errors=True)  # a new run needs an empty run directory
-    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)  # --out is new or empty: so is run_dir
     command = script_command(spec, run_dir, bench)
     code, wall = run_logged(command, run_dir + ".log", deadline, env)
     result = {"command": shlex.join(command), "log": run_dir + ".log", "exit_code": code, "wall_s": round(wall, 1)}
@@ -562,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not cli.dry and not torch.cuda.is_available():
         print("error: no CUDA device: run with --dry on a machine without a GPU")
+        return 2
+    if os.path.isdir(cli.out) and os.listdir(cli.out):  # it writes, and deletes, nothing of an earlier check
+        print(f"error: --out {cli.out} is not empty: give a new or empty folder")
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a clean exit kills the running step (run_logged)
     os.makedirs(cli.out, exist_ok=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,8 +73,8 @@ def run_method(out: str, method: str, seed: int, lr: float) -> dict:
         with open(done) as f:
             return json.load(f)
     script, flags = method_flags(method, d, seed, lr, run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run's files would mix with the new ones
-    wall = run(script, flags, run_dir + ".log")  # beside the run directory: a new run needs an empty one
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)  # its log goes beside the run directory
+    wall = run(script, [*flags, "--resume", run_dir], run_dir + ".log")  # an interrupted run goes on
     evals = sorted(f for f in os.listdir(run_dir) if f.startswith("eval_"))
     curve = [{"update": int(f[5:11]), **judge_table(os.path.join(run_dir, f))} for f in evals]
     result = {"method": method, "seed": seed, "lr": lr, "wall_s": wall, "curve": curve, "run_dir": run_dir,
@@ -135,7 +134,8 @@ def time_method(out: str, method: str, seed: int, lr: float, updates: int = 8, w
             return json.load(f)
     script, flags = method_flags(method, os.path.join(out, f"seed{seed}"), seed, lr, run_dir)
     flags += ["--total_episodes", str(updates * 32), "--eval_freq", "0", "--num_eval_prompts", "32"]
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if os.path.exists(run_dir):  # an interrupted timing run: resumed, it would time a second start too
+        raise SystemExit(f"error: {run_dir} holds an unfinished timing run: remove it to time it again")
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)  # its log goes beside the run directory
     run(script, flags, run_dir + ".log")
     result = {"script": method, **summarize_run(read_metrics(os.path.join(run_dir, "metrics.jsonl")), warmup)}

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from eval import BadInput
 from eval.benchmark import (
     GIB,
     MEMORY_PARTS,
@@ -250,3 +251,14 @@ def test_benchmark_synthetic_tiny_end_to_end(tmp_path):
     accounted = sum(memory[k] for k in MEMORY_PARTS)
     assert memory["activations"] == pytest.approx(memory["peak"] - accounted)
     assert "| rebel | 6.2e-04 |" in (out / "benchmark.md").read_text()  # weights: (4 x 167,680) / 2^30 GiB
+
+
+def test_benchmark_deletes_no_run_folder(fake_scripts, tmp_path):
+    """It removed <output_dir>/runs/<script> before running: with --output_dir . that was a user's own run. A run
+    folder from before is now refused, before anything runs, and left as it is."""
+    mine = tmp_path / "runs" / "rebel"
+    mine.mkdir(parents=True)
+    (mine / "metrics.jsonl").write_text("mine\n")
+    with pytest.raises(BadInput, match=f"{mine} exists .* pass a new --output_dir, or --reuse"):
+        main(Args(scripts=(str(fake_scripts / "rebel.py"),), updates=3, batch_size=2, output_dir=str(tmp_path)))
+    assert (mine / "metrics.jsonl").read_text() == "mine\n" and not os.path.exists(tmp_path / "runs" / "rebel.log")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -68,7 +67,8 @@ def judge_table(csv_path: str) -> dict:
 def prepare_seed(out: str, seed: int) -> tuple[str, dict]:
     """Build the toy task of one seed, then train its SFT policy and reward model; return the folder and stage times."""
     d = os.path.join(out, f"seed{seed}")
-    shutil.rmtree(os.path.join(d, "runs"), ignore_errors=True)  # a rerun starts afresh: each run needs an empty run_dir
+    if os.path.isdir(d) and os.listdir(d):  # it deletes nothing, an earlier demo's models included
+        raise SystemExit(f"error: {d} is not empty (an earlier demo's): pass another --out, or remove it")
     os.makedirs(d, exist_ok=True)
     times = {}
     t0 = time.time()
