@@ -160,17 +160,19 @@ class Args:
     """the wandb entity (team)"""
     run_dir: str | None = None
     """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
-    output_dir: str = "models/iterative_dpo_tldr"
-    """where the final policy and tokenizer are saved with save_pretrained ('' to skip saving)"""
+    output_dir: str | None = None
+    """where the final policy and tokenizer are saved with save_pretrained (default: <run_dir>/model; '': nothing
+    saved): a new or empty folder, or this run's own"""
     save_merged: bool = False
     """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
     save_freq: int = 20
-    """write a checkpoint every this many updates (and on Ctrl-C or SIGTERM); 0 = only on those signals"""
+    """write a checkpoint every this many updates (and at the last, and on Ctrl-C or SIGTERM); 0 = only then"""
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
     resume: str | None = None
-    """continue a stopped run: its run directory (the latest checkpoint) or one checkpoint directory. The other flags
-    must be those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
+    """continue the run in this run directory from its latest checkpoint (or from one checkpoint directory), or start
+    it there if it has none: pass the same --resume at every launch of a pre-emptible job. The other flags must be
+    those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
     eval_freq: int = 100
     """evaluate every this many updates (and before the first and after the last); 0 = only at the end"""
     num_eval_prompts: int | None = None
@@ -252,7 +254,7 @@ def main(args: Args) -> None:
     grad_accum = exact_div(
         mini_batch_size, args.per_device_train_batch_size, "mini-batch over --per_device_train_batch_size"
     )
-    checkpoint, run_dir, run_name = open_run(args.resume, args.run_dir, args.exp_name, args.seed, args.output_dir)
+    checkpoint, run_dir, run_name, output_dir = open_run(asdict(args))
 
     # Data: every rank tokenises the whole split and takes its own prompts from the shared shuffle.
     tokenizer = load_tokenizer(args.sft_model_path)
@@ -290,7 +292,7 @@ def main(args: Args) -> None:
     eval_config = sampling_config(args.response_length, args.eval_temperature, pad, static_cache, stops)
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, policy, optimizer, asdict(args), world_size) if checkpoint else {}
+    trainer = load_checkpoint(checkpoint, policy, optimizer, asdict(args), world_size)
     start_update = trainer.get("update", 0)
     require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
     for _ in range(start_update):  # the batches already trained on
@@ -413,7 +415,7 @@ def main(args: Args) -> None:
         print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
     if not stop:
         run_evaluation(num_updates)
-        save_policy(raw_policy, tokenizer, args.output_dir, args.fsdp, args.lora and args.save_merged)
+        save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
     log.close()
     del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
     if dist.is_initialized():
@@ -469,23 +471,23 @@ def check_flags(flags: dict) -> None:
     )
 
 
-def open_run(resume: str | None, run_dir: str | None, exp_name: str, seed: int, output_dir: str):
-    """The checkpoint to resume from (None for a new run), the run directory and the run's name. A new run starts in
-    an empty directory, so that its logs never mix with another's; --resume continues a stopped run in its own."""
-    master = not dist.is_initialized() or dist.get_rank() == 0
+def open_run(flags: dict):
+    """The checkpoint to resume from (None: the run starts), the run directory, the run's name and the output
+    directory (by default <run_dir>/model, so that no two runs share one). A new run needs a new or empty run
+    directory; --resume DIR continues the run in DIR from its last complete checkpoint, or starts it there when it has
+    none (killed before its first, or never started): a pre-emptible job passes the same --resume at every launch."""
+    master, resume = not dist.is_initialized() or dist.get_rank() == 0, flags["resume"]
     checkpoint = find_checkpoint(resume) if resume else None
-    run_name = f"{exp_name}__{seed}__{int(time.time())}"
-    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else run_dir or f"runs/{run_name}"
-    if resume and not checkpoint:  # killed while writing its first checkpoint: nothing to keep, so start it over
-        run_dir = os.path.normpath(resume)
-        if master:
-            lock_run_dir(run_dir)
-            print(f"--resume {run_dir}: no complete checkpoint there; starting the run over in it", file=sys.stderr)
-            shutil.rmtree(run_dir)
+    run_name = f"{flags['exp_name']}__{flags['seed']}__{int(time.time())}"
+    run_dir = os.path.normpath(resume) if resume else flags["run_dir"] or f"runs/{run_name}"
+    run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else run_dir
+    output_dir = os.path.join(run_dir, "model") if flags["output_dir"] is None else flags["output_dir"]
     if master:
-        start_run_dir(run_dir, checkpoint, output_dir)
+        if resume and not checkpoint:
+            print(f"--resume {run_dir}: no complete checkpoint there; starting the run in it", file=sys.stderr)
+        start_run_dir(run_dir, output_dir, bool(resume), input_paths(flags))
         lock_run_dir(run_dir)
-    return checkpoint, broadcast(run_dir), run_name
+    return checkpoint, broadcast(run_dir), run_name, output_dir
 
 
 def lock_run_dir(run_dir: str) -> None:
@@ -506,30 +508,61 @@ def lock_run_dir(run_dir: str) -> None:
         atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
 
 
-def start_run_dir(run_dir: str, checkpoint: str | None, output_dir: str) -> str:
-    """Refuse a non-empty run directory for a new run; create the run and output directories and write to them now,
-    so that a bad one fails at start rather than after training. The folders made here that are still empty at exit
-    (a run that failed to start) are removed."""
-    if checkpoint is None and os.path.isdir(run_dir) and os.listdir(run_dir):
-        raise BadInput(
-            f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
-        )
-
-    for flag, path in (("--output_dir", output_dir), ("--run_dir", run_dir)):
+def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> None:
+    """A run owns its run directory and its output directory, and writes inside nothing it reads (`reads`: flag ->
+    path). Both hold the run's run.json (its script and id): a new run needs them new or empty, --resume a run
+    directory of this script (or a new or empty one), and the output directory new, empty or this run's. Both are
+    created and written to now, so that a bad one fails at start; what a run that fails to start made is removed."""
+    for flag, path in (("--run_dir", run_dir), ("--output_dir", output_dir)):
         require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
-        made = [path] if path and not os.path.exists(path) else []  # the folders makedirs makes, deepest first
+        for name, read in reads.items():  # real paths: a link or a '..' names the same folder
+            source = os.path.realpath(read)
+            inside = path and os.path.commonpath([os.path.realpath(path), source]) == source
+            require(not inside, f"{flag} {path} is inside {name} {read}, which this run reads: choose another folder")
+    owner, script = read_run_json(run_dir), os.path.basename(__file__)
+    if os.path.isdir(run_dir) and os.listdir(run_dir):  # a run's folder: its run.json, or its checkpoints
+        require(
+            resume, f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
+        )
+        require(
+            owner or os.path.isdir(os.path.join(run_dir, "checkpoints")),
+            f"--resume {run_dir}: neither a checkpoint nor a run.json there, so it is no run's folder: give the run's",
+        )
+    theirs = owner.get("script", script) if owner else script
+    require(theirs == script, f"--resume {run_dir}: that is a run of {theirs}; resume it with it")
+    owner = owner or {"script": script, "id": os.urandom(8).hex()}
+    require(
+        not output_dir or read_run_json(output_dir) in (None, owner),
+        f"--output_dir {output_dir} is not empty and not this run's: a run saves into a new or empty folder (by "
+        "default <run_dir>/model); choose another",
+    )
+    for flag, path in (("--run_dir", run_dir), ("--output_dir", output_dir)):
+        if not path:
+            continue  # no --output_dir: nothing is saved
+        made = [path] if not os.path.exists(path) else []  # the folders makedirs makes, deepest first
         while made and not os.path.exists(os.path.dirname(made[-1]) or "."):
             made.append(os.path.dirname(made[-1]))
         for folder in reversed(made):  # atexit runs the last registered first: the deepest goes first
             atexit.register(lambda f=folder: os.path.isdir(f) and not os.listdir(f) and os.rmdir(f))
+        marker = os.path.join(path, "run.json")
         try:
-            if path:  # no --output_dir: nothing is saved
-                os.makedirs(path, exist_ok=True)
-                open(os.path.join(path, ".write_test"), "w").close()
-                os.remove(os.path.join(path, ".write_test"))
+            os.makedirs(path, exist_ok=True)
+            if not os.path.exists(marker):
+                with open(marker, "w") as f:
+                    json.dump(owner, f)
+                atexit.register(lambda m=marker: os.listdir(os.path.dirname(m)) == ["run.json"] and os.remove(m))
         except OSError as e:
             raise BadInput(f"{flag} {path} is not a writable directory ({e.strerror}); choose another") from e
-    return run_dir
+
+
+def read_run_json(path: str) -> dict | None:
+    """The run.json of a run or output directory; None where there is none. A folder that is neither empty nor a run's
+    gives {} (no run's)."""
+    marker = os.path.join(path, "run.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            return json.load(f)
+    return {} if os.path.isdir(path) and os.listdir(path) else None
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -1422,7 +1455,7 @@ class RunLog:
             wandb.init(project=project, entity=entity, config=flags, name=run_name, dir=run_dir, save_code=True,
                        id=trainer.get("wandb_id"), resume="allow", sync_tensorboard=True)  # fmt: skip
             trainer["wandb_id"] = wandb.run.id
-        self.writer = SummaryWriter(run_dir, purge_step=start_update + 1 if start_update else None)
+        self.writer = SummaryWriter(run_dir, purge_step=start_update + 1 if start_update else 0)
         self.writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in flags.items()))
         self.metrics = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
 
@@ -1485,17 +1518,32 @@ class RunLog:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def find_checkpoint(path: str) -> str:
-    """--resume: a checkpoint directory, or a run directory whose latest checkpoint is taken."""
+def find_checkpoint(path: str) -> str | None:
+    """--resume: a checkpoint directory, or a run directory's latest complete checkpoint; None where there is none (a
+    run killed before its first, or never started: open_run starts it there)."""
     path = os.path.normpath(path)  # a trailing slash would hide the run directory from dirname
     if os.path.isfile(os.path.join(path, "trainer.json")):
         return path
     root = os.path.join(path, "checkpoints")
     done = sorted(n for n in os.listdir(root) if n[7:].isdigit()) if os.path.isdir(root) else []  # update_N
-    if not done and os.path.isdir(root):
-        return None  # a run killed while it wrote its first checkpoint (open_run starts it over)
-    require(bool(done), f"--resume {path}: no checkpoint there (runs write one every --save_freq updates)")
-    return os.path.join(root, done[-1])
+    return os.path.join(root, done[-1]) if done else None
+
+
+def input_paths(flags: dict) -> dict:
+    """The local files and folders a run reads, by flag (the models and the data; a hub name is no local path)."""
+    names = "sft_model_path reward_model_path reward_tokenizer base_model model query_dataset preference_dataset"
+    return {f"--{k}": flags[k] for k in names.split() if isinstance(flags.get(k), str) and os.path.exists(flags[k])}
+
+
+def input_files(flags: dict) -> dict:
+    """Every file a run reads (input_paths) with its size and modification time: enough to notice a change without
+    hashing gigabytes. The checkpoint records them; a resumed run must read the same."""
+    files = {}
+    for flag, path in input_paths(flags).items():
+        found = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+        for file in sorted(found):
+            files[f"{flag} {file}"] = [os.stat(file).st_size, os.stat(file).st_mtime_ns]
+    return files
 
 
 def metrics_log(path: str, last_update: int):
@@ -1571,8 +1619,11 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
     return path
 
 
-def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -> dict:
-    """Restore what save_checkpoint wrote, in place, after checking that the run continues with the same flags."""
+def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size: int) -> dict:
+    """Restore what save_checkpoint wrote, in place, after checking that the run continues with the same flags and
+    reads the same files; return its trainer.json. A run that starts (path None) gets a new record of what it read."""
+    if path is None:
+        return {"inputs": input_files(flags)}
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -1595,6 +1646,14 @@ def load_checkpoint(path: str, model, optimizer, flags: dict, world_size: int) -
         was, flags = trainer["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
         changed = [f"--{k} {was.get(k)} (now {v})" for k, v in flags.items() if was.get(k) != v and k not in resumable]
         require(not changed, f"--resume {path}: flags differ from the run's: {', '.join(changed)}")
+        was, now = trainer.get("inputs", {}), input_files(flags)  # a run from before inputs were recorded: none
+        changed = [k for k in sorted(was.keys() | now.keys()) if "inputs" in trainer and was.get(k) != now.get(k)]
+        if changed:
+            how = "is new" if changed[0] not in was else "is gone" if changed[0] not in now else "was modified"
+            raise BadInput(
+                f"--resume {path}: {changed[0]} {how} since the run read it ({len(changed)} files differ): resume "
+                "with the files it read, or start a new run"
+            )
         n = trainer["world_size"]
         require(
             n == world_size, f"--resume {path}: the run had {n} processes; resume it with as many, not {world_size}"

@@ -3,7 +3,7 @@
 The paper reports AlpacaEval 2.0 (length-controlled) win rates against GPT-4-Turbo references (Section 4.2,
 Table 2). This script only generates; scoring stays in AlpacaEval's own tool, whose command it prints:
 
-    python -m eval.alpaca_eval_hook --model_path runs/rebel_chat --output_dir alpaca_out
+    python -m eval.alpaca_eval_hook --model_path runs/rebel_chat/model --output_dir alpaca_out
     alpaca_eval --model_outputs alpaca_out/model_outputs.json     # needs OPENAI_API_KEY
 
 Output format (the `--model_outputs` file of https://github.com/tatsu-lab/alpaca_eval): a JSON list

@@ -3,7 +3,7 @@
 The paper reports MT-Bench first-turn, second-turn and average scores judged by GPT-4 (Section 4.2, Table 2,
 Appendix O). This script only generates the two-turn answers; judging stays in FastChat, whose commands it prints:
 
-    python -m eval.mt_bench_hook --model_path runs/rebel_chat --model_id rebel-chat --output_dir mt_bench_out
+    python -m eval.mt_bench_hook --model_path runs/rebel_chat/model --model_id rebel-chat --output_dir mt_bench_out
 
 Output format: one line per question, as written by FastChat's fastchat/llm_judge/gen_model_answer.py
 (https://github.com/lm-sys/FastChat/blob/main/fastchat/llm_judge/gen_model_answer.py):

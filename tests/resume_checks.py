@@ -69,3 +69,23 @@ def check_resume_is_exact(
     assert saved
     for name in saved:
         assert filecmp.cmp(tmp_path / "full_out" / name, tmp_path / "part_out" / name, shallow=False), name
+
+
+def check_killed_early_resumes(script: str, flags: list[str], tmp_path, after_rows: int) -> None:
+    """A pre-emptible job passes the same --resume DIR at every launch. The first launch starts the run in DIR (nothing
+    is there yet) and is killed with SIGKILL before its first checkpoint, once it has logged `after_rows` updates (0:
+    before its first update); the next launch starts the run over in DIR and ends with the weights, and the logged
+    updates, of a run that was never killed."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_script(script, *flags, "--run_dir", str(full))
+    job = [*flags, "--resume", str(part)]
+    code = stop_part_way(script, job, part, after_rows, signal.SIGKILL)
+    checkpoints = os.listdir(part / "checkpoints") if os.path.isdir(part / "checkpoints") else []
+    assert code == -signal.SIGKILL and not [c for c in checkpoints if c[7:].isdigit()], (code, checkpoints)
+    proc = run_script(script, *job)
+    assert f"--resume {part}: no complete checkpoint there; starting the run in it" in proc.stdout
+    assert course(part) == course(full)
+    saved = sorted(f for f in os.listdir(full / "model") if f.endswith((".safetensors", ".bin")))
+    assert saved
+    for name in saved:
+        assert filecmp.cmp(full / "model" / name, part / "model" / name, shallow=False), name

@@ -266,8 +266,10 @@ def test_a_run_killed_in_its_first_checkpoint_starts_over_on_resume(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / "update_000002.tmp").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"update": 1}\n')
-    checkpoint, run_dir, _ = R.open_run(str(run), None, "rebel", 1, "")
-    assert checkpoint is None and run_dir == str(run) and os.listdir(run) == [".lock"]
+    flags = {"resume": str(run), "run_dir": None, "exp_name": "rebel", "seed": 1, "output_dir": ""}
+    checkpoint, run_dir, _, output_dir = R.open_run(flags)
+    assert checkpoint is None and run_dir == str(run) and output_dir == ""
+    assert sorted(os.listdir(run)) == [".lock", "checkpoints", "metrics.jsonl", "run.json"]  # nothing deleted
 
 
 def test_a_failed_final_save_says_how_to_get_the_model(tokenizer):

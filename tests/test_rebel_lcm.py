@@ -464,12 +464,13 @@ def test_a_model_that_cannot_be_loaded_is_one_line(model, message, tmp_path):
 
 def test_a_run_killed_in_its_first_checkpoint_starts_over_on_resume(tmp_path):
     """Killed while it wrote its first checkpoint, a run has only update_N.tmp: --resume starts it over in its own
-    folder (as the LM scripts' open_run does), rather than refusing it or starting elsewhere."""
+    folder (as the LM scripts' open_run does), rather than refusing it or starting elsewhere, and ends with a
+    checkpoint of its last iteration (here the second, where --save_freq 0 would write none)."""
     run = tmp_path / "run"
     (run / "checkpoints" / "update_000002.tmp").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"update": 1}\n{"update": 2}\n')
-    out = run_script([*RESUMABLE, "--num_iterations", "2", "--resume", str(run)], tmp_path)
+    out = run_script([*RESUMABLE, "--num_iterations", "2", "--save_freq", "0", "--resume", str(run)], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "no complete checkpoint there; starting the run over in it" in out.stderr
+    assert "no complete checkpoint there; starting the run in it" in out.stderr
     assert [r["update"] for r in read_metrics(run)] == [1, 2] and not (tmp_path / "runs").exists()
-    assert (run / "lora.safetensors").exists() and not (run / "checkpoints" / "update_000002.tmp").exists()
+    assert (run / "lora.safetensors").exists() and os.listdir(run / "checkpoints") == ["update_000002"]

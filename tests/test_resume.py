@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 from conftest import check_fails_with, run_script
-from resume_checks import check_resume_is_exact
+from resume_checks import check_killed_early_resumes, check_resume_is_exact
 from rl_checks import bad_input_message
 
 # Seven updates, an evaluation every three (their sampling draws on the RNG state a checkpoint must carry).
@@ -59,7 +59,6 @@ def test_resume_refuses_changed_flags_and_missing_checkpoints(toy, tmp_path):
     run_script("rebel.py", *toy.rl_flags, "--save_freq", "1", "--output_dir", "", "--run_dir", str(run))
     changed = bad_input_message("rebel.py", [*toy.rl_flags, "--lr", "5e-4", "--resume", str(run)])
     assert "flags differ from the run's: --lr 0.001 (now 0.0005)" in changed
-    assert "no checkpoint there" in bad_input_message("rebel.py", [*toy.rl_flags, "--resume", str(tmp_path / "x")])
     shutil.rmtree(run / "checkpoints" / "update_000001")
     (run / "checkpoints" / "update_000002" / ".metadata").write_bytes(b"garbage")
     damaged = bad_input_message("rebel.py", [*toy.rl_flags, "--resume", str(run / "checkpoints" / "update_000002/")])
@@ -88,3 +87,36 @@ def test_sft_saves_on_ctrl_c_and_resumes_exactly(toy, tmp_path):
     flags = ["--query_dataset", toy.tldr, "--base_model", toy.base, "--batch_size", "32",
              "--per_device_train_batch_size", "16", "--lr", "3e-3", "--query_length", "64", "--response_length", "24"]  # fmt: skip
     check_resume_is_exact("sft.py", flags, tmp_path, signal.SIGINT)
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes(toy, tmp_path):
+    """With the default --save_freq 20, a job pre-empted before update 20 left a folder that neither --resume nor the
+    same command would take: it failed at every launch. The same --resume at every launch now finishes the run."""
+    check_killed_early_resumes("rebel.py", toy.rl_flags, tmp_path, after_rows=0)
+
+
+def lm_script_flags(toy, script: str) -> list[str]:
+    """Toy flags of every LM script, for a run of several updates."""
+    if script in ("sft.py", "reward.py"):
+        small = ["--query_dataset", toy.tldr, "--batch_size", "32", "--per_device_train_batch_size", "16", "--lr",
+                 "3e-3", "--query_length", "64", "--response_length", "24"]  # fmt: skip
+        if script == "sft.py":
+            return [*small, "--base_model", toy.base]
+        return [*small, "--preference_dataset", toy.preference, "--sft_model_path", toy.sft]
+    return [*toy.rl_flags, *LONGER, *(["--preference_dataset", toy.preference] if script == "dpo.py" else [])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script", ["sft.py", "reward.py", "rebel.py", "ppo.py", "rloo.py", "dpo.py", "iterative_dpo.py"]
+)
+def test_every_script_killed_before_its_first_checkpoint_resumes(toy, tmp_path, script):
+    """Killed after its second update: the default --save_freq 20 writes no checkpoint before the last."""
+    check_killed_early_resumes(script, lm_script_flags(toy, script), tmp_path, after_rows=2)
+
+
+def test_sft_and_reward_checkpoint_their_last_update(toy):
+    """The toy's SFT and reward-model runs (8 updates, --save_freq 20) end with a checkpoint of update 8, written
+    before the final save: a save that fails loses no training."""
+    for run in ("sft", "rm"):
+        assert os.listdir(toy.dir / "runs" / run / "checkpoints") == ["update_000008"]
