@@ -66,7 +66,8 @@ def test_resume_refuses_changed_flags_and_missing_checkpoints(toy, tmp_path):
 
 
 def test_a_nan_reward_stops_before_the_optimizer_steps(toy, tmp_path):
-    """A reward model that returns NaN stops the run at the first update, naming it, with the batch saved."""
+    """A reward model that returns NaN stops the run where it first scores (the evaluation before update 1), naming
+    it, with the batch saved, before the optimizer steps."""
     from transformers import AutoModelForSequenceClassification
 
     rm = AutoModelForSequenceClassification.from_pretrained(toy.rm)
@@ -76,10 +77,10 @@ def test_a_nan_reward_stops_before_the_optimizer_steps(toy, tmp_path):
     flags = list(toy.rl_flags)
     flags[flags.index("--reward_model_path") + 1] = str(tmp_path / "rm")
     run = tmp_path / "run"
-    check_fails_with("rebel.py", flags, "the reward model's scores: 16 of 16 values are NaN or inf", run)
+    check_fails_with("rebel.py", flags, "the evaluation's scores: 8 of 8 values are NaN or inf", run)
     assert not os.path.exists(run / "metrics.jsonl") or not (run / "metrics.jsonl").read_text()
     dump = torch.load(run / "nonfinite_rank0.pt", weights_only=True)
-    assert dump["responses"].shape[:2] == (8, 2) and dump["the reward model's scores"].isnan().all()
+    assert dump["the evaluation's scores"].shape == (8,) and dump["the evaluation's scores"].isnan().all()
 
 
 @pytest.mark.slow
