@@ -89,20 +89,23 @@ def real(smollm2, tmp_path_factory):
     """Data written here (a JSONL of conversations per split, with the question as text too, and preference pairs),
     the reward and preference functions, and a reward model trained from SmolLM2 by reward.py."""
     d = tmp_path_factory.mktemp("real")
+    (d / "data").mkdir()  # apart from what the runs write: a run writes nothing inside what it reads
     for split, questions in (("train", TRAIN), ("validation", [q for q, _ in EVAL])):
         answers = dict(EVAL)
-        with open(d / f"{split}.jsonl", "w") as f:
+        with open(d / "data" / f"{split}.jsonl", "w") as f:
             for q in questions:
                 row = {"question": q, "messages": conversation(q, answers.get(q, SHORT_ANSWER)),
                        "chosen": conversation(q, SHORT_ANSWER), "rejected": conversation(q, LONG_ANSWER)}  # fmt: skip
                 f.write(json.dumps(row) + "\n")
     (d / "functions.py").write_text(FUNCTIONS)
-    rm = ["--preference_dataset", str(d), "--query_dataset", str(d), "--query_column", "messages",
+    rm = ["--preference_dataset", str(d / "data"), "--query_dataset", str(d / "data"), "--query_column", "messages",
           "--reference_column", "messages", "--sft_model_path", smollm2, "--query_length", "48",
           "--pad_multiple", "8", "--response_length", "24", "--batch_size", "4", "--per_device_train_batch_size", "4",
           "--lr", "1e-4", "--save_freq", "0"]  # fmt: skip
     run_script("reward.py", *rm, "--output_dir", str(d / "rm"), "--run_dir", str(d / "runs/rm"), timeout=600)
-    return SimpleNamespace(dir=d, data=str(d), model=smollm2, rm=str(d / "rm"), functions=str(d / "functions.py"))
+    return SimpleNamespace(
+        dir=d, data=str(d / "data"), model=smollm2, rm=str(d / "rm"), functions=str(d / "functions.py")
+    )
 
 
 def check_replies_end_at_end_of_turn(run_dir, model: str) -> None:
