@@ -1065,7 +1065,8 @@ def load_prompts(
         if column not in dataset.column_names:
             raise BadInput(
                 f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
-                "Set the flag that names it (--query_column, --reference_column, --mu_column, ...) to one of those."
+                "Set the flag that names it (--query_column, --reference_column, --chosen_column, --rejected_column, "
+                "--mu_column) to one of those."
             )
         for row, value in enumerate(dataset[column]):  # a text, or a conversation of {role, content} messages
             text = value if isinstance(value, str) else None

@@ -852,6 +852,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
     require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
     require(args.eta > 0, f"--eta {args.eta} must be > 0 (it divides the log-ratio in Eq. 1): try --eta 1.0")
+    require(not args.tiny or args.model == Args.model, "--tiny builds random models instead of --model: drop one")
     require(
         args.tiny or os.path.isdir(args.model) or not args.model.startswith(("/", ".", "~")),
         f"--model '{args.model}': no such directory",

@@ -26,7 +26,12 @@ def load_runs(folder: Path) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """algo -> list of (reward_queries, reward_mean) arrays, one per run."""
     runs: dict[str, list] = {}
     for path in sorted(folder.rglob("progress.json")):
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+        except ValueError as e:
+            raise SystemExit(
+                f"error: {path} is not valid JSON ({e}): a run killed while writing it? fix or move it"
+            ) from None
         history = record["history"]
         if not history:
             continue

@@ -239,3 +239,15 @@ def test_evaluation_scores_that_are_nan_are_refused(toy, tmp_path):
 def test_a_refusal_names_its_own_flag(toy, tmp_path):
     message = bad_input_message("rebel.py", rl(toy, tmp_path, "--lora_dropout", "1.5"))
     assert message == "--lora_dropout must be < 1 (a probability); got 1.5"  # blamed --lora_target_modules
+
+
+def test_rebel_lcm_tiny_does_not_ignore_an_explicit_model(tmp_path):
+    message = bad_input_message("rebel_lcm.py", ["--tiny", "--model", str(tmp_path), "--output_dir", str(tmp_path)])
+    assert message == "--tiny builds random models instead of --model: drop one"  # trained the tiny one at abf420a
+
+
+def test_a_missing_column_names_the_flag_of_that_column(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "pairs.jsonl", [{"query": "a question ?", "chosen": "yes"}])
+    with pytest.raises(R.BadInput, match=r"no column 'rejected'.* --rejected_column"):  # only '...' at abf420a
+        R.load_preferences(str(tmp_path / "pairs.jsonl"), "train", "query", "chosen", "rejected", tokenizer, (64, 24),
+                           "filter", False)  # fmt: skip
