@@ -674,9 +674,9 @@ def open_run(flags: dict):
     run_dir = os.path.dirname(os.path.dirname(checkpoint)) if checkpoint else run_dir
     output_dir = os.path.join(run_dir, "model") if flags["output_dir"] is None else flags["output_dir"]
     if master:
+        start_run_dir(run_dir, output_dir, bool(resume), input_paths(flags))
         if resume and not checkpoint:
             print(f"--resume {run_dir}: no complete checkpoint there; starting the run in it", file=sys.stderr)
-        start_run_dir(run_dir, output_dir, bool(resume), input_paths(flags))
         lock_run_dir(run_dir)
     return checkpoint, broadcast(run_dir), run_name, output_dir
 
