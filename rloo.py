@@ -513,7 +513,8 @@ def open_run(flags: dict):
         if resume and not checkpoint:
             print(f"--resume {run_dir}: no complete checkpoint there; starting the run in it", file=sys.stderr)
         lock_run_dir(run_dir)
-    return checkpoint, broadcast(run_dir), run_name, output_dir
+    run_dir, output_dir = broadcast((run_dir, output_dir))  # rank 0's: the default names hold its clock's time
+    return checkpoint, run_dir, run_name, output_dir
 
 
 def lock_run_dir(run_dir: str) -> None:

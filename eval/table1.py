@@ -18,7 +18,8 @@ What it does, every stage the real script run as a subprocess (the toy flags are
 Writes to --out: table1.md (gold win rate, RM score, KL to SFT, mean ± standard error over seeds; and the
 time per update and peak memory of every method at equal batch), results.json, reward_vs_kl.png (Figure 5:
 RM score against KL through training, and RM score by KL bin at the end) and runtime_memory.png (Figure 2).
-A run that finished before (its done.json exists) is not run again, so an interrupted job resumes.
+A run that finished before (its done.json exists) is not run again, and an interrupted one continues from its
+last checkpoint (--resume), so an interrupted job resumes.
 """
 
 from __future__ import annotations
