@@ -514,7 +514,7 @@ def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> N
     path). Both hold the run's run.json (its script and id): a new run needs them new or empty, --resume a run
     directory of this script (or a new or empty one), and the output directory new, empty or this run's. Both are
     created and written to now, so that a bad one fails at start; what a run that fails to start made is removed."""
-    for flag, path in (("--run_dir", run_dir), ("--output_dir", output_dir)):
+    for flag, path in (("--resume" if resume else "--run_dir", run_dir), ("--output_dir", output_dir)):
         require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
         for name, read in reads.items():  # real paths: a link or a '..' names the same folder
             source = os.path.realpath(read)

@@ -251,3 +251,9 @@ def test_a_missing_column_names_the_flag_of_that_column(tmp_path, tokenizer):
     with pytest.raises(R.BadInput, match=r"no column 'rejected'.* --rejected_column"):  # only '...' at abf420a
         R.load_preferences(str(tmp_path / "pairs.jsonl"), "train", "query", "chosen", "rejected", tokenizer, (64, 24),
                            "filter", False)  # fmt: skip
+
+
+def test_resume_of_a_file_names_resume(toy, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    message = bad_input_message("rebel.py", [*toy.rl_flags, "--resume", str(tmp_path / "notes.txt")])
+    assert message == f"--resume {tmp_path / 'notes.txt'} is a file, not a directory; choose another"  # --run_dir
