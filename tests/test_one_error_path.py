@@ -78,6 +78,7 @@ def test_under_torchrun_a_refusal_by_rank_0_is_one_line_on_every_rank(toy, tmp_p
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 1
     assert "[rank0]: error: --run_dir" in proc.stdout and "is not empty" in proc.stdout
+    assert "[rank1]: error: --run_dir" in proc.stdout, proc.stdout  # its collective failed: the line, from the store
     assert "[rank1]: Traceback" not in proc.stdout and "Connection closed by peer" not in proc.stdout, proc.stdout
 
 
