@@ -69,8 +69,10 @@ def main(args: Args) -> str:
     path = output_file(args.output_dir, "model_outputs.json")
     model, tokenizer, generator = load_for_hook(args, args.generator)
     conversations = [[{"role": "user", "content": r["instruction"]}] for r in records]
+    partial = path + ".partial.jsonl"  # each batch's answers as they come: a failure part-way loses none
+    open(partial, "w").close()
     answers = generate_chat(
-        model, tokenizer, conversations, args.temperature, args.top_p, args.max_new_tokens, args.batch_size
+        model, tokenizer, conversations, args.temperature, args.top_p, args.max_new_tokens, args.batch_size, partial
     )
     outputs = []
     for record, answer in zip(records, answers, strict=True):
@@ -80,6 +82,7 @@ def main(args: Args) -> str:
         outputs.append(out)
     with open(path, "w") as f:
         json.dump(outputs, f, indent=2)
+    os.remove(partial)
     print(f"wrote {len(outputs)} answers to {path}; score them with AlpacaEval 2.0 (needs OPENAI_API_KEY):")
     print(f"  alpaca_eval --model_outputs {path}")
     return path

@@ -84,12 +84,15 @@ def generate_chat(
     top_p: float = 1.0,
     max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 8,
+    partial: str = "",
 ) -> list[str]:
     """The assistant's next message for each conversation (a list of {"role", "content"} messages).
 
     Temperature 0 is greedy decoding, as in FastChat's gen_model_answer.py (which switches sampling off below 1e-4).
     Generation settings not passed here (e.g. a repetition_penalty in the model's generation_config.json) keep the
     model's values; the ones passed here (do_sample, temperature, top_p, top_k, max_new_tokens, stop ids) win.
+    `partial`: a JSON Lines file that each batch's answers are appended to as they come, so that a failure part-way
+    (out of memory, Ctrl-C, a pre-empted job) loses no answer already generated.
     """
     outputs = []
     for start in range(0, len(conversations), batch_size):
@@ -122,6 +125,11 @@ def generate_chat(
         ends = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, new_tokens.size(1))
         answers = [t[:end] for t, end in zip(new_tokens, ends.tolist(), strict=True)]
         outputs += [t.strip() for t in tokenizer.batch_decode(answers, skip_special_tokens=True)]
+        if partial:
+            with open(partial, "a") as f:
+                f.writelines(
+                    json.dumps({"conversation": c, "answer": a}) + "\n" for c, a in zip(batch, outputs[start:])
+                )
     return outputs
 
 

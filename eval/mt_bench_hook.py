@@ -66,8 +66,9 @@ class Args:
     """sampling seed"""
 
 
-def answer_questions(model, tokenizer, questions: list[dict], args: Args) -> list[list[str]]:
-    """Both turns of every question; turn 2 sees the question, the model's own turn-1 answer and the follow-up."""
+def answer_questions(model, tokenizer, questions: list[dict], args: Args, partial: str = "") -> list[list[str]]:
+    """Both turns of every question; turn 2 sees the question, the model's own turn-1 answer and the follow-up. Each
+    batch's answers are appended to `partial` as they come, so that a failure part-way loses none."""
     turns = [[] for _ in questions]
     by_temperature: dict[float, list[int]] = {}
     for i, q in enumerate(questions):
@@ -81,7 +82,7 @@ def answer_questions(model, tokenizer, questions: list[dict], args: Args) -> lis
                     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
                 conversations.append(messages + [{"role": "user", "content": questions[i]["turns"][turn]}])
             answers = generate_chat(
-                model, tokenizer, conversations, temperature, 1.0, args.max_new_tokens, args.batch_size
+                model, tokenizer, conversations, temperature, 1.0, args.max_new_tokens, args.batch_size, partial
             )
             for i, answer in zip(ids, answers, strict=True):
                 turns[i].append(answer)
@@ -98,7 +99,9 @@ def main(args: Args) -> str:
             )
     model, tokenizer, model_id = load_for_hook(args, args.model_id)
     path = output_file(args.output_dir, f"{model_id}.jsonl")
-    turns = answer_questions(model, tokenizer, questions, args)
+    partial = path + ".partial.jsonl"
+    open(partial, "w").close()
+    turns = answer_questions(model, tokenizer, questions, args, partial)
     with open(path, "w") as f:
         for q, answer in sorted(zip(questions, turns, strict=True), key=lambda qa: qa[0]["question_id"]):
             record = {
@@ -109,6 +112,7 @@ def main(args: Args) -> str:
                 "tstamp": time.time(),
             }
             f.write(json.dumps(record) + "\n")
+    os.remove(partial)
     print(f"wrote {len(questions)} two-turn answers to {path}; judge them with FastChat (needs OPENAI_API_KEY):")
     print("  cd FastChat/fastchat/llm_judge")
     print(f"  cp {os.path.abspath(path)} data/mt_bench/model_answer/{model_id}.jsonl")

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from eval_helpers import (
@@ -55,6 +56,36 @@ def test_alpaca_eval_outputs_format(tiny_model, tmp_path, capsys):
     args.instructions, args.max_instructions = str(tmp_path / "alpaca.jsonl"), 1
     [only] = json.load(open(alpaca_main(args)))
     assert set(only) == {"instruction", "output", "generator"}
+
+
+def test_a_hook_that_fails_part_way_keeps_the_answers_it_generated(tiny_model, tmp_path, monkeypatch):
+    """Generation that fails at its third batch (out of memory, say) leaves the first two answers on disk; a run that
+    finishes leaves only the answers file."""
+    import transformers
+
+    records = [{"instruction": f"question {i}"} for i in range(3)]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records))
+    args = AlpacaArgs(
+        model_path=tiny_model, instructions=str(tmp_path / "alpaca.json"), output_dir=str(tmp_path / "out"),
+        max_new_tokens=3, batch_size=1,
+    )  # fmt: skip
+    path = alpaca_main(args)
+    assert os.listdir(tmp_path / "out") == ["model_outputs.json"]
+    generate, calls = transformers.GenerationMixin.generate, []
+
+    def fails_third(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return generate(self, *a, **k)
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", fails_third)
+    os.remove(path)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        alpaca_main(args)
+    kept = [json.loads(line) for line in open(path + ".partial.jsonl")]
+    assert [k["conversation"][0]["content"] for k in kept] == ["question 0", "question 1"]
+    assert all(isinstance(k["answer"], str) for k in kept) and not os.path.exists(path)
 
 
 def test_mt_bench_answers_format(tiny_model, tmp_path, monkeypatch, capsys):
