@@ -256,3 +256,56 @@ def test_alpaca_eval_and_mt_bench_hooks(rebel_policy, tmp_path):
     )  # fmt: skip
     (answer,) = [json.loads(line) for line in open(tmp_path / "mt/rebel.jsonl")]
     assert answer["choices"][0]["turns"] == [a for _, a in EVAL]
+
+
+# ---------------------------------------------------------------------------------------------- a learning check
+
+COUNTRIES = ["France", "Japan", "Germany", "Italy", "Spain", "Canada", "Brazil", "Egypt", "India", "Kenya", "Mexico",
+             "Norway", "Peru", "Chile", "China", "Greece", "Sweden", "Poland", "Turkey", "Iran", "Vietnam", "Ghana",
+             "Cuba", "Chad", "Nepal", "Ireland", "Portugal", "Austria", "Finland", "Morocco", "Argentina", "Colombia"]  # fmt: skip
+THINGS = ["the sun", "a cat", "the ocean", "a tree", "rain", "a computer", "music", "the moon", "a bicycle", "bread",
+          "snow", "a river", "coffee", "a library", "the wind", "a volcano", "a bridge", "salt", "a clock", "honey",
+          "a forest", "the desert", "a train", "paper", "a garden", "the rainbow", "a lighthouse", "cheese", "a map",
+          "the stars", "a violin", "a glacier"]  # fmt: skip
+BREVITY = "def brevity(prompts, responses):\n    return [-len(r.split()) / 10 for r in responses]\n"
+# docs/real_model.md: the command, the curve and the time of this run.
+LEARNING = ["--query_column", "question", "--chat", "--reference_column", "None", "--penalty_reward_value", "-4",
+            "--stop_at_eos", "--query_length", "48", "--pad_multiple", "8", "--response_length", "32", "--batch_size",
+            "8", "--per_device_train_batch_size", "8", "--local_rollout_forward_batch_size", "16", "--total_episodes",
+            "32", "--num_eval_prompts", "96", "--eval_freq", "4", "--lora_rank", "16", "--lora_alpha", "32", "--lr",
+            "2e-4", "--noptepochs", "4", "--save_freq", "0", "--output_dir", ""]  # fmt: skip
+
+
+def learning_questions() -> dict[str, list[str]]:
+    """64 training and 96 evaluation questions in five styles, which SmolLM2 answers at very different lengths."""
+    questions = [f"What is the capital of {c}?" for c in COUNTRIES] + [f"Tell me about {t}." for t in THINGS]
+    questions += [f"What is {a} + {b}?" for a, b in zip(range(2, 34), range(7, 71, 2))]
+    questions += [f"Why is {t} important?" for t in THINGS] + [f"Where is {c}?" for c in COUNTRIES]
+    order = sorted(range(len(questions)), key=lambda i: (i * 37) % len(questions))  # the styles mixed in both splits
+    questions = [questions[i] for i in order]
+    return {"train": questions[:64], "validation": questions[64:]}
+
+
+@pytest.mark.slow
+def test_rebel_learns_short_answers(smollm2, tmp_path):
+    """REBEL with a reward for short answers (minus a tenth of the word count; -4 for an answer cut off before its
+    <|im_end|>) raises SmolLM2's evaluation reward (near-greedy) on 96 held-out questions by more than 3 standard errors
+    of the per-question difference, in 4 updates of 8 questions (docs/real_model.md: the numbers and the time)."""
+    import pandas as pd
+
+    (tmp_path / "data").mkdir()
+    for split, questions in learning_questions().items():
+        (tmp_path / "data" / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"question": q}) + "\n" for q in questions)
+        )
+    (tmp_path / "brevity.py").write_text(BREVITY)
+    run = tmp_path / "run"
+    run_script("rebel.py", "--query_dataset", str(tmp_path / "data"), "--sft_model_path", smollm2, "--reward_fn",
+               f"{tmp_path / 'brevity.py'}:brevity", *LEARNING, "--run_dir", str(run), timeout=3600)  # fmt: skip
+    before, after = (pd.read_csv(run / f"eval_{u:06d}.csv").set_index("query").score for u in (0, 4))
+    gain = after - before.loc[after.index]
+    print(
+        f"eval reward {before.mean():.3f} -> {after.mean():.3f}, gain {gain.mean():.3f} +- {gain.std() / len(gain) ** 0.5:.3f}"
+    )
+    assert len(gain) == 96
+    assert gain.mean() > 3 * gain.std() / len(gain) ** 0.5, (before.mean(), after.mean(), gain.std())
