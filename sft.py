@@ -292,6 +292,12 @@ def check_flags(flags: dict) -> None:
     require(
         flags.get("lora_dropout", 0) < 1, f"--lora_dropout must be < 1 (a probability); got {flags.get('lora_dropout')}"
     )
+    for key in "sft_model_path base_model reward_model_path reward_tokenizer query_dataset preference_dataset".split():
+        path = flags.get(key)  # a local path (a hub name is org/name) that is not there: said with its flag at start
+        require(
+            not path or os.path.exists(path) or not (path.startswith(("/", ".", "~")) or path.count("/") > 1),
+            f"--{key} {path}: no such file or directory; give an existing path, or a hub name",
+        )
     fsdp = flags.get("fsdp")
     require(not fsdp or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)")
     require(not (fsdp and flags.get("save_merged")), "--save_merged does not work with --fsdp: merge the saved adapter")

@@ -240,6 +240,14 @@ def test_evaluation_scores_that_are_nan_are_refused(toy, tmp_path):
 def test_a_refusal_names_its_own_flag(toy, tmp_path):
     message = bad_input_message("rebel.py", rl(toy, tmp_path, "--lora_dropout", "1.5"))
     assert message == "--lora_dropout must be < 1 (a probability); got 1.5"  # blamed --lora_target_modules
+    for flag, missing in [
+        ("--sft_model_path", str(tmp_path / "gone")),
+        ("--reward_model_path", str(tmp_path / "gone")),
+        ("--reward_tokenizer", str(tmp_path / "gone")),
+        ("--query_dataset", "runs/sft/model"),  # relative, and no hub name (org/name)
+    ]:  # at 9f4a8f3: "'<path>': no such directory", or a hub error, no flag named
+        message = bad_input_message("rebel.py", rl(toy, tmp_path, flag, missing))
+        assert message == f"{flag} {missing}: no such file or directory; give an existing path, or a hub name"
 
 
 def test_rebel_lcm_tiny_does_not_ignore_an_explicit_model(tmp_path):

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pandas as pd
@@ -121,10 +122,11 @@ def test_a_run_that_fails_to_start_leaves_no_empty_folder(toy, tmp_path):
     """The run and output folders a new run creates (their parents too) are removed at exit when nothing was written
     to them; a folder that existed before is kept."""
     (tmp_path / "mine").mkdir()
+    empty = tempfile.mkdtemp()  # a policy folder that holds no model: refused when loaded, after the folders are made
     for run_dir in ("new/run", "mine", "mine/run"):
-        flags = [*toy.rl_flags, "--sft_model_path", str(tmp_path / "gone"), "--run_dir", str(tmp_path / run_dir)]
+        flags = [*toy.rl_flags, "--sft_model_path", empty, "--run_dir", str(tmp_path / run_dir)]
         out = run_script("rebel.py", *flags, "--output_dir", str(tmp_path / "out/policy"), check=False)
-        assert out.returncode == 1 and "no such directory" in out.stdout and "Traceback" not in out.stdout, out.stdout
+        assert out.returncode == 1 and "holds no model" in out.stdout and "Traceback" not in out.stdout, out.stdout
         assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not list((tmp_path / "mine").iterdir())
 
 

@@ -406,7 +406,7 @@ def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
         (["--eta", "0"], "--eta must be > 0"),
         (["--batch_size", "6"], "not divisible"),
         (["--query_column", "post"], "has no column 'post'"),
-        (["--reward_model_path", "/nonexistent/rm"], "no such directory"),
+        (["--reward_model_path", "/nonexistent/rm"], "--reward_model_path /nonexistent/rm: no such file or directory"),
         (["--total_episodes", "4"], "smaller than one --batch_size"),
     ],
 )

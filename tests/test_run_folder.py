@@ -70,7 +70,7 @@ def test_resume_never_deletes_the_folder_it_is_given(toy, tmp_path):
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "notes.txt").write_text("mine")
     flags = [*toy.rl_flags, "--sft_model_path", str(tmp_path / "gone"), "--resume", str(folder)]
-    assert "no such directory" in refusal(run_script("rebel.py", *flags, check=False))
+    assert "no such file or directory" in refusal(run_script("rebel.py", *flags, check=False))
     assert (folder / "notes.txt").read_text() == "mine"
 
 
