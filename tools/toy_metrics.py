@@ -1,4 +1,4 @@
-"""A 10-update run of every script on the micro toy task, to check that a refactor changes no number.
+"""A 10-update run of every script (metrics.jsonl and the evaluation tables) on the micro toy task, to check that a refactor changes no number.
 
     python tools/toy_metrics.py run OUT            # builds the task in OUT/task, runs every script, OUT/<name>.jsonl
     python tools/toy_metrics.py compare OLD NEW    # the metrics that differ (time/ and memory/ aside); exit 1 if any
@@ -106,6 +106,9 @@ def run(out: str) -> None:
         if proc.returncode != 0:
             raise SystemExit(f"{name} exited with {proc.returncode}:\n{proc.stdout[-3000:]}")
         shutil.copy(os.path.join(run_dir, "metrics.jsonl"), os.path.join(out, f"{name}.jsonl"))
+        tables = sorted(f for f in os.listdir(run_dir) if f.startswith("eval_") and f.endswith(".csv"))
+        with open(os.path.join(out, f"{name}.eval.csv"), "w") as f:  # the evaluation tables, one after another
+            f.writelines(open(os.path.join(run_dir, t)).read() for t in tables)
         print(f"{name}: {sum(1 for _ in open(os.path.join(out, f'{name}.jsonl')))} rows", flush=True)
 
 
@@ -122,6 +125,8 @@ def compare(old: str, new: str) -> int:
                  if x.get(k) != y.get(k)]  # fmt: skip
         if len(a) != len(b):
             diffs.append(("rows", "", len(a), len(b)))
+        if open(os.path.join(old, f"{name}.eval.csv")).read() != open(os.path.join(new, f"{name}.eval.csv")).read():
+            diffs.append(("evaluation tables", "", "differ", ""))
         differ += bool(diffs)
         values = sum(len(x) for x in a)
         print(f"{name}: {len(a)} rows, {values} values, " + (f"{len(diffs)} differ" if diffs else "identical"))
