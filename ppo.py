@@ -353,14 +353,7 @@ def main(args: Args) -> None:
     tokenizer = load_tokenizer(args.sft_model_path)
     pad = tokenizer.pad_token_id
     lengths = (args.query_length, args.response_length)
-    train_set, train_prompts, train_queries, _, dropped = load_prompts(
-        args.query_dataset, args.train_split, args.query_column, None, tokenizer, *lengths, args.long_prompts, args.chat
-    )
-    eval_data = load_prompts(
-        args.query_dataset, args.eval_split, args.query_column, args.reference_column, tokenizer, *lengths,
-        args.long_prompts, args.chat,
-    )  # fmt: skip
-    eval_idx = rank_share(min(args.num_eval_prompts or len(eval_data[0]), len(eval_data[0])), rank, world_size)
+    (train_set, train_prompts, train_queries, _, _), eval_data = load_splits(asdict(args), tokenizer, None)
     total_episodes = args.total_episodes or len(train_set)
     num_updates = total_episodes // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
@@ -405,19 +398,8 @@ def main(args: Args) -> None:
     for _ in range(start_update):  # the batches already trained on
         next(batches)
     signals = stop_signals()
-    log = RunLog(
-        run_dir, run_name, asdict(args), args.track, args.wandb_project_name, args.wandb_entity, trainer, start_update,
-        args.batch_size, device,
-    )  # fmt: skip
-    if master and (dropped or eval_data[4]):
-        print(f"dropped the prompts longer than --query_length {args.query_length} tokens: {dropped} of "
-              f"'{args.train_split}', {eval_data[4]} of '{args.eval_split}'")  # fmt: skip
-    if master:
-        print(
-            f"run {run_name}: {num_updates} updates of {args.batch_size} prompts, world size {world_size}, "
-            f"{grad_accum} micro-batches per step, critic LoRA {critic_lora}; logs in {run_dir}"
-            + (f"; resumed after update {start_update}" if checkpoint else "")
-        )
+    plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step, critic LoRA {critic_lora}"
+    log = RunLog(run_dir, run_name, asdict(args), trainer, start_update, device, plan)
 
     def sample_eval(queries, prompts):
         """One response per prompt at the evaluation temperature; its KL at that temperature too, as officially."""
@@ -426,11 +408,8 @@ def main(args: Args) -> None:
         )
         return query_response, mask, (logprob - ref_logprob).sum(1), score, has_eos
 
-    run_evaluation = partial(
-        evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, idx=eval_idx,
-        reference_column=args.reference_column, penalty=args.penalty_reward_value, pad_multiple=args.pad_multiple,
-        chunk=chunk, autocast=autocast, log=log, rows_shown=args.num_sample_rows,
-    )  # fmt: skip
+    run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
+                             flags=asdict(args), autocast=autocast)  # fmt: skip
 
     # The loop: rollout -> reward -> GAE -> clipped PPO epochs -> log -> checkpoint.
     stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
@@ -1582,17 +1561,23 @@ def sequence_logprobs(model, query_responses, masks, context_length: int, temper
 
 
 @torch.no_grad()
-def evaluate(update, sample, reward, tokenizer, data, idx, reference_column, penalty, pad_multiple, chunk, autocast,
-             log, rows_shown, preference=None):  # fmt: skip
-    """The evaluation table at `update` on this rank's share `idx` of the evaluation prompts (`data`: load_prompts'
-    output): one response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores, has_eos),
-    its score as in training (`penalty` without EOS), and the dataset's reference response with its score; without a
-    `reward`, no scores. With `preference` (rebel.py's --preference_fn) and references, the response's win rate
-    against the reference, P(response > reference) by the judge, both orders averaged. Rank 0 writes
-    <run_dir>/eval_<update>.csv and logs the eval/ metrics and `rows_shown` samples."""
+def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast, preference=None):
+    """The evaluation table at `update`, on this rank's share of the first --num_eval_prompts prompts of `data`
+    (load_splits' second): one response per prompt from sample(queries, prompts) -> (query_responses, masks, kl,
+    scores, has_eos), its score as in training (--penalty_reward_value without EOS), and the dataset's reference
+    response with its score; without a `reward`, no scores. With `preference` (rebel.py's --preference_fn) and
+    references, the response's win rate against the reference, P(response > reference) by the judge, both orders
+    averaged. Rank 0 writes <run_dir>/eval_<update>.csv and logs the eval/ metrics and --num_sample_rows samples."""
+    reference_column, penalty, chunk = (
+        flags["reference_column"],
+        flags["penalty_reward_value"],
+        flags["local_rollout_forward_batch_size"],
+    )
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    idx = rank_share(min(flags["num_eval_prompts"] or len(data[0]), len(data[0])), rank, world_size)
     dataset, prompts, queries, references, _ = data
     prompts = [prompts[i] for i in idx]
-    queries = trim_left_padding(queries[idx], tokenizer.pad_token_id, pad_multiple).to(log.device)
+    queries = trim_left_padding(queries[idx], tokenizer.pad_token_id, flags["pad_multiple"]).to(log.device)
     ctx = queries.size(1)
     # Its own random stream: the training's samples do not depend on when, or how often, the run evaluates.
     with autocast(), torch.random.fork_rng(devices=[log.device] if log.device.type == "cuda" else []):
@@ -1622,48 +1607,72 @@ def evaluate(update, sample, reward, tokenizer, data, idx, reference_column, pen
             rows["win_rate"] = ((wins[:, 0, 1] + 1 - wins[:, 1, 0]) / 2).tolist()
     gathered = [rows]
     scores = {"the evaluation's scores": score, "the references' scores": torch.tensor(rows.get("reference_score", []))}
-    check_finite(
-        scores, os.path.join(log.run_dir, f"nonfinite_rank{dist.get_rank() if dist.is_initialized() else 0}.pt")
-    )
+    check_finite(scores, os.path.join(log.run_dir, f"nonfinite_rank{rank}.pt"))
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rows)
     if log.master:
-        log.table(update, gathered, rows_shown)
+        log.table(update, gathered, flags["num_sample_rows"])
+
+
+def precision(choice: str, device) -> tuple:
+    """--precision: whether to train in bf16 ('auto': on CUDA), the dtype of the frozen weights, and the autocast
+    context that the forward passes run under (off in fp32)."""
+    bf16 = choice == "bf16" or (choice == "auto" and device.type == "cuda")
+    return bf16, torch.bfloat16 if bf16 else torch.float32, partial(torch.autocast, device.type, torch.bfloat16, bf16)
+
+
+def load_splits(flags: dict, tokenizer, train_column: str | None) -> tuple:
+    """load_prompts of --train_split (with `train_column`'s responses, or none) and of --eval_split (with
+    --reference_column's); rank 0 says how many prompts longer than --query_length were dropped."""
+    common = (flags["query_length"], flags["response_length"], flags["long_prompts"], flags["chat"])
+    train = load_prompts(flags["query_dataset"], flags["train_split"], flags["query_column"], train_column, tokenizer,
+                         *common)  # fmt: skip
+    evaluation = load_prompts(flags["query_dataset"], flags["eval_split"], flags["query_column"],
+                              flags["reference_column"], tokenizer, *common)  # fmt: skip
+    if (train[4] or evaluation[4]) and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"dropped the prompts longer than --query_length {flags['query_length']} tokens: {train[4]} of "
+              f"'{flags['train_split']}', {evaluation[4]} of '{flags['eval_split']}'")  # fmt: skip
+    return train, evaluation
 
 
 class RunLog:
-    """Rank 0's logs: TensorBoard events, metrics.jsonl (a row per update) and, with `track`, the wandb run, each
+    """Rank 0's logs: TensorBoard events, metrics.jsonl (a row per update) and, with --track, the wandb run, each
     continued where the checkpoint left it on resume (`trainer`: the checkpoint's record, which keeps the wandb id).
-    Every rank calls write(), which reduces the metrics over the ranks."""
+    Rank 0 prints the run's start line (`plan`: its updates and batch). Every rank calls write(), which reduces the
+    metrics over the ranks."""
 
-    def __init__(
-        self, run_dir, run_name, flags: dict, track, project, entity, trainer, start_update, batch_size, device
-    ):
+    def __init__(self, run_dir, run_name, flags: dict, trainer, start_update, device, plan: str):
         self.master = not dist.is_initialized() or dist.get_rank() == 0
-        self.run_dir, self.track, self.device, self.batch_size = run_dir, track, device, batch_size
+        self.run_dir, self.track, self.device, self.batch_size = run_dir, flags["track"], device, flags["batch_size"]
         self.start_update, self.start = start_update, time.time()
         if not self.master:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        if track:
+        if self.track:
             import wandb
 
             # The checkpoint's wandb run id continues that run (None: a new one).
-            wandb.init(project=project, entity=entity, config=flags, name=run_name, dir=run_dir, save_code=True,
-                       id=trainer.get("wandb_id"), resume="allow", sync_tensorboard=True)  # fmt: skip
+            wandb.init(project=flags["wandb_project_name"], entity=flags["wandb_entity"], config=flags, name=run_name,
+                       dir=run_dir, save_code=True, id=trainer.get("wandb_id"), resume="allow",
+                       sync_tensorboard=True)  # fmt: skip
             trainer["wandb_id"] = wandb.run.id
         self.writer = SummaryWriter(run_dir, purge_step=start_update + 1 if start_update else 0)
         self.writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in flags.items()))
         self.metrics = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        resumed = f"; resumed after update {start_update}" if start_update else ""
+        print(f"run {run_name}: {plan}, world size {world_size}; logs in {run_dir}{resumed}")
 
     def write(self, update: int, stats: dict, timer, lr: float) -> None:
-        """One update's metrics (the mean over ranks), the phase times and peak memory (the max), the learning rate."""
+        """One update's metrics (the mean over ranks), the phase times and peak memory since the last write (the max
+        over ranks), the learning rate."""
         stats = all_reduce(stats, device=self.device)
         timer.times["total"] = sum(timer.times.values())
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)  # the next update's peak is its own
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
         times = {f"time/{k}": v for k, v in timer.times.items()}
@@ -1699,6 +1708,17 @@ class RunLog:
         tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
         for _, row in samples.iterrows():
             tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row[shown]:.2f})")
+
+    def end(self, update: int, signals: list | None) -> None:
+        """The run's end: the logs closed, the processes ended; a run stopped by `signals` (Ctrl-C, SIGTERM: on some
+        rank) says how to resume and exits with 128 + the signal's number (130, 143)."""
+        self.close()
+        if signals is not None and self.master:
+            print(f"stopped after update {update}; continue with --resume {self.run_dir}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if signals is not None:
+            sys.exit(128 + (signals or [signal.SIGTERM])[0])
 
     def close(self) -> None:
         """Close the logs and free the run directory (its lock)."""

@@ -1,15 +1,15 @@
 """REBEL: Reinforcement Learning via Regressing Relative Rewards (Gao et al., 2024, arXiv 2404.16767).
 
-Algorithm 1: for every prompt x sample a response y from the current policy pi_t and y' from a base distribution mu
-(pi_t, as in the paper's experiments, or with --mu dataset the dataset's response), score them with a reward model
-(--preference_fn: a response's score is its mean 2 P(y > y'') - 1 against other samples y'', Appendix D.2) minus a KL
-penalty to the SFT policy (none by default with --preference_fn, as D.2), and regress the difference of log-ratios
-onto the difference of rewards (Equation 1):
+Algorithm 1: for every prompt x, sample two responses y, y' from the current policy pi_t, score each with a reward
+model minus a KL penalty to the SFT policy, and regress the difference of their log-ratios onto the difference of
+their rewards (Equation 1):
 
   min_theta mean_{x,y,y'} (1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')])^2
 
-The file reads top to bottom: the flags (Args), the algorithm, the loop (main), then an appendix of the plumbing that
-every script shares (loading, data, sampling, evaluation, logs, checkpoints). docs/rebel.md explains every metric.
+The file reads top to bottom: the flags (Args), the algorithm (rebel_loss, rollout, pair_up), the loop (main), the
+variants of Algorithm 1 (more samples per prompt, y' from the dataset, a preference model instead of a reward: their
+own block after the loop), then an appendix of the plumbing that every script shares (loading, data, sampling,
+evaluation, logs, checkpoints). docs/rebel.md explains every metric.
 
     python rebel.py --eta 1.0                               # one process
     torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the paper's 2.8B TL;DR run
@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -45,33 +45,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 @dataclass
 class Args:
-    # REBEL
+    # REBEL (Algorithm 1, Equation 1)
     eta: float = 1.0
     """eta of Equation (1): the inverse strength of the KL constraint to pi_t (Algorithm 1's learning rate)"""
     kl_coef: float | None = None
     """coefficient of the KL penalty to the SFT policy inside the reward (default 0.05; with --preference_fn, 0)"""
     loss_scaling: Literal["paper", "official"] = "paper"
     """'paper': Equation (1) as written; 'official': eta^2 times it, what the official code minimises"""
-    num_samples: int = 2
-    """responses per prompt (--mu dataset: y and the dataset's y'; --preference_fn with 2: y, y', a comparator y'')"""
-    pairing: Literal["adjacent", "best_worst"] = "adjacent"
-    """the pairs (y, y') regressed on: 'adjacent' (1st with 2nd, 3rd with 4th, ...: num_samples / 2 pairs per prompt);
-    'best_worst' (the highest and the lowest reward of the num_samples: one pair, as the official UltraFeedback runs)"""
     noptepochs: int = 4
     """passes over each batch of pairs"""
     num_mini_batches: int = 1
     """optimizer steps per pass (each over batch_size / num_mini_batches pairs)"""
-    mu: Literal["policy", "dataset"] = "policy"
-    """Algorithm 1's base distribution of y': 'policy' (pi_t: sampled); 'dataset' (the prompt's --mu_column response)"""
-    mu_column: str | None = None
-    """with --mu dataset, the train split's column of y' (a text, or a conversation ending with it)"""
-    preference_fn: str | None = None
-    """path/to/file.py:fn, instead of a reward (Appendix D.2): fn(prompts, responses_a, responses_b) -> P(a > b) per
-    pair in [0, 1] (or 0/1). --kl_coef defaults to 0 here, D.2 as written (its target l(y, y'') - l(y', y'') has no
-    reference policy), whose fixed point is D.1's minimax winner; --kl_coef c > 0 subtracts c * KL(pi_t || SFT) from
-    l in [-1, 1] (at c = 0.05 a KL of 40 nats costs 2, l's whole range) and converges to the equilibrium of that
-    KL-regularised game instead. Evaluation: the win rate against the references by fn, and a reward model or
-    --reward_fn only if one is named"""
 
     # sampling and reward
     temperature: float = 0.7
@@ -81,18 +65,16 @@ class Args:
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
-    """end a response at its first stop token (EOS, or a chat model's end of turn such as Llama-3's <|eot_id|>), so
-    sampling ends when every response has (chat); the default samples --response_length tokens, as the paper's TL;DR"""
+    """end a response at its first stop token (EOS, or a chat model's end of turn such as <|eot_id|>), as chat runs do;
+    the default samples --response_length tokens, as the paper's TL;DR"""
     sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
-    """the SFT policy: initial policy and KL reference (hub name, save_pretrained directory, or a LoRA adapter, which
-    is merged into its base)"""
+    """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
     reward_model_path: str | None = None
-    """the reward model: AutoModelForSequenceClassification with one label, or the backbone+scalar-head format of
-    summarize_from_feedback_details (default: vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr; with
-    --preference_fn, none)"""
+    """a sequence classifier with one label, or summarize_from_feedback_details' backbone + scalar head (default:
+    vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr; with --preference_fn, none)"""
     reward_tokenizer: str | None = None
-    """the reward model's tokenizer and chat template (default: the one saved with it, else the policy's); when it is
-    not the policy's, the reward model reads the decoded response in its own template and tokens"""
+    """the reward model's tokenizer and chat template (default: its own, else the policy's); another than the policy's
+    reads the decoded response"""
     reward_fn: str | None = None
     """path/to/file.py:function, used instead of the reward model: fn(prompts, responses) -> one score per response"""
 
@@ -100,13 +82,11 @@ class Args:
     query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
     """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts"""
     query_column: str = "query"
-    """the prompt column: a text, or a conversation (a list of {role, content}; an answer ending it is dropped),
-    rendered with the policy tokenizer's chat template"""
+    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
     reference_column: str | None = "reference_response"
     """the reference response column for the evaluation table (a text, or a conversation ending with it); None: none"""
     chat: bool = False
-    """render text prompts with the chat template too: one user message, or the turns of a "\n\nHuman: ...
-    \n\nAssistant:" text (Anthropic HH, Nectar)"""
+    """render text prompts with the chat template too (a "\n\nHuman: ... \n\nAssistant:" text as its turns)"""
     train_split: str = "train"
     """the split to train on"""
     eval_split: str = "validation"
@@ -114,8 +94,7 @@ class Args:
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper; the count is printed), 'truncate' keeps
-    their last --query_length tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
 
     # optimisation
     total_episodes: int | None = None
@@ -133,6 +112,21 @@ class Args:
     max_grad_norm: float | None = None
     """clip the gradient norm to this (default: no clipping, as in the paper)"""
 
+    # variants of Algorithm 1 (the loop reads as the paper's TL;DR setting; the variants' code follows it)
+    num_samples: int = 2
+    """responses per prompt (--mu dataset: y and the dataset's y'; --preference_fn with 2: y, y', a comparator y'')"""
+    pairing: Literal["adjacent", "best_worst"] = "adjacent"
+    """the pairs (y, y'): 'adjacent' (1st with 2nd, 3rd with 4th, ...); 'best_worst' (the highest and the lowest
+    score: one pair per prompt, as the official UltraFeedback runs)"""
+    mu: Literal["policy", "dataset"] = "policy"
+    """Algorithm 1's base distribution of y': 'policy' (pi_t: sampled); 'dataset' (the prompt's --mu_column response)"""
+    mu_column: str | None = None
+    """with --mu dataset, the train split's column of y' (a text, or a conversation ending with it)"""
+    preference_fn: str | None = None
+    """path/to/file.py:fn, a preference instead of a reward (Appendix D.2): fn(prompts, responses_a, responses_b) ->
+    P(a > b) in [0, 1] per pair. --kl_coef defaults to 0 (D.2: the fixed point is D.1's minimax winner); c > 0 aims at
+    a KL-regularised game instead (at 0.05 a KL of 40 nats costs 2, l's whole range). Evaluated by win rate"""
+
     # the trained model
     lora: bool = True
     """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
@@ -143,27 +137,22 @@ class Args:
     lora_dropout: float = 0.0
     """LoRA dropout"""
     lora_target_modules: list[str] | None = None
-    """modules to adapt (default: peft's for the architecture, query_key_value for Pythia, as the official code);
-    'all-linear' adapts every linear layer"""
+    """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
     num_trainable_layers: int | None = None
-    """with --no-lora, train only the last N transformer layers (and the final norm and an untied LM head), the rest
-    frozen in bf16, as the paper's chat runs (4); the reference swaps their starting weights in (no second copy)"""
+    """with --no-lora, train only the last N layers (and the final norm, an untied LM head), the rest frozen in bf16,
+    as the paper's chat runs (4)"""
 
     # speed and memory
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': frozen weights in bf16, trainable weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA,
-    fp32 on CPU (bf16 runs on CPU too, slowly: that is how the tests check the bf16 path)"""
+    """'bf16': frozen weights in bf16, trainable ones in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
     pad_multiple: int = 64
-    """a batch of prompts is left-padded to its longest prompt rounded up to this multiple, not to --query_length (a
-    compiled sampler then sees few shapes); 0 pads every batch to --query_length, as the official code"""
+    """left-pad a batch of prompts to its longest rounded up to this multiple; 0: to --query_length (official code)"""
     static_cache: bool = True
-    """sample with a static KV cache, which transformers compiles on CUDA (about 3x faster generate, docs/memory.md);
-    --no-static_cache samples with the dynamic cache. Not used with --fsdp"""
+    """sample with a static KV cache, compiled on CUDA (about 3x faster, docs/memory.md); not with --fsdp"""
     fsdp: bool = False
-    """shard the trainable policy (and a full fine-tuning reference) over the ranks with FSDP2, for models whose
-    weights, gradients and AdamW state do not fit on one GPU (6.9B full fine-tuning); torchrun only. Default: DDP"""
+    """shard the policy (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not fit (6.9B)"""
     gradient_checkpointing: bool = False
-    """recompute each layer's activations in the backward pass instead of keeping them: less memory, ~1/3 more time"""
+    """recompute activations in the backward pass: less memory, ~1/3 more time"""
     cuda: bool = True
     """use CUDA when it is available"""
 
@@ -181,8 +170,7 @@ class Args:
     run_dir: str | None = None
     """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
     output_dir: str | None = None
-    """where the final policy and tokenizer are saved with save_pretrained (default: <run_dir>/model; '': nothing
-    saved): a new or empty folder, or this run's own"""
+    """where the final policy is saved, new or empty or this run's (default: <run_dir>/model; '': not saved)"""
     save_merged: bool = False
     """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
     save_freq: int = 20
@@ -190,9 +178,8 @@ class Args:
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
     resume: str | None = None
-    """continue the run in this run directory from its latest checkpoint (or from one checkpoint directory), or start
-    it there if it has none: pass the same --resume at every launch of a pre-emptible job. The other flags must be
-    those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
+    """continue the run in this folder from its latest checkpoint (or start it there): the same --resume at every
+    launch of a pre-emptible job, with the run's flags (those of logging, saving and evaluation may change)"""
     eval_freq: int = 100
     """evaluate every this many updates (and before the first and after the last); 0 = only at the end"""
     num_eval_prompts: int | None = None
@@ -206,13 +193,39 @@ class Args:
 # ---------------------------------------------------------------------------------------------- the algorithm
 
 
+def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
+    """Equation (1). All inputs (B, 2): column 0 is y, column 1 is y' for the same prompt x.
+
+    mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
+    """
+    log_ratio = logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
+    prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (B,)
+    target = rewards[:, 0] - rewards[:, 1]  # (B,)
+    loss = ((prediction - target) ** 2).mean()
+    return eta**2 * loss if scaling == "official" else loss
+
+
+class Rollout(NamedTuple):
+    """What Equation (1) needs of m responses to each of B prompts (L = prompt + T response tokens)."""
+
+    query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
+    masks: torch.Tensor  # (B, m, T) True on the response's tokens
+    logprobs: torch.Tensor  # (B, m) ln pi_t(y|x), summed over the response
+    ref_logprobs: torch.Tensor  # (B, m) ln pi_ref(y|x) under the SFT policy, for the KL penalty
+    scores: torch.Tensor  # (B, m) the reward model's score, or `penalty` for a response with no stop token
+    has_eos: torch.Tensor  # (B, m) whether the response ended with a stop token
+
+
 @torch.no_grad()
-def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_ids, chunk_size: int, timer, given=None):
-    """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them; no
-    reward: scores 0), and `given` (B, T; rebel.py's --mu dataset) put second, as y': m = n (+ 1) responses of T tokens.
-    `with ref_policy() as ref` is the SFT reference (load_trained_policy). Returns query_responses (B, m, L = ctx + T),
-    masks (B, m, T), the summed log-probs under the policy and the reference (B, m), the reward model's scores (B, m)
-    and has_eos (B, m): whether the response ended with a stop token."""
+def rollout(
+    *, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk_size, timer, given=None
+):
+    """n responses per prompt sampled from `policy` (pi_t), in chunks of chunk_size prompts. queries (B, ctx) are the
+    left-padded prompt ids and `prompts` the prompts as the dataset gives them (a reward function reads those);
+    config: generate's sampling settings; ref_policy: a function whose `with ref_policy() as ref:` gives the SFT
+    policy (load_trained_policy: LoRA's base with the adapter off, or a frozen copy); reward(query_responses, ctx,
+    prompts) -> scores (None: 0); stop_ids: the tokens that end a response. `given` (B, T), the dataset's y' of
+    --mu dataset, is put second: m = n (+ 1) responses."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
     for start in range(0, len(queries), chunk_size):
         query = queries[start : start + chunk_size]
@@ -231,33 +244,21 @@ def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_i
             logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
             with ref_policy() as ref:
                 ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
-        # Response processing 3: the reward, and whether the response ended (the penalty needs it).
+        # Response processing 3: the reward; a response that did not end gets the fixed penalty instead.
         with timer("reward"):
             chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(m)]
             score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
-            score = score.view_as(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
+        score = torch.where(has_eos, score.view_as(logprob), penalty)
         out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
-    return [torch.cat(t) for t in zip(*out)]
-
-
-def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
-    """Equation (1). All inputs (B, 2): column 0 is y, column 1 is y' for the same prompt x.
-
-    mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
-    """
-    log_ratio = logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
-    prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (B,)
-    target = rewards[:, 0] - rewards[:, 1]  # (B,)
-    loss = ((prediction - target) ** 2).mean()
-    return eta**2 * loss if scaling == "official" else loss
+    return Rollout(*(torch.cat(t) for t in zip(*out)))
 
 
 def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
     """Which two of a prompt's k responses form each pair (y, y') of Equation (1): scores (B, k) -> indices (B, P, 2).
     'adjacent': (0, 1), (2, 3), ... (k/2 pairs, independent samples as Algorithm 1); 'best_worst': the highest and the
-    lowest reward-model score, the no-EOS penalty applied and the KL term not (1 pair, as the official UltraFeedback
-    pipeline with 5 samples)."""
+    lowest score, the no-EOS penalty applied and the KL term not (1 pair, as the official UltraFeedback pipeline with
+    5 samples)."""
     B, k = scores.shape
     if rule == "adjacent":
         return torch.arange(k - k % 2, device=scores.device).view(1, -1, 2).expand(B, -1, -1)
@@ -265,10 +266,212 @@ def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
     return torch.stack((best, scores.scatter(1, best[:, None], float("inf")).argmin(1)), 1).unsqueeze(1)  # (B, 1, 2)
 
 
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def main(args: Args) -> None:
+    require(args.eta > 0, f"--eta must be > 0 (it divides the log-ratios in Equation 1); got {args.eta}")
+    check_variants(args)  # --num_samples, --pairing, --mu, --preference_fn, and the defaults that depend on them
+    flags = asdict(args)
+    check_flags(flags)
+    from tqdm import tqdm
+
+    # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs.
+    rank, world_size, device = init_processes(args.cuda, args.seed)
+    bf16, dtype, autocast = precision(args.precision, device)
+    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
+    rank_pairs = local_batch_size * (args.num_samples // 2 if args.pairing == "adjacent" else 1)
+    mini_batch_size = exact_div(rank_pairs, args.num_mini_batches, "per-rank pairs over --num_mini_batches")
+    grad_accum = exact_div(
+        mini_batch_size, args.per_device_train_batch_size, "pairs over --per_device_train_batch_size"
+    )
+    checkpoint, run_dir, run_name, output_dir = open_run(flags)
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad = tokenizer.pad_token_id
+    # Every rank tokenises the whole split and takes its own prompts from the shared shuffle.
+    (train_set, train_prompts, train_queries, train_mu, _), eval_data = load_splits(flags, tokenizer, args.mu_column)
+    total_episodes = args.total_episodes or len(train_set)
+    num_updates = total_episodes // args.batch_size
+    require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
+    batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
+
+    # pi_theta: raw_policy samples and is saved; `policy` is what the gradient steps go through (DDP's wrapper, or the
+    # same model sharded by FSDP). ref_policy() gives the SFT reference (see rollout).
+    lora = args.lora and lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    raw_policy, ref_policy, stop_ids = load_trained_policy(
+        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16,
+        (args.query_length, args.response_length),
+    )  # fmt: skip
+    if args.gradient_checkpointing:
+        checkpoint_layers(raw_policy)
+    reward = None  # --preference_fn with no reward model named: none (the evaluation uses the preference)
+    if args.reward_fn or args.reward_model_path:
+        reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
+    preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
+    num_sampled, own = sampled_columns(args.num_samples, args.mu, preference is not None)  # the variants, below
+    policy = distribute(raw_policy, args.fsdp, bf16, device)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
+    chunk, static_cache = args.local_rollout_forward_batch_size, args.static_cache and not args.fsdp  # compile: no FSDP
+    stops, penalty = stop_ids if args.stop_at_eos else None, args.penalty_reward_value
+    config = sampling_config(args.response_length, args.temperature, pad, static_cache, stops)
+    eval_config = sampling_config(args.response_length, args.eval_temperature, pad, static_cache, stops)
+
+    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
+    trainer = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
+    start_update = trainer.get("update", 0)
+    require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
+    for _ in range(start_update):  # the batches already trained on
+        next(batches)
+    signals = stop_signals()
+    plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step"
+    log = RunLog(run_dir, run_name, flags, trainer, start_update, device, plan)
+
+    def sample_eval(queries, prompts):
+        """One response per prompt at the evaluation temperature; its KL at that temperature too, as officially."""
+        r = rollout(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries, prompts=prompts, n=1,
+                    config=eval_config, stop_ids=stop_ids, penalty=penalty, chunk_size=chunk,
+                    timer=Timer(device))  # fmt: skip
+        return tuple(t[:, 0] for t in (r.query_responses, r.masks, r.logprobs - r.ref_logprobs, r.scores, r.has_eos))
+
+    run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
+                             flags=flags, autocast=autocast, preference=preference)  # fmt: skip
+
+    # The loop, Algorithm 1: rollout -> reward -> regress relative rewards (Equation 1) -> log -> checkpoint.
+    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    if not checkpoint:
+        run_evaluation(0)
+    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
+        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        batch = next(batches)
+        queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
+        context_length, prompts = queries.size(1), [train_prompts[i] for i in batch]
+        given = None if train_mu is None else train_mu[batch].to(device)  # --mu dataset's y'
+
+        # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
+        # (the reward model's; the penalty without EOS). With --preference_fn the scores come in step 2.
+        with autocast():
+            r = rollout(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
+                        queries=queries, prompts=prompts, n=num_sampled, config=config, stop_ids=stop_ids,
+                        penalty=args.penalty_reward_value, chunk_size=chunk, timer=timer, given=given)  # fmt: skip
+        check_finite({f"the rollout's {name}": value for name, value in r._asdict().items()}, nan_dump)
+        scores, wins = r.scores, None  # (B, m)
+        if preference:  # Appendix D.2: y's score is its mean preference over other samples y'' (the variants, below)
+            with timer("reward"):
+                scores, wins = preference_scores(preference, tokenizer, r, prompts, args.num_samples, penalty)
+
+        # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), and the pairs (y, y').
+        kl = r.logprobs - r.ref_logprobs  # (B, m)
+        rewards = scores - args.kl_coef * kl  # (B, m)
+        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2) indices; a comparator y'' in none
+        prompt_idx = torch.arange(len(pairs), device=device)[:, None, None]  # (B, 1, 1), broadcast against pairs
+        pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
+            t[prompt_idx, pairs].flatten(0, 1) for t in (r.query_responses, r.masks, r.logprobs, rewards)
+        )  # (B * P, 2, ...)
+
+        # 3. Regress relative rewards (Equation 1): noptepochs passes over the pairs, one optimizer step per minibatch.
+        num_pairs = len(pair_rewards)
+        minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(num_pairs).split(mini_batch_size)]
+        loss_stats, approxkl_stats = [], []
+        with timer("update"):
+            for minibatch in minibatches:
+                for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
+                    query_response, mask = trim_responses(pair_query_responses[idx], pair_masks[idx], context_length)
+                    with no_sync(policy, sync=micro == grad_accum - 1), autocast():  # DDP: sync the last micro-batch
+                        new_logprobs = sequence_logprobs(
+                            policy, query_response, mask, context_length, args.temperature, pad
+                        )  # (b, 2), at the sampling temperature: the distribution pi_t sampled from
+                        loss = rebel_loss(
+                            new_logprobs, pair_logprobs[idx], pair_rewards[idx], args.eta, args.loss_scaling
+                        )
+                    check_finite({"the REBEL loss": loss, "new log-probs": new_logprobs}, nan_dump)
+                    (loss / grad_accum).backward()
+                    loss_stats.append(loss.item())
+                    approxkl_stats.append(0.5 * (new_logprobs - pair_logprobs[idx]).pow(2).mean().item())
+                if args.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        # 4. Log pi_t's own samples' metrics, reduced over ranks (rank 0 writes); evaluate every --eval_freq updates.
+        per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
+        stats = {
+            "objective/scores": scores[:, own].mean().item(),
+            "objective/kl": kl[:, own].mean().item(),
+            "objective/rlhf_reward": rewards[:, own].mean().item(),
+            "objective/entropy": -(r.logprobs[:, own].sum() / r.masks[:, own].sum()).item(),
+            "objective/response_length": r.masks[:, own].sum(-1).float().mean().item(),
+            "objective/eos_rate": r.has_eos[:, own].float().mean().item(),
+            "loss/policy": float(np.mean(loss_stats)),
+            "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
+            "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
+            "policy/approxkl": float(np.mean(approxkl_stats)),
+            **variant_metrics(scores, wins, own, given is not None),
+        }
+        log.write(update, stats, timer, lr_now)
+        if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
+            run_evaluation(update)
+
+        # 5. Checkpoint every --save_freq updates, at the last (the trained state, whatever happens to the final save),
+        # and on Ctrl-C or SIGTERM, which then stop the run.
+        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
+        if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
+            trainer.update(update=update, world_size=world_size, flags=flags)
+            save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
+        if stop:
+            break
+
+    # The end: the last evaluation and the trained policy saved; or, stopped by a signal, the way to resume printed.
+    if not stop:
+        run_evaluation(num_updates)
+        save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
+    del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
+    log.end(update, signals if stop else None)
+
+
+# ---------------------------------------------------------------------------------------------- the variants
+# The loop above is Algorithm 1 as the paper runs it on TL;DR: y, y' ~ pi_t, scored by a reward model. The variants
+# change a prompt's responses (the m columns of the rollout's (B, m, ...) tensors) or their scores: --num_samples k > 2
+# (paired by --pairing); --mu dataset (y' is the dataset's response, Algorithm 1's mu: column 1); --preference_fn (a
+# response's score is its mean preference over other samples y'' of pi_t, Appendix D.2; with k = 2 a third sample y''
+# is drawn, the last column, and never trained on).
+
+
+def check_variants(args: Args) -> None:
+    """The variants' flags; and the defaults that depend on --preference_fn, set here so that a checkpoint records the
+    values used: D.2's regression has no reference policy, so no KL penalty; no reward model unless one is named."""
+    require(args.num_samples >= 2, f"--num_samples must be >= 2 (REBEL regresses on pairs); got {args.num_samples}")
+    require(
+        args.pairing != "adjacent" or args.num_samples % 2 == 0,
+        f"--pairing adjacent pairs responses two by two: --num_samples must be even, not {args.num_samples}",
+    )
+    require((args.mu == "dataset") == bool(args.mu_column), "--mu dataset and --mu_column NAME go together")
+    require(args.mu == "policy" or args.num_samples == 2, "--mu dataset pairs y with its y': --num_samples must be 2")
+    if args.kl_coef is None:
+        args.kl_coef = 0.0 if args.preference_fn else 0.05
+    if args.reward_model_path is None and not (args.preference_fn or args.reward_fn):
+        args.reward_model_path = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
+
+
+def sampled_columns(num_samples: int, mu: str, preference: bool) -> tuple[int, list[int]]:
+    """How many responses per prompt the rollout samples from pi_t, and their columns among its m (see above)."""
+    m = num_samples + (num_samples == 2 and preference)
+    own = [i for i in range(m) if mu == "policy" or i != 1]
+    return len(own), own
+
+
+def preference_scores(fn, tokenizer, r: Rollout, prompts, num_samples: int, penalty: float) -> tuple:
+    """Appendix D.2's reward of every response (the penalty without EOS), and the judge's P(y_i > y_j | x) (B, m, m)."""
+    wins = compare_pairs(fn, tokenizer, r.query_responses, r.query_responses.size(-1) - r.masks.size(-1), prompts)
+    scores = preference_rewards(wins, comparators(num_samples).to(wins.device))  # (B, m)
+    return torch.where(r.has_eos, scores, penalty), wins
+
+
 def preference_rewards(wins: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
-    """Appendix D.2's reward r_t(x, y) = l(x, y, pi_t), the mean of l(x, y, y'') = 2 P(y > y''|x) - 1 (Equation 11)
-    over y'' ~ pi_t: wins (B, m, m) holds P(y_i > y_j | x) (or a 0/1 outcome), against (m, m) y_j's weight as a y'' of
-    y_i (comparators()). Returns (B, m)."""
+    """r_t(x, y) = l(x, y, pi_t), the mean of l(x, y, y'') = 2 P(y > y''|x) - 1 (Equation 11) over y'' ~ pi_t: wins
+    (B, m, m) holds P(y_i > y_j | x) (or a 0/1 outcome), against (m, m) y_j's weight as a y'' of y_i (comparators()).
+    Returns (B, m)."""
     weights = against.to(wins.dtype)
     return ((2 * wins - 1) * weights).sum(-1) / weights.sum(-1)
 
@@ -281,237 +484,19 @@ def comparators(k: int) -> torch.Tensor:
     return ~torch.eye(k, dtype=torch.bool) if k > 2 else torch.tensor([[0, 0, 1], [0, 0, 1], [1, 1, 0]]).bool()
 
 
-# ---------------------------------------------------------------------------------------------- the loop
-
-
-def main(args: Args) -> None:
-    require(args.eta > 0, f"--eta must be > 0 (it divides the log-ratios in Equation 1); got {args.eta}")
-    require(args.num_samples >= 2, f"--num_samples must be >= 2 (REBEL regresses on pairs); got {args.num_samples}")
-    require(
-        args.pairing != "adjacent" or args.num_samples % 2 == 0,
-        f"--pairing adjacent pairs responses two by two: --num_samples must be even, not {args.num_samples}",
-    )
-    require((args.mu == "dataset") == bool(args.mu_column), "--mu dataset and --mu_column NAME go together")
-    require(args.mu == "policy" or args.num_samples == 2, "--mu dataset pairs y with its y': --num_samples must be 2")
-    # The defaults that depend on --preference_fn (resolved here, so that a checkpoint records the values used):
-    # Appendix D.2's regression has no reference policy, so no KL penalty; no reward model unless one is named.
-    if args.kl_coef is None:
-        args.kl_coef = 0.0 if args.preference_fn else 0.05
-    if args.reward_model_path is None and not (args.preference_fn or args.reward_fn):
-        args.reward_model_path = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
-    check_flags(asdict(args))
-    from tqdm import tqdm
-
-    # Set-up (the appendix): processes, batch sizes, the run directory, data, models.
-    rank, world_size, device = init_processes(args.cuda, args.seed)
-    master, bf16 = rank == 0, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
-    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    pairs_per_prompt = args.num_samples // 2 if args.pairing == "adjacent" else 1
-    mini_batch_size = exact_div(
-        local_batch_size * pairs_per_prompt, args.num_mini_batches, "per-rank pairs over --num_mini_batches"
-    )
-    grad_accum = exact_div(
-        mini_batch_size, args.per_device_train_batch_size, "mini-batch over --per_device_train_batch_size"
-    )
-    checkpoint, run_dir, run_name, output_dir = open_run(asdict(args))
-
-    # Data: every rank tokenises the whole split and takes its own prompts from the shared shuffle.
-    tokenizer = load_tokenizer(args.sft_model_path)
-    pad = tokenizer.pad_token_id
-    lengths = (args.query_length, args.response_length)
-    train_set, train_prompts, train_queries, train_mu, dropped = load_prompts(
-        args.query_dataset, args.train_split, args.query_column, args.mu_column, tokenizer, *lengths, args.long_prompts,
-        args.chat,
-    )  # fmt: skip
-    eval_data = load_prompts(
-        args.query_dataset, args.eval_split, args.query_column, args.reference_column, tokenizer, *lengths,
-        args.long_prompts, args.chat,
-    )  # fmt: skip
-    eval_idx = rank_share(min(args.num_eval_prompts or len(eval_data[0]), len(eval_data[0])), rank, world_size)
-    total_episodes = args.total_episodes or len(train_set)
-    num_updates = total_episodes // args.batch_size
-    require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
-    batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
-
-    # Models: the policy pi_theta (raw_policy is the model itself, which samples and is saved; `policy` is what the
-    # gradient steps go through: DDP's wrapper, or the same model sharded by FSDP), its SFT reference, the reward.
-    lora = (
-        lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora else None
-    )
-    raw_policy, ref_policy, stop_ids = load_trained_policy(
-        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16, lengths
-    )
-    if args.gradient_checkpointing:
-        checkpoint_layers(raw_policy)
-    reward = None  # --preference_fn with no reward model named: none (the evaluation uses the preference)
-    if args.reward_fn or args.reward_model_path:
-        reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
-    preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
-    # A prompt's responses, by column: y_1 .. y_k ~ pi_t (--mu policy); or y ~ pi_t, then the dataset's y' (--mu
-    # dataset); with --preference_fn and k = 2, then a comparator y'' ~ pi_t, in no pair. `own`: pi_t's samples.
-    num_sampled = args.num_samples - (args.mu == "dataset") + (args.num_samples == 2 and preference is not None)
-    own = slice(None) if args.mu == "policy" else [0, *range(2, num_sampled + 1)]
-    policy = distribute(raw_policy, args.fsdp, bf16, device)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
-    chunk, static_cache = args.local_rollout_forward_batch_size, args.static_cache and not args.fsdp  # compile: no FSDP
-    stops = stop_ids if args.stop_at_eos else None
-    config = sampling_config(args.response_length, args.temperature, pad, static_cache, stops)
-    eval_config = sampling_config(args.response_length, args.eval_temperature, pad, static_cache, stops)
-
-    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, policy, optimizer, asdict(args), world_size)
-    start_update = trainer.get("update", 0)
-    require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
-    for _ in range(start_update):  # the batches already trained on
-        next(batches)
-    signals = stop_signals()
-    log = RunLog(
-        run_dir, run_name, asdict(args), args.track, args.wandb_project_name, args.wandb_entity, trainer, start_update,
-        args.batch_size, device,
-    )  # fmt: skip
-    if master and (dropped or eval_data[4]):
-        print(f"dropped the prompts longer than --query_length {args.query_length} tokens: {dropped} of "
-              f"'{args.train_split}', {eval_data[4]} of '{args.eval_split}'")  # fmt: skip
-    if master:
-        print(
-            f"run {run_name}: {num_updates} updates of {args.batch_size} prompts, world size {world_size}, "
-            f"{grad_accum} micro-batches per step; logs in {run_dir}"
-            + (f"; resumed after update {start_update}" if checkpoint else "")
+def variant_metrics(scores, wins, own: list[int], mu_dataset: bool) -> dict:
+    """--mu dataset: how often y beats the dataset's y' (P(y > y') by the judge, or score(y) > score(y'), ties half).
+    --preference_fn: the mean 2 P(y_i > y_j) - 1 over ordered pairs of distinct samples of pi_t, ~0 (skew-symmetry)."""
+    stats = {}
+    if mu_dataset:
+        win = (
+            wins[:, 0, 1] if wins is not None else (scores[:, 0] > scores[:, 1]) + 0.5 * (scores[:, 0] == scores[:, 1])
         )
-
-    def sample_eval(queries, prompts):
-        """One response per prompt at the evaluation temperature; its KL at that temperature too, as officially."""
-        rollouts = rollout(
-            raw_policy, ref_policy, reward, queries, prompts, 1, eval_config, stop_ids, chunk, Timer(device)
-        )
-        query_response, mask, logprob, ref_logprob, score, has_eos = (t[:, 0] for t in rollouts)
-        return query_response, mask, logprob - ref_logprob, score, has_eos
-
-    run_evaluation = partial(
-        evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, idx=eval_idx,
-        reference_column=args.reference_column, penalty=args.penalty_reward_value, pad_multiple=args.pad_multiple,
-        chunk=chunk, autocast=autocast, log=log, rows_shown=args.num_sample_rows, preference=preference,
-    )  # fmt: skip
-
-    # The loop: rollout -> reward -> REBEL regression -> log -> checkpoint.
-    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
-    if not checkpoint:
-        run_evaluation(0)
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
-        timer = Timer(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        batch = next(batches)
-        queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
-        context_length = queries.size(1)
-
-        # 1. Rollout: num_samples responses per prompt from pi_t (--mu dataset: y and the dataset's y'; preferences
-        # with 2 samples: y, y' and y''), scored by the reward model (or --reward_fn; with --preference_fn, in step 2).
-        given, prompts = None if train_mu is None else train_mu[batch].to(device), [train_prompts[i] for i in batch]
-        with autocast():
-            query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout(
-                raw_policy, ref_policy, None if preference else reward, queries, prompts, num_sampled, config, stop_ids,
-                chunk, timer, given,
-            )  # (B, m, ...)  # fmt: skip
-        check_finite(
-            {
-                "--reward_fn's scores" if args.reward_fn else "the reward model's scores": scores,
-                "the policy's log-probs": logprobs,
-                "the reference's log-probs": ref_logprobs,
-                "responses": query_responses,
-            },
-            nan_dump,
-        )
-        # 2. Reward: r(x, y) = RM score (the fixed penalty without EOS) - kl_coef * (log pi_t(y|x) - log pi_ref(y|x));
-        # with --preference_fn, the score is y's mean preference over its comparators y'' ~ pi_t (Appendix D.2).
-        if preference:
-            with timer("reward"):
-                wins = compare_pairs(preference, tokenizer, query_responses, context_length, prompts)  # (B, m, m)
-            scores = preference_rewards(wins, comparators(args.num_samples).to(device))  # (B, m)
-        scores = torch.where(has_eos, scores, args.penalty_reward_value)  # (B, m)
-        kl = logprobs - ref_logprobs  # (B, m)
-        rewards = scores - args.kl_coef * kl  # (B, m)
-        # The pairs (y, y') of each prompt's responses (--pairing); Equation (1) applies to each pair.
-        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2), indices; y'' is in no pair
-        prompt_idx = torch.arange(len(pairs), device=device)[:, None, None]  # (B, 1, 1), broadcast against pairs
-        pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
-            t[prompt_idx, pairs].flatten(0, 1) for t in (query_responses, masks, logprobs, rewards)
-        )  # (B * P, 2, ...)
-
-        # 3. Regress relative rewards (Equation 1): noptepochs passes over the pairs, one optimizer step per minibatch.
-        num_pairs = len(pair_rewards)
-        minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(num_pairs).split(mini_batch_size)]
-        loss_stats, approxkl_stats = [], []
-        with timer("update"):
-            for minibatch in minibatches:
-                for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
-                    query_response, mask = trim_responses(pair_query_responses[idx], pair_masks[idx], context_length)
-                    with no_sync(policy, sync=micro == grad_accum - 1), autocast():
-                        new_logprobs = sequence_logprobs(
-                            policy, query_response, mask, context_length, args.temperature, pad
-                        )  # (b, 2), at the sampling temperature: the distribution pi_t sampled from
-                        loss = rebel_loss(
-                            new_logprobs, pair_logprobs[idx], pair_rewards[idx], args.eta, args.loss_scaling
-                        )
-                    check_finite({"the REBEL loss": loss.detach(), "new log-probs": new_logprobs.detach()}, nan_dump)
-                    (loss / grad_accum).backward()
-                    loss_stats.append(loss.item())
-                    approxkl_stats.append(0.5 * (new_logprobs - pair_logprobs[idx]).pow(2).mean().item())
-                if args.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        # 4. Log: metrics reduced over ranks, rank 0 writes; evaluate every --eval_freq updates.
-        per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
-        stats = {
-            "objective/scores": scores[:, own].mean().item(),
-            "objective/kl": kl[:, own].mean().item(),
-            "objective/rlhf_reward": rewards[:, own].mean().item(),
-            "objective/entropy": -(logprobs[:, own].sum() / masks[:, own].sum()).item(),
-            "objective/response_length": masks[:, own].sum(-1).float().mean().item(),
-            "objective/eos_rate": has_eos[:, own].float().mean().item(),
-            "loss/policy": float(np.mean(loss_stats)),
-            "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
-            "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
-            "policy/approxkl": float(np.mean(approxkl_stats)),
-        }
-        if given is not None:  # y beats the dataset's y': P(y > y'), or score(y) > score(y') (ties half)
-            win = wins[:, 0, 1] if preference else (scores[:, 0] > scores[:, 1]) + 0.5 * (scores[:, 0] == scores[:, 1])
-            stats["objective/win_rate_vs_mu"] = win.float().mean().item()
-        if preference:  # the mean 2 P(y_i > y_j) - 1 over ordered pairs of distinct samples: ~0 (skew-symmetry)
-            self_play = 2 * wins[:, own][:, :, own] - 1  # (B, n, n)
-            stats["objective/self_preference"] = self_play[:, ~torch.eye(self_play.size(1), dtype=bool)].mean().item()
-        log.write(update, stats, timer, lr_now)
-        if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
-            run_evaluation(update)
-
-        # 5. Checkpoint every --save_freq updates, at the last (the trained state, whatever happens to the final save),
-        # and on Ctrl-C or SIGTERM, which then stop the run.
-        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
-        if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=asdict(args))
-            save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
-        if stop:
-            break
-
-    # The end: the last evaluation and the trained policy saved, or (stopped) the way to resume.
-    if stop and master:
-        print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
-    if not stop:
-        run_evaluation(num_updates)
-        save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
-    log.close()
-    del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if stop:
-        sys.exit(128 + (signals or [signal.SIGTERM])[0])
+        stats["objective/win_rate_vs_mu"] = win.float().mean().item()
+    if wins is not None:
+        self_play = 2 * wins[:, own][:, :, own] - 1  # (B, n, n)
+        stats["objective/self_preference"] = self_play[:, ~torch.eye(len(own), dtype=bool)].mean().item()
+    return stats
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
@@ -1481,17 +1466,23 @@ def sequence_logprobs(model, query_responses, masks, context_length: int, temper
 
 
 @torch.no_grad()
-def evaluate(update, sample, reward, tokenizer, data, idx, reference_column, penalty, pad_multiple, chunk, autocast,
-             log, rows_shown, preference=None):  # fmt: skip
-    """The evaluation table at `update` on this rank's share `idx` of the evaluation prompts (`data`: load_prompts'
-    output): one response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores, has_eos),
-    its score as in training (`penalty` without EOS), and the dataset's reference response with its score; without a
-    `reward`, no scores. With `preference` (rebel.py's --preference_fn) and references, the response's win rate
-    against the reference, P(response > reference) by the judge, both orders averaged. Rank 0 writes
-    <run_dir>/eval_<update>.csv and logs the eval/ metrics and `rows_shown` samples."""
+def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast, preference=None):
+    """The evaluation table at `update`, on this rank's share of the first --num_eval_prompts prompts of `data`
+    (load_splits' second): one response per prompt from sample(queries, prompts) -> (query_responses, masks, kl,
+    scores, has_eos), its score as in training (--penalty_reward_value without EOS), and the dataset's reference
+    response with its score; without a `reward`, no scores. With `preference` (rebel.py's --preference_fn) and
+    references, the response's win rate against the reference, P(response > reference) by the judge, both orders
+    averaged. Rank 0 writes <run_dir>/eval_<update>.csv and logs the eval/ metrics and --num_sample_rows samples."""
+    reference_column, penalty, chunk = (
+        flags["reference_column"],
+        flags["penalty_reward_value"],
+        flags["local_rollout_forward_batch_size"],
+    )
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    idx = rank_share(min(flags["num_eval_prompts"] or len(data[0]), len(data[0])), rank, world_size)
     dataset, prompts, queries, references, _ = data
     prompts = [prompts[i] for i in idx]
-    queries = trim_left_padding(queries[idx], tokenizer.pad_token_id, pad_multiple).to(log.device)
+    queries = trim_left_padding(queries[idx], tokenizer.pad_token_id, flags["pad_multiple"]).to(log.device)
     ctx = queries.size(1)
     # Its own random stream: the training's samples do not depend on when, or how often, the run evaluates.
     with autocast(), torch.random.fork_rng(devices=[log.device] if log.device.type == "cuda" else []):
@@ -1521,48 +1512,72 @@ def evaluate(update, sample, reward, tokenizer, data, idx, reference_column, pen
             rows["win_rate"] = ((wins[:, 0, 1] + 1 - wins[:, 1, 0]) / 2).tolist()
     gathered = [rows]
     scores = {"the evaluation's scores": score, "the references' scores": torch.tensor(rows.get("reference_score", []))}
-    check_finite(
-        scores, os.path.join(log.run_dir, f"nonfinite_rank{dist.get_rank() if dist.is_initialized() else 0}.pt")
-    )
+    check_finite(scores, os.path.join(log.run_dir, f"nonfinite_rank{rank}.pt"))
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rows)
     if log.master:
-        log.table(update, gathered, rows_shown)
+        log.table(update, gathered, flags["num_sample_rows"])
+
+
+def precision(choice: str, device) -> tuple:
+    """--precision: whether to train in bf16 ('auto': on CUDA), the dtype of the frozen weights, and the autocast
+    context that the forward passes run under (off in fp32)."""
+    bf16 = choice == "bf16" or (choice == "auto" and device.type == "cuda")
+    return bf16, torch.bfloat16 if bf16 else torch.float32, partial(torch.autocast, device.type, torch.bfloat16, bf16)
+
+
+def load_splits(flags: dict, tokenizer, train_column: str | None) -> tuple:
+    """load_prompts of --train_split (with `train_column`'s responses, or none) and of --eval_split (with
+    --reference_column's); rank 0 says how many prompts longer than --query_length were dropped."""
+    common = (flags["query_length"], flags["response_length"], flags["long_prompts"], flags["chat"])
+    train = load_prompts(flags["query_dataset"], flags["train_split"], flags["query_column"], train_column, tokenizer,
+                         *common)  # fmt: skip
+    evaluation = load_prompts(flags["query_dataset"], flags["eval_split"], flags["query_column"],
+                              flags["reference_column"], tokenizer, *common)  # fmt: skip
+    if (train[4] or evaluation[4]) and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"dropped the prompts longer than --query_length {flags['query_length']} tokens: {train[4]} of "
+              f"'{flags['train_split']}', {evaluation[4]} of '{flags['eval_split']}'")  # fmt: skip
+    return train, evaluation
 
 
 class RunLog:
-    """Rank 0's logs: TensorBoard events, metrics.jsonl (a row per update) and, with `track`, the wandb run, each
+    """Rank 0's logs: TensorBoard events, metrics.jsonl (a row per update) and, with --track, the wandb run, each
     continued where the checkpoint left it on resume (`trainer`: the checkpoint's record, which keeps the wandb id).
-    Every rank calls write(), which reduces the metrics over the ranks."""
+    Rank 0 prints the run's start line (`plan`: its updates and batch). Every rank calls write(), which reduces the
+    metrics over the ranks."""
 
-    def __init__(
-        self, run_dir, run_name, flags: dict, track, project, entity, trainer, start_update, batch_size, device
-    ):
+    def __init__(self, run_dir, run_name, flags: dict, trainer, start_update, device, plan: str):
         self.master = not dist.is_initialized() or dist.get_rank() == 0
-        self.run_dir, self.track, self.device, self.batch_size = run_dir, track, device, batch_size
+        self.run_dir, self.track, self.device, self.batch_size = run_dir, flags["track"], device, flags["batch_size"]
         self.start_update, self.start = start_update, time.time()
         if not self.master:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        if track:
+        if self.track:
             import wandb
 
             # The checkpoint's wandb run id continues that run (None: a new one).
-            wandb.init(project=project, entity=entity, config=flags, name=run_name, dir=run_dir, save_code=True,
-                       id=trainer.get("wandb_id"), resume="allow", sync_tensorboard=True)  # fmt: skip
+            wandb.init(project=flags["wandb_project_name"], entity=flags["wandb_entity"], config=flags, name=run_name,
+                       dir=run_dir, save_code=True, id=trainer.get("wandb_id"), resume="allow",
+                       sync_tensorboard=True)  # fmt: skip
             trainer["wandb_id"] = wandb.run.id
         self.writer = SummaryWriter(run_dir, purge_step=start_update + 1 if start_update else 0)
         self.writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in flags.items()))
         self.metrics = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        resumed = f"; resumed after update {start_update}" if start_update else ""
+        print(f"run {run_name}: {plan}, world size {world_size}; logs in {run_dir}{resumed}")
 
     def write(self, update: int, stats: dict, timer, lr: float) -> None:
-        """One update's metrics (the mean over ranks), the phase times and peak memory (the max), the learning rate."""
+        """One update's metrics (the mean over ranks), the phase times and peak memory since the last write (the max
+        over ranks), the learning rate."""
         stats = all_reduce(stats, device=self.device)
         timer.times["total"] = sum(timer.times.values())
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)  # the next update's peak is its own
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
         times = {f"time/{k}": v for k, v in timer.times.items()}
@@ -1598,6 +1613,17 @@ class RunLog:
         tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
         for _, row in samples.iterrows():
             tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row[shown]:.2f})")
+
+    def end(self, update: int, signals: list | None) -> None:
+        """The run's end: the logs closed, the processes ended; a run stopped by `signals` (Ctrl-C, SIGTERM: on some
+        rank) says how to resume and exits with 128 + the signal's number (130, 143)."""
+        self.close()
+        if signals is not None and self.master:
+            print(f"stopped after update {update}; continue with --resume {self.run_dir}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if signals is not None:
+            sys.exit(128 + (signals or [signal.SIGTERM])[0])
 
     def close(self) -> None:
         """Close the logs and free the run directory (its lock)."""

@@ -219,18 +219,10 @@ def main(args: Args) -> None:
     for _ in range(start_update):  # the batches already trained on
         next(batches)
     signals = stop_signals()
-    log = RunLog(
-        run_dir, run_name, asdict(args), args.track, args.wandb_project_name, args.wandb_entity, trainer, start_update,
-        args.batch_size, device,
-    )  # fmt: skip
+    plan = f"{num_updates} updates of {args.batch_size} pairs, {grad_accum} micro-batches per step"
+    log = RunLog(run_dir, run_name, asdict(args), trainer, start_update, device, plan)
     if master and dropped:
         print(f"dropped {dropped} training pairs whose prompt is longer than --query_length {args.query_length}")
-    if master:
-        print(
-            f"run {run_name}: {num_updates} updates of {args.batch_size} pairs, world size {world_size}, "
-            f"{grad_accum} micro-batches per step; logs in {run_dir}"
-            + (f"; resumed after update {start_update}" if checkpoint else "")
-        )
 
     # The loop: a batch of pairs -> scores -> Bradley-Terry loss -> step -> log -> checkpoint.
     stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
@@ -893,37 +885,42 @@ def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: t
 
 
 class RunLog:
-    """Rank 0's logs: TensorBoard events, metrics.jsonl (a row per update) and, with `track`, the wandb run, each
+    """Rank 0's logs: TensorBoard events, metrics.jsonl (a row per update) and, with --track, the wandb run, each
     continued where the checkpoint left it on resume (`trainer`: the checkpoint's record, which keeps the wandb id).
-    Every rank calls write(), which reduces the metrics over the ranks."""
+    Rank 0 prints the run's start line (`plan`: its updates and batch). Every rank calls write(), which reduces the
+    metrics over the ranks."""
 
-    def __init__(
-        self, run_dir, run_name, flags: dict, track, project, entity, trainer, start_update, batch_size, device
-    ):
+    def __init__(self, run_dir, run_name, flags: dict, trainer, start_update, device, plan: str):
         self.master = not dist.is_initialized() or dist.get_rank() == 0
-        self.run_dir, self.track, self.device, self.batch_size = run_dir, track, device, batch_size
+        self.run_dir, self.track, self.device, self.batch_size = run_dir, flags["track"], device, flags["batch_size"]
         self.start_update, self.start = start_update, time.time()
         if not self.master:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        if track:
+        if self.track:
             import wandb
 
             # The checkpoint's wandb run id continues that run (None: a new one).
-            wandb.init(project=project, entity=entity, config=flags, name=run_name, dir=run_dir, save_code=True,
-                       id=trainer.get("wandb_id"), resume="allow", sync_tensorboard=True)  # fmt: skip
+            wandb.init(project=flags["wandb_project_name"], entity=flags["wandb_entity"], config=flags, name=run_name,
+                       dir=run_dir, save_code=True, id=trainer.get("wandb_id"), resume="allow",
+                       sync_tensorboard=True)  # fmt: skip
             trainer["wandb_id"] = wandb.run.id
         self.writer = SummaryWriter(run_dir, purge_step=start_update + 1 if start_update else 0)
         self.writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in flags.items()))
         self.metrics = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        resumed = f"; resumed after update {start_update}" if start_update else ""
+        print(f"run {run_name}: {plan}, world size {world_size}; logs in {run_dir}{resumed}")
 
     def write(self, update: int, stats: dict, timer, lr: float) -> None:
-        """One update's metrics (the mean over ranks), the phase times and peak memory (the max), the learning rate."""
+        """One update's metrics (the mean over ranks), the phase times and peak memory since the last write (the max
+        over ranks), the learning rate."""
         stats = all_reduce(stats, device=self.device)
         timer.times["total"] = sum(timer.times.values())
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)  # the next update's peak is its own
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
         times = {f"time/{k}": v for k, v in timer.times.items()}
@@ -959,6 +956,17 @@ class RunLog:
         tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
         for _, row in samples.iterrows():
             tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row[shown]:.2f})")
+
+    def end(self, update: int, signals: list | None) -> None:
+        """The run's end: the logs closed, the processes ended; a run stopped by `signals` (Ctrl-C, SIGTERM: on some
+        rank) says how to resume and exits with 128 + the signal's number (130, 143)."""
+        self.close()
+        if signals is not None and self.master:
+            print(f"stopped after update {update}; continue with --resume {self.run_dir}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if signals is not None:
+            sys.exit(128 + (signals or [signal.SIGTERM])[0])
 
     def close(self) -> None:
         """Close the logs and free the run directory (its lock)."""

@@ -308,22 +308,16 @@ def test_rollout_pairs_masks_and_eos(toy, monkeypatch):
     monkeypatch.setattr(rebel, "generate", lambda m, q, c: torch.cat((q, fixed[: q.size(0)]), 1))
     config = rebel.sampling_config(4, 1.0, pad)
     query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rebel.rollout(
-        model,
-        lambda: nullcontext(model),
-        rebel.Reward(tok, rm),
-        queries,
-        prompts,
-        2,
-        config,
-        [eos],
-        8,
-        rebel.Timer(torch.device("cpu")),
-    )
+        policy=model, ref_policy=lambda: nullcontext(model), reward=rebel.Reward(tok, rm), queries=queries,
+        prompts=prompts, n=2, config=config, stop_ids=[eos], penalty=-7.0, chunk_size=8,
+        timer=rebel.Timer(torch.device("cpu")),
+    )  # fmt: skip
     assert query_responses.shape == (2, 2, 7) and query_responses[0, 0].tolist() == [pad, 5, 6, 5, eos, pad, pad]
     assert has_eos.tolist() == [[True, False], [True, False]]
     assert masks.sum(-1).tolist() == [[2, 4], [1, 4]]
     torch.testing.assert_close(logprobs, ref_logprobs)  # the same model as its own reference
     assert scores[0, 0].item() == pytest.approx(rm(query_responses[0, :1], pad).item(), abs=1e-5)
+    assert scores[:, 1].tolist() == [-7.0, -7.0]  # no stop token: the penalty, the score Equation (1) regresses on
 
 
 # ---------------------------------------------------------------------------------------------- end to end
