@@ -34,7 +34,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -194,13 +194,27 @@ class Args:
 # dpo.py samples only to evaluate, with rebel.py's rollout (one response per prompt); the loss is dpo_loss, below.
 
 
+class Rollout(NamedTuple):
+    """What Equation (1) needs of m responses to each of B prompts (L = prompt + T response tokens)."""
+
+    query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
+    masks: torch.Tensor  # (B, m, T) True on the response's tokens
+    logprobs: torch.Tensor  # (B, m) ln pi_t(y|x), summed over the response
+    ref_logprobs: torch.Tensor  # (B, m) ln pi_ref(y|x) under the SFT policy, for the KL penalty
+    scores: torch.Tensor  # (B, m) the reward model's score, or `penalty` for a response with no stop token
+    has_eos: torch.Tensor  # (B, m) whether the response ended with a stop token
+
+
 @torch.no_grad()
-def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_ids, chunk_size: int, timer, given=None):
-    """n responses per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them; no
-    reward: scores 0), and `given` (B, T; rebel.py's --mu dataset) put second, as y': m = n (+ 1) responses of T tokens.
-    `with ref_policy() as ref` is the SFT reference (load_trained_policy). Returns query_responses (B, m, L = ctx + T),
-    masks (B, m, T), the summed log-probs under the policy and the reference (B, m), the reward model's scores (B, m)
-    and has_eos (B, m): whether the response ended with a stop token."""
+def rollout(
+    *, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk_size, timer, given=None
+):
+    """n responses per prompt sampled from `policy` (pi_t), in chunks of chunk_size prompts. queries (B, ctx) are the
+    left-padded prompt ids and `prompts` the prompts as the dataset gives them (a reward function reads those);
+    config: generate's sampling settings; ref_policy: a function whose `with ref_policy() as ref:` gives the SFT
+    policy (load_trained_policy: LoRA's base with the adapter off, or a frozen copy); reward(query_responses, ctx,
+    prompts) -> scores (None: 0); stop_ids: the tokens that end a response. `given` (B, T), the dataset's y' of
+    --mu dataset, is put second: m = n (+ 1) responses."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
     for start in range(0, len(queries), chunk_size):
         query = queries[start : start + chunk_size]
@@ -219,14 +233,14 @@ def rollout(policy, ref_policy, reward, queries, prompts, n: int, config, stop_i
             logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
             with ref_policy() as ref:
                 ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
-        # Response processing 3: the reward, and whether the response ended (the penalty needs it).
+        # Response processing 3: the reward; a response that did not end gets the fixed penalty instead.
         with timer("reward"):
             chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(m)]
             score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
-            score = score.view_as(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
+        score = torch.where(has_eos, score.view_as(logprob), penalty)
         out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
-    return [torch.cat(t) for t in zip(*out)]
+    return Rollout(*(torch.cat(t) for t in zip(*out)))
 
 
 def dpo_loss(logprobs, ref_logprobs, beta: float) -> torch.Tensor:
@@ -307,11 +321,10 @@ def main(args: Args) -> None:
 
     def sample_eval(queries, prompts):
         """One response per prompt at the evaluation temperature; its KL at that temperature too, as officially."""
-        rollouts = rollout(
-            raw_policy, ref_policy, reward, queries, prompts, 1, eval_config, stop_ids, chunk, Timer(device)
-        )
-        query_response, mask, logprob, ref_logprob, score, has_eos = (t[:, 0] for t in rollouts)
-        return query_response, mask, logprob - ref_logprob, score, has_eos
+        r = rollout(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries, prompts=prompts, n=1,
+                    config=eval_config, stop_ids=stop_ids, penalty=args.penalty_reward_value, chunk_size=chunk,
+                    timer=Timer(device))  # fmt: skip
+        return tuple(t[:, 0] for t in (r.query_responses, r.masks, r.logprobs - r.ref_logprobs, r.scores, r.has_eos))
 
     run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
                              flags=asdict(args), autocast=autocast)  # fmt: skip

@@ -352,22 +352,23 @@ def main(args: Args) -> None:
         # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
         # (the reward model's; the penalty without EOS). With --preference_fn the scores come in step 2.
         with autocast():
-            r = rollout(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
-                        queries=queries, prompts=prompts, n=num_sampled, config=config, stop_ids=stop_ids,
-                        penalty=args.penalty_reward_value, chunk_size=chunk, timer=timer, given=given)  # fmt: skip
-        check_finite({f"the rollout's {name}": value for name, value in r._asdict().items()}, nan_dump)
-        scores, wins = r.scores, None  # (B, m)
+            rollouts = rollout(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
+                               queries=queries, prompts=prompts, n=num_sampled, config=config, stop_ids=stop_ids,
+                               penalty=penalty, chunk_size=chunk, timer=timer, given=given)  # fmt: skip
+        check_finite({f"the rollout's {name}": t for name, t in rollouts._asdict().items()}, nan_dump)
+        query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollouts  # (B, m, ...)
+        wins = None
         if preference:  # Appendix D.2: y's score is its mean preference over other samples y'' (the variants, below)
             with timer("reward"):
-                scores, wins = preference_scores(preference, tokenizer, r, prompts, args.num_samples, penalty)
+                scores, wins = preference_scores(preference, tokenizer, rollouts, prompts, args.num_samples, penalty)
 
         # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), and the pairs (y, y').
-        kl = r.logprobs - r.ref_logprobs  # (B, m)
+        kl = logprobs - ref_logprobs  # (B, m)
         rewards = scores - args.kl_coef * kl  # (B, m)
         pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2) indices; a comparator y'' in none
         prompt_idx = torch.arange(len(pairs), device=device)[:, None, None]  # (B, 1, 1), broadcast against pairs
         pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
-            t[prompt_idx, pairs].flatten(0, 1) for t in (r.query_responses, r.masks, r.logprobs, rewards)
+            t[prompt_idx, pairs].flatten(0, 1) for t in (query_responses, masks, logprobs, rewards)
         )  # (B * P, 2, ...)
 
         # 3. Regress relative rewards (Equation 1): noptepochs passes over the pairs, one optimizer step per minibatch.
@@ -400,9 +401,9 @@ def main(args: Args) -> None:
             "objective/scores": scores[:, own].mean().item(),
             "objective/kl": kl[:, own].mean().item(),
             "objective/rlhf_reward": rewards[:, own].mean().item(),
-            "objective/entropy": -(r.logprobs[:, own].sum() / r.masks[:, own].sum()).item(),
-            "objective/response_length": r.masks[:, own].sum(-1).float().mean().item(),
-            "objective/eos_rate": r.has_eos[:, own].float().mean().item(),
+            "objective/entropy": -(logprobs[:, own].sum() / masks[:, own].sum()).item(),
+            "objective/response_length": masks[:, own].sum(-1).float().mean().item(),
+            "objective/eos_rate": has_eos[:, own].float().mean().item(),
             "loss/policy": float(np.mean(loss_stats)),
             "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
             "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
