@@ -1077,9 +1077,12 @@ def same_tokenizer(a, b) -> bool:
     return vocab_a == vocab_b and a.chat_template == b.chat_template
 
 
-def load_reward(reward_fn: str | None, model_path: str, tokenizer_path: str | None, tokenizer, dtype, device) -> Reward:
+def load_reward(reward_fn: str | None, model_path: str | None, tokenizer_path: str | None, tokenizer, dtype, device):
     """--reward_fn path/to/file.py:name (that file's function), or the reward model with its tokenizer: its own when
-    it differs from the policy's (`tokenizer`), which then reads the decoded responses."""
+    it differs from the policy's (`tokenizer`), which then reads the decoded responses; None where neither is named
+    (rebel.py's --preference_fn)."""
+    if not (reward_fn or model_path):
+        return None
     if reward_fn:
         return Reward(tokenizer, fn=load_function(reward_fn, "--reward_fn"))
     model = load_reward_model(model_path, dtype).to(device).eval().requires_grad_(False)
@@ -1413,6 +1416,15 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
 
 
 # ---------------------------------------------------------------------------------------------- sampling and log-probs
+
+
+def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
+    """sampling_config at --temperature (training) and at --eval_temperature: --response_length tokens, a static KV
+    cache unless --no-static_cache or --fsdp (a sharded model's sampler is not compiled), ending at a stop token with
+    --stop_at_eos."""
+    static, stops = flags["static_cache"] and not flags["fsdp"], stop_ids if flags["stop_at_eos"] else None
+    length = flags["response_length"]
+    return tuple(sampling_config(length, flags[t], pad_id, static, stops) for t in ("temperature", "eval_temperature"))
 
 
 def sampling_config(

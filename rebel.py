@@ -7,9 +7,8 @@ their rewards (Equation 1):
   min_theta mean_{x,y,y'} (1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')])^2
 
 The file reads top to bottom: the flags (Args), the algorithm (rebel_loss, rollout, pair_up), the loop (main), the
-variants of Algorithm 1 (more samples per prompt, y' from the dataset, a preference model instead of a reward: their
-own block after the loop), then an appendix of the plumbing that every script shares (loading, data, sampling,
-evaluation, logs, checkpoints). docs/rebel.md explains every metric.
+variants (more samples, y' from the dataset, a preference model), then the plumbing every script shares (the
+appendix). docs/rebel.md explains every metric.
 
     python rebel.py --eta 1.0                               # one process
     torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the paper's 2.8B TL;DR run
@@ -65,16 +64,13 @@ class Args:
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
-    """end a response at its first stop token (EOS, or a chat model's end of turn such as <|eot_id|>), as chat runs do;
-    the default samples --response_length tokens, as the paper's TL;DR"""
+    """end a response at its first stop token (EOS, a chat model's end of turn), as chat runs; TL;DR runs do not"""
     sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
     """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
     reward_model_path: str | None = None
-    """a sequence classifier with one label, or summarize_from_feedback_details' backbone + scalar head (default:
-    vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr; with --preference_fn, none)"""
+    """a one-label sequence classifier, or a backbone + scalar head (default: the paper's 2.8B one; --preference_fn: none)"""
     reward_tokenizer: str | None = None
-    """the reward model's tokenizer and chat template (default: its own, else the policy's); another than the policy's
-    reads the decoded response"""
+    """the reward model's tokenizer and chat template (default: its own, else the policy's), reading decoded text"""
     reward_fn: str | None = None
     """path/to/file.py:function, used instead of the reward model: fn(prompts, responses) -> one score per response"""
 
@@ -116,8 +112,7 @@ class Args:
     num_samples: int = 2
     """responses per prompt (--mu dataset: y and the dataset's y'; --preference_fn with 2: y, y', a comparator y'')"""
     pairing: Literal["adjacent", "best_worst"] = "adjacent"
-    """the pairs (y, y'): 'adjacent' (1st with 2nd, 3rd with 4th, ...); 'best_worst' (the highest and the lowest
-    score: one pair per prompt, as the official UltraFeedback runs)"""
+    """the pairs (y, y'): 'adjacent' (1st-2nd, 3rd-4th, ...); 'best_worst' (one: the official UltraFeedback runs')"""
     mu: Literal["policy", "dataset"] = "policy"
     """Algorithm 1's base distribution of y': 'policy' (pi_t: sampled); 'dataset' (the prompt's --mu_column response)"""
     mu_column: str | None = None
@@ -139,8 +134,7 @@ class Args:
     lora_target_modules: list[str] | None = None
     """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
     num_trainable_layers: int | None = None
-    """with --no-lora, train only the last N layers (and the final norm, an untied LM head), the rest frozen in bf16,
-    as the paper's chat runs (4)"""
+    """with --no-lora, train only the last N layers (and the final norm), the rest frozen, as the paper's chat runs"""
 
     # speed and memory
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -178,8 +172,7 @@ class Args:
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
     resume: str | None = None
-    """continue the run in this folder from its latest checkpoint (or start it there): the same --resume at every
-    launch of a pre-emptible job, with the run's flags (those of logging, saving and evaluation may change)"""
+    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
     eval_freq: int = 100
     """evaluate every this many updates (and before the first and after the last); 0 = only at the end"""
     num_eval_prompts: int | None = None
@@ -217,22 +210,19 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def rollout(
-    *, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk_size, timer, given=None
-):
-    """n responses per prompt sampled from `policy` (pi_t), in chunks of chunk_size prompts. queries (B, ctx) are the
-    left-padded prompt ids and `prompts` the prompts as the dataset gives them (a reward function reads those);
-    config: generate's sampling settings; ref_policy: a function whose `with ref_policy() as ref:` gives the SFT
-    policy (load_trained_policy: LoRA's base with the adapter off, or a frozen copy); reward(query_responses, ctx,
-    prompts) -> scores (None: 0); stop_ids: the tokens that end a response. `given` (B, T), the dataset's y' of
-    --mu dataset, is put second: m = n (+ 1) responses."""
+def rollout(*, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk, timer, given=None):
+    """n responses per prompt sampled from `policy` (pi_t), `chunk` prompts at a time. queries (B, ctx): the left-padded
+    prompt ids; `prompts`: the same as the dataset gives them (for a reward function); config: generate's settings;
+    ref_policy: a function whose `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the adapter
+    off, or a frozen copy); reward(query_responses, ctx, prompts) -> scores (None: 0); stop_ids: the tokens that end
+    a response. `given` (B, T), --mu dataset's y', is put second: m = n (+ 1) responses."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
-    for start in range(0, len(queries), chunk_size):
-        query = queries[start : start + chunk_size]
+    for start in range(0, len(queries), chunk):
+        query = queries[start : start + chunk]
         with timer("generation"):
             response = generate(policy, query.repeat_interleave(n, 0), config)[:, ctx:].unflatten(0, (-1, n))
         if given is not None:
-            response = torch.cat((response[:, :1], given[start : start + chunk_size, None], response[:, 1:]), 1)
+            response = torch.cat((response[:, :1], given[start : start + chunk, None], response[:, 1:]), 1)
         m = response.size(1)
         # Response processing 1: truncate after the first stop token, pad the rest.
         response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
@@ -246,7 +236,7 @@ def rollout(
                 ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
         # Response processing 3: the reward; a response that did not end gets the fixed penalty instead.
         with timer("reward"):
-            chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(m)]
+            chunk_prompts = [p for p in prompts[start : start + chunk] for _ in range(m)]
             score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
         score = torch.where(has_eos, score.view_as(logprob), penalty)
@@ -256,9 +246,8 @@ def rollout(
 
 def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
     """Which two of a prompt's k responses form each pair (y, y') of Equation (1): scores (B, k) -> indices (B, P, 2).
-    'adjacent': (0, 1), (2, 3), ... (k/2 pairs, independent samples as Algorithm 1); 'best_worst': the highest and the
-    lowest score, the no-EOS penalty applied and the KL term not (1 pair, as the official UltraFeedback pipeline with
-    5 samples)."""
+    'adjacent': (0, 1), (2, 3), ... (independent samples, as Algorithm 1); 'best_worst': the highest and the lowest
+    score, the penalty applied and the KL term not (one pair, as the official UltraFeedback pipeline)."""
     B, k = scores.shape
     if rule == "adjacent":
         return torch.arange(k - k % 2, device=scores.device).view(1, -1, 2).expand(B, -1, -1)
@@ -282,16 +271,13 @@ def main(args: Args) -> None:
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
     rank_pairs = local_batch_size * (args.num_samples // 2 if args.pairing == "adjacent" else 1)
     mini_batch_size = exact_div(rank_pairs, args.num_mini_batches, "per-rank pairs over --num_mini_batches")
-    grad_accum = exact_div(
-        mini_batch_size, args.per_device_train_batch_size, "pairs over --per_device_train_batch_size"
-    )
+    grad_accum = exact_div(mini_batch_size, args.per_device_train_batch_size, "pairs per minibatch")
     checkpoint, run_dir, run_name, output_dir = open_run(flags)
     tokenizer = load_tokenizer(args.sft_model_path)
     pad = tokenizer.pad_token_id
     # Every rank tokenises the whole split and takes its own prompts from the shared shuffle.
     (train_set, train_prompts, train_queries, train_mu, _), eval_data = load_splits(flags, tokenizer, args.mu_column)
-    total_episodes = args.total_episodes or len(train_set)
-    num_updates = total_episodes // args.batch_size
+    num_updates = (total_episodes := args.total_episodes or len(train_set)) // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
@@ -304,17 +290,13 @@ def main(args: Args) -> None:
     )  # fmt: skip
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
-    reward = None  # --preference_fn with no reward model named: none (the evaluation uses the preference)
-    if args.reward_fn or args.reward_model_path:
-        reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
+    reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
     num_sampled, own = sampled_columns(args.num_samples, args.mu, preference is not None)  # the variants, below
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
-    chunk, static_cache = args.local_rollout_forward_batch_size, args.static_cache and not args.fsdp  # compile: no FSDP
-    stops, penalty = stop_ids if args.stop_at_eos else None, args.penalty_reward_value
-    config = sampling_config(args.response_length, args.temperature, pad, static_cache, stops)
-    eval_config = sampling_config(args.response_length, args.eval_temperature, pad, static_cache, stops)
+    config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
+    chunk, penalty = args.local_rollout_forward_batch_size, args.penalty_reward_value
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
     trainer = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
@@ -326,10 +308,9 @@ def main(args: Args) -> None:
     plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step"
     log = RunLog(run_dir, run_name, flags, trainer, start_update, device, plan)
 
-    def sample_eval(queries, prompts):
-        """One response per prompt at the evaluation temperature; its KL at that temperature too, as officially."""
+    def sample_eval(queries, prompts):  # one response per prompt at --eval_temperature (its KL too, as officially)
         r = rollout(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries, prompts=prompts, n=1,
-                    config=eval_config, stop_ids=stop_ids, penalty=penalty, chunk_size=chunk,
+                    config=eval_config, stop_ids=stop_ids, penalty=penalty, chunk=chunk,
                     timer=Timer(device))  # fmt: skip
         return tuple(t[:, 0] for t in (r.query_responses, r.masks, r.logprobs - r.ref_logprobs, r.scores, r.has_eos))
 
@@ -346,7 +327,7 @@ def main(args: Args) -> None:
             group["lr"] = lr_now
         batch = next(batches)
         queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
-        context_length, prompts = queries.size(1), [train_prompts[i] for i in batch]
+        ctx, prompts = queries.size(1), [train_prompts[i] for i in batch]
         given = None if train_mu is None else train_mu[batch].to(device)  # --mu dataset's y'
 
         # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
@@ -354,7 +335,7 @@ def main(args: Args) -> None:
         with autocast():
             rollouts = rollout(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
                                queries=queries, prompts=prompts, n=num_sampled, config=config, stop_ids=stop_ids,
-                               penalty=penalty, chunk_size=chunk, timer=timer, given=given)  # fmt: skip
+                               penalty=penalty, chunk=chunk, timer=timer, given=given)  # fmt: skip
         check_finite({f"the rollout's {name}": t for name, t in rollouts._asdict().items()}, nan_dump)
         query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollouts  # (B, m, ...)
         wins = None
@@ -378,11 +359,10 @@ def main(args: Args) -> None:
         with timer("update"):
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
-                    query_response, mask = trim_responses(pair_query_responses[idx], pair_masks[idx], context_length)
-                    with no_sync(policy, sync=micro == grad_accum - 1), autocast():  # DDP: sync the last micro-batch
-                        new_logprobs = sequence_logprobs(
-                            policy, query_response, mask, context_length, args.temperature, pad
-                        )  # (b, 2), at the sampling temperature: the distribution pi_t sampled from
+                    query_response, mask = trim_responses(pair_query_responses[idx], pair_masks[idx], ctx)
+                    # ln pi_theta(y|x) (b, 2) at the sampling temperature (pi_t's distribution); DDP syncs the last
+                    with no_sync(policy, sync=micro == grad_accum - 1), autocast():
+                        new_logprobs = sequence_logprobs(policy, query_response, mask, ctx, args.temperature, pad)
                         loss = rebel_loss(
                             new_logprobs, pair_logprobs[idx], pair_rewards[idx], args.eta, args.loss_scaling
                         )
@@ -445,7 +425,7 @@ def check_variants(args: Args) -> None:
     require(args.num_samples >= 2, f"--num_samples must be >= 2 (REBEL regresses on pairs); got {args.num_samples}")
     require(
         args.pairing != "adjacent" or args.num_samples % 2 == 0,
-        f"--pairing adjacent pairs responses two by two: --num_samples must be even, not {args.num_samples}",
+        f"--pairing adjacent: --num_samples must be even, not {args.num_samples}",
     )
     require((args.mu == "dataset") == bool(args.mu_column), "--mu dataset and --mu_column NAME go together")
     require(args.mu == "policy" or args.num_samples == 2, "--mu dataset pairs y with its y': --num_samples must be 2")
@@ -471,8 +451,7 @@ def preference_scores(fn, tokenizer, r: Rollout, prompts, num_samples: int, pena
 
 def preference_rewards(wins: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
     """r_t(x, y) = l(x, y, pi_t), the mean of l(x, y, y'') = 2 P(y > y''|x) - 1 (Equation 11) over y'' ~ pi_t: wins
-    (B, m, m) holds P(y_i > y_j | x) (or a 0/1 outcome), against (m, m) y_j's weight as a y'' of y_i (comparators()).
-    Returns (B, m)."""
+    (B, m, m) holds P(y_i > y_j | x), against (m, m) y_j's weight as a y'' of y_i (comparators()). Returns (B, m)."""
     weights = against.to(wins.dtype)
     return ((2 * wins - 1) * weights).sum(-1) / weights.sum(-1)
 
@@ -983,9 +962,12 @@ def same_tokenizer(a, b) -> bool:
     return vocab_a == vocab_b and a.chat_template == b.chat_template
 
 
-def load_reward(reward_fn: str | None, model_path: str, tokenizer_path: str | None, tokenizer, dtype, device) -> Reward:
+def load_reward(reward_fn: str | None, model_path: str | None, tokenizer_path: str | None, tokenizer, dtype, device):
     """--reward_fn path/to/file.py:name (that file's function), or the reward model with its tokenizer: its own when
-    it differs from the policy's (`tokenizer`), which then reads the decoded responses."""
+    it differs from the policy's (`tokenizer`), which then reads the decoded responses; None where neither is named
+    (rebel.py's --preference_fn)."""
+    if not (reward_fn or model_path):
+        return None
     if reward_fn:
         return Reward(tokenizer, fn=load_function(reward_fn, "--reward_fn"))
     model = load_reward_model(model_path, dtype).to(device).eval().requires_grad_(False)
@@ -1319,6 +1301,15 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
 
 
 # ---------------------------------------------------------------------------------------------- sampling and log-probs
+
+
+def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
+    """sampling_config at --temperature (training) and at --eval_temperature: --response_length tokens, a static KV
+    cache unless --no-static_cache or --fsdp (a sharded model's sampler is not compiled), ending at a stop token with
+    --stop_at_eos."""
+    static, stops = flags["static_cache"] and not flags["fsdp"], stop_ids if flags["stop_at_eos"] else None
+    length = flags["response_length"]
+    return tuple(sampling_config(length, flags[t], pad_id, static, stops) for t in ("temperature", "eval_temperature"))
 
 
 def sampling_config(

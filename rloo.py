@@ -208,22 +208,19 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def rollout(
-    *, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk_size, timer, given=None
-):
-    """n responses per prompt sampled from `policy` (pi_t), in chunks of chunk_size prompts. queries (B, ctx) are the
-    left-padded prompt ids and `prompts` the prompts as the dataset gives them (a reward function reads those);
-    config: generate's sampling settings; ref_policy: a function whose `with ref_policy() as ref:` gives the SFT
-    policy (load_trained_policy: LoRA's base with the adapter off, or a frozen copy); reward(query_responses, ctx,
-    prompts) -> scores (None: 0); stop_ids: the tokens that end a response. `given` (B, T), the dataset's y' of
-    --mu dataset, is put second: m = n (+ 1) responses."""
+def rollout(*, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk, timer, given=None):
+    """n responses per prompt sampled from `policy` (pi_t), `chunk` prompts at a time. queries (B, ctx): the left-padded
+    prompt ids; `prompts`: the same as the dataset gives them (for a reward function); config: generate's settings;
+    ref_policy: a function whose `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the adapter
+    off, or a frozen copy); reward(query_responses, ctx, prompts) -> scores (None: 0); stop_ids: the tokens that end
+    a response. `given` (B, T), --mu dataset's y', is put second: m = n (+ 1) responses."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
-    for start in range(0, len(queries), chunk_size):
-        query = queries[start : start + chunk_size]
+    for start in range(0, len(queries), chunk):
+        query = queries[start : start + chunk]
         with timer("generation"):
             response = generate(policy, query.repeat_interleave(n, 0), config)[:, ctx:].unflatten(0, (-1, n))
         if given is not None:
-            response = torch.cat((response[:, :1], given[start : start + chunk_size, None], response[:, 1:]), 1)
+            response = torch.cat((response[:, :1], given[start : start + chunk, None], response[:, 1:]), 1)
         m = response.size(1)
         # Response processing 1: truncate after the first stop token, pad the rest.
         response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
@@ -237,7 +234,7 @@ def rollout(
                 ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
         # Response processing 3: the reward; a response that did not end gets the fixed penalty instead.
         with timer("reward"):
-            chunk_prompts = [p for p in prompts[start : start + chunk_size] for _ in range(m)]
+            chunk_prompts = [p for p in prompts[start : start + chunk] for _ in range(m)]
             score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
         score = torch.where(has_eos, score.view_as(logprob), penalty)
@@ -325,7 +322,7 @@ def main(args: Args) -> None:
     def sample_eval(queries, prompts):
         """One response per prompt at the evaluation temperature; its KL at that temperature too, as officially."""
         r = rollout(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries, prompts=prompts, n=1,
-                    config=eval_config, stop_ids=stop_ids, penalty=args.penalty_reward_value, chunk_size=chunk,
+                    config=eval_config, stop_ids=stop_ids, penalty=args.penalty_reward_value, chunk=chunk,
                     timer=Timer(device))  # fmt: skip
         return tuple(t[:, 0] for t in (r.query_responses, r.masks, r.logprobs - r.ref_logprobs, r.scores, r.has_eos))
 
@@ -352,7 +349,7 @@ def main(args: Args) -> None:
             query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout(
                 policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries,
                 prompts=[train_prompts[i] for i in batch], n=num_samples, config=config, stop_ids=stop_ids,
-                penalty=args.penalty_reward_value, chunk_size=chunk, timer=timer,
+                penalty=args.penalty_reward_value, chunk=chunk, timer=timer,
             )  # (B, k, ...)  # fmt: skip
         check_finite(
             {
@@ -926,9 +923,12 @@ def same_tokenizer(a, b) -> bool:
     return vocab_a == vocab_b and a.chat_template == b.chat_template
 
 
-def load_reward(reward_fn: str | None, model_path: str, tokenizer_path: str | None, tokenizer, dtype, device) -> Reward:
+def load_reward(reward_fn: str | None, model_path: str | None, tokenizer_path: str | None, tokenizer, dtype, device):
     """--reward_fn path/to/file.py:name (that file's function), or the reward model with its tokenizer: its own when
-    it differs from the policy's (`tokenizer`), which then reads the decoded responses."""
+    it differs from the policy's (`tokenizer`), which then reads the decoded responses; None where neither is named
+    (rebel.py's --preference_fn)."""
+    if not (reward_fn or model_path):
+        return None
     if reward_fn:
         return Reward(tokenizer, fn=load_function(reward_fn, "--reward_fn"))
     model = load_reward_model(model_path, dtype).to(device).eval().requires_grad_(False)
@@ -1262,6 +1262,15 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
 
 
 # ---------------------------------------------------------------------------------------------- sampling and log-probs
+
+
+def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
+    """sampling_config at --temperature (training) and at --eval_temperature: --response_length tokens, a static KV
+    cache unless --no-static_cache or --fsdp (a sharded model's sampler is not compiled), ending at a stop token with
+    --stop_at_eos."""
+    static, stops = flags["static_cache"] and not flags["fsdp"], stop_ids if flags["stop_at_eos"] else None
+    length = flags["response_length"]
+    return tuple(sampling_config(length, flags[t], pad_id, static, stops) for t in ("temperature", "eval_temperature"))
 
 
 def sampling_config(

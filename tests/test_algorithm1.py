@@ -136,7 +136,7 @@ def test_mu_dataset_end_to_end(toy, tmp_path):
     # A learning rate and a KL penalty large enough to matter after one update (as tests/test_rloo.py's).
     flags += ["--lr", "1e-2", "--kl_coef", "1.0", "--penalty_reward_value", "-5"]
     g = run_in_process("rebel.py", [*flags, "--run_dir", str(tmp_path / "run")])
-    qr, ctx = g["query_responses"], g["context_length"]
+    qr, ctx = g["query_responses"], g["ctx"]
     assert qr.shape[1] == 2 and torch.equal(qr[:, 1, ctx:], g["train_mu"][g["batch"]])  # y' is the dataset's
     assert not torch.equal(qr[:, 0, ctx:], qr[:, 1, ctx:])
     check_reward_composition(g)  # both columns: RM score (penalty without EOS) - kl_coef * KL
@@ -173,7 +173,7 @@ def test_preferences_end_to_end(toy, tmp_path):
     g = run_in_process("rebel.py", [*toy.rl_flags, "--preference_fn", GOLD_PREFERENCE, "--output_dir", "",
                                     "--total_episodes", "8", "--temperature", "0.1",
                                     "--run_dir", str(tmp_path / "again")])  # fmt: skip
-    qr, ctx, wins = g["query_responses"], g["context_length"], g["wins"]
+    qr, ctx, wins = g["query_responses"], g["ctx"], g["wins"]
     assert qr.shape[1] == 3 and wins.shape == (len(qr), 3, 3)
     texts = [g["tokenizer"].batch_decode(q[:, ctx:], skip_special_tokens=True) for q in qr]
     for b in range(2):
@@ -210,7 +210,7 @@ def test_mu_dataset_from_preferences(toy, tmp_path):
     rate against the dataset response is the judge's P(y > y')."""
     flags = [*toy.rl_flags, "--preference_fn", GOLD_PREFERENCE, "--mu", "dataset", "--mu_column", "reference_response"]
     g = run_in_process("rebel.py", [*flags, "--output_dir", "", "--run_dir", str(tmp_path / "run")])
-    qr, ctx, wins = g["query_responses"], g["context_length"], g["wins"]
+    qr, ctx, wins = g["query_responses"], g["ctx"], g["wins"]
     assert qr.shape[1] == 3 and torch.equal(qr[:, 1, ctx:], g["train_mu"][g["batch"]])
     assert g["pairs"].tolist() == [[[0, 1]]] * len(qr)
     row = read_metrics(tmp_path / "run")[-1]

@@ -309,7 +309,7 @@ def test_rollout_pairs_masks_and_eos(toy, monkeypatch):
     config = rebel.sampling_config(4, 1.0, pad)
     query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rebel.rollout(
         policy=model, ref_policy=lambda: nullcontext(model), reward=rebel.Reward(tok, rm), queries=queries,
-        prompts=prompts, n=2, config=config, stop_ids=[eos], penalty=-7.0, chunk_size=8,
+        prompts=prompts, n=2, config=config, stop_ids=[eos], penalty=-7.0, chunk=8,
         timer=rebel.Timer(torch.device("cpu")),
     )  # fmt: skip
     assert query_responses.shape == (2, 2, 7) and query_responses[0, 0].tolist() == [pad, 5, 6, 5, eos, pad, pad]
@@ -336,7 +336,7 @@ def test_one_large_step_raises_the_better_response_of_every_pair(toy, tmp_path):
              "--kl_coef", "0", "--total_episodes", "8", "--num_eval_prompts", "1", "--output_dir", "",
              "--run_dir", str(tmp_path / "run")]  # fmt: skip
     g = run_in_process("rebel.py", flags)
-    tok, qr, masks, ctx = g["tokenizer"], g["pair_query_responses"], g["pair_masks"], g["context_length"]
+    tok, qr, masks, ctx = g["tokenizer"], g["pair_query_responses"], g["pair_masks"], g["ctx"]
     texts = tok.batch_decode(qr[..., ctx:].flatten(0, 1), skip_special_tokens=True)
     ended = (qr[..., ctx:] == tok.eos_token_id).any(-1).flatten()
     expected = torch.where(ended, torch.tensor([float(len(t.split())) for t in texts]), -1.0).view(-1, 2)
