@@ -1,6 +1,7 @@
 """A 10-update run of every script (metrics.jsonl and the evaluation tables) on the micro toy task, to check that a refactor changes no number.
 
-    python tools/toy_metrics.py run OUT            # builds the task in OUT/task, runs every script, OUT/<name>.jsonl
+    python tools/toy_metrics.py run OUT [NAME ...] # builds the task in OUT/task, runs every script (or the runs named,
+                                                   # sft and reward always), OUT/<name>.jsonl
     python tools/toy_metrics.py compare OLD NEW    # the metrics that differ (time/ and memory/ aside); exit 1 if any
 
 Every run is one process on one thread (OMP_NUM_THREADS=1) with a fixed seed, so two checkouts that compute the same
@@ -87,7 +88,7 @@ def runs(task: str) -> dict[str, tuple[str, list[str]]]:
     }
 
 
-def run(out: str) -> None:
+def run(out: str, only: list[str]) -> None:
     sys.path.insert(0, ROOT)
     from toy.tldr import write_task
 
@@ -96,6 +97,8 @@ def run(out: str) -> None:
         write_task(os.path.join(task, "data"), seed=0, size="micro", n_train=256, n_validation=64, n_test=64,
                    n_pref=256)  # fmt: skip
     for name, (script, flags) in runs(task).items():
+        if only and name not in only + ["sft", "reward"]:
+            continue
         run_dir = os.path.join(task, "runs", name)
         made = {"sft": f"{task}/sft", "reward": f"{task}/rm"}.get(name)
         for old in (run_dir, made):  # a second run starts afresh (the scripts refuse to overwrite)
@@ -120,6 +123,8 @@ def rows(path: str) -> list[dict]:
 def compare(old: str, new: str) -> int:
     differ = 0
     for name in runs("task"):
+        if not os.path.exists(os.path.join(new, f"{name}.jsonl")):
+            continue
         a, b = rows(os.path.join(old, f"{name}.jsonl")), rows(os.path.join(new, f"{name}.jsonl"))
         diffs = [(i, k, x.get(k), y.get(k)) for i, (x, y) in enumerate(zip(a, b)) for k in x.keys() | y.keys()
                  if x.get(k) != y.get(k)]  # fmt: skip
@@ -136,8 +141,8 @@ def compare(old: str, new: str) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["run"] and len(sys.argv) == 3:
-        run(sys.argv[2])
+    if sys.argv[1:2] == ["run"] and len(sys.argv) >= 3:
+        run(sys.argv[2], sys.argv[3:])
     elif sys.argv[1:2] == ["compare"] and len(sys.argv) == 4:
         sys.exit(1 if compare(sys.argv[2], sys.argv[3]) else 0)
     else:
