@@ -6,6 +6,10 @@ their rewards (Equation 1):
 
   min_theta mean_{x,y,y'} (1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')])^2
 
+pi is the policy at the sampling temperature: every log-prob (the regression's, the KL's) comes from logits divided by
+--temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout), so at the
+first pass ln pi_theta equals the rollout's ln pi_t up to numerical noise.
+
 The file reads top to bottom: the flags (Args), the algorithm (rebel_loss, rollout, pair_up), the loop (main), the
 variants (more samples, y' from the dataset, a preference model), then the plumbing every script shares (the
 appendix). docs/rebel.md explains every metric.
@@ -60,7 +64,7 @@ class Args:
     temperature: float = 0.7
     """sampling temperature. The official code samples at 0.7; the paper's Table (Appendix I.1.4) lists 0.1"""
     response_length: int = 53
-    """tokens sampled per response (min = max new tokens, as in the paper)"""
+    """tokens sampled per response (min = max new tokens, as in the paper: EOS may be sampled; rollout cuts after it)"""
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
@@ -116,7 +120,8 @@ class Args:
     mu: Literal["policy", "dataset"] = "policy"
     """Algorithm 1's base distribution of y': 'policy' (pi_t: sampled); 'dataset' (the prompt's --mu_column response)"""
     mu_column: str | None = None
-    """with --mu dataset, the train split's column of y' (a text, or a conversation ending with it)"""
+    """with --mu dataset, the train split's column of y' (a text, or a conversation ending with it; it ends as the
+    policy ends its own: EOS, or the chat template's end of turn)"""
     preference_fn: str | None = None
     """path/to/file.py:fn, a preference instead of a reward (Appendix D.2): fn(prompts, responses_a, responses_b) ->
     P(a > b) in [0, 1] per pair. --kl_coef defaults to 0 (D.2: the fixed point is D.1's minimax winner); c > 0 aims at
@@ -210,13 +215,16 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def rollout(*, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk, timer, given=None):
+def rollout(
+    *, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk, timer=None, given=None
+):
     """n responses per prompt sampled from `policy` (pi_t), `chunk` prompts at a time. queries (B, ctx): the left-padded
     prompt ids; `prompts`: the same as the dataset gives them (for a reward function); config: generate's settings;
     ref_policy: a function whose `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the adapter
     off, or a frozen copy); reward(query_responses, ctx, prompts) -> scores (None: 0); stop_ids: the tokens that end
-    a response. `given` (B, T), --mu dataset's y', is put second: m = n (+ 1) responses."""
+    a response; timer: a Timer (the phases' times). `given` (B, T), --mu dataset's y', is put second: m = n (+ 1)."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
+    timer = timer or Timer(queries.device)
     for start in range(0, len(queries), chunk):
         query = queries[start : start + chunk]
         with timer("generation"):
@@ -224,12 +232,13 @@ def rollout(*, policy, ref_policy, reward, queries, prompts, n, config, stop_ids
         if given is not None:
             response = torch.cat((response[:, :1], given[start : start + chunk, None], response[:, 1:]), 1)
         m = response.size(1)
-        # Response processing 1: truncate after the first stop token, pad the rest.
+        # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
+        # early), pad the rest.
         response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
         query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
         mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
         # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
-        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # without the columns that all padding
+        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # without columns that are padding in all
         with timer("logprob"):
             logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
             with ref_policy() as ref:
@@ -247,7 +256,7 @@ def rollout(*, policy, ref_policy, reward, queries, prompts, n, config, stop_ids
 def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
     """Which two of a prompt's k responses form each pair (y, y') of Equation (1): scores (B, k) -> indices (B, P, 2).
     'adjacent': (0, 1), (2, 3), ... (independent samples, as Algorithm 1); 'best_worst': the highest and the lowest
-    score, the penalty applied and the KL term not (one pair, as the official UltraFeedback pipeline)."""
+    score, ranked with the no-EOS penalty and without the KL term (one pair, as the official UltraFeedback pipeline)."""
     B, k = scores.shape
     if rule == "adjacent":
         return torch.arange(k - k % 2, device=scores.device).view(1, -1, 2).expand(B, -1, -1)
@@ -276,6 +285,7 @@ def main(args: Args) -> None:
     tokenizer = load_tokenizer(args.sft_model_path)
     pad = tokenizer.pad_token_id
     # Every rank tokenises the whole split and takes its own prompts from the shared shuffle.
+    # A split: (rows, prompts as given, their token ids, the --mu_column responses' ids or None, how many dropped).
     (train_set, train_prompts, train_queries, train_mu, _), eval_data = load_splits(flags, tokenizer, args.mu_column)
     num_updates = (total_episodes := args.total_episodes or len(train_set)) // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
@@ -284,6 +294,7 @@ def main(args: Args) -> None:
     # pi_theta: raw_policy samples and is saved; `policy` is what the gradient steps go through (DDP's wrapper, or the
     # same model sharded by FSDP). ref_policy() gives the SFT reference (see rollout).
     lora = args.lora and lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    # (lora: a LoraConfig, or False for full fine-tuning)
     raw_policy, ref_policy, stop_ids = load_trained_policy(
         args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16,
         (args.query_length, args.response_length),
@@ -292,14 +303,15 @@ def main(args: Args) -> None:
         checkpoint_layers(raw_policy)
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
-    num_sampled, own = sampled_columns(args.num_samples, args.mu, preference is not None)  # the variants, below
+    # How many responses per prompt pi_t samples, and their columns (the logged metrics are theirs): the variants, below
+    num_sampled, sampled = sampled_columns(args.num_samples, args.mu, preference is not None)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
     config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
     chunk, penalty = args.local_rollout_forward_batch_size, args.penalty_reward_value
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
+    trainer = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)  # the run's record: update, flags, ...
     start_update = trainer.get("update", 0)
     require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
     for _ in range(start_update):  # the batches already trained on
@@ -346,7 +358,7 @@ def main(args: Args) -> None:
         # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), and the pairs (y, y').
         kl = logprobs - ref_logprobs  # (B, m)
         rewards = scores - args.kl_coef * kl  # (B, m)
-        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2) indices; a comparator y'' in none
+        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2); --preference_fn's y'' is never paired
         prompt_idx = torch.arange(len(pairs), device=device)[:, None, None]  # (B, 1, 1), broadcast against pairs
         pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
             t[prompt_idx, pairs].flatten(0, 1) for t in (query_responses, masks, logprobs, rewards)
@@ -360,7 +372,7 @@ def main(args: Args) -> None:
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
                     query_response, mask = trim_responses(pair_query_responses[idx], pair_masks[idx], ctx)
-                    # ln pi_theta(y|x) (b, 2) at the sampling temperature (pi_t's distribution); DDP syncs the last
+                    # ln pi_theta(y|x) (b, 2); DDP all-reduces the gradients on the last micro-batch of a step only
                     with no_sync(policy, sync=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(policy, query_response, mask, ctx, args.temperature, pad)
                         loss = rebel_loss(
@@ -375,20 +387,20 @@ def main(args: Args) -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-        # 4. Log pi_t's own samples' metrics, reduced over ranks (rank 0 writes); evaluate every --eval_freq updates.
+        # 4. Log the metrics of pi_t's samples, reduced over ranks (rank 0 writes); evaluate every --eval_freq updates.
         per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
         stats = {
-            "objective/scores": scores[:, own].mean().item(),
-            "objective/kl": kl[:, own].mean().item(),
-            "objective/rlhf_reward": rewards[:, own].mean().item(),
-            "objective/entropy": -(logprobs[:, own].sum() / masks[:, own].sum()).item(),
-            "objective/response_length": masks[:, own].sum(-1).float().mean().item(),
-            "objective/eos_rate": has_eos[:, own].float().mean().item(),
+            "objective/scores": scores[:, sampled].mean().item(),
+            "objective/kl": kl[:, sampled].mean().item(),
+            "objective/rlhf_reward": rewards[:, sampled].mean().item(),
+            "objective/entropy": -(logprobs[:, sampled].sum() / masks[:, sampled].sum()).item(),
+            "objective/response_length": masks[:, sampled].sum(-1).float().mean().item(),
+            "objective/eos_rate": has_eos[:, sampled].float().mean().item(),
             "loss/policy": float(np.mean(loss_stats)),
             "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
             "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
             "policy/approxkl": float(np.mean(approxkl_stats)),
-            **variant_metrics(scores, wins, own, given is not None),
+            **variant_metrics(scores, wins, sampled, given is not None),
         }
         log.write(update, stats, timer, lr_now)
         if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
@@ -438,8 +450,8 @@ def check_variants(args: Args) -> None:
 def sampled_columns(num_samples: int, mu: str, preference: bool) -> tuple[int, list[int]]:
     """How many responses per prompt the rollout samples from pi_t, and their columns among its m (see above)."""
     m = num_samples + (num_samples == 2 and preference)
-    own = [i for i in range(m) if mu == "policy" or i != 1]
-    return len(own), own
+    sampled = [i for i in range(m) if mu == "policy" or i != 1]
+    return len(sampled), sampled
 
 
 def preference_scores(fn, tokenizer, r: Rollout, prompts, num_samples: int, penalty: float) -> tuple:
@@ -464,7 +476,7 @@ def comparators(k: int) -> torch.Tensor:
     return ~torch.eye(k, dtype=torch.bool) if k > 2 else torch.tensor([[0, 0, 1], [0, 0, 1], [1, 1, 0]]).bool()
 
 
-def variant_metrics(scores, wins, own: list[int], mu_dataset: bool) -> dict:
+def variant_metrics(scores, wins, sampled: list[int], mu_dataset: bool) -> dict:
     """--mu dataset: how often y beats the dataset's y' (P(y > y') by the judge, or score(y) > score(y'), ties half).
     --preference_fn: the mean 2 P(y_i > y_j) - 1 over ordered pairs of distinct samples of pi_t, ~0 (skew-symmetry)."""
     stats = {}
@@ -474,8 +486,8 @@ def variant_metrics(scores, wins, own: list[int], mu_dataset: bool) -> dict:
         )
         stats["objective/win_rate_vs_mu"] = win.float().mean().item()
     if wins is not None:
-        self_play = 2 * wins[:, own][:, :, own] - 1  # (B, n, n)
-        stats["objective/self_preference"] = self_play[:, ~torch.eye(len(own), dtype=bool)].mean().item()
+        self_play = 2 * wins[:, sampled][:, :, sampled] - 1  # (B, n, n)
+        stats["objective/self_preference"] = self_play[:, ~torch.eye(len(sampled), dtype=bool)].mean().item()
     return stats
 
 

@@ -208,13 +208,16 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def rollout(*, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk, timer, given=None):
+def rollout(
+    *, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk, timer=None, given=None
+):
     """n responses per prompt sampled from `policy` (pi_t), `chunk` prompts at a time. queries (B, ctx): the left-padded
     prompt ids; `prompts`: the same as the dataset gives them (for a reward function); config: generate's settings;
     ref_policy: a function whose `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the adapter
     off, or a frozen copy); reward(query_responses, ctx, prompts) -> scores (None: 0); stop_ids: the tokens that end
-    a response. `given` (B, T), --mu dataset's y', is put second: m = n (+ 1) responses."""
+    a response; timer: a Timer (the phases' times). `given` (B, T), --mu dataset's y', is put second: m = n (+ 1)."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
+    timer = timer or Timer(queries.device)
     for start in range(0, len(queries), chunk):
         query = queries[start : start + chunk]
         with timer("generation"):
@@ -222,12 +225,13 @@ def rollout(*, policy, ref_policy, reward, queries, prompts, n, config, stop_ids
         if given is not None:
             response = torch.cat((response[:, :1], given[start : start + chunk, None], response[:, 1:]), 1)
         m = response.size(1)
-        # Response processing 1: truncate after the first stop token, pad the rest.
+        # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
+        # early), pad the rest.
         response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
         query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
         mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
         # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
-        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # without the columns that all padding
+        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # without columns that are padding in all
         with timer("logprob"):
             logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
             with ref_policy() as ref:
