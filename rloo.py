@@ -11,8 +11,9 @@ b the mean of every reward so far in training, Ahmadian et al.'s b_MA (arXiv 240
 number the paper's Table 1 gives (70.7, "directly obtained from Ahmadian et al. (2024)"); `--reinforce_baseline none`:
 A = r.
 
-The file reads top to bottom: the flags (Args), the algorithm, the loop (main), then an appendix of the plumbing that
-every script shares (loading, data, sampling, evaluation, logs, checkpoints). docs/rebel.md explains every metric.
+The file reads top to bottom: the flags (Args), the algorithm (policy_gradient_loss, rloo_advantages, rollout), the
+loop (main), the variant (--reinforce), then the plumbing every script shares (the appendix). docs/rebel.md explains
+every metric.
 
     python rloo.py --rloo_k 2                               # one process
     torchrun --nproc_per_node 8 rloo.py --rloo_k 4          # the paper's RLOO (k = 4) TL;DR run
@@ -51,12 +52,6 @@ class Args:
     # RLOO
     rloo_k: int = 2
     """k: responses sampled per prompt (the paper runs 2 and 4); each one's baseline is the mean reward of the others"""
-    reinforce: bool = False
-    """REINFORCE (Williams, 1992) instead: one response per prompt, advantage = reward - --reinforce_baseline;
-    --rloo_k is ignored"""
-    reinforce_baseline: Literal["moving_average", "none"] = "moving_average"
-    """with --reinforce: 'moving_average' subtracts the mean of every reward so far in training, this update's
-    included (Ahmadian et al. 2024's b_MA, the paper's Table 1 REINFORCE); 'none': no baseline (advantage = reward)"""
     kl_coef: float = 0.05
     """coefficient of the KL penalty to the SFT policy inside the reward"""
     noptepochs: int = 1
@@ -72,17 +67,13 @@ class Args:
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
-    """end a response at its first stop token (EOS, or a chat model's end of turn such as Llama-3's <|eot_id|>), so
-    sampling ends when every response has (chat); the default samples --response_length tokens, as the paper's TL;DR"""
+    """end a response at its first stop token (EOS, a chat model's end of turn), as chat runs; TL;DR runs do not"""
     sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
-    """the SFT policy: initial policy and KL reference (hub name, save_pretrained directory, or a LoRA adapter, which
-    is merged into its base)"""
+    """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
     reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
-    """the reward model: AutoModelForSequenceClassification with one label, or the backbone+scalar-head format of
-    summarize_from_feedback_details"""
+    """a one-label sequence classifier, or a backbone + scalar head (default: the paper's 2.8B one)"""
     reward_tokenizer: str | None = None
-    """the reward model's tokenizer and chat template (default: the one saved with it, else the policy's); when it is
-    not the policy's, the reward model reads the decoded response in its own template and tokens"""
+    """the reward model's tokenizer and chat template (default: its own, else the policy's), reading decoded text"""
     reward_fn: str | None = None
     """path/to/file.py:function, used instead of the reward model: fn(prompts, responses) -> one score per response"""
 
@@ -90,13 +81,11 @@ class Args:
     query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
     """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts"""
     query_column: str = "query"
-    """the prompt column: a text, or a conversation (a list of {role, content}; an answer ending it is dropped),
-    rendered with the policy tokenizer's chat template"""
+    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
     reference_column: str | None = "reference_response"
     """the reference response column for the evaluation table (a text, or a conversation ending with it); None: none"""
     chat: bool = False
-    """render text prompts with the chat template too: one user message, or the turns of a "\n\nHuman: ...
-    \n\nAssistant:" text (Anthropic HH, Nectar)"""
+    """render text prompts with the chat template too (a "\n\nHuman: ... \n\nAssistant:" text as its turns)"""
     train_split: str = "train"
     """the split to train on"""
     eval_split: str = "validation"
@@ -104,8 +93,7 @@ class Args:
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper; the count is printed), 'truncate' keeps
-    their last --query_length tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
 
     # optimisation
     total_episodes: int | None = None
@@ -123,6 +111,14 @@ class Args:
     max_grad_norm: float | None = None
     """clip the gradient norm to this (default: no clipping, as in the paper)"""
 
+    # the variant: REINFORCE (the loop reads as RLOO; the variant's code follows it)
+    reinforce: bool = False
+    """REINFORCE (Williams, 1992) instead: one response per prompt, advantage = reward - --reinforce_baseline;
+    --rloo_k is ignored"""
+    reinforce_baseline: Literal["moving_average", "none"] = "moving_average"
+    """with --reinforce: 'moving_average' subtracts the mean of every reward so far in training, this update's
+    included (Ahmadian et al. 2024's b_MA, the paper's Table 1 REINFORCE); 'none': no baseline (advantage = reward)"""
+
     # the trained model
     lora: bool = True
     """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
@@ -133,27 +129,21 @@ class Args:
     lora_dropout: float = 0.0
     """LoRA dropout"""
     lora_target_modules: list[str] | None = None
-    """modules to adapt (default: peft's for the architecture, query_key_value for Pythia, as the official code);
-    'all-linear' adapts every linear layer"""
+    """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
     num_trainable_layers: int | None = None
-    """with --no-lora, train only the last N transformer layers (and the final norm and an untied LM head), the rest
-    frozen in bf16, as the paper's chat runs (4); the reference swaps their starting weights in (no second copy)"""
+    """with --no-lora, train only the last N layers (and the final norm), the rest frozen, as the paper's chat runs"""
 
     # speed and memory
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': frozen weights in bf16, trainable weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA,
-    fp32 on CPU (bf16 runs on CPU too, slowly: that is how the tests check the bf16 path)"""
+    """'bf16': frozen weights in bf16, trainable ones in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
     pad_multiple: int = 64
-    """a batch of prompts is left-padded to its longest prompt rounded up to this multiple, not to --query_length (a
-    compiled sampler then sees few shapes); 0 pads every batch to --query_length, as the official code"""
+    """left-pad a batch of prompts to its longest rounded up to this multiple; 0: to --query_length (official code)"""
     static_cache: bool = True
-    """sample with a static KV cache, which transformers compiles on CUDA (about 3x faster generate, docs/memory.md);
-    --no-static_cache samples with the dynamic cache. Not used with --fsdp"""
+    """sample with a static KV cache, compiled on CUDA (about 3x faster, docs/memory.md); not with --fsdp"""
     fsdp: bool = False
-    """shard the trainable policy (and a full fine-tuning reference) over the ranks with FSDP2, for models whose
-    weights, gradients and AdamW state do not fit on one GPU (6.9B full fine-tuning); torchrun only. Default: DDP"""
+    """shard the policy (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not fit (6.9B)"""
     gradient_checkpointing: bool = False
-    """recompute each layer's activations in the backward pass instead of keeping them: less memory, ~1/3 more time"""
+    """recompute activations in the backward pass: less memory, ~1/3 more time"""
     cuda: bool = True
     """use CUDA when it is available"""
 
@@ -171,8 +161,7 @@ class Args:
     run_dir: str | None = None
     """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
     output_dir: str | None = None
-    """where the final policy and tokenizer are saved with save_pretrained (default: <run_dir>/model; '': nothing
-    saved): a new or empty folder, or this run's own"""
+    """where the final policy is saved, new or empty or this run's (default: <run_dir>/model; '': not saved)"""
     save_merged: bool = False
     """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
     save_freq: int = 20
@@ -180,9 +169,7 @@ class Args:
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
     resume: str | None = None
-    """continue the run in this run directory from its latest checkpoint (or from one checkpoint directory), or start
-    it there if it has none: pass the same --resume at every launch of a pre-emptible job. The other flags must be
-    those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
+    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
     eval_freq: int = 100
     """evaluate every this many updates (and before the first and after the last); 0 = only at the end"""
     num_eval_prompts: int | None = None
@@ -194,6 +181,27 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------- the algorithm
+
+
+def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """The REINFORCE surrogate, whose gradient is the policy gradient mean_{x, i} A_i grad ln pi_theta(y_i|x). Inputs
+    (B, k): the k responses to a prompt in a row, log-probs summed over each response's tokens; the advantages
+    (rloo_advantages) are constants.
+
+    loss = -mean_{x, i} A_i * ln pi_theta(y_i|x)
+    """
+    return -(advantages.detach() * logprobs).mean()
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out (Kool et al., 2019; Ahmadian et al., 2024): each response's baseline is the mean reward of the
+    prompt's other k - 1 responses, which does not depend on it, so the gradient stays unbiased. rewards (B, k).
+
+    A_i = r_i - 1/(k-1) sum_{j != i} r_j
+    """
+    k = rewards.size(1)
+    baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)  # (B, k) mean of the other k - 1
+    return rewards - baseline
 
 
 class Rollout(NamedTuple):
@@ -246,138 +254,93 @@ def rollout(
     return Rollout(*(torch.cat(t) for t in zip(*out)))
 
 
-def rloo_advantages(rewards: torch.Tensor, reinforce: bool = False, baseline: float = 0.0) -> torch.Tensor:
-    """rewards (B, k), the k responses to one prompt in a row. Leave-one-out (Kool et al., 2019; Ahmadian et al.,
-    2024): A_i = r_i - mean_{j != i} r_j. With reinforce=True, A = r - baseline (Williams, 1992)."""
-    if reinforce:
-        return rewards - baseline
-    k = rewards.size(1)
-    baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)  # (B, k) mean of the other k - 1
-    return rewards - baseline
-
-
-def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """-mean_{x, i} A_i * ln pi_theta(y_i|x): the REINFORCE surrogate. logprobs are summed over the response's
-    tokens (B, k); the advantages are constants."""
-    return -(advantages.detach() * logprobs).mean()
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 
 
 def main(args: Args) -> None:
-    require(
-        args.rloo_k >= 2 or args.reinforce, f"--rloo_k must be >= 2 (--reinforce for one sample); got {args.rloo_k}"
-    )
-    num_samples = 1 if args.reinforce else args.rloo_k  # k
-    check_flags(asdict(args))
+    num_samples = 1 if args.reinforce else args.rloo_k  # k (--reinforce: one, the variant below)
+    require(num_samples >= 2 or args.reinforce, f"--rloo_k must be >= 2 (--reinforce for one); got {args.rloo_k}")
+    flags = asdict(args)
+    check_flags(flags)
     from tqdm import tqdm
 
-    # Set-up (the appendix): processes, batch sizes, the run directory, data, models.
+    # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs.
     rank, world_size, device = init_processes(args.cuda, args.seed)
-    master, bf16 = rank == 0, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+    bf16, dtype, autocast = precision(args.precision, device)
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
     mini_batch_size = exact_div(local_batch_size, args.num_mini_batches, "per-rank batch over --num_mini_batches")
-    grad_accum = exact_div(
-        mini_batch_size, args.per_device_train_batch_size, "mini-batch over --per_device_train_batch_size"
-    )
-    checkpoint, run_dir, run_name, output_dir = open_run(asdict(args))
-
-    # Data: every rank tokenises the whole split and takes its own prompts from the shared shuffle.
+    grad_accum = exact_div(mini_batch_size, args.per_device_train_batch_size, "prompts per minibatch")
+    checkpoint, run_dir, run_name, output_dir = open_run(flags)
     tokenizer = load_tokenizer(args.sft_model_path)
     pad = tokenizer.pad_token_id
-    lengths = (args.query_length, args.response_length)
-    (train_set, train_prompts, train_queries, _, _), eval_data = load_splits(asdict(args), tokenizer, None)
-    total_episodes = args.total_episodes or len(train_set)
-    num_updates = total_episodes // args.batch_size
+    # Every rank tokenises the whole split and takes its own prompts from the shared shuffle.
+    (train_set, train_prompts, train_queries, _, _), eval_data = load_splits(flags, tokenizer, None)
+    num_updates = (total_episodes := args.total_episodes or len(train_set)) // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
-    # Models: the policy pi_theta (raw_policy is the model itself, which samples and is saved; `policy` is what the
-    # gradient steps go through: DDP's wrapper, or the same model sharded by FSDP), its SFT reference, the reward.
-    lora = (
-        lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora else None
-    )
+    # pi_theta: raw_policy samples and is saved; `policy` is what the gradient steps go through (DDP's wrapper, or the
+    # same model sharded by FSDP). ref_policy() gives the SFT reference (see rollout).
+    lora = args.lora and lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     raw_policy, ref_policy, stop_ids = load_trained_policy(
-        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16, lengths
-    )
+        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16,
+        (args.query_length, args.response_length),
+    )  # fmt: skip
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
-    chunk, static_cache = args.local_rollout_forward_batch_size, args.static_cache and not args.fsdp  # compile: no FSDP
-    stops = stop_ids if args.stop_at_eos else None
-    config = sampling_config(args.response_length, args.temperature, pad, static_cache, stops)
-    eval_config = sampling_config(args.response_length, args.eval_temperature, pad, static_cache, stops)
+    config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
+    chunk, penalty = args.local_rollout_forward_batch_size, args.penalty_reward_value
 
-    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, policy, optimizer, asdict(args), world_size)
+    # Resume: the trainable weights, the optimizer, the RNG states, the position in the data (and REINFORCE's b).
+    trainer = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
     start_update = trainer.get("update", 0)
     require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
     for _ in range(start_update):  # the batches already trained on
         next(batches)
     signals = stop_signals()
     plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step"
-    log = RunLog(run_dir, run_name, asdict(args), trainer, start_update, device, plan)
+    log = RunLog(run_dir, run_name, flags, trainer, start_update, device, plan)
 
-    def sample_eval(queries, prompts):
-        """One response per prompt at the evaluation temperature; its KL at that temperature too, as officially."""
+    def sample_eval(queries, prompts):  # one response per prompt at --eval_temperature (its KL too, as officially)
         r = rollout(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries, prompts=prompts, n=1,
-                    config=eval_config, stop_ids=stop_ids, penalty=args.penalty_reward_value, chunk=chunk,
+                    config=eval_config, stop_ids=stop_ids, penalty=penalty, chunk=chunk,
                     timer=Timer(device))  # fmt: skip
         return tuple(t[:, 0] for t in (r.query_responses, r.masks, r.logprobs - r.ref_logprobs, r.scores, r.has_eos))
 
     run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
-                             flags=asdict(args), autocast=autocast)  # fmt: skip
+                             flags=flags, autocast=autocast)  # fmt: skip
 
-    # The loop: rollout -> reward -> leave-one-out advantage -> policy gradient -> log -> checkpoint.
-    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    # The loop: rollout -> reward -> leave-one-out advantages -> policy gradient -> log -> checkpoint.
+    stop, update, nan_dump = False, start_update, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
     if not checkpoint:
         run_evaluation(0)
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
-        timer = Timer(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
+    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
+        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         batch = next(batches)
         queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
-        context_length = queries.size(1)
+        context_length, prompts = queries.size(1), [train_prompts[i] for i in batch]
 
-        # 1. Rollout: k responses per prompt from pi_t, scored by the reward model (or --reward_fn).
+        # 1. Rollout: y_1..y_k ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
+        # (the reward model's, or --reward_fn's; the penalty without EOS).
         with autocast():
-            query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout(
-                policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries,
-                prompts=[train_prompts[i] for i in batch], n=num_samples, config=config, stop_ids=stop_ids,
-                penalty=args.penalty_reward_value, chunk=chunk, timer=timer,
-            )  # (B, k, ...)  # fmt: skip
-        check_finite(
-            {
-                "--reward_fn's scores" if args.reward_fn else "the reward model's scores": scores,
-                "the policy's log-probs": logprobs,
-                "the reference's log-probs": ref_logprobs,
-                "responses": query_responses,
-            },
-            nan_dump,
-        )
-        # 2. Reward: r(x, y) = RM score (the fixed penalty without EOS) - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)).
-        scores = torch.where(has_eos, scores, args.penalty_reward_value)  # (B, k)
+            rollouts = rollout(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries,
+                               prompts=prompts, n=num_samples, config=config, stop_ids=stop_ids, penalty=penalty,
+                               chunk=chunk, timer=timer)  # fmt: skip
+        check_finite({f"the rollout's {name}": t for name, t in rollouts._asdict().items()}, nan_dump)
+        query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollouts  # (B, k, ...)
+
+        # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), and the advantages.
         kl = logprobs - ref_logprobs  # (B, k)
         rewards = scores - args.kl_coef * kl  # (B, k)
-        # REINFORCE's baseline b_MA = (1/S) sum_s R(x^s, y^s), the mean of every reward in training so far (all ranks,
-        # this update's included): Ahmadian et al. 2024 (https://arxiv.org/abs/2402.14740), Section 3.2, Eq. 8, which
-        # calls it parameter-free (no decay: every past reward weighs the same). Kept in the checkpoint for --resume.
-        baseline = 0.0
-        if args.reinforce and args.reinforce_baseline == "moving_average":
-            seen = all_reduce({"sum": rewards.sum().item(), "count": rewards.numel()}, dist.ReduceOp.SUM, device)
-            trainer["reward_sum"] = trainer.get("reward_sum", 0.0) + seen["sum"]
-            trainer["reward_count"] = trainer.get("reward_count", 0) + int(seen["count"])
-            baseline = trainer["reward_sum"] / trainer["reward_count"]
-        advantages = rloo_advantages(rewards, args.reinforce, baseline)  # (B, k)
+        baseline = reinforce_baseline(rewards, args.reinforce_baseline, trainer, device) if args.reinforce else None
+        advantages = (
+            rloo_advantages(rewards) if baseline is None else rewards - baseline
+        )  # (B, k); REINFORCE: A = r - b
 
         # 3. Policy gradient: noptepochs passes, a prompt's k responses kept together, one optimizer step per minibatch.
         num_prompts = len(advantages)
@@ -386,12 +349,13 @@ def main(args: Args) -> None:
         with timer("update"):
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
+                    # ln pi_theta(y_i|x) (b, k) at the sampling temperature (pi_t's distribution); DDP syncs the last
                     with no_sync(policy, sync=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(
                             policy, query_responses[idx], masks[idx], context_length, args.temperature, pad
-                        )  # (b, k)
+                        )
                         loss = policy_gradient_loss(new_logprobs, advantages[idx])
-                    check_finite({"the RLOO loss": loss.detach(), "new log-probs": new_logprobs.detach()}, nan_dump)
+                    check_finite({"the RLOO loss": loss, "new log-probs": new_logprobs}, nan_dump)
                     (loss / grad_accum).backward()
                     loss_stats.append(loss.item())
                     approxkl_stats.append(0.5 * (new_logprobs - logprobs[idx]).pow(2).mean().item())
@@ -400,7 +364,7 @@ def main(args: Args) -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-        # 4. Log: metrics reduced over ranks, rank 0 writes; evaluate every --eval_freq updates.
+        # 4. Log the metrics, reduced over ranks (rank 0 writes); evaluate every --eval_freq updates.
         per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
         stats = {
             "objective/scores": scores.mean().item(),
@@ -414,9 +378,8 @@ def main(args: Args) -> None:
             "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
             "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
             "policy/approxkl": float(np.mean(approxkl_stats)),
+            **({"objective/baseline": baseline} if args.reinforce else {}),
         }
-        if args.reinforce:
-            stats["objective/baseline"] = baseline
         log.write(update, stats, timer, lr_now)
         if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
             run_evaluation(update)
@@ -425,23 +388,35 @@ def main(args: Args) -> None:
         # and on Ctrl-C or SIGTERM, which then stop the run.
         stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
         if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=asdict(args))
+            trainer.update(update=update, world_size=world_size, flags=flags)
             save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
         if stop:
             break
 
-    # The end: the last evaluation and the trained policy saved, or (stopped) the way to resume.
-    if stop and master:
-        print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
+    # The end: the last evaluation and the trained policy saved; or, stopped by a signal, the way to resume printed.
     if not stop:
         run_evaluation(num_updates)
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
-    log.close()
     del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if stop:
-        sys.exit(128 + (signals or [signal.SIGTERM])[0])
+    log.end(update, signals if stop else None)
+
+
+# ---------------------------------------------------------------------------------------------- the variant
+# --reinforce: REINFORCE (Williams, 1992), one response per prompt, so no other sample to leave out: A = r - b, with b
+# from --reinforce_baseline.
+
+
+def reinforce_baseline(rewards: torch.Tensor, how: str, totals: dict, device) -> float:
+    """b_MA = (1/S) sum_s R(x^s, y^s), the mean of every reward in training so far, on all ranks, this update's
+    included: Ahmadian et al. 2024 (https://arxiv.org/abs/2402.14740), Section 3.2, Eq. 8, which calls it
+    parameter-free (no decay: every past reward weighs the same). `totals` (the checkpoint's record) keeps the running
+    sum and count, so that --resume continues it. how='none': b = 0."""
+    if how == "none":
+        return 0.0
+    seen = all_reduce({"sum": rewards.sum().item(), "count": rewards.numel()}, dist.ReduceOp.SUM, device)
+    totals["reward_sum"] = totals.get("reward_sum", 0.0) + seen["sum"]
+    totals["reward_count"] = totals.get("reward_count", 0) + int(seen["count"])
+    return totals["reward_sum"] / totals["reward_count"]
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)

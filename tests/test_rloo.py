@@ -6,7 +6,7 @@ import torch
 from conftest import check_end_to_end, check_fails_with, check_ranks_in_sync, read_metrics, run_script
 from rl_checks import check_reference_logprobs_are_sft, check_reward_composition, run_in_process
 
-from rloo import policy_gradient_loss, rloo_advantages
+from rloo import policy_gradient_loss, reinforce_baseline, rloo_advantages
 
 
 @pytest.mark.parametrize("k", [2, 4])
@@ -26,10 +26,14 @@ def test_rloo_k2_hand_values():
     torch.testing.assert_close(rloo_advantages(rewards), torch.tensor([[-2.0, 2.0], [0.0, 0.0]]))
 
 
-def test_reinforce_advantage_is_reward_minus_its_baseline():
-    rewards = torch.tensor([[1.5], [-0.25]])
-    torch.testing.assert_close(rloo_advantages(rewards, reinforce=True), rewards)
-    torch.testing.assert_close(rloo_advantages(rewards, reinforce=True, baseline=0.5), torch.tensor([[1.0], [-0.75]]))
+def test_reinforce_baseline_is_the_running_mean_of_every_reward():
+    """b_MA after two updates is the mean of both updates' rewards (not the last update's, nor a mean of means), kept
+    in `totals` (the checkpoint's record); 'none' is 0 and keeps nothing."""
+    totals, device = {}, torch.device("cpu")
+    assert reinforce_baseline(torch.tensor([[1.0], [3.0]]), "moving_average", totals, device) == 2.0
+    assert reinforce_baseline(torch.tensor([[-4.0], [0.0], [2.0], [4.0]]), "moving_average", totals, device) == 1.0
+    assert totals == {"reward_sum": 6.0, "reward_count": 6}
+    assert reinforce_baseline(torch.tensor([[5.0]]), "none", {}, device) == 0.0
 
 
 def test_policy_gradient_loss_and_gradient():
