@@ -62,17 +62,13 @@ class Args:
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
-    """end a response at its first stop token (EOS, or a chat model's end of turn such as Llama-3's <|eot_id|>), so
-    sampling ends when every response has (chat); the default samples --response_length tokens, as the paper's TL;DR"""
+    """end a response at its first stop token (EOS, a chat model's end of turn), as chat runs; TL;DR runs do not"""
     sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
-    """the SFT policy: initial policy and KL reference (hub name, save_pretrained directory, or a LoRA adapter, which
-    is merged into its base)"""
+    """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
     reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
-    """the reward model: AutoModelForSequenceClassification with one label, or the backbone+scalar-head format of
-    summarize_from_feedback_details"""
+    """a one-label sequence classifier, or a backbone + scalar head (default: the paper's 2.8B one)"""
     reward_tokenizer: str | None = None
-    """the reward model's tokenizer and chat template (default: the one saved with it, else the policy's); when it is
-    not the policy's, the reward model reads the decoded response in its own template and tokens"""
+    """the reward model's tokenizer and chat template (default: its own, else the policy's), reading decoded text"""
     reward_fn: str | None = None
     """path/to/file.py:function, used instead of the reward model: fn(prompts, responses) -> one score per response"""
 
@@ -80,13 +76,11 @@ class Args:
     query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
     """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts"""
     query_column: str = "query"
-    """the prompt column: a text, or a conversation (a list of {role, content}; an answer ending it is dropped),
-    rendered with the policy tokenizer's chat template"""
+    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
     reference_column: str | None = "reference_response"
     """the reference response column for the evaluation table (a text, or a conversation ending with it); None: none"""
     chat: bool = False
-    """render text prompts with the chat template too: one user message, or the turns of a "\n\nHuman: ...
-    \n\nAssistant:" text (Anthropic HH, Nectar)"""
+    """render text prompts with the chat template too (a "\n\nHuman: ... \n\nAssistant:" text as its turns)"""
     train_split: str = "train"
     """the split to train on"""
     eval_split: str = "validation"
@@ -94,8 +88,7 @@ class Args:
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper; the count is printed), 'truncate' keeps
-    their last --query_length tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
 
     # optimisation
     total_episodes: int | None = None
@@ -123,27 +116,21 @@ class Args:
     lora_dropout: float = 0.0
     """LoRA dropout"""
     lora_target_modules: list[str] | None = None
-    """modules to adapt (default: peft's for the architecture, query_key_value for Pythia, as the official code);
-    'all-linear' adapts every linear layer"""
+    """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
     num_trainable_layers: int | None = None
-    """with --no-lora, train only the last N transformer layers (and the final norm and an untied LM head), the rest
-    frozen in bf16, as the paper's chat runs (4); the reference swaps their starting weights in (no second copy)"""
+    """with --no-lora, train only the last N layers (and the final norm), the rest frozen, as the paper's chat runs"""
 
     # speed and memory
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': frozen weights in bf16, trainable weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA,
-    fp32 on CPU (bf16 runs on CPU too, slowly: that is how the tests check the bf16 path)"""
+    """'bf16': frozen weights in bf16, trainable ones in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
     pad_multiple: int = 64
-    """a batch of prompts is left-padded to its longest prompt rounded up to this multiple, not to --query_length (a
-    compiled sampler then sees few shapes); 0 pads every batch to --query_length, as the official code"""
+    """left-pad a batch of prompts to its longest rounded up to this multiple; 0: to --query_length (official code)"""
     static_cache: bool = True
-    """sample with a static KV cache, which transformers compiles on CUDA (about 3x faster generate, docs/memory.md);
-    --no-static_cache samples with the dynamic cache. Not used with --fsdp"""
+    """sample with a static KV cache, compiled on CUDA (about 3x faster, docs/memory.md); not with --fsdp"""
     fsdp: bool = False
-    """shard the trainable policy (and a full fine-tuning reference) over the ranks with FSDP2, for models whose
-    weights, gradients and AdamW state do not fit on one GPU (6.9B full fine-tuning); torchrun only. Default: DDP"""
+    """shard the policy (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not fit (6.9B)"""
     gradient_checkpointing: bool = False
-    """recompute each layer's activations in the backward pass instead of keeping them: less memory, ~1/3 more time"""
+    """recompute activations in the backward pass: less memory, ~1/3 more time"""
     cuda: bool = True
     """use CUDA when it is available"""
 
@@ -161,8 +148,7 @@ class Args:
     run_dir: str | None = None
     """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
     output_dir: str | None = None
-    """where the final policy and tokenizer are saved with save_pretrained (default: <run_dir>/model; '': nothing
-    saved): a new or empty folder, or this run's own"""
+    """where the final policy is saved, new or empty or this run's (default: <run_dir>/model; '': not saved)"""
     save_merged: bool = False
     """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
     save_freq: int = 20
@@ -170,9 +156,7 @@ class Args:
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
     resume: str | None = None
-    """continue the run in this run directory from its latest checkpoint (or from one checkpoint directory), or start
-    it there if it has none: pass the same --resume at every launch of a pre-emptible job. The other flags must be
-    those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
+    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
     eval_freq: int = 100
     """evaluate every this many updates (and before the first and after the last); 0 = only at the end"""
     num_eval_prompts: int | None = None
@@ -184,6 +168,23 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------- the algorithm
+
+
+def iterative_dpo_loss(logprobs, old_logprobs, rewards, beta: float) -> torch.Tensor:
+    """Equation (20): DPO's loss (Rafailov et al. 2023, Eq. 7) with pi_t, the policy that sampled the pair, as the
+    reference, and the pair labelled by the sign of its reward difference. All inputs (B, 2): column 0 is y, column 1
+    is y' for the same prompt x.
+
+    mean_x -ln sigmoid( sgn(r(x, y) - r(x, y')) * beta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] )
+
+    A tie (r = r', e.g. two identical responses) carries no preference: sgn = 0 makes its term the constant ln 2 with
+    zero gradient, and we mask it to 0 (the mean still divides by all B pairs: ties add no loss and no gradient, and
+    do not change the scale of the labelled pairs' gradients).
+    """
+    log_ratio = logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
+    sign = torch.sign(rewards[:, 0] - rewards[:, 1])  # (B,) +1: y preferred, -1: y' preferred, 0: tie
+    logits = sign * beta * (log_ratio[:, 0] - log_ratio[:, 1])  # (B,)
+    return -(F.logsigmoid(logits) * (sign != 0)).mean()
 
 
 class Rollout(NamedTuple):
@@ -236,122 +237,86 @@ def rollout(
     return Rollout(*(torch.cat(t) for t in zip(*out)))
 
 
-def iterative_dpo_loss(logprobs, old_logprobs, rewards, beta: float) -> torch.Tensor:
-    """Equation (20). All inputs (B, 2): column 0 is y, column 1 is y' for the same prompt x.
-
-    mean_x -ln sigmoid( sgn(r(x, y) - r(x, y')) * beta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] )
-
-    A tie (r = r', e.g. two identical responses) carries no preference: sgn = 0 makes its term the constant ln 2 with
-    zero gradient, and we mask it to 0 (the mean still divides by all B pairs: ties add no loss and no gradient, and
-    do not change the scale of the labelled pairs' gradients).
-    """
-    log_ratio = logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
-    sign = torch.sign(rewards[:, 0] - rewards[:, 1])  # (B,) +1: y preferred, -1: y' preferred, 0: tie
-    logits = sign * beta * (log_ratio[:, 0] - log_ratio[:, 1])  # (B,)
-    return -(F.logsigmoid(logits) * (sign != 0)).mean()
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 
 
 def main(args: Args) -> None:
     require(args.beta > 0, f"--beta must be > 0 (it scales the log-ratios in Equation 20); got {args.beta}")
-    check_flags(asdict(args))
+    flags = asdict(args)
+    check_flags(flags)
     from tqdm import tqdm
 
-    # Set-up (the appendix): processes, batch sizes, the run directory, data, models.
+    # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs.
     rank, world_size, device = init_processes(args.cuda, args.seed)
-    master, bf16 = rank == 0, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+    bf16, dtype, autocast = precision(args.precision, device)
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    mini_batch_size = exact_div(local_batch_size, args.num_mini_batches, "per-rank batch over --num_mini_batches")
-    grad_accum = exact_div(
-        mini_batch_size, args.per_device_train_batch_size, "mini-batch over --per_device_train_batch_size"
-    )
-    checkpoint, run_dir, run_name, output_dir = open_run(asdict(args))
-
-    # Data: every rank tokenises the whole split and takes its own prompts from the shared shuffle.
+    mini_batch_size = exact_div(local_batch_size, args.num_mini_batches, "per-rank pairs over --num_mini_batches")
+    grad_accum = exact_div(mini_batch_size, args.per_device_train_batch_size, "pairs per minibatch")
+    checkpoint, run_dir, run_name, output_dir = open_run(flags)
     tokenizer = load_tokenizer(args.sft_model_path)
     pad = tokenizer.pad_token_id
-    lengths = (args.query_length, args.response_length)
-    (train_set, train_prompts, train_queries, _, _), eval_data = load_splits(asdict(args), tokenizer, None)
-    total_episodes = args.total_episodes or len(train_set)
-    num_updates = total_episodes // args.batch_size
+    # Every rank tokenises the whole split and takes its own prompts from the shared shuffle.
+    (train_set, train_prompts, train_queries, _, _), eval_data = load_splits(flags, tokenizer, None)
+    num_updates = (total_episodes := args.total_episodes or len(train_set)) // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
-    # Models: the policy pi_theta (raw_policy is the model itself, which samples and is saved; `policy` is what the
-    # gradient steps go through: DDP's wrapper, or the same model sharded by FSDP), its SFT reference, the reward.
-    lora = (
-        lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora else None
-    )
+    # pi_theta: raw_policy samples and is saved; `policy` is what the gradient steps go through (DDP's wrapper, or the
+    # same model sharded by FSDP). ref_policy() gives the SFT reference (see rollout).
+    lora = args.lora and lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     raw_policy, ref_policy, stop_ids = load_trained_policy(
-        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16, lengths
-    )
+        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16,
+        (args.query_length, args.response_length),
+    )  # fmt: skip
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
-    chunk, static_cache = args.local_rollout_forward_batch_size, args.static_cache and not args.fsdp  # compile: no FSDP
-    stops = stop_ids if args.stop_at_eos else None
-    config = sampling_config(args.response_length, args.temperature, pad, static_cache, stops)
-    eval_config = sampling_config(args.response_length, args.eval_temperature, pad, static_cache, stops)
+    config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
+    chunk, penalty = args.local_rollout_forward_batch_size, args.penalty_reward_value
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, policy, optimizer, asdict(args), world_size)
+    trainer = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
     start_update = trainer.get("update", 0)
     require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
     for _ in range(start_update):  # the batches already trained on
         next(batches)
     signals = stop_signals()
     plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step"
-    log = RunLog(run_dir, run_name, asdict(args), trainer, start_update, device, plan)
+    log = RunLog(run_dir, run_name, flags, trainer, start_update, device, plan)
 
-    def sample_eval(queries, prompts):
-        """One response per prompt at the evaluation temperature; its KL at that temperature too, as officially."""
+    def sample_eval(queries, prompts):  # one response per prompt at --eval_temperature (its KL too, as officially)
         r = rollout(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries, prompts=prompts, n=1,
-                    config=eval_config, stop_ids=stop_ids, penalty=args.penalty_reward_value, chunk=chunk,
+                    config=eval_config, stop_ids=stop_ids, penalty=penalty, chunk=chunk,
                     timer=Timer(device))  # fmt: skip
         return tuple(t[:, 0] for t in (r.query_responses, r.masks, r.logprobs - r.ref_logprobs, r.scores, r.has_eos))
 
     run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
-                             flags=asdict(args), autocast=autocast)  # fmt: skip
+                             flags=flags, autocast=autocast)  # fmt: skip
 
-    # The loop: rollout -> reward -> label by the sign -> DPO loss against pi_t -> log -> checkpoint.
-    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    # The loop (Algorithm 2): rollout -> reward -> label each pair by the sign -> DPO against pi_t -> log -> checkpoint.
+    stop, update, nan_dump = False, start_update, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
     if not checkpoint:
         run_evaluation(0)
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
-        timer = Timer(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
+    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
+        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         batch = next(batches)
         queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
-        context_length = queries.size(1)
+        context_length, prompts = queries.size(1), [train_prompts[i] for i in batch]
 
-        # 1. Rollout: two responses per prompt from pi_t, scored by the reward model (or --reward_fn).
+        # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
+        # (the reward model's, or --reward_fn's; the penalty without EOS).
         with autocast():
-            query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout(
-                policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries,
-                prompts=[train_prompts[i] for i in batch], n=2, config=config, stop_ids=stop_ids,
-                penalty=args.penalty_reward_value, chunk=chunk, timer=timer,
-            )  # (B, 2, ...): y, y'  # fmt: skip
-        check_finite(
-            {
-                "--reward_fn's scores" if args.reward_fn else "the reward model's scores": scores,
-                "the policy's log-probs": logprobs,
-                "the reference's log-probs": ref_logprobs,
-                "responses": query_responses,
-            },
-            nan_dump,
-        )
-        # 2. Reward: r(x, y) = RM score (the fixed penalty without EOS) - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)).
-        scores = torch.where(has_eos, scores, args.penalty_reward_value)  # (B, 2)
+            rollouts = rollout(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries,
+                               prompts=prompts, n=2, config=config, stop_ids=stop_ids, penalty=penalty, chunk=chunk,
+                               timer=timer)  # fmt: skip
+        check_finite({f"the rollout's {name}": t for name, t in rollouts._asdict().items()}, nan_dump)
+        query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollouts  # (B, 2, ...): y, y'
+
+        # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)); its sign labels the pair.
         kl = logprobs - ref_logprobs  # (B, 2)
         rewards = scores - args.kl_coef * kl  # (B, 2)
 
@@ -362,12 +327,13 @@ def main(args: Args) -> None:
         with timer("update"):
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
+                    # ln pi_theta(y|x) (b, 2) at the sampling temperature (pi_t's distribution); DDP syncs the last
                     with no_sync(policy, sync=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(
                             policy, query_responses[idx], masks[idx], context_length, args.temperature, pad
-                        )  # (b, 2)
+                        )
                         loss = iterative_dpo_loss(new_logprobs, logprobs[idx], rewards[idx], args.beta)
-                    check_finite({"the DPO loss": loss.detach(), "new log-probs": new_logprobs.detach()}, nan_dump)
+                    check_finite({"the DPO loss": loss, "new log-probs": new_logprobs}, nan_dump)
                     (loss / grad_accum).backward()
                     loss_stats.append(loss.item())
                     approxkl_stats.append(0.5 * (new_logprobs - logprobs[idx]).pow(2).mean().item())
@@ -376,7 +342,7 @@ def main(args: Args) -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-        # 4. Log: metrics reduced over ranks, rank 0 writes; evaluate every --eval_freq updates.
+        # 4. Log the metrics, reduced over ranks (rank 0 writes); evaluate every --eval_freq updates.
         per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
         stats = {
             "objective/scores": scores.mean().item(),
@@ -399,23 +365,17 @@ def main(args: Args) -> None:
         # and on Ctrl-C or SIGTERM, which then stop the run.
         stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
         if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=asdict(args))
+            trainer.update(update=update, world_size=world_size, flags=flags)
             save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
         if stop:
             break
 
-    # The end: the last evaluation and the trained policy saved, or (stopped) the way to resume.
-    if stop and master:
-        print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
+    # The end: the last evaluation and the trained policy saved; or, stopped by a signal, the way to resume printed.
     if not stop:
         run_evaluation(num_updates)
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
-    log.close()
     del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if stop:
-        sys.exit(128 + (signals or [signal.SIGTERM])[0])
+    log.end(update, signals if stop else None)
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
