@@ -9,9 +9,9 @@ Evaluation is rebel.py's (sample on the TL;DR evaluation prompts, score with the
 policy), so that DPO is judged like the others; the reward model is used for evaluation only. Hyper-parameters:
 REBEL's Appendix I.1.4 (batch 64, lr 3e-6, 1 epoch, beta 0.05).
 
-The file reads top to bottom: the flags (Args), the algorithm, the loop (main), then an appendix of plumbing that is
-the same in every script of the project (loading, data, sampling, evaluation, logs, checkpoints): `diff rebel.py
-dpo.py` shows what DPO changes, and docs/rebel.md explains the choices and metrics the scripts share.
+The file reads top to bottom: the flags (Args), the algorithm (dpo_loss, and rebel.py's rollout to evaluate), the
+loop (main), then the plumbing every script shares (the appendix): `diff rebel.py dpo.py` shows what DPO changes, and
+docs/rebel.md explains the choices and metrics the scripts share.
 
     python dpo.py --beta 0.05                               # one process
     torchrun --nproc_per_node 8 dpo.py --beta 0.05          # the paper's TL;DR run
@@ -60,17 +60,13 @@ class Args:
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
-    """end a response at its first stop token (EOS, or a chat model's end of turn such as Llama-3's <|eot_id|>), so
-    sampling ends when every response has (chat); the default samples --response_length tokens, as the paper's TL;DR"""
+    """end a response at its first stop token (EOS, a chat model's end of turn), as chat runs; TL;DR runs do not"""
     sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
-    """the SFT policy: initial policy and KL reference (hub name, save_pretrained directory, or a LoRA adapter, which
-    is merged into its base)"""
+    """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
     reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
-    """the reward model, for evaluation only: AutoModelForSequenceClassification with one label, or the
-    backbone+scalar-head format of summarize_from_feedback_details"""
+    """the reward model, for evaluation only: a one-label sequence classifier, or a backbone + scalar head"""
     reward_tokenizer: str | None = None
-    """the reward model's tokenizer and chat template (default: the one saved with it, else the policy's); when it is
-    not the policy's, the reward model reads the decoded response in its own template and tokens"""
+    """the reward model's tokenizer and chat template (default: its own, else the policy's), reading decoded text"""
     reward_fn: str | None = None
     """path/to/file.py:function, used instead of the reward model: fn(prompts, responses) -> one score per response"""
 
@@ -78,13 +74,11 @@ class Args:
     query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
     """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts evaluated on"""
     query_column: str = "query"
-    """the prompt column: a text, or a conversation (a list of {role, content}; an answer ending it is dropped),
-    rendered with the policy tokenizer's chat template"""
+    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
     reference_column: str | None = "reference_response"
     """the reference response column for the evaluation table (a text, or a conversation ending with it); None: none"""
     chat: bool = False
-    """render text prompts with the chat template too: one user message, or the turns of a "\n\nHuman: ...
-    \n\nAssistant:" text (Anthropic HH, Nectar)"""
+    """render text prompts with the chat template too (a "\n\nHuman: ... \n\nAssistant:" text as its turns)"""
     preference_dataset: str = "cleanrl/summarize_from_feedback_oai_preprocessing_1704563162"
     """hub name, local directory or single data file of the preference pairs trained on"""
     chosen_column: str = "chosen"
@@ -98,8 +92,7 @@ class Args:
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper; the count is printed), 'truncate' keeps
-    their last --query_length tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
 
     # optimisation
     total_episodes: int | None = None
@@ -127,29 +120,22 @@ class Args:
     lora_dropout: float = 0.0
     """LoRA dropout"""
     lora_target_modules: list[str] | None = None
-    """modules to adapt (default: peft's for the architecture, query_key_value for Pythia, as the official code);
-    'all-linear' adapts every linear layer"""
+    """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
     num_trainable_layers: int | None = None
-    """with --no-lora, train only the last N transformer layers (and the final norm and an untied LM head), the rest
-    frozen in bf16, as the paper's chat runs (4); the reference swaps their starting weights in (no second copy)"""
+    """with --no-lora, train only the last N layers (and the final norm), the rest frozen, as the paper's chat runs"""
 
     # speed and memory
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': frozen weights in bf16, trainable weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA,
-    fp32 on CPU (bf16 runs on CPU too, slowly: that is how the tests check the bf16 path)"""
+    """'bf16': frozen weights in bf16, trainable ones in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
     pad_multiple: int = 64
-    """a batch of prompts is left-padded to its longest prompt rounded up to this multiple, not to --query_length (a
-    compiled sampler then sees few shapes), and a micro-batch of training pairs drops the padding columns all its
-    sequences share (left of the prompts, right of the responses) in multiples of it; 0 pads every batch to
-    --query_length (+ --response_length), as the official code"""
+    """left-pad a batch of prompts to its longest rounded up to this multiple, and trim the padding a micro-batch of
+    pairs shares (both sides) in multiples of it; 0: to --query_length (+ --response_length) (official code)"""
     static_cache: bool = True
-    """sample with a static KV cache, which transformers compiles on CUDA (about 3x faster generate, docs/memory.md);
-    --no-static_cache samples with the dynamic cache. Not used with --fsdp"""
+    """sample with a static KV cache, compiled on CUDA (about 3x faster, docs/memory.md); not with --fsdp"""
     fsdp: bool = False
-    """shard the trainable policy (and a full fine-tuning reference) over the ranks with FSDP2, for models whose
-    weights, gradients and AdamW state do not fit on one GPU (6.9B full fine-tuning); torchrun only. Default: DDP"""
+    """shard the policy (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not fit (6.9B)"""
     gradient_checkpointing: bool = False
-    """recompute each layer's activations in the backward pass instead of keeping them: less memory, ~1/3 more time"""
+    """recompute activations in the backward pass: less memory, ~1/3 more time"""
     cuda: bool = True
     """use CUDA when it is available"""
 
@@ -167,8 +153,7 @@ class Args:
     run_dir: str | None = None
     """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
     output_dir: str | None = None
-    """where the final policy and tokenizer are saved with save_pretrained (default: <run_dir>/model; '': nothing
-    saved): a new or empty folder, or this run's own"""
+    """where the final policy is saved, new or empty or this run's (default: <run_dir>/model; '': not saved)"""
     save_merged: bool = False
     """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
     save_freq: int = 20
@@ -176,9 +161,7 @@ class Args:
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
     resume: str | None = None
-    """continue the run in this run directory from its latest checkpoint (or from one checkpoint directory), or start
-    it there if it has none: pass the same --resume at every launch of a pre-emptible job. The other flags must be
-    those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
+    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
     eval_freq: int = 100
     """evaluate every this many updates (and before the first and after the last); 0 = only at the end"""
     num_eval_prompts: int | None = None
@@ -191,7 +174,18 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------- the algorithm
-# dpo.py samples only to evaluate, with rebel.py's rollout (one response per prompt); the loss is dpo_loss, below.
+
+
+def dpo_loss(logprobs, ref_logprobs, beta: float) -> torch.Tensor:
+    """Rafailov et al. (2023), Equation 7. Inputs (B, 2): column 0 is the chosen y_w, column 1 the rejected y_l.
+
+    mean_x -ln sigmoid( beta * [ln pi_theta(y_w|x)/pi_ref(y_w|x) - ln pi_theta(y_l|x)/pi_ref(y_l|x)] )
+    """
+    log_ratio = logprobs - ref_logprobs  # (B, 2) ln pi_theta / pi_ref
+    return -F.logsigmoid(beta * (log_ratio[:, 0] - log_ratio[:, 1])).mean()
+
+
+# DPO trains on fixed pairs; it samples only to evaluate, with rebel.py's rollout (one response per prompt).
 
 
 class Rollout(NamedTuple):
@@ -244,58 +238,38 @@ def rollout(
     return Rollout(*(torch.cat(t) for t in zip(*out)))
 
 
-def dpo_loss(logprobs, ref_logprobs, beta: float) -> torch.Tensor:
-    """Rafailov et al. (2023), Equation 7. Inputs (B, 2): column 0 is the chosen y_w, column 1 the rejected y_l.
-
-    mean_x -ln sigmoid( beta * [ln pi_theta(y_w|x)/pi_ref(y_w|x) - ln pi_theta(y_l|x)/pi_ref(y_l|x)] )
-    """
-    log_ratio = logprobs - ref_logprobs  # (B, 2) ln pi_theta / pi_ref
-    return -F.logsigmoid(beta * (log_ratio[:, 0] - log_ratio[:, 1])).mean()
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 
 
 def main(args: Args) -> None:
     require(args.beta > 0, f"--beta must be > 0 (it scales the log-ratios in Equation 7); got {args.beta}")
-    check_flags(asdict(args))
+    flags = asdict(args)
+    check_flags(flags)
     from tqdm import tqdm
 
-    # Set-up (the appendix): processes, batch sizes, the run directory, data, models.
+    # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs.
     rank, world_size, device = init_processes(args.cuda, args.seed)
-    master, bf16 = rank == 0, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+    bf16, dtype, autocast = precision(args.precision, device)
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    grad_accum = exact_div(
-        local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size"
-    )
-    checkpoint, run_dir, run_name, output_dir = open_run(asdict(args))
-
-    # Data: every rank tokenises the whole split and takes its own pairs from the shared shuffle.
+    grad_accum = exact_div(local_batch_size, args.per_device_train_batch_size, "per-rank batch")
+    checkpoint, run_dir, run_name, output_dir = open_run(flags)
     tokenizer = load_tokenizer(args.sft_model_path)
-    pad = tokenizer.pad_token_id
-    lengths = (args.query_length, args.response_length)
+    pad, lengths = tokenizer.pad_token_id, (args.query_length, args.response_length)
+    # Every rank tokenises the whole dataset and takes its own pairs from the shared shuffle.
     train_pairs, dropped = load_preferences(
         args.preference_dataset, args.train_split, args.query_column, args.chosen_column, args.rejected_column,
         tokenizer, lengths, args.long_prompts, args.chat,
     )  # (N, 2, query_length + response_length)  # fmt: skip
-    eval_data = load_prompts(
-        args.query_dataset, args.eval_split, args.query_column, args.reference_column, tokenizer, *lengths,
-        args.long_prompts, args.chat,
-    )  # fmt: skip
-    batches = prompt_batches(len(train_pairs), args.batch_size, rank, world_size, args.seed)  # whole batches per epoch
-    total_episodes = (
-        args.total_episodes or args.num_train_epochs * (len(train_pairs) // args.batch_size) * args.batch_size
-    )
-    num_updates = total_episodes // args.batch_size
+    eval_data = load_prompts(args.query_dataset, args.eval_split, args.query_column, args.reference_column, tokenizer,
+                             *lengths, args.long_prompts, args.chat)  # fmt: skip
+    epoch = len(train_pairs) // args.batch_size * args.batch_size  # the whole batches of one pass
+    num_updates = (total_episodes := args.total_episodes or args.num_train_epochs * epoch) // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
+    batches = prompt_batches(len(train_pairs), args.batch_size, rank, world_size, args.seed)
 
-    # Models: the policy pi_theta (raw_policy is the model itself, which samples and is saved; `policy` is what the
-    # gradient steps go through: DDP's wrapper, or the same model sharded by FSDP), its SFT reference, the reward.
-    lora = (
-        lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules) if args.lora else None
-    )
+    # pi_theta: raw_policy samples and is saved; `policy` is what the gradient steps go through (DDP's wrapper, or the
+    # same model sharded by FSDP). ref_policy() gives the SFT reference, pi_ref of Equation 7.
+    lora = args.lora and lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     raw_policy, ref_policy, stop_ids = load_trained_policy(
         args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16, lengths
     )
@@ -304,47 +278,42 @@ def main(args: Args) -> None:
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
-    chunk, static_cache = args.local_rollout_forward_batch_size, args.static_cache and not args.fsdp  # compile: no FSDP
-    stops = stop_ids if args.stop_at_eos else None
-    eval_config = sampling_config(args.response_length, args.eval_temperature, pad, static_cache, stops)
+    eval_config = sampling_config(args.response_length, args.eval_temperature, pad, args.static_cache and not args.fsdp,
+                                  stop_ids if args.stop_at_eos else None)  # fmt: skip
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, policy, optimizer, asdict(args), world_size)
+    trainer = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
     start_update = trainer.get("update", 0)
     require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
     for _ in range(start_update):  # the batches already trained on
         next(batches)
     signals = stop_signals()
     plan = f"{num_updates} updates of {args.batch_size} pairs, {grad_accum} micro-batches per step"
-    log = RunLog(run_dir, run_name, asdict(args), trainer, start_update, device, plan)
-    if master and dropped:
+    log = RunLog(run_dir, run_name, flags, trainer, start_update, device, plan)
+    if rank == 0 and dropped:
         print(f"dropped {dropped} preference pairs with a prompt longer than --query_length {args.query_length}")
 
-    def sample_eval(queries, prompts):
-        """One response per prompt at the evaluation temperature; its KL at that temperature too, as officially."""
+    def sample_eval(queries, prompts):  # one response per prompt at --eval_temperature (its KL too, as officially)
         r = rollout(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries, prompts=prompts, n=1,
-                    config=eval_config, stop_ids=stop_ids, penalty=args.penalty_reward_value, chunk=chunk,
-                    timer=Timer(device))  # fmt: skip
+                    config=eval_config, stop_ids=stop_ids, penalty=args.penalty_reward_value,
+                    chunk=args.local_rollout_forward_batch_size, timer=Timer(device))  # fmt: skip
         return tuple(t[:, 0] for t in (r.query_responses, r.masks, r.logprobs - r.ref_logprobs, r.scores, r.has_eos))
 
     run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
-                             flags=asdict(args), autocast=autocast)  # fmt: skip
+                             flags=flags, autocast=autocast)  # fmt: skip
 
-    # The loop: a batch of preference pairs -> DPO loss against the SFT policy -> step -> log -> checkpoint.
-    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    # The loop: a batch of preference pairs -> DPO loss against the SFT policy (Equation 7) -> step -> log -> checkpoint.
+    stop, update, nan_dump = False, start_update, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
     if not checkpoint:
         run_evaluation(0)
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
-        timer = Timer(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
+    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
+        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         batch = next(batches)
-        query_responses = train_pairs[batch].to(device)  # (B, 2, query_length + response_length)
+        query_responses = train_pairs[batch].to(device)  # (B, 2, query_length + response_length): x y_w, x y_l
 
-        # 1. DPO loss (Eq. 7) on micro-batches, each pair kept together; gradient accumulation fills the batch. No
+        # 1. DPO loss (Equation 7) on micro-batches, each pair kept together; gradient accumulation fills the batch. No
         # sampling, so log-probs are at temperature 1: pi_theta is the model's own likelihood of the human-written pairs.
         loss_stats, logprob_stats, ref_logprob_stats = [], [], []
         with timer("update"):
@@ -360,7 +329,7 @@ def main(args: Args) -> None:
                 with no_sync(policy, sync=micro == grad_accum - 1), autocast():
                     logprobs = sequence_logprobs(policy, query_response, mask, context_length, 1.0, pad)  # (b, 2)
                     loss = dpo_loss(logprobs, ref_logprobs, args.beta)
-                check_finite({"the DPO loss": loss.detach(), "log-probs": logprobs.detach()}, nan_dump)
+                check_finite({"the DPO loss": loss, "log-probs": logprobs}, nan_dump)
                 (loss / grad_accum).backward()
                 loss_stats.append(loss.item())
                 logprob_stats.append(logprobs.detach())
@@ -370,7 +339,7 @@ def main(args: Args) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        # 2. Log: metrics reduced over ranks, rank 0 writes; evaluate every --eval_freq updates.
+        # 2. Log the metrics, reduced over ranks (rank 0 writes); evaluate every --eval_freq updates.
         logprobs, ref_logprobs = torch.cat(logprob_stats), torch.cat(ref_logprob_stats)  # (B, 2)
         implicit_rewards = args.beta * (logprobs - ref_logprobs)  # (B, 2) DPO's implicit reward: beta ln pi / pi_ref
         stats = {
@@ -389,23 +358,17 @@ def main(args: Args) -> None:
         # and on Ctrl-C or SIGTERM, which then stop the run.
         stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
         if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=asdict(args))
+            trainer.update(update=update, world_size=world_size, flags=flags)
             save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
         if stop:
             break
 
-    # The end: the last evaluation and the trained policy saved, or (stopped) the way to resume.
-    if stop and master:
-        print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
+    # The end: the last evaluation and the trained policy saved; or, stopped by a signal, the way to resume printed.
     if not stop:
         run_evaluation(num_updates)
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
-    log.close()
     del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if stop:
-        sys.exit(128 + (signals or [signal.SIGTERM])[0])
+    log.end(update, signals if stop else None)
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
