@@ -2,13 +2,13 @@
 
 Exactly REBEL's loop (two responses y, y' per prompt from pi_t, reward = RM score minus a KL penalty to the SFT
 policy), but only the *sign* of the reward difference is used: the pair is labelled by sgn(r(x, y) - r(x, y')) and
-the DPO loss is minimised with pi_t, the policy that sampled the batch, as the reference (Equation 20; Guo et al.
-keep the SFT policy as DPO's reference, and here the SFT policy is only in the reward's KL term):
+DPO's loss (Rafailov et al., 2023, Eq. 7) is minimised with pi_t, the policy that sampled the batch, as the reference
+(Equation 20; Guo et al. keep the SFT policy as DPO's reference, here only in the reward's KL term):
 
     -ln sigmoid( sgn(r(x, y) - r(x, y')) * beta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] )
 
-The file reads top to bottom: the flags (Args), the algorithm, the loop (main), then an appendix of the plumbing that
-every script shares (loading, data, sampling, evaluation, logs, checkpoints). docs/rebel.md explains every metric.
+The file reads top to bottom: the flags (Args), the algorithm (iterative_dpo_loss, rebel.py's rollout), the loop
+(main), then the plumbing every script shares (the appendix). docs/rebel.md explains every metric.
 
     python iterative_dpo.py --beta 0.05                              # one process
     torchrun --nproc_per_node 8 iterative_dpo.py --beta 0.05         # the paper's TL;DR run
@@ -305,7 +305,7 @@ def main(args: Args) -> None:
             group["lr"] = lr_now
         batch = next(batches)
         queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
-        context_length, prompts = queries.size(1), [train_prompts[i] for i in batch]
+        ctx, prompts = queries.size(1), [train_prompts[i] for i in batch]
 
         # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
         # (the reward model's, or --reward_fn's; the penalty without EOS).
@@ -330,7 +330,7 @@ def main(args: Args) -> None:
                     # ln pi_theta(y|x) (b, 2) at the sampling temperature (pi_t's distribution); DDP syncs the last
                     with no_sync(policy, sync=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(
-                            policy, query_responses[idx], masks[idx], context_length, args.temperature, pad
+                            policy, query_responses[idx], masks[idx], ctx, args.temperature, pad
                         )
                         loss = iterative_dpo_loss(new_logprobs, logprobs[idx], rewards[idx], args.beta)
                     check_finite({"the DPO loss": loss, "new log-probs": new_logprobs}, nan_dump)

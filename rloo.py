@@ -323,7 +323,7 @@ def main(args: Args) -> None:
             group["lr"] = lr_now
         batch = next(batches)
         queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
-        context_length, prompts = queries.size(1), [train_prompts[i] for i in batch]
+        ctx, prompts = queries.size(1), [train_prompts[i] for i in batch]
 
         # 1. Rollout: y_1..y_k ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
         # (the reward model's, or --reward_fn's; the penalty without EOS).
@@ -334,13 +334,12 @@ def main(args: Args) -> None:
         check_finite({f"the rollout's {name}": t for name, t in rollouts._asdict().items()}, nan_dump)
         query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollouts  # (B, k, ...)
 
-        # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), and the advantages.
+        # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)); the leave-one-out advantages
+        # (--reinforce: A = r - b, the variant below).
         kl = logprobs - ref_logprobs  # (B, k)
         rewards = scores - args.kl_coef * kl  # (B, k)
         baseline = reinforce_baseline(rewards, args.reinforce_baseline, trainer, device) if args.reinforce else None
-        advantages = (
-            rloo_advantages(rewards) if baseline is None else rewards - baseline
-        )  # (B, k); REINFORCE: A = r - b
+        advantages = rloo_advantages(rewards) if baseline is None else rewards - baseline  # (B, k)
 
         # 3. Policy gradient: noptepochs passes, a prompt's k responses kept together, one optimizer step per minibatch.
         num_prompts = len(advantages)
@@ -352,7 +351,7 @@ def main(args: Args) -> None:
                     # ln pi_theta(y_i|x) (b, k) at the sampling temperature (pi_t's distribution); DDP syncs the last
                     with no_sync(policy, sync=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(
-                            policy, query_responses[idx], masks[idx], context_length, args.temperature, pad
+                            policy, query_responses[idx], masks[idx], ctx, args.temperature, pad
                         )
                         loss = policy_gradient_loss(new_logprobs, advantages[idx])
                     check_finite({"the RLOO loss": loss, "new log-probs": new_logprobs}, nan_dump)
