@@ -2,7 +2,8 @@
 
 - rloo.py, iterative_dpo.py, ppo.py and dpo.py get rebel.py's text from the banner line to the end of the file.
 - sft.py, reward.py and rebel_lcm.py carry only the helpers they need: each top-level function or class that they
-  define under a name rebel.py's appendix also defines is replaced by rebel.py's copy.
+  define under a name rebel.py's appendix also defines is replaced by rebel.py's copy, and a helper of rebel.py's
+  appendix that they call but lack is added.
 
     python tools/sync_appendix.py           # rewrite the siblings
     python tools/sync_appendix.py --check   # only say which differ (exit 1 if any); tests/test_skeleton.py runs this
@@ -49,7 +50,21 @@ def synced(name: str, anchor: str) -> str:
     for key, (a, b) in sorted(definitions(source).items(), key=lambda kv: -kv[1][0]):  # from the end: lines stay put
         if key in shared and key not in ("Args", "main"):
             lines[a:b] = anchor_lines[shared[key][0] : shared[key][1]]
+    # A shared helper that the copies call and the sibling lacks goes in after the one before it in rebel.py.
+    order = sorted(shared, key=lambda k: shared[k][0])
+    while missing := sorted(set(order) & calls(lines, shared) - set(definitions("".join(lines)))):
+        have = definitions("".join(lines))
+        before = [k for k in order[: order.index(missing[0])] if k in have]
+        at = have[before[-1]][1] if before else len(lines)
+        lines[at:at] = ["\n\n", *anchor_lines[shared[missing[0]][0] : shared[missing[0]][1]]]
+        lines = "".join(lines).splitlines(keepends=True)
     return "".join(lines)
+
+
+def calls(lines: list[str], shared: dict) -> set[str]:
+    """Every name that the sibling's copies of rebel.py's helpers read."""
+    copies = [ast.parse("".join(lines[a:b])) for k, (a, b) in definitions("".join(lines)).items() if k in shared]
+    return {n.id for tree in copies for n in ast.walk(tree) if isinstance(n, ast.Name)}
 
 
 if __name__ == "__main__":
