@@ -493,15 +493,12 @@ def variant_metrics(scores, wins, sampled: list[int], mu_dataset: bool) -> dict:
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
 # The appendix: the plumbing every script shares. Each loader refuses bad input where it reads it (BadInput: one line
-# that names the fix, no traceback). A fix is made here in rebel.py, and tools/sync_appendix.py copies it.
+# that names the fix, no traceback). Fix it here in rebel.py; tools/sync_appendix.py copies it.
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-
-
 def init_processes(cuda: bool, seed: int):
-    """The same file runs under `python` (one process) and `torchrun` (nccl on CUDA, gloo on CPU). Returns the rank,
-    the world size and the device; rank r seeds every generator with seed + r (its own sampling noise)."""
+    """Rank, world size and device under `python` or `torchrun`; rank r seeds with seed + r (its own sampling noise)."""
     use_cuda = cuda and torch.cuda.is_available()
     if "RANK" in os.environ:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -509,9 +506,8 @@ def init_processes(cuda: bool, seed: int):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
+    for seed_everything in (random.seed, np.random.seed, torch.manual_seed):
+        seed_everything(seed + rank)
     return rank, world_size, device
 
 
@@ -520,15 +516,13 @@ def check_flags(flags: dict) -> None:
     positive = """lr eps batch_size per_device_train_batch_size local_rollout_forward_batch_size query_length
     response_length noptepochs num_mini_batches num_train_epochs temperature eval_temperature lora_rank lora_alpha
     keep_checkpoints total_episodes num_eval_prompts num_norm_examples max_grad_norm num_trainable_layers"""
-    for key in positive.split():  # None: the default (all, or off)
-        value = flags.get(key)
-        if value is not None:
-            require(value > 0, f"--{key} must be {'>= 1' if isinstance(value, int) else '> 0'}; got {value}")
+    for key in positive.split():
+        v = flags.get(key)  # None: the default (all, or off)
+        require(v is None or v > 0, f"--{key} must be {'>= 1' if isinstance(v, int) else '> 0'}; got {v}")
     for key in "save_freq eval_freq pad_multiple num_sample_rows kl_coef lora_dropout".split():
         require(flags.get(key, 0) >= 0, f"--{key} must be >= 0; got {flags.get(key)}")
-    require(
-        flags.get("lora_dropout", 0) < 1, f"--lora_dropout must be < 1 (a probability); got {flags.get('lora_dropout')}"
-    )
+    dropout = flags.get("lora_dropout", 0)
+    require(dropout < 1, f"--lora_dropout must be < 1 (a probability); got {dropout}")
     for key in "sft_model_path base_model reward_model_path reward_tokenizer query_dataset preference_dataset".split():
         path = flags.get(key)  # a local path (a hub name is org/name) that is not there: said with its flag at start
         require(
@@ -565,8 +559,7 @@ def open_run(flags: dict):
 
 
 def lock_run_dir(run_dir: str) -> None:
-    """<run_dir>/.lock holds the PID of the process that writes the run (rank 0): a second one is refused while the
-    first lives. A killed process's lock is taken over; the lock goes when the process exits."""
+    """<run_dir>/.lock: the PID of rank 0 while it writes the run; a second run is refused while it lives."""
     lock = os.path.join(run_dir, ".lock")
     try:
         with open(lock) as f:
@@ -574,8 +567,7 @@ def lock_run_dir(run_dir: str) -> None:
         os.kill(pid, 0)  # raises if no such process
     except (OSError, ValueError):
         pid = None
-    if pid not in (None, os.getpid()):
-        raise BadInput(f"--run_dir {run_dir} is in use by process {pid}; stop it, or wait for it to finish")
+    require(pid in (None, os.getpid()), f"--run_dir {run_dir} is in use by process {pid}; stop it, or wait for it")
     if os.path.isdir(run_dir):
         with open(lock, "w") as f:
             f.write(str(os.getpid()))
@@ -583,10 +575,8 @@ def lock_run_dir(run_dir: str) -> None:
 
 
 def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> None:
-    """A run owns its run directory and its output directory, and writes inside nothing it reads (`reads`: flag ->
-    path). Both hold the run's run.json (its script and id): a new run needs them new or empty, --resume a run
-    directory of this script (or a new or empty one), and the output directory new, empty or this run's. Both are
-    created and written to now, so that a bad one fails at start; what a run that fails to start made is removed."""
+    """A run owns its run and output directories (their run.json: script and id) and writes inside nothing it reads
+    (`reads`: flag -> path). Both are made now, so a bad one fails at start; a failed start's are removed at exit."""
     for flag, path in (("--resume" if resume else "--run_dir", run_dir), ("--output_dir", output_dir)):
         require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
         for name, read in reads.items():  # real paths: a link or a '..' names the same folder
@@ -595,20 +585,15 @@ def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> N
             require(not inside, f"{flag} {path} is inside {name} {read}, which this run reads: choose another folder")
     owner, script = read_run_json(run_dir), os.path.basename(__file__)
     if os.path.isdir(run_dir) and os.listdir(run_dir):  # a run's folder: its run.json, or its checkpoints
-        require(
-            resume, f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
-        )
-        require(
-            owner or os.path.isdir(os.path.join(run_dir, "checkpoints")),
-            f"--resume {run_dir}: neither a checkpoint nor a run.json there, so it is no run's folder: give the run's",
-        )
+        require(resume, f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue it, or choose another")
+        checkpoints = os.path.isdir(os.path.join(run_dir, "checkpoints"))
+        require(owner or checkpoints, f"--resume {run_dir}: neither a checkpoint nor a run.json there: give a run's")
     theirs = owner.get("script", script) if owner else script
     require(theirs == script, f"--resume {run_dir}: that is a run of {theirs}; resume it with it")
     owner = owner or {"script": script, "id": os.urandom(8).hex()}
     require(
         not output_dir or read_run_json(output_dir) in (None, owner),
-        f"--output_dir {output_dir} is not empty and not this run's: a run saves into a new or empty folder (by "
-        "default <run_dir>/model); choose another",
+        f"--output_dir {output_dir} is not empty and not this run's: choose a new or empty folder",
     )
     for flag, path in (("--run_dir", run_dir), ("--output_dir", output_dir)):
         if not path:
@@ -630,8 +615,7 @@ def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> N
 
 
 def read_run_json(path: str) -> dict | None:
-    """The run.json of a run or output directory; None where there is none. A folder that is neither empty nor a run's
-    gives {} (no run's)."""
+    """The run.json of a run or output directory; None for a new or empty folder, {} for another's."""
     marker = os.path.join(path, "run.json")
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -640,25 +624,19 @@ def read_run_json(path: str) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------- models
-
-
 def lora_config(rank: int, alpha: int, dropout: float, target_modules: list[str] | None):
     """peft's LoraConfig; ['all-linear'] (the flag's list) is peft's string for every linear layer."""
     from peft import LoraConfig
 
-    target_modules = target_modules[0] if target_modules == ["all-linear"] else target_modules
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+    modules = target_modules[0] if target_modules == ["all-linear"] else target_modules
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules)
 
 
 def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, device, fsdp: bool, bf16: bool, lengths):
-    """The policy to train (on `device`, in eval mode: no dropout, and gradients do not need train mode), its
-    reference, the SFT policy, as a context manager (`with ref_policy() as ref`), and its stop tokens. lengths:
-    (query_length, response_length), which must fit in the model's positions.
-    - LoRA (`lora`, a LoraConfig): fp32 adapters on a frozen base in `dtype`; the reference switches the adapter off.
-    - num_trainable_layers: the last layers in fp32, the rest frozen in `dtype`; the reference swaps the trained
-      weights' starting values in (no second copy of the frozen layers).
-    - Otherwise full fine-tuning in fp32, and a frozen fp32 copy as the reference (sharded too under FSDP): in the
-      policy's precision, so that it equals the policy at update 0."""
+    """The policy to train (in eval mode: no dropout), its reference (the SFT policy) as a context manager
+    (`with ref_policy() as ref`), and its stop tokens. LoRA (a LoraConfig): fp32 adapters on a base in `dtype`, the
+    reference with the adapter off. num_trainable_layers: the last layers in fp32, the reference with their starting
+    weights swapped in. Otherwise all in fp32, the reference a frozen fp32 copy (equal to the policy at update 0)."""
     from peft import get_peft_model
 
     policy = load_policy(path, dtype if lora or num_trainable_layers else torch.float32)
@@ -673,8 +651,7 @@ def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, devi
             raise BadInput(f"--lora_target_modules: {e}. The model's linear layers are named {names[:12]}") from e
         ref_policy = partial(adapter_disabled, policy)
     elif num_trainable_layers:
-        policy.to(device)
-        ref_policy = partial(weights_swapped, policy, train_last_layers(policy, num_trainable_layers, dtype))
+        ref_policy = partial(weights_swapped, policy, train_last_layers(policy.to(device), num_trainable_layers, dtype))
     else:
         ref_model = load_policy(path, torch.float32).to(device).eval().requires_grad_(False)
         ref_policy = partial(nullcontext, shard(ref_model, bf16) if fsdp else ref_model)
@@ -682,25 +659,21 @@ def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, devi
 
 
 def distribute(model, fsdp: bool, bf16: bool, device):
-    """The model as the gradient steps see it: sharded in place by FSDP2, or wrapped in DDP under torchrun (one
-    process: itself). Sampling and saving use the model itself, which the scripts keep as raw_policy."""
+    """The model as the gradient steps see it: FSDP2-sharded in place, DDP-wrapped under torchrun, or itself."""
     if fsdp:
         return shard(model, bf16)
-    if dist.is_initialized():
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
 
 
 def load_policy(path: str, dtype: torch.dtype):
-    """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
-    merged into its base, itself loaded this way, so the policy starts at, and the KL reference is, the SFT model.
-    The merged model keeps the adapter's path as its name: an adapter trained on it records that path as its base."""
+    """A causal LM from a hub name or save_pretrained directory; a LoRA adapter (what every script saves) merged into
+    its base and named by its path, which an adapter trained on it records as its base."""
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
     from transformers.utils import find_adapter_config_file
 
     check_model_path(path)
-    try:
+    with refused(f"cannot load a model from '{path}'"):
         if not find_adapter_config_file(path):
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
             missing = sorted(info["missing_keys"])  # initialised at random: a reward model's folder has no LM head
@@ -719,25 +692,17 @@ def load_policy(path: str, dtype: torch.dtype):
         model = PeftModel.from_pretrained(base, path).merge_and_unload()
         model.name_or_path = path
         return model
-    except BadInput:
-        raise
-    except Exception as e:
-        raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
 
 
 def load_tokenizer(path: str):
-    """The policy's tokenizer, with a pad token distinct from EOS and BOS. Every script pads itself and never feeds or
-    gathers the pad id (forward, response_logprobs), so a pad token added here needs no embedding row: tokenizers
-    with pad == EOS (Llama-3, Mistral) or none (Pythia) work as they are."""
+    """The policy's tokenizer, its pad distinct from EOS and BOS (never fed to a model: it needs no embedding row)."""
     from transformers import AutoTokenizer
 
     check_model_path(path)
     if os.path.isdir(path) and not has_tokenizer(path):
         raise BadInput(f"'{path}' holds no tokenizer (no tokenizer.json or tokenizer_config.json): save one there")
-    try:
+    with refused(f"cannot load a tokenizer from '{path}'"):
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise BadInput(f"cannot load a tokenizer from '{path}' ({type(e).__name__}: {e})") from e
     if tokenizer.eos_token_id is None:
         raise BadInput(f"the tokenizer of {path} has no EOS token; responses end at EOS, so set one")
     if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
@@ -746,14 +711,12 @@ def load_tokenizer(path: str):
 
 
 def has_tokenizer(folder: str) -> bool:
-    """Whether a folder holds a tokenizer's files."""
     files = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
     return bool(files & set(os.listdir(folder)))
 
 
 def check_positions(config, lengths: tuple, path: str) -> None:
-    """A prompt and its response fit in the model's positions: past them a learned position table has no row (an
-    IndexError at the first evaluation) and rotary ones were never trained. No limit in the config: no check."""
+    """A prompt and its response fit in the model's positions (past them a position table has no row)."""
     limit = position_limit(config)
     require(
         limit is None or sum(lengths) <= limit,
@@ -763,7 +726,7 @@ def check_positions(config, lengths: tuple, path: str) -> None:
 
 
 def position_limit(config) -> int | None:
-    """The most tokens a model has positions for, from whichever field its config names it by (None: no limit)."""
+    """The most tokens a model has positions for, by whichever name its config gives it (None: no limit)."""
     fields = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
     return next((v for v in (getattr(config, f, None) for f in fields) if isinstance(v, int)), None)
 
@@ -774,20 +737,17 @@ def check_vocabulary(tokenizer, model, path: str) -> None:
     rows = model.get_input_embeddings().num_embeddings
     require(
         top < rows,
-        f"the tokenizer gives ids up to {top}, past the {rows} embedding rows of the model {path}: use the tokenizer "
-        "that model was trained with",
+        f"the tokenizer gives ids up to {top}, past the {rows} embedding rows of the model {path}: use its tokenizer",
     )
 
 
 def check_model_path(path: str) -> None:
-    """A local path must be a directory that save_pretrained wrote: said here, where the loaders would go on to try it
-    as a hub name and fail with a message about something else."""
+    """A local path must be a save_pretrained directory: the loaders would try it as a hub name and fail obscurely."""
     if os.path.isfile(path):
         raise BadInput(f"'{path}' is a file; give the directory that save_pretrained wrote, or a hub name")
     if os.path.isdir(path) and not {"config.json", "adapter_config.json"} & set(os.listdir(path)):
         raise BadInput(f"'{path}' holds no model: no config.json (or adapter_config.json for a LoRA adapter)")
-    if not os.path.exists(path) and path.startswith(("/", ".", "~")):
-        raise BadInput(f"'{path}': no such directory")
+    require(os.path.exists(path) or not path.startswith(("/", ".", "~")), f"'{path}': no such directory")
 
 
 def stop_token_ids(tokenizer, generation_config) -> list[int]:
@@ -805,9 +765,7 @@ def adapter_disabled(peft_model):
 
 
 def train_last_layers(model, n: int, dtype: torch.dtype) -> dict:
-    """Train only the last n transformer layers and what follows them (the final norm, and the LM head unless it is
-    tied to the frozen embedding), as the official chat code; they move to fp32 (the master weights), the rest stays in
-    `dtype`. Returns copies of their starting weights: with them in place, the model is the reference (SFT) policy."""
+    """Train the last n layers and what follows them in fp32, as the official chat code; returns their start weights."""
     layers = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
     require(0 < n <= len(layers), f"--num_trainable_layers {n}: the model has {len(layers)} layers")
     model.get_input_embeddings().requires_grad_(False)
@@ -835,9 +793,7 @@ def weights_swapped(model, weights: dict):
 
 
 def checkpoint_layers(model) -> None:
-    """Activation checkpointing: every transformer layer (the classes transformers names in _no_split_modules) runs its
-    forward under torch.utils.checkpoint, so its activations are recomputed in the backward pass. Unlike transformers'
-    own switch it works in eval mode, where the models stay, and it renames no parameter (peft saves by name)."""
+    """Activation checkpointing of every layer; unlike transformers' switch, in eval mode and renaming no parameter."""
     from torch.utils.checkpoint import checkpoint
 
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -847,9 +803,8 @@ def checkpoint_layers(model) -> None:
 
 
 def shard(model, bf16: bool):
-    """FSDP2 (torch's fully_shard): every transformer layer, then the whole network, sharded over the ranks; compute in
-    bf16 (with --precision bf16) from fp32 master weights, gradients reduced in fp32. The root is the transformers
-    model itself, inside a peft wrapper, because generate() calls its forward and not the wrapper's."""
+    """FSDP2: every transformer layer, then the whole, sharded over the ranks; compute in bf16 (with `bf16`), gradients
+    reduced in fp32. The root is the transformers model inside any peft wrapper: generate() calls its forward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -865,15 +820,14 @@ def shard(model, bf16: bool):
 
 
 def full_state_dict(model) -> dict:
-    """Every rank takes part; rank 0 gets the whole (unsharded) state dict on the CPU, for save_pretrained."""
+    """Every rank takes part; rank 0 gets the whole state dict on the CPU, for save_pretrained."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_policy(model, tokenizer, output_dir: str, fsdp: bool, merged: bool) -> None:
-    """save_pretrained of the trained policy and its tokenizer (with `merged`, the LoRA adapter merged into its base
-    too, in <output_dir>/merged). Every rank takes part under FSDP, which gathers the shards; rank 0 writes."""
+    """save_pretrained of the policy and tokenizer (`merged`: also in <output_dir>/merged); all ranks call it."""
     state = full_state_dict(model) if fsdp and output_dir else None
     if not output_dir or (dist.is_initialized() and dist.get_rank() != 0):
         return
@@ -892,11 +846,8 @@ def save_policy(model, tokenizer, output_dir: str, fsdp: bool, merged: bool) -> 
 
 
 # ---------------------------------------------------------------------------------------------- the reward
-
-
 class ScalarRewardModel(nn.Module):
-    """A transformer backbone and a linear head read at the last non-pad token, minus a normalising bias (reward.py
-    sets it so that reference responses score 0 on average)."""
+    """A backbone and a linear head read at the last non-pad token, minus a bias (reward.py's: references score 0)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Linear, bias: float = 0.0):
         super().__init__()
@@ -911,16 +862,13 @@ class ScalarRewardModel(nn.Module):
         )
         hidden = forward(self.backbone, query_responses, pad_id).last_hidden_state  # (B, L, H)
         # The last non-pad token: queries are left-padded and responses right-padded, so it is the rightmost one.
-        positions = torch.arange(query_responses.size(1), device=hidden.device)
-        last = ((query_responses != pad_id) * positions).argmax(1)
+        last = ((query_responses != pad_id) * torch.arange(width, device=hidden.device)).argmax(1)
         hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B,)
 
 
 class Reward:
-    """r(x, y) of sampled responses: a reward model's score, or a Python function's value (fn(prompts, responses) ->
-    scores, on texts). A reward model with the policy's tokenizer and chat template reads the policy's token ids as
-    they are (TL;DR); one with its own reads the decoded response, rendered and tokenised its way (reward_text)."""
+    """r(x, y): a reward model's score of the policy's tokens, or of the texts (its own model_tokenizer), or fn's."""
 
     def __init__(self, tokenizer, model=None, model_tokenizer=None, fn=None):
         self.tokenizer, self.model, self.model_tokenizer, self.fn = tokenizer, model, model_tokenizer, fn
@@ -941,7 +889,6 @@ class Reward:
                 f"{name} returned {str(scores)[:80]!r}; it must return one number per response ({len(responses)})",
             )
             return values
-
         tokenizer, texts, pad = self.model_tokenizer, [], self.tokenizer.pad_token_id
         for prompt, response, query_response in zip(prompts, responses, query_responses):
             if isinstance(prompt, str):  # decoded after its prompt, so that a sentencepiece response keeps its space
@@ -958,26 +905,22 @@ class Reward:
 
 
 def reward_text(prompt, response: str, tokenizer) -> str:
-    """What a reward model with its own tokenizer reads: a conversation with the response as the assistant's turn, in
-    the reward model's chat template (its own special tokens included); a text prompt followed by the response and
-    its EOS."""
+    """What a reward model with its own tokenizer reads: the chat with the response as its last turn, or text + EOS."""
     if isinstance(prompt, list):
         return tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
     return prompt + response + tokenizer.eos_token
 
 
 def same_tokenizer(a, b) -> bool:
-    """Whether token ids mean the same to both tokenizers (their pad tokens aside: no model reads the pad id) and
-    prompts render the same."""
+    """Whether token ids mean the same to both tokenizers (pad tokens aside) and prompts render the same."""
     pads = {a.pad_token, b.pad_token}
     vocab_a, vocab_b = ({k: v for k, v in t.get_vocab().items() if k not in pads} for t in (a, b))
     return vocab_a == vocab_b and a.chat_template == b.chat_template
 
 
 def load_reward(reward_fn: str | None, model_path: str | None, tokenizer_path: str | None, tokenizer, dtype, device):
-    """--reward_fn path/to/file.py:name (that file's function), or the reward model with its tokenizer: its own when
-    it differs from the policy's (`tokenizer`), which then reads the decoded responses; None where neither is named
-    (rebel.py's --preference_fn)."""
+    """--reward_fn path/to/file.py:name, or the reward model with its tokenizer where that differs from the policy's;
+    None where neither is named (rebel.py's --preference_fn)."""
     if not (reward_fn or model_path):
         return None
     if reward_fn:
@@ -998,19 +941,16 @@ def load_function(spec: str, flag: str):
     require(os.path.isfile(path) and name, f"{flag} {spec}: give an existing file.py:function_name")
     module_spec = importlib.util.spec_from_file_location(f"{flag.lstrip('-')}_module", path)
     module = importlib.util.module_from_spec(module_spec)
-    try:
+    with refused(f"{flag} {spec}: {path} fails to run"):  # a syntax error, a missing import: said in one line
         module_spec.loader.exec_module(module)
-    except Exception as e:  # a syntax error, a missing import: the user's file, said in one line
-        raise BadInput(f"{flag} {spec}: {path} fails to run ({type(e).__name__}: {e}); fix it") from e
     require(callable(getattr(module, name, None)), f"{flag} {spec}: {path} defines no function '{name}'")
     return getattr(module, name)
 
 
 @torch.no_grad()
 def compare_pairs(fn, tokenizer, query_responses: torch.Tensor, context_length: int, prompts: list) -> torch.Tensor:
-    """P(y_i > y_j | x) for every ordered pair of distinct responses of each prompt, by --preference_fn
-    fn(prompts, responses_a, responses_b) (one call, on the decoded texts) -> a probability, or a 0/1 outcome, per
-    pair. query_responses (B, m, L), prompts (B) -> (B, m, m), 0.5 on the diagonal."""
+    """P(y_i > y_j | x) of every ordered pair of a prompt's responses by one call of --preference_fn fn(prompts,
+    responses_a, responses_b) -> a probability (or 0/1) per pair. (B, m, L) -> (B, m, m), 0.5 on the diagonal."""
     B, m = query_responses.shape[:2]
     texts = tokenizer.batch_decode(query_responses[..., context_length:].flatten(0, 1), skip_special_tokens=True)
     b, i, j = torch.tensor([(b, i, j) for b in range(B) for i in range(m) for j in range(m) if i != j]).unbind(1)
@@ -1030,8 +970,7 @@ def compare_pairs(fn, tokenizer, query_responses: torch.Tensor, context_length: 
 
 
 def load_reward_tokenizer(path: str | None, model_path: str, tokenizer):
-    """The reward model's tokenizer: `path`, else the one saved with the reward model, else, when it has no tokenizer
-    files at all (summarize_from_feedback_details saves none), the policy's, `tokenizer` itself."""
+    """The reward model's tokenizer: `path`, else the one saved with it, else the policy's (`tokenizer`) itself."""
     from huggingface_hub import snapshot_download
 
     local = path or (model_path if os.path.isdir(model_path) else snapshot_download(model_path))
@@ -1039,14 +978,13 @@ def load_reward_tokenizer(path: str | None, model_path: str, tokenizer):
 
 
 def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
-    """An AutoModelForSequenceClassification with one label, or summarize_from_feedback_details' format (config.json
-    with `base_config`; weights `lm_backbone.*` and `scalar_head.*`, with or without a head bias)."""
+    """An AutoModelForSequenceClassification with one label, or summarize_from_feedback_details' ScalarModel."""
     from huggingface_hub import snapshot_download
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     check_model_path(path)
-    try:
+    with refused(f"reward model: cannot read the checkpoint {path}"):
         local = path if os.path.isdir(path) else snapshot_download(path)
         with open(os.path.join(local, "config.json")) as f:
             config = json.load(f)
@@ -1061,18 +999,15 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
                     f"{type(model).__name__} (e.g. {missing[0]}), which would score with random weights. "
                     "A reward model of its own class (a `v_head`, custom code) must be converted first: docs/chat.md"
                 )
-            head = getattr(model, "score", None) or getattr(model, "classifier", None)
-            require(
-                model.config.num_labels == 1,
-                f"reward model {path} has num_labels={model.config.num_labels}; a reward model needs num_labels=1 "
-                "(one score per response)",
-            )
+            head, n = getattr(model, "score", None) or getattr(model, "classifier", None), model.config.num_labels
+            require(n == 1, f"reward model {path} has num_labels={n}; a reward model needs num_labels=1 (one score)")
             require(
                 isinstance(head, nn.Linear),
                 f"reward model {path}: {type(model).__name__} has no linear output (`score`) to read one score from",
             )
             return ScalarRewardModel(model.base_model, head, getattr(model.config, "reward_bias", 0.0))
-        # https://github.com/vwxyzjn/summarize_from_feedback_details (ScalarModel)
+        # https://github.com/vwxyzjn/summarize_from_feedback_details (ScalarModel): config.json with `base_config`,
+        # weights `lm_backbone.*` and `scalar_head.*` (with or without a bias)
         state = {}
         for name in sorted(n for n in os.listdir(local) if n.endswith((".safetensors", ".bin"))):
             file = os.path.join(local, name)
@@ -1083,23 +1018,15 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
         head = nn.Linear(config["hidden_size"], 1, bias="bias" in head_state)
         head.load_state_dict(head_state)
         return ScalarRewardModel(backbone, head.to(dtype), config.get("bias", 0.0))
-    except BadInput:
-        raise
-    except Exception as e:
-        raise BadInput(f"reward model: cannot read the checkpoint {path} ({type(e).__name__}: {e})") from e
 
 
 # ---------------------------------------------------------------------------------------------- data
-
-
 def load_prompts(
     path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
 ):
-    """The dataset rows, the prompts as the dataset gives them (text, or a list of chat messages), the same left-padded
-    to query_length in tokens, the reference responses right-padded to response_length, ending as the policy ends its
-    own (response_ids; None without reference_column), and how many prompts were dropped for being too long.
-    Conversations, and text prompts with `chat`, are rendered with the tokenizer's chat template, ready for the
-    assistant's answer."""
+    """The dataset, its prompts (texts, or chat messages: conversations, and texts with `chat`, which the chat template
+    renders), the same left-padded to query_length in tokens, the references (None without reference_column) ending
+    as the policy's responses end and right-padded to response_length, and how many too-long prompts were dropped."""
     from datasets import load_dataset, load_from_disk
 
     formats = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
@@ -1124,7 +1051,7 @@ def load_prompts(
             header = next(csv.reader(f), [])
         twice = sorted({c for c in header if header.count(c) > 1})
         require(not twice, f"dataset file '{file}' has several columns named {twice}: rename them")
-    try:
+    with refused(f"cannot load split '{split}' of dataset '{path}'"):
         if file:
             dataset = load_dataset(kind, data_files=file, split="train")
         elif os.path.isfile(os.path.join(path, "dataset_dict.json")):  # save_to_disk: its splits by their exact names
@@ -1133,42 +1060,33 @@ def load_prompts(
             dataset = splits[split]
         else:
             dataset = load_dataset(path, split=split)
-    except BadInput:
-        raise
-    except Exception as e:
-        raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
     require(len(dataset) > 0, f"split '{split}' of dataset '{path}' has no rows")
+    roles = {"system", "user", "assistant"}
     for column in (query_column, reference_column or query_column):
-        if column not in dataset.column_names:
-            raise BadInput(
-                f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
-                "Set the flag that names it (--query_column, --reference_column, --chosen_column, --rejected_column, "
-                "--mu_column) to one of those."
-            )
+        require(
+            column in dataset.column_names,
+            f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. Set the flag that "
+            "names it (--query_column, --reference_column, --chosen_column, --rejected_column, --mu_column) to one",
+        )
         for row, value in enumerate(dataset[column]):  # a text, or a conversation of {role, content} messages
             text = value if isinstance(value, str) else None
             if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-                roles = {"system", "user", "assistant"}
                 whole = all(isinstance(m.get("content"), str) and m.get("role") in roles for m in value)
                 text = value[-1].get("content") if whole else None
+            where = f"dataset '{path}' ({split}), column '{column}', row {row}"
             require(
                 isinstance(text, str) and bool(text.strip()),
-                f"dataset '{path}' ({split}), column '{column}', row {row}: {str(value)[:60]!r} is not a non-empty "
-                "text or conversation (of {role, content} messages, roles system, user, assistant); fix or drop the "
-                "rows like it",
+                f"{where}: {str(value)[:60]!r} is not a non-empty text or conversation (of {{role, content}} messages, "
+                "roles system, user, assistant); fix or drop the rows like it",
             )
             role = value[-1].get("role") if column != query_column and isinstance(value, list) else "assistant"
-            require(
-                role == "assistant",
-                f"dataset '{path}' ({split}), column '{column}', row {row}: the conversation ends with a {role!r} "
-                "message, not the assistant's answer; a response column must end with the response",
-            )
+            require(role == "assistant", f"{where}: the conversation ends with a {role!r} message, not the answer")
     prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
     if isinstance(prompts[0], list):
         require(
             bool(tokenizer.chat_template),
-            f"the policy's tokenizer has no chat template for the conversations of '{path}' (--chat, or a column of "
-            "conversations): give a model saved with one, or prompts as text without --chat",
+            f"the policy's tokenizer has no chat template for the conversations of '{path}': give a model with one, "
+            "or prompts as text without --chat",
         )
         texts = [tokenizer.apply_chat_template(x, tokenize=False, add_generation_prompt=True) for x in prompts]
         ids = tokenizer(texts, add_special_tokens=False).input_ids  # the template holds the special tokens it wants
@@ -1200,10 +1118,9 @@ def load_prompts(
 
 
 def response_ids(answer: str, prompt, tokenizer, where: str) -> list[int]:
-    """A dataset response's token ids, ending as the policy ends a response it samples. After a text prompt: the text
-    and EOS. After a conversation (rendered with the chat template): the tokens the template renders for the answer
-    as the assistant's turn (the prompt and answer rendered, minus the prompt rendered with its generation prompt), up
-    to and including the first special token after it, the end of turn (Llama-3's <|eot_id|>; EOS if there is none)."""
+    """A dataset response's token ids, ending as the policy's own end: after a text prompt, the text and EOS; after a
+    conversation, what the chat template renders for the answer's turn, up to its end of turn (its first special token
+    after it: Llama-3's <|eot_id|>; EOS if there is none)."""
     eos = tokenizer.eos_token_id
     if isinstance(prompt, str):
         return tokenizer(answer.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids + [eos]
@@ -1221,8 +1138,7 @@ def response_ids(answer: str, prompt, tokenizer, where: str) -> list[int]:
 
 
 def check_json_lines(path: str) -> None:
-    """A .json file may be one document; otherwise each line must parse: name the first one that does not. A column
-    holds one kind of cell: datasets would turn a column of texts and conversations into JSON strings."""
+    """A .json file is one document or JSON lines; a column holds one kind (datasets would turn a mix into strings)."""
     with open(path) as f:
         text = f.read()
     try:
@@ -1230,10 +1146,8 @@ def check_json_lines(path: str) -> None:
     except ValueError:
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
-            try:
+            with refused(f"dataset file '{path}', line {number}: not valid JSON"):
                 rows += [json.loads(line)] if line.strip() else []
-            except ValueError as e:
-                raise BadInput(f"dataset file '{path}', line {number}: not valid JSON ({e}); fix that line") from e
     kinds = {}  # column -> {whether a text: the first row of that kind}
     for row, record in enumerate(rows if isinstance(rows, list) else []):
         for column, value in record.items() if isinstance(record, dict) else ():
@@ -1243,15 +1157,13 @@ def check_json_lines(path: str) -> None:
                 require(
                     len(seen) == 1,
                     f"dataset file '{path}', column '{column}', row {row}: {str(value)[:60]!r} is a "
-                    f"{'text' if text else 'conversation'} where row {seen.get(not text)} is not; a column holds one "
-                    "kind (texts, or conversations): convert the rows of one to the other",
+                    f"{'text' if text else 'conversation'} where row {seen.get(not text)} is not: make them one kind",
                 )
 
 
 def as_messages(prompt) -> list[dict]:
-    """A prompt as chat messages: a conversation without the answer that may end it; a text in the
-    "\n\nHuman: ... \n\nAssistant:" form of Anthropic HH and Nectar split into its turns; another text, one user
-    message."""
+    """A prompt as chat messages: a conversation without the answer that may end it; a text in Anthropic HH's and
+    Nectar's "\n\nHuman: ... \n\nAssistant:" form split into its turns; another text, one user message."""
     if isinstance(prompt, str):
         parts = re.split(r"\n\n(Human|Assistant):", prompt)
         if len(parts) < 3 or parts[0].strip():
@@ -1266,34 +1178,28 @@ def as_messages(prompt) -> list[dict]:
 
 
 def last_turn(value) -> str:
-    """A text as it is; a conversation's last message (a prompt's question, or the answer that ends a response)."""
+    """A text as it is; a conversation's last message."""
     return value if isinstance(value, str) else value[-1]["content"]
 
 
 def load_preferences(path, split, query_column, chosen_column, rejected_column, tokenizer, lengths, long_prompts, chat):
-    """Preference pairs (N, 2, query_length + response_length): the prompt left-padded, then the chosen (0) or the
-    rejected (1) response right-padded, ending as the policy ends its own (load_prompts reads each column as it reads
-    references); and how many pairs were dropped for a prompt longer than query_length. lengths: (query_length, response_length)."""
+    """(N, 2, query_length + response_length) pairs, the chosen (0) and rejected (1) response padded as load_prompts
+    pads references; and how many were dropped for a too-long prompt."""
     pairs = []
     for column in (chosen_column, rejected_column):
-        _, _, queries, responses, dropped = load_prompts(
-            path, split, query_column, column, tokenizer, *lengths, long_prompts, chat
-        )
-        pairs.append(torch.cat((queries, responses), 1))
+        *_, q, r, dropped = load_prompts(path, split, query_column, column, tokenizer, *lengths, long_prompts, chat)
+        pairs.append(torch.cat((q, r), 1))  # the prompt, then the response
     pairs = torch.stack(pairs, 1)
     same = (pairs[:, 0] == pairs[:, 1]).all(-1)  # (N,) a pair whose two responses are one: no preference
-    if same.all():
-        raise BadInput(f"every pair of '{path}' ({split}) has {chosen_column} == {rejected_column}: check the columns")
+    require(not same.all(), f"every pair of '{path}' ({split}) has {chosen_column} == {rejected_column}: check them")
     if same.any():
         print(f"warning: {int(same.sum())} of {len(same)} pairs of '{path}' ({split}) have two identical responses")
     return pairs, dropped
 
 
 def rank_share(n: int, rank: int, world_size: int) -> list[int]:
-    """This rank's indices of the first n examples, as many on every rank (the remainder is dropped): a sharded model's
-    forward is a collective, so every rank must run as many."""
-    if n < world_size:
-        raise BadInput(f"{n} evaluation examples cannot be shared by {world_size} processes: give at least as many")
+    """This rank's indices of the first n examples, as many on every rank (a sharded forward is a collective)."""
+    require(n >= world_size, f"{n} evaluation examples cannot be shared by {world_size} processes: give more")
     return list(range(n - n % world_size))[rank::world_size]
 
 
@@ -1313,8 +1219,6 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
 
 
 # ---------------------------------------------------------------------------------------------- sampling and log-probs
-
-
 def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
     """sampling_config at --temperature (training) and at --eval_temperature: --response_length tokens, a static KV
     cache unless --no-static_cache or --fsdp (a sharded model's sampler is not compiled), ending at a stop token with
@@ -1327,9 +1231,8 @@ def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
 def sampling_config(
     response_length: int, temperature: float, pad_id: int, static_cache: bool = False, stop_ids: list[int] | None = None
 ):
-    """Exactly response_length tokens per query, as the paper: EOS does not stop sampling (rollout truncates after it).
-    With stop_ids (chat), a response ends at its first stop token and sampling ends when every response has. The pad
-    token is never sampled. A static KV cache samples the same tokens; transformers compiles it on CUDA."""
+    """Exactly response_length tokens, as the paper (rollout truncates after EOS); with stop_ids (chat), up to the
+    first stop token. The pad is never sampled; a static KV cache samples the same tokens."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
@@ -1341,13 +1244,13 @@ def sampling_config(
 
 @torch.no_grad()
 def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
-    """Sample with `config` alone: transformers fills every field left unset from the model's own generation_config
-    (e.g. a repetition penalty, or EOS ids that min_new_tokens would then suppress), so that one is set aside."""
+    """Sample with `config` alone, not filled from the model's generation_config (a repetition penalty, EOS ids)."""
     from torch.distributed.fsdp import FSDPModule
     from transformers import GenerationConfig
 
     pad_id, length = config.pad_token_id, queries.size(1) + config.max_new_tokens
     attention_mask = queries != pad_id
+    input_ids = queries.masked_fill(~attention_mask, 0)
     if config.eos_token_id:  # a finished response is fed this token: a real one, where the pad may have no embedding
         config = copy.deepcopy(config)
         config.pad_token_id = config.eos_token_id[0]
@@ -1357,9 +1260,7 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
     for module in sharded:
         module.set_reshard_after_forward(False, recurse=False)
     try:
-        output = model.generate(
-            input_ids=queries.masked_fill(~attention_mask, 0), attention_mask=attention_mask, generation_config=config
-        )
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
     finally:
         hf_model.generation_config = own_config
         for module in sharded:
@@ -1369,10 +1270,9 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
     return nn.functional.pad(output, (0, length - output.size(1)), value=pad_id)  # stopped early: the same length
 
 
-def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
-    """Index of the first True in each row; the row length where there is none."""
-    row_len = bools.size(-1)
-    return torch.where(bools, torch.arange(row_len, device=bools.device), row_len).min(dim=-1).values
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # the row length where there is none
+    n = bools.size(-1)
+    return torch.where(bools, torch.arange(n, device=bools.device), n).min(dim=-1).values
 
 
 def truncate_response(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -> torch.Tensor:
@@ -1389,25 +1289,21 @@ def response_mask(responses: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 
 def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
-    """Drop the padding columns that every left-padded prompt of the batch has, keeping a multiple of `multiple`
-    columns (0: keep them all), so that no model computes over the padding of a longer prompt in another batch."""
+    """Drop the left padding that every prompt has, keeping a multiple of `multiple` columns (0: keep all)."""
     longest = int((queries != pad_id).sum(1).max())
     keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
     return queries[:, queries.size(1) - keep :]
 
 
 def trim_responses(query_responses: torch.Tensor, masks: torch.Tensor, context_length: int):
-    """Drop the response columns that are padding in every response of the batch (all stopped before them): no model
-    pass needs them. query_responses (..., L) and masks (..., T), trimmed alike."""
+    """Drop the response columns that are padding in every response: query_responses (..., L), masks (..., T)."""
     width = int(masks.sum(-1).max())
     return query_responses[..., : context_length + width], masks[..., :width]
 
 
 def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Sequences (..., L) laid out as a prompt left-padded to context_length, then a right-padded response: drop the
-    padding columns that every sequence has, on both sides, keeping a multiple of `multiple` prompt columns and of
-    response columns (0: keep them all). Returns the sequences and their context length. forward() masks the padding
-    and counts positions from the first real token, so no score or log-prob changes: only the compute over padding."""
+    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
+    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
     if not multiple:
         return query_responses, context_length
     flat = query_responses.flatten(0, -2)
@@ -1419,32 +1315,30 @@ def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int
 
 
 def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
-    """Forward with pads masked and positions counted from the first real token, as generate() does with left
-    padding. The pad id never reaches the model, so it needs no embedding row (see load_tokenizer). logits_to_keep
-    (a causal LM only): the positions the LM head reads, not all (passed through peft, DDP and FSDP)."""
+    """Forward with the pad id masked and positions counted from the first real token, as generate() counts them."""
     attention_mask = query_responses != pad_id
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     input_ids = query_responses.masked_fill(~attention_mask, 0)
-    keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}  # a backbone takes no such flag
+    keep = (
+        {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
+    )  # the LM head's positions (no backbone's)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
 
 
 def response_logprobs(model, query_responses, context_length: int, temperature: float, pad_id: int):
-    """Per-token log pi(y_t | x, y_<t) of the response tokens under the distribution generate() samples from:
-    logits divided by the temperature and the pad token excluded. Pad positions get 0."""
+    """Per-token log pi(y_t | x, y_<t) of the responses as generate() samples them (temperature, no pad); pads get 0."""
     from torch.utils.checkpoint import checkpoint
 
     responses = query_responses[:, context_length:]
-    # The LM head over the response positions only (the logits at t - 1 give token t): the prompt's would go unused,
-    # and at a 128k vocabulary they are most of a pass's memory.
+    # The LM head over the response positions only (the logits at t - 1 give token t): at a 128k vocabulary, the
+    # prompt's would be most of a pass's memory.
     positions = torch.arange(context_length - 1, query_responses.size(1) - 1, device=query_responses.device)
     logits = forward(model, query_responses, pad_id, positions).logits
     if logits.size(1) != responses.size(1):  # a model that ignores logits_to_keep
         logits = logits[:, context_length - 1 : -1]  # (B, T, V)
     is_pad = responses == pad_id  # (B, T)
     tokens = responses.masked_fill(is_pad, 0)
-    # A few positions at a time (about 64 MB of fp32 logits each), so no second (B, T, V) tensor is made; under grad,
-    # each chunk is recomputed in the backward pass rather than kept.
+    # A few positions at a time (64 MB of fp32 logits each), recomputed in the backward pass: no second (B, T, V).
     step = max(1, 2**24 // (logits.size(0) * logits.size(-1)))
     chunks = zip(logits.split(step, 1), tokens.split(step, 1))
     parts = [checkpoint(token_logprobs, z, y, temperature, pad_id, use_reentrant=False) for z, y in chunks]
@@ -1452,8 +1346,7 @@ def response_logprobs(model, query_responses, context_length: int, temperature: 
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, pad_id: int) -> torch.Tensor:
-    """log softmax(logits / temperature)[tokens] in fp32, the pad token excluded: z_y - logsumexp(z). (B, t, V) and
-    (B, t) -> (B, t)."""
+    """log softmax(logits / temperature)[tokens] in fp32, the pad excluded: (B, t, V) and (B, t) -> (B, t)."""
     z = logits.float() / temperature
     if pad_id < z.size(-1):
         z[..., pad_id] = float("-inf")  # generate() suppresses it
@@ -1461,14 +1354,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 def sequence_logprobs(model, query_responses, masks, context_length: int, temperature: float, pad_id: int):
-    """log pi(y|x), summed over each response's tokens. query_responses (B, n, L) and masks (B, n, T) -> (B, n)."""
+    """log pi(y|x): query_responses (B, n, L) and masks (B, n, T) -> (B, n)."""
     logprobs = response_logprobs(model, query_responses.flatten(0, 1), context_length, temperature, pad_id)
     return (logprobs * masks.flatten(0, 1)).sum(-1).unflatten(0, masks.shape[:2])
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs
-
-
 @torch.no_grad()
 def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast, preference=None):
     """The evaluation table at `update`, on this rank's share of the first --num_eval_prompts prompts of `data`
@@ -1644,11 +1535,8 @@ class RunLog:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-
-
 def find_checkpoint(path: str) -> str | None:
-    """--resume: a checkpoint directory, or a run directory's latest complete checkpoint; None where there is none (a
-    run killed before its first, or never started: open_run starts it there)."""
+    """--resume: a checkpoint directory, or a run directory's latest complete checkpoint (None: there is none)."""
     path = os.path.normpath(path)  # a trailing slash would hide the run directory from dirname
     if os.path.isfile(os.path.join(path, "trainer.json")):
         return path
@@ -1664,8 +1552,7 @@ def input_paths(flags: dict) -> dict:
 
 
 def input_files(flags: dict) -> dict:
-    """Every file a run reads (input_paths) with its size and modification time: enough to notice a change without
-    hashing gigabytes. The checkpoint records them; a resumed run must read the same."""
+    """Every file a run reads, with its size and modification time: a resumed run must read the same."""
     files = {}
     for flag, path in input_paths(flags).items():
         found = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
@@ -1675,20 +1562,17 @@ def input_files(flags: dict) -> dict:
 
 
 def metrics_log(path: str, last_update: int):
-    """metrics.jsonl opened for appending, without the rows a stopped run wrote after its last checkpoint: every
-    update appears once in a resumed run's log."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= last_update]
+    """metrics.jsonl opened for appending, without the rows written after the last checkpoint (a resumed run's)."""
+    with open(path, "a+") as f:
+        f.seek(0)
+        rows = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= last_update]
     with open(path + ".tmp", "w") as f:
         f.writelines(rows)
     os.replace(path + ".tmp", path)
     return open(path, "a")
 
 
-def rng_states() -> dict:
-    """This rank's random number generators (each rank samples with its own seed)."""
+def rng_states() -> dict:  # this rank's
     kind, keys, *rest = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -1698,8 +1582,7 @@ def rng_states() -> dict:
     }
 
 
-def set_rng_states(states: dict) -> None:
-    """Restore what rng_states returned."""
+def set_rng_states(states: dict) -> None:  # what rng_states returned
     kind, keys, *rest = states["numpy"]
     random.setstate(states["python"])
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
@@ -1709,8 +1592,7 @@ def set_rng_states(states: dict) -> None:
 
 
 def trainable_state(model, optimizer) -> dict:
-    """The weights that train (the adapter alone under LoRA) and the optimizer state, keyed by parameter name: the
-    layout of torch.distributed.checkpoint, through which a sharded model saves the same way."""
+    """The weights that train (the adapter alone under LoRA) and the optimizer state, by parameter name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
@@ -1802,9 +1684,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
 
 
 def stop_signals() -> list:
-    """Ctrl-C (SIGINT) and pre-emption (SIGTERM) ask the loop to finish its update, save a checkpoint and exit;
-    a second one stops at once. Either way the exit code is 128 + signal: once a stopped run is exiting, further
-    signals are ignored. Returns the list of signals received."""
+    """SIGINT or SIGTERM: finish the update, save a checkpoint, exit with 128 + signal; a second: stop at once."""
     received = []
 
     def handler(signum, frame):
@@ -1820,32 +1700,39 @@ def stop_signals() -> list:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
     atexit.register(exiting)
     return received
 
 
 def check_finite(tensors: dict, dump_path: str) -> None:
-    """Stop on NaN or inf before it reaches the optimizer, naming its source (the keys); the tensors go to dump_path."""
+    """Stop on NaN or inf before the optimizer sees it, naming its source (the key); the tensors go to dump_path."""
     for name, t in tensors.items():
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
+        if bad := int((~torch.isfinite(t)).sum()):
             torch.save({k: v.detach().cpu() for k, v in tensors.items()}, dump_path)
             raise BadInput(f"{name}: {bad} of {t.numel()} values are NaN or inf; the batch is saved in {dump_path}")
 
 
 # ---------------------------------------------------------------------------------------------- plumbing
-
-
 class BadInput(ValueError):
     """A problem with the flags, the data or a checkpoint: reported as one line that names the fix, no traceback."""
 
 
+@contextmanager
+def refused(message: str):
+    """Any error inside but a BadInput becomes one: `message (ErrorType: error)`."""
+    try:
+        yield
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"{message} ({type(e).__name__}: {e})") from e
+
+
 def print_bad_input(kind, error, tb) -> None:
-    """sys.excepthook: a BadInput prints its message alone, a failed read or write (OSError) one line; any other error
-    keeps its full traceback. Under torchrun the line goes into the ranks' store: a rank whose collective then fails
-    (its peer has exited) prints that line instead of its own traceback."""
+    """sys.excepthook: a BadInput prints its message alone, an OSError one line, any other error its traceback. Under
+    torchrun the line goes into the ranks' store: a rank whose collective fails as its peer exits prints it too."""
     from datetime import timedelta
 
     message = str(error) if issubclass(kind, BadInput) else None
@@ -1873,35 +1760,31 @@ def cause(error: BaseException) -> str:
 
 
 def exact_div(a: int, b: int, what: str) -> int:
-    """a / b for batch sizes, which must divide exactly (`what` names them in the error)."""
+    """a / b for batch sizes, which must divide exactly (`what` names them)."""
     if b <= 0 or a % b != 0:
         raise BadInput(f"{what}: {a} is not divisible by {b}. Change the batch flags so that it divides.")
     return a // b
 
 
 def no_sync(model, sync: bool):
-    """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation. FSDP
-    reduce-scatters on every micro-batch: skipping it would keep whole unsharded gradients, the memory it saves."""
+    """DDP's all-reduce on an accumulation's last micro-batch only (FSDP's would keep whole unsharded gradients)."""
     return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
 
 
 def barrier() -> None:
-    """Wait for every rank (nothing in one process)."""
     if dist.is_initialized():
         dist.barrier()
 
 
-def broadcast(value):
-    """Rank 0's value, on every rank."""
-    if not dist.is_initialized():
-        return value
+def broadcast(value):  # rank 0's value, on every rank
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def all_reduce(values: dict, op=None, device=None) -> dict:
-    """Mean (or another op) of scalar metrics over ranks, so that rank 0 logs the global value."""
+    """Mean (or another op) of scalar metrics over ranks."""
     if not dist.is_initialized():
         return values
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
@@ -1919,17 +1802,15 @@ class Timer:
 
     @contextmanager
     def __call__(self, name: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
+        sync(self.device)
         t0 = time.perf_counter()
         yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def require(ok: bool, message: str) -> None:
-    """Refuse bad input: a BadInput with `message` unless `ok`."""
     if not ok:
         raise BadInput(message)
 

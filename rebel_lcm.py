@@ -180,9 +180,8 @@ class BadInput(ValueError):
 
 
 def print_bad_input(kind, error, tb) -> None:
-    """sys.excepthook: a BadInput prints its message alone, a failed read or write (OSError) one line; any other error
-    keeps its full traceback. Under torchrun the line goes into the ranks' store: a rank whose collective then fails
-    (its peer has exited) prints that line instead of its own traceback."""
+    """sys.excepthook: a BadInput prints its message alone, an OSError one line, any other error its traceback. Under
+    torchrun the line goes into the ranks' store: a rank whose collective fails as its peer exits prints it too."""
     from datetime import timedelta
 
     message = str(error) if issubclass(kind, BadInput) else None
@@ -519,17 +518,14 @@ def all_gather_cat(x: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def barrier() -> None:
-    """Wait for every rank (nothing in one process)."""
     if dist.is_initialized():
         dist.barrier()
 
 
-def broadcast(value):
-    """Rank 0's value, on every rank."""
-    if not dist.is_initialized():
-        return value
+def broadcast(value):  # rank 0's value, on every rank
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -559,7 +555,6 @@ def encode_prompts(tokenizer, text_encoder, prompts, device) -> torch.Tensor:
 
 
 def require(ok: bool, message: str) -> None:
-    """Refuse bad input: a BadInput with `message` unless `ok`."""
     if not ok:
         raise BadInput(message)
 
@@ -585,8 +580,7 @@ def open_run(flags: dict):
 
 
 def read_run_json(path: str) -> dict | None:
-    """The run.json of a run or output directory; None where there is none. A folder that is neither empty nor a run's
-    gives {} (no run's)."""
+    """The run.json of a run or output directory; None for a new or empty folder, {} for another's."""
     marker = os.path.join(path, "run.json")
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -595,8 +589,7 @@ def read_run_json(path: str) -> dict | None:
 
 
 def lock_run_dir(run_dir: str) -> None:
-    """<run_dir>/.lock holds the PID of the process that writes the run (rank 0): a second one is refused while the
-    first lives. A killed process's lock is taken over; the lock goes when the process exits."""
+    """<run_dir>/.lock: the PID of rank 0 while it writes the run; a second run is refused while it lives."""
     lock = os.path.join(run_dir, ".lock")
     try:
         with open(lock) as f:
@@ -604,8 +597,7 @@ def lock_run_dir(run_dir: str) -> None:
         os.kill(pid, 0)  # raises if no such process
     except (OSError, ValueError):
         pid = None
-    if pid not in (None, os.getpid()):
-        raise BadInput(f"--run_dir {run_dir} is in use by process {pid}; stop it, or wait for it to finish")
+    require(pid in (None, os.getpid()), f"--run_dir {run_dir} is in use by process {pid}; stop it, or wait for it")
     if os.path.isdir(run_dir):
         with open(lock, "w") as f:
             f.write(str(os.getpid()))
@@ -613,10 +605,8 @@ def lock_run_dir(run_dir: str) -> None:
 
 
 def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> None:
-    """A run owns its run directory and its output directory, and writes inside nothing it reads (`reads`: flag ->
-    path). Both hold the run's run.json (its script and id): a new run needs them new or empty, --resume a run
-    directory of this script (or a new or empty one), and the output directory new, empty or this run's. Both are
-    created and written to now, so that a bad one fails at start; what a run that fails to start made is removed."""
+    """A run owns its run and output directories (their run.json: script and id) and writes inside nothing it reads
+    (`reads`: flag -> path). Both are made now, so a bad one fails at start; a failed start's are removed at exit."""
     for flag, path in (("--resume" if resume else "--run_dir", run_dir), ("--output_dir", output_dir)):
         require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
         for name, read in reads.items():  # real paths: a link or a '..' names the same folder
@@ -625,20 +615,15 @@ def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> N
             require(not inside, f"{flag} {path} is inside {name} {read}, which this run reads: choose another folder")
     owner, script = read_run_json(run_dir), os.path.basename(__file__)
     if os.path.isdir(run_dir) and os.listdir(run_dir):  # a run's folder: its run.json, or its checkpoints
-        require(
-            resume, f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
-        )
-        require(
-            owner or os.path.isdir(os.path.join(run_dir, "checkpoints")),
-            f"--resume {run_dir}: neither a checkpoint nor a run.json there, so it is no run's folder: give the run's",
-        )
+        require(resume, f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue it, or choose another")
+        checkpoints = os.path.isdir(os.path.join(run_dir, "checkpoints"))
+        require(owner or checkpoints, f"--resume {run_dir}: neither a checkpoint nor a run.json there: give a run's")
     theirs = owner.get("script", script) if owner else script
     require(theirs == script, f"--resume {run_dir}: that is a run of {theirs}; resume it with it")
     owner = owner or {"script": script, "id": os.urandom(8).hex()}
     require(
         not output_dir or read_run_json(output_dir) in (None, owner),
-        f"--output_dir {output_dir} is not empty and not this run's: a run saves into a new or empty folder (by "
-        "default <run_dir>/model); choose another",
+        f"--output_dir {output_dir} is not empty and not this run's: choose a new or empty folder",
     )
     for flag, path in (("--run_dir", run_dir), ("--output_dir", output_dir)):
         if not path:
@@ -660,8 +645,7 @@ def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> N
 
 
 def find_checkpoint(path: str) -> str | None:
-    """--resume: a checkpoint directory, or a run directory's latest complete checkpoint; None where there is none (a
-    run killed before its first, or never started: open_run starts it there)."""
+    """--resume: a checkpoint directory, or a run directory's latest complete checkpoint (None: there is none)."""
     path = os.path.normpath(path)  # a trailing slash would hide the run directory from dirname
     if os.path.isfile(os.path.join(path, "trainer.json")):
         return path
@@ -677,8 +661,7 @@ def input_paths(flags: dict) -> dict:
 
 
 def input_files(flags: dict) -> dict:
-    """Every file a run reads (input_paths) with its size and modification time: enough to notice a change without
-    hashing gigabytes. The checkpoint records them; a resumed run must read the same."""
+    """Every file a run reads, with its size and modification time: a resumed run must read the same."""
     files = {}
     for flag, path in input_paths(flags).items():
         found = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
@@ -688,20 +671,17 @@ def input_files(flags: dict) -> dict:
 
 
 def metrics_log(path: str, last_update: int):
-    """metrics.jsonl opened for appending, without the rows a stopped run wrote after its last checkpoint: every
-    update appears once in a resumed run's log."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= last_update]
+    """metrics.jsonl opened for appending, without the rows written after the last checkpoint (a resumed run's)."""
+    with open(path, "a+") as f:
+        f.seek(0)
+        rows = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= last_update]
     with open(path + ".tmp", "w") as f:
         f.writelines(rows)
     os.replace(path + ".tmp", path)
     return open(path, "a")
 
 
-def rng_states() -> dict:
-    """This rank's random number generators (each rank samples with its own seed)."""
+def rng_states() -> dict:  # this rank's
     kind, keys, *rest = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -711,8 +691,7 @@ def rng_states() -> dict:
     }
 
 
-def set_rng_states(states: dict) -> None:
-    """Restore what rng_states returned."""
+def set_rng_states(states: dict) -> None:  # what rng_states returned
     kind, keys, *rest = states["numpy"]
     random.setstate(states["python"])
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
@@ -722,8 +701,7 @@ def set_rng_states(states: dict) -> None:
 
 
 def trainable_state(model, optimizer) -> dict:
-    """The weights that train (the adapter alone under LoRA) and the optimizer state, keyed by parameter name: the
-    layout of torch.distributed.checkpoint, through which a sharded model saves the same way."""
+    """The weights that train (the adapter alone under LoRA) and the optimizer state, by parameter name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
@@ -815,9 +793,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
 
 
 def stop_signals() -> list:
-    """Ctrl-C (SIGINT) and pre-emption (SIGTERM) ask the loop to finish its update, save a checkpoint and exit;
-    a second one stops at once. Either way the exit code is 128 + signal: once a stopped run is exiting, further
-    signals are ignored. Returns the list of signals received."""
+    """SIGINT or SIGTERM: finish the update, save a checkpoint, exit with 128 + signal; a second: stop at once."""
     received = []
 
     def handler(signum, frame):
@@ -833,17 +809,16 @@ def stop_signals() -> list:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
     atexit.register(exiting)
     return received
 
 
 def check_finite(tensors: dict, dump_path: str) -> None:
-    """Stop on NaN or inf before it reaches the optimizer, naming its source (the keys); the tensors go to dump_path."""
+    """Stop on NaN or inf before the optimizer sees it, naming its source (the key); the tensors go to dump_path."""
     for name, t in tensors.items():
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
+        if bad := int((~torch.isfinite(t)).sum()):
             torch.save({k: v.detach().cpu() for k, v in tensors.items()}, dump_path)
             raise BadInput(f"{name}: {bad} of {t.numel()} values are NaN or inf; the batch is saved in {dump_path}")
 

@@ -325,8 +325,7 @@ def main(args: Args) -> None:
 
 
 def init_processes(cuda: bool, seed: int):
-    """The same file runs under `python` (one process) and `torchrun` (nccl on CUDA, gloo on CPU). Returns the rank,
-    the world size and the device; rank r seeds every generator with seed + r (its own sampling noise)."""
+    """Rank, world size and device under `python` or `torchrun`; rank r seeds with seed + r (its own sampling noise)."""
     use_cuda = cuda and torch.cuda.is_available()
     if "RANK" in os.environ:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -334,9 +333,8 @@ def init_processes(cuda: bool, seed: int):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
+    for seed_everything in (random.seed, np.random.seed, torch.manual_seed):
+        seed_everything(seed + rank)
     return rank, world_size, device
 
 
@@ -345,15 +343,13 @@ def check_flags(flags: dict) -> None:
     positive = """lr eps batch_size per_device_train_batch_size local_rollout_forward_batch_size query_length
     response_length noptepochs num_mini_batches num_train_epochs temperature eval_temperature lora_rank lora_alpha
     keep_checkpoints total_episodes num_eval_prompts num_norm_examples max_grad_norm num_trainable_layers"""
-    for key in positive.split():  # None: the default (all, or off)
-        value = flags.get(key)
-        if value is not None:
-            require(value > 0, f"--{key} must be {'>= 1' if isinstance(value, int) else '> 0'}; got {value}")
+    for key in positive.split():
+        v = flags.get(key)  # None: the default (all, or off)
+        require(v is None or v > 0, f"--{key} must be {'>= 1' if isinstance(v, int) else '> 0'}; got {v}")
     for key in "save_freq eval_freq pad_multiple num_sample_rows kl_coef lora_dropout".split():
         require(flags.get(key, 0) >= 0, f"--{key} must be >= 0; got {flags.get(key)}")
-    require(
-        flags.get("lora_dropout", 0) < 1, f"--lora_dropout must be < 1 (a probability); got {flags.get('lora_dropout')}"
-    )
+    dropout = flags.get("lora_dropout", 0)
+    require(dropout < 1, f"--lora_dropout must be < 1 (a probability); got {dropout}")
     for key in "sft_model_path base_model reward_model_path reward_tokenizer query_dataset preference_dataset".split():
         path = flags.get(key)  # a local path (a hub name is org/name) that is not there: said with its flag at start
         require(
@@ -390,8 +386,7 @@ def open_run(flags: dict):
 
 
 def read_run_json(path: str) -> dict | None:
-    """The run.json of a run or output directory; None where there is none. A folder that is neither empty nor a run's
-    gives {} (no run's)."""
+    """The run.json of a run or output directory; None for a new or empty folder, {} for another's."""
     marker = os.path.join(path, "run.json")
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -400,8 +395,7 @@ def read_run_json(path: str) -> dict | None:
 
 
 def lock_run_dir(run_dir: str) -> None:
-    """<run_dir>/.lock holds the PID of the process that writes the run (rank 0): a second one is refused while the
-    first lives. A killed process's lock is taken over; the lock goes when the process exits."""
+    """<run_dir>/.lock: the PID of rank 0 while it writes the run; a second run is refused while it lives."""
     lock = os.path.join(run_dir, ".lock")
     try:
         with open(lock) as f:
@@ -409,8 +403,7 @@ def lock_run_dir(run_dir: str) -> None:
         os.kill(pid, 0)  # raises if no such process
     except (OSError, ValueError):
         pid = None
-    if pid not in (None, os.getpid()):
-        raise BadInput(f"--run_dir {run_dir} is in use by process {pid}; stop it, or wait for it to finish")
+    require(pid in (None, os.getpid()), f"--run_dir {run_dir} is in use by process {pid}; stop it, or wait for it")
     if os.path.isdir(run_dir):
         with open(lock, "w") as f:
             f.write(str(os.getpid()))
@@ -418,10 +411,8 @@ def lock_run_dir(run_dir: str) -> None:
 
 
 def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> None:
-    """A run owns its run directory and its output directory, and writes inside nothing it reads (`reads`: flag ->
-    path). Both hold the run's run.json (its script and id): a new run needs them new or empty, --resume a run
-    directory of this script (or a new or empty one), and the output directory new, empty or this run's. Both are
-    created and written to now, so that a bad one fails at start; what a run that fails to start made is removed."""
+    """A run owns its run and output directories (their run.json: script and id) and writes inside nothing it reads
+    (`reads`: flag -> path). Both are made now, so a bad one fails at start; a failed start's are removed at exit."""
     for flag, path in (("--resume" if resume else "--run_dir", run_dir), ("--output_dir", output_dir)):
         require(not path or not os.path.isfile(path), f"{flag} {path} is a file, not a directory; choose another")
         for name, read in reads.items():  # real paths: a link or a '..' names the same folder
@@ -430,20 +421,15 @@ def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> N
             require(not inside, f"{flag} {path} is inside {name} {read}, which this run reads: choose another folder")
     owner, script = read_run_json(run_dir), os.path.basename(__file__)
     if os.path.isdir(run_dir) and os.listdir(run_dir):  # a run's folder: its run.json, or its checkpoints
-        require(
-            resume, f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue that run, or choose another"
-        )
-        require(
-            owner or os.path.isdir(os.path.join(run_dir, "checkpoints")),
-            f"--resume {run_dir}: neither a checkpoint nor a run.json there, so it is no run's folder: give the run's",
-        )
+        require(resume, f"--run_dir {run_dir} is not empty: pass --resume {run_dir} to continue it, or choose another")
+        checkpoints = os.path.isdir(os.path.join(run_dir, "checkpoints"))
+        require(owner or checkpoints, f"--resume {run_dir}: neither a checkpoint nor a run.json there: give a run's")
     theirs = owner.get("script", script) if owner else script
     require(theirs == script, f"--resume {run_dir}: that is a run of {theirs}; resume it with it")
     owner = owner or {"script": script, "id": os.urandom(8).hex()}
     require(
         not output_dir or read_run_json(output_dir) in (None, owner),
-        f"--output_dir {output_dir} is not empty and not this run's: a run saves into a new or empty folder (by "
-        "default <run_dir>/model); choose another",
+        f"--output_dir {output_dir} is not empty and not this run's: choose a new or empty folder",
     )
     for flag, path in (("--run_dir", run_dir), ("--output_dir", output_dir)):
         if not path:
@@ -468,25 +454,21 @@ def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> N
 
 
 def distribute(model, fsdp: bool, bf16: bool, device):
-    """The model as the gradient steps see it: sharded in place by FSDP2, or wrapped in DDP under torchrun (one
-    process: itself). Sampling and saving use the model itself, which the scripts keep as raw_policy."""
+    """The model as the gradient steps see it: FSDP2-sharded in place, DDP-wrapped under torchrun, or itself."""
     if fsdp:
         return shard(model, bf16)
-    if dist.is_initialized():
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
 
 
 def load_policy(path: str, dtype: torch.dtype):
-    """A causal LM from a hub name or save_pretrained directory. A LoRA adapter (what every script here saves) is
-    merged into its base, itself loaded this way, so the policy starts at, and the KL reference is, the SFT model.
-    The merged model keeps the adapter's path as its name: an adapter trained on it records that path as its base."""
+    """A causal LM from a hub name or save_pretrained directory; a LoRA adapter (what every script saves) merged into
+    its base and named by its path, which an adapter trained on it records as its base."""
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
     from transformers.utils import find_adapter_config_file
 
     check_model_path(path)
-    try:
+    with refused(f"cannot load a model from '{path}'"):
         if not find_adapter_config_file(path):
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
             missing = sorted(info["missing_keys"])  # initialised at random: a reward model's folder has no LM head
@@ -505,25 +487,17 @@ def load_policy(path: str, dtype: torch.dtype):
         model = PeftModel.from_pretrained(base, path).merge_and_unload()
         model.name_or_path = path
         return model
-    except BadInput:
-        raise
-    except Exception as e:
-        raise BadInput(f"cannot load a model from '{path}' ({type(e).__name__}: {e})") from e
 
 
 def load_tokenizer(path: str):
-    """The policy's tokenizer, with a pad token distinct from EOS and BOS. Every script pads itself and never feeds or
-    gathers the pad id (forward, response_logprobs), so a pad token added here needs no embedding row: tokenizers
-    with pad == EOS (Llama-3, Mistral) or none (Pythia) work as they are."""
+    """The policy's tokenizer, its pad distinct from EOS and BOS (never fed to a model: it needs no embedding row)."""
     from transformers import AutoTokenizer
 
     check_model_path(path)
     if os.path.isdir(path) and not has_tokenizer(path):
         raise BadInput(f"'{path}' holds no tokenizer (no tokenizer.json or tokenizer_config.json): save one there")
-    try:
+    with refused(f"cannot load a tokenizer from '{path}'"):
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise BadInput(f"cannot load a tokenizer from '{path}' ({type(e).__name__}: {e})") from e
     if tokenizer.eos_token_id is None:
         raise BadInput(f"the tokenizer of {path} has no EOS token; responses end at EOS, so set one")
     if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
@@ -532,7 +506,7 @@ def load_tokenizer(path: str):
 
 
 def position_limit(config) -> int | None:
-    """The most tokens a model has positions for, from whichever field its config names it by (None: no limit)."""
+    """The most tokens a model has positions for, by whichever name its config gives it (None: no limit)."""
     fields = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
     return next((v for v in (getattr(config, f, None) for f in fields) if isinstance(v, int)), None)
 
@@ -543,14 +517,12 @@ def check_vocabulary(tokenizer, model, path: str) -> None:
     rows = model.get_input_embeddings().num_embeddings
     require(
         top < rows,
-        f"the tokenizer gives ids up to {top}, past the {rows} embedding rows of the model {path}: use the tokenizer "
-        "that model was trained with",
+        f"the tokenizer gives ids up to {top}, past the {rows} embedding rows of the model {path}: use its tokenizer",
     )
 
 
 def check_positions(config, lengths: tuple, path: str) -> None:
-    """A prompt and its response fit in the model's positions: past them a learned position table has no row (an
-    IndexError at the first evaluation) and rotary ones were never trained. No limit in the config: no check."""
+    """A prompt and its response fit in the model's positions (past them a position table has no row)."""
     limit = position_limit(config)
     require(
         limit is None or sum(lengths) <= limit,
@@ -560,20 +532,17 @@ def check_positions(config, lengths: tuple, path: str) -> None:
 
 
 def check_model_path(path: str) -> None:
-    """A local path must be a directory that save_pretrained wrote: said here, where the loaders would go on to try it
-    as a hub name and fail with a message about something else."""
+    """A local path must be a save_pretrained directory: the loaders would try it as a hub name and fail obscurely."""
     if os.path.isfile(path):
         raise BadInput(f"'{path}' is a file; give the directory that save_pretrained wrote, or a hub name")
     if os.path.isdir(path) and not {"config.json", "adapter_config.json"} & set(os.listdir(path)):
         raise BadInput(f"'{path}' holds no model: no config.json (or adapter_config.json for a LoRA adapter)")
-    if not os.path.exists(path) and path.startswith(("/", ".", "~")):
-        raise BadInput(f"'{path}': no such directory")
+    require(os.path.exists(path) or not path.startswith(("/", ".", "~")), f"'{path}': no such directory")
 
 
 def shard(model, bf16: bool):
-    """FSDP2 (torch's fully_shard): every transformer layer, then the whole network, sharded over the ranks; compute in
-    bf16 (with --precision bf16) from fp32 master weights, gradients reduced in fp32. The root is the transformers
-    model itself, inside a peft wrapper, because generate() calls its forward and not the wrapper's."""
+    """FSDP2: every transformer layer, then the whole, sharded over the ranks; compute in bf16 (with `bf16`), gradients
+    reduced in fp32. The root is the transformers model inside any peft wrapper: generate() calls its forward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -589,7 +558,7 @@ def shard(model, bf16: bool):
 
 
 def full_state_dict(model) -> dict:
-    """Every rank takes part; rank 0 gets the whole (unsharded) state dict on the CPU, for save_pretrained."""
+    """Every rank takes part; rank 0 gets the whole state dict on the CPU, for save_pretrained."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -599,8 +568,7 @@ def full_state_dict(model) -> dict:
 
 
 class ScalarRewardModel(nn.Module):
-    """A transformer backbone and a linear head read at the last non-pad token, minus a normalising bias (reward.py
-    sets it so that reference responses score 0 on average)."""
+    """A backbone and a linear head read at the last non-pad token, minus a bias (reward.py's: references score 0)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Linear, bias: float = 0.0):
         super().__init__()
@@ -615,8 +583,7 @@ class ScalarRewardModel(nn.Module):
         )
         hidden = forward(self.backbone, query_responses, pad_id).last_hidden_state  # (B, L, H)
         # The last non-pad token: queries are left-padded and responses right-padded, so it is the rightmost one.
-        positions = torch.arange(query_responses.size(1), device=hidden.device)
-        last = ((query_responses != pad_id) * positions).argmax(1)
+        last = ((query_responses != pad_id) * torch.arange(width, device=hidden.device)).argmax(1)
         hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.bias  # (B,)
 
@@ -627,11 +594,9 @@ class ScalarRewardModel(nn.Module):
 def load_prompts(
     path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
 ):
-    """The dataset rows, the prompts as the dataset gives them (text, or a list of chat messages), the same left-padded
-    to query_length in tokens, the reference responses right-padded to response_length, ending as the policy ends its
-    own (response_ids; None without reference_column), and how many prompts were dropped for being too long.
-    Conversations, and text prompts with `chat`, are rendered with the tokenizer's chat template, ready for the
-    assistant's answer."""
+    """The dataset, its prompts (texts, or chat messages: conversations, and texts with `chat`, which the chat template
+    renders), the same left-padded to query_length in tokens, the references (None without reference_column) ending
+    as the policy's responses end and right-padded to response_length, and how many too-long prompts were dropped."""
     from datasets import load_dataset, load_from_disk
 
     formats = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
@@ -656,7 +621,7 @@ def load_prompts(
             header = next(csv.reader(f), [])
         twice = sorted({c for c in header if header.count(c) > 1})
         require(not twice, f"dataset file '{file}' has several columns named {twice}: rename them")
-    try:
+    with refused(f"cannot load split '{split}' of dataset '{path}'"):
         if file:
             dataset = load_dataset(kind, data_files=file, split="train")
         elif os.path.isfile(os.path.join(path, "dataset_dict.json")):  # save_to_disk: its splits by their exact names
@@ -665,42 +630,33 @@ def load_prompts(
             dataset = splits[split]
         else:
             dataset = load_dataset(path, split=split)
-    except BadInput:
-        raise
-    except Exception as e:
-        raise BadInput(f"cannot load split '{split}' of dataset '{path}' ({type(e).__name__}: {e})") from e
     require(len(dataset) > 0, f"split '{split}' of dataset '{path}' has no rows")
+    roles = {"system", "user", "assistant"}
     for column in (query_column, reference_column or query_column):
-        if column not in dataset.column_names:
-            raise BadInput(
-                f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. "
-                "Set the flag that names it (--query_column, --reference_column, --chosen_column, --rejected_column, "
-                "--mu_column) to one of those."
-            )
+        require(
+            column in dataset.column_names,
+            f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. Set the flag that "
+            "names it (--query_column, --reference_column, --chosen_column, --rejected_column, --mu_column) to one",
+        )
         for row, value in enumerate(dataset[column]):  # a text, or a conversation of {role, content} messages
             text = value if isinstance(value, str) else None
             if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-                roles = {"system", "user", "assistant"}
                 whole = all(isinstance(m.get("content"), str) and m.get("role") in roles for m in value)
                 text = value[-1].get("content") if whole else None
+            where = f"dataset '{path}' ({split}), column '{column}', row {row}"
             require(
                 isinstance(text, str) and bool(text.strip()),
-                f"dataset '{path}' ({split}), column '{column}', row {row}: {str(value)[:60]!r} is not a non-empty "
-                "text or conversation (of {role, content} messages, roles system, user, assistant); fix or drop the "
-                "rows like it",
+                f"{where}: {str(value)[:60]!r} is not a non-empty text or conversation (of {{role, content}} messages, "
+                "roles system, user, assistant); fix or drop the rows like it",
             )
             role = value[-1].get("role") if column != query_column and isinstance(value, list) else "assistant"
-            require(
-                role == "assistant",
-                f"dataset '{path}' ({split}), column '{column}', row {row}: the conversation ends with a {role!r} "
-                "message, not the assistant's answer; a response column must end with the response",
-            )
+            require(role == "assistant", f"{where}: the conversation ends with a {role!r} message, not the answer")
     prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
     if isinstance(prompts[0], list):
         require(
             bool(tokenizer.chat_template),
-            f"the policy's tokenizer has no chat template for the conversations of '{path}' (--chat, or a column of "
-            "conversations): give a model saved with one, or prompts as text without --chat",
+            f"the policy's tokenizer has no chat template for the conversations of '{path}': give a model with one, "
+            "or prompts as text without --chat",
         )
         texts = [tokenizer.apply_chat_template(x, tokenize=False, add_generation_prompt=True) for x in prompts]
         ids = tokenizer(texts, add_special_tokens=False).input_ids  # the template holds the special tokens it wants
@@ -732,10 +688,9 @@ def load_prompts(
 
 
 def response_ids(answer: str, prompt, tokenizer, where: str) -> list[int]:
-    """A dataset response's token ids, ending as the policy ends a response it samples. After a text prompt: the text
-    and EOS. After a conversation (rendered with the chat template): the tokens the template renders for the answer
-    as the assistant's turn (the prompt and answer rendered, minus the prompt rendered with its generation prompt), up
-    to and including the first special token after it, the end of turn (Llama-3's <|eot_id|>; EOS if there is none)."""
+    """A dataset response's token ids, ending as the policy's own end: after a text prompt, the text and EOS; after a
+    conversation, what the chat template renders for the answer's turn, up to its end of turn (its first special token
+    after it: Llama-3's <|eot_id|>; EOS if there is none)."""
     eos = tokenizer.eos_token_id
     if isinstance(prompt, str):
         return tokenizer(answer.removesuffix(tokenizer.eos_token), add_special_tokens=False).input_ids + [eos]
@@ -753,8 +708,7 @@ def response_ids(answer: str, prompt, tokenizer, where: str) -> list[int]:
 
 
 def check_json_lines(path: str) -> None:
-    """A .json file may be one document; otherwise each line must parse: name the first one that does not. A column
-    holds one kind of cell: datasets would turn a column of texts and conversations into JSON strings."""
+    """A .json file is one document or JSON lines; a column holds one kind (datasets would turn a mix into strings)."""
     with open(path) as f:
         text = f.read()
     try:
@@ -762,10 +716,8 @@ def check_json_lines(path: str) -> None:
     except ValueError:
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
-            try:
+            with refused(f"dataset file '{path}', line {number}: not valid JSON"):
                 rows += [json.loads(line)] if line.strip() else []
-            except ValueError as e:
-                raise BadInput(f"dataset file '{path}', line {number}: not valid JSON ({e}); fix that line") from e
     kinds = {}  # column -> {whether a text: the first row of that kind}
     for row, record in enumerate(rows if isinstance(rows, list) else []):
         for column, value in record.items() if isinstance(record, dict) else ():
@@ -775,15 +727,13 @@ def check_json_lines(path: str) -> None:
                 require(
                     len(seen) == 1,
                     f"dataset file '{path}', column '{column}', row {row}: {str(value)[:60]!r} is a "
-                    f"{'text' if text else 'conversation'} where row {seen.get(not text)} is not; a column holds one "
-                    "kind (texts, or conversations): convert the rows of one to the other",
+                    f"{'text' if text else 'conversation'} where row {seen.get(not text)} is not: make them one kind",
                 )
 
 
 def as_messages(prompt) -> list[dict]:
-    """A prompt as chat messages: a conversation without the answer that may end it; a text in the
-    "\n\nHuman: ... \n\nAssistant:" form of Anthropic HH and Nectar split into its turns; another text, one user
-    message."""
+    """A prompt as chat messages: a conversation without the answer that may end it; a text in Anthropic HH's and
+    Nectar's "\n\nHuman: ... \n\nAssistant:" form split into its turns; another text, one user message."""
     if isinstance(prompt, str):
         parts = re.split(r"\n\n(Human|Assistant):", prompt)
         if len(parts) < 3 or parts[0].strip():
@@ -798,34 +748,28 @@ def as_messages(prompt) -> list[dict]:
 
 
 def last_turn(value) -> str:
-    """A text as it is; a conversation's last message (a prompt's question, or the answer that ends a response)."""
+    """A text as it is; a conversation's last message."""
     return value if isinstance(value, str) else value[-1]["content"]
 
 
 def load_preferences(path, split, query_column, chosen_column, rejected_column, tokenizer, lengths, long_prompts, chat):
-    """Preference pairs (N, 2, query_length + response_length): the prompt left-padded, then the chosen (0) or the
-    rejected (1) response right-padded, ending as the policy ends its own (load_prompts reads each column as it reads
-    references); and how many pairs were dropped for a prompt longer than query_length. lengths: (query_length, response_length)."""
+    """(N, 2, query_length + response_length) pairs, the chosen (0) and rejected (1) response padded as load_prompts
+    pads references; and how many were dropped for a too-long prompt."""
     pairs = []
     for column in (chosen_column, rejected_column):
-        _, _, queries, responses, dropped = load_prompts(
-            path, split, query_column, column, tokenizer, *lengths, long_prompts, chat
-        )
-        pairs.append(torch.cat((queries, responses), 1))
+        *_, q, r, dropped = load_prompts(path, split, query_column, column, tokenizer, *lengths, long_prompts, chat)
+        pairs.append(torch.cat((q, r), 1))  # the prompt, then the response
     pairs = torch.stack(pairs, 1)
     same = (pairs[:, 0] == pairs[:, 1]).all(-1)  # (N,) a pair whose two responses are one: no preference
-    if same.all():
-        raise BadInput(f"every pair of '{path}' ({split}) has {chosen_column} == {rejected_column}: check the columns")
+    require(not same.all(), f"every pair of '{path}' ({split}) has {chosen_column} == {rejected_column}: check them")
     if same.any():
         print(f"warning: {int(same.sum())} of {len(same)} pairs of '{path}' ({split}) have two identical responses")
     return pairs, dropped
 
 
 def rank_share(n: int, rank: int, world_size: int) -> list[int]:
-    """This rank's indices of the first n examples, as many on every rank (the remainder is dropped): a sharded model's
-    forward is a collective, so every rank must run as many."""
-    if n < world_size:
-        raise BadInput(f"{n} evaluation examples cannot be shared by {world_size} processes: give at least as many")
+    """This rank's indices of the first n examples, as many on every rank (a sharded forward is a collective)."""
+    require(n >= world_size, f"{n} evaluation examples cannot be shared by {world_size} processes: give more")
     return list(range(n - n % world_size))[rank::world_size]
 
 
@@ -848,18 +792,15 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
 
 
 def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
-    """Drop the padding columns that every left-padded prompt of the batch has, keeping a multiple of `multiple`
-    columns (0: keep them all), so that no model computes over the padding of a longer prompt in another batch."""
+    """Drop the left padding that every prompt has, keeping a multiple of `multiple` columns (0: keep all)."""
     longest = int((queries != pad_id).sum(1).max())
     keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
     return queries[:, queries.size(1) - keep :]
 
 
 def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Sequences (..., L) laid out as a prompt left-padded to context_length, then a right-padded response: drop the
-    padding columns that every sequence has, on both sides, keeping a multiple of `multiple` prompt columns and of
-    response columns (0: keep them all). Returns the sequences and their context length. forward() masks the padding
-    and counts positions from the first real token, so no score or log-prob changes: only the compute over padding."""
+    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
+    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
     if not multiple:
         return query_responses, context_length
     flat = query_responses.flatten(0, -2)
@@ -871,13 +812,13 @@ def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int
 
 
 def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
-    """Forward with pads masked and positions counted from the first real token, as generate() does with left
-    padding. The pad id never reaches the model, so it needs no embedding row (see load_tokenizer). logits_to_keep
-    (a causal LM only): the positions the LM head reads, not all (passed through peft, DDP and FSDP)."""
+    """Forward with the pad id masked and positions counted from the first real token, as generate() counts them."""
     attention_mask = query_responses != pad_id
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     input_ids = query_responses.masked_fill(~attention_mask, 0)
-    keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}  # a backbone takes no such flag
+    keep = (
+        {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
+    )  # the LM head's positions (no backbone's)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
 
 
@@ -986,8 +927,7 @@ class RunLog:
 
 
 def find_checkpoint(path: str) -> str | None:
-    """--resume: a checkpoint directory, or a run directory's latest complete checkpoint; None where there is none (a
-    run killed before its first, or never started: open_run starts it there)."""
+    """--resume: a checkpoint directory, or a run directory's latest complete checkpoint (None: there is none)."""
     path = os.path.normpath(path)  # a trailing slash would hide the run directory from dirname
     if os.path.isfile(os.path.join(path, "trainer.json")):
         return path
@@ -1003,8 +943,7 @@ def input_paths(flags: dict) -> dict:
 
 
 def input_files(flags: dict) -> dict:
-    """Every file a run reads (input_paths) with its size and modification time: enough to notice a change without
-    hashing gigabytes. The checkpoint records them; a resumed run must read the same."""
+    """Every file a run reads, with its size and modification time: a resumed run must read the same."""
     files = {}
     for flag, path in input_paths(flags).items():
         found = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
@@ -1014,20 +953,17 @@ def input_files(flags: dict) -> dict:
 
 
 def metrics_log(path: str, last_update: int):
-    """metrics.jsonl opened for appending, without the rows a stopped run wrote after its last checkpoint: every
-    update appears once in a resumed run's log."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= last_update]
+    """metrics.jsonl opened for appending, without the rows written after the last checkpoint (a resumed run's)."""
+    with open(path, "a+") as f:
+        f.seek(0)
+        rows = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= last_update]
     with open(path + ".tmp", "w") as f:
         f.writelines(rows)
     os.replace(path + ".tmp", path)
     return open(path, "a")
 
 
-def rng_states() -> dict:
-    """This rank's random number generators (each rank samples with its own seed)."""
+def rng_states() -> dict:  # this rank's
     kind, keys, *rest = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -1037,8 +973,7 @@ def rng_states() -> dict:
     }
 
 
-def set_rng_states(states: dict) -> None:
-    """Restore what rng_states returned."""
+def set_rng_states(states: dict) -> None:  # what rng_states returned
     kind, keys, *rest = states["numpy"]
     random.setstate(states["python"])
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
@@ -1048,8 +983,7 @@ def set_rng_states(states: dict) -> None:
 
 
 def trainable_state(model, optimizer) -> dict:
-    """The weights that train (the adapter alone under LoRA) and the optimizer state, keyed by parameter name: the
-    layout of torch.distributed.checkpoint, through which a sharded model saves the same way."""
+    """The weights that train (the adapter alone under LoRA) and the optimizer state, by parameter name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
@@ -1141,9 +1075,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
 
 
 def stop_signals() -> list:
-    """Ctrl-C (SIGINT) and pre-emption (SIGTERM) ask the loop to finish its update, save a checkpoint and exit;
-    a second one stops at once. Either way the exit code is 128 + signal: once a stopped run is exiting, further
-    signals are ignored. Returns the list of signals received."""
+    """SIGINT or SIGTERM: finish the update, save a checkpoint, exit with 128 + signal; a second: stop at once."""
     received = []
 
     def handler(signum, frame):
@@ -1159,17 +1091,16 @@ def stop_signals() -> list:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
     atexit.register(exiting)
     return received
 
 
 def check_finite(tensors: dict, dump_path: str) -> None:
-    """Stop on NaN or inf before it reaches the optimizer, naming its source (the keys); the tensors go to dump_path."""
+    """Stop on NaN or inf before the optimizer sees it, naming its source (the key); the tensors go to dump_path."""
     for name, t in tensors.items():
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
+        if bad := int((~torch.isfinite(t)).sum()):
             torch.save({k: v.detach().cpu() for k, v in tensors.items()}, dump_path)
             raise BadInput(f"{name}: {bad} of {t.numel()} values are NaN or inf; the batch is saved in {dump_path}")
 
@@ -1181,10 +1112,20 @@ class BadInput(ValueError):
     """A problem with the flags, the data or a checkpoint: reported as one line that names the fix, no traceback."""
 
 
+@contextmanager
+def refused(message: str):
+    """Any error inside but a BadInput becomes one: `message (ErrorType: error)`."""
+    try:
+        yield
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"{message} ({type(e).__name__}: {e})") from e
+
+
 def print_bad_input(kind, error, tb) -> None:
-    """sys.excepthook: a BadInput prints its message alone, a failed read or write (OSError) one line; any other error
-    keeps its full traceback. Under torchrun the line goes into the ranks' store: a rank whose collective then fails
-    (its peer has exited) prints that line instead of its own traceback."""
+    """sys.excepthook: a BadInput prints its message alone, an OSError one line, any other error its traceback. Under
+    torchrun the line goes into the ranks' store: a rank whose collective fails as its peer exits prints it too."""
     from datetime import timedelta
 
     message = str(error) if issubclass(kind, BadInput) else None
@@ -1212,41 +1153,36 @@ def cause(error: BaseException) -> str:
 
 
 def has_tokenizer(folder: str) -> bool:
-    """Whether a folder holds a tokenizer's files."""
     files = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
     return bool(files & set(os.listdir(folder)))
 
 
 def exact_div(a: int, b: int, what: str) -> int:
-    """a / b for batch sizes, which must divide exactly (`what` names them in the error)."""
+    """a / b for batch sizes, which must divide exactly (`what` names them)."""
     if b <= 0 or a % b != 0:
         raise BadInput(f"{what}: {a} is not divisible by {b}. Change the batch flags so that it divides.")
     return a // b
 
 
 def no_sync(model, sync: bool):
-    """DDP all-reduces gradients in backward; skip that on every micro-batch but the last of an accumulation. FSDP
-    reduce-scatters on every micro-batch: skipping it would keep whole unsharded gradients, the memory it saves."""
+    """DDP's all-reduce on an accumulation's last micro-batch only (FSDP's would keep whole unsharded gradients)."""
     return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
 
 
 def barrier() -> None:
-    """Wait for every rank (nothing in one process)."""
     if dist.is_initialized():
         dist.barrier()
 
 
-def broadcast(value):
-    """Rank 0's value, on every rank."""
-    if not dist.is_initialized():
-        return value
+def broadcast(value):  # rank 0's value, on every rank
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def all_reduce(values: dict, op=None, device=None) -> dict:
-    """Mean (or another op) of scalar metrics over ranks, so that rank 0 logs the global value."""
+    """Mean (or another op) of scalar metrics over ranks."""
     if not dist.is_initialized():
         return values
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
@@ -1264,17 +1200,15 @@ class Timer:
 
     @contextmanager
     def __call__(self, name: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
+        sync(self.device)
         t0 = time.perf_counter()
         yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def require(ok: bool, message: str) -> None:
-    """Refuse bad input: a BadInput with `message` unless `ok`."""
     if not ok:
         raise BadInput(message)
 
