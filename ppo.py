@@ -2,15 +2,15 @@
 
 The recipe the paper used (summarize_from_feedback_details/ppo.py): for every prompt x sample one response y from
 pi_old; the per-token reward is -kl_coef * (log pi_old(y_t) - log pi_ref(y_t)), plus the reward model's score at the
-last response token (EOS). A critic initialised from the reward model (or the policy) gives V(s_t); GAE (gamma 1, lambda 0.95) gives the
-advantages A_t, whitened over valid tokens; then 4 epochs of the clipped objective (Eq. 7 of the REBEL paper, per token)
-and a clipped value loss, minimised jointly:
+last response token (EOS). A critic initialised from the reward model (or the policy) gives V(s_t); GAE (gamma 1,
+lambda 0.95) gives the advantages A_t, whitened over valid tokens; then 4 epochs of the clipped objective (Eq. 7 of
+the PPO paper; Eq. 7 of the REBEL paper, per token) and a clipped value loss, minimised jointly:
 
     max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)) + vf_coef * value loss,  ratio_t = pi_theta / pi_old (y_t|s_t)
 
-The file reads top to bottom: the flags (Args), the algorithm, the loop (main), then an appendix of plumbing that is
-the same in every script of the project (loading, data, sampling, evaluation, logs, checkpoints): `diff rebel.py
-ppo.py` shows what PPO changes, and docs/rebel.md explains the choices and metrics the scripts share.
+The file reads top to bottom: the flags (Args), the algorithm (the two losses, the rewards and advantages, the
+rollout), the loop (main), the critic, then the plumbing every script shares (the appendix): `diff rebel.py ppo.py`
+shows what PPO changes, and docs/rebel.md explains the choices and metrics the scripts share.
 
     python ppo.py                                           # one process
     torchrun --nproc_per_node 8 ppo.py                      # the paper's 2.8B TL;DR run
@@ -33,7 +33,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 @dataclass
 class Args:
-    # PPO
+    # PPO (Schulman et al., 2017, Eq. 7 and 9) with GAE
     kl_coef: float = 0.05
     """coefficient of the KL penalty to the SFT policy inside the reward"""
     noptepochs: int = 4
@@ -77,17 +77,13 @@ class Args:
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
-    """end a response at its first stop token (EOS, or a chat model's end of turn such as Llama-3's <|eot_id|>), so
-    sampling ends when every response has (chat); the default samples --response_length tokens, as the paper's TL;DR"""
+    """end a response at its first stop token (EOS, a chat model's end of turn), as chat runs; TL;DR runs do not"""
     sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
-    """the SFT policy: initial policy and KL reference (hub name, save_pretrained directory, or a LoRA adapter, which
-    is merged into its base)"""
+    """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
     reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
-    """the reward model: AutoModelForSequenceClassification with one label, or the backbone+scalar-head format of
-    summarize_from_feedback_details"""
+    """a one-label sequence classifier, or a backbone + scalar head; the critic's start too (--critic_init)"""
     reward_tokenizer: str | None = None
-    """the reward model's tokenizer and chat template (default: the one saved with it, else the policy's); when it is
-    not the policy's, the reward model reads the decoded response in its own template and tokens"""
+    """the reward model's tokenizer and chat template (default: its own, else the policy's), reading decoded text"""
     reward_fn: str | None = None
     """path/to/file.py:function, used instead of the reward model: fn(prompts, responses) -> one score per response"""
 
@@ -95,13 +91,11 @@ class Args:
     query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
     """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts"""
     query_column: str = "query"
-    """the prompt column: a text, or a conversation (a list of {role, content}; an answer ending it is dropped),
-    rendered with the policy tokenizer's chat template"""
+    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
     reference_column: str | None = "reference_response"
     """the reference response column for the evaluation table (a text, or a conversation ending with it); None: none"""
     chat: bool = False
-    """render text prompts with the chat template too: one user message, or the turns of a "\n\nHuman: ...
-    \n\nAssistant:" text (Anthropic HH, Nectar)"""
+    """render text prompts with the chat template too (a "\n\nHuman: ... \n\nAssistant:" text as its turns)"""
     train_split: str = "train"
     """the split to train on"""
     eval_split: str = "validation"
@@ -109,8 +103,7 @@ class Args:
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper; the count is printed), 'truncate' keeps
-    their last --query_length tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
 
     # optimisation
     total_episodes: int | None = None
@@ -138,27 +131,22 @@ class Args:
     lora_dropout: float = 0.0
     """LoRA dropout"""
     lora_target_modules: list[str] | None = None
-    """modules to adapt (default: peft's for the architecture, query_key_value for Pythia, as the official code);
-    'all-linear' adapts every linear layer"""
+    """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
     num_trainable_layers: int | None = None
-    """with --no-lora, train only the last N transformer layers (and the final norm and an untied LM head), the rest
-    frozen in bf16, as the paper's chat runs (4); the reference swaps their starting weights in (no second copy)"""
+    """with --no-lora, train only the last N layers (and the final norm), the rest frozen, as the paper's chat runs"""
 
     # speed and memory
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': frozen weights in bf16, trainable weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA,
-    fp32 on CPU (bf16 runs on CPU too, slowly: that is how the tests check the bf16 path)"""
+    """'bf16': frozen weights in bf16, trainable ones in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
     pad_multiple: int = 64
-    """a batch of prompts is left-padded to its longest prompt rounded up to this multiple, not to --query_length (a
-    compiled sampler then sees few shapes); 0 pads every batch to --query_length, as the official code"""
+    """left-pad a batch of prompts to its longest rounded up to this multiple; 0: to --query_length (official code)"""
     static_cache: bool = True
-    """sample with a static KV cache, which transformers compiles on CUDA (about 3x faster generate, docs/memory.md);
-    --no-static_cache samples with the dynamic cache. Not used with --fsdp"""
+    """sample with a static KV cache, compiled on CUDA (about 3x faster, docs/memory.md); not with --fsdp"""
     fsdp: bool = False
-    """shard the policy and critic (and a full fine-tuning reference) over the ranks with FSDP2, for models whose
-    weights, gradients and AdamW state do not fit on one GPU (6.9B full fine-tuning); torchrun only. Default: DDP"""
+    """shard the policy and the critic (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not
+    fit (6.9B)"""
     gradient_checkpointing: bool = False
-    """recompute each layer's activations in the backward pass instead of keeping them: less memory, ~1/3 more time"""
+    """recompute activations in the backward pass: less memory, ~1/3 more time"""
     cuda: bool = True
     """use CUDA when it is available"""
 
@@ -176,8 +164,8 @@ class Args:
     run_dir: str | None = None
     """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
     output_dir: str | None = None
-    """where the final policy and tokenizer are saved with save_pretrained, the critic in <output_dir>/critic
-    (default: <run_dir>/model; '': nothing saved): a new or empty folder, or this run's own"""
+    """where the final policy is saved, new or empty or this run's (default: <run_dir>/model; '': not saved); the
+    critic goes in <output_dir>/critic"""
     save_merged: bool = False
     """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
     save_freq: int = 20
@@ -185,9 +173,7 @@ class Args:
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
     resume: str | None = None
-    """continue the run in this run directory from its latest checkpoint (or from one checkpoint directory), or start
-    it there if it has none: pass the same --resume at every launch of a pre-emptible job. The other flags must be
-    those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
+    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
     eval_freq: int = 100
     """evaluate every this many updates (and before the first and after the last); 0 = only at the end"""
     num_eval_prompts: int | None = None
@@ -201,16 +187,98 @@ class Args:
 # ---------------------------------------------------------------------------------------------- the algorithm
 
 
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float) -> tuple:
+    """The clipped surrogate objective (Schulman et al., 2017, Eq. 7; per token, as Eq. 7 of the REBEL paper), negated
+    to be minimised and averaged over the valid tokens. All inputs (B, T); ratio_t = pi_theta(y_t|s_t) / pi_old(y_t|s_t):
+
+        max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps))
+
+    Returns the loss and its metrics: the fraction of tokens clipped, and approxkl = 1/2 (ln ratio_t)^2."""
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange))
+    return masked_mean(losses, mask), {
+        "policy/clipfrac": masked_mean((losses > -advantages * ratio).float(), mask),
+        "policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask),
+    }
+
+
+def clipped_value_loss(values, old_values, returns, mask, cliprange_value: float) -> tuple:
+    """The value loss of Schulman et al., 2017, Eq. 9, (V(s_t) - R_t)^2, with the new value kept within
+    +- cliprange_value of the rollout's as the official recipe does (summarize_from_feedback_details' ppo.py),
+    averaged over the valid tokens. All inputs (B, T):
+
+        1/2 max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
+
+    Returns the loss and its metric: the fraction of tokens where the clipped term is the larger."""
+    clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)  # (B, T)
+    losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(losses, mask), {
+        "loss/value_clipfrac": masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask)
+    }
+
+
+def token_rewards(scores, logprobs, ref_logprobs, masks, kl_coef: float):
+    """The per-token reward of the official recipe: -kl_coef * (log pi_old(y_t|s_t) - log pi_ref(y_t|s_t)) at every
+    response token, plus the sequence's score (B,) at its last token (EOS). The official code adds the score one
+    position after EOS (its `sequence_lengths_p1`); we keep the episode inside the mask. Returns the per-token KL and
+    rewards, (B, T) each."""
+    kl = (logprobs - ref_logprobs) * masks  # (B, T)
+    rewards = -kl_coef * kl  # (B, T)
+    last = (masks.sum(1) - 1).clamp(min=0)  # (B,)
+    rewards[torch.arange(rewards.size(0), device=rewards.device), last] += scores
+    return kl, rewards
+
+
+def compute_gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al., 2016; Eq. 11-12 of the PPO paper). All (B, T); the episode
+    ends at the last valid token. Returns the advantages and the value targets R_t, (B, T) each:
+
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t),  A_t = delta_t + gamma lambda A_{t+1},  R_t = A_t + V(s_t)
+    """
+    rewards, values = rewards * mask, values * mask  # V = 0 after the end, so the last valid token bootstraps from 0
+    advantages, last_gae = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit (unbiased) variance over the valid tokens of this rank's batch; padded tokens become 0."""
+    mean = masked_mean(values, mask)
+    var = ((values - mean) ** 2 * mask).sum() / (mask.sum() - 1).clamp(min=1)
+    return ((values - mean) * torch.rsqrt(var + eps)) * mask
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+class PPORollout(NamedTuple):
+    """What PPO needs of one response to each of B prompts (L = prompt + T response tokens); 0 after a response ends."""
+
+    query_responses: torch.Tensor  # (B, L) token ids: the left-padded prompt, the response padded after its end
+    masks: torch.Tensor  # (B, T) True on the response's tokens
+    logprobs: torch.Tensor  # (B, T) ln pi_old(y_t|s_t)
+    ref_logprobs: torch.Tensor  # (B, T) ln pi_ref(y_t|s_t) under the SFT policy, for the KL penalty
+    values: torch.Tensor  # (B, T) the critic's V(s_t) before each response token (0 without a critic)
+    scores: torch.Tensor  # (B,) the reward model's score, or `penalty` for a response with no stop token
+    has_eos: torch.Tensor  # (B,) whether the response ended with a stop token
+
+
 @torch.no_grad()
-def ppo_rollout(policy, ref_policy, critic, reward, queries, prompts, config, stop_ids: list, chunk_size: int, timer):
-    """One response per query from the policy, scored by `reward` (prompts: the queries as the dataset gives them),
-    with what PPO needs per token. Returns query_responses (B, L), masks (B, T), the per-token log-probs under the
-    policy and the reference and the critic's values V(s_t) (B, T, 0 after EOS; all 0 with critic None), the scores
-    (B,) and has_eos (B,). `with ref_policy() as ref` gives the SFT reference (load_trained_policy's); `config`,
-    sampling_config's."""
+def ppo_rollout(*, policy, ref_policy, critic, reward, queries, prompts, config, stop_ids, penalty, chunk, timer):
+    """One response per prompt sampled from `policy` (pi_old), `chunk` prompts at a time. queries (B, ctx): the
+    left-padded prompt ids; `prompts`: the same as the dataset gives them (for a reward function); config: generate's
+    settings; ref_policy: a function whose `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the
+    adapter off, or a frozen copy); critic(query_responses, pad_id) -> V at every position (None: no values, as in
+    evaluation); reward(query_responses, ctx, prompts) -> scores; stop_ids: the tokens that end a response."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
-    for start in range(0, len(queries), chunk_size):
-        query = queries[start : start + chunk_size]
+    for start in range(0, len(queries), chunk):
+        query = queries[start : start + chunk]
         with timer("generation"):
             query_response = generate(policy, query, config)
         # Response processing 1: truncate after the first stop token, pad the rest.
@@ -224,78 +292,182 @@ def ppo_rollout(policy, ref_policy, critic, reward, queries, prompts, config, st
                 ref_logprob = response_logprobs(ref, query_response, ctx, temperature, pad_id) * mask
         # Response processing 3: V(s_t) before each response token, read at positions ctx - 1 .. L - 2.
         with timer("value"):
-            value = torch.zeros(mask.shape, device=mask.device)  # evaluation: no critic
+            value = torch.zeros(mask.shape, device=mask.device)
             if critic is not None:
                 value = critic(query_response, pad_id)[:, ctx - 1 : -1].float() * mask
-        # Response processing 4: the reward, and whether the response ended (the penalty needs it).
+        # Response processing 4: the reward; a response that did not end gets the fixed penalty instead.
         with timer("reward"):
-            score = reward(query_response, ctx, prompts[start : start + chunk_size])
+            score = reward(query_response, ctx, prompts[start : start + chunk])
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1)
+        score = torch.where(has_eos, score, penalty)
         out.append((query_response, mask, logprob, ref_logprob, value, score, has_eos))
-    return [torch.cat(t) for t in zip(*out)]
+    return PPORollout(*(torch.cat(t) for t in zip(*out)))
 
 
-def token_rewards(scores, logprobs, ref_logprobs, masks, kl_coef: float):
-    """The per-token reward of the official recipe: -kl_coef * (log pi_old(y_t|s_t) - log pi_ref(y_t|s_t)) at every
-    response token, plus the sequence's score (B,) at its last token (EOS). The official code adds the score one position
-    after EOS (its `sequence_lengths_p1`); we keep the episode inside the mask. Returns the per-token KL and rewards."""
-    kl = (logprobs - ref_logprobs) * masks  # (B, T)
-    rewards = -kl_coef * kl  # (B, T)
-    last = (masks.sum(1) - 1).clamp(min=0)  # (B,)
-    rewards[torch.arange(rewards.size(0), device=rewards.device), last] += scores
-    return kl, rewards
+# ---------------------------------------------------------------------------------------------- the loop
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def main(args: Args) -> None:
+    require(args.cliprange > 0, f"--cliprange must be > 0 (the ratio is clipped to 1 +- it); got {args.cliprange}")
+    require(args.cliprange_value > 0, f"--cliprange_value must be > 0 (values: old +- it); got {args.cliprange_value}")
+    require(args.vf_coef >= 0, f"--vf_coef must be >= 0; got {args.vf_coef}")
+    require(0 <= args.gamma <= 1, f"--gamma must be in [0, 1]; got {args.gamma}")
+    require(0 <= args.lam <= 1, f"--lam must be in [0, 1]; got {args.lam}")
+    flags = asdict(args)
+    check_flags(flags)
+    critic_lora = args.lora if args.critic_lora is None else args.critic_lora
+    from tqdm import tqdm
 
+    # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs.
+    rank, world_size, device = init_processes(args.cuda, args.seed)
+    bf16, dtype, autocast = precision(args.precision, device)
+    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
+    mini_batch_size = exact_div(local_batch_size, args.num_mini_batches, "per-rank batch over --num_mini_batches")
+    grad_accum = exact_div(mini_batch_size, args.per_device_train_batch_size, "responses per minibatch")
+    checkpoint, run_dir, run_name, output_dir = open_run(flags)
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad = tokenizer.pad_token_id
+    # Every rank tokenises the whole split and takes its own prompts from the shared shuffle.
+    (train_set, train_prompts, train_queries, _, _), eval_data = load_splits(flags, tokenizer, None)
+    num_updates = (total_episodes := args.total_episodes or len(train_set)) // args.batch_size
+    require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
+    batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean, unit (unbiased) variance over the valid tokens of this rank's batch; padded tokens become 0."""
-    mean = masked_mean(values, mask)
-    var = ((values - mean) ** 2 * mask).sum() / (mask.sum() - 1).clamp(min=1)
-    return ((values - mean) * torch.rsqrt(var + eps)) * mask
+    # pi_theta: raw_policy samples and is saved; ref_policy() gives the SFT reference (see ppo_rollout). The critic V
+    # starts from the reward model (or the policy, --critic_init), with its own LoRA adapter or fully trained in fp32.
+    new_lora = partial(lora_config, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    raw_policy, ref_policy, stop_ids = load_trained_policy(
+        args.sft_model_path, tokenizer, args.lora and new_lora(), args.num_trainable_layers, dtype, device, args.fsdp,
+        bf16, (args.query_length, args.response_length),
+    )  # fmt: skip
+    reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
+    critic_path = args.sft_model_path if args.critic_init == "policy" else args.reward_model_path
+    new_critic = partial(load_critic, critic_path, dtype if critic_lora else torch.float32,
+                         new_lora() if critic_lora else None, args.critic_init)  # fmt: skip
+    critic = new_critic(tokenizer=tokenizer, tokenizer_path=args.reward_tokenizer).to(device).eval()
+    if args.gradient_checkpointing:
+        checkpoint_layers(raw_policy), checkpoint_layers(critic.backbone)
+    policy = policy_and_value(raw_policy, critic, args.fsdp, bf16, device)  # what the gradient steps go through
+    # One optimizer over both networks: the joint loss policy + vf_coef * value updates both in one step, as officially.
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
+    config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
+    chunk, penalty = args.local_rollout_forward_batch_size, args.penalty_reward_value
 
+    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
+    trainer = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
+    start_update = trainer.get("update", 0)
+    require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
+    for _ in range(start_update):  # the batches already trained on
+        next(batches)
+    signals = stop_signals()
+    plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step"
+    log = RunLog(run_dir, run_name, flags, trainer, start_update, device, f"{plan}, critic LoRA {critic_lora}")
 
-def compute_gae(rewards, values, mask, gamma: float, lam: float):
-    """Generalised advantage estimation (Schulman et al., 2016). All (B, T); the episode ends at the last valid token.
+    def sample_eval(queries, prompts):  # one response per prompt at --eval_temperature (its KL too, as officially)
+        r = ppo_rollout(policy=raw_policy, ref_policy=ref_policy, critic=None, reward=reward, queries=queries,
+                        prompts=prompts, config=eval_config, stop_ids=stop_ids, penalty=penalty, chunk=chunk,
+                        timer=Timer(device))  # fmt: skip
+        return r.query_responses, r.masks, (r.logprobs - r.ref_logprobs).sum(1), r.scores, r.has_eos
 
-    delta_t = r_t + gamma V(s_{t+1}) - V(s_t),  A_t = delta_t + gamma lambda A_{t+1},  returns R_t = A_t + V(s_t)
-    """
-    rewards, values = rewards * mask, values * mask  # V = 0 after the end, so the last valid token bootstraps from 0
-    advantages, last_gae = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.size(1))):
-        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(last_gae)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
-        advantages[:, t] = last_gae
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
+    run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
+                             flags=flags, autocast=autocast)  # fmt: skip
 
+    # The loop: rollout -> reward -> advantages (GAE) -> clipped PPO epochs -> log -> checkpoint.
+    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    if not checkpoint:
+        run_evaluation(0)
+    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
+        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        batch = next(batches)
+        queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
+        context_length, prompts = queries.size(1), [train_prompts[i] for i in batch]
 
-def ppo_losses(logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, cliprange, cliprange_value):
-    """Per-token clipped PPO losses, averaged over the valid tokens. All inputs (B, T).
+        # 1. Rollout: one response y per prompt x from pi_old, its per-token log-probs under pi_old and the SFT policy,
+        # the critic's values V(s_t), and its score (the reward model's; the penalty without EOS).
+        with autocast():
+            rollouts = ppo_rollout(policy=raw_policy, ref_policy=ref_policy, critic=critic, reward=reward,
+                                   queries=queries, prompts=prompts, config=config, stop_ids=stop_ids, penalty=penalty,
+                                   chunk=chunk, timer=timer)  # fmt: skip
+        check_finite({f"the rollout's {name}": t for name, t in rollouts._asdict().items()}, nan_dump)
+        query_responses, masks, logprobs, ref_logprobs, values, scores, has_eos = rollouts  # (B, T); (B, L); (B,)
 
-    Policy (Schulman et al., 2017, Eq. 7 of the PPO paper; per-token form of Eq. 7 of the REBEL paper), minimised:
-        max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)),  ratio_t = pi_theta(y_t|s_t) / pi_old(y_t|s_t)
-    Value (clipped as in the official recipe):
-        1/2 max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
-    """
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
-    pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange))
-    pg_loss = masked_mean(pg_losses, mask)
-    vpred_clipped = old_values + (vpred - old_values).clamp(-cliprange_value, cliprange_value)  # (B, T)
-    vf_losses = torch.max((vpred - returns) ** 2, (vpred_clipped - returns) ** 2)
-    vf_loss = 0.5 * masked_mean(vf_losses, mask)
-    stats = {
-        "policy/clipfrac": masked_mean((pg_losses > -advantages * ratio).float(), mask),
-        "loss/value_clipfrac": masked_mean(((vpred - returns) ** 2 < (vpred_clipped - returns) ** 2).float(), mask),
-        "policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask),
-    }
-    return pg_loss, vf_loss, stats
+        # 2. Reward: per token -kl_coef * (ln pi_old(y_t|s_t) - ln pi_ref(y_t|s_t)), plus the score at the last token.
+        kl, rewards = token_rewards(scores, logprobs, ref_logprobs, masks, args.kl_coef)  # (B, T)
+
+        # 3. Advantages: GAE, whitened over this rank's valid tokens (as officially, per process); value targets R_t.
+        advantages, returns = compute_gae(rewards, values, masks, args.gamma, args.lam)
+        advantages = whiten(advantages, masks)
+
+        # 4. PPO: noptepochs passes of the clipped objectives (Eq. 7 and 9), one optimizer step per minibatch.
+        minibatches = [
+            mb for _ in range(args.noptepochs) for mb in torch.randperm(local_batch_size).split(mini_batch_size)
+        ]
+        loss_stats, ppo_stats = [], []
+        with timer("update"):
+            for minibatch in minibatches:
+                for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
+                    # pi_theta's per-token log-probs and V(s_t), (b, T) each, in one forward; DDP syncs the last
+                    with no_sync(policy, sync=micro == grad_accum - 1), autocast():
+                        new_logprobs, new_values = policy(query_responses[idx], context_length, args.temperature, pad)
+                        pg_loss, pg_stats = clipped_policy_loss(
+                            new_logprobs, logprobs[idx], advantages[idx], masks[idx], args.cliprange
+                        )
+                        vf_loss, vf_stats = clipped_value_loss(
+                            new_values.float(), values[idx], returns[idx], masks[idx], args.cliprange_value
+                        )
+                        loss = pg_loss + args.vf_coef * vf_loss  # Eq. 9 without its entropy bonus
+                    check_finite({"the PPO loss": loss.detach(), "new log-probs": new_logprobs.detach()}, nan_dump)
+                    (loss / grad_accum).backward()
+                    loss_stats.append(pg_loss.item())
+                    ppo_stats.append({k: v.item() for k, v in {"loss/value": vf_loss, **pg_stats, **vf_stats}.items()})
+                if args.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        # 5. Log the rollout's and the update's metrics, reduced over ranks (rank 0 writes); evaluate every --eval_freq.
+        per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
+        stats = {
+            "objective/scores": scores.mean().item(),
+            "objective/kl": kl.sum(1).mean().item(),
+            "objective/rlhf_reward": rewards.sum(1).mean().item(),
+            "objective/entropy": -(logprobs.sum() / masks.sum()).item(),
+            "objective/response_length": masks.sum(-1).float().mean().item(),
+            "objective/eos_rate": has_eos.float().mean().item(),
+            "objective/advantage_mean": masked_mean(advantages, masks).item(),
+            "objective/value_mean": masked_mean(values, masks).item(),
+            "loss/policy": float(np.mean(loss_stats)),
+            "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
+            "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
+            **{k: float(np.mean([s[k] for s in ppo_stats])) for k in ppo_stats[0]},
+        }
+        log.write(update, stats, timer, lr_now)
+        if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
+            run_evaluation(update)
+
+        # 6. Checkpoint every --save_freq updates, at the last (the trained state, whatever happens to the final save),
+        # and on Ctrl-C or SIGTERM, which then stop the run.
+        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
+        if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
+            trainer.update(update=update, world_size=world_size, flags=flags)
+            save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
+        if stop:
+            break
+
+    # The end: the last evaluation, the trained policy and critic saved; or, stopped by a signal, the way to resume.
+    if not stop:
+        run_evaluation(num_updates)
+        save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
+        save_critic(critic, output_dir, args.fsdp, new_critic)
+    del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
+    log.end(update, signals if stop else None)
 
 
 # ---------------------------------------------------------------------------------------------- the critic
+# V(s_t): the reward model's backbone and scalar head (or the policy's backbone under a zero head), read at every
+# position. It trains with the policy, in one module under one DDP wrapper, and is saved as a reward model.
 
 
 class ValueModel(nn.Module):
@@ -324,210 +496,21 @@ class PolicyAndValue(nn.Module):
         return logprobs, self.critic(query_responses, pad_id)[:, context_length - 1 : -1]
 
 
-# ---------------------------------------------------------------------------------------------- the loop
+def policy_and_value(policy, critic: ValueModel, fsdp: bool, bf16: bool, device) -> nn.Module:
+    """PolicyAndValue as the gradient steps see it: in DDP's wrapper under torchrun; with FSDP2 each network sharded
+    in place, the critic's backbone as shard() does the policy, then the critic itself, a root that owns the scalar
+    head (rank 0's head everywhere, as shard() does for the trainable weights)."""
+    if not fsdp:
+        return distribute(PolicyAndValue(policy, critic), False, bf16, device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-
-def main(args: Args) -> None:
-    require(args.cliprange > 0, f"--cliprange must be > 0 (the ratio is clipped to 1 +- it); got {args.cliprange}")
-    require(args.cliprange_value > 0, f"--cliprange_value must be > 0 (values: old +- it); got {args.cliprange_value}")
-    require(args.vf_coef >= 0, f"--vf_coef must be >= 0; got {args.vf_coef}")
-    require(0 <= args.gamma <= 1, f"--gamma must be in [0, 1]; got {args.gamma}")
-    require(0 <= args.lam <= 1, f"--lam must be in [0, 1]; got {args.lam}")
-    check_flags(asdict(args))
-    critic_lora = args.lora if args.critic_lora is None else args.critic_lora
-    from tqdm import tqdm
-
-    # Set-up (the appendix): processes, batch sizes, the run directory, data, models.
-    rank, world_size, device = init_processes(args.cuda, args.seed)
-    master, bf16 = rank == 0, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
-    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    mini_batch_size = exact_div(local_batch_size, args.num_mini_batches, "per-rank batch over --num_mini_batches")
-    grad_accum = exact_div(
-        mini_batch_size, args.per_device_train_batch_size, "mini-batch over --per_device_train_batch_size"
-    )
-    checkpoint, run_dir, run_name, output_dir = open_run(asdict(args))
-
-    # Data: every rank tokenises the whole split and takes its own prompts from the shared shuffle.
-    tokenizer = load_tokenizer(args.sft_model_path)
-    pad = tokenizer.pad_token_id
-    lengths = (args.query_length, args.response_length)
-    (train_set, train_prompts, train_queries, _, _), eval_data = load_splits(asdict(args), tokenizer, None)
-    total_episodes = args.total_episodes or len(train_set)
-    num_updates = total_episodes // args.batch_size
-    require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
-    batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
-
-    # Models: the policy pi_theta (raw_policy is the model itself, which samples and is saved; `policy` is what the
-    # gradient steps go through: the policy and the critic V in one module, DDP's wrapper of it, or the two networks
-    # sharded by FSDP), its SFT reference, the reward, the critic.
-    new_lora = partial(lora_config, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
-    lora = new_lora() if args.lora else None
-    raw_policy, ref_policy, stop_ids = load_trained_policy(
-        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16, lengths
-    )
-    if args.gradient_checkpointing:
-        checkpoint_layers(raw_policy)
-    reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
-    # The critic V: a second network started from the reward model (needed with --reward_fn too), or from the policy
-    # with --critic_init policy; its own LoRA adapter, or fully fine-tuned in fp32.
-    critic_path = args.sft_model_path if args.critic_init == "policy" else args.reward_model_path
-    new_critic = partial(load_critic, critic_path, dtype if critic_lora else torch.float32, init=args.critic_init)
-    critic = new_critic(new_lora() if critic_lora else None, tokenizer=tokenizer, tokenizer_path=args.reward_tokenizer)
-    critic.to(device).eval()
-    if args.gradient_checkpointing:
-        checkpoint_layers(critic.backbone)
-    policy = PolicyAndValue(raw_policy, critic)  # one DDP wrapper, one all-reduce for both networks
-    if args.fsdp:  # in place: raw_policy and critic are sharded too
-        shard(raw_policy, bf16)
-        shard_critic(critic, bf16)
-    elif dist.is_initialized():
-        policy = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
-    # One optimizer over both networks: the joint loss policy + vf_coef * value updates both in one step, as officially.
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
-    chunk, static_cache = args.local_rollout_forward_batch_size, args.static_cache and not args.fsdp  # compile: no FSDP
-    stops = stop_ids if args.stop_at_eos else None
-    config = sampling_config(args.response_length, args.temperature, pad, static_cache, stops)
-    eval_config = sampling_config(args.response_length, args.eval_temperature, pad, static_cache, stops)
-
-    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, policy, optimizer, asdict(args), world_size)
-    start_update = trainer.get("update", 0)
-    require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
-    for _ in range(start_update):  # the batches already trained on
-        next(batches)
-    signals = stop_signals()
-    plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step, critic LoRA {critic_lora}"
-    log = RunLog(run_dir, run_name, asdict(args), trainer, start_update, device, plan)
-
-    def sample_eval(queries, prompts):
-        """One response per prompt at the evaluation temperature; its KL at that temperature too, as officially."""
-        query_response, mask, logprob, ref_logprob, _, score, has_eos = ppo_rollout(
-            raw_policy, ref_policy, None, reward, queries, prompts, eval_config, stop_ids, chunk, Timer(device)
-        )
-        return query_response, mask, (logprob - ref_logprob).sum(1), score, has_eos
-
-    run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
-                             flags=asdict(args), autocast=autocast)  # fmt: skip
-
-    # The loop: rollout -> reward -> GAE -> clipped PPO epochs -> log -> checkpoint.
-    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
-    if not checkpoint:
-        run_evaluation(0)
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
-        timer = Timer(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        batch = next(batches)
-        queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
-        context_length = queries.size(1)
-
-        # 1. Rollout: one response per prompt from pi_old, with per-token log-probs and the critic's values.
-        with autocast():
-            query_responses, masks, logprobs, ref_logprobs, values, scores, has_eos = ppo_rollout(
-                raw_policy, ref_policy, critic, reward, queries, [train_prompts[i] for i in batch], config, stop_ids,
-                chunk, timer,
-            )  # (B, T) but query_responses (B, L), scores and has_eos (B,)  # fmt: skip
-        check_finite(
-            {
-                "--reward_fn's scores" if args.reward_fn else "the reward model's scores": scores,
-                "the policy's log-probs": logprobs,
-                "the reference's log-probs": ref_logprobs,
-                "the critic's values": values,
-                "responses": query_responses,
-            },
-            nan_dump,
-        )
-        # 2. Reward: per token -kl_coef * (log pi_old(y_t) - log pi_ref(y_t)); at the last one the RM score (the fixed
-        # penalty without EOS).
-        scores = torch.where(has_eos, scores, args.penalty_reward_value)  # (B,)
-        kl, rewards = token_rewards(scores, logprobs, ref_logprobs, masks, args.kl_coef)  # (B, T)
-        # The advantages: GAE, then whitened over this rank's valid tokens (as officially, per process).
-        advantages, returns = compute_gae(rewards, values, masks, args.gamma, args.lam)
-        advantages = whiten(advantages, masks)
-
-        # 3. PPO: noptepochs passes of the clipped objective and value loss, one optimizer step per minibatch.
-        minibatches = [
-            mb for _ in range(args.noptepochs) for mb in torch.randperm(local_batch_size).split(mini_batch_size)
-        ]
-        loss_stats, vf_stats, ppo_stats = [], [], []
-        with timer("update"):
-            for minibatch in minibatches:
-                for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
-                    with no_sync(policy, sync=micro == grad_accum - 1), autocast():
-                        # PolicyAndValue: pi_theta's per-token log-probs and V(s_t), (b, T) each, in one forward.
-                        new_logprobs, vpred = policy(query_responses[idx], context_length, args.temperature, pad)
-                        pg_loss, vf_loss, stats = ppo_losses(
-                            new_logprobs, logprobs[idx], advantages[idx], vpred.float(), values[idx], returns[idx],
-                            masks[idx], args.cliprange, args.cliprange_value,
-                        )  # fmt: skip
-                        loss = pg_loss + args.vf_coef * vf_loss
-                    check_finite({"the PPO loss": loss.detach(), "new log-probs": new_logprobs.detach()}, nan_dump)
-                    (loss / grad_accum).backward()
-                    loss_stats.append(pg_loss.item())
-                    vf_stats.append(vf_loss.item())
-                    ppo_stats.append({k: v.item() for k, v in stats.items()})
-                if args.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        # 4. Log: metrics reduced over ranks, rank 0 writes; evaluate every --eval_freq updates.
-        per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
-        stats = {
-            "objective/scores": scores.mean().item(),
-            "objective/kl": kl.sum(1).mean().item(),
-            "objective/rlhf_reward": rewards.sum(1).mean().item(),
-            "objective/entropy": -(logprobs.sum() / masks.sum()).item(),
-            "objective/response_length": masks.sum(-1).float().mean().item(),
-            "objective/eos_rate": has_eos.float().mean().item(),
-            "loss/policy": float(np.mean(loss_stats)),
-            "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
-            "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
-            "loss/value": float(np.mean(vf_stats)),
-            "objective/advantage_mean": masked_mean(advantages, masks).item(),
-            "objective/value_mean": masked_mean(values, masks).item(),
-            **{k: float(np.mean([s[k] for s in ppo_stats])) for k in ppo_stats[0]},
-        }
-        log.write(update, stats, timer, lr_now)
-        if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
-            run_evaluation(update)
-
-        # 5. Checkpoint every --save_freq updates, at the last (the trained state, whatever happens to the final save),
-        # and on Ctrl-C or SIGTERM, which then stop the run.
-        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
-        if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=asdict(args))
-            save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
-        if stop:
-            break
-
-    # The end: the last evaluation and the trained policy and critic saved, or (stopped) the way to resume.
-    if stop and master:
-        print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
-    if not stop:
-        run_evaluation(num_updates)
-        save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
-        critic_state = full_state_dict(critic) if args.fsdp and output_dir else None  # every rank takes part
-        if master and output_dir:
-            if critic_state is not None:  # the sharded critic's weights, into a whole one that save_critic can merge
-                critic = new_critic(new_lora() if critic_lora else None)
-                critic.load_state_dict(critic_state)
-            save_critic(critic, os.path.join(output_dir, "critic"))
-            print(f"saved the critic to {output_dir}/critic")
-    log.close()
-    del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if stop:
-        sys.exit(128 + (signals or [signal.SIGTERM])[0])
-
-
-# ---------------------------------------------------------------------------------------------- the critic's plumbing
+    shard(policy, bf16)
+    shard(critic.backbone, bf16)
+    for param in critic.head.parameters():
+        dist.broadcast(param.data, src=0)
+    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    fully_shard(critic, mp_policy=mixed_precision)
+    return PolicyAndValue(policy, critic)
 
 
 def load_critic(path, dtype, lora_config=None, init="reward_model", tokenizer=None, tokenizer_path=None) -> ValueModel:
@@ -564,34 +547,30 @@ def load_critic(path, dtype, lora_config=None, init="reward_model", tokenizer=No
     return critic
 
 
-def shard_critic(critic: ValueModel, bf16: bool) -> ValueModel:
-    """FSDP2 for the critic: its backbone as shard() does the policy (every layer, then the backbone), then the critic
-    itself, a root that owns the scalar head. Rank 0's head everywhere, as shard() does for the trainable weights."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    shard(critic.backbone, bf16)
-    for param in critic.head.parameters():
-        dist.broadcast(param.data, src=0)
-    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    fully_shard(critic, mp_policy=mixed_precision)
-    return critic
-
-
-def save_critic(critic: ValueModel, path: str) -> None:
-    """Save the critic (LoRA merged) in the reward-model format of summarize_from_feedback_details, which
-    load_reward_model reads back: --reward_model_path <output_dir>/critic warm-starts the next run's critic."""
+def save_critic(critic: ValueModel, output_dir: str | None, fsdp: bool, new_critic) -> None:
+    """Save the critic (LoRA merged) in <output_dir>/critic, in the reward-model format of
+    summarize_from_feedback_details, which load_reward_model reads back: --reward_model_path <output_dir>/critic
+    warm-starts the next run's critic. Under FSDP every rank gathers the shards; rank 0 loads them into new_critic()."""
     from safetensors.torch import save_file
 
+    state = full_state_dict(critic) if fsdp and output_dir else None  # every rank takes part
+    if not output_dir or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    if state is not None:
+        critic = new_critic()
+        critic.load_state_dict(state)
     backbone = critic.backbone
     if hasattr(backbone, "merge_and_unload"):  # merged in a copy: the critic stays as it trained, as on the other ranks
         backbone = copy.deepcopy(backbone).merge_and_unload()
     state = {f"lm_backbone.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
     state.update({f"scalar_head.{k}": v.contiguous() for k, v in critic.head.state_dict().items()})
+    path = os.path.join(output_dir, "critic")
     os.makedirs(path, exist_ok=True)
     save_file(state, os.path.join(path, "model.safetensors"))
     config = dict(base_config=backbone.config.to_dict(), hidden_size=critic.head.in_features, bias=float(critic.bias))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
+    print(f"saved the critic to {output_dir}/critic")
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)

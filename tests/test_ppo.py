@@ -16,7 +16,15 @@ from conftest import (
 from rl_checks import bad_input_message, run_in_process, sequence_logprob
 from transformers import AutoModelForCausalLM
 
-from ppo import compute_gae, load_critic, load_reward_model, ppo_losses, token_rewards, whiten
+from ppo import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    compute_gae,
+    load_critic,
+    load_reward_model,
+    token_rewards,
+    whiten,
+)
 
 
 def test_token_rewards_by_hand():
@@ -26,7 +34,7 @@ def test_token_rewards_by_hand():
     masks = torch.tensor([[True, True, True, False], [True, True, True, True]])  # row 0 ends at EOS, row 1 has none
     logprobs, ref_logprobs = logprobs * masks, ref_logprobs * masks  # as ppo_rollout returns them
     scores, has_eos, penalty, kl_coef = torch.tensor([2.0, 5.0]), torch.tensor([True, False]), -1.0, 0.1
-    scores = torch.where(has_eos, scores, penalty)  # main, step 2
+    scores = torch.where(has_eos, scores, penalty)  # as ppo_rollout returns them
     kl, rewards = token_rewards(scores, logprobs, ref_logprobs, masks, kl_coef)
     # log pi_old - log pi_ref: row 0 (0.5, -1, 0, pad), row 1 (1, 0, 2, 0).
     torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [1.0, 0.0, 2.0, 0.0]]))
@@ -102,12 +110,13 @@ def test_ppo_losses_by_hand():
     # Token 1: vpred -0.1 (inside the clip) -> 1.21. Token 2: vpred 1.0 -> clipped 0.2 -> max(0, 0.64) = 0.64.
     vpred = torch.tensor([[0.5, -0.1, 1.0, 50.0]])
     old_v, returns = torch.zeros(1, 4), torch.tensor([[1.0, 1.0, 1.0, 1.0]])
-    pg, vf, stats = ppo_losses(new, old, adv, vpred, old_v, returns, mask, eps, eps_v)
+    pg, stats = clipped_policy_loss(new, old, adv, mask, eps)
+    vf, vf_stats = clipped_value_loss(vpred, old_v, returns, mask, eps_v)
     expected_pg = (-1.2 - 2 * torch.exp(torch.tensor(-0.5)) + 1.0) / 3
     torch.testing.assert_close(pg, expected_pg)
     torch.testing.assert_close(vf, torch.tensor(0.5 * (0.64 + 1.21 + 0.64) / 3))
     torch.testing.assert_close(stats["policy/clipfrac"], torch.tensor(1 / 3))
-    torch.testing.assert_close(stats["loss/value_clipfrac"], torch.tensor(2 / 3))
+    torch.testing.assert_close(vf_stats["loss/value_clipfrac"], torch.tensor(2 / 3))
     torch.testing.assert_close(stats["policy/approxkl"], torch.tensor(0.5 * (0.25 + 0.25) / 3))
 
 
@@ -115,7 +124,7 @@ def test_ppo_loss_gradient_zero_when_clipped():
     # A > 0 and ratio above 1 + eps: the clipped branch is taken and the policy gets no gradient (Eq. 7).
     new = torch.tensor([[0.5]], requires_grad=True)
     zero, one = torch.zeros(1, 1), torch.ones(1, 1)
-    pg, _, _ = ppo_losses(new, zero, one, zero, zero, zero, one, 0.2, 0.2)
+    pg, _ = clipped_policy_loss(new, zero, one, one, 0.2)
     pg.backward()
     assert new.grad.abs().item() == 0.0
 
