@@ -346,7 +346,8 @@ def main(args: Args) -> None:
                          new_lora() if critic_lora else None, args.critic_init)  # fmt: skip
     critic = new_critic(tokenizer=tokenizer, tokenizer_path=args.reward_tokenizer).to(device).eval()
     if args.gradient_checkpointing:
-        checkpoint_layers(raw_policy), checkpoint_layers(critic.backbone)
+        checkpoint_layers(raw_policy)
+        checkpoint_layers(critic.backbone)
     policy = policy_and_value(raw_policy, critic, args.fsdp, bf16, device)  # what the gradient steps go through
     # One optimizer over both networks: the joint loss policy + vf_coef * value updates both in one step, as officially.
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
@@ -401,9 +402,7 @@ def main(args: Args) -> None:
         advantages = whiten(advantages, masks)
 
         # 4. PPO: noptepochs passes of the clipped objectives (Eq. 7 and 9), one optimizer step per minibatch.
-        minibatches = [
-            mb for _ in range(args.noptepochs) for mb in torch.randperm(local_batch_size).split(mini_batch_size)
-        ]
+        minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(len(scores)).split(mini_batch_size)]
         loss_stats, ppo_stats = [], []
         with timer("update"):
             for minibatch in minibatches:
@@ -466,8 +465,7 @@ def main(args: Args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the critic
-# V(s_t): the reward model's backbone and scalar head (or the policy's backbone under a zero head), read at every
-# position. It trains with the policy, in one module under one DDP wrapper, and is saved as a reward model.
+# V(s_t): trained with the policy (one module, one optimizer), saved as a reward model that can warm-start the next.
 
 
 class ValueModel(nn.Module):
