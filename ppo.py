@@ -8,6 +8,10 @@ the PPO paper; Eq. 7 of the REBEL paper, per token) and a clipped value loss, mi
 
     max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)) + vf_coef * value loss,  ratio_t = pi_theta / pi_old (y_t|s_t)
 
+pi is the policy at the sampling temperature: every log-prob (the ratio's, the KL's) comes from logits divided by
+--temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout), so at the
+first pass ratio_t is 1 up to numerical noise.
+
 The file reads top to bottom: the flags (Args), the algorithm (the two losses, the rewards and advantages, the
 rollout), the loop (main), the critic, then the plumbing every script shares (the appendix): `diff rebel.py ppo.py`
 shows what PPO changes, and docs/rebel.md explains the choices and metrics the scripts share.
@@ -73,7 +77,7 @@ class Args:
     temperature: float = 0.7
     """sampling temperature. The official code samples at 0.7; the paper's Table (Appendix I.1.4) lists 0.1"""
     response_length: int = 53
-    """tokens sampled per response (min = max new tokens, as in the paper)"""
+    """tokens sampled per response (min = max new tokens, as in the paper: EOS may be sampled; rollout cuts after it)"""
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
@@ -270,18 +274,21 @@ class PPORollout(NamedTuple):
 
 
 @torch.no_grad()
-def ppo_rollout(*, policy, ref_policy, critic, reward, queries, prompts, config, stop_ids, penalty, chunk, timer):
+def ppo_rollout(*, policy, ref_policy, critic, reward, queries, prompts, config, stop_ids, penalty, chunk, timer=None):
     """One response per prompt sampled from `policy` (pi_old), `chunk` prompts at a time. queries (B, ctx): the
     left-padded prompt ids; `prompts`: the same as the dataset gives them (for a reward function); config: generate's
     settings; ref_policy: a function whose `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the
     adapter off, or a frozen copy); critic(query_responses, pad_id) -> V at every position (None: no values, as in
-    evaluation); reward(query_responses, ctx, prompts) -> scores; stop_ids: the tokens that end a response."""
+    evaluation); reward(query_responses, ctx, prompts) -> scores; stop_ids: the tokens that end a response; timer: a
+    Timer (the phases' times)."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
+    timer = timer or Timer(queries.device)
     for start in range(0, len(queries), chunk):
         query = queries[start : start + chunk]
         with timer("generation"):
             query_response = generate(policy, query, config)
-        # Response processing 1: truncate after the first stop token, pad the rest.
+        # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
+        # early), pad the rest.
         response = truncate_response(query_response[:, ctx:], stop_ids, pad_id)
         query_response = torch.cat((query_response[:, :ctx], response), 1)  # (b, L)
         mask = response_mask(response, pad_id)  # (b, T)
@@ -366,8 +373,7 @@ def main(args: Args) -> None:
 
     def sample_eval(queries, prompts):  # one response per prompt at --eval_temperature (its KL too, as officially)
         r = ppo_rollout(policy=raw_policy, ref_policy=ref_policy, critic=None, reward=reward, queries=queries,
-                        prompts=prompts, config=eval_config, stop_ids=stop_ids, penalty=penalty, chunk=chunk,
-                        timer=Timer(device))  # fmt: skip
+                        prompts=prompts, config=eval_config, stop_ids=stop_ids, penalty=penalty, chunk=chunk)  # fmt: skip
         return r.query_responses, r.masks, (r.logprobs - r.ref_logprobs).sum(1), r.scores, r.has_eos
 
     run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
@@ -407,7 +413,8 @@ def main(args: Args) -> None:
         with timer("update"):
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
-                    # pi_theta's per-token log-probs and V(s_t), (b, T) each, in one forward; DDP syncs the last
+                    # ln pi_theta(y_t|s_t) and V(s_t), (b, T) each, in one forward; DDP all-reduces on the last
+                    # micro-batch of a step only
                     with no_sync(policy, sync=micro == grad_accum - 1), autocast():
                         new_logprobs, new_values = policy(query_responses[idx], context_length, args.temperature, pad)
                         pg_loss, pg_stats = clipped_policy_loss(
