@@ -330,7 +330,7 @@ def main(args: Args) -> None:
                              flags=flags, autocast=autocast, preference=preference)  # fmt: skip
 
     # The loop, Algorithm 1: rollout -> reward -> regress relative rewards (Equation 1) -> log -> checkpoint.
-    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    stop, update, nan_dump = False, start_update, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
     if not checkpoint:
         run_evaluation(0)
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):

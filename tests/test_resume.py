@@ -49,6 +49,17 @@ def test_checkpoints_are_complete_and_only_the_last_are_kept(toy, tmp_path):
     assert any(k.startswith("optimizer.state.") and k.endswith("exp_avg_sq") for k in saved)
 
 
+def test_a_finished_run_launched_again_with_its_resume_ends_cleanly(toy, tmp_path):
+    """A pre-emptible job passes the same --resume at every launch, also after the run has finished: the loop has no
+    update left, and the run evaluates, saves and exits 0 again (it once crashed on the loop's unset counter)."""
+    run = tmp_path / "run"
+    run_script("rebel.py", *toy.rl_flags, "--resume", str(run))
+    saved = (run / "model" / "adapter_model.safetensors").read_bytes()
+    again = run_script("rebel.py", *toy.rl_flags, "--resume", str(run))
+    assert "resumed after update 2" in again.stdout and "Traceback" not in again.stdout
+    assert (run / "model" / "adapter_model.safetensors").read_bytes() == saved  # the same policy, saved again
+
+
 def test_a_new_run_refuses_a_non_empty_run_dir(toy, tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"update": 1}\n')
     check_fails_with("rebel.py", toy.rl_flags, f"--run_dir {tmp_path} is not empty: pass --resume", tmp_path)
