@@ -189,7 +189,7 @@ def dpo_loss(logprobs, ref_logprobs, beta: float) -> torch.Tensor:
 
 
 class Rollout(NamedTuple):
-    """What Equation (1) needs of m responses to each of B prompts (L = prompt + T response tokens)."""
+    """What the loss needs of m responses to each of B prompts (L = prompt + T response tokens)."""
 
     query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
     masks: torch.Tensor  # (B, m, T) True on the response's tokens
@@ -207,7 +207,7 @@ def rollout(
     prompt ids; `prompts`: the same as the dataset gives them (for a reward function); config: generate's settings;
     ref_policy: a function whose `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the adapter
     off, or a frozen copy); reward(query_responses, ctx, prompts) -> scores (None: 0); stop_ids: the tokens that end
-    a response; timer: a Timer (the phases' times). `given` (B, T), --mu dataset's y', is put second: m = n (+ 1)."""
+    a response; timer: a Timer (the phases' times). `given` (B, T), rebel.py's --mu dataset y', goes second: m = n (+ 1)."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
     timer = timer or Timer(queries.device)
     for start in range(0, len(queries), chunk):
@@ -263,16 +263,18 @@ def main(args: Args) -> None:
     eval_data = load_prompts(args.query_dataset, args.eval_split, args.query_column, args.reference_column, tokenizer,
                              *lengths, args.long_prompts, args.chat)  # fmt: skip
     epoch = len(train_pairs) // args.batch_size * args.batch_size  # the whole batches of one pass
-    num_updates = (total_episodes := args.total_episodes or args.num_train_epochs * epoch) // args.batch_size
+    total_episodes = args.total_episodes or args.num_train_epochs * epoch
+    num_updates = total_episodes // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_pairs), args.batch_size, rank, world_size, args.seed)
 
     # pi_theta: raw_policy samples and is saved; `policy` is what the gradient steps go through (DDP's wrapper, or the
     # same model sharded by FSDP). ref_policy() gives the SFT reference, pi_ref of Equation 7.
-    lora = args.lora and lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)  # with --lora
     raw_policy, ref_policy, stop_ids = load_trained_policy(
-        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16, lengths
-    )
+        args.sft_model_path, tokenizer, lora if args.lora else None, args.num_trainable_layers, dtype, device,
+        args.fsdp, bf16, lengths,
+    )  # fmt: skip
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)

@@ -77,7 +77,7 @@ class Args:
     temperature: float = 0.7
     """sampling temperature. The official code samples at 0.7; the paper's Table (Appendix I.1.4) lists 0.1"""
     response_length: int = 53
-    """tokens sampled per response (min = max new tokens, as in the paper: EOS may be sampled; rollout cuts after it)"""
+    """tokens sampled per response, exactly, as in the paper: EOS does not stop sampling; rollout cuts after it"""
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
@@ -335,8 +335,9 @@ def main(args: Args) -> None:
     tokenizer = load_tokenizer(args.sft_model_path)
     pad = tokenizer.pad_token_id
     # Every rank tokenises the whole split and takes its own prompts from the shared shuffle.
-    (train_set, train_prompts, train_queries, _, _), eval_data = load_splits(flags, tokenizer, None)
-    num_updates = (total_episodes := args.total_episodes or len(train_set)) // args.batch_size
+    (train_set, train_prompts, train_queries, _, _), eval_data = load_splits(flags, tokenizer, train_column=None)
+    total_episodes = args.total_episodes or len(train_set)
+    num_updates = total_episodes // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 

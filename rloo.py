@@ -63,7 +63,7 @@ class Args:
     temperature: float = 0.7
     """sampling temperature. The official code samples at 0.7; the paper's Table (Appendix I.1.4) lists 0.1"""
     response_length: int = 53
-    """tokens sampled per response (min = max new tokens, as in the paper)"""
+    """tokens sampled per response, exactly, as in the paper: EOS does not stop sampling; rollout cuts after it"""
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
@@ -205,7 +205,7 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 
 class Rollout(NamedTuple):
-    """What Equation (1) needs of m responses to each of B prompts (L = prompt + T response tokens)."""
+    """What the loss needs of m responses to each of B prompts (L = prompt + T response tokens)."""
 
     query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
     masks: torch.Tensor  # (B, m, T) True on the response's tokens
@@ -223,7 +223,7 @@ def rollout(
     prompt ids; `prompts`: the same as the dataset gives them (for a reward function); config: generate's settings;
     ref_policy: a function whose `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the adapter
     off, or a frozen copy); reward(query_responses, ctx, prompts) -> scores (None: 0); stop_ids: the tokens that end
-    a response; timer: a Timer (the phases' times). `given` (B, T), --mu dataset's y', is put second: m = n (+ 1)."""
+    a response; timer: a Timer (the phases' times). `given` (B, T), rebel.py's --mu dataset y', goes second: m = n (+ 1)."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
     timer = timer or Timer(queries.device)
     for start in range(0, len(queries), chunk):
@@ -274,17 +274,18 @@ def main(args: Args) -> None:
     tokenizer = load_tokenizer(args.sft_model_path)
     pad = tokenizer.pad_token_id
     # Every rank tokenises the whole split and takes its own prompts from the shared shuffle.
-    (train_set, train_prompts, train_queries, _, _), eval_data = load_splits(flags, tokenizer, None)
-    num_updates = (total_episodes := args.total_episodes or len(train_set)) // args.batch_size
+    (train_set, train_prompts, train_queries, _, _), eval_data = load_splits(flags, tokenizer, train_column=None)
+    total_episodes = args.total_episodes or len(train_set)
+    num_updates = total_episodes // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
     # pi_theta: raw_policy samples and is saved; `policy` is what the gradient steps go through (DDP's wrapper, or the
     # same model sharded by FSDP). ref_policy() gives the SFT reference (see rollout).
-    lora = args.lora and lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)  # with --lora
     raw_policy, ref_policy, stop_ids = load_trained_policy(
-        args.sft_model_path, tokenizer, lora, args.num_trainable_layers, dtype, device, args.fsdp, bf16,
-        (args.query_length, args.response_length),
+        args.sft_model_path, tokenizer, lora if args.lora else None, args.num_trainable_layers, dtype, device,
+        args.fsdp, bf16, (args.query_length, args.response_length),
     )  # fmt: skip
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
@@ -348,7 +349,7 @@ def main(args: Args) -> None:
         with timer("update"):
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
-                    # ln pi_theta(y_i|x) (b, k) at the sampling temperature (pi_t's distribution); DDP syncs the last
+                    # ln pi_theta(y_i|x) (b, k) at the sampling temperature (pi_t's distribution)
                     with no_sync(policy, sync=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(
                             policy, query_responses[idx], masks[idx], ctx, args.temperature, pad
