@@ -185,59 +185,6 @@ def dpo_loss(logprobs, ref_logprobs, beta: float) -> torch.Tensor:
     return -F.logsigmoid(beta * (log_ratio[:, 0] - log_ratio[:, 1])).mean()
 
 
-# DPO trains on fixed pairs; it samples only to evaluate, with rebel.py's rollout (one response per prompt).
-
-
-class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (L = prompt + T response tokens)."""
-
-    query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
-    masks: torch.Tensor  # (B, m, T) True on the response's tokens
-    logprobs: torch.Tensor  # (B, m) ln pi_t(y|x), summed over the response
-    ref_logprobs: torch.Tensor  # (B, m) ln pi_ref(y|x) under the SFT policy, for the KL penalty
-    scores: torch.Tensor  # (B, m) the reward model's score, or `penalty` for a response with no stop token
-    has_eos: torch.Tensor  # (B, m) whether the response ended with a stop token
-
-
-@torch.no_grad()
-def rollout(
-    *, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk, timer=None, given=None
-):
-    """n responses per prompt sampled from `policy` (pi_t), `chunk` prompts at a time. queries (B, ctx): the left-padded
-    prompt ids; `prompts`: the same as the dataset gives them (for a reward function); config: generate's settings;
-    ref_policy: a function whose `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the adapter
-    off, or a frozen copy); reward(query_responses, ctx, prompts) -> scores (None: 0); stop_ids: the tokens that end
-    a response; timer: a Timer (the phases' times). `given` (B, T), rebel.py's --mu dataset y', goes second: m = n (+ 1)."""
-    ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
-    timer = timer or Timer(queries.device)
-    for start in range(0, len(queries), chunk):
-        query = queries[start : start + chunk]
-        with timer("generation"):
-            response = generate(policy, query.repeat_interleave(n, 0), config)[:, ctx:].unflatten(0, (-1, n))
-        if given is not None:
-            response = torch.cat((response[:, :1], given[start : start + chunk, None], response[:, 1:]), 1)
-        m = response.size(1)
-        # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
-        # early), pad the rest.
-        response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
-        query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
-        mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
-        # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
-        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # without columns that are padding in all
-        with timer("logprob"):
-            logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
-            with ref_policy() as ref:
-                ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
-        # Response processing 3: the reward; a response that did not end gets the fixed penalty instead.
-        with timer("reward"):
-            chunk_prompts = [p for p in prompts[start : start + chunk] for _ in range(m)]
-            score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
-        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
-        score = torch.where(has_eos, score.view_as(logprob), penalty)
-        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
-    return Rollout(*(torch.cat(t) for t in zip(*out)))
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -284,14 +231,14 @@ def main(args: Args) -> None:
                                   stop_ids if args.stop_at_eos else None)  # fmt: skip
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
-    start_update = trainer.get("update", 0)
+    record = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
+    start_update = record.get("update", 0)
     require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
     for _ in range(start_update):  # the batches already trained on
         next(batches)
     signals = stop_signals()
     plan = f"{num_updates} updates of {args.batch_size} pairs, {grad_accum} micro-batches per step"
-    log = RunLog(run_dir, run_name, flags, trainer, start_update, device, plan)
+    log = RunLog(run_dir, run_name, flags, record, start_update, device, plan)
     if rank == 0 and dropped:
         print(f"dropped {dropped} preference pairs with a prompt longer than --query_length {args.query_length}")
 
@@ -305,11 +252,13 @@ def main(args: Args) -> None:
                              flags=flags, autocast=autocast)  # fmt: skip
 
     # The loop: a batch of preference pairs -> DPO loss against the SFT policy (Equation 7) -> step -> log -> checkpoint.
-    stop, update, nan_dump = False, start_update, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    nan_dump = os.path.join(run_dir, f"nonfinite_rank{rank}.pt")  # where check_finite saves a non-finite batch
+    stop, update = False, start_update
     if not checkpoint:
         run_evaluation(0)
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
-        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
+        timer = Timer(device)
+        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay: --lr first, --lr / num_updates last
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         batch = next(batches)
@@ -360,8 +309,8 @@ def main(args: Args) -> None:
         # and on Ctrl-C or SIGTERM, which then stop the run.
         stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
         if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=flags)
-            save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
+            record |= {"update": update, "world_size": world_size, "flags": flags}  # its trainer.json
+            save_checkpoint(run_dir, update, policy, optimizer, record, args.keep_checkpoints)
         if stop:
             break
 
@@ -371,6 +320,63 @@ def main(args: Args) -> None:
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
     del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
     log.end(update, signals if stop else None)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+# DPO trains on fixed pairs; it samples only to evaluate, with rebel.py's rollout (one response per prompt).
+
+
+class Rollout(NamedTuple):
+    """What the loss needs of m responses to each of B prompts (L = prompt + T response tokens)."""
+
+    query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
+    masks: torch.Tensor  # (B, m, T) True on the response's tokens
+    logprobs: torch.Tensor  # (B, m) ln pi_t(y|x), summed over the response
+    ref_logprobs: torch.Tensor  # (B, m) ln pi_ref(y|x) under the SFT policy, for the KL penalty
+    scores: torch.Tensor  # (B, m) the reward model's score, or `penalty` for a response with no stop token
+    has_eos: torch.Tensor  # (B, m) whether the response ended with a stop token
+
+
+@torch.no_grad()
+def rollout(
+    *, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk, timer=None, given=None
+):
+    """Sample n responses per prompt from `policy` (pi_t) and score them, `chunk` prompts at a time.
+
+    queries (B, ctx): the left-padded prompt ids; prompts: the same prompts as the dataset gives them (for --reward_fn)
+    ref_policy: `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the adapter off, or a copy)
+    reward: reward(query_responses, ctx, prompts) -> scores, or None (scores 0); penalty: the score of no stop token
+    config: generate's settings (sampling_config); stop_ids: the tokens that end a response; timer: a Timer, or None
+    given (B, T): rebel.py's --mu dataset y', put second, so m = n + 1
+    """
+    ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
+    timer = timer or Timer(queries.device)
+    for start in range(0, len(queries), chunk):
+        query = queries[start : start + chunk]
+        with timer("generation"):
+            response = generate(policy, query.repeat_interleave(n, 0), config)[:, ctx:].unflatten(0, (-1, n))
+        if given is not None:
+            response = torch.cat((response[:, :1], given[start : start + chunk, None], response[:, 1:]), 1)
+        m = response.size(1)
+        # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
+        # early), pad the rest.
+        response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
+        query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
+        mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
+        # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
+        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # without columns that are padding in all
+        with timer("logprob"):
+            logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
+            with ref_policy() as ref:
+                ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
+        # Response processing 3: the reward; a response that did not end gets the fixed penalty instead.
+        with timer("reward"):
+            chunk_prompts = [p for p in prompts[start : start + chunk] for _ in range(m)]
+            score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
+        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
+        score = torch.where(has_eos, score.view_as(logprob), penalty)
+        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
+    return Rollout(*(torch.cat(t) for t in zip(*out)))
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)

@@ -363,14 +363,14 @@ def main(args: Args) -> None:
     chunk, penalty = args.local_rollout_forward_batch_size, args.penalty_reward_value
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
-    start_update = trainer.get("update", 0)
+    record = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
+    start_update = record.get("update", 0)
     require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
     for _ in range(start_update):  # the batches already trained on
         next(batches)
     signals = stop_signals()
     plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step"
-    log = RunLog(run_dir, run_name, flags, trainer, start_update, device, f"{plan}, critic LoRA {critic_lora}")
+    log = RunLog(run_dir, run_name, flags, record, start_update, device, f"{plan}, critic LoRA {critic_lora}")
 
     def sample_eval(queries, prompts):  # one response per prompt at --eval_temperature (its KL too, as officially)
         r = ppo_rollout(policy=raw_policy, ref_policy=ref_policy, critic=None, reward=reward, queries=queries,
@@ -458,8 +458,8 @@ def main(args: Args) -> None:
         # and on Ctrl-C or SIGTERM, which then stop the run.
         stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
         if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=flags)
-            save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
+            record |= {"update": update, "world_size": world_size, "flags": flags}  # its trainer.json
+            save_checkpoint(run_dir, update, policy, optimizer, record, args.keep_checkpoints)
         if stop:
             break
 

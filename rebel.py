@@ -218,11 +218,14 @@ class Rollout(NamedTuple):
 def rollout(
     *, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk, timer=None, given=None
 ):
-    """n responses per prompt sampled from `policy` (pi_t), `chunk` prompts at a time. queries (B, ctx): the left-padded
-    prompt ids; `prompts`: the same as the dataset gives them (for a reward function); config: generate's settings;
-    ref_policy: a function whose `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the adapter
-    off, or a frozen copy); reward(query_responses, ctx, prompts) -> scores (None: 0); stop_ids: the tokens that end
-    a response; timer: a Timer (the phases' times). `given` (B, T), rebel.py's --mu dataset y', goes second: m = n (+ 1)."""
+    """Sample n responses per prompt from `policy` (pi_t) and score them, `chunk` prompts at a time.
+
+    queries (B, ctx): the left-padded prompt ids; prompts: the same prompts as the dataset gives them (for --reward_fn)
+    ref_policy: `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the adapter off, or a copy)
+    reward: reward(query_responses, ctx, prompts) -> scores, or None (scores 0); penalty: the score of no stop token
+    config: generate's settings (sampling_config); stop_ids: the tokens that end a response; timer: a Timer, or None
+    given (B, T): rebel.py's --mu dataset y', put second, so m = n + 1
+    """
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
     timer = timer or Timer(queries.device)
     for start in range(0, len(queries), chunk):
@@ -311,14 +314,14 @@ def main(args: Args) -> None:
     chunk, penalty = args.local_rollout_forward_batch_size, args.penalty_reward_value
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)  # the run's record: update, flags, ...
-    start_update = trainer.get("update", 0)
+    record = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)  # trainer.json: update, flags, wandb id
+    start_update = record.get("update", 0)
     require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
     for _ in range(start_update):  # the batches already trained on
         next(batches)
     signals = stop_signals()
     plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step"
-    log = RunLog(run_dir, run_name, flags, trainer, start_update, device, plan)
+    log = RunLog(run_dir, run_name, flags, record, start_update, device, plan)
 
     def sample_eval(queries, prompts):  # one response per prompt at --eval_temperature (its KL too, as officially)
         r = rollout(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries, prompts=prompts, n=1,
@@ -330,15 +333,19 @@ def main(args: Args) -> None:
                              flags=flags, autocast=autocast, preference=preference)  # fmt: skip
 
     # The loop, Algorithm 1: rollout -> reward -> regress relative rewards (Equation 1) -> log -> checkpoint.
-    stop, update, nan_dump = False, start_update, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    nan_dump = os.path.join(run_dir, f"nonfinite_rank{rank}.pt")  # where check_finite saves a non-finite batch
+    stop, update = False, start_update
     if not checkpoint:
         run_evaluation(0)
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
-        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
+        timer = Timer(device)
+        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay: --lr first, --lr / num_updates last
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         batch = next(batches)
-        queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
+        queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(
+            device
+        )  # (B, <= query_length), B: this rank's
         ctx, prompts = queries.size(1), [train_prompts[i] for i in batch]
         given = None if train_mu is None else train_mu[batch].to(device)  # --mu dataset's y'
 
@@ -410,8 +417,8 @@ def main(args: Args) -> None:
         # and on Ctrl-C or SIGTERM, which then stop the run.
         stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
         if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=flags)
-            save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
+            record |= {"update": update, "world_size": world_size, "flags": flags}  # its trainer.json
+            save_checkpoint(run_dir, update, policy, optimizer, record, args.keep_checkpoints)
         if stop:
             break
 
