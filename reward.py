@@ -8,7 +8,7 @@ at the summary's last token (its EOS) and is trained on pairs (y_chosen, y_rejec
 After training, the mean score of the SFT data's reference summaries is saved as `config.reward_bias`, which rebel.py's
 load_reward_model subtracts: references score 0 on average, as in summarize_from_feedback_details and the official
 REBEL code (the paper's reward scale and the fixed -1 penalty for a missing EOS assume it). The file reads top to
-bottom: the flags (Args), the loss, the loop (main), then an appendix of plumbing copied from rebel.py.
+bottom: the flags (Args), the loss and the model, the loop (main), then the appendix of plumbing shared with rebel.py.
 
     python reward.py --help
     torchrun --nproc_per_node 8 reward.py                    # Pythia 1.4B, from the SFT model
@@ -42,33 +42,29 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 @dataclass
 class Args:
-    # the reward model: the preference pairs trained on, the references that set its zero
+    # data: the preference pairs trained on, and the references that set the score's zero
     preference_dataset: str = "cleanrl/summarize_from_feedback_oai_preprocessing_1704563162"
     """hub name, local directory or single data file of the preference pairs trained on"""
     chosen_column: str = "chosen"
-    """column of --preference_dataset holding the preferred response"""
+    """the column of the preferred response"""
     rejected_column: str = "rejected"
-    """column of --preference_dataset holding the other response"""
+    """the column of the other response"""
     query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
-    """hub name, local directory or data file of the SFT data (prompts and reference responses, the --train_split):
-    its references' mean score becomes the reward model's zero"""
+    """the SFT data (prompts and reference responses, its --train_split): its references' mean score becomes the zero"""
     reference_column: str = "reference_response"
-    """--query_dataset column holding the reference response"""
+    """the reference response column of --query_dataset"""
     num_norm_examples: int | None = None
     """compute the references' mean score on the first N examples of --query_dataset (default: all)"""
-
-    # data
     query_column: str = "query"
-    """dataset column holding the prompt text (in both datasets)"""
+    """the prompt column (in both datasets)"""
     train_split: str = "train"
-    """split of --preference_dataset trained on, and of --query_dataset whose references set the zero"""
+    """the split of --preference_dataset to train on, and of --query_dataset whose references set the zero"""
     eval_split: str = "validation"
-    """split of --preference_dataset evaluated on"""
+    """the split of --preference_dataset to evaluate on"""
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (the count is printed), 'truncate' keeps their last
-    --query_length tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
     response_length: int = 53
     """responses are truncated to this many tokens, EOS included"""
 
@@ -86,20 +82,16 @@ class Args:
 
     # the trained model
     sft_model_path: str = "runs/sft_tldr_pythia-1.4b/model"
-    """the model the reward model starts from (sft.py's output: hub name, save_pretrained directory, or a LoRA adapter,
-    which is merged into its base)"""
+    """the model the reward model starts from (sft.py's output): hub name, save_pretrained folder, or a LoRA adapter"""
 
     # speed and memory
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU (bf16 runs on CPU too,
-    slowly)"""
+    """'bf16': weights in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
     pad_multiple: int = 64
-    """a micro-batch of pairs drops the padding columns all its sequences share (left of the prompts, right of the
-    responses), keeping a multiple of this many prompt columns and of response columns: the scores do not change, the
-    compute over padding goes; 0 pads every pair to --query_length + --response_length, as the official code"""
+    """a micro-batch drops the padding columns all its sequences share, keeping a multiple of this many on each side
+    (the scores are the same); 0: every pair padded to --query_length + --response_length (official code)"""
     fsdp: bool = False
-    """shard the reward model (backbone and head) over the ranks with FSDP2, for models whose weights, gradients and
-    AdamW state do not fit on one GPU (6.9B); torchrun only. Default: DDP (every rank holds everything)"""
+    """shard the reward model (backbone and head) over the ranks with FSDP2 where DDP does not fit (6.9B)"""
     cuda: bool = True
     """use CUDA when it is available"""
 
@@ -117,16 +109,14 @@ class Args:
     run_dir: str | None = None
     """where TensorBoard events and metrics.jsonl go (default: runs/<run name>)"""
     output_dir: str | None = None
-    """where the reward model and tokenizer are saved with save_pretrained (default: <run_dir>/model; '': nothing
-    saved): a new or empty folder, or this run's own"""
+    """where the reward model and tokenizer are saved, new or empty or this run's (default: <run_dir>/model; '': not
+    saved)"""
     save_freq: int = 20
     """write a checkpoint every this many updates (and at the last, and on Ctrl-C or SIGTERM); 0 = only then"""
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
     resume: str | None = None
-    """continue the run in this run directory from its latest checkpoint (or from one checkpoint directory), or start
-    it there if it has none: pass the same --resume at every launch of a pre-emptible job. The other flags must be
-    those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
+    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
     num_eval_prompts: int | None = None
     """measure validation accuracy on the first N pairs of the evaluation split (default: all)"""
 
@@ -172,38 +162,32 @@ def shard_reward_model(model, bf16: bool):
 
 
 def main(args: Args) -> None:
-    check_flags(asdict(args))
+    flags = asdict(args)
+    check_flags(flags)
     from tqdm import tqdm
 
-    # Set-up (the appendix): processes, batch sizes, the run directory, data, the model.
+    # Set-up (the appendix): processes, batch sizes, the run's folder, data, the model, resume, logs.
     rank, world_size, device = init_processes(args.cuda, args.seed)  # each rank its own new head: DDP copies rank 0's
-    master, bf16 = rank == 0, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+    bf16, _, autocast = precision(args.precision, device)
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    grad_accum = exact_div(
-        local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size"
-    )
-    checkpoint, run_dir, run_name, output_dir = open_run(asdict(args))
-
-    # Data: preference pairs to train on, and the SFT data's references to set the zero of the score; every rank
-    # tokenises the whole splits and takes its own pairs from the shared shuffle.
+    grad_accum = exact_div(local_batch_size, args.per_device_train_batch_size, "per-rank batch over micro-batches")
+    checkpoint, run_dir, run_name, output_dir = open_run(flags)
     tokenizer = load_tokenizer(args.sft_model_path)
-    pad = tokenizer.pad_token_id
-    lengths = (args.query_length, args.response_length)
+    pad, lengths = tokenizer.pad_token_id, (args.query_length, args.response_length)
+    # Preference pairs (B, 2, L) to train on, and the SFT data's references to set the zero of the score; every rank
+    # tokenises the whole splits and takes its own pairs from the shared shuffle.
     pairs = (args.query_column, args.chosen_column, args.rejected_column, tokenizer, lengths, args.long_prompts, False)
     train_data, dropped = load_preferences(args.preference_dataset, args.train_split, *pairs)
     eval_data, _ = load_preferences(args.preference_dataset, args.eval_split, *pairs)
     eval_data = eval_data[rank_share(min(args.num_eval_prompts or len(eval_data), len(eval_data)), rank, world_size)]
-    _, _, norm_queries, norm_references, _ = load_prompts(
-        args.query_dataset, args.train_split, args.query_column, args.reference_column, tokenizer, *lengths,
-        args.long_prompts,
-    )  # fmt: skip
+    sft_data = (args.query_dataset, args.train_split, args.query_column, args.reference_column, tokenizer, *lengths)
+    _, _, norm_queries, norm_references, _ = load_prompts(*sft_data, args.long_prompts)
     norm_data = torch.cat((norm_queries, norm_references), 1)
     norm_data = norm_data[rank_share(min(args.num_norm_examples or len(norm_data), len(norm_data)), rank, world_size)]
     num_updates = len(train_data) // args.batch_size * args.num_train_epochs
     batches = prompt_batches(len(train_data), args.batch_size, rank, world_size, args.seed)
 
-    # Model: hf_model is what is saved; raw_model scores with its modules (eval mode keeps dropout off); `model` is
+    # r_theta: hf_model is what is saved; raw_model scores with its modules (eval mode keeps dropout off); `model` is
     # what the gradient steps go through (DDP's wrapper, or the same model sharded by FSDP with itself as the root).
     hf_model, raw_model = new_reward_model(args.sft_model_path)
     check_positions(hf_model.config, lengths, args.sft_model_path)
@@ -213,24 +197,21 @@ def main(args: Args) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, model, optimizer, asdict(args), world_size)
+    trainer = load_checkpoint(checkpoint, model, optimizer, flags, world_size)
     start_update = trainer.get("update", 0)
     require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
     for _ in range(start_update):  # the batches already trained on
         next(batches)
     signals = stop_signals()
     plan = f"{num_updates} updates of {args.batch_size} pairs, {grad_accum} micro-batches per step"
-    log = RunLog(run_dir, run_name, asdict(args), trainer, start_update, device, plan)
-    if master and dropped:
+    log = RunLog(run_dir, run_name, flags, trainer, start_update, device, plan)
+    if log.master and dropped:
         print(f"dropped {dropped} training pairs whose prompt is longer than --query_length {args.query_length}")
 
     # The loop: a batch of pairs -> scores -> Bradley-Terry loss -> step -> log -> checkpoint.
-    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
-        timer = Timer(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
+    stop, update, nan_dump = False, start_update, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
+        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         batch = train_data[next(batches)].to(device)  # (b, 2, query_length + response_length)
@@ -241,7 +222,7 @@ def main(args: Args) -> None:
         with timer("update"):
             for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
                 query_responses, _ = trim_padding(mb, args.query_length, pad, args.pad_multiple)
-                with no_sync(model, sync=micro == grad_accum - 1), autocast():
+                with no_sync(model, sync=micro == grad_accum - 1), autocast():  # DDP syncs the last micro-batch
                     rewards = model(query_responses.flatten(0, 1), pad).float().view(-1, 2)  # (b, 2)
                     loss = bradley_terry_loss(rewards)
                 check_finite({"the reward model's scores": rewards.detach(), "pairs": query_responses}, nan_dump)
@@ -259,14 +240,13 @@ def main(args: Args) -> None:
         # and on Ctrl-C or SIGTERM, which then stop the run.
         stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
         if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=asdict(args))
+            trainer.update(update=update, world_size=world_size, flags=flags)
             save_checkpoint(run_dir, update, model, optimizer, trainer, args.keep_checkpoints)
         if stop:
             break
 
-    # The end: the zero of the score, the validation accuracy and the reward model saved, or (stopped) the way to resume.
-    if stop and master:
-        print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
+    # The end: the zero of the score, the validation accuracy and the reward model saved; or, stopped by a signal, the
+    # way to resume printed.
     if not stop:
         # Normalisation: the reference responses' mean score, over every rank's share, becomes the zero of the score.
         with torch.no_grad(), autocast():
@@ -293,7 +273,7 @@ def main(args: Args) -> None:
             device=device,
         )
         val["eval/reference_score_before_norm"] = hf_model.config.reward_bias
-        if master:
+        if log.master:
             for key, value in val.items():
                 log.writer.add_scalar(key, value, num_updates)
             log.metrics.write(json.dumps({"update": num_updates, **val}) + "\n")
@@ -303,16 +283,12 @@ def main(args: Args) -> None:
         # outside the embedding makes from_pretrained fail), and EOS as the pad id would make transformers' own forward
         # read the score one token before the EOS, where this model was not trained to score.
         state = full_state_dict(hf_model) if args.fsdp and output_dir else None  # on every rank
-        if master and output_dir:
+        if log.master and output_dir:
             hf_model.save_pretrained(output_dir, state_dict=state)
             tokenizer.save_pretrained(output_dir)
             print(f"saved the reward model to {output_dir}")
-    log.close()
     del model  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if stop:
-        sys.exit(128 + (signals or [signal.SIGTERM])[0])
+    log.end(update, signals if stop else None)
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
@@ -823,6 +799,13 @@ def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: t
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs
+
+
+def precision(choice: str, device) -> tuple:
+    """--precision: whether to train in bf16 ('auto': on CUDA), the dtype of the frozen weights, and the autocast
+    context that the forward passes run under (off in fp32)."""
+    bf16 = choice == "bf16" or (choice == "auto" and device.type == "cuda")
+    return bf16, torch.bfloat16 if bf16 else torch.float32, partial(torch.autocast, device.type, torch.bfloat16, bf16)
 
 
 class RunLog:

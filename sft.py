@@ -4,9 +4,9 @@ Next-token cross-entropy on the reference response y given the post x (the promp
 
     min_theta  - mean over the response tokens y_t (EOS included) of  ln pi_theta(y_t | x, y_<t)
 
-The file reads top to bottom: the flags (Args), the loss, the loop (main), then an appendix of plumbing copied from
-rebel.py (loading, data, logs, checkpoints). The model and its tokenizer (with the pad token load_tokenizer adds, if
-it adds one) are saved with save_pretrained, so that reward.py and rebel.py load them directly.
+The file reads top to bottom: the flags (Args), the loss, the loop (main), then the appendix of plumbing shared with
+rebel.py. The model and its tokenizer (with the pad token load_tokenizer may add) are saved with save_pretrained, so
+that reward.py and rebel.py load them directly.
 
     python sft.py --help
     torchrun --nproc_per_node 8 sft.py                       # Pythia 1.4B, the paper's SFT model
@@ -39,11 +39,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 @dataclass
 class Args:
-    # SFT: the prompts and the reference responses trained on
+    # data: the prompts x and the reference responses y trained on
     query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
     """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts and references"""
     query_column: str = "query"
-    """the prompt column: a text, or a conversation (a list of {role, content}), rendered with the chat template"""
+    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
     reference_column: str = "reference_response"
     """the target response column: a text, or a conversation ending with it"""
     train_split: str = "train"
@@ -53,8 +53,7 @@ class Args:
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (the count is printed), 'truncate' keeps their last
-    --query_length tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
     response_length: int = 53
     """target responses are truncated to this many tokens, EOS included"""
 
@@ -72,20 +71,16 @@ class Args:
 
     # the trained model
     base_model: str = "EleutherAI/pythia-1.4b-deduped"
-    """the pretrained model to fine-tune (hub name, save_pretrained directory, or a LoRA adapter, which is merged into
-    its base)"""
+    """the pretrained model to fine-tune: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
 
     # speed and memory
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': weights in fp32, compute under bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU (bf16 runs on CPU too,
-    slowly)"""
+    """'bf16': weights in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
     pad_multiple: int = 64
-    """a micro-batch drops the padding columns all its sequences share (left of the prompts, right of the references),
-    keeping a multiple of this many prompt columns and of response columns: the loss does not change, the compute over
-    padding goes; 0 pads every example to --query_length + --response_length, as the official code"""
+    """a micro-batch drops the padding columns all its sequences share, keeping a multiple of this many on each side
+    (the loss is the same); 0: every example padded to --query_length + --response_length (official code)"""
     fsdp: bool = False
-    """shard the model over the ranks with FSDP2, for models whose weights, gradients and AdamW state do not fit on one
-    GPU (6.9B full fine-tuning); torchrun only. Default: DDP (every rank holds everything)"""
+    """shard the model over the ranks with FSDP2 where DDP does not fit (6.9B)"""
     cuda: bool = True
     """use CUDA when it is available"""
 
@@ -103,25 +98,23 @@ class Args:
     run_dir: str | None = None
     """where TensorBoard events and metrics.jsonl go (default: runs/<run name>)"""
     output_dir: str | None = None
-    """where the model and tokenizer are saved with save_pretrained (default: <run_dir>/model; '': nothing saved): a
-    new or empty folder, or this run's own"""
+    """where the model and tokenizer are saved, new or empty or this run's (default: <run_dir>/model; '': not saved)"""
     save_freq: int = 20
     """write a checkpoint every this many updates (and at the last, and on Ctrl-C or SIGTERM); 0 = only then"""
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
     resume: str | None = None
-    """continue the run in this run directory from its latest checkpoint (or from one checkpoint directory), or start
-    it there if it has none: pass the same --resume at every launch of a pre-emptible job. The other flags must be
-    those of the run, except the ones that do not change its course (logging, saving, evaluation)"""
+    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
     num_eval_prompts: int | None = None
     """compute the validation loss on the first N examples of the evaluation split (default: all)"""
 
 
-# ---------------------------------------------------------------------------------------------- the loss
+# ---------------------------------------------------------------------------------------------- the algorithm
 
 
 def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: int) -> torch.Tensor:
-    """Mean next-token cross-entropy over the response tokens (EOS included, pads excluded)."""
+    """The loss in the docstring above: mean next-token cross-entropy over the response tokens (EOS included, pads
+    excluded). query_responses (B, L): the left-padded prompt (context_length tokens), then the response."""
     # The LM head over the response positions only (the logits at t - 1 give token t): the prompt's go unused.
     positions = torch.arange(context_length - 1, query_responses.size(1) - 1, device=query_responses.device)
     logits = forward(model, query_responses, pad_id, positions).logits.float()  # (B, T, V)
@@ -134,36 +127,31 @@ def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: 
 
 
 def main(args: Args) -> None:
-    check_flags(asdict(args))
+    flags = asdict(args)
+    check_flags(flags)
     from tqdm import tqdm
 
-    # Set-up (the appendix): processes, batch sizes, the run directory, data, the model.
+    # Set-up (the appendix): processes, batch sizes, the run's folder, data, the model, resume, logs.
     rank, world_size, device = init_processes(args.cuda, args.seed)
-    master, bf16 = rank == 0, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+    bf16, _, autocast = precision(args.precision, device)
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    grad_accum = exact_div(
-        local_batch_size, args.per_device_train_batch_size, "per-rank batch over --per_device_train_batch_size"
-    )
-    checkpoint, run_dir, run_name, output_dir = open_run(asdict(args))
-
-    # Data: the prompt (left-padded) and its reference response (EOS appended, right-padded); every rank tokenises the
-    # whole split and takes its own examples from the shared shuffle.
+    grad_accum = exact_div(local_batch_size, args.per_device_train_batch_size, "per-rank batch over micro-batches")
+    checkpoint, run_dir, run_name, output_dir = open_run(flags)
     tokenizer = load_tokenizer(args.base_model)
     pad = tokenizer.pad_token_id
-    data = (args.query_column, args.reference_column, tokenizer, args.query_length, args.response_length)
-    _, _, train_queries, train_references, dropped = load_prompts(
-        args.query_dataset, args.train_split, *data, args.long_prompts
+    # The prompt (left-padded) and its reference response (EOS appended, right-padded); every rank tokenises the whole
+    # split and takes its own examples from the shared shuffle. Text prompts are trained on as they are (no chat).
+    (_, _, queries, references, _), (_, _, eval_queries, eval_references, _) = load_splits(
+        {**flags, "chat": False}, tokenizer, args.reference_column
     )
-    _, _, eval_queries, eval_references, _ = load_prompts(args.query_dataset, args.eval_split, *data, args.long_prompts)
-    train_data = torch.cat((train_queries, train_references), 1)  # (N, query_length + response_length)
+    train_data = torch.cat((queries, references), 1)  # (N, query_length + response_length)
     eval_idx = rank_share(min(args.num_eval_prompts or len(eval_queries), len(eval_queries)), rank, world_size)
     eval_data = torch.cat((eval_queries[eval_idx], eval_references[eval_idx]), 1)
     num_updates = len(train_data) // args.batch_size * args.num_train_epochs
     batches = prompt_batches(len(train_data), args.batch_size, rank, world_size, args.seed)
 
-    # Model: raw_policy is the model itself (evaluated and saved); `policy` is what the gradient steps go through (DDP's
-    # wrapper, or the same model sharded by FSDP). Eval mode keeps dropout off, as in the paper's models.
+    # pi_theta: raw_policy is evaluated and saved (eval mode: no dropout, as the paper's models); `policy` is what the
+    # gradient steps go through (DDP's wrapper, or the same model sharded by FSDP).
     raw_policy = load_policy(args.base_model, torch.float32).to(device).eval()
     check_positions(raw_policy.config, (args.query_length, args.response_length), args.base_model)
     check_vocabulary(tokenizer, raw_policy, args.base_model)
@@ -171,24 +159,19 @@ def main(args: Args) -> None:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.eps)
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, policy, optimizer, asdict(args), world_size)
+    trainer = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
     start_update = trainer.get("update", 0)
     require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
     for _ in range(start_update):  # the batches already trained on
         next(batches)
     signals = stop_signals()
     plan = f"{num_updates} updates of {args.batch_size} examples, {grad_accum} micro-batches per step"
-    log = RunLog(run_dir, run_name, asdict(args), trainer, start_update, device, plan)
-    if master and dropped:
-        print(f"dropped {dropped} training examples longer than --query_length {args.query_length} tokens")
+    log = RunLog(run_dir, run_name, flags, trainer, start_update, device, plan)
 
     # The loop: a batch of (prompt, reference) pairs -> cross-entropy on the references -> step -> log -> checkpoint.
-    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=not master):
-        timer = Timer(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr
+    stop, update, nan_dump = False, start_update, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
+        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         batch = train_data[next(batches)].to(device)  # (b, query_length + response_length)
@@ -198,7 +181,7 @@ def main(args: Args) -> None:
         with timer("update"):
             for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
                 query_responses, context_length = trim_padding(mb, args.query_length, pad, args.pad_multiple)
-                with no_sync(policy, sync=micro == grad_accum - 1), autocast():
+                with no_sync(policy, sync=micro == grad_accum - 1), autocast():  # DDP syncs the last micro-batch
                     loss = sft_loss(policy, query_responses, context_length, pad)
                 check_finite({"the SFT loss": loss.detach(), "batch": query_responses}, nan_dump)
                 (loss / grad_accum).backward()
@@ -213,15 +196,13 @@ def main(args: Args) -> None:
         # and on Ctrl-C or SIGTERM, which then stop the run.
         stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
         if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=asdict(args))
+            trainer.update(update=update, world_size=world_size, flags=flags)
             save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
         if stop:
             break
 
-    # The end: the validation references' cross-entropy over every rank's share and the model saved, or (stopped) the
-    # way to resume.
-    if stop and master:
-        print(f"stopped after update {update}; continue with --resume {run_dir}", file=sys.stderr)
+    # The end: the validation references' cross-entropy over every rank's share and the model saved; or, stopped by a
+    # signal, the way to resume printed.
     if not stop:
         with torch.no_grad(), autocast():
             val_losses = [
@@ -229,7 +210,7 @@ def main(args: Args) -> None:
                 for mb in eval_data.split(args.per_device_train_batch_size)
             ]
         val = all_reduce({"eval/loss": float(np.mean(val_losses))}, device=device)
-        if master:
+        if log.master:
             log.writer.add_scalar("eval/loss", val["eval/loss"], num_updates)
             log.metrics.write(json.dumps({"update": num_updates, **val}) + "\n")
             seconds = time.time() - log.start
@@ -237,12 +218,8 @@ def main(args: Args) -> None:
         # The config keeps its own pad id: the pad token load_tokenizer may add has no embedding row, and a
         # config.pad_token_id outside the embedding makes from_pretrained fail.
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, merged=False)
-    log.close()
     del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if stop:
-        sys.exit(128 + (signals or [signal.SIGTERM])[0])
+    log.end(update, signals if stop else None)
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
@@ -733,6 +710,27 @@ def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: t
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs
+
+
+def precision(choice: str, device) -> tuple:
+    """--precision: whether to train in bf16 ('auto': on CUDA), the dtype of the frozen weights, and the autocast
+    context that the forward passes run under (off in fp32)."""
+    bf16 = choice == "bf16" or (choice == "auto" and device.type == "cuda")
+    return bf16, torch.bfloat16 if bf16 else torch.float32, partial(torch.autocast, device.type, torch.bfloat16, bf16)
+
+
+def load_splits(flags: dict, tokenizer, train_column: str | None) -> tuple:
+    """load_prompts of --train_split (with `train_column`'s responses, or none) and of --eval_split (with
+    --reference_column's); rank 0 says how many prompts longer than --query_length were dropped."""
+    common = (flags["query_length"], flags["response_length"], flags["long_prompts"], flags["chat"])
+    train = load_prompts(flags["query_dataset"], flags["train_split"], flags["query_column"], train_column, tokenizer,
+                         *common)  # fmt: skip
+    evaluation = load_prompts(flags["query_dataset"], flags["eval_split"], flags["query_column"],
+                              flags["reference_column"], tokenizer, *common)  # fmt: skip
+    if (train[4] or evaluation[4]) and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"dropped the prompts longer than --query_length {flags['query_length']} tokens: {train[4]} of "
+              f"'{flags['train_split']}', {evaluation[4]} of '{flags['eval_split']}'")  # fmt: skip
+    return train, evaluation
 
 
 class RunLog:
