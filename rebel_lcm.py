@@ -1,23 +1,24 @@
 """REBEL and a DDPO-style PPO baseline for text-to-image latent consistency models.
 
-REBEL: Reinforcement Learning via Regressing Relative Rewards (Gao et al., 2024, arXiv 2404.16767),
-Section 4.3 (image generation), Figure 3 and Appendix I.3. Each of the 8 denoising steps of a latent
-consistency model (LCM) is a Gaussian policy; a trajectory's log-prob is the sum of its step log-probs.
-REBEL regresses the difference of two trajectories' log-ratios onto their reward difference, Eq. (1):
+REBEL: Reinforcement Learning via Regressing Relative Rewards (Gao et al., 2024, arXiv 2404.16767), Section 4.3 (image
+generation), Figure 3 and Appendix I.3. Each of the 8 denoising steps of a latent consistency model (LCM) is a Gaussian
+policy; a trajectory's log-prob is the sum of its step log-probs. REBEL regresses the difference of two trajectories'
+log-ratios onto their reward difference, Equation (1):
 
     ( (1/eta) * ( ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x) ) - (r(x,y) - r(x,y')) )^2
 
-`--algo ppo` swaps the regression for the per-step clipped ratio of DDPO (Black et al., 2023), the
-paper's "PPO" baseline. Everything else (sampler, rewards, normalisation, LoRA) is shared.
+`--algo ppo` swaps the regression for the per-step clipped ratio of DDPO (Black et al., 2023), the paper's "PPO"
+baseline. Everything else (sampler, rewards, normalisation, LoRA) is shared. The file reads top to bottom: the flags
+(Args), the algorithm (the losses, the sampler), the loop (main), the models, reward and logs of this script, then the
+plumbing shared with rebel.py.
 
-Launch:
     python rebel_lcm.py --tiny --resolution 32 --reward compressibility --num_iterations 5      # offline CPU demo
     torchrun --nproc_per_node 4 rebel_lcm.py --algo rebel --aesthetic_mlp_path sac+logos+ava1-l14-linearMSE.pth
     torchrun --nproc_per_node 4 rebel_lcm.py --algo ppo --lr 1e-4 --aesthetic_mlp_path sac+logos+ava1-l14-linearMSE.pth
     torchrun --nproc_per_node 4 rebel_lcm.py <the same flags> --resume runs/<run name>     # continue a stopped run
 
-Reference implementation of the paper: https://github.com/Owen-Oertell/rlcm (see docs/rebel_lcm.md for
-where this file differs from it).
+Reference implementation of the paper: https://github.com/Owen-Oertell/rlcm (see docs/rebel_lcm.md for where this
+file differs from it).
 """
 
 import atexit
@@ -34,12 +35,13 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401  (imported before init_process_group: see the end of __main__)
+import torch.distributed.nn  # noqa: F401  (imported before init_process_group, which some torch versions need)
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -55,60 +57,38 @@ ANIMALS = (
 
 @dataclass
 class Args:
-    # common flags
-    exp_name: str = "rebel_lcm"
-    """the name of this experiment (part of the run name)"""
-    seed: int = 1
-    """seed of the experiment; rank r uses seed + r so that ranks draw different noise"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-    track: bool = False
-    """log to Weights and Biases (wandb is imported only then; WANDB_MODE=offline works)"""
-    wandb_project_name: str = "rebel"
-    """the wandb project"""
-    wandb_entity: str | None = None
-    """the wandb entity (team)"""
-    output_dir: str = "runs"
-    """the folder of the runs: a run writes to <output_dir>/<run name> unless --run_dir names its folder"""
-    run_dir: str | None = None
-    """the run's folder: TensorBoard logs, metrics.jsonl, progress.json, checkpoints, the LoRA weights (default:
-    <output_dir>/<exp_name>__<algo>__<seed>__<time>). A new run needs it empty or absent"""
-
-    # model
+    # REBEL (Equation 1), or DDPO's PPO
     algo: Literal["rebel", "ppo"] = "rebel"
     """`rebel` (Eq. 1) or `ppo` (DDPO's clipped ratio); the defaults below are the paper's REBEL settings"""
-    model: str = "SimianLuo/LCM_Dreamshaper_v7"
-    """hub name or path of the latent consistency model (unet, vae, text_encoder, tokenizer, scheduler)"""
-    tiny: bool = False
-    """tiny random models built from configs instead of `model` (offline tests, CPU demo); pass --resolution 32.
-    Their VAE halves the image side instead of dividing it by 8, so 32 gives 16x16 latents"""
-    resolution: int = 768
-    """image side in pixels (square images); the latents are resolution / 8 on the side (the VAE's downsampling).
-    768 is the size the reference implementation's LCM pipeline generates at"""
-    bf16: bool = True
-    """on CUDA: frozen weights in bf16, trainable (LoRA) weights in fp32, UNet compute under bf16 autocast"""
+    eta: float = 1.0
+    """REBEL's eta in Eq. (1); must be > 0"""
+    clip_range: float = 1e-4
+    """PPO ratio clip range"""
+    clip_advantages: bool = True
+    """clip normalised rewards to [-adv_clip_max, adv_clip_max] (the paper lists it; the reference's REBEL does not)"""
+    adv_clip_max: float = 10.0
+    """advantage clip"""
+    stat_buffer_size: int = 32
+    """per-prompt running buffer of rewards used for normalisation"""
+    stat_min_count: int = 16
+    """below this many rewards for a prompt, normalise with the statistics of the whole gathered batch"""
+
+    # sampling (the MDP) and reward
     num_steps: int = 8
     """denoising steps (the horizon of the MDP)"""
     lcm_origin_steps: int = 50
     """the LCM scheduler's `original_inference_steps` (its skipping-step schedule)"""
     guidance_scale: float = 8.0
     """guidance scale fed to the LCM through its w-embedding (the reference implementation's 8.0)"""
-    lora_rank: int = 8
-    """LoRA rank on the UNet attention projections"""
-    lora_alpha: int = 8
-    """LoRA alpha"""
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    """UNet modules that get LoRA: the attention projections (paper, reference implementation); the tiny-mode
-    learning test adds conv_out so that a random UNet can rescale its noise prediction"""
     final_step_logprob: bool = False
-    """False: the last step is deterministic (the scheduler's variance there is 0) and carries no log-prob.
-    True: the reference implementation's choice: add noise on the last step with the variance of its own
-    timestep and count its log-prob, although the image is decoded from the mean"""
+    """False: the last step is deterministic (the scheduler's variance there is 0) and carries no log-prob. True: the
+    reference implementation's: noise on the last step with its own timestep's variance, its log-prob counted, although
+    the image is decoded from the mean"""
     logprob_per_dim: bool = True
-    """average each step's Gaussian log-density over the latent's dimensions (reference implementation and
-    DDPO); False sums them (the exact density, 4 x 96 x 96 = 36864 times larger at --resolution 768)"""
-
-    # reward
+    """average each step's Gaussian log-density over the latent's dimensions (reference implementation and DDPO);
+    False sums them (the exact density, 4 x 96 x 96 = 36864 times larger at --resolution 768)"""
+    resolution: int = 768
+    """image side in pixels (square); the latents are resolution / 8 on the side (768: the reference's LCM pipeline)"""
     reward: Literal["aesthetic", "compressibility", "incompressibility"] = "aesthetic"
     """`aesthetic` (LAION predictor), `compressibility` or `incompressibility` (JPEG size, no weights)"""
     aesthetic_clip: str = "openai/clip-vit-large-patch14"
@@ -116,7 +96,7 @@ class Args:
     aesthetic_mlp_path: str = "sac+logos+ava1-l14-linearMSE.pth"
     """the aesthetic MLP head's state dict: a local .pth/.safetensors file, or `owner/repo:filename` on the hub"""
 
-    # sampling and optimisation
+    # optimisation
     num_iterations: int = 1000
     """sample-then-train iterations (the paper's 100 epochs x 10 batches per epoch)"""
     sample_batch_size: int = 8
@@ -128,45 +108,61 @@ class Args:
     iteration for both algos, as the paper compares them at equal gradient updates; so does the paper's PPO
     (--train_batch_size 2 --num_inner_epochs 2: 4 micro-batches x 2 epochs = 8)"""
     num_inner_epochs: int = 1
-    """passes over each iteration's samples. The paper's PPO uses 2; with one optimizer step per iteration the
-    second pass recomputes the first one's gradient at the same parameters: the update of one pass, twice the cost"""
+    """passes over each iteration's samples. The paper's PPO uses 2; with one optimizer step per iteration the second
+    pass recomputes the first one's gradient at the same parameters: the update of one pass, twice the cost"""
     lr: float = 3e-4
     """AdamW learning rate: REBEL's 3e-4 (Appendix I.3.3); the paper's PPO uses 1e-4, so pass --lr 1e-4"""
     weight_decay: float = 0.0
     """AdamW weight decay (0 makes it the reference implementation's Adam)"""
-    eta: float = 1.0
-    """REBEL's eta in Eq. (1); must be > 0"""
-    clip_range: float = 1e-4
-    """PPO ratio clip range"""
-    clip_advantages: bool = True
-    """clip normalised rewards to [-adv_clip_max, adv_clip_max] (the paper lists it; the reference REBEL loop does not)"""
-    adv_clip_max: float = 10.0
-    """advantage clip"""
     clip_grad_norm: bool = True
     """clip the gradient norm to max_grad_norm (the paper lists it; the reference REBEL loop does not)"""
     max_grad_norm: float = 5.0
     """maximum gradient norm"""
-    stat_buffer_size: int = 32
-    """per-prompt running buffer of rewards used for normalisation"""
-    stat_min_count: int = 16
-    """below this many rewards for a prompt, normalise with the statistics of the whole gathered batch"""
 
-    # evaluation and saving
+    # the trained model
+    model: str = "SimianLuo/LCM_Dreamshaper_v7"
+    """hub name or path of the latent consistency model (unet, vae, text_encoder, tokenizer, scheduler)"""
+    tiny: bool = False
+    """tiny random models built from configs instead of --model (tests, CPU demo): --resolution 32, 16x16 latents"""
+    lora_rank: int = 8
+    """LoRA rank on the UNet attention projections"""
+    lora_alpha: int = 8
+    """LoRA alpha"""
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """UNet modules that get LoRA: the attention projections (paper, reference); the tiny learning test adds conv_out"""
+
+    # speed and memory
+    bf16: bool = True
+    """on CUDA: frozen weights in bf16, trainable (LoRA) weights in fp32, UNet compute under bf16 autocast"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+
+    # the run: logs, evaluation, checkpoints
+    exp_name: str = "rebel_lcm"
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment; rank r uses seed + r so that ranks draw different noise"""
+    track: bool = False
+    """log to Weights and Biases (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rebel"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    output_dir: str = "runs"
+    """the folder of the runs: a run writes to <output_dir>/<run name> unless --run_dir names its folder"""
+    run_dir: str | None = None
+    """the run's folder, new or empty: logs, progress.json, checkpoints, LoRA (default: <output_dir>/<run name>)"""
     eval_every: int = 10
     """evaluate (fixed prompts and noise, image grid) every this many iterations, and at the end"""
     num_eval_images: int = 8
     """images in the evaluation grid"""
     save_freq: int = 20
-    """write a checkpoint and lora.safetensors every this many iterations (and at the last, and on Ctrl-C or SIGTERM,
-    which stop the run); 0 = only then"""
+    """write a checkpoint and lora.safetensors every this many iterations (and at the last, and on Ctrl-C or SIGTERM);
+    0 = only then"""
     keep_checkpoints: int = 2
     """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
     resume: str | None = None
-    """continue the run in this run directory from its latest checkpoint (or from one checkpoint directory), or start
-    it there if it has none: pass the same --resume at every launch of a pre-emptible job. The other flags must be
-    those of the run, except the ones that do not change its course (logging, saving)"""
-
-    # filled at run time
+    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
     world_size: int = 1
     """number of processes (filled at run time)"""
     queries_per_iteration: int = 0
@@ -175,37 +171,318 @@ class Args:
     """the run's name: its folder's name (filled at run time)"""
 
 
-class BadInput(ValueError):
-    """A problem with the flags, the data or a checkpoint: reported as one line that names the fix, no traceback."""
+# ---------------------------------------------------------------------------------------------- the algorithm
 
 
-def print_bad_input(kind, error, tb) -> None:
-    """sys.excepthook: a BadInput prints its message alone, an OSError one line, any other error its traceback. Under
-    torchrun the line goes into the ranks' store: a rank whose collective fails as its peer exits prints it too."""
-    from datetime import timedelta
+def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
+    """Equation (1). All inputs (B, 2): column 0 is y, column 1 is y' for the same prompt x.
 
-    message = str(error) if issubclass(kind, BadInput) else None
-    if issubclass(kind, OSError):
-        message = f"{cause(error)}: check that path, its permissions and the free space"
-    store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
+    """
+    log_ratio = logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
+    prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (B,)
+    target = rewards[:, 0] - rewards[:, 1]  # (B,)
+    loss = ((prediction - target) ** 2).mean()
+    return eta**2 * loss if scaling == "official" else loss
+
+
+def ppo_loss(logp, old_logp, advantages, clip_range):
+    """The alternative, DDPO's clipped surrogate on every step: -min(ratio A, clip(ratio, 1 -+ clip_range) A) with
+    ratio = pi_theta / pi_t per step; logp, old_logp (B, T), advantages (B,). Returns (loss, clipfrac).
+    https://github.com/kvablack/ddpo-pytorch/blob/main/scripts/train.py"""
+    ratio = torch.exp(logp - old_logp)  # (B, T)
+    unclipped = -advantages[:, None] * ratio
+    clipped = -advantages[:, None] * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped).mean(), ((ratio - 1).abs() > clip_range).float().mean()
+
+
+class PerPromptStatTracker:
+    """The rewards r of Eq. (1) (and PPO's advantages): each normalised with the mean/std of its prompt's last
+    `buffer_size` rewards; until a prompt has `min_count` rewards, with the statistics of the whole gathered batch
+    (as the reference does). https://github.com/kvablack/ddpo-pytorch/blob/main/ddpo_pytorch/stat_tracking.py"""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count, self.buffers = buffer_size, min_count, {}
+
+    def update(self, prompt_ids: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+        advantages = np.empty_like(rewards, dtype=np.float64)
+        for p in np.unique(prompt_ids):
+            mask = prompt_ids == p
+            buffer = self.buffers.setdefault(int(p), deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[mask].tolist())
+            stats = rewards if len(buffer) < self.min_count else np.asarray(buffer)
+            advantages[mask] = (rewards[mask] - stats.mean()) / (stats.std() + 1e-6)
+        return advantages
+
+    def state_dict(self) -> dict:
+        """The buffers as JSON: a checkpoint carries them, since they normalise the rewards of the iterations ahead."""
+        return {str(p): list(buffer) for p, buffer in self.buffers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers = {int(p): deque(buffer, maxlen=self.buffer_size) for p, buffer in state.items()}
+
+
+def lcm_coefficients(scheduler, num_steps: int, origin_steps: int, final_step_logprob: bool, device) -> dict:
+    """Per denoising step i: timestep t_i, alpha-bar at t_i and at the next state, and the boundary scalings."""
+    scheduler.set_timesteps(num_steps, original_inference_steps=origin_steps)
+    t = scheduler.timesteps.long()
+    alphas = scheduler.alphas_cumprod.float()
+    alpha_next = torch.cat([alphas[t[1:]], torch.ones(1)])  # the scheduler's last step lands at alpha-bar 1: no noise
+    if final_step_logprob:
+        # The reference implementation steps from t_last to t_last itself, so the last step has variance 1 - alpha-bar.
+        alpha_next[-1] = alphas[t[-1]]
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+    coef = dict(t=t, alpha=alphas[t], alpha_next=alpha_next, c_skip=c_skip.float(), c_out=c_out.float())
+    return {k: v.to(device) for k, v in coef.items()}
+
+
+def consistency_mean(unet, x_t, step, coef, prompt_embeds, w_emb, dtype):
+    """The policy's mean for steps `step` (N,) from states x_t (N, C, H, W): the LCM's consistency output
+    (Luo et al., 2023, Eq. 9: c_skip x_t + c_out x0_hat) rescaled to the next timestep; w_emb is (1 or N, D).
+    Returns (mean, denoised)."""
+    view = lambda v: v[step].view(-1, 1, 1, 1)  # noqa: E731
+    # The frozen UNet may be bf16 while the sampler, the w-embedding and the LoRA weights are fp32: every input goes
+    # in at the UNet's dtype (a fp32 w-embedding meets its bf16 cond_proj otherwise), LoRA runs under autocast.
+    cond = dict(encoder_hidden_states=prompt_embeds.to(dtype), timestep_cond=w_emb.to(dtype).expand(len(x_t), -1))
+    with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        eps = unet(x_t.to(dtype), coef["t"][step], **cond).sample
+    a_t = view(coef["alpha"])
+    x0 = (x_t - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()  # epsilon parameterisation
+    denoised = view(coef["c_out"]) * x0 + view(coef["c_skip"]) * x_t
+    return view(coef["alpha_next"]).sqrt() * denoised, denoised
+
+
+def gaussian_log_prob(x_next, mean, std, per_dim: bool) -> torch.Tensor:
+    """log N(x_next; mean, std^2 I) per sample (N,), averaged (per_dim) or summed over the latent dimensions."""
+    log_density = -((x_next - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_density.mean(dim=(1, 2, 3)) if per_dim else log_density.sum(dim=(1, 2, 3))
+
+
+@torch.no_grad()
+def sample_trajectories(unet, coef, prompt_embeds, w_emb, noise, *, dtype, final_step_logprob, per_dim, generator=None):
+    """Run the LCM sampler (coef: lcm_coefficients) from `noise` (B, C, H, W), recording every stochastic step.
+
+    Returns states and next_states (B, T, C, H, W), log_probs (B, T) and the final denoised latents
+    (B, C, H, W), where T = num_steps - 1 (or num_steps with --final_step_logprob)."""
+    x, states, next_states, log_probs = noise.float(), [], [], []
+    num_steps = len(coef["t"])
+    num_stochastic = num_steps if final_step_logprob else num_steps - 1
+    for i in range(num_steps):
+        step = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        mean, denoised = consistency_mean(unet, x, step, coef, prompt_embeds, w_emb, dtype)
+        if i < num_stochastic:
+            std = (1 - coef["alpha_next"][i]).sqrt()
+            x_next = mean + std * torch.randn(mean.shape, device=mean.device, generator=generator)
+            states.append(x)
+            next_states.append(x_next)
+            log_probs.append(gaussian_log_prob(x_next, mean, std, per_dim))
+            x = x_next
+    return torch.stack(states, 1), torch.stack(next_states, 1), torch.stack(log_probs, 1), denoised
+
+
+def trajectory_log_probs(unet, coef, states, next_states, prompt_embeds, w_emb, *, dtype, per_dim):
+    """Recompute the step log-probs (B, T) of recorded trajectories under the current parameters, with
+    gradients, in one UNet call over all B x T steps."""
+    B, T = states.shape[:2]
+    step = torch.arange(T, device=states.device).repeat(B)  # (B*T,)
+    flat = lambda x: x.reshape(B * T, *x.shape[2:])  # noqa: E731
+    mean, _ = consistency_mean(unet, flat(states), step, coef, prompt_embeds.repeat_interleave(T, 0), w_emb[:1], dtype)
+    std = (1 - coef["alpha_next"][step]).sqrt().view(-1, 1, 1, 1)
+    return gaussian_log_prob(flat(next_states), mean, std, per_dim).view(B, T)
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance scale w (B,) -> (B, dim), the LCM's `timestep_cond`.
+    https://github.com/huggingface/diffusers/blob/main/src/diffusers/pipelines/latent_consistency_models/pipeline_latent_consistency_text2img.py
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32))
+    angles = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    return F.pad(torch.cat([torch.sin(angles), torch.cos(angles)], dim=1), (0, dim % 2))
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def main(args: Args) -> None:
+    check_args(args)
+
+    # Set-up: processes, the run's folder, the frozen LCM with LoRA on its UNet, the reward, resume, logs.
+    rank, args.world_size, device = init_processes(args.cuda, args.seed)
+    ddp, use_cuda = dist.is_initialized(), device.type == "cuda"
+    dtype = torch.bfloat16 if use_cuda and args.bf16 else torch.float32  # the frozen weights'
+    pairs = 2 if args.algo == "rebel" else 1  # REBEL draws y and y' for every prompt
+    args.queries_per_iteration = args.world_size * args.sample_batch_size * pairs
+    run_name = f"{args.exp_name}__{args.algo}__{args.seed}__{int(time.time())}"
+    run_dir = args.run_dir or os.path.join(args.output_dir, run_name)  # --resume: open_run takes its folder
+    checkpoint, run_dir, *_ = open_run({**asdict(args), "run_dir": run_dir, "output_dir": ""})
+    args.run_name = os.path.basename(os.path.normpath(run_dir))
+    tokenizer, text_encoder, unet, vae, scheduler = load_lcm(args, device, dtype, rank)
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    reward_fn = make_reward_fn(args, device)
+    coef = lcm_coefficients(scheduler, args.num_steps, args.lcm_origin_steps, args.final_step_logprob, device)
+    side = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE downsamples by 8 (tiny: 2)
+    latent_shape = (unet.config.in_channels, side, side)
+    w_emb = guidance_embedding(torch.full((1,), args.guidance_scale - 1.0), unet.config.time_cond_proj_dim).to(device)
+    raw_unet, unet = unet, DDP(unet, device_ids=[device.index] if use_cuda else None) if ddp else unet
+    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
+    stat_tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
+    sampling = dict(dtype=dtype, final_step_logprob=args.final_step_logprob, per_dim=args.logprob_per_dim)
+
+    # Resume: the LoRA weights, the optimizer, the RNG states, the reward statistics and the position in the run.
+    flags = asdict(args)
+    trainer = load_checkpoint(checkpoint, unet, optimizer, flags, args.world_size)
+    start_update, n = trainer.get("update", 0), args.num_iterations
+    require(start_update <= n, f"--resume: update {start_update} is past the run's {n} updates")
+    stat_tracker.load_state_dict(trainer.get("reward_buffers", {}))
+    reward_queries = start_update * args.queries_per_iteration
+    signals = stop_signals()
+    log = LcmLog(run_dir, flags, trainer, start_update, reward_queries, device)
+    run_evaluation = partial(evaluate_images, log=log, unet=raw_unet, vae=vae, tokenizer=tokenizer, coef=coef,
+                             text_encoder=text_encoder, w_emb=w_emb, reward_fn=reward_fn, latent_shape=latent_shape,
+                             sampling=sampling, num_images=args.num_eval_images)  # fmt: skip
+
+    # The loop: rollout -> reward -> regress relative rewards (Eq. 1; or PPO) -> log -> checkpoint.
+    B, mb, accumulation = args.sample_batch_size, args.train_batch_size, args.gradient_accumulation_steps
+    stop, iteration, nan_dump = False, start_update, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    for iteration in range(start_update + 1, args.num_iterations + 1):
+        t0 = time.time()
+        # 1. Rollout: B prompts per rank; REBEL samples each twice with different noise (y, y').
+        prompt_ids = torch.from_numpy(np.random.randint(len(ANIMALS), size=args.sample_batch_size))
+        embeds = encode_prompts(tokenizer, text_encoder, [ANIMALS[i] for i in prompt_ids], device)
+        embeds = embeds.repeat(pairs, 1, 1)  # (pairs*B, L, D): rows [0, B) are y, rows [B, 2B) are y'
+        noise = torch.randn((pairs * args.sample_batch_size, *latent_shape), device=device)
+        states, next_states, old_log_probs, final = sample_trajectories(
+            raw_unet, coef, embeds, w_emb, noise, **sampling
+        )
+
+        # 2. Reward: each normalised by its prompt's statistics, gathered from every rank (PerPromptStatTracker).
+        rewards = reward_fn(decode(vae, final, dtype)).float().to(device)  # (pairs*B,)
+        check_finite({"the rewards": rewards, "the sampler's log-probs": old_log_probs}, nan_dump)
+        all_rewards = all_gather_cat(rewards, args.world_size)
+        all_ids = all_gather_cat(prompt_ids.repeat(pairs).to(device), args.world_size)
+        advantages = stat_tracker.update(all_ids.cpu().numpy(), all_rewards.cpu().numpy().astype(np.float64))
+        advantages = torch.as_tensor(advantages, dtype=torch.float32).view(args.world_size, -1)[rank].to(device)
+        if args.clip_advantages:
+            advantages = advantages.clamp(-args.adv_clip_max, args.adv_clip_max)
+        reward_queries += args.queries_per_iteration
+        t_sample = time.time() - t0
+
+        # 3. Train: micro-batches of whole trajectories (REBEL: whole pairs); the optimizer steps once every
+        # --gradient_accumulation_steps micro-batches, counted across the inner epochs.
+        info = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
+        unet.train()
+        micro_step = 0
+        pair = lambda v: v.view(2, mb).T  # noqa: E731  (2*mb,) rows [y of idx, y' of idx] -> (mb, 2): columns y, y'
+        for _ in range(args.num_inner_epochs):
+            perm = torch.randperm(B, device=device)  # shuffles prompts (pairs), never splitting y from y'
+            for start in range(0, B, mb):
+                idx = perm[start : start + mb]
+                rows = torch.cat([idx + j * B for j in range(pairs)])  # REBEL: [y of idx, y' of idx]
+                micro_step += 1
+                last_micro_step = micro_step % accumulation == 0
+                if ddp:  # synchronise LoRA gradients only on the micro-batch that steps the optimizer
+                    unet.require_backward_grad_sync = last_micro_step
+                log_probs = trajectory_log_probs(unet, coef, states[rows], next_states[rows], embeds[rows], w_emb,
+                                                 dtype=dtype, per_dim=args.logprob_per_dim)  # fmt: skip
+                if args.algo == "rebel":  # (pairs*mb, T): a trajectory's log-prob is the sum of its step log-probs
+                    loss = rebel_loss(
+                        pair(log_probs.sum(1)), pair(old_log_probs[rows].sum(1)), pair(advantages[rows]), args.eta
+                    )
+                else:
+                    loss, clipfrac = ppo_loss(log_probs, old_log_probs[rows], advantages[rows], args.clip_range)
+                    info["clipfrac"].append(clipfrac.detach())
+                check_finite(
+                    {f"the {args.algo} loss": loss.detach(), "the new log-probs": log_probs.detach()}, nan_dump
+                )
+                (loss / accumulation).backward()
+                info["loss"].append(loss.detach())
+                if last_micro_step:
+                    if args.clip_grad_norm:
+                        info["grad_norm"].append(torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        unet.eval()
+        # Before the first optimizer step every log-ratio is 0, so I measure the KL after the update, on the last
+        # micro-batch: Schulman's k2 estimator 0.5 (log pi_theta - log pi_t)^2 per step, as DDPO logs it.
+        with torch.no_grad():
+            new_log_probs = trajectory_log_probs(raw_unet, coef, states[rows], next_states[rows], embeds[rows], w_emb,
+                                                 dtype=dtype, per_dim=args.logprob_per_dim)  # fmt: skip
+        info["approx_kl"].append(0.5 * ((new_log_probs - old_log_probs[rows]) ** 2).mean())
+
+        # 4. Log: metrics reduced over ranks, with reward queries as the x-axis; evaluate every --eval_every.
+        stats = {f"loss/{args.algo}": info["loss"], "policy/approx_kl": info["approx_kl"]}
+        stats |= {f"policy/{k}": info[k] for k in ("clipfrac", "grad_norm") if info[k]}  # PPO; --clip_grad_norm
+        log.write(iteration, stats, all_rewards, reward_queries, t0, t_sample)
+        if log.master and (iteration % args.eval_every == 0 or iteration == args.num_iterations):
+            run_evaluation(iteration, reward_queries)
+
+        # 5. Checkpoint every --save_freq iterations, at the last, and on Ctrl-C or SIGTERM, which then stop the run.
+        received = torch.tensor(len(signals), device=device)
+        if ddp:  # a signal may reach the ranks in different iterations: all of them stop after the same one
+            dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        stop = received.item() > 0
+        if stop or iteration == args.num_iterations or (args.save_freq > 0 and iteration % args.save_freq == 0):
+            trainer.update(update=iteration, world_size=args.world_size, flags=flags,
+                           reward_buffers=stat_tracker.state_dict())  # fmt: skip
+            save_checkpoint(run_dir, iteration, unet, optimizer, trainer, args.keep_checkpoints)
+            log.save_lora(raw_unet)
+        if stop:
+            break
+    del unet  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
+    log.end(iteration, signals if stop else None)
+
+
+# ---------------------------------------------------------------------------------------------- this script's plumbing
+# The flags' checks, the LCM and its LoRA, the rewards, images and logs (with reward queries as the x-axis).
+
+
+def check_args(args: Args) -> None:
+    """Refuse bad flags before anything starts."""
+    require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
+    require(args.eta > 0, f"--eta {args.eta} must be > 0 (it divides the log-ratio in Eq. 1): try --eta 1.0")
+    require(not args.tiny or args.model == Args.model, "--tiny builds random models instead of --model: drop one")
+    require(
+        args.tiny or os.path.isdir(args.model) or not args.model.startswith(("/", ".", "~")),
+        f"--model '{args.model}': no such directory",
+    )
+    require(args.num_steps >= 2, f"--num_steps {args.num_steps} leaves no stochastic step: use --num_steps 2 or more")
+    B, mb, accumulation = args.sample_batch_size, args.train_batch_size, args.gradient_accumulation_steps
+    micro_batches = args.num_inner_epochs * B // max(mb, 1)  # per iteration, over all inner epochs
+    require(
+        min(B, mb, accumulation, args.num_inner_epochs) >= 1 and B % mb == 0 and micro_batches % accumulation == 0,
+        f"--sample_batch_size {B} must be a positive multiple of --train_batch_size {mb}, and its {micro_batches} "
+        f"micro-batches (x --num_inner_epochs) a multiple of --gradient_accumulation_steps {accumulation}, so that "
+        f"every optimizer step sees as many samples: e.g. --gradient_accumulation_steps {max(micro_batches, 1)}",
+    )
+
+
+def load_lcm(args: Args, device, dtype, rank: int):
+    """build_lcm's parts, frozen in `dtype` on `device`, with fp32 LoRA adapters on the UNet's --lora_targets. The LoRA
+    init is the same on every rank (seeded with --seed; DDP also broadcasts rank 0's); then each rank draws its own
+    noise (seed + rank)."""
+    from diffusers.utils import logging as diffusers_logging
+    from peft import LoraConfig
+
+    diffusers_logging.set_verbosity_error()  # its dtype-cast advice targets from_pretrained, not our frozen copies
+    torch.manual_seed(args.seed)
+    tokenizer, text_encoder, unet, vae, scheduler = build_lcm(args)
+    for module in (text_encoder, unet, vae):
+        module.requires_grad_(False)
+        module.to(device, dtype=dtype).eval()
     try:
-        if store and message:
-            store.set("error", message)
-        elif store:  # a peer's refusal ends its process, and with it the collectives of the others
-            store.wait(["error"], timedelta(seconds=10))
-            message = store.get("error").decode()
-    except Exception:  # no store (the rank hosting it has gone), or no refusal: the traceback
-        pass
-    if message:
-        print(f"error: {message}", file=sys.stderr)
-    else:
-        sys.__excepthook__(kind, error, tb)
-
-
-def cause(error: BaseException) -> str:
-    """An exception in one line: torch's CheckpointException by the first rank's failure inside it."""
-    error = next(iter(getattr(error, "failures", {}).values()), (error,))[0]  # CheckpointException: {rank: (e, tb)}
-    return f"{type(error).__name__}: {str(error)[:200]}"
+        unet.add_adapter(
+            LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=list(args.lora_targets))
+        )
+    except ValueError as e:  # peft's NoMatchingPeftModuleError
+        layers = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        names = sorted({re.sub(r"^(.*\.)?([A-Za-z_]\w*(\.\d+)?)$", r"\2", n) for n in layers})  # to_q, conv_out, ...
+        raise BadInput(f"--lora_targets: {e} The UNet's linear and conv layers are named {names}") from e
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    torch.manual_seed(args.seed + rank)
+    return tokenizer, text_encoder, unet, vae, scheduler
 
 
 def build_tiny_tokenizer(folder: str):
@@ -251,33 +528,16 @@ def build_lcm(args: Args):
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as folder:  # the tokenizer reads its files once, at construction
             tokenizer = build_tiny_tokenizer(folder)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                bos_token_id=0,
-                eos_token_id=1,
-            )
-        )
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            cross_attention_dim=32,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            time_cond_proj_dim=32,
-        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                                    num_hidden_layers=2, num_attention_heads=4, bos_token_id=0,
+                                                    eos_token_id=1))  # fmt: skip
+        unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), time_cond_proj_dim=32,
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))  # fmt: skip
         # scaling_factor 1: Stable Diffusion's 0.18215 is its trained VAE's latent std; a random VAE fed latents x5.5
         # decodes saturated texture that no policy can change.
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            scaling_factor=1.0,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-        )
+        vae = AutoencoderKL(block_out_channels=(32, 64), scaling_factor=1.0, up_block_types=("UpDecoderBlock2D",) * 2,
+                            down_block_types=("DownEncoderBlock2D",) * 2)  # fmt: skip
     return tokenizer, text_encoder, unet, vae, LCMScheduler()
 
 
@@ -287,16 +547,9 @@ class AestheticMLP(nn.Module):
 
     def __init__(self, dim: int = 768):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(dim, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
+        self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16),
+                                    nn.Linear(16, 1))  # fmt: skip
 
     def forward(self, embed):
         return self.layers(embed).squeeze(-1)
@@ -325,15 +578,8 @@ def build_aesthetic(args: Args, device):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     if args.tiny:  # same interface, random weights: CLIP-vision-like embedding -> normalise -> MLP
-        cfg = CLIPVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            projection_dim=32,
-        )
+        cfg = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                               num_attention_heads=4, projection_dim=32)  # fmt: skip
         with torch.random.fork_rng():  # the same reward model on every rank, whatever the seed
             torch.manual_seed(0)
             return AestheticScorer(CLIPVisionModelWithProjection(cfg), AestheticMLP(32)).to(device).eval()
@@ -383,150 +629,11 @@ def make_reward_fn(args: Args, device):
     return lambda images: scorer(images).cpu()
 
 
-def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of the guidance scale w (B,) -> (B, dim), the LCM's `timestep_cond`.
-    https://github.com/huggingface/diffusers/blob/main/src/diffusers/pipelines/latent_consistency_models/pipeline_latent_consistency_text2img.py
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32))
-    angles = (w.float() * 1000.0)[:, None] * freqs[None, :]
-    return F.pad(torch.cat([torch.sin(angles), torch.cos(angles)], dim=1), (0, dim % 2))
-
-
-def lcm_coefficients(scheduler, args: Args, device) -> dict:
-    """Per denoising step i: timestep t_i, alpha-bar at t_i and at the next state, and the boundary scalings."""
-    scheduler.set_timesteps(args.num_steps, original_inference_steps=args.lcm_origin_steps)
-    t = scheduler.timesteps.long()
-    alphas = scheduler.alphas_cumprod.float()
-    alpha_next = torch.cat([alphas[t[1:]], torch.ones(1)])  # the scheduler's last step lands at alpha-bar 1: no noise
-    if args.final_step_logprob:
-        # The reference implementation steps from t_last to t_last itself, so the last step has variance 1 - alpha-bar.
-        alpha_next[-1] = alphas[t[-1]]
-    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
-    coef = dict(t=t, alpha=alphas[t], alpha_next=alpha_next, c_skip=c_skip.float(), c_out=c_out.float())
-    return {k: v.to(device) for k, v in coef.items()}
-
-
-def consistency_mean(unet, x_t, step, coef, prompt_embeds, w_emb, dtype):
-    """The policy's mean for steps `step` (N,) from states x_t (N, C, H, W): the LCM's consistency output
-    (Luo et al., 2023, Eq. 9: c_skip x_t + c_out x0_hat) rescaled to the next timestep; w_emb is (1 or N, D).
-    Returns (mean, denoised)."""
-    view = lambda v: v[step].view(-1, 1, 1, 1)  # noqa: E731
-    # The frozen UNet may be bf16 while the sampler, the w-embedding and the LoRA weights are fp32: every input goes
-    # in at the UNet's dtype (a fp32 w-embedding meets its bf16 cond_proj otherwise), LoRA runs under autocast.
-    cond = dict(encoder_hidden_states=prompt_embeds.to(dtype), timestep_cond=w_emb.to(dtype).expand(len(x_t), -1))
-    with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        eps = unet(x_t.to(dtype), coef["t"][step], **cond).sample
-    a_t = view(coef["alpha"])
-    x0 = (x_t - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()  # epsilon parameterisation
-    denoised = view(coef["c_out"]) * x0 + view(coef["c_skip"]) * x_t
-    return view(coef["alpha_next"]).sqrt() * denoised, denoised
-
-
-def gaussian_log_prob(x_next, mean, std, per_dim: bool) -> torch.Tensor:
-    """log N(x_next; mean, std^2 I) per sample (N,), averaged (per_dim) or summed over the latent dimensions."""
-    log_density = -((x_next - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return log_density.mean(dim=(1, 2, 3)) if per_dim else log_density.sum(dim=(1, 2, 3))
-
-
 @torch.no_grad()
-def sample_trajectories(unet, coef, prompt_embeds, w_emb, noise, args: Args, dtype, generator=None):
-    """Run the LCM sampler from `noise` (B, C, H, W), recording every stochastic step.
-
-    Returns states and next_states (B, T, C, H, W), log_probs (B, T) and the final denoised latents
-    (B, C, H, W), where T = num_steps - 1 (or num_steps with --final_step_logprob)."""
-    x, states, next_states, log_probs = noise.float(), [], [], []
-    num_stochastic = args.num_steps if args.final_step_logprob else args.num_steps - 1
-    for i in range(args.num_steps):
-        step = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        mean, denoised = consistency_mean(unet, x, step, coef, prompt_embeds, w_emb, dtype)
-        if i < num_stochastic:
-            std = (1 - coef["alpha_next"][i]).sqrt()
-            x_next = mean + std * torch.randn(mean.shape, device=mean.device, generator=generator)
-            states.append(x)
-            next_states.append(x_next)
-            log_probs.append(gaussian_log_prob(x_next, mean, std, args.logprob_per_dim))
-            x = x_next
-    return torch.stack(states, 1), torch.stack(next_states, 1), torch.stack(log_probs, 1), denoised
-
-
-def trajectory_log_probs(unet, coef, states, next_states, prompt_embeds, w_emb, args: Args, dtype):
-    """Recompute the step log-probs (B, T) of recorded trajectories under the current parameters, with
-    gradients, in one UNet call over all B x T steps."""
-    B, T = states.shape[:2]
-    step = torch.arange(T, device=states.device).repeat(B)  # (B*T,)
-    flat = lambda x: x.reshape(B * T, *x.shape[2:])  # noqa: E731
-    mean, _ = consistency_mean(unet, flat(states), step, coef, prompt_embeds.repeat_interleave(T, 0), w_emb[:1], dtype)
-    std = (1 - coef["alpha_next"][step]).sqrt().view(-1, 1, 1, 1)
-    return gaussian_log_prob(flat(next_states), mean, std, args.logprob_per_dim).view(B, T)
-
-
-def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
-    """Equation (1). All inputs (B, 2): column 0 is y, column 1 is y' for the same prompt x.
-
-    mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
-    """
-    log_ratio = logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
-    prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (B,)
-    target = rewards[:, 0] - rewards[:, 1]  # (B,)
-    loss = ((prediction - target) ** 2).mean()
-    return eta**2 * loss if scaling == "official" else loss
-
-
-def ppo_loss(logp, old_logp, advantages, clip_range):
-    """DDPO's clipped surrogate on every step: logp, old_logp (B, T), advantages (B,). Returns (loss, clipfrac).
-    https://github.com/kvablack/ddpo-pytorch/blob/main/scripts/train.py"""
-    ratio = torch.exp(logp - old_logp)  # (B, T)
-    unclipped = -advantages[:, None] * ratio
-    clipped = -advantages[:, None] * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    return torch.maximum(unclipped, clipped).mean(), ((ratio - 1).abs() > clip_range).float().mean()
-
-
-class PerPromptStatTracker:
-    """Normalise each reward with the mean/std of its prompt's last `buffer_size` rewards; until a prompt has
-    `min_count` rewards, use the statistics of the whole gathered batch instead (as the reference does).
-    https://github.com/kvablack/ddpo-pytorch/blob/main/ddpo_pytorch/stat_tracking.py"""
-
-    def __init__(self, buffer_size: int, min_count: int):
-        self.buffer_size, self.min_count, self.buffers = buffer_size, min_count, {}
-
-    def update(self, prompt_ids: np.ndarray, rewards: np.ndarray) -> np.ndarray:
-        advantages = np.empty_like(rewards, dtype=np.float64)
-        for p in np.unique(prompt_ids):
-            mask = prompt_ids == p
-            buffer = self.buffers.setdefault(int(p), deque(maxlen=self.buffer_size))
-            buffer.extend(rewards[mask].tolist())
-            stats = rewards if len(buffer) < self.min_count else np.asarray(buffer)
-            advantages[mask] = (rewards[mask] - stats.mean()) / (stats.std() + 1e-6)
-        return advantages
-
-    def state_dict(self) -> dict:
-        """The buffers as JSON: a checkpoint carries them, since they normalise the rewards of the iterations to come."""
-        return {str(p): list(buffer) for p, buffer in self.buffers.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.buffers = {int(p): deque(buffer, maxlen=self.buffer_size) for p, buffer in state.items()}
-
-
-def all_gather_cat(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Concatenate a tensor from every rank (rank order) along dim 0; identity without torchrun."""
-    if world_size == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(out, x)
-    return torch.cat(out)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast(value):  # rank 0's value, on every rank
-    box = [value]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+def encode_prompts(tokenizer, text_encoder, prompts, device) -> torch.Tensor:
+    length = text_encoder.config.max_position_embeddings
+    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=length, return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0]
 
 
 @torch.no_grad()
@@ -544,19 +651,156 @@ def image_grid(images: torch.Tensor, ncol: int) -> torch.Tensor:
     return padded.view(rows, ncol, C, H, W).permute(2, 0, 3, 1, 4).reshape(C, rows * H, ncol * W)
 
 
+def all_gather_cat(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenate a tensor from every rank (rank order) along dim 0; identity without torchrun."""
+    if world_size == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(out, x)
+    return torch.cat(out)
+
+
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts, device) -> torch.Tensor:
-    length = text_encoder.config.max_position_embeddings
-    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=length, return_tensors="pt").input_ids
-    return text_encoder(ids.to(device))[0]
+def evaluate_images(iteration, reward_queries, *, log, unet, vae, tokenizer, text_encoder, coef, w_emb, reward_fn,
+             latent_shape, sampling: dict, num_images: int) -> None:  # fmt: skip
+    """Fixed prompts and noise, on rank 0: the mean reward and an image grid (their own generator: the run's random
+    streams are untouched)."""
+    prompts = [ANIMALS[i % len(ANIMALS)] for i in range(num_images)]
+    device = w_emb.device
+    embeds = encode_prompts(tokenizer, text_encoder, prompts, device)
+    g = torch.Generator(device=device).manual_seed(12345)
+    noise = torch.randn((len(prompts), *latent_shape), device=device, generator=g)
+    *_, final = sample_trajectories(unet, coef, embeds, w_emb, noise, **sampling, generator=g)
+    images = decode(vae, final, sampling["dtype"])
+    rewards = reward_fn(images)
+    grid = image_grid(images.cpu(), ncol=4)
+    log.writer.add_image("eval/images", grid, reward_queries)
+    log.writer.add_scalar("eval/reward", rewards.mean().item(), reward_queries)
+    if log.track:
+        import wandb
+
+        caption = ", ".join(f"{p}: {r:.2f}" for p, r in zip(prompts, rewards.tolist()))
+        image = wandb.Image(grid.permute(1, 2, 0).numpy(), caption=caption)
+        wandb.log({"eval/images": image, "eval/reward": rewards.mean().item()}, step=iteration)
 
 
-# ---------------------------------------------------------------------------------------------- runs and checkpoints
+class LcmLog:
+    """Rank 0's logs, with reward queries as the x-axis (the paper's): TensorBoard, metrics.jsonl, progress.json (the
+    reward curve that eval/plot_lcm.py draws) and, with --track, the wandb run; each continued where the checkpoint
+    left it on resume. Every rank calls write(), which reduces the metrics over the ranks."""
+
+    def __init__(self, run_dir: str, flags: dict, trainer: dict, start_update: int, reward_queries: int, device):
+        self.master = not dist.is_initialized() or dist.get_rank() == 0
+        self.run_dir, self.flags, self.track, self.device = run_dir, flags, flags["track"], device
+        if not self.master:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self.track:
+            import wandb
+
+            wandb.init(project=flags["wandb_project_name"], entity=flags["wandb_entity"], config=flags,
+                       name=flags["run_name"], id=trainer.get("wandb_id"), resume="allow", dir=run_dir,
+                       save_code=True)  # fmt: skip
+            trainer["wandb_id"] = wandb.run.id  # the checkpoint's id continues that wandb run
+            wandb.define_metric("objective/reward_queries")
+            wandb.define_metric("*", step_metric="objective/reward_queries")  # the paper's x-axis, as in TensorBoard
+        self.writer = SummaryWriter(run_dir, purge_step=reward_queries + 1 if start_update else 0)
+        self.writer.add_text("hyperparameters", "\n".join(f"|{k}|{v}|" for k, v in flags.items()))
+        self.metrics = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
+        self.history = []  # progress.json's rows
+        if start_update:
+            with open(os.path.join(run_dir, "progress.json")) as f:
+                self.history = [row for row in json.load(f)["history"] if row["iteration"] <= start_update]
+        print(
+            f"run {flags['run_name']}: {flags['algo']} on {flags['world_size']} process(es), {device}, reward "
+            f"{flags['reward']}; logs in {run_dir}"
+            + (f"; resumed after iteration {start_update}" if start_update else "")
+        )
+
+    def write(self, iteration: int, stats: dict, rewards, reward_queries: int, t0: float, t_sample: float) -> None:
+        """One iteration's metrics: `stats` (name -> a list of scalar tensors, their mean over the ranks), the gathered
+        rewards, the time since t0 (sampling: t_sample) and peak memory."""
+        values = torch.stack([torch.stack(v).float().mean() for v in stats.values()]).to(self.device)
+        if dist.is_initialized():
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        if not self.master:
+            return
+        metrics = dict(zip(stats, values.tolist()))
+        metrics["objective/reward"] = rewards.mean().item()
+        metrics["objective/reward_std"] = rewards.std().item()
+        metrics["objective/reward_queries"] = reward_queries
+        metrics["time/iteration_seconds"] = time.time() - t0
+        metrics["time/sample_seconds"] = t_sample
+        if self.device.type == "cuda":
+            metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, reward_queries)
+        if self.track:
+            import wandb
+
+            wandb.log(metrics, step=iteration)
+        self.metrics.write(json.dumps({"update": iteration, **metrics}) + "\n")
+        self.metrics.flush()
+        self.history.append(
+            dict(iteration=iteration, reward_queries=reward_queries, reward_mean=metrics["objective/reward"])
+        )
+        # progress.json is rewritten every iteration so that a killed run still plots, and replaced whole so that a
+        # kill while writing it leaves the previous one.
+        with open(os.path.join(self.run_dir, "progress.json.tmp"), "w") as f:
+            json.dump(dict(args=self.flags, history=self.history), f)
+        os.replace(os.path.join(self.run_dir, "progress.json.tmp"), os.path.join(self.run_dir, "progress.json"))
+        loss = metrics[f"loss/{self.flags['algo']}"]
+        print(
+            f"iter {iteration} queries {reward_queries} reward {metrics['objective/reward']:.4f} loss {loss:.4g} "
+            f"kl {metrics['policy/approx_kl']:.3g} ({metrics['time/iteration_seconds']:.2f}s)"
+        )
+
+    def save_lora(self, unet) -> None:
+        """<run_dir>/lora.safetensors: the LoRA weights alone, in peft's format, for use outside this script."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if self.master:
+            state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+            save_file(state, os.path.join(self.run_dir, "lora.safetensors"))
+
+    def end(self, iteration: int, signals: list | None) -> None:
+        """As RunLog.end: the logs closed, the processes ended; a run stopped by `signals` says how to resume and exits
+        with 128 + the signal's number."""
+        if self.master:
+            if signals is not None:
+                print(f"stopped after iteration {iteration}; continue with --resume {self.run_dir}", file=sys.stderr)
+            self.metrics.close()
+            self.writer.close()
+            if self.track:
+                import wandb
+
+                wandb.finish()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if signals is not None:
+            sys.exit(128 + (signals or [signal.SIGTERM])[0])
 
 
-def require(ok: bool, message: str) -> None:
-    if not ok:
-        raise BadInput(message)
+# ============================================ below: the same in every script (tools/sync_appendix.py copies it)
+# The appendix: the helpers rebel_lcm.py shares with rebel.py, in rebel.py's words (tools/sync_appendix.py copies each
+# one by name): processes, the run's folder, checkpoints, signals and the small helpers.
+
+
+def init_processes(cuda: bool, seed: int):
+    """Rank, world size and device under `python` or `torchrun`; rank r seeds with seed + r (its own sampling noise)."""
+    use_cuda = cuda and torch.cuda.is_available()
+    if "RANK" in os.environ:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    for seed_everything in (random.seed, np.random.seed, torch.manual_seed):
+        seed_everything(seed + rank)
+    return rank, world_size, device
 
 
 def open_run(flags: dict):
@@ -577,15 +821,6 @@ def open_run(flags: dict):
         lock_run_dir(run_dir)
     run_dir, output_dir = broadcast((run_dir, output_dir))  # rank 0's: the default names hold its clock's time
     return checkpoint, run_dir, run_name, output_dir
-
-
-def read_run_json(path: str) -> dict | None:
-    """The run.json of a run or output directory; None for a new or empty folder, {} for another's."""
-    marker = os.path.join(path, "run.json")
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            return json.load(f)
-    return {} if os.path.isdir(path) and os.listdir(path) else None
 
 
 def lock_run_dir(run_dir: str) -> None:
@@ -642,6 +877,15 @@ def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> N
                 atexit.register(lambda m=marker: os.listdir(os.path.dirname(m)) == ["run.json"] and os.remove(m))
         except OSError as e:
             raise BadInput(f"{flag} {path} is not a writable directory ({e.strerror}); choose another") from e
+
+
+def read_run_json(path: str) -> dict | None:
+    """The run.json of a run or output directory; None for a new or empty folder, {} for another's."""
+    marker = os.path.join(path, "run.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            return json.load(f)
+    return {} if os.path.isdir(path) and os.listdir(path) else None
 
 
 def find_checkpoint(path: str) -> str | None:
@@ -823,289 +1067,56 @@ def check_finite(tensors: dict, dump_path: str) -> None:
             raise BadInput(f"{name}: {bad} of {t.numel()} values are NaN or inf; the batch is saved in {dump_path}")
 
 
+class BadInput(ValueError):
+    """A problem with the flags, the data or a checkpoint: reported as one line that names the fix, no traceback."""
+
+
+def print_bad_input(kind, error, tb) -> None:
+    """sys.excepthook: a BadInput prints its message alone, an OSError one line, any other error its traceback. Under
+    torchrun the line goes into the ranks' store: a rank whose collective fails as its peer exits prints it too."""
+    from datetime import timedelta
+
+    message = str(error) if issubclass(kind, BadInput) else None
+    if issubclass(kind, OSError):
+        message = f"{cause(error)}: check that path, its permissions and the free space"
+    store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    try:
+        if store and message:
+            store.set("error", message)
+        elif store:  # a peer's refusal ends its process, and with it the collectives of the others
+            store.wait(["error"], timedelta(seconds=10))
+            message = store.get("error").decode()
+    except Exception:  # no store (the rank hosting it has gone), or no refusal: the traceback
+        pass
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, tb)
+
+
+def cause(error: BaseException) -> str:
+    """An exception in one line: torch's CheckpointException by the first rank's failure inside it."""
+    error = next(iter(getattr(error, "failures", {}).values()), (error,))[0]  # CheckpointException: {rank: (e, tb)}
+    return f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(value):  # rank 0's value, on every rank
+    box = [value]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise BadInput(message)
+
+
 if __name__ == "__main__":
     sys.excepthook = print_bad_input  # bad input: one clear line instead of a traceback
-    args = tyro.cli(Args, use_underscores=True)
-    require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
-    require(args.eta > 0, f"--eta {args.eta} must be > 0 (it divides the log-ratio in Eq. 1): try --eta 1.0")
-    require(not args.tiny or args.model == Args.model, "--tiny builds random models instead of --model: drop one")
-    require(
-        args.tiny or os.path.isdir(args.model) or not args.model.startswith(("/", ".", "~")),
-        f"--model '{args.model}': no such directory",
-    )
-    require(args.num_steps >= 2, f"--num_steps {args.num_steps} leaves no stochastic step: use --num_steps 2 or more")
-    B, mb, accumulation = args.sample_batch_size, args.train_batch_size, args.gradient_accumulation_steps
-    micro_batches = args.num_inner_epochs * B // max(mb, 1)  # per iteration, over all inner epochs
-    require(
-        min(B, mb, accumulation, args.num_inner_epochs) >= 1 and B % mb == 0 and micro_batches % accumulation == 0,
-        f"--sample_batch_size {B} must be a positive multiple of --train_batch_size {mb}, and its {micro_batches} "
-        f"micro-batches (x --num_inner_epochs) a multiple of --gradient_accumulation_steps {accumulation}, so that "
-        f"every optimizer step sees as many samples: e.g. --gradient_accumulation_steps {max(micro_batches, 1)}",
-    )
-
-    # DDP set-up, nanoGPT style: torchrun sets RANK; the same file runs with plain `python`.
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    use_cuda = args.cuda and torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, local_rank, args.world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, device = 0, torch.device("cuda" if use_cuda else "cpu")
-    master_process = rank == 0
-    pairs = 2 if args.algo == "rebel" else 1  # REBEL draws y and y' for every prompt
-    args.queries_per_iteration = args.world_size * args.sample_batch_size * pairs
-
-    # Run directory: a new run starts in an empty one (by default a new sub-folder of --output_dir); --resume continues
-    # a stopped run in its own, under its own name, or starts it there if it has no checkpoint yet. <run_dir>/.lock
-    # keeps a second process out of it.
-    run_name = f"{args.exp_name}__{args.algo}__{args.seed}__{int(time.time())}"
-    run_dir = args.run_dir or os.path.join(args.output_dir, run_name)
-    checkpoint, run_dir, *_ = open_run({**asdict(args), "run_dir": run_dir, "output_dir": ""})
-    args.run_name = os.path.basename(os.path.normpath(run_dir))
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    frozen_dtype = torch.bfloat16 if use_cuda and args.bf16 else torch.float32
-
-    # Models: frozen LCM, LoRA (fp32) on the UNet attention projections.
-    from diffusers.utils import logging as diffusers_logging
-    from peft import LoraConfig, get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    diffusers_logging.set_verbosity_error()  # its dtype-cast advice targets from_pretrained, not our frozen copies
-    torch.manual_seed(args.seed)  # the LoRA init is the same on every rank (DDP also broadcasts rank 0's)
-    tokenizer, text_encoder, unet, vae, scheduler = build_lcm(args)
-    for module in (text_encoder, unet, vae):
-        module.requires_grad_(False)
-        module.to(device, dtype=frozen_dtype).eval()
-    try:
-        unet.add_adapter(
-            LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=list(args.lora_targets))
-        )
-    except ValueError as e:  # peft's NoMatchingPeftModuleError
-        layers = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        names = sorted(
-            {re.sub(r"^(.*\.)?([A-Za-z_]\w*(\.\d+)?)$", r"\2", n) for n in layers}
-        )  # to_q, to_out.0, conv_out, ...
-        raise BadInput(f"--lora_targets: {e} The UNet's linear and conv layers are named {names}") from e
-    lora_params = [p for p in unet.parameters() if p.requires_grad]
-    for p in lora_params:
-        p.data = p.data.float()
-    torch.manual_seed(args.seed + rank)  # from here on every rank draws its own noise
-    reward_fn = make_reward_fn(args, device)
-    coef = lcm_coefficients(scheduler, args, device)
-    side = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE downsamples by 8 (tiny: 2)
-    latent_shape = (unet.config.in_channels, side, side)
-    w_emb = guidance_embedding(torch.full((1,), args.guidance_scale - 1.0), unet.config.time_cond_proj_dim).to(device)
-    raw_unet = unet
-    if ddp:
-        unet = DDP(unet, device_ids=[local_rank] if use_cuda else None)
-    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
-    stat_tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
-
-    # Resume: the LoRA weights, the optimizer, the RNG states, the reward statistics and the position in the run, where
-    # the run stopped.
-    trainer = load_checkpoint(checkpoint, unet, optimizer, asdict(args), args.world_size)
-    start_update = trainer.get("update", 0)
-    require(
-        start_update <= args.num_iterations,
-        f"--resume: update {start_update} is past the run's {args.num_iterations} updates",
-    )
-    stat_tracker.load_state_dict(trainer.get("reward_buffers", {}))
-    reward_queries = start_update * args.queries_per_iteration
-    signals = stop_signals()
-
-    # Logging: TensorBoard always, wandb behind --track; only the master process writes.
-    if master_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        if args.track:
-            import wandb
-
-            wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                config=asdict(args),
-                name=args.run_name,
-                id=trainer.get("wandb_id"),  # None starts a new wandb run
-                resume="allow",
-                dir=run_dir,
-                save_code=True,
-            )
-            trainer["wandb_id"] = wandb.run.id
-            wandb.define_metric("objective/reward_queries")
-            wandb.define_metric("*", step_metric="objective/reward_queries")  # the paper's x-axis, as in TensorBoard
-        writer = SummaryWriter(run_dir, purge_step=reward_queries + 1 if checkpoint else 0)
-        writer.add_text("hyperparameters", "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        metrics_file = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
-        history = []  # progress.json's rows
-        if checkpoint:
-            with open(os.path.join(run_dir, "progress.json")) as f:
-                history = [row for row in json.load(f)["history"] if row["iteration"] <= start_update]
-        print(
-            f"run {args.run_name}: {args.algo} on {args.world_size} process(es), {device}, reward {args.reward}; "
-            f"logs in {run_dir}" + (f"; resumed after iteration {start_update}" if checkpoint else "")
-        )
-
-    def evaluate(iteration, reward_queries):
-        """Fixed prompts and noise on the master process: mean reward and an image grid."""
-        prompts = [ANIMALS[i % len(ANIMALS)] for i in range(args.num_eval_images)]
-        embeds = encode_prompts(tokenizer, text_encoder, prompts, device)
-        g = torch.Generator(device=device).manual_seed(12345)
-        noise = torch.randn((len(prompts), *latent_shape), device=device, generator=g)
-        *_, final = sample_trajectories(raw_unet, coef, embeds, w_emb, noise, args, frozen_dtype, generator=g)
-        images = decode(vae, final, frozen_dtype)
-        rewards = reward_fn(images)
-        grid = image_grid(images.cpu(), ncol=4)
-        writer.add_image("eval/images", grid, reward_queries)
-        writer.add_scalar("eval/reward", rewards.mean().item(), reward_queries)
-        if args.track:
-            caption = ", ".join(f"{p}: {r:.2f}" for p, r in zip(prompts, rewards.tolist()))
-            image = wandb.Image(grid.permute(1, 2, 0).numpy(), caption=caption)
-            wandb.log({"eval/images": image, "eval/reward": rewards.mean().item()}, step=iteration)
-
-    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
-    for iteration in range(start_update + 1, args.num_iterations + 1):
-        t0 = time.time()
-        # 1. Rollout: B prompts per rank; REBEL samples each twice with different noise (y, y').
-        prompt_ids = torch.from_numpy(np.random.randint(len(ANIMALS), size=args.sample_batch_size))
-        embeds = encode_prompts(tokenizer, text_encoder, [ANIMALS[i] for i in prompt_ids], device)
-        embeds = embeds.repeat(pairs, 1, 1)  # (pairs*B, L, D): rows [0, B) are y, rows [B, 2B) are y'
-        noise = torch.randn((pairs * args.sample_batch_size, *latent_shape), device=device)
-        states, next_states, old_log_probs, final = sample_trajectories(
-            raw_unet, coef, embeds, w_emb, noise, args, frozen_dtype
-        )
-
-        # 2. Score: rewards and prompts gathered from every rank for the per-prompt statistics.
-        rewards = reward_fn(decode(vae, final, frozen_dtype)).float().to(device)  # (pairs*B,)
-        check_finite({"the rewards": rewards, "the sampler's log-probs": old_log_probs}, nan_dump)
-        all_rewards = all_gather_cat(rewards, args.world_size)
-        all_ids = all_gather_cat(prompt_ids.repeat(pairs).to(device), args.world_size)
-        advantages = stat_tracker.update(all_ids.cpu().numpy(), all_rewards.cpu().numpy().astype(np.float64))
-        advantages = torch.as_tensor(advantages, dtype=torch.float32).view(args.world_size, -1)[rank].to(device)
-        if args.clip_advantages:
-            advantages = advantages.clamp(-args.adv_clip_max, args.adv_clip_max)
-        reward_queries += args.queries_per_iteration
-        t_sample = time.time() - t0
-
-        # 3. Train: micro-batches of whole trajectories (REBEL: whole pairs); the optimizer steps once every
-        # --gradient_accumulation_steps micro-batches, counted across the inner epochs.
-        info = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
-        unet.train()
-        micro_step = 0
-        pair = lambda v: v.view(2, mb).T  # noqa: E731  (2*mb,) rows [y of idx, y' of idx] -> (mb, 2): columns y, y'
-        for _ in range(args.num_inner_epochs):
-            perm = torch.randperm(B, device=device)  # shuffles prompts (pairs), never splitting y from y'
-            for start in range(0, B, mb):
-                idx = perm[start : start + mb]
-                rows = torch.cat([idx + j * B for j in range(pairs)])  # REBEL: [y of idx, y' of idx]
-                micro_step += 1
-                last_micro_step = micro_step % accumulation == 0
-                if ddp:  # synchronise LoRA gradients only on the micro-batch that steps the optimizer
-                    unet.require_backward_grad_sync = last_micro_step
-                log_probs = trajectory_log_probs(
-                    unet, coef, states[rows], next_states[rows], embeds[rows], w_emb, args, frozen_dtype
-                )  # (pairs*mb, T)
-                if args.algo == "rebel":  # a trajectory's log-prob is the sum of its step log-probs
-                    loss = rebel_loss(
-                        pair(log_probs.sum(1)), pair(old_log_probs[rows].sum(1)), pair(advantages[rows]), args.eta
-                    )
-                else:
-                    loss, clipfrac = ppo_loss(log_probs, old_log_probs[rows], advantages[rows], args.clip_range)
-                    info["clipfrac"].append(clipfrac.detach())
-                check_finite(
-                    {f"the {args.algo} loss": loss.detach(), "the new log-probs": log_probs.detach()}, nan_dump
-                )
-                (loss / accumulation).backward()
-                info["loss"].append(loss.detach())
-                if last_micro_step:
-                    if args.clip_grad_norm:
-                        info["grad_norm"].append(torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-        unet.eval()
-        # Before the first optimizer step every log-ratio is 0, so I measure the KL after the update, on the last
-        # micro-batch: Schulman's k2 estimator 0.5 (log pi_theta - log pi_t)^2 per step, as DDPO logs it.
-        with torch.no_grad():
-            new_log_probs = trajectory_log_probs(
-                raw_unet, coef, states[rows], next_states[rows], embeds[rows], w_emb, args, frozen_dtype
-            )
-        info["approx_kl"].append(0.5 * ((new_log_probs - old_log_probs[rows]) ** 2).mean())
-
-        # 4. Log: metrics reduced over ranks, with reward queries as the x-axis.
-        stats = {f"loss/{args.algo}": info["loss"], "policy/approx_kl": info["approx_kl"]}
-        stats |= {f"policy/{k}": info[k] for k in ("clipfrac", "grad_norm") if info[k]}  # PPO; --clip_grad_norm
-        values = torch.stack([torch.stack(v).float().mean() for v in stats.values()]).to(device)
-        if ddp:
-            dist.all_reduce(values)
-            values /= args.world_size
-        if master_process:
-            metrics = dict(zip(stats, values.tolist()))
-            metrics["objective/reward"] = all_rewards.mean().item()
-            metrics["objective/reward_std"] = all_rewards.std().item()
-            metrics["objective/reward_queries"] = reward_queries
-            metrics["time/iteration_seconds"] = time.time() - t0
-            metrics["time/sample_seconds"] = t_sample
-            if use_cuda:
-                metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            for name, value in metrics.items():
-                writer.add_scalar(name, value, reward_queries)
-            if args.track:
-                wandb.log(metrics, step=iteration)
-            metrics_file.write(json.dumps({"update": iteration, **metrics}) + "\n")
-            metrics_file.flush()
-            history.append(
-                dict(iteration=iteration, reward_queries=reward_queries, reward_mean=metrics["objective/reward"])
-            )
-            # progress.json is rewritten every iteration so that a killed run still plots, and replaced whole so that
-            # a kill while writing it leaves the previous one.
-            with open(os.path.join(run_dir, "progress.json.tmp"), "w") as f:
-                json.dump(dict(args=asdict(args), history=history), f)
-            os.replace(os.path.join(run_dir, "progress.json.tmp"), os.path.join(run_dir, "progress.json"))
-            print(
-                f"iter {iteration} queries {reward_queries} reward {metrics['objective/reward']:.4f} "
-                f"loss {metrics[f'loss/{args.algo}']:.4g} kl {metrics['policy/approx_kl']:.3g} "
-                f"({metrics['time/iteration_seconds']:.2f}s)"
-            )
-            if iteration % args.eval_every == 0 or iteration == args.num_iterations:
-                evaluate(iteration, reward_queries)
-
-        # 5. Checkpoint every --save_freq iterations, at the last, and on Ctrl-C or SIGTERM, which then stop the run.
-        received = torch.tensor(len(signals), device=device)
-        if ddp:  # a signal may reach the ranks in different iterations: all of them stop after the same one
-            dist.all_reduce(received, op=dist.ReduceOp.MAX)
-        stop = received.item() > 0
-        last = iteration == args.num_iterations
-        checkpointing = stop or last or (args.save_freq > 0 and iteration % args.save_freq == 0)
-        if checkpointing:
-            trainer.update(
-                update=iteration,
-                world_size=args.world_size,
-                flags=asdict(args),
-                reward_buffers=stat_tracker.state_dict(),
-            )
-            save_checkpoint(run_dir, iteration, unet, optimizer, trainer, args.keep_checkpoints)
-        if master_process and checkpointing:
-            # The LoRA weights alone, in peft's format, for use outside this script.
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(raw_unet).items()},
-                os.path.join(run_dir, "lora.safetensors"),
-            )
-        if stop:
-            break
-
-    if master_process:
-        if stop:
-            print(f"stopped after iteration {iteration}; continue with --resume {run_dir}", file=sys.stderr)
-        metrics_file.close()
-        writer.close()
-        if args.track:
-            wandb.finish()
-    if ddp:
-        # A gloo thread left running can abort the exit unless the wrapper is gone: tests/test_ddp_teardown.py
-        del unet
-        dist.destroy_process_group()
-    if stop:
-        sys.exit(128 + (signals or [signal.SIGTERM])[0])
+    main(tyro.cli(Args, use_underscores=True))

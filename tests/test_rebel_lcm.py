@@ -34,10 +34,19 @@ from peft import get_peft_model_state_dict
 steps = []
 register_optimizer_step_post_hook(lambda *_: steps.append(1))
 sys.argv = sys.argv[1:]
-g = runpy.run_path(sys.argv[0], run_name="__main__")
+g = {}  # main's locals as it returns
+sys.setprofile(lambda frame, event, arg: event == "return" and frame.f_code.co_name == "main"
+               and frame.f_code.co_filename.endswith("rebel_lcm.py") and g.update(frame.f_locals))
+runpy.run_path(sys.argv[0], run_name="__main__")
+sys.setprofile(None)
 dump = dict(steps=len(steps), lora=get_peft_model_state_dict(g["raw_unet"]), noise=g["noise"])
 torch.save(dump, f"rank{os.environ.get('RANK', 0)}.pt")
 """
+
+
+def sampling(args, dtype) -> dict:
+    """sample_trajectories' settings as main() passes them."""
+    return dict(dtype=dtype, final_step_logprob=args.final_step_logprob, per_dim=args.logprob_per_dim)
 
 
 def run_script(args, tmp_path, launcher=(sys.executable,), timeout=300, env=ENV, dump=False):
@@ -65,7 +74,7 @@ def tiny():
     torch.set_num_threads(1)
     args = R.Args(tiny=True, num_steps=4, reward="compressibility")
     tokenizer, text_encoder, unet, vae, scheduler = R.build_lcm(args)
-    coef = R.lcm_coefficients(scheduler, args, "cpu")
+    coef = R.lcm_coefficients(scheduler, args.num_steps, args.lcm_origin_steps, args.final_step_logprob, "cpu")
     embeds = R.encode_prompts(tokenizer, text_encoder, ["cat", "hedgehog"], "cpu")
     w_emb = R.guidance_embedding(torch.full((2,), args.guidance_scale - 1), unet.config.time_cond_proj_dim)
     return dict(args=args, unet=unet, vae=vae, scheduler=scheduler, coef=coef, embeds=embeds, w_emb=w_emb)
@@ -75,7 +84,9 @@ def test_step_log_prob_is_the_gaussian_density_and_recomputes_to_ratio_one(tiny)
     args, unet, coef, embeds, w_emb = tiny["args"], tiny["unet"], tiny["coef"], tiny["embeds"], tiny["w_emb"]
     torch.manual_seed(0)
     noise = torch.randn(2, 4, 16, 16)
-    states, next_states, log_probs, final = R.sample_trajectories(unet, coef, embeds, w_emb, noise, args, torch.float32)
+    states, next_states, log_probs, final = R.sample_trajectories(
+        unet, coef, embeds, w_emb, noise, **sampling(args, torch.float32)
+    )
     assert states.shape == (2, 3, 4, 16, 16) and log_probs.shape == (2, 3)  # the last step is deterministic
     scheduler = tiny["scheduler"]
     for i in range(3):
@@ -91,7 +102,9 @@ def test_step_log_prob_is_the_gaussian_density_and_recomputes_to_ratio_one(tiny)
         torch.testing.assert_close(log_probs[:, i], expected, rtol=1e-5, atol=1e-5)
     # Recomputing with unchanged parameters (one batched UNet call) reproduces the sampler: ratio 1.
     with torch.no_grad():
-        recomputed = R.trajectory_log_probs(unet, coef, states, next_states, embeds, w_emb, args, torch.float32)
+        recomputed = R.trajectory_log_probs(
+            unet, coef, states, next_states, embeds, w_emb, dtype=torch.float32, per_dim=True
+        )
     torch.testing.assert_close(torch.exp(recomputed - log_probs), torch.ones(2, 3), rtol=0, atol=1e-5)
 
 
@@ -103,13 +116,13 @@ def test_summed_log_prob_is_the_exact_density():
 
 def test_final_step_logprob_follows_the_reference(tiny):
     args = R.Args(tiny=True, num_steps=4, final_step_logprob=True)
-    coef = R.lcm_coefficients(tiny["scheduler"], args, "cpu")
+    coef = R.lcm_coefficients(tiny["scheduler"], 4, args.lcm_origin_steps, True, "cpu")
     # The reference steps from the last timestep to itself: noise with variance 1 - alpha-bar(t_last).
     assert coef["alpha_next"][-1] == coef["alpha"][-1] < 1
-    assert R.lcm_coefficients(tiny["scheduler"], tiny["args"], "cpu")["alpha_next"][-1] == 1
+    assert R.lcm_coefficients(tiny["scheduler"], 4, args.lcm_origin_steps, False, "cpu")["alpha_next"][-1] == 1
     noise = torch.randn(2, 4, 16, 16)
     _, _, log_probs, _ = R.sample_trajectories(
-        tiny["unet"], coef, tiny["embeds"], tiny["w_emb"], noise, args, torch.float32
+        tiny["unet"], coef, tiny["embeds"], tiny["w_emb"], noise, **sampling(args, torch.float32)
     )
     assert log_probs.shape == (2, 4)  # all 4 steps carry a log-prob
 
@@ -156,16 +169,16 @@ def test_bf16_frozen_weights_on_cpu():
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     for p in lora_params:
         p.data = p.data.float()
-    coef = R.lcm_coefficients(scheduler, args, "cpu")
+    coef = R.lcm_coefficients(scheduler, args.num_steps, args.lcm_origin_steps, args.final_step_logprob, "cpu")
     embeds = R.encode_prompts(tokenizer, text_encoder, ["cat", "dog"], "cpu").repeat(2, 1, 1)  # rows y, y'
     w_emb = R.guidance_embedding(torch.full((1,), args.guidance_scale - 1), unet.config.time_cond_proj_dim)
     assert embeds.dtype == bf16 and w_emb.dtype == torch.float32
     torch.manual_seed(0)
     states, next_states, old_log_probs, final = R.sample_trajectories(
-        unet, coef, embeds, w_emb, torch.randn(4, 4, 16, 16), args, bf16
+        unet, coef, embeds, w_emb, torch.randn(4, 4, 16, 16), **sampling(args, bf16)
     )
     rewards = -R.jpeg_kilobytes(R.decode(vae, final, bf16))
-    log_probs = R.trajectory_log_probs(unet, coef, states, next_states, embeds, w_emb, args, bf16)
+    log_probs = R.trajectory_log_probs(unet, coef, states, next_states, embeds, w_emb, dtype=bf16, per_dim=True)
     pair = lambda v: v.view(2, 2).T  # noqa: E731
     loss = R.rebel_loss(pair(log_probs.sum(1)), pair(old_log_probs.sum(1)), pair(rewards), eta=1.0)
     loss.backward()
