@@ -309,8 +309,7 @@ def main(args: Args) -> None:
 
     # Set-up: processes, the run's folder, the frozen LCM with LoRA on its UNet, the reward, resume, logs.
     rank, args.world_size, device = init_processes(args.cuda, args.seed)
-    ddp, use_cuda = dist.is_initialized(), device.type == "cuda"
-    dtype = torch.bfloat16 if use_cuda and args.bf16 else torch.float32  # the frozen weights'
+    ddp, dtype = dist.is_initialized(), torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
     pairs = 2 if args.algo == "rebel" else 1  # REBEL draws y and y' for every prompt
     args.queries_per_iteration = args.world_size * args.sample_batch_size * pairs
     run_name = f"{args.exp_name}__{args.algo}__{args.seed}__{int(time.time())}"
@@ -324,7 +323,7 @@ def main(args: Args) -> None:
     side = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE downsamples by 8 (tiny: 2)
     latent_shape = (unet.config.in_channels, side, side)
     w_emb = guidance_embedding(torch.full((1,), args.guidance_scale - 1.0), unet.config.time_cond_proj_dim).to(device)
-    raw_unet, unet = unet, DDP(unet, device_ids=[device.index] if use_cuda else None) if ddp else unet
+    raw_unet, unet = unet, DDP(unet, device_ids=[device.index] if device.type == "cuda" else None) if ddp else unet
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
     stat_tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
     sampling = dict(dtype=dtype, final_step_logprob=args.final_step_logprob, per_dim=args.logprob_per_dim)
@@ -434,7 +433,6 @@ def main(args: Args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- this script's plumbing
-# The flags' checks, the LCM and its LoRA, the rewards, images and logs (with reward queries as the x-axis).
 
 
 def check_args(args: Args) -> None:
@@ -442,10 +440,8 @@ def check_args(args: Args) -> None:
     require(args.lr > 0, f"--lr must be > 0; got {args.lr}")
     require(args.eta > 0, f"--eta {args.eta} must be > 0 (it divides the log-ratio in Eq. 1): try --eta 1.0")
     require(not args.tiny or args.model == Args.model, "--tiny builds random models instead of --model: drop one")
-    require(
-        args.tiny or os.path.isdir(args.model) or not args.model.startswith(("/", ".", "~")),
-        f"--model '{args.model}': no such directory",
-    )
+    local = args.model.startswith(("/", ".", "~"))  # a path, not a hub name
+    require(args.tiny or os.path.isdir(args.model) or not local, f"--model '{args.model}': no such directory")
     require(args.num_steps >= 2, f"--num_steps {args.num_steps} leaves no stochastic step: use --num_steps 2 or more")
     B, mb, accumulation = args.sample_batch_size, args.train_batch_size, args.gradient_accumulation_steps
     micro_batches = args.num_inner_epochs * B // max(mb, 1)  # per iteration, over all inner epochs
@@ -458,9 +454,8 @@ def check_args(args: Args) -> None:
 
 
 def load_lcm(args: Args, device, dtype, rank: int):
-    """build_lcm's parts, frozen in `dtype` on `device`, with fp32 LoRA adapters on the UNet's --lora_targets. The LoRA
-    init is the same on every rank (seeded with --seed; DDP also broadcasts rank 0's); then each rank draws its own
-    noise (seed + rank)."""
+    """build_lcm's parts frozen in `dtype`, fp32 LoRA on the UNet's --lora_targets: the same init on every rank (--seed;
+    DDP also broadcasts rank 0's); then each rank draws its own noise (seed + rank)."""
     from diffusers.utils import logging as diffusers_logging
     from peft import LoraConfig
 
@@ -663,10 +658,8 @@ def all_gather_cat(x: torch.Tensor, world_size: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_images(iteration, reward_queries, *, log, unet, vae, tokenizer, text_encoder, coef, w_emb, reward_fn,
              latent_shape, sampling: dict, num_images: int) -> None:  # fmt: skip
-    """Fixed prompts and noise, on rank 0: the mean reward and an image grid (their own generator: the run's random
-    streams are untouched)."""
-    prompts = [ANIMALS[i % len(ANIMALS)] for i in range(num_images)]
-    device = w_emb.device
+    """Fixed prompts and noise (their own generator), on rank 0: the mean reward and an image grid."""
+    prompts, device = [ANIMALS[i % len(ANIMALS)] for i in range(num_images)], w_emb.device
     embeds = encode_prompts(tokenizer, text_encoder, prompts, device)
     g = torch.Generator(device=device).manual_seed(12345)
     noise = torch.randn((len(prompts), *latent_shape), device=device, generator=g)
@@ -685,9 +678,8 @@ def evaluate_images(iteration, reward_queries, *, log, unet, vae, tokenizer, tex
 
 
 class LcmLog:
-    """Rank 0's logs, with reward queries as the x-axis (the paper's): TensorBoard, metrics.jsonl, progress.json (the
-    reward curve that eval/plot_lcm.py draws) and, with --track, the wandb run; each continued where the checkpoint
-    left it on resume. Every rank calls write(), which reduces the metrics over the ranks."""
+    """Rank 0's logs against reward queries (the paper's x-axis): TensorBoard, metrics.jsonl, progress.json (for
+    eval/plot_lcm.py), with --track wandb; continued on resume. Every rank calls write(): it reduces over the ranks."""
 
     def __init__(self, run_dir: str, flags: dict, trainer: dict, start_update: int, reward_queries: int, device):
         self.master = not dist.is_initialized() or dist.get_rank() == 0
@@ -719,20 +711,16 @@ class LcmLog:
         )
 
     def write(self, iteration: int, stats: dict, rewards, reward_queries: int, t0: float, t_sample: float) -> None:
-        """One iteration's metrics: `stats` (name -> a list of scalar tensors, their mean over the ranks), the gathered
-        rewards, the time since t0 (sampling: t_sample) and peak memory."""
+        """`stats` (name -> scalar tensors: their mean over ranks), the gathered rewards, the times, peak memory."""
         values = torch.stack([torch.stack(v).float().mean() for v in stats.values()]).to(self.device)
         if dist.is_initialized():
             dist.all_reduce(values)
             values /= dist.get_world_size()
         if not self.master:
             return
-        metrics = dict(zip(stats, values.tolist()))
-        metrics["objective/reward"] = rewards.mean().item()
-        metrics["objective/reward_std"] = rewards.std().item()
-        metrics["objective/reward_queries"] = reward_queries
-        metrics["time/iteration_seconds"] = time.time() - t0
-        metrics["time/sample_seconds"] = t_sample
+        metrics = {**dict(zip(stats, values.tolist())), "objective/reward": rewards.mean().item(),
+                   "objective/reward_std": rewards.std().item(), "objective/reward_queries": reward_queries,
+                   "time/iteration_seconds": time.time() - t0, "time/sample_seconds": t_sample}  # fmt: skip
         if self.device.type == "cuda":
             metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         for name, value in metrics.items():
@@ -767,8 +755,7 @@ class LcmLog:
             save_file(state, os.path.join(self.run_dir, "lora.safetensors"))
 
     def end(self, iteration: int, signals: list | None) -> None:
-        """As RunLog.end: the logs closed, the processes ended; a run stopped by `signals` says how to resume and exits
-        with 128 + the signal's number."""
+        """As RunLog.end: logs closed, processes ended; stopped by `signals`, how to resume, and exit 128 + signal."""
         if self.master:
             if signals is not None:
                 print(f"stopped after iteration {iteration}; continue with --resume {self.run_dir}", file=sys.stderr)
