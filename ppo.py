@@ -119,7 +119,8 @@ class Args:
     local_rollout_forward_batch_size: int = 32
     """prompts per no-grad generation / scoring chunk on one rank"""
     lr: float = 3e-6
-    """AdamW learning rate of the policy and the critic (one optimizer over both), decayed linearly to 0"""
+    """AdamW learning rate of the policy and the critic (one optimizer, torch's weight decay 0.01, as the official
+    code), decayed linearly to lr / num_updates"""
     eps: float = 1e-5
     """AdamW epsilon"""
     max_grad_norm: float | None = None
@@ -150,7 +151,7 @@ class Args:
     """shard the policy and the critic (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not
     fit (6.9B)"""
     gradient_checkpointing: bool = False
-    """recompute activations in the backward pass: less memory, ~1/3 more time"""
+    """recompute activations in the backward pass (in eval mode too): less memory, ~1/3 more time"""
     cuda: bool = True
     """use CUDA when it is available"""
 
@@ -345,8 +346,8 @@ def main(args: Args) -> None:
     # starts from the reward model (or the policy, --critic_init), with its own LoRA adapter or fully trained in fp32.
     new_lora = partial(lora_config, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     raw_policy, ref_policy, stop_ids = load_trained_policy(
-        args.sft_model_path, tokenizer, args.lora and new_lora(), args.num_trainable_layers, dtype, device, args.fsdp,
-        bf16, (args.query_length, args.response_length),
+        args.sft_model_path, tokenizer, new_lora() if args.lora else None, args.num_trainable_layers, dtype, device,
+        args.fsdp, bf16, (args.query_length, args.response_length),
     )  # fmt: skip
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     critic_path = args.sft_model_path if args.critic_init == "policy" else args.reward_model_path
@@ -381,7 +382,8 @@ def main(args: Args) -> None:
                              flags=flags, autocast=autocast)  # fmt: skip
 
     # The loop: rollout -> reward -> advantages (GAE) -> clipped PPO epochs -> log -> checkpoint.
-    stop, nan_dump = False, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    nan_dump = os.path.join(run_dir, f"nonfinite_rank{rank}.pt")  # where check_finite saves a non-finite batch
+    stop, update = False, start_update  # a finished run launched again with its --resume runs no update
     if not checkpoint:
         run_evaluation(0)
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):

@@ -54,7 +54,8 @@ class Args:
     kl_coef: float | None = None
     """coefficient of the KL penalty to the SFT policy inside the reward (default 0.05; with --preference_fn, 0)"""
     loss_scaling: Literal["paper", "official"] = "paper"
-    """'paper': Equation (1) as written; 'official': eta^2 times it, what the official code minimises"""
+    """'paper': Equation (1) as written; 'official': eta^2 times it, what the official code minimises (under AdamW
+    the scale matters only through eps and --max_grad_norm)"""
     noptepochs: int = 4
     """passes over each batch of pairs"""
     num_mini_batches: int = 1
@@ -106,7 +107,7 @@ class Args:
     local_rollout_forward_batch_size: int = 32
     """prompts per no-grad generation / scoring chunk on one rank"""
     lr: float = 3e-6
-    """AdamW learning rate, decayed linearly to 0"""
+    """AdamW learning rate (torch's weight decay 0.01, as the official code), decayed linearly to lr / num_updates"""
     eps: float = 1e-5
     """AdamW epsilon"""
     max_grad_norm: float | None = None
@@ -125,7 +126,7 @@ class Args:
     preference_fn: str | None = None
     """path/to/file.py:fn, a preference instead of a reward (Appendix D.2): fn(prompts, responses_a, responses_b) ->
     P(a > b) in [0, 1] per pair. --kl_coef defaults to 0 (D.2: the fixed point is D.1's minimax winner); c > 0 aims at
-    a KL-regularised game instead (at 0.05 a KL of 40 nats costs 2, l's whole range). Evaluated by win rate"""
+    a KL-regularised game instead (at 0.05 a KL of 40 nats costs 2, the whole range of l = 2P - 1). Evaluated by win rate"""
 
     # the trained model
     lora: bool = True
@@ -151,7 +152,7 @@ class Args:
     fsdp: bool = False
     """shard the policy (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not fit (6.9B)"""
     gradient_checkpointing: bool = False
-    """recompute activations in the backward pass: less memory, ~1/3 more time"""
+    """recompute activations in the backward pass (in eval mode too): less memory, ~1/3 more time"""
     cuda: bool = True
     """use CUDA when it is available"""
 

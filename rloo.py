@@ -105,7 +105,7 @@ class Args:
     local_rollout_forward_batch_size: int = 32
     """prompts per no-grad generation / scoring chunk on one rank"""
     lr: float = 3e-6
-    """AdamW learning rate, decayed linearly to 0"""
+    """AdamW learning rate (torch's weight decay 0.01, as the official code), decayed linearly to lr / num_updates"""
     eps: float = 1e-5
     """AdamW epsilon"""
     max_grad_norm: float | None = None
@@ -143,7 +143,7 @@ class Args:
     fsdp: bool = False
     """shard the policy (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not fit (6.9B)"""
     gradient_checkpointing: bool = False
-    """recompute activations in the backward pass: less memory, ~1/3 more time"""
+    """recompute activations in the backward pass (in eval mode too): less memory, ~1/3 more time"""
     cuda: bool = True
     """use CUDA when it is available"""
 

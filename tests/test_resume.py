@@ -49,13 +49,18 @@ def test_checkpoints_are_complete_and_only_the_last_are_kept(toy, tmp_path):
     assert any(k.startswith("optimizer.state.") and k.endswith("exp_avg_sq") for k in saved)
 
 
-def test_a_finished_run_launched_again_with_its_resume_ends_cleanly(toy, tmp_path):
+@pytest.mark.parametrize("script", ["rebel.py", *(pytest.param(s, marks=pytest.mark.slow) for s in ["ppo.py", "rloo.py",
+                                                                                             "dpo.py", "iterative_dpo.py"])])  # fmt: skip
+def test_a_finished_run_launched_again_with_its_resume_ends_cleanly(toy, tmp_path, script):
     """A pre-emptible job passes the same --resume at every launch, also after the run has finished: the loop has no
     update left, and the run evaluates, saves and exits 0 again (it once crashed on the loop's unset counter)."""
-    run = tmp_path / "run"
-    run_script("rebel.py", *toy.rl_flags, "--resume", str(run))
+    run, flags = (
+        tmp_path / "run",
+        [*toy.rl_flags, "--preference_dataset", toy.preference] if script == "dpo.py" else toy.rl_flags,
+    )
+    run_script(script, *flags, "--resume", str(run))
     saved = (run / "model" / "adapter_model.safetensors").read_bytes()
-    again = run_script("rebel.py", *toy.rl_flags, "--resume", str(run))
+    again = run_script(script, *flags, "--resume", str(run))
     assert "resumed after update 2" in again.stdout and "Traceback" not in again.stdout
     assert (run / "model" / "adapter_model.safetensors").read_bytes() == saved  # the same policy, saved again
 
