@@ -9,9 +9,9 @@ Evaluation is rebel.py's (sample on the TL;DR evaluation prompts, score with the
 policy), so that DPO is judged like the others; the reward model is used for evaluation only. Hyper-parameters:
 REBEL's Appendix I.1.4 (batch 64, lr 3e-6, 1 epoch, beta 0.05).
 
-The file reads top to bottom: the flags (Args), the algorithm (dpo_loss, and rebel.py's rollout to evaluate), the
-loop (main), then the plumbing every script shares (the appendix): `diff rebel.py dpo.py` shows what DPO changes, and
-docs/rebel.md explains the choices and metrics the scripts share.
+The file reads top to bottom: the flags (Args), the algorithm (dpo_loss), the loop (main), the evaluation's sampling
+(rebel.py's rollout: sample_responses, score_responses), then the plumbing every script shares (the appendix):
+`diff rebel.py dpo.py` shows what DPO changes, and docs/rebel.md explains the choices and metrics the scripts share.
 
     python dpo.py --beta 0.05                               # one process
     torchrun --nproc_per_node 8 dpo.py --beta 0.05          # the paper's TL;DR run
@@ -243,9 +243,12 @@ def main(args: Args) -> None:
         print(f"dropped {dropped} preference pairs with a prompt longer than --query_length {args.query_length}")
 
     def sample_eval(queries, prompts):  # one response per prompt at --eval_temperature (its KL too, as officially)
-        r = rollout(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries, prompts=prompts, n=1,
-                    config=eval_config, stop_ids=stop_ids, penalty=args.penalty_reward_value,
-                    chunk=args.local_rollout_forward_batch_size, timer=Timer(device))  # fmt: skip
+        responses = sample_responses(
+            raw_policy, queries, 1, eval_config, args.local_rollout_forward_batch_size
+        )  # (B, 1, T)
+        r = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries,
+                            responses=responses, prompts=prompts, config=eval_config, stop_ids=stop_ids,
+                            penalty=args.penalty_reward_value, chunk=args.local_rollout_forward_batch_size)  # fmt: skip
         return tuple(t[:, 0] for t in (r.query_responses, r.masks, r.logprobs - r.ref_logprobs, r.scores, r.has_eos))
 
     run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
@@ -323,11 +326,12 @@ def main(args: Args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-# DPO trains on fixed pairs; it samples only to evaluate, with rebel.py's rollout (one response per prompt).
+# DPO trains on fixed pairs; it samples only to evaluate (one response per prompt), with rebel.py's rollout.
 
 
 class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (L = prompt + T response tokens)."""
+    """What the loss needs of m responses to each of B prompts (L = prompt + T response tokens). In rebel.py m is
+    --num_samples (k), plus the comparator y'' with --preference_fn and k = 2; n <= m of them are sampled from pi_t."""
 
     query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
     masks: torch.Tensor  # (B, m, T) True on the response's tokens
@@ -338,26 +342,30 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def rollout(
-    *, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk, timer=None, given=None
-):
-    """Sample n responses per prompt from `policy` (pi_t) and score them, `chunk` prompts at a time.
+def sample_responses(policy, queries, n: int, config, chunk: int) -> torch.Tensor:
+    """n responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded prompt
+    ids -> (B, n, T) token ids (exactly T = --response_length: EOS does not stop sampling, score_responses cuts)."""
+    ctx = queries.size(1)
+    responses = [generate(policy, q.repeat_interleave(n, 0), config)[:, ctx:] for q in queries.split(chunk)]
+    return torch.cat(responses).unflatten(0, (-1, n))
+
+
+@torch.no_grad()
+def score_responses(
+    *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
+) -> Rollout:
+    """What Equation (1) needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time.
 
     queries (B, ctx): the left-padded prompt ids; prompts: the same prompts as the dataset gives them (for --reward_fn)
     ref_policy: `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the adapter off, or a copy)
     reward: reward(query_responses, ctx, prompts) -> scores, or None (scores 0); penalty: the score of no stop token
-    config: generate's settings (sampling_config); stop_ids: the tokens that end a response; timer: a Timer, or None
-    given (B, T): rebel.py's --mu dataset y', put second, so m = n + 1
+    config: the sampling_config the responses were drawn with (its temperature and pad id); stop_ids: the tokens
+    that end a response; timer: a Timer, or None
     """
-    ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
+    ctx, m, pad_id, temperature, out = queries.size(1), responses.size(1), config.pad_token_id, config.temperature, []
     timer = timer or Timer(queries.device)
     for start in range(0, len(queries), chunk):
-        query = queries[start : start + chunk]
-        with timer("generation"):
-            response = generate(policy, query.repeat_interleave(n, 0), config)[:, ctx:].unflatten(0, (-1, n))
-        if given is not None:
-            response = torch.cat((response[:, :1], given[start : start + chunk, None], response[:, 1:]), 1)
-        m = response.size(1)
+        query, response = queries[start : start + chunk], responses[start : start + chunk]
         # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
         # early), pad the rest.
         response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)

@@ -10,9 +10,9 @@ pi is the policy at the sampling temperature: every log-prob (the regression's, 
 --temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout), so at the
 first pass ln pi_theta equals the rollout's ln pi_t up to numerical noise.
 
-The file reads top to bottom: the flags (Args), the algorithm (rebel_loss, rollout, pair_up), the loop (main), the
-variants (more samples, y' from the dataset, a preference model), then the plumbing every script shares (the
-appendix). docs/rebel.md explains every metric.
+The file reads top to bottom: the flags (Args), the algorithm (rebel_loss; the rollout: sample_responses, then
+score_responses; pair_up), the loop (main), the variants (more samples, y' from the dataset, a preference model),
+then the plumbing every script shares (the appendix). docs/rebel.md explains every metric.
 
     python rebel.py --eta 1.0                               # one process
     torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the paper's 2.8B TL;DR run
@@ -65,7 +65,7 @@ class Args:
     temperature: float = 0.7
     """sampling temperature. The official code samples at 0.7; the paper's Table (Appendix I.1.4) lists 0.1"""
     response_length: int = 53
-    """tokens sampled per response, exactly, as in the paper: EOS does not stop sampling; rollout cuts after it"""
+    """tokens sampled per response, exactly, as in the paper: EOS does not stop sampling; the rollout cuts after it"""
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
@@ -205,7 +205,8 @@ def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "pape
 
 
 class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (L = prompt + T response tokens)."""
+    """What the loss needs of m responses to each of B prompts (L = prompt + T response tokens). In rebel.py m is
+    --num_samples (k), plus the comparator y'' with --preference_fn and k = 2; n <= m of them are sampled from pi_t."""
 
     query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
     masks: torch.Tensor  # (B, m, T) True on the response's tokens
@@ -216,26 +217,30 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def rollout(
-    *, policy, ref_policy, reward, queries, prompts, n, config, stop_ids, penalty, chunk, timer=None, given=None
-):
-    """Sample n responses per prompt from `policy` (pi_t) and score them, `chunk` prompts at a time.
+def sample_responses(policy, queries, n: int, config, chunk: int) -> torch.Tensor:
+    """n responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded prompt
+    ids -> (B, n, T) token ids (exactly T = --response_length: EOS does not stop sampling, score_responses cuts)."""
+    ctx = queries.size(1)
+    responses = [generate(policy, q.repeat_interleave(n, 0), config)[:, ctx:] for q in queries.split(chunk)]
+    return torch.cat(responses).unflatten(0, (-1, n))
+
+
+@torch.no_grad()
+def score_responses(
+    *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
+) -> Rollout:
+    """What Equation (1) needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time.
 
     queries (B, ctx): the left-padded prompt ids; prompts: the same prompts as the dataset gives them (for --reward_fn)
     ref_policy: `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the adapter off, or a copy)
     reward: reward(query_responses, ctx, prompts) -> scores, or None (scores 0); penalty: the score of no stop token
-    config: generate's settings (sampling_config); stop_ids: the tokens that end a response; timer: a Timer, or None
-    given (B, T): rebel.py's --mu dataset y', put second, so m = n + 1
+    config: the sampling_config the responses were drawn with (its temperature and pad id); stop_ids: the tokens
+    that end a response; timer: a Timer, or None
     """
-    ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
+    ctx, m, pad_id, temperature, out = queries.size(1), responses.size(1), config.pad_token_id, config.temperature, []
     timer = timer or Timer(queries.device)
     for start in range(0, len(queries), chunk):
-        query = queries[start : start + chunk]
-        with timer("generation"):
-            response = generate(policy, query.repeat_interleave(n, 0), config)[:, ctx:].unflatten(0, (-1, n))
-        if given is not None:
-            response = torch.cat((response[:, :1], given[start : start + chunk, None], response[:, 1:]), 1)
-        m = response.size(1)
+        query, response = queries[start : start + chunk], responses[start : start + chunk]
         # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
         # early), pad the rest.
         response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
@@ -297,7 +302,7 @@ def main(args: Args) -> None:
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
     # pi_theta: raw_policy samples and is saved; `policy` is what the gradient steps go through (DDP's wrapper, or the
-    # same model sharded by FSDP). ref_policy() gives the SFT reference (see rollout).
+    # same model sharded by FSDP). ref_policy() gives the SFT reference (see score_responses).
     lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)  # with --lora
     raw_policy, ref_policy, stop_ids = load_trained_policy(
         args.sft_model_path, tokenizer, lora if args.lora else None, args.num_trainable_layers, dtype, device,
@@ -325,9 +330,10 @@ def main(args: Args) -> None:
     log = RunLog(run_dir, run_name, flags, record, start_update, device, plan)
 
     def sample_eval(queries, prompts):  # one response per prompt at --eval_temperature (its KL too, as officially)
-        r = rollout(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries, prompts=prompts, n=1,
-                    config=eval_config, stop_ids=stop_ids, penalty=penalty, chunk=chunk,
-                    timer=Timer(device))  # fmt: skip
+        responses = sample_responses(raw_policy, queries, 1, eval_config, chunk)  # (B, 1, T)
+        r = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries,
+                            responses=responses, prompts=prompts, config=eval_config, stop_ids=stop_ids,
+                            penalty=penalty, chunk=chunk)  # fmt: skip
         return tuple(t[:, 0] for t in (r.query_responses, r.masks, r.logprobs - r.ref_logprobs, r.scores, r.has_eos))
 
     run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
@@ -353,9 +359,13 @@ def main(args: Args) -> None:
         # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
         # (the reward model's; the penalty without EOS). With --preference_fn the scores come in step 2.
         with autocast():
-            rollouts = rollout(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
-                               queries=queries, prompts=prompts, n=num_sampled, config=config, stop_ids=stop_ids,
-                               penalty=penalty, chunk=chunk, timer=timer, given=given)  # fmt: skip
+            with timer("generation"):
+                responses = sample_responses(raw_policy, queries, num_sampled, config, chunk)  # (B, n, T)
+            if given is not None:  # --mu dataset: the dataset's y' goes second (the variants, below)
+                responses = torch.cat((responses[:, :1], given[:, None], responses[:, 1:]), 1)  # (B, m, T)
+            rollouts = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
+                                       queries=queries, responses=responses, prompts=prompts, config=config,
+                                       stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
         check_finite({f"the rollout's {name}": t for name, t in rollouts._asdict().items()}, nan_dump)
         query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollouts  # (B, m, ...)
         wins = None
@@ -456,7 +466,7 @@ def check_variants(args: Args) -> None:
 
 
 def sampled_columns(num_samples: int, mu: str, preference: bool) -> tuple[int, list[int]]:
-    """How many responses per prompt the rollout samples from pi_t, and their columns among its m (see above)."""
+    """How many responses per prompt are sampled from pi_t, and their columns among the m the rollout scores (above)."""
     m = num_samples + (num_samples == 2 and preference)
     sampled = [i for i in range(m) if mu == "policy" or i != 1]
     return len(sampled), sampled

@@ -307,10 +307,11 @@ def test_rollout_pairs_masks_and_eos(toy, monkeypatch):
     fixed = torch.tensor([[5, eos, 9, 9], [5, 6, 7, 8], [eos, 3, 3, 3], [4, 4, 4, 4]])  # pairs: (0, 1), (2, 3)
     monkeypatch.setattr(rebel, "generate", lambda m, q, c: torch.cat((q, fixed[: q.size(0)]), 1))
     config = rebel.sampling_config(4, 1.0, pad)
-    query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rebel.rollout(
+    responses = rebel.sample_responses(model, queries, 2, config, chunk=8)  # (2, 2, 4): the fixed tokens
+    assert responses.tolist() == fixed.view(2, 2, 4).tolist()
+    query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rebel.score_responses(
         policy=model, ref_policy=lambda: nullcontext(model), reward=rebel.Reward(tok, rm), queries=queries,
-        prompts=prompts, n=2, config=config, stop_ids=[eos], penalty=-7.0, chunk=8,
-        timer=rebel.Timer(torch.device("cpu")),
+        responses=responses, prompts=prompts, config=config, stop_ids=[eos], penalty=-7.0, chunk=1,
     )  # fmt: skip
     assert query_responses.shape == (2, 2, 7) and query_responses[0, 0].tolist() == [pad, 5, 6, 5, eos, pad, pad]
     assert has_eos.tolist() == [[True, False], [True, False]]
