@@ -371,7 +371,8 @@ def score_responses(
         response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
         query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
         mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
-        # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
+        # Response processing 2: ln pi(y|x) under pi_t and the SFT reference: log_softmax(logits / temperature) of each
+        # response token, summed over the mask (left padding skipped: positions count from the first prompt token).
         trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # without columns that are padding in all
         with timer("logprob"):
             logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)

@@ -246,7 +246,8 @@ def score_responses(
         response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
         query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
         mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
-        # Response processing 2: summed log-probs of the sampled distribution, under pi_t and the SFT reference.
+        # Response processing 2: ln pi(y|x) under pi_t and the SFT reference: log_softmax(logits / temperature) of each
+        # response token, summed over the mask (left padding skipped: positions count from the first prompt token).
         trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # without columns that are padding in all
         with timer("logprob"):
             logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
@@ -349,10 +350,8 @@ def main(args: Args) -> None:
         lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay: --lr first, --lr / num_updates last
         for group in optimizer.param_groups:
             group["lr"] = lr_now
-        batch = next(batches)
-        queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(
-            device
-        )  # (B, <= query_length), B: this rank's
+        batch = next(batches)  # this rank's B prompts of the global batch
+        queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
         ctx, prompts = queries.size(1), [train_prompts[i] for i in batch]
         given = None if train_mu is None else train_mu[batch].to(device)  # --mu dataset's y'
 
