@@ -14,7 +14,8 @@ plumbing shared with rebel.py.
 
     python rebel_lcm.py --tiny --resolution 32 --reward compressibility --num_iterations 5      # offline CPU demo
     torchrun --nproc_per_node 4 rebel_lcm.py --algo rebel --aesthetic_mlp_path sac+logos+ava1-l14-linearMSE.pth
-    torchrun --nproc_per_node 4 rebel_lcm.py --algo ppo --lr 1e-4 --aesthetic_mlp_path sac+logos+ava1-l14-linearMSE.pth
+    torchrun --nproc_per_node 4 rebel_lcm.py --algo ppo --lr 1e-4 --train_batch_size 2 --num_inner_epochs 2 \
+        --aesthetic_mlp_path sac+logos+ava1-l14-linearMSE.pth                                # the paper's PPO
     torchrun --nproc_per_node 4 rebel_lcm.py <the same flags> --resume runs/<run name>     # continue a stopped run
 
 Reference implementation of the paper: https://github.com/Owen-Oertell/rlcm (see docs/rebel_lcm.md for where this
@@ -330,13 +331,13 @@ def main(args: Args) -> None:
 
     # Resume: the LoRA weights, the optimizer, the RNG states, the reward statistics and the position in the run.
     flags = asdict(args)
-    trainer = load_checkpoint(checkpoint, unet, optimizer, flags, args.world_size)
-    start_update, n = trainer.get("update", 0), args.num_iterations
+    record = load_checkpoint(checkpoint, unet, optimizer, flags, args.world_size)
+    start_update, n = record.get("update", 0), args.num_iterations
     require(start_update <= n, f"--resume: update {start_update} is past the run's {n} updates")
-    stat_tracker.load_state_dict(trainer.get("reward_buffers", {}))
+    stat_tracker.load_state_dict(record.get("reward_buffers", {}))
     reward_queries = start_update * args.queries_per_iteration
     signals = stop_signals()
-    log = LcmLog(run_dir, flags, trainer, start_update, reward_queries, device)
+    log = LcmLog(run_dir, flags, record, start_update, reward_queries, device)
     run_evaluation = partial(evaluate_images, log=log, unet=raw_unet, vae=vae, tokenizer=tokenizer, coef=coef,
                              text_encoder=text_encoder, w_emb=w_emb, reward_fn=reward_fn, latent_shape=latent_shape,
                              sampling=sampling, num_images=args.num_eval_images)  # fmt: skip
@@ -422,9 +423,9 @@ def main(args: Args) -> None:
             dist.all_reduce(received, op=dist.ReduceOp.MAX)
         stop = received.item() > 0
         if stop or iteration == args.num_iterations or (args.save_freq > 0 and iteration % args.save_freq == 0):
-            trainer.update(update=iteration, world_size=args.world_size, flags=flags,
+            record.update(update=iteration, world_size=args.world_size, flags=flags,
                            reward_buffers=stat_tracker.state_dict())  # fmt: skip
-            save_checkpoint(run_dir, iteration, unet, optimizer, trainer, args.keep_checkpoints)
+            save_checkpoint(run_dir, iteration, unet, optimizer, record, args.keep_checkpoints)
             log.save_lora(raw_unet)
         if stop:
             break
@@ -681,7 +682,7 @@ class LcmLog:
     """Rank 0's logs against reward queries (the paper's x-axis): TensorBoard, metrics.jsonl, progress.json (for
     eval/plot_lcm.py), with --track wandb; continued on resume. Every rank calls write(): it reduces over the ranks."""
 
-    def __init__(self, run_dir: str, flags: dict, trainer: dict, start_update: int, reward_queries: int, device):
+    def __init__(self, run_dir: str, flags: dict, record: dict, start_update: int, reward_queries: int, device):
         self.master = not dist.is_initialized() or dist.get_rank() == 0
         self.run_dir, self.flags, self.track, self.device = run_dir, flags, flags["track"], device
         if not self.master:
@@ -692,9 +693,9 @@ class LcmLog:
             import wandb
 
             wandb.init(project=flags["wandb_project_name"], entity=flags["wandb_entity"], config=flags,
-                       name=flags["run_name"], id=trainer.get("wandb_id"), resume="allow", dir=run_dir,
+                       name=flags["run_name"], id=record.get("wandb_id"), resume="allow", dir=run_dir,
                        save_code=True)  # fmt: skip
-            trainer["wandb_id"] = wandb.run.id  # the checkpoint's id continues that wandb run
+            record["wandb_id"] = wandb.run.id  # the checkpoint's id continues that wandb run
             wandb.define_metric("objective/reward_queries")
             wandb.define_metric("*", step_metric="objective/reward_queries")  # the paper's x-axis, as in TensorBoard
         self.writer = SummaryWriter(run_dir, purge_step=reward_queries + 1 if start_update else 0)

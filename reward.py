@@ -1,13 +1,15 @@
-"""Bradley-Terry reward model on TL;DR preference pairs: the second stage of the paper's pipeline (Appendix I.1.2).
+"""Bradley-Terry reward model on TL;DR preference pairs: the second stage of REBEL's pipeline (Gao et al., 2024, arXiv
+2404.16767, Appendix I.1.2).
 
-The SFT model with a one-output linear head (AutoModelForSequenceClassification, num_labels=1) scores a (post, summary)
-at the summary's last token (its EOS) and is trained on pairs (y_chosen, y_rejected) of responses to a post x:
+The SFT model with a one-output linear head (saved as AutoModelForSequenceClassification, num_labels=1) scores a (post,
+summary) at the summary's last non-pad token (its EOS; ScalarRewardModel reads it there, not transformers' forward,
+which needs the pad id in the config) and is trained on pairs (y_chosen, y_rejected) of responses to a post x:
 
     min_theta  - mean_x  ln sigmoid( r_theta(x, y_chosen) - r_theta(x, y_rejected) )
 
 After training, the mean score of the SFT data's reference summaries is saved as `config.reward_bias`, which rebel.py's
 load_reward_model subtracts: references score 0 on average, as in summarize_from_feedback_details and the official
-REBEL code (the paper's reward scale and the fixed -1 penalty for a missing EOS assume it). The file reads top to
+REBEL code (the paper's reward scale and rebel.py's fixed -1 score for a response with no EOS assume it). The file reads top to
 bottom: the flags (Args), the loss and the model, the loop (main), then the appendix of plumbing shared with rebel.py.
 
     python reward.py --help
@@ -197,19 +199,20 @@ def main(args: Args) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, model, optimizer, flags, world_size)
-    start_update = trainer.get("update", 0)
+    record = load_checkpoint(checkpoint, model, optimizer, flags, world_size)
+    start_update = record.get("update", 0)
     require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
     for _ in range(start_update):  # the batches already trained on
         next(batches)
     signals = stop_signals()
     plan = f"{num_updates} updates of {args.batch_size} pairs, {grad_accum} micro-batches per step"
-    log = RunLog(run_dir, run_name, flags, trainer, start_update, device, plan)
+    log = RunLog(run_dir, run_name, flags, record, start_update, device, plan)
     if log.master and dropped:
         print(f"dropped {dropped} training pairs whose prompt is longer than --query_length {args.query_length}")
 
     # The loop: a batch of pairs -> scores -> Bradley-Terry loss -> step -> log -> checkpoint.
-    stop, update, nan_dump = False, start_update, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    nan_dump = os.path.join(run_dir, f"nonfinite_rank{rank}.pt")  # where check_finite saves a non-finite batch
+    stop, update = False, start_update
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
         timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
         for group in optimizer.param_groups:
@@ -240,8 +243,8 @@ def main(args: Args) -> None:
         # and on Ctrl-C or SIGTERM, which then stop the run.
         stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
         if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=flags)
-            save_checkpoint(run_dir, update, model, optimizer, trainer, args.keep_checkpoints)
+            record |= {"update": update, "world_size": world_size, "flags": flags}  # its trainer.json
+            save_checkpoint(run_dir, update, model, optimizer, record, args.keep_checkpoints)
         if stop:
             break
 

@@ -1,8 +1,11 @@
-"""Supervised fine-tuning on TL;DR reference summaries: the first stage of the paper's pipeline (Appendix I.1.2).
+"""Supervised fine-tuning on TL;DR reference summaries: the first stage of REBEL's pipeline (Gao et al., 2024, arXiv
+2404.16767, Appendix I.1.2).
 
 Next-token cross-entropy on the reference response y given the post x (the prompt tokens are not trained on):
 
     min_theta  - mean over the response tokens y_t (EOS included) of  ln pi_theta(y_t | x, y_<t)
+
+(the mean of each micro-batch's token mean, as the official code: micro-batches weigh the same)
 
 The file reads top to bottom: the flags (Args), the loss, the loop (main), then the appendix of plumbing shared with
 rebel.py. The model and its tokenizer (with the pad token load_tokenizer may add) are saved with save_pretrained, so
@@ -159,17 +162,18 @@ def main(args: Args) -> None:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.eps)
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    trainer = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
-    start_update = trainer.get("update", 0)
+    record = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
+    start_update = record.get("update", 0)
     require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
     for _ in range(start_update):  # the batches already trained on
         next(batches)
     signals = stop_signals()
     plan = f"{num_updates} updates of {args.batch_size} examples, {grad_accum} micro-batches per step"
-    log = RunLog(run_dir, run_name, flags, trainer, start_update, device, plan)
+    log = RunLog(run_dir, run_name, flags, record, start_update, device, plan)
 
     # The loop: a batch of (prompt, reference) pairs -> cross-entropy on the references -> step -> log -> checkpoint.
-    stop, update, nan_dump = False, start_update, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
+    nan_dump = os.path.join(run_dir, f"nonfinite_rank{rank}.pt")  # where check_finite saves a non-finite batch
+    stop, update = False, start_update
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
         timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
         for group in optimizer.param_groups:
@@ -196,8 +200,8 @@ def main(args: Args) -> None:
         # and on Ctrl-C or SIGTERM, which then stop the run.
         stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
         if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            trainer.update(update=update, world_size=world_size, flags=flags)
-            save_checkpoint(run_dir, update, policy, optimizer, trainer, args.keep_checkpoints)
+            record |= {"update": update, "world_size": world_size, "flags": flags}  # its trainer.json
+            save_checkpoint(run_dir, update, policy, optimizer, record, args.keep_checkpoints)
         if stop:
             break
 
