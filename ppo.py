@@ -81,7 +81,8 @@ class Args:
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
-    """end a response at its first stop token (EOS, a chat model's end of turn), as chat runs; TL;DR runs do not"""
+    """stop sampling a response at its first stop token (EOS, a chat model's end of turn), as chat runs: faster, and
+    the same distribution (a response is cut after its first stop token either way)"""
     sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
     """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
     reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
@@ -130,7 +131,7 @@ class Args:
     lora: bool = True
     """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
     lora_rank: int = 1024
-    """LoRA rank r"""
+    """LoRA rank r (1024 and alpha 2048: the paper's TL;DR setting, Appendix I.1.4)"""
     lora_alpha: int = 2048
     """LoRA alpha (the adapter's output is scaled by alpha / r)"""
     lora_dropout: float = 0.0

@@ -69,7 +69,8 @@ class Args:
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
-    """end a response at its first stop token (EOS, a chat model's end of turn), as chat runs; TL;DR runs do not"""
+    """stop sampling a response at its first stop token (EOS, a chat model's end of turn), as chat runs: faster, and
+    the same distribution (a response is cut after its first stop token either way)"""
     sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
     """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
     reward_model_path: str | None = None
@@ -115,9 +116,10 @@ class Args:
 
     # variants of Algorithm 1 (the loop reads as the paper's TL;DR setting; the variants' code follows it)
     num_samples: int = 2
-    """responses per prompt (--mu dataset: y and the dataset's y'; --preference_fn with 2: y, y', a comparator y'')"""
+    """responses per prompt (Algorithm 1: 2, y and y'; the variants' block after the loop says what the others do)"""
     pairing: Literal["adjacent", "best_worst"] = "adjacent"
-    """the pairs (y, y'): 'adjacent' (1st-2nd, 3rd-4th, ...); 'best_worst' (one: the official UltraFeedback runs')"""
+    """the pairs (y, y'): 'adjacent' (1st-2nd, 3rd-4th, ...); 'best_worst' (one pair per prompt: the highest and the
+    lowest score, as the official UltraFeedback runs)"""
     mu: Literal["policy", "dataset"] = "policy"
     """Algorithm 1's base distribution of y': 'policy' (pi_t: sampled); 'dataset' (the prompt's --mu_column response)"""
     mu_column: str | None = None
@@ -132,7 +134,7 @@ class Args:
     lora: bool = True
     """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
     lora_rank: int = 1024
-    """LoRA rank r"""
+    """LoRA rank r (1024 and alpha 2048: the paper's TL;DR setting, Appendix I.1.4)"""
     lora_alpha: int = 2048
     """LoRA alpha (the adapter's output is scaled by alpha / r)"""
     lora_dropout: float = 0.0
@@ -205,8 +207,7 @@ def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "pape
 
 
 class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (L = prompt + T response tokens). In rebel.py m is
-    --num_samples (k), plus the comparator y'' with --preference_fn and k = 2; n <= m of them are sampled from pi_t."""
+    """What the loss needs of m responses to each of B prompts (Algorithm 1: m = 2, y and y'; L = prompt + T tokens)."""
 
     query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
     masks: torch.Tensor  # (B, m, T) True on the response's tokens
@@ -248,7 +249,7 @@ def score_responses(
         mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
         # Response processing 2: ln pi(y|x) under pi_t and the SFT reference: log_softmax(logits / temperature) of each
         # response token, summed over the mask (left padding skipped: positions count from the first prompt token).
-        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # without columns that are padding in all
+        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # drops response columns all padding
         with timer("logprob"):
             logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
             with ref_policy() as ref:
@@ -293,7 +294,7 @@ def main(args: Args) -> None:
     grad_accum = exact_div(mini_batch_size, args.per_device_train_batch_size, "pairs per minibatch")
     checkpoint, run_dir, run_name, output_dir = open_run(flags)
     tokenizer = load_tokenizer(args.sft_model_path)
-    pad = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id  # never EOS: load_tokenizer adds a pad token where a model has none
     # Every rank tokenises the whole split and takes its own prompts from the shared shuffle.
     # A split: (rows, prompts as given, their token ids, the --mu_column responses' ids or None, how many dropped).
     (train_set, train_prompts, train_queries, train_mu, _), eval_data = load_splits(flags, tokenizer, args.mu_column)
@@ -302,18 +303,20 @@ def main(args: Args) -> None:
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
-    # pi_theta: raw_policy samples and is saved; `policy` is what the gradient steps go through (DDP's wrapper, or the
-    # same model sharded by FSDP). ref_policy() gives the SFT reference (see score_responses).
+    # pi_theta, in eval mode as every model here (no dropout): raw_policy samples and is saved; `policy` is what the
+    # gradient steps go through (DDP's wrapper, or the same model sharded by FSDP). ref_policy() gives the SFT
+    # reference (see score_responses).
     lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)  # with --lora
     raw_policy, ref_policy, stop_ids = load_trained_policy(
-        args.sft_model_path, tokenizer, lora if args.lora else None, args.num_trainable_layers, dtype, device,
-        args.fsdp, bf16, (args.query_length, args.response_length),
+        args.sft_model_path, tokenizer, lora=lora if args.lora else None, num_trainable_layers=args.num_trainable_layers,
+        dtype=dtype, device=device, fsdp=args.fsdp, bf16=bf16, lengths=(args.query_length, args.response_length),
     )  # fmt: skip
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
-    # How many responses per prompt pi_t samples, and their columns (the logged metrics are theirs): the variants, below
+    # How many responses per prompt pi_t samples, and their columns (the logged metrics are theirs): 2 and [0, 1] in
+    # Algorithm 1; the variants (below) change them.
     num_sampled, sampled = sampled_columns(args.num_samples, args.mu, preference is not None)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
@@ -398,7 +401,9 @@ def main(args: Args) -> None:
                     check_finite({"the REBEL loss": loss, "new log-probs": new_logprobs}, nan_dump)
                     (loss / grad_accum).backward()
                     loss_stats.append(loss.item())
-                    approxkl_stats.append(0.5 * (new_logprobs - pair_logprobs[idx]).pow(2).mean().item())
+                    approxkl_stats.append(
+                        0.5 * (new_logprobs - pair_logprobs[idx]).pow(2).mean().item()
+                    )  # per sequence
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 optimizer.step()

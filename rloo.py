@@ -67,7 +67,8 @@ class Args:
     penalty_reward_value: float = -1.0
     """score given to responses that contain no EOS token"""
     stop_at_eos: bool = False
-    """end a response at its first stop token (EOS, a chat model's end of turn), as chat runs; TL;DR runs do not"""
+    """stop sampling a response at its first stop token (EOS, a chat model's end of turn), as chat runs: faster, and
+    the same distribution (a response is cut after its first stop token either way)"""
     sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
     """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
     reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
@@ -123,7 +124,7 @@ class Args:
     lora: bool = True
     """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
     lora_rank: int = 1024
-    """LoRA rank r"""
+    """LoRA rank r (1024 and alpha 2048: the paper's TL;DR setting, Appendix I.1.4)"""
     lora_alpha: int = 2048
     """LoRA alpha (the adapter's output is scaled by alpha / r)"""
     lora_dropout: float = 0.0
@@ -205,8 +206,7 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 
 class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (L = prompt + T response tokens). In rebel.py m is
-    --num_samples (k), plus the comparator y'' with --preference_fn and k = 2; n <= m of them are sampled from pi_t."""
+    """What the loss needs of m responses to each of B prompts (Algorithm 1: m = 2, y and y'; L = prompt + T tokens)."""
 
     query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
     masks: torch.Tensor  # (B, m, T) True on the response's tokens
@@ -248,7 +248,7 @@ def score_responses(
         mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
         # Response processing 2: ln pi(y|x) under pi_t and the SFT reference: log_softmax(logits / temperature) of each
         # response token, summed over the mask (left padding skipped: positions count from the first prompt token).
-        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # without columns that are padding in all
+        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # drops response columns all padding
         with timer("logprob"):
             logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
             with ref_policy() as ref:
