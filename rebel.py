@@ -309,7 +309,8 @@ def main(args: Args) -> None:
     lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)  # with --lora
     raw_policy, ref_policy, stop_ids = load_trained_policy(
         args.sft_model_path, tokenizer, lora=lora if args.lora else None, dtype=dtype, device=device, bf16=bf16,
-        num_trainable_layers=args.num_trainable_layers, fsdp=args.fsdp, lengths=(args.query_length, args.response_length),
+        num_trainable_layers=args.num_trainable_layers, fsdp=args.fsdp,
+        lengths=(args.query_length, args.response_length),
     )  # fmt: skip
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
