@@ -55,7 +55,7 @@ class Args:
     """coefficient of the KL penalty to the SFT policy inside the reward (default 0.05; with --preference_fn, 0)"""
     loss_scaling: Literal["paper", "official"] = "paper"
     """'paper': Equation (1) as written; 'official': eta^2 times it, what the official code minimises (under AdamW
-    the scale matters only through eps and --max_grad_norm)"""
+    the scale matters only through eps and --max_grad_norm; at eta 1 the two are one)"""
     noptepochs: int = 4
     """passes over each batch of pairs"""
     num_mini_batches: int = 1
@@ -195,7 +195,8 @@ class Args:
 
 
 def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
-    """Equation (1). All inputs (B, 2): column 0 is y, column 1 is y' for the same prompt x.
+    """Equation (1). All inputs (B, 2): column 0 is y, column 1 is y' for the same prompt x; logprobs are
+    ln pi_theta, old_logprobs ln pi_t (the rollout's), rewards r = score - kl_coef * KL (the loop's step 2).
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
     """
@@ -248,7 +249,8 @@ def score_responses(
         query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
         mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
         # Response processing 2: ln pi(y|x) under pi_t and the SFT reference: log_softmax(logits / temperature) of each
-        # response token, summed over the mask (left padding skipped: positions count from the first prompt token).
+        # response token (the pad's logit left out, as generate never samples it), summed over the mask; positions
+        # count from the first prompt token. The appendix's "sampling and log-probs" helpers: ~120 lines to copy.
         trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # drops response columns all padding
         with timer("logprob"):
             logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
@@ -357,7 +359,7 @@ def main(args: Args) -> None:
         batch = next(batches)  # this rank's B prompts of the global batch
         queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
         ctx, prompts = queries.size(1), [train_prompts[i] for i in batch]
-        given = None if train_mu is None else train_mu[batch].to(device)  # --mu dataset's y'
+        given = None if train_mu is None else train_mu[batch].to(device)  # --mu dataset's y' (B, T), right-padded
 
         # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
         # (the reward model's; the penalty without EOS). With --preference_fn the scores come in step 2.
@@ -402,9 +404,8 @@ def main(args: Args) -> None:
                     check_finite({"the REBEL loss": loss, "new log-probs": new_logprobs}, nan_dump)
                     (loss / grad_accum).backward()
                     loss_stats.append(loss.item())
-                    approxkl_stats.append(
-                        0.5 * (new_logprobs - pair_logprobs[idx]).pow(2).mean().item()
-                    )  # per sequence
+                    # approxkl: the sequence-level 1/2 (ln pi_theta - ln pi_t)^2
+                    approxkl_stats.append(0.5 * (new_logprobs - pair_logprobs[idx]).pow(2).mean().item())
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 optimizer.step()

@@ -247,7 +247,8 @@ def score_responses(
         query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
         mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
         # Response processing 2: ln pi(y|x) under pi_t and the SFT reference: log_softmax(logits / temperature) of each
-        # response token, summed over the mask (left padding skipped: positions count from the first prompt token).
+        # response token (the pad's logit left out, as generate never samples it), summed over the mask; positions
+        # count from the first prompt token. The appendix's "sampling and log-probs" helpers: ~120 lines to copy.
         trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # drops response columns all padding
         with timer("logprob"):
             logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
