@@ -196,7 +196,7 @@ class Args:
 
 def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
     """Equation (1). All inputs (B, 2): column 0 is y, column 1 is y' for the same prompt x; logprobs are
-    ln pi_theta, old_logprobs ln pi_t (the rollout's), rewards r = score - kl_coef * KL (the loop's step 2).
+    ln pi_theta, old_logprobs ln pi_t (at sampling time), rewards r(x, y) as the loop builds them (its step 2).
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
     """
