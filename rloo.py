@@ -6,14 +6,12 @@ to the SFT policy, and take a REINFORCE step with the mean reward of the other k
     A_i = r_i - 1/(k-1) sum_{j != i} r_j,        loss = -mean_{x, i} A_i * ln pi_theta(y_i|x)
 
 REBEL's update direction grad ln pi(y|x) (r(x, y) - r(x, y')) is RLOO's with k = 2 (Section 3.2); REBEL regresses onto
-it instead of taking one gradient step. `--reinforce`: REINFORCE (Williams, 1992), one sample per prompt, A = r - b with
-b the mean of every reward so far in training, Ahmadian et al.'s b_MA (arXiv 2402.14740, Eq. 8): the REINFORCE whose
-number the paper's Table 1 gives (70.7, "directly obtained from Ahmadian et al. (2024)"); `--reinforce_baseline none`:
-A = r.
+it instead of taking one gradient step. `--reinforce`: REINFORCE (Williams, 1992), one sample per prompt, A = r - b.
+b is Ahmadian et al.'s b_MA (arXiv 2402.14740, Eq. 8), the mean of every reward so far; the paper's Table 1 takes its
+REINFORCE number (70.7) from them. `--reinforce_baseline none`: A = r.
 
-The file reads top to bottom: the flags (Args), the algorithm (policy_gradient_loss, rloo_advantages, rollout), the
-loop (main), the variant (--reinforce), then the plumbing every script shares (the appendix). docs/rebel.md explains
-every metric.
+Top to bottom: the flags (Args), the algorithm (the loss, the advantages, the rollout), the loop (main), the variant
+(--reinforce), then the plumbing every script shares (the appendix); docs/rebel.md explains every metric.
 
     python rloo.py --rloo_k 2                               # one process
     torchrun --nproc_per_node 8 rloo.py --rloo_k 4          # the paper's RLOO (k = 4) TL;DR run
@@ -290,8 +288,7 @@ def main(args: Args) -> None:
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
-    # pi_theta: raw_policy samples and is saved; `policy` is what the gradient steps go through (DDP's wrapper, or the
-    # same model sharded by FSDP). ref_policy() gives the SFT reference (see rollout).
+    # pi_theta: raw_policy samples and is saved, `policy` takes the steps (DDP's or FSDP's); ref_policy(): the SFT one
     lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)  # with --lora
     raw_policy, ref_policy, stop_ids = load_trained_policy(
         args.sft_model_path, tokenizer, lora if args.lora else None, args.num_trainable_layers, dtype, device,
