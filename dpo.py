@@ -344,7 +344,8 @@ class Rollout(NamedTuple):
 @torch.no_grad()
 def sample_responses(policy, queries, n: int, config, chunk: int) -> torch.Tensor:
     """n responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded prompt
-    ids -> (B, n, T) token ids (exactly T = --response_length: EOS does not stop sampling, score_responses cuts)."""
+    ids -> (B, n, T) token ids, T = --response_length (EOS does not stop sampling, score_responses cuts there; with
+    --stop_at_eos sampling stops early and the rest is padding)."""
     ctx = queries.size(1)
     responses = [generate(policy, q.repeat_interleave(n, 0), config)[:, ctx:] for q in queries.split(chunk)]
     return torch.cat(responses).unflatten(0, (-1, n))
@@ -362,7 +363,8 @@ def score_responses(
     config: the sampling_config the responses were drawn with (its temperature and pad id); stop_ids: the tokens
     that end a response; timer: a Timer, or None
     """
-    ctx, m, pad_id, temperature, out = queries.size(1), responses.size(1), config.pad_token_id, config.temperature, []
+    ctx, m, out = queries.size(1), responses.size(1), []
+    pad_id, temperature = config.pad_token_id, config.temperature
     timer = timer or Timer(queries.device)
     for start in range(0, len(queries), chunk):
         query, response = queries[start : start + chunk], responses[start : start + chunk]
@@ -372,8 +374,8 @@ def score_responses(
         query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
         mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
         # Response processing 2: ln pi(y|x) under pi_t and the SFT reference: log_softmax(logits / temperature) of each
-        # response token (the pad's logit left out, as generate never samples it), summed over the mask; positions
-        # count from the first prompt token. The appendix's "sampling and log-probs" helpers: ~120 lines to copy.
+        # response token (the pad token left out of the softmax, as sampling suppresses it), summed over the mask;
+        # positions count from the first prompt token. To copy: the appendix's "sampling and log-probs" (~120 lines).
         trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # drops response columns all padding
         with timer("logprob"):
             logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
