@@ -392,8 +392,8 @@ def score_responses(
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
-# The appendix: the plumbing every script shares. Each loader refuses bad input where it reads it (BadInput: one line
-# that names the fix, no traceback). Fix it here in rebel.py; tools/sync_appendix.py copies it.
+# The appendix: each script carries the helpers of rebel.py's that it calls, word for word and in rebel.py's order: fix
+# them here. A loader refuses bad input where it reads it (BadInput: one line that names the fix, no traceback).
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -1119,15 +1119,6 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
 
 
 # ---------------------------------------------------------------------------------------------- sampling and log-probs
-def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
-    """sampling_config at --temperature (training) and at --eval_temperature: --response_length tokens, a static KV
-    cache unless --no-static_cache or --fsdp (a sharded model's sampler is not compiled), ending at a stop token with
-    --stop_at_eos."""
-    static, stops = flags["static_cache"] and not flags["fsdp"], stop_ids if flags["stop_at_eos"] else None
-    length = flags["response_length"]
-    return tuple(sampling_config(length, flags[t], pad_id, static, stops) for t in ("temperature", "eval_temperature"))
-
-
 def sampling_config(
     response_length: int, temperature: float, pad_id: int, static_cache: bool = False, stop_ids: list[int] | None = None
 ):
@@ -1320,20 +1311,6 @@ def precision(choice: str, device) -> tuple:
     context that the forward passes run under (off in fp32)."""
     bf16 = choice == "bf16" or (choice == "auto" and device.type == "cuda")
     return bf16, torch.bfloat16 if bf16 else torch.float32, partial(torch.autocast, device.type, torch.bfloat16, bf16)
-
-
-def load_splits(flags: dict, tokenizer, train_column: str | None) -> tuple:
-    """load_prompts of --train_split (with `train_column`'s responses, or none) and of --eval_split (with
-    --reference_column's); rank 0 says how many prompts longer than --query_length were dropped."""
-    common = (flags["query_length"], flags["response_length"], flags["long_prompts"], flags["chat"])
-    train = load_prompts(flags["query_dataset"], flags["train_split"], flags["query_column"], train_column, tokenizer,
-                         *common)  # fmt: skip
-    evaluation = load_prompts(flags["query_dataset"], flags["eval_split"], flags["query_column"],
-                              flags["reference_column"], tokenizer, *common)  # fmt: skip
-    if (train[4] or evaluation[4]) and (not dist.is_initialized() or dist.get_rank() == 0):
-        print(f"dropped the prompts longer than --query_length {flags['query_length']} tokens: {train[4]} of "
-              f"'{flags['train_split']}', {evaluation[4]} of '{flags['eval_split']}'")  # fmt: skip
-    return train, evaluation
 
 
 class RunLog:

@@ -583,8 +583,8 @@ def save_critic(critic: ValueModel, output_dir: str | None, fsdp: bool, new_crit
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
-# The appendix: the plumbing every script shares. Each loader refuses bad input where it reads it (BadInput: one line
-# that names the fix, no traceback). Fix it here in rebel.py; tools/sync_appendix.py copies it.
+# The appendix: each script carries the helpers of rebel.py's that it calls, word for word and in rebel.py's order: fix
+# them here. A loader refuses bad input where it reads it (BadInput: one line that names the fix, no traceback).
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -1273,21 +1273,6 @@ def last_turn(value) -> str:
     return value if isinstance(value, str) else value[-1]["content"]
 
 
-def load_preferences(path, split, query_column, chosen_column, rejected_column, tokenizer, lengths, long_prompts, chat):
-    """(N, 2, query_length + response_length) pairs, the chosen (0) and rejected (1) response padded as load_prompts
-    pads references; and how many were dropped for a too-long prompt."""
-    pairs = []
-    for column in (chosen_column, rejected_column):
-        *_, q, r, dropped = load_prompts(path, split, query_column, column, tokenizer, *lengths, long_prompts, chat)
-        pairs.append(torch.cat((q, r), 1))  # the prompt, then the response
-    pairs = torch.stack(pairs, 1)
-    same = (pairs[:, 0] == pairs[:, 1]).all(-1)  # (N,) a pair whose two responses are one: no preference
-    require(not same.all(), f"every pair of '{path}' ({split}) has {chosen_column} == {rejected_column}: check them")
-    if same.any():
-        print(f"warning: {int(same.sum())} of {len(same)} pairs of '{path}' ({split}) have two identical responses")
-    return pairs, dropped
-
-
 def rank_share(n: int, rank: int, world_size: int) -> list[int]:
     """This rank's indices of the first n examples, as many on every rank (a sharded forward is a collective)."""
     require(n >= world_size, f"{n} evaluation examples cannot be shared by {world_size} processes: give more")
@@ -1386,25 +1371,6 @@ def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torc
     return queries[:, queries.size(1) - keep :]
 
 
-def trim_responses(query_responses: torch.Tensor, masks: torch.Tensor, context_length: int):
-    """Drop the response columns that are padding in every response: query_responses (..., L), masks (..., T)."""
-    width = int(masks.sum(-1).max())
-    return query_responses[..., : context_length + width], masks[..., :width]
-
-
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
-    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    # The right padding: the columns after the last real token of every response.
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
-
-
 def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
     """Forward with the pad id masked and positions counted from the first real token, as generate() counts them."""
     attention_mask = query_responses != pad_id
@@ -1442,12 +1408,6 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     if pad_id < z.size(-1):
         z[..., pad_id] = float("-inf")  # generate() suppresses it
     return z.gather(2, tokens.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
-
-
-def sequence_logprobs(model, query_responses, masks, context_length: int, temperature: float, pad_id: int):
-    """log pi(y|x): query_responses (B, n, L) and masks (B, n, T) -> (B, n)."""
-    logprobs = response_logprobs(model, query_responses.flatten(0, 1), context_length, temperature, pad_id)
-    return (logprobs * masks.flatten(0, 1)).sum(-1).unflatten(0, masks.shape[:2])
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs

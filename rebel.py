@@ -520,8 +520,8 @@ def variant_metrics(scores, wins, sampled: list[int], mu_dataset: bool) -> dict:
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
-# The appendix: the plumbing every script shares. Each loader refuses bad input where it reads it (BadInput: one line
-# that names the fix, no traceback). Fix it here in rebel.py; tools/sync_appendix.py copies it.
+# The appendix: each script carries the helpers of rebel.py's that it calls, word for word and in rebel.py's order: fix
+# them here. A loader refuses bad input where it reads it (BadInput: one line that names the fix, no traceback).
 
 
 # ---------------------------------------------------------------------------------------------- set-up

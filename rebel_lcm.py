@@ -774,10 +774,11 @@ class LcmLog:
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
-# The appendix: the helpers rebel_lcm.py shares with rebel.py, in rebel.py's words (tools/sync_appendix.py copies each
-# one by name): processes, the run's folder, checkpoints, signals and the small helpers.
+# The appendix: each script carries the helpers of rebel.py's that it calls, word for word and in rebel.py's order: fix
+# them here. A loader refuses bad input where it reads it (BadInput: one line that names the fix, no traceback).
 
 
+# ---------------------------------------------------------------------------------------------- set-up
 def init_processes(cuda: bool, seed: int):
     """Rank, world size and device under `python` or `torchrun`; rank r seeds with seed + r (its own sampling noise)."""
     use_cuda = cuda and torch.cuda.is_available()
@@ -877,6 +878,7 @@ def read_run_json(path: str) -> dict | None:
     return {} if os.path.isdir(path) and os.listdir(path) else None
 
 
+# ---------------------------------------------------------------------------------------------- checkpoints
 def find_checkpoint(path: str) -> str | None:
     """--resume: a checkpoint directory, or a run directory's latest complete checkpoint (None: there is none)."""
     path = os.path.normpath(path)  # a trailing slash would hide the run directory from dirname
@@ -1056,6 +1058,7 @@ def check_finite(tensors: dict, dump_path: str) -> None:
             raise BadInput(f"{name}: {bad} of {t.numel()} values are NaN or inf; the batch is saved in {dump_path}")
 
 
+# ---------------------------------------------------------------------------------------------- plumbing
 class BadInput(ValueError):
     """A problem with the flags, the data or a checkpoint: reported as one line that names the fix, no traceback."""
 

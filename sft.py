@@ -227,14 +227,11 @@ def main(args: Args) -> None:
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
-# The appendix: what every script needs around its algorithm. Set-up, models, reward, data, sampling, evaluation,
-# logging, checkpoints and the small helpers; each refuses bad input where it reads it (BadInput: one line, no
-# traceback). A fix here is made once, in rebel.py, and copied to the siblings by tools/sync_appendix.py.
+# The appendix: each script carries the helpers of rebel.py's that it calls, word for word and in rebel.py's order: fix
+# them here. A loader refuses bad input where it reads it (BadInput: one line that names the fix, no traceback).
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-
-
 def init_processes(cuda: bool, seed: int):
     """Rank, world size and device under `python` or `torchrun`; rank r seeds with seed + r (its own sampling noise)."""
     use_cuda = cuda and torch.cuda.is_available()
@@ -296,15 +293,6 @@ def open_run(flags: dict):
     return checkpoint, run_dir, run_name, output_dir
 
 
-def read_run_json(path: str) -> dict | None:
-    """The run.json of a run or output directory; None for a new or empty folder, {} for another's."""
-    marker = os.path.join(path, "run.json")
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            return json.load(f)
-    return {} if os.path.isdir(path) and os.listdir(path) else None
-
-
 def lock_run_dir(run_dir: str) -> None:
     """<run_dir>/.lock: the PID of rank 0 while it writes the run; a second run is refused while it lives."""
     lock = os.path.join(run_dir, ".lock")
@@ -361,9 +349,16 @@ def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> N
             raise BadInput(f"{flag} {path} is not a writable directory ({e.strerror}); choose another") from e
 
 
+def read_run_json(path: str) -> dict | None:
+    """The run.json of a run or output directory; None for a new or empty folder, {} for another's."""
+    marker = os.path.join(path, "run.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            return json.load(f)
+    return {} if os.path.isdir(path) and os.listdir(path) else None
+
+
 # ---------------------------------------------------------------------------------------------- models
-
-
 def distribute(model, fsdp: bool, bf16: bool, device):
     """The model as the gradient steps see it: FSDP2-sharded in place, DDP-wrapped under torchrun, or itself."""
     if fsdp:
@@ -416,6 +411,21 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def has_tokenizer(folder: str) -> bool:
+    files = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
+    return bool(files & set(os.listdir(folder)))
+
+
+def check_positions(config, lengths: tuple, path: str) -> None:
+    """A prompt and its response fit in the model's positions (past them a position table has no row)."""
+    limit = position_limit(config)
+    require(
+        limit is None or sum(lengths) <= limit,
+        f"--query_length {lengths[0]} + --response_length {lengths[1]} = {sum(lengths)} tokens is more than the "
+        f"{limit} positions of the model {path}: lower them so that the sum fits",
+    )
+
+
 def position_limit(config) -> int | None:
     """The most tokens a model has positions for, by whichever name its config gives it (None: no limit)."""
     fields = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
@@ -429,16 +439,6 @@ def check_vocabulary(tokenizer, model, path: str) -> None:
     require(
         top < rows,
         f"the tokenizer gives ids up to {top}, past the {rows} embedding rows of the model {path}: use its tokenizer",
-    )
-
-
-def check_positions(config, lengths: tuple, path: str) -> None:
-    """A prompt and its response fit in the model's positions (past them a position table has no row)."""
-    limit = position_limit(config)
-    require(
-        limit is None or sum(lengths) <= limit,
-        f"--query_length {lengths[0]} + --response_length {lengths[1]} = {sum(lengths)} tokens is more than the "
-        f"{limit} positions of the model {path}: lower them so that the sum fits",
     )
 
 
@@ -495,8 +495,6 @@ def save_policy(model, tokenizer, output_dir: str, fsdp: bool, merged: bool) -> 
 
 
 # ---------------------------------------------------------------------------------------------- data
-
-
 def load_prompts(
     path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
 ):
@@ -680,8 +678,6 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
 
 
 # ---------------------------------------------------------------------------------------------- sampling and log-probs
-
-
 def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
     """Drop the left padding that every prompt has, keeping a multiple of `multiple` columns (0: keep all)."""
     longest = int((queries != pad_id).sum(1).max())
@@ -714,8 +710,6 @@ def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: t
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs
-
-
 def precision(choice: str, device) -> tuple:
     """--precision: whether to train in bf16 ('auto': on CUDA), the dtype of the frozen weights, and the autocast
     context that the forward passes run under (off in fp32)."""
@@ -836,8 +830,6 @@ class RunLog:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-
-
 def find_checkpoint(path: str) -> str | None:
     """--resume: a checkpoint directory, or a run directory's latest complete checkpoint (None: there is none)."""
     path = os.path.normpath(path)  # a trailing slash would hide the run directory from dirname
@@ -1018,8 +1010,6 @@ def check_finite(tensors: dict, dump_path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- plumbing
-
-
 class BadInput(ValueError):
     """A problem with the flags, the data or a checkpoint: reported as one line that names the fix, no traceback."""
 
@@ -1062,11 +1052,6 @@ def cause(error: BaseException) -> str:
     """An exception in one line: torch's CheckpointException by the first rank's failure inside it."""
     error = next(iter(getattr(error, "failures", {}).values()), (error,))[0]  # CheckpointException: {rank: (e, tb)}
     return f"{type(error).__name__}: {str(error)[:200]}"
-
-
-def has_tokenizer(folder: str) -> bool:
-    files = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
-    return bool(files & set(os.listdir(folder)))
 
 
 def exact_div(a: int, b: int, what: str) -> int:

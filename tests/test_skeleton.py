@@ -1,7 +1,7 @@
-"""The shared appendix is identical in every script: below the banner line, rloo.py, iterative_dpo.py, ppo.py and
-dpo.py are byte-identical to rebel.py, and a helper that sft.py, reward.py or rebel_lcm.py shares by name with rebel.py
-has the same source. A fix lands everywhere (tools/sync_appendix.py copies it) and `diff rebel.py X` shows the
-algorithm only. Scripts never import each other: this test is what keeps their copies in step."""
+"""The shared appendix is the same in every script: below its banner line, each sibling carries, word for word and in
+rebel.py's order, the helpers of rebel.py's appendix that it calls (directly or through another helper), and no other.
+A fix lands everywhere (tools/sync_appendix.py copies it) and `diff rebel.py X` shows the algorithm and the helpers X
+does without. Scripts never import each other: this test is what keeps their copies in step."""
 
 import ast
 import os
@@ -61,15 +61,31 @@ def test_a_one_character_drift_is_caught(tmp_path):
     assert differences(str(tmp_path / "drifted.py")) == ["exact_div"]
 
 
-@pytest.mark.parametrize("script", ["ppo.py", "rloo.py", "dpo.py", "iterative_dpo.py"])
-def test_appendix_below_the_banner_is_rebels(script):
-    def appendix(path):
-        lines = open(os.path.join(ROOT, path)).read().splitlines()
-        banner = [i for i, line in enumerate(lines) if line.startswith("#") and "same in every script" in line]
-        assert len(banner) == 1, f"{path} needs exactly one banner line"
-        return lines[banner[0] :]
+def reads(path: str) -> dict[str, set[str]]:
+    """Top-level statement (a helper's name, or its line) -> the names it reads."""
+    tree = ast.parse(open(os.path.join(ROOT, path)).read())
+    loaded = lambda n: {x.id for x in ast.walk(n) if isinstance(x, ast.Name) and isinstance(x.ctx, ast.Load)}  # noqa: E731
+    return {getattr(n, "name", n.lineno): loaded(n) for n in tree.body}
 
-    assert appendix(script) == appendix("rebel.py"), f"{script}: run python tools/sync_appendix.py"
+
+def below_banner(path: str) -> list[str]:
+    """The helpers defined below the banner line, in order."""
+    lines = open(os.path.join(ROOT, path)).read().splitlines()
+    banner = [i for i, line in enumerate(lines) if line.startswith("#") and "same in every script" in line]
+    assert len(banner) == 1, f"{path} needs exactly one banner line"
+    tree = ast.parse("\n".join(lines[banner[0] :]))
+    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+
+
+@pytest.mark.parametrize("script", [s for s in SIBLINGS if s != "rebel_lcm.py"])  # rebel_lcm.py: not yet
+def test_the_appendix_is_the_helpers_it_calls_in_rebels_order(script):
+    anchor, carried, used = below_banner("rebel.py"), below_banner(script), reads(script)
+    assert carried == [n for n in anchor if n in carried], f"{script}: not rebel.py's helpers in rebel.py's order"
+    called = {n for name, names in used.items() for n in names - {name}}  # read by something other than itself
+    missing = sorted(called & set(anchor) - set(used))
+    assert not missing, f"{script} calls {missing} but lacks them: run python tools/sync_appendix.py"
+    unused = sorted(set(carried) - called)
+    assert not unused, f"{script} carries {unused} but calls none of them: run python tools/sync_appendix.py"
 
 
 def test_the_sync_tool_finds_nothing_to_copy():

@@ -1,9 +1,8 @@
 """Copy rebel.py's shared appendix into its siblings: run after changing anything below rebel.py's banner.
 
-- rloo.py, iterative_dpo.py, ppo.py and dpo.py get rebel.py's text from the banner line to the end of the file.
-- sft.py, reward.py and rebel_lcm.py carry only the helpers they need: each top-level function or class that they
-  define under a name rebel.py's appendix also defines is replaced by rebel.py's copy, and a helper of rebel.py's
-  appendix that they call but lack is added.
+The rule: below its banner, each script carries, word for word and in rebel.py's order, the helpers of rebel.py's
+appendix that it calls (directly or through another helper). rebel.py, the anchor, holds every one of them; a
+sibling's text below the banner is rebel.py's without the helpers it does not call (and a section left empty).
 
     python tools/sync_appendix.py           # rewrite the siblings
     python tools/sync_appendix.py --check   # only say which differ (exit 1 if any); tests/test_skeleton.py runs this
@@ -15,8 +14,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BANNER = "same in every script"
-WHOLE = ["rloo.py", "iterative_dpo.py", "ppo.py", "dpo.py"]
-HELPERS = ["sft.py", "reward.py", "rebel_lcm.py"]
+SIBLINGS = ["rloo.py", "iterative_dpo.py", "ppo.py", "dpo.py", "sft.py", "reward.py", "rebel_lcm.py"]
 
 
 def split_at_banner(source: str, name: str) -> tuple[str, str]:
@@ -28,52 +26,62 @@ def split_at_banner(source: str, name: str) -> tuple[str, str]:
     return "".join(lines[: starts[0]]), "".join(lines[starts[0] :])
 
 
-def definitions(source: str) -> dict[str, tuple[int, int]]:
-    """Top-level function and class name -> (first line, last line), 0-based, decorators included."""
-    out = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-            out[node.name] = (start - 1, node.end_lineno)
-    return out
+def names(source: str) -> set[str]:
+    """Every name the source reads."""
+    return {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
 
 
-def synced(name: str, anchor: str) -> str:
-    """The sibling's source with rebel.py's shared text in place."""
-    source = open(os.path.join(ROOT, name)).read()
-    _, appendix = split_at_banner(anchor, "rebel.py")
-    if name in WHOLE:
-        return split_at_banner(source, name)[0] + appendix
-    offset = len(anchor.splitlines()) - len(appendix.splitlines())
-    shared = {k: (a, b) for k, (a, b) in definitions(anchor).items() if a >= offset}
-    anchor_lines, lines = anchor.splitlines(keepends=True), source.splitlines(keepends=True)
-    for key, (a, b) in sorted(definitions(source).items(), key=lambda kv: -kv[1][0]):  # from the end: lines stay put
-        if key in shared and key not in ("Args", "main"):
-            lines[a:b] = anchor_lines[shared[key][0] : shared[key][1]]
-    # A shared helper that the copies call and the sibling lacks goes in after the one before it in rebel.py.
-    order = sorted(shared, key=lambda k: shared[k][0])
-    while missing := sorted(set(order) & calls(lines, shared) - set(definitions("".join(lines)))):
-        have = definitions("".join(lines))
-        before = [k for k in order[: order.index(missing[0])] if k in have]
-        at = have[before[-1]][1] if before else len(lines)
-        lines[at:at] = ["\n\n", *anchor_lines[shared[missing[0]][0] : shared[missing[0]][1]]]
-        lines = "".join(lines).splitlines(keepends=True)
+def appendix_for(above: str, appendix: str) -> str:
+    """rebel.py's appendix with only the helpers that `above` (a script's text above its banner) calls, directly or
+    through another helper. A top-level statement's block includes the section header (`# ----`) right above it."""
+    lines, body = appendix.splitlines(), ast.parse(appendix).body
+    blocks = []  # (name or None, section header or None, text)
+    for node in body:
+        start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))]) - 1
+        header = lines[start - 1] if lines[start - 1].startswith("# ----") else None
+        blocks.append((getattr(node, "name", None), header, "\n".join(lines[start : node.end_lineno])))
+    first = min(node.lineno for node in body) - 1 - (blocks[0][1] is not None)
+    helpers = {name: text for name, _, text in blocks if name}
+    own = {n.name for n in ast.parse(above).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    wanted = (names(above) | {n for name, _, text in blocks if not name for n in names(text)}) - own
+    kept, todo = set(), wanted & set(helpers)
+    while todo:  # the helpers that the kept ones call
+        kept |= todo
+        todo = {n for name in todo for n in names(helpers[name])} & set(helpers) - kept
+    out, section, header = ["\n".join(lines[:first]).rstrip("\n")], None, None
+    for name, own_header, text in blocks:
+        header = own_header or header
+        if name is None or name in kept:
+            out.append((header + "\n" if header and header != section else "") + text)
+            section = header
+    return "\n\n\n".join(out) + "\n"
+
+
+def by_name(source: str, appendix: str) -> str:
+    """The source with each top-level helper it shares by name with rebel.py's appendix replaced by rebel.py's."""
+    lines, anchor_lines = source.splitlines(keepends=True), appendix.splitlines(keepends=True)
+    shared = {n.name: n for n in ast.parse(appendix).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    span = lambda n: (min([n.lineno, *(d.lineno for d in n.decorator_list)]) - 1, n.end_lineno)  # noqa: E731
+    for node in reversed(ast.parse(source).body):  # from the end: the lines above stay put
+        if getattr(node, "name", None) in shared:
+            a, b = span(node)
+            c, d = span(shared[node.name])
+            lines[a:b] = anchor_lines[c:d]
     return "".join(lines)
-
-
-def calls(lines: list[str], shared: dict) -> set[str]:
-    """Every name that the sibling's copies of rebel.py's helpers read."""
-    copies = [ast.parse("".join(lines[a:b])) for k, (a, b) in definitions("".join(lines)).items() if k in shared]
-    return {n.id for tree in copies for n in ast.walk(tree) if isinstance(n, ast.Name)}
 
 
 if __name__ == "__main__":
     check = "--check" in sys.argv
-    anchor = open(os.path.join(ROOT, "rebel.py")).read()
+    anchor = split_at_banner(open(os.path.join(ROOT, "rebel.py")).read(), "rebel.py")
     stale = []
-    for name in WHOLE + HELPERS:
-        new = synced(name, anchor)
-        if new != open(os.path.join(ROOT, name)).read():
+    for name in SIBLINGS:
+        source = open(os.path.join(ROOT, name)).read()
+        if BANNER in source:
+            above = split_at_banner(source, name)[0]
+            new = above + appendix_for(above, anchor[1])
+        else:  # not yet in issue 29's layout (rebel_lcm.py): its helpers that rebel.py shares are replaced by name
+            new = by_name(source, anchor[1])
+        if new != source:
             stale.append(name)
             if not check:
                 open(os.path.join(ROOT, name), "w").write(new)
