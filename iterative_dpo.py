@@ -431,17 +431,13 @@ def check_flags(flags: dict) -> None:
     require(dropout < 1, f"--lora_dropout must be < 1 (a probability); got {dropout}")
     for key in "sft_model_path base_model reward_model_path reward_tokenizer query_dataset preference_dataset".split():
         path = flags.get(key)  # a local path (a hub name is org/name) that is not there: said with its flag at start
-        require(
-            not path or os.path.exists(path) or not (path.startswith(("/", ".", "~")) or path.count("/") > 1),
-            f"--{key} {path}: no such file or directory; give an existing path, or a hub name",
-        )
+        require(not path or os.path.exists(path) or not (path.startswith(("/", ".", "~")) or path.count("/") > 1),
+                f"--{key} {path}: no such file or directory; give an existing path, or a hub name")  # fmt: skip
     fsdp = flags.get("fsdp")
     require(not fsdp or "RANK" in os.environ, "--fsdp needs torchrun (torchrun --nproc_per_node 1 for one GPU)")
     require(not (fsdp and flags.get("save_merged")), "--save_merged does not work with --fsdp: merge the saved adapter")
-    require(
-        not flags.get("num_trainable_layers") or not (flags["lora"] or fsdp),
-        "--num_trainable_layers trains whole layers: add --no-lora (and it does not work with --fsdp)",
-    )
+    require(not flags.get("num_trainable_layers") or not (flags["lora"] or fsdp),
+            "--num_trainable_layers trains whole layers: add --no-lora (and it does not work with --fsdp)")  # fmt: skip
 
 
 def open_run(flags: dict):
@@ -460,7 +456,10 @@ def open_run(flags: dict):
         if resume and not checkpoint:
             print(f"--resume {run_dir}: no complete checkpoint there; starting the run in it", file=sys.stderr)
         lock_run_dir(run_dir)
-    run_dir, output_dir = broadcast((run_dir, output_dir))  # rank 0's: the default names hold its clock's time
+    if dist.is_initialized():  # rank 0's names on every rank: the default ones hold its clock's time
+        names = [(run_dir, output_dir)]
+        dist.broadcast_object_list(names, src=0)
+        run_dir, output_dir = names[0]
     return checkpoint, run_dir, run_name, output_dir
 
 
@@ -497,10 +496,8 @@ def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> N
     theirs = owner.get("script", script) if owner else script
     require(theirs == script, f"--resume {run_dir}: that is a run of {theirs}; resume it with it")
     owner = owner or {"script": script, "id": os.urandom(8).hex()}
-    require(
-        not output_dir or read_run_json(output_dir) in (None, owner),
-        f"--output_dir {output_dir} is not empty and not this run's: choose a new or empty folder",
-    )
+    require(not output_dir or read_run_json(output_dir) in (None, owner),
+            f"--output_dir {output_dir} is not empty and not this run's: choose a new or empty folder")  # fmt: skip
     for flag, path in (("--run_dir", run_dir), ("--output_dir", output_dir)):
         if not path:
             continue  # no --output_dir: nothing is saved
@@ -583,11 +580,9 @@ def load_policy(path: str, dtype: torch.dtype):
         if not find_adapter_config_file(path):
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
             missing = sorted(info["missing_keys"])  # initialised at random: a reward model's folder has no LM head
-            require(
-                not missing,
-                f"'{path}' is not a whole causal LM: its checkpoint has no weights for {len(missing)} parameters "
-                f"(e.g. {missing[:1]}), which would start random; give a policy saved with its LM head",
-            )
+            require(not missing, f"'{path}' is not a whole causal LM: its checkpoint has no weights for "
+                    f"{len(missing)} parameters (e.g. {missing[:1]}), which would start random; give a policy saved "
+                    "with its LM head")  # fmt: skip
             return model
         # Not peft's AutoPeftModel: it resizes the embedding to a tokenizer saved beside the adapter.
         base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
@@ -624,11 +619,9 @@ def has_tokenizer(folder: str) -> bool:
 def check_positions(config, lengths: tuple, path: str) -> None:
     """A prompt and its response fit in the model's positions (past them a position table has no row)."""
     limit = position_limit(config)
-    require(
-        limit is None or sum(lengths) <= limit,
-        f"--query_length {lengths[0]} + --response_length {lengths[1]} = {sum(lengths)} tokens is more than the "
-        f"{limit} positions of the model {path}: lower them so that the sum fits",
-    )
+    require(limit is None or sum(lengths) <= limit,
+            f"--query_length {lengths[0]} + --response_length {lengths[1]} = {sum(lengths)} tokens is more than the "
+            f"{limit} positions of the model {path}: lower them so that the sum fits")  # fmt: skip
 
 
 def position_limit(config) -> int | None:
@@ -641,10 +634,8 @@ def check_vocabulary(tokenizer, model, path: str) -> None:
     """Every id the tokenizer gives (its pad aside: no model reads it) has a row in the model's embedding."""
     top = max(i for i in tokenizer.get_vocab().values() if i != tokenizer.pad_token_id)
     rows = model.get_input_embeddings().num_embeddings
-    require(
-        top < rows,
-        f"the tokenizer gives ids up to {top}, past the {rows} embedding rows of the model {path}: use its tokenizer",
-    )
+    require(top < rows, f"the tokenizer gives ids up to {top}, past the {rows} embedding rows of the model {path}: "
+            "use its tokenizer")  # fmt: skip
 
 
 def check_model_path(path: str) -> None:
@@ -744,10 +735,9 @@ def save_policy(model, tokenizer, output_dir: str, fsdp: bool, merged: bool) -> 
             model.merge_and_unload().save_pretrained(os.path.join(output_dir, "merged"))
             tokenizer.save_pretrained(os.path.join(output_dir, "merged"))
     except Exception as e:
-        raise BadInput(
-            f"cannot save the policy to {output_dir} ({type(e).__name__}: {str(e)[:200]}). The trained state is in the "
-            "run's last checkpoint: run the same command with --resume <its run_dir> --output_dir <another directory>"
-        ) from e
+        raise BadInput(f"cannot save the policy to {output_dir} ({type(e).__name__}: {str(e)[:200]}). The trained "
+                       "state is in the run's last checkpoint: run the same command with --resume <its run_dir> "
+                       "--output_dir <another directory>") from e  # fmt: skip
     print(f"saved the policy to {output_dir}")
 
 
@@ -761,11 +751,9 @@ class ScalarRewardModel(nn.Module):
 
     def forward(self, query_responses: torch.Tensor, pad_id: int) -> torch.Tensor:
         width, limit = query_responses.size(1), position_limit(self.backbone.config)
-        require(
-            limit is None or width <= limit,
-            f"the reward model reads {width} tokens (prompt and response), more than its {limit} positions: lower "
-            "--query_length / --response_length, or use a reward model with more positions",
-        )
+        require(limit is None or width <= limit,
+                f"the reward model reads {width} tokens (prompt and response), more than its {limit} positions: lower "
+                "--query_length / --response_length, or use a reward model with more positions")  # fmt: skip
         hidden = forward(self.backbone, query_responses, pad_id).last_hidden_state  # (B, L, H)
         # The last non-pad token: queries are left-padded and responses right-padded, so it is the rightmost one.
         last = ((query_responses != pad_id) * torch.arange(width, device=hidden.device)).argmax(1)
@@ -790,10 +778,8 @@ class Reward:
                 values = torch.as_tensor(scores, dtype=torch.float, device=query_responses.device)
             except Exception as e:
                 raise BadInput(f"{name} failed on {len(responses)} responses: {type(e).__name__}: {e}") from e
-            require(
-                values.shape == (len(responses),),
-                f"{name} returned {str(scores)[:80]!r}; it must return one number per response ({len(responses)})",
-            )
+            require(values.shape == (len(responses),), f"{name} returned {str(scores)[:80]!r}; it must return one "
+                    f"number per response ({len(responses)})")  # fmt: skip
             return values
         tokenizer, texts, pad = self.model_tokenizer, [], self.tokenizer.pad_token_id
         for prompt, response, query_response in zip(prompts, responses, query_responses):
@@ -866,10 +852,8 @@ def compare_pairs(fn, tokenizer, query_responses: torch.Tensor, context_length: 
         values = torch.as_tensor(out, dtype=torch.float)
     except Exception as e:
         raise BadInput(f"{name} failed on {len(b)} pairs: {type(e).__name__}: {e}") from e
-    require(
-        values.shape == (len(b),) and bool(((values >= 0) & (values <= 1)).all()),
-        f"{name} returned {str(out)[:80]!r}; it must return one probability in [0, 1] per pair ({len(b)})",
-    )
+    require(values.shape == (len(b),) and bool(((values >= 0) & (values <= 1)).all()), f"{name} returned "
+            f"{str(out)[:80]!r}; it must return one probability in [0, 1] per pair ({len(b)})")  # fmt: skip
     wins = torch.full((B, m, m), 0.5)
     wins[b, i, j] = values
     return wins.to(query_responses.device)
@@ -900,17 +884,14 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
             )
             if info["missing_keys"]:
                 missing = sorted(info["missing_keys"])
-                raise BadInput(
-                    f"reward model {path}: its checkpoint has no weights for {len(missing)} parameters of "
-                    f"{type(model).__name__} (e.g. {missing[0]}), which would score with random weights. "
-                    "A reward model of its own class (a `v_head`, custom code) must be converted first: docs/chat.md"
-                )
+                raise BadInput(f"reward model {path}: its checkpoint has no weights for {len(missing)} parameters of "
+                               f"{type(model).__name__} (e.g. {missing[0]}), which would score with random weights. A "
+                               "reward model of its own class (a `v_head`, custom code) must be converted first: "
+                               "docs/chat.md")  # fmt: skip
             head, n = getattr(model, "score", None) or getattr(model, "classifier", None), model.config.num_labels
             require(n == 1, f"reward model {path} has num_labels={n}; a reward model needs num_labels=1 (one score)")
-            require(
-                isinstance(head, nn.Linear),
-                f"reward model {path}: {type(model).__name__} has no linear output (`score`) to read one score from",
-            )
+            require(isinstance(head, nn.Linear), f"reward model {path}: {type(model).__name__} has no linear output "
+                    "(`score`) to read one score from")  # fmt: skip
             return ScalarRewardModel(model.base_model, head, getattr(model.config, "reward_bias", 0.0))
         # https://github.com/vwxyzjn/summarize_from_feedback_details (ScalarModel): config.json with `base_config`,
         # weights `lm_backbone.*` and `scalar_head.*` (with or without a bias)
@@ -941,11 +922,9 @@ def load_prompts(
     file = path if os.path.isfile(path) else None  # a single file serves every split
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "dataset_dict.json")):  # the split's own file
         named = [n for n in sorted(os.listdir(path)) if n.rpartition(".")[::2] in {(split, f) for f in formats}]
-        require(
-            len(named) == 1,
-            f"dataset folder '{path}' needs one file for split '{split}', named {split}.jsonl (or .json, .csv, "
-            f".parquet); it has {sorted(os.listdir(path))[:8]}",
-        )
+        require(len(named) == 1,
+                f"dataset folder '{path}' needs one file for split '{split}', named {split}.jsonl (or .json, .csv, "
+                f".parquet); it has {sorted(os.listdir(path))[:8]}")  # fmt: skip
         file = os.path.join(path, named[0])
     kind = formats.get(file.rsplit(".", 1)[-1]) if file else None
     require(not file or kind, f"dataset file '{file}': unknown format; give a .jsonl, .json, .csv or .parquet file")
@@ -969,31 +948,24 @@ def load_prompts(
     require(len(dataset) > 0, f"split '{split}' of dataset '{path}' has no rows")
     roles = {"system", "user", "assistant"}
     for column in (query_column, reference_column or query_column):
-        require(
-            column in dataset.column_names,
-            f"dataset '{path}' ({split}) has no column '{column}'; it has {dataset.column_names}. Set the flag that "
-            "names it (--query_column, --reference_column, --chosen_column, --rejected_column, --mu_column) to one",
-        )
+        require(column in dataset.column_names, f"dataset '{path}' ({split}) has no column '{column}'; it has "
+                f"{dataset.column_names}. Set the flag that names it (--query_column, --reference_column, "
+                "--chosen_column, --rejected_column, --mu_column) to one")  # fmt: skip
         for row, value in enumerate(dataset[column]):  # a text, or a conversation of {role, content} messages
             text = value if isinstance(value, str) else None
             if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
                 whole = all(isinstance(m.get("content"), str) and m.get("role") in roles for m in value)
                 text = value[-1].get("content") if whole else None
             where = f"dataset '{path}' ({split}), column '{column}', row {row}"
-            require(
-                isinstance(text, str) and bool(text.strip()),
-                f"{where}: {str(value)[:60]!r} is not a non-empty text or conversation (of {{role, content}} messages, "
-                "roles system, user, assistant); fix or drop the rows like it",
-            )
+            require(isinstance(text, str) and bool(text.strip()), f"{where}: {str(value)[:60]!r} is not a non-empty "
+                    "text or conversation (of {role, content} messages, roles system, user, assistant); fix or drop "
+                    "the rows like it")  # fmt: skip
             role = value[-1].get("role") if column != query_column and isinstance(value, list) else "assistant"
             require(role == "assistant", f"{where}: the conversation ends with a {role!r} message, not the answer")
     prompts = [as_messages(x) if chat or isinstance(x, list) else x for x in dataset[query_column]]
     if isinstance(prompts[0], list):
-        require(
-            bool(tokenizer.chat_template),
-            f"the policy's tokenizer has no chat template for the conversations of '{path}': give a model with one, "
-            "or prompts as text without --chat",
-        )
+        require(bool(tokenizer.chat_template), f"the policy's tokenizer has no chat template for the conversations "
+                f"of '{path}': give a model with one, or prompts as text without --chat")  # fmt: skip
         texts = [tokenizer.apply_chat_template(x, tokenize=False, add_generation_prompt=True) for x in prompts]
         ids = tokenizer(texts, add_special_tokens=False).input_ids  # the template holds the special tokens it wants
     else:
@@ -1033,11 +1005,9 @@ def response_ids(answer: str, prompt, tokenizer, where: str) -> list[int]:
     render = partial(tokenizer.apply_chat_template, tokenize=False)
     head = tokenizer(render(prompt, add_generation_prompt=True), add_special_tokens=False).input_ids
     whole = tokenizer(render([*prompt, {"role": "assistant", "content": answer}]), add_special_tokens=False).input_ids
-    require(
-        whole[: len(head)] == head,
-        f"dataset {where}: the chat template renders a prompt with its answer so that the prompt with the generation "
-        "prompt is not its start (in tokens); use a template that starts the answer where the generation prompt ends",
-    )
+    require(whole[: len(head)] == head, f"dataset {where}: the chat template renders a prompt with its answer so that "
+            "the prompt with the generation prompt is not its start (in tokens); use a template that starts the answer "
+            "where the generation prompt ends")  # fmt: skip
     tail, special = whole[len(head) :], set(tokenizer.all_special_ids) - {tokenizer.pad_token_id}
     end = next((i for i, t in enumerate(tail) if t in special), None)
     return tail + [eos] if end is None else tail[: end + 1]
@@ -1060,11 +1030,9 @@ def check_json_lines(path: str) -> None:
             if isinstance(value, str | list):
                 text, seen = isinstance(value, str), kinds.setdefault(column, {})
                 seen.setdefault(text, row)
-                require(
-                    len(seen) == 1,
-                    f"dataset file '{path}', column '{column}', row {row}: {str(value)[:60]!r} is a "
-                    f"{'text' if text else 'conversation'} where row {seen.get(not text)} is not: make them one kind",
-                )
+                require(len(seen) == 1, f"dataset file '{path}', column '{column}', row {row}: {str(value)[:60]!r} is "
+                        f"a {'text' if text else 'conversation'} where row {seen.get(not text)} is not: make them one "
+                        "kind")  # fmt: skip
 
 
 def as_messages(prompt) -> list[dict]:
@@ -1246,15 +1214,13 @@ def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast
     response with its score; without a `reward`, no scores. With `preference` (rebel.py's --preference_fn) and
     references, the response's win rate against the reference, P(response > reference) by the judge, both orders
     averaged. Rank 0 writes <run_dir>/eval_<update>.csv and logs the eval/ metrics and --num_sample_rows samples."""
-    reference_column, penalty, chunk = (
-        flags["reference_column"],
-        flags["penalty_reward_value"],
-        flags["local_rollout_forward_batch_size"],
-    )
+    import pandas as pd
+    from tqdm import tqdm
+
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    idx = rank_share(min(flags["num_eval_prompts"] or len(data[0]), len(data[0])), rank, world_size)
     dataset, prompts, queries, references, _ = data
-    prompts = [prompts[i] for i in idx]
+    idx = rank_share(min(flags["num_eval_prompts"] or len(dataset), len(dataset)), rank, world_size)
+    prompts, chunk = [prompts[i] for i in idx], flags["local_rollout_forward_batch_size"]
     queries = trim_left_padding(queries[idx], tokenizer.pad_token_id, flags["pad_multiple"]).to(log.device)
     ctx = queries.size(1)
     # Its own random stream: the training's samples do not depend on when, or how often, the run evaluates.
@@ -1263,34 +1229,44 @@ def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast
     rows = {
         "query": [last_turn(p) for p in prompts],
         "postprocessed_response": tokenizer.batch_decode(query_response[:, ctx:], skip_special_tokens=True),
-        **({"score": torch.where(has_eos, score, penalty).tolist()} if reward else {}),
+        **({"score": torch.where(has_eos, score, flags["penalty_reward_value"]).tolist()} if reward else {}),
         "kl": kl.tolist(),
         "response_length": mask.sum(1).tolist(),
         "has_eos": has_eos.tolist(),
     }
     if references is not None:  # the dataset's own responses, scored the same way
         query_references = torch.cat((queries, references[idx].to(log.device)), 1)
-        rows["reference_response"] = [last_turn(r) for r in dataset[idx][reference_column]]
+        rows["reference_response"] = [last_turn(r) for r in dataset[idx][flags["reference_column"]]]
         if reward:
             with autocast():
-                reference_score = [
-                    reward(qr, ctx, prompts[i : i + chunk])
-                    for i, qr in zip(range(0, len(prompts), chunk), query_references.split(chunk))
-                ]
+                parts = enumerate(query_references.split(chunk))
+                reference_score = [reward(qr, ctx, prompts[i * chunk : (i + 1) * chunk]) for i, qr in parts]
             rows["reference_score"] = torch.cat(reference_score).tolist()
         if preference:
-            wins = compare_pairs(
-                preference, tokenizer, torch.stack((query_response, query_references), 1), ctx, prompts
-            )
+            pairs = torch.stack((query_response, query_references), 1)
+            wins = compare_pairs(preference, tokenizer, pairs, ctx, prompts)  # (B, 2, 2)
             rows["win_rate"] = ((wins[:, 0, 1] + 1 - wins[:, 1, 0]) / 2).tolist()
-    gathered = [rows]
     scores = {"the evaluation's scores": score, "the references' scores": torch.tensor(rows.get("reference_score", []))}
     check_finite(scores, os.path.join(log.run_dir, f"nonfinite_rank{rank}.pt"))
+    gathered = [rows] * world_size
     if dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rows)
-    if log.master:
-        log.table(update, gathered, flags["num_sample_rows"])
+    if not log.master:
+        return
+    df = pd.concat([pd.DataFrame(r) for r in gathered], ignore_index=True)
+    df.to_csv(os.path.join(log.run_dir, f"eval_{update:06d}.csv"), index=False)
+    names = ("score", "reference_score", "win_rate", "kl", "response_length")
+    stats = {f"eval/{n}": df[n].mean() for n in names if n in df} | {"eval/eos_rate": df.has_eos.mean()}
+    for key, value in stats.items():
+        log.writer.add_scalar(key, value, update)
+    shown = next((n for n in ("score", "win_rate") if n in df), "kl")  # what the printed samples show
+    samples = df.head(flags["num_sample_rows"])[["query", "postprocessed_response", shown]]
+    log.writer.add_text("samples", samples.to_string(), update)
+    if log.track:
+        log.wandb.log({"samples": log.wandb.Table(dataframe=df.head(flags["num_sample_rows"] * 4))}, step=update)
+    tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+    for _, row in samples.iterrows():
+        tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row[shown]:.2f})")
 
 
 def precision(choice: str, device) -> tuple:
@@ -1318,7 +1294,7 @@ class RunLog:
     """Rank 0's logs: TensorBoard events, metrics.jsonl (a row per update) and, with --track, the wandb run, each
     continued where the checkpoint left it on resume (`trainer`: the checkpoint's record, which keeps the wandb id).
     Rank 0 prints the run's start line (`plan`: its updates and batch). Every rank calls write(), which reduces the
-    metrics over the ranks."""
+    metrics over the ranks; evaluate() writes the evaluation's."""
 
     def __init__(self, run_dir, run_name, flags: dict, trainer, start_update, device, plan: str):
         self.master = not dist.is_initialized() or dist.get_rank() == 0
@@ -1335,7 +1311,7 @@ class RunLog:
             wandb.init(project=flags["wandb_project_name"], entity=flags["wandb_entity"], config=flags, name=run_name,
                        dir=run_dir, save_code=True, id=trainer.get("wandb_id"), resume="allow",
                        sync_tensorboard=True)  # fmt: skip
-            trainer["wandb_id"] = wandb.run.id
+            self.wandb, trainer["wandb_id"] = wandb, wandb.run.id
         self.writer = SummaryWriter(run_dir, purge_step=start_update + 1 if start_update else 0)
         self.writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in flags.items()))
         self.metrics = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
@@ -1364,29 +1340,6 @@ class RunLog:
         self.metrics.write(json.dumps({"update": update, **stats}) + "\n")
         self.metrics.flush()
 
-    def table(self, update: int, rows: list[dict], num_sample_rows: int) -> None:
-        """The evaluation table (every rank's rows): its csv, its eval/ means and a few samples printed and logged."""
-        import pandas as pd
-        from tqdm import tqdm
-
-        df = pd.concat([pd.DataFrame(r) for r in rows], ignore_index=True)
-        df.to_csv(os.path.join(self.run_dir, f"eval_{update:06d}.csv"), index=False)
-        names = ("score", "reference_score", "win_rate", "kl", "response_length")
-        stats = {f"eval/{n}": df[n].mean() for n in names if n in df}
-        stats["eval/eos_rate"] = df.has_eos.mean()
-        for key, value in stats.items():
-            self.writer.add_scalar(key, value, update)
-        shown = next((n for n in ("score", "win_rate") if n in df), "kl")  # what the printed samples show
-        samples = df.head(num_sample_rows)[["query", "postprocessed_response", shown]]
-        self.writer.add_text("samples", samples.to_string(), update)
-        if self.track:
-            import wandb
-
-            wandb.log({"samples": wandb.Table(dataframe=df.head(num_sample_rows * 4))}, step=update)
-        tqdm.write(f"eval @ {update}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
-        for _, row in samples.iterrows():
-            tqdm.write(f"  {row.query[-80:]!r} -> {row.postprocessed_response!r} ({row[shown]:.2f})")
-
     def end(self, update: int, signals: list | None) -> None:
         """The run's end: the logs closed, the processes ended; a run stopped by `signals` (Ctrl-C, SIGTERM: on some
         rank) says how to resume and exits with 128 + the signal's number (130, 143)."""
@@ -1407,9 +1360,7 @@ class RunLog:
         self.metrics.close()
         self.writer.close()
         if self.track:
-            import wandb
-
-            wandb.finish()
+            self.wandb.finish()
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -1482,22 +1433,16 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
     its part), every rank's RNG states, and `trainer` (the update counter, the flags, the wandb run id). It is written
     under a temporary name and renamed once complete, so a kill while saving leaves the previous one intact."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
-    path = os.path.join(root, f"update_{update:06d}")
-    try:
+    path, fix = os.path.join(root, f"update_{update:06d}"), f"free some space and continue with --resume {run_dir}"
+    with refused(f"cannot write the checkpoint {path}", f"; the earlier checkpoints are intact: {fix}"):
         dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
         torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
         barrier()
         if rank == 0:
             with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
                 json.dump({**trainer, "script": os.path.basename(__file__)}, f)
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise BadInput(
-            f"cannot write the checkpoint {path} ({cause(e)}); the earlier checkpoints are intact: free some space "
-            f"and continue with --resume {run_dir}"
-        ) from e
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
@@ -1513,24 +1458,20 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
     if path is None:
         return {"inputs": input_files(flags)}
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     # Flags that do not change the run's course (evaluation draws on its own generator in rebel_lcm.py).
-    resumable = "resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq keep_checkpoints"
-    resumable = {*resumable.split(), "eval_freq", "eval_every", "num_eval_images", "num_sample_rows"}
-    try:
+    resumable = """resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq
+    keep_checkpoints eval_freq eval_every num_eval_images num_sample_rows""".split()
+    with refused(f"--resume: cannot read the checkpoint {path}", "; resume from an intact one"):
         with open(os.path.join(path, "trainer.json")) as f:
             trainer = json.load(f)
         script = trainer.get("script", os.path.basename(__file__))
         require(script == os.path.basename(__file__), f"--resume {path}: that is a run of {script}; resume it with it")
-        name = os.path.basename(os.path.normpath(path))
-        require(
-            name == f"update_{trainer.get('update', -1):06d}",
-            f"--resume {path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's; "
-            "it was edited or copied from another checkpoint: resume from an intact one",
-        )
+        require(os.path.basename(os.path.normpath(path)) == f"update_{trainer.get('update', -1):06d}",
+                f"--resume {path}: its trainer.json says update {trainer.get('update')}, which is not this "
+                "checkpoint's; it was edited or copied from another checkpoint: resume from an intact one")  # fmt: skip
         was, flags = trainer["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
         changed = [f"--{k} {was.get(k)} (now {v})" for k, v in flags.items() if was.get(k) != v and k not in resumable]
         require(not changed, f"--resume {path}: flags differ from the run's: {', '.join(changed)}")
@@ -1538,14 +1479,11 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
         changed = [k for k in sorted(was.keys() | now.keys()) if "inputs" in trainer and was.get(k) != now.get(k)]
         if changed:
             how = "is new" if changed[0] not in was else "is gone" if changed[0] not in now else "was modified"
-            raise BadInput(
-                f"--resume {path}: {changed[0]} {how} since the run read it ({len(changed)} files differ): resume "
-                "with the files it read, or start a new run"
-            )
+            raise BadInput(f"--resume {path}: {changed[0]} {how} since the run read it ({len(changed)} files differ): "
+                           "resume with the files it read, or start a new run")  # fmt: skip
         n = trainer["world_size"]
-        require(
-            n == world_size, f"--resume {path}: the run had {n} processes; resume it with as many, not {world_size}"
-        )
+        require(n == world_size,
+                f"--resume {path}: the run had {n} processes; resume it with as many, not {world_size}")  # fmt: skip
         dcp.FileSystemReader(path).read_metadata()  # fails plainly on a damaged checkpoint, where dcp.load logs pages
         state = trainable_state(model, optimizer)
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
@@ -1554,10 +1492,6 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
         )
         set_rng_states(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True))
-    except BadInput:
-        raise
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise BadInput(f"--resume: cannot read the checkpoint {path} ({cause(e)}); resume from an intact one") from e
     return trainer
 
 
@@ -1598,14 +1532,16 @@ class BadInput(ValueError):
 
 
 @contextmanager
-def refused(message: str):
-    """Any error inside but a BadInput becomes one: `message (ErrorType: error)`."""
+def refused(message: str, fix: str = ""):
+    """Any error inside but a BadInput becomes one: `message (ErrorType: error)fix`."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         yield
     except BadInput:
         raise
-    except Exception as e:
-        raise BadInput(f"{message} ({type(e).__name__}: {e})") from e
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise BadInput(f"{message} ({cause(e)}){fix}") from e
 
 
 def print_bad_input(kind, error, tb) -> None:
@@ -1652,13 +1588,6 @@ def no_sync(model, sync: bool):
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def broadcast(value):  # rank 0's value, on every rank
-    box = [value]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def all_reduce(values: dict, op=None, device=None) -> dict:

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Literal
@@ -809,7 +810,10 @@ def open_run(flags: dict):
         if resume and not checkpoint:
             print(f"--resume {run_dir}: no complete checkpoint there; starting the run in it", file=sys.stderr)
         lock_run_dir(run_dir)
-    run_dir, output_dir = broadcast((run_dir, output_dir))  # rank 0's: the default names hold its clock's time
+    if dist.is_initialized():  # rank 0's names on every rank: the default ones hold its clock's time
+        names = [(run_dir, output_dir)]
+        dist.broadcast_object_list(names, src=0)
+        run_dir, output_dir = names[0]
     return checkpoint, run_dir, run_name, output_dir
 
 
@@ -846,10 +850,8 @@ def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> N
     theirs = owner.get("script", script) if owner else script
     require(theirs == script, f"--resume {run_dir}: that is a run of {theirs}; resume it with it")
     owner = owner or {"script": script, "id": os.urandom(8).hex()}
-    require(
-        not output_dir or read_run_json(output_dir) in (None, owner),
-        f"--output_dir {output_dir} is not empty and not this run's: choose a new or empty folder",
-    )
+    require(not output_dir or read_run_json(output_dir) in (None, owner),
+            f"--output_dir {output_dir} is not empty and not this run's: choose a new or empty folder")  # fmt: skip
     for flag, path in (("--run_dir", run_dir), ("--output_dir", output_dir)):
         if not path:
             continue  # no --output_dir: nothing is saved
@@ -948,22 +950,16 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
     its part), every rank's RNG states, and `trainer` (the update counter, the flags, the wandb run id). It is written
     under a temporary name and renamed once complete, so a kill while saving leaves the previous one intact."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
-    path = os.path.join(root, f"update_{update:06d}")
-    try:
+    path, fix = os.path.join(root, f"update_{update:06d}"), f"free some space and continue with --resume {run_dir}"
+    with refused(f"cannot write the checkpoint {path}", f"; the earlier checkpoints are intact: {fix}"):
         dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
         torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
         barrier()
         if rank == 0:
             with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
                 json.dump({**trainer, "script": os.path.basename(__file__)}, f)
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise BadInput(
-            f"cannot write the checkpoint {path} ({cause(e)}); the earlier checkpoints are intact: free some space "
-            f"and continue with --resume {run_dir}"
-        ) from e
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
@@ -979,24 +975,20 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
     if path is None:
         return {"inputs": input_files(flags)}
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     # Flags that do not change the run's course (evaluation draws on its own generator in rebel_lcm.py).
-    resumable = "resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq keep_checkpoints"
-    resumable = {*resumable.split(), "eval_freq", "eval_every", "num_eval_images", "num_sample_rows"}
-    try:
+    resumable = """resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq
+    keep_checkpoints eval_freq eval_every num_eval_images num_sample_rows""".split()
+    with refused(f"--resume: cannot read the checkpoint {path}", "; resume from an intact one"):
         with open(os.path.join(path, "trainer.json")) as f:
             trainer = json.load(f)
         script = trainer.get("script", os.path.basename(__file__))
         require(script == os.path.basename(__file__), f"--resume {path}: that is a run of {script}; resume it with it")
-        name = os.path.basename(os.path.normpath(path))
-        require(
-            name == f"update_{trainer.get('update', -1):06d}",
-            f"--resume {path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's; "
-            "it was edited or copied from another checkpoint: resume from an intact one",
-        )
+        require(os.path.basename(os.path.normpath(path)) == f"update_{trainer.get('update', -1):06d}",
+                f"--resume {path}: its trainer.json says update {trainer.get('update')}, which is not this "
+                "checkpoint's; it was edited or copied from another checkpoint: resume from an intact one")  # fmt: skip
         was, flags = trainer["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
         changed = [f"--{k} {was.get(k)} (now {v})" for k, v in flags.items() if was.get(k) != v and k not in resumable]
         require(not changed, f"--resume {path}: flags differ from the run's: {', '.join(changed)}")
@@ -1004,14 +996,11 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
         changed = [k for k in sorted(was.keys() | now.keys()) if "inputs" in trainer and was.get(k) != now.get(k)]
         if changed:
             how = "is new" if changed[0] not in was else "is gone" if changed[0] not in now else "was modified"
-            raise BadInput(
-                f"--resume {path}: {changed[0]} {how} since the run read it ({len(changed)} files differ): resume "
-                "with the files it read, or start a new run"
-            )
+            raise BadInput(f"--resume {path}: {changed[0]} {how} since the run read it ({len(changed)} files differ): "
+                           "resume with the files it read, or start a new run")  # fmt: skip
         n = trainer["world_size"]
-        require(
-            n == world_size, f"--resume {path}: the run had {n} processes; resume it with as many, not {world_size}"
-        )
+        require(n == world_size,
+                f"--resume {path}: the run had {n} processes; resume it with as many, not {world_size}")  # fmt: skip
         dcp.FileSystemReader(path).read_metadata()  # fails plainly on a damaged checkpoint, where dcp.load logs pages
         state = trainable_state(model, optimizer)
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
@@ -1020,10 +1009,6 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
         )
         set_rng_states(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True))
-    except BadInput:
-        raise
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise BadInput(f"--resume: cannot read the checkpoint {path} ({cause(e)}); resume from an intact one") from e
     return trainer
 
 
@@ -1063,6 +1048,19 @@ class BadInput(ValueError):
     """A problem with the flags, the data or a checkpoint: reported as one line that names the fix, no traceback."""
 
 
+@contextmanager
+def refused(message: str, fix: str = ""):
+    """Any error inside but a BadInput becomes one: `message (ErrorType: error)fix`."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except BadInput:
+        raise
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise BadInput(f"{message} ({cause(e)}){fix}") from e
+
+
 def print_bad_input(kind, error, tb) -> None:
     """sys.excepthook: a BadInput prints its message alone, an OSError one line, any other error its traceback. Under
     torchrun the line goes into the ranks' store: a rank whose collective fails as its peer exits prints it too."""
@@ -1095,13 +1093,6 @@ def cause(error: BaseException) -> str:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def broadcast(value):  # rank 0's value, on every rank
-    box = [value]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def require(ok: bool, message: str) -> None:
