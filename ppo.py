@@ -1264,17 +1264,14 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
 
 # ---------------------------------------------------------------------------------------------- sampling and log-probs
 def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
-    """sampling_config at --temperature (training) and at --eval_temperature: --response_length tokens, a static KV
-    cache unless --no-static_cache or --fsdp (a sharded model's sampler is not compiled), ending at a stop token with
-    --stop_at_eos."""
+    """sampling_config at --temperature and at --eval_temperature: --response_length tokens, a static KV cache unless
+    --no-static_cache or --fsdp (a sharded sampler is not compiled), stopping at a stop token with --stop_at_eos."""
     static, stops = flags["static_cache"] and not flags["fsdp"], stop_ids if flags["stop_at_eos"] else None
     length = flags["response_length"]
     return tuple(sampling_config(length, flags[t], pad_id, static, stops) for t in ("temperature", "eval_temperature"))
 
 
-def sampling_config(
-    response_length: int, temperature: float, pad_id: int, static_cache: bool = False, stop_ids: list[int] | None = None
-):
+def sampling_config(response_length: int, temperature: float, pad_id: int, static_cache=False, stop_ids=None):
     """Exactly response_length tokens, as the paper (rollout truncates after EOS); with stop_ids (chat), up to the
     first stop token. The pad is never sampled; a static KV cache samples the same tokens."""
     from transformers import GenerationConfig
@@ -1344,9 +1341,7 @@ def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: t
     attention_mask = query_responses != pad_id
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     input_ids = query_responses.masked_fill(~attention_mask, 0)
-    keep = (
-        {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
-    )  # the LM head's positions (no backbone's)
+    keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}  # the LM head's (a backbone has none)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
 
 
@@ -1382,11 +1377,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 @torch.no_grad()
 def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast, preference=None):
     """The evaluation table at `update`, on this rank's share of the first --num_eval_prompts prompts of `data`
-    (load_splits' second): one response per prompt from sample(queries, prompts) -> (query_responses, masks, kl,
-    scores, has_eos), its score as in training (--penalty_reward_value without EOS), and the dataset's reference
-    response with its score; without a `reward`, no scores. With `preference` (rebel.py's --preference_fn) and
-    references, the response's win rate against the reference, P(response > reference) by the judge, both orders
-    averaged. Rank 0 writes <run_dir>/eval_<update>.csv and logs the eval/ metrics and --num_sample_rows samples."""
+    (load_splits' second): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,
+    has_eos), scored as in training (--penalty_reward_value without EOS), and the dataset's reference with its score
+    (no scores without a `reward`); with `preference` (--preference_fn), the response's win rate P(response >
+    reference), both orders averaged. Rank 0 writes <run_dir>/eval_<update>.csv, the eval/ metrics and samples."""
     import pandas as pd
     from tqdm import tqdm
 
@@ -1464,10 +1458,9 @@ def load_splits(flags: dict, tokenizer, train_column: str | None) -> tuple:
 
 
 class RunLog:
-    """Rank 0's logs: TensorBoard events, metrics.jsonl (a row per update) and, with --track, the wandb run, each
-    continued where the checkpoint left it on resume (`trainer`: the checkpoint's record, which keeps the wandb id).
-    Rank 0 prints the run's start line (`plan`: its updates and batch). Every rank calls write(), which reduces the
-    metrics over the ranks; evaluate() writes the evaluation's."""
+    """Rank 0's logs: TensorBoard, metrics.jsonl (a row per update) and, with --track, the wandb run, each continued on
+    resume where the checkpoint left it (`trainer`: its record, with the wandb id). Rank 0 prints the start line
+    (`plan`: the updates and batch); every rank calls write(), which reduces the metrics over the ranks."""
 
     def __init__(self, run_dir, run_name, flags: dict, trainer, start_update, device, plan: str):
         self.master = not dist.is_initialized() or dist.get_rank() == 0
@@ -1493,8 +1486,7 @@ class RunLog:
         print(f"run {run_name}: {plan}, world size {world_size}; logs in {run_dir}{resumed}")
 
     def write(self, update: int, stats: dict, timer, lr: float) -> None:
-        """One update's metrics (the mean over ranks), the phase times and peak memory since the last write (the max
-        over ranks), the learning rate."""
+        """One update's metrics (mean over ranks), phase times and peak memory since the last write (max), the lr."""
         stats = all_reduce(stats, device=self.device)
         timer.times["total"] = sum(timer.times.values())
         if self.device.type == "cuda":
@@ -1602,9 +1594,8 @@ def trainable_state(model, optimizer) -> dict:
 
 
 def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, keep: int) -> str:
-    """<run_dir>/checkpoints/update_N: trainable weights and optimizer (torch.distributed.checkpoint: every rank writes
-    its part), every rank's RNG states, and `trainer` (the update counter, the flags, the wandb run id). It is written
-    under a temporary name and renamed once complete, so a kill while saving leaves the previous one intact."""
+    """<run_dir>/checkpoints/update_N: trainable weights and optimizer (dcp: each rank writes its part), each rank's
+    RNG states and `trainer` (update, flags, wandb id); written as .tmp, renamed once whole: a kill leaves the last."""
     import torch.distributed.checkpoint as dcp
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
@@ -1612,7 +1603,8 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
     with refused(f"cannot write the checkpoint {path}", f"; the earlier checkpoints are intact: {fix}"):
         dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
         torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
-        barrier()
+        if dist.is_initialized():
+            dist.barrier()  # every rank's part is written
         if rank == 0:
             with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
                 json.dump({**trainer, "script": os.path.basename(__file__)}, f)
@@ -1621,7 +1613,8 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
         os.replace(path + ".tmp", path)
         for old in sorted(n for n in os.listdir(root) if n[7:].isdigit())[: -max(keep, 1)]:
             shutil.rmtree(os.path.join(root, old))
-    barrier()
+    if dist.is_initialized():
+        dist.barrier()  # no rank goes on before the checkpoint is in place
     return path
 
 
@@ -1756,11 +1749,6 @@ def exact_div(a: int, b: int, what: str) -> int:
 def no_sync(model, sync: bool):
     """DDP's all-reduce on an accumulation's last micro-batch only (FSDP's would keep whole unsharded gradients)."""
     return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def all_reduce(values: dict, op=None, device=None) -> dict:

@@ -946,9 +946,8 @@ def trainable_state(model, optimizer) -> dict:
 
 
 def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, keep: int) -> str:
-    """<run_dir>/checkpoints/update_N: trainable weights and optimizer (torch.distributed.checkpoint: every rank writes
-    its part), every rank's RNG states, and `trainer` (the update counter, the flags, the wandb run id). It is written
-    under a temporary name and renamed once complete, so a kill while saving leaves the previous one intact."""
+    """<run_dir>/checkpoints/update_N: trainable weights and optimizer (dcp: each rank writes its part), each rank's
+    RNG states and `trainer` (update, flags, wandb id); written as .tmp, renamed once whole: a kill leaves the last."""
     import torch.distributed.checkpoint as dcp
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
@@ -956,7 +955,8 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
     with refused(f"cannot write the checkpoint {path}", f"; the earlier checkpoints are intact: {fix}"):
         dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
         torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
-        barrier()
+        if dist.is_initialized():
+            dist.barrier()  # every rank's part is written
         if rank == 0:
             with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
                 json.dump({**trainer, "script": os.path.basename(__file__)}, f)
@@ -965,7 +965,8 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
         os.replace(path + ".tmp", path)
         for old in sorted(n for n in os.listdir(root) if n[7:].isdigit())[: -max(keep, 1)]:
             shutil.rmtree(os.path.join(root, old))
-    barrier()
+    if dist.is_initialized():
+        dist.barrier()  # no rank goes on before the checkpoint is in place
     return path
 
 
