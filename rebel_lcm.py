@@ -1091,11 +1091,6 @@ def cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error)[:200]}"
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def require(ok: bool, message: str) -> None:
     if not ok:
         raise BadInput(message)

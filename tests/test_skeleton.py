@@ -77,7 +77,7 @@ def below_banner(path: str) -> list[str]:
     return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
 
 
-@pytest.mark.parametrize("script", [s for s in SIBLINGS if s != "rebel_lcm.py"])  # rebel_lcm.py: not yet
+@pytest.mark.parametrize("script", SIBLINGS)
 def test_the_appendix_is_the_helpers_it_calls_in_rebels_order(script):
     anchor, carried, used = below_banner("rebel.py"), below_banner(script), reads(script)
     assert carried == [n for n in anchor if n in carried], f"{script}: not rebel.py's helpers in rebel.py's order"

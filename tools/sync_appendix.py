@@ -57,30 +57,14 @@ def appendix_for(above: str, appendix: str) -> str:
     return "\n\n\n".join(out) + "\n"
 
 
-def by_name(source: str, appendix: str) -> str:
-    """The source with each top-level helper it shares by name with rebel.py's appendix replaced by rebel.py's."""
-    lines, anchor_lines = source.splitlines(keepends=True), appendix.splitlines(keepends=True)
-    shared = {n.name: n for n in ast.parse(appendix).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    span = lambda n: (min([n.lineno, *(d.lineno for d in n.decorator_list)]) - 1, n.end_lineno)  # noqa: E731
-    for node in reversed(ast.parse(source).body):  # from the end: the lines above stay put
-        if getattr(node, "name", None) in shared:
-            a, b = span(node)
-            c, d = span(shared[node.name])
-            lines[a:b] = anchor_lines[c:d]
-    return "".join(lines)
-
-
 if __name__ == "__main__":
     check = "--check" in sys.argv
     anchor = split_at_banner(open(os.path.join(ROOT, "rebel.py")).read(), "rebel.py")
     stale = []
     for name in SIBLINGS:
         source = open(os.path.join(ROOT, name)).read()
-        if BANNER in source:
-            above = split_at_banner(source, name)[0]
-            new = above + appendix_for(above, anchor[1])
-        else:  # not yet in issue 29's layout (rebel_lcm.py): its helpers that rebel.py shares are replaced by name
-            new = by_name(source, anchor[1])
+        above = split_at_banner(source, name)[0]
+        new = above + appendix_for(above, anchor[1])
         if new != source:
             stale.append(name)
             if not check:
