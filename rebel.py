@@ -138,7 +138,7 @@ class Args:
     lora_alpha: int = 2048
     """LoRA alpha (the adapter's output is scaled by alpha / r)"""
     lora_dropout: float = 0.0
-    """LoRA dropout"""
+    """LoRA dropout: 0, as the models train in eval mode (no dropout), where another value would do nothing"""
     lora_target_modules: list[str] | None = None
     """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
     num_trainable_layers: int | None = None
@@ -556,8 +556,8 @@ def check_flags(flags: dict) -> None:
         require(v is None or v > 0, f"--{key} must be {'>= 1' if isinstance(v, int) else '> 0'}; got {v}")
     for key in "save_freq eval_freq pad_multiple num_sample_rows kl_coef lora_dropout".split():
         require(flags.get(key, 0) >= 0, f"--{key} must be >= 0; got {flags.get(key)}")
-    dropout = flags.get("lora_dropout", 0)
-    require(dropout < 1, f"--lora_dropout must be < 1 (a probability); got {dropout}")
+    dropout = flags.get("lora_dropout", 0)  # the models train in eval mode (the rollout's and the update's ln pi agree)
+    require(dropout == 0, f"--lora_dropout {dropout} would do nothing: the models train in eval mode; leave it at 0")
     for key in "sft_model_path base_model reward_model_path reward_tokenizer query_dataset preference_dataset".split():
         path = flags.get(key)  # a local path (a hub name is org/name) that is not there: said with its flag at start
         require(not path or os.path.exists(path) or not (path.startswith(("/", ".", "~")) or path.count("/") > 1),

@@ -239,7 +239,10 @@ def test_evaluation_scores_that_are_nan_are_refused(toy, tmp_path):
 
 def test_a_refusal_names_its_own_flag(toy, tmp_path):
     message = bad_input_message("rebel.py", rl(toy, tmp_path, "--lora_dropout", "1.5"))
-    assert message == "--lora_dropout must be < 1 (a probability); got 1.5"  # blamed --lora_target_modules
+    assert message == "--lora_dropout 1.5 would do nothing: the models train in eval mode; leave it at 0"
+    # (at abf420a it blamed --lora_target_modules); 0.1 too: LoRA's dropout is off in eval mode, where the models train
+    message = bad_input_message("rebel.py", rl(toy, tmp_path, "--lora_dropout", "0.1"))
+    assert message == "--lora_dropout 0.1 would do nothing: the models train in eval mode; leave it at 0"
     for flag, missing in [
         ("--sft_model_path", str(tmp_path / "gone")),
         ("--reward_model_path", str(tmp_path / "gone")),
