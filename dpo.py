@@ -216,8 +216,7 @@ def main(args: Args) -> None:
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_pairs), args.batch_size, rank, world_size, args.seed)
 
-    # pi_theta: raw_policy samples and is saved; `policy` is what the gradient steps go through (DDP's wrapper, or the
-    # same model sharded by FSDP). ref_policy() gives the SFT reference, pi_ref of Equation 7.
+    # pi_theta: raw_policy samples and is saved, `policy` takes the steps (DDP's or FSDP's); ref_policy(): Eq. 7's pi_ref
     lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)  # with --lora
     raw_policy, ref_policy, stop_ids = load_trained_policy(
         args.sft_model_path, tokenizer, lora if args.lora else None, args.num_trainable_layers, dtype, device,
@@ -228,8 +227,7 @@ def main(args: Args) -> None:
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
-    eval_config = sampling_config(args.response_length, args.eval_temperature, pad, args.static_cache and not args.fsdp,
-                                  stop_ids if args.stop_at_eos else None)  # fmt: skip
+    eval_config = sampling_configs({**flags, "temperature": args.eval_temperature}, pad, stop_ids)[1]  # evaluation only
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
     record = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
@@ -243,15 +241,8 @@ def main(args: Args) -> None:
     if rank == 0 and dropped:
         print(f"dropped {dropped} preference pairs with a prompt longer than --query_length {args.query_length}")
 
-    def sample_eval(queries, prompts):  # one response per prompt at --eval_temperature (its KL too, as officially)
-        responses = sample_responses(
-            raw_policy, queries, 1, eval_config, args.local_rollout_forward_batch_size
-        )  # (B, 1, T)
-        r = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries,
-                            responses=responses, prompts=prompts, config=eval_config, stop_ids=stop_ids,
-                            penalty=args.penalty_reward_value, chunk=args.local_rollout_forward_batch_size)  # fmt: skip
-        return tuple(t[:, 0] for t in (r.query_responses, r.masks, r.logprobs - r.ref_logprobs, r.scores, r.has_eos))
-
+    chunk, penalty = args.local_rollout_forward_batch_size, args.penalty_reward_value
+    sample_eval = eval_sampler(raw_policy, ref_policy, reward, eval_config, stop_ids, penalty, chunk)
     run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
                              flags=flags, autocast=autocast)  # fmt: skip
 
@@ -1094,6 +1085,14 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
 
 
 # ---------------------------------------------------------------------------------------------- sampling and log-probs
+def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
+    """sampling_config at --temperature and at --eval_temperature: --response_length tokens, a static KV cache unless
+    --no-static_cache or --fsdp (a sharded sampler is not compiled), stopping at a stop token with --stop_at_eos."""
+    static, stops = flags["static_cache"] and not flags["fsdp"], stop_ids if flags["stop_at_eos"] else None
+    length = flags["response_length"]
+    return tuple(sampling_config(length, flags[t], pad_id, static, stops) for t in ("temperature", "eval_temperature"))
+
+
 def sampling_config(response_length: int, temperature: float, pad_id: int, static_cache=False, stop_ids=None):
     """Exactly response_length tokens, as the paper (rollout truncates after EOS); with stop_ids (chat), up to the
     first stop token. The pad is never sampled; a static KV cache samples the same tokens."""
@@ -1223,6 +1222,20 @@ def sequence_logprobs(model, query_responses, masks, context_length: int, temper
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs
 @torch.no_grad()
+def eval_sampler(policy, ref_policy, reward, config, stop_ids: list[int], penalty: float, chunk: int):
+    """evaluate's `sample` where a script has rebel.py's rollout (sample_responses, score_responses): one response per
+    prompt with `config` (--eval_temperature), and its KL at that temperature too, as the official code reports it."""
+
+    def sample(queries, prompts):
+        responses = sample_responses(policy, queries, 1, config, chunk)  # (B, 1, T)
+        r = score_responses(policy=policy, ref_policy=ref_policy, reward=reward, queries=queries, responses=responses,
+                            prompts=prompts, config=config, stop_ids=stop_ids, penalty=penalty,
+                            chunk=chunk)  # fmt: skip
+        return tuple(t[:, 0] for t in (r.query_responses, r.masks, r.logprobs - r.ref_logprobs, r.scores, r.has_eos))
+
+    return sample
+
+
 def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast, preference=None):
     """The evaluation table at `update`, on this rank's share of the first --num_eval_prompts prompts of `data`
     (load_splits' second): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,

@@ -1381,7 +1381,6 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs
-@torch.no_grad()
 def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast, preference=None):
     """The evaluation table at `update`, on this rank's share of the first --num_eval_prompts prompts of `data`
     (load_splits' second): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,

@@ -340,13 +340,7 @@ def main(args: Args) -> None:
     plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step"
     log = RunLog(run_dir, run_name, flags, record, start_update, device, plan)
 
-    def sample_eval(queries, prompts):  # one response per prompt at --eval_temperature (its KL too, as officially)
-        responses = sample_responses(raw_policy, queries, 1, eval_config, chunk)  # (B, 1, T)
-        r = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries,
-                            responses=responses, prompts=prompts, config=eval_config, stop_ids=stop_ids,
-                            penalty=penalty, chunk=chunk)  # fmt: skip
-        return tuple(t[:, 0] for t in (r.query_responses, r.masks, r.logprobs - r.ref_logprobs, r.scores, r.has_eos))
-
+    sample_eval = eval_sampler(raw_policy, ref_policy, reward, eval_config, stop_ids, penalty, chunk)
     run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
                              flags=flags, autocast=autocast, preference=preference)  # fmt: skip
 
@@ -1359,6 +1353,20 @@ def sequence_logprobs(model, query_responses, masks, context_length: int, temper
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs
 @torch.no_grad()
+def eval_sampler(policy, ref_policy, reward, config, stop_ids: list[int], penalty: float, chunk: int):
+    """evaluate's `sample` where a script has rebel.py's rollout (sample_responses, score_responses): one response per
+    prompt with `config` (--eval_temperature), and its KL at that temperature too, as the official code reports it."""
+
+    def sample(queries, prompts):
+        responses = sample_responses(policy, queries, 1, config, chunk)  # (B, 1, T)
+        r = score_responses(policy=policy, ref_policy=ref_policy, reward=reward, queries=queries, responses=responses,
+                            prompts=prompts, config=config, stop_ids=stop_ids, penalty=penalty,
+                            chunk=chunk)  # fmt: skip
+        return tuple(t[:, 0] for t in (r.query_responses, r.masks, r.logprobs - r.ref_logprobs, r.scores, r.has_eos))
+
+    return sample
+
+
 def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast, preference=None):
     """The evaluation table at `update`, on this rank's share of the first --num_eval_prompts prompts of `data`
     (load_splits' second): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,
