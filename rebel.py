@@ -10,9 +10,9 @@ pi is the policy at the sampling temperature: every log-prob (the regression's, 
 --temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout), so at the
 first pass ln pi_theta equals the rollout's ln pi_t up to numerical noise.
 
-The file reads top to bottom: the flags (Args), the algorithm (rebel_loss; the rollout: sample_responses, then
-score_responses; pair_up), the loop (main), the variants (more samples, y' from the dataset, a preference model),
-then the plumbing every script shares (the appendix). docs/rebel.md explains every metric.
+Top to bottom: the flags (Args), the algorithm (rebel_loss; the rollout: sample_responses, score_responses; pair_up),
+the loop (main), the variants (more samples, y' from the dataset, a preference model), then the plumbing every script
+shares (the appendix). docs/rebel.md explains every metric.
 
     python rebel.py --eta 1.0                               # one process
     torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the paper's 2.8B TL;DR run
@@ -74,7 +74,7 @@ class Args:
     sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
     """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
     reward_model_path: str | None = None
-    """a one-label sequence classifier, or a backbone + scalar head (default: the paper's 2.8B one; --preference_fn: none)"""
+    """a one-label sequence classifier or a backbone + scalar head (default: the paper's 2.8B; --preference_fn: none)"""
     reward_tokenizer: str | None = None
     """the reward model's tokenizer and chat template (default: its own, else the policy's), reading decoded text"""
     reward_fn: str | None = None
@@ -128,7 +128,7 @@ class Args:
     preference_fn: str | None = None
     """path/to/file.py:fn, a preference instead of a reward (Appendix D.2): fn(prompts, responses_a, responses_b) ->
     P(a > b) in [0, 1] per pair. --kl_coef defaults to 0 (D.2: the fixed point is D.1's minimax winner); c > 0 aims at
-    a KL-regularised game instead (at 0.05 a KL of 40 nats costs 2, the whole range of l = 2P - 1). Evaluated by win rate"""
+    a KL-regularised game (at 0.05 a KL of 40 nats costs 2, the whole range of l = 2P - 1). Evaluated by win rate"""
 
     # the trained model
     lora: bool = True
@@ -301,17 +301,15 @@ def main(args: Args) -> None:
     checkpoint, run_dir, run_name, output_dir = open_run(flags)
     tokenizer = load_tokenizer(args.sft_model_path)
     pad = tokenizer.pad_token_id  # never EOS: load_tokenizer adds a pad token where a model has none
-    # Every rank tokenises the whole split and takes its own prompts from the shared shuffle.
-    # A split: (rows, prompts as given, their token ids, the --mu_column responses' ids or None, how many dropped).
+    # Each split (every rank reads it whole): rows, prompts as given, their ids, --mu_column's ids or None, # dropped.
     (train_set, train_prompts, train_queries, train_mu, _), eval_data = load_splits(flags, tokenizer, args.mu_column)
     total_episodes = args.total_episodes or len(train_set)
     num_updates = total_episodes // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
-    batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
+    batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)  # its share of 1 shuffle
 
-    # pi_theta, in eval mode as every model here (no dropout): raw_policy samples and is saved; `policy` is what the
-    # gradient steps go through (DDP's wrapper, or the same model sharded by FSDP). ref_policy() gives the SFT
-    # reference (see score_responses).
+    # pi_theta, in eval mode as every model here (no dropout): raw_policy samples and is saved, `policy` takes the
+    # gradient steps (DDP's wrapper, or FSDP's shards); ref_policy() gives the SFT reference (see score_responses).
     lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)  # with --lora
     raw_policy, ref_policy, stop_ids = load_trained_policy(
         args.sft_model_path, tokenizer, lora=lora if args.lora else None, dtype=dtype, device=device, bf16=bf16,
@@ -322,8 +320,7 @@ def main(args: Args) -> None:
         checkpoint_layers(raw_policy)
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
-    # How many responses per prompt pi_t samples, and their columns (the logged metrics are theirs): 2 and [0, 1] in
-    # Algorithm 1; the variants (below) change them.
+    # pi_t's samples per prompt, and their columns (the logged metrics'): 2, [0, 1] in Algorithm 1 (variants: below)
     num_sampled, sampled = sampled_columns(args.num_samples, args.mu, preference is not None)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
