@@ -3,13 +3,12 @@
 Exactly REBEL's loop (two responses y, y' per prompt from pi_t, reward = RM score minus a KL penalty to the SFT
 policy), but only the *sign* of the reward difference is used: the pair is labelled by sgn(r(x, y) - r(x, y')) and
 DPO's loss (Rafailov et al., 2023, Eq. 7) is minimised with pi_t, the policy that sampled the batch, as the reference
-(Equation 20; Guo et al. keep the SFT policy as DPO's reference, here only in the reward's KL term):
+(Equation 20). Unlike Guo et al., whose DPO reference is the SFT policy, the SFT policy enters only the reward's KL:
 
     -ln sigmoid( sgn(r(x, y) - r(x, y')) * beta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] )
 
-The file reads top to bottom: the flags (Args), the algorithm (iterative_dpo_loss; the rollout, as rebel.py's:
-sample_responses, score_responses), the loop (main), then the plumbing every script shares (the appendix).
-docs/rebel.md explains every metric.
+Top to bottom: the flags (Args), the algorithm (iterative_dpo_loss; the rollout, as rebel.py's: sample_responses,
+score_responses), the loop (main), then the plumbing every script shares (the appendix; docs/rebel.md: the metrics).
 
     python iterative_dpo.py --beta 0.05                              # one process
     torchrun --nproc_per_node 8 iterative_dpo.py --beta 0.05         # the paper's TL;DR run
@@ -275,8 +274,7 @@ def main(args: Args) -> None:
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)
 
-    # pi_theta: raw_policy samples and is saved; `policy` is what the gradient steps go through (DDP's wrapper, or the
-    # same model sharded by FSDP). ref_policy() gives the SFT reference (see rollout).
+    # pi_theta: raw_policy samples and is saved, `policy` takes the steps (DDP's or FSDP's); ref_policy(): the SFT one
     lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)  # with --lora
     raw_policy, ref_policy, stop_ids = load_trained_policy(
         args.sft_model_path, tokenizer, lora if args.lora else None, args.num_trainable_layers, dtype, device,
