@@ -327,7 +327,7 @@ def main(args: Args) -> None:
     config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
     chunk, penalty = args.local_rollout_forward_batch_size, args.penalty_reward_value
 
-    # Resume: the trainable weights, the optimizer and the position in the data, where the run stopped.
+    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
     record = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)  # trainer.json: update, flags, wandb id
     start_update = record.get("update", 0)
     require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
@@ -347,7 +347,6 @@ def main(args: Args) -> None:
     if not checkpoint:
         run_evaluation(0)
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
-        reseed(args.seed + rank + world_size * update)  # a resumed run draws what the run drew
         timer = Timer(device)
         lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay: --lr first, --lr / num_updates last
         for group in optimizer.param_groups:
@@ -526,15 +525,9 @@ def init_processes(cuda: bool, seed: int):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    reseed(seed + rank)
-    return rank, world_size, device
-
-
-def reseed(seed: int) -> None:
-    """Seed python's, numpy's and torch's generators (CPU and every GPU). Each update starts with seed + rank +
-    world_size * update: a resumed run draws what the original drew, and a checkpoint needs no RNG state."""
     for seed_everything in (random.seed, np.random.seed, torch.manual_seed):
-        seed_everything(seed)
+        seed_everything(seed + rank)
+    return rank, world_size, device
 
 
 def check_flags(flags: dict) -> None:
@@ -1555,6 +1548,25 @@ def metrics_log(path: str, last_update: int):
     return open(path, "a")
 
 
+def rng_states() -> dict:  # this rank's
+    kind, keys, *rest = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict) -> None:  # what rng_states returned
+    kind, keys, *rest = states["numpy"]
+    random.setstate(states["python"])
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def trainable_state(model, optimizer) -> dict:
     """The weights that train (the adapter alone under LoRA) and the optimizer state, by parameter name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -1564,14 +1576,15 @@ def trainable_state(model, optimizer) -> dict:
 
 
 def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, keep: int) -> str:
-    """<run_dir>/checkpoints/update_N: trainable weights and optimizer (dcp: each rank writes its part) and `trainer`
-    (update, flags, wandb id); written as .tmp and renamed once whole: a kill while saving leaves the last one."""
+    """<run_dir>/checkpoints/update_N: trainable weights and optimizer (dcp: each rank writes its part), each rank's
+    RNG states and `trainer` (update, flags, wandb id); written as .tmp, renamed once whole: a kill leaves the last."""
     import torch.distributed.checkpoint as dcp
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
     path, fix = os.path.join(root, f"update_{update:06d}"), f"free some space and continue with --resume {run_dir}"
     with refused(f"cannot write the checkpoint {path}", f"; the earlier checkpoints are intact: {fix}"):
         dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
+        torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
         if dist.is_initialized():
             dist.barrier()  # every rank's part is written
         if rank == 0:
@@ -1595,6 +1608,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    rank = dist.get_rank() if dist.is_initialized() else 0
     # Flags that do not change the run's course (evaluation draws on its own generator in rebel_lcm.py).
     resumable = """resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq
     keep_checkpoints eval_freq eval_every num_eval_images num_sample_rows""".split()
@@ -1625,6 +1639,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
         )
+        set_rng_states(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True))
     return trainer
 
 

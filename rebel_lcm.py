@@ -331,7 +331,7 @@ def main(args: Args) -> None:
     stat_tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
     sampling = dict(dtype=dtype, final_step_logprob=args.final_step_logprob, per_dim=args.logprob_per_dim)
 
-    # Resume: the LoRA weights, the optimizer, the reward statistics and the position in the run.
+    # Resume: the LoRA weights, the optimizer, the RNG states, the reward statistics and the position in the run.
     flags = asdict(args)
     record = load_checkpoint(checkpoint, unet, optimizer, flags, args.world_size)
     start_update, n = record.get("update", 0), args.num_iterations
@@ -348,7 +348,6 @@ def main(args: Args) -> None:
     B, mb, accumulation = args.sample_batch_size, args.train_batch_size, args.gradient_accumulation_steps
     stop, iteration, nan_dump = False, start_update, os.path.join(run_dir, f"nonfinite_rank{rank}.pt")
     for iteration in range(start_update + 1, args.num_iterations + 1):
-        reseed(args.seed + rank + args.world_size * iteration)  # a resumed run draws what the run drew
         t0 = time.time()
         # 1. Rollout: B prompts per rank; REBEL samples each twice with different noise (y, y').
         prompt_ids = torch.from_numpy(np.random.randint(len(ANIMALS), size=args.sample_batch_size))
@@ -790,15 +789,9 @@ def init_processes(cuda: bool, seed: int):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    reseed(seed + rank)
-    return rank, world_size, device
-
-
-def reseed(seed: int) -> None:
-    """Seed python's, numpy's and torch's generators (CPU and every GPU). Each update starts with seed + rank +
-    world_size * update: a resumed run draws what the original drew, and a checkpoint needs no RNG state."""
     for seed_everything in (random.seed, np.random.seed, torch.manual_seed):
-        seed_everything(seed)
+        seed_everything(seed + rank)
+    return rank, world_size, device
 
 
 def open_run(flags: dict):
@@ -925,6 +918,25 @@ def metrics_log(path: str, last_update: int):
     return open(path, "a")
 
 
+def rng_states() -> dict:  # this rank's
+    kind, keys, *rest = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict) -> None:  # what rng_states returned
+    kind, keys, *rest = states["numpy"]
+    random.setstate(states["python"])
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def trainable_state(model, optimizer) -> dict:
     """The weights that train (the adapter alone under LoRA) and the optimizer state, by parameter name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -934,14 +946,15 @@ def trainable_state(model, optimizer) -> dict:
 
 
 def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, keep: int) -> str:
-    """<run_dir>/checkpoints/update_N: trainable weights and optimizer (dcp: each rank writes its part) and `trainer`
-    (update, flags, wandb id); written as .tmp and renamed once whole: a kill while saving leaves the last one."""
+    """<run_dir>/checkpoints/update_N: trainable weights and optimizer (dcp: each rank writes its part), each rank's
+    RNG states and `trainer` (update, flags, wandb id); written as .tmp, renamed once whole: a kill leaves the last."""
     import torch.distributed.checkpoint as dcp
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
     path, fix = os.path.join(root, f"update_{update:06d}"), f"free some space and continue with --resume {run_dir}"
     with refused(f"cannot write the checkpoint {path}", f"; the earlier checkpoints are intact: {fix}"):
         dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
+        torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
         if dist.is_initialized():
             dist.barrier()  # every rank's part is written
         if rank == 0:
@@ -965,6 +978,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    rank = dist.get_rank() if dist.is_initialized() else 0
     # Flags that do not change the run's course (evaluation draws on its own generator in rebel_lcm.py).
     resumable = """resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq
     keep_checkpoints eval_freq eval_every num_eval_images num_sample_rows""".split()
@@ -995,6 +1009,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
         )
+        set_rng_states(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True))
     return trainer
 
 

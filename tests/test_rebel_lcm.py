@@ -436,8 +436,8 @@ def test_run_dir_checks_fail_fast(tmp_path):
 
 @pytest.mark.slow
 def test_a_stopped_torchrun_run_resumes_exactly(tmp_path):
-    """Two ranks: SIGTERM to torchrun and its workers; each rank writes its share of the checkpoint (no RNG state:
-    every iteration reseeds), and the resumed run ends where the whole run ends."""
+    """Two ranks: SIGTERM to torchrun and its workers; each rank writes its share of the checkpoint and its RNG states,
+    and the resumed run ends where the whole run ends."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
     env = {**TORCHRUN_ENV, "HF_HUB_OFFLINE": "1"}
     full, part = tmp_path / "full", tmp_path / "part"
@@ -447,7 +447,7 @@ def test_a_stopped_torchrun_run_resumes_exactly(tmp_path):
     proc = start([*flags, "--run_dir", str(part)], tmp_path, "part", launcher, env)
     code, logged = stop_after(proc, part, 2, signal.SIGTERM, group=True)
     assert code != 0 and logged < 8, (tmp_path / "part.log").read_text()[-3000:]  # torchrun itself exits 1
-    assert ".metadata" in os.listdir(part / "checkpoints" / f"update_{logged:06d}")
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(os.listdir(part / "checkpoints" / f"update_{logged:06d}"))
     out = run_script([*flags, "--resume", str(part)], tmp_path, launcher, env=env)
     assert out.returncode == 0 and f"resumed after iteration {logged}" in out.stdout, out.stderr[-3000:]
     assert course(part) == course(full)

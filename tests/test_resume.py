@@ -12,7 +12,7 @@ from conftest import check_fails_with, run_script
 from resume_checks import check_killed_early_resumes, check_resume_is_exact
 from rl_checks import bad_input_message
 
-# Seven updates, an evaluation every three (each update reseeds: a resumed run must draw what the run drew).
+# Seven updates, an evaluation every three (their sampling draws on the RNG state a checkpoint must carry).
 LONGER = ["--total_episodes", "56", "--eval_freq", "3"]
 
 
@@ -39,7 +39,7 @@ def test_checkpoints_are_complete_and_only_the_last_are_kept(toy, tmp_path):
     last = run / "checkpoints" / "update_000006"
     trainer = json.loads((last / "trainer.json").read_text())
     assert trainer["update"] == 6 and trainer["world_size"] == 1 and trainer["flags"]["save_freq"] == 2
-    assert ".metadata" in os.listdir(last) and not [n for n in os.listdir(last) if n.startswith("rng")]  # reseeded
+    assert {".metadata", "rng_rank0.pt"} <= set(os.listdir(last))
     # Under LoRA only the adapter trains, so only the adapter (and its optimizer state) is saved.
     from torch.distributed.checkpoint import FileSystemReader
 
