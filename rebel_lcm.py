@@ -795,10 +795,9 @@ def init_processes(cuda: bool, seed: int):
 
 
 def open_run(flags: dict):
-    """The checkpoint to resume from (None: the run starts), the run directory, the run's name and the output
-    directory (by default <run_dir>/model, so that no two runs share one). A new run needs a new or empty run
-    directory; --resume DIR continues the run in DIR from its last complete checkpoint, or starts it there when it has
-    none (killed before its first, or never started): a pre-emptible job passes the same --resume at every launch."""
+    """The checkpoint to resume from (None: the run starts), the run directory, the run's name and the output directory
+    (default <run_dir>/model: no two runs share one). --resume DIR continues the run in DIR from its last complete
+    checkpoint, or starts it there if it has none: a pre-emptible job passes the same --resume at every launch."""
     master, resume = not dist.is_initialized() or dist.get_rank() == 0, flags["resume"]
     checkpoint = find_checkpoint(resume) if resume else None
     run_name = f"{flags['exp_name']}__{flags['seed']}__{int(time.time())}"
@@ -861,14 +860,12 @@ def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> N
         for folder in reversed(made):  # atexit runs the last registered first: the deepest goes first
             atexit.register(lambda f=folder: os.path.isdir(f) and not os.listdir(f) and os.rmdir(f))
         marker = os.path.join(path, "run.json")
-        try:
+        with refused(f"{flag} {path} is not a writable directory", "; choose another"):
             os.makedirs(path, exist_ok=True)
             if not os.path.exists(marker):
                 with open(marker, "w") as f:
                     json.dump(owner, f)
                 atexit.register(lambda m=marker: os.listdir(os.path.dirname(m)) == ["run.json"] and os.remove(m))
-        except OSError as e:
-            raise BadInput(f"{flag} {path} is not a writable directory ({e.strerror}); choose another") from e
 
 
 def read_run_json(path: str) -> dict | None:
@@ -902,8 +899,7 @@ def input_files(flags: dict) -> dict:
     files = {}
     for flag, path in input_paths(flags).items():
         found = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
-        for file in sorted(found):
-            files[f"{flag} {file}"] = [os.stat(file).st_size, os.stat(file).st_mtime_ns]
+        files.update({f"{flag} {file}": [os.stat(file).st_size, os.stat(file).st_mtime_ns] for file in sorted(found)})
     return files
 
 
@@ -916,25 +912,6 @@ def metrics_log(path: str, last_update: int):
         f.writelines(rows)
     os.replace(path + ".tmp", path)
     return open(path, "a")
-
-
-def rng_states() -> dict:  # this rank's
-    kind, keys, *rest = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_states(states: dict) -> None:  # what rng_states returned
-    kind, keys, *rest = states["numpy"]
-    random.setstate(states["python"])
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def trainable_state(model, optimizer) -> dict:
@@ -954,7 +931,10 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
     path, fix = os.path.join(root, f"update_{update:06d}"), f"free some space and continue with --resume {run_dir}"
     with refused(f"cannot write the checkpoint {path}", f"; the earlier checkpoints are intact: {fix}"):
         dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
-        torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+        kind, keys, *rest = np.random.get_state()  # numpy's keys as a tensor, which torch.load(weights_only) reads
+        rng = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+               "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # fmt: skip
+        torch.save(rng, os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))  # this rank's
         if dist.is_initialized():
             dist.barrier()  # every rank's part is written
         if rank == 0:
@@ -987,9 +967,9 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
             trainer = json.load(f)
         script = trainer.get("script", os.path.basename(__file__))
         require(script == os.path.basename(__file__), f"--resume {path}: that is a run of {script}; resume it with it")
-        require(os.path.basename(os.path.normpath(path)) == f"update_{trainer.get('update', -1):06d}",
-                f"--resume {path}: its trainer.json says update {trainer.get('update')}, which is not this "
-                "checkpoint's; it was edited or copied from another checkpoint: resume from an intact one")  # fmt: skip
+        require(os.path.basename(os.path.normpath(path)) == f"update_{trainer.get('update', -1):06d}", f"--resume "
+                f"{path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's (edited "
+                "or copied from another): resume from an intact one")  # fmt: skip
         was, flags = trainer["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
         changed = [f"--{k} {was.get(k)} (now {v})" for k, v in flags.items() if was.get(k) != v and k not in resumable]
         require(not changed, f"--resume {path}: flags differ from the run's: {', '.join(changed)}")
@@ -1000,8 +980,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
             raise BadInput(f"--resume {path}: {changed[0]} {how} since the run read it ({len(changed)} files differ): "
                            "resume with the files it read, or start a new run")  # fmt: skip
         n = trainer["world_size"]
-        require(n == world_size,
-                f"--resume {path}: the run had {n} processes; resume it with as many, not {world_size}")  # fmt: skip
+        require(n == world_size, f"--resume {path}: the run had {n} processes; resume with as many, not {world_size}")
         dcp.FileSystemReader(path).read_metadata()  # fails plainly on a damaged checkpoint, where dcp.load logs pages
         state = trainable_state(model, optimizer)
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
@@ -1009,7 +988,12 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
         )
-        set_rng_states(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True))
+        rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True)  # this rank's RNG states
+        kind, keys, *rest = rng["numpy"]
+        random.setstate(rng["python"])
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        torch.set_rng_state(rng["torch"])
+        torch.cuda.set_rng_state_all(rng["cuda"])  # [] without CUDA
     return trainer
 
 

@@ -270,10 +270,9 @@ def check_flags(flags: dict) -> None:
 
 
 def open_run(flags: dict):
-    """The checkpoint to resume from (None: the run starts), the run directory, the run's name and the output
-    directory (by default <run_dir>/model, so that no two runs share one). A new run needs a new or empty run
-    directory; --resume DIR continues the run in DIR from its last complete checkpoint, or starts it there when it has
-    none (killed before its first, or never started): a pre-emptible job passes the same --resume at every launch."""
+    """The checkpoint to resume from (None: the run starts), the run directory, the run's name and the output directory
+    (default <run_dir>/model: no two runs share one). --resume DIR continues the run in DIR from its last complete
+    checkpoint, or starts it there if it has none: a pre-emptible job passes the same --resume at every launch."""
     master, resume = not dist.is_initialized() or dist.get_rank() == 0, flags["resume"]
     checkpoint = find_checkpoint(resume) if resume else None
     run_name = f"{flags['exp_name']}__{flags['seed']}__{int(time.time())}"
@@ -336,14 +335,12 @@ def start_run_dir(run_dir: str, output_dir: str, resume: bool, reads: dict) -> N
         for folder in reversed(made):  # atexit runs the last registered first: the deepest goes first
             atexit.register(lambda f=folder: os.path.isdir(f) and not os.listdir(f) and os.rmdir(f))
         marker = os.path.join(path, "run.json")
-        try:
+        with refused(f"{flag} {path} is not a writable directory", "; choose another"):
             os.makedirs(path, exist_ok=True)
             if not os.path.exists(marker):
                 with open(marker, "w") as f:
                     json.dump(owner, f)
                 atexit.register(lambda m=marker: os.listdir(os.path.dirname(m)) == ["run.json"] and os.remove(m))
-        except OSError as e:
-            raise BadInput(f"{flag} {path} is not a writable directory ({e.strerror}); choose another") from e
 
 
 def read_run_json(path: str) -> dict | None:
@@ -375,9 +372,8 @@ def load_policy(path: str, dtype: torch.dtype):
         if not find_adapter_config_file(path):
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
             missing = sorted(info["missing_keys"])  # initialised at random: a reward model's folder has no LM head
-            require(not missing, f"'{path}' is not a whole causal LM: its checkpoint has no weights for "
-                    f"{len(missing)} parameters (e.g. {missing[:1]}), which would start random; give a policy saved "
-                    "with its LM head")  # fmt: skip
+            require(not missing, f"'{path}' is not a whole causal LM: no weights for {len(missing)} parameters (e.g. "
+                    f"{missing[:1]}), which would start random; give a policy saved with its LM head")  # fmt: skip
             return model
         # Not peft's AutoPeftModel: it resizes the embedding to a tokenizer saved beside the adapter.
         base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
@@ -395,12 +391,12 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     check_model_path(path)
-    if os.path.isdir(path) and not has_tokenizer(path):
-        raise BadInput(f"'{path}' holds no tokenizer (no tokenizer.json or tokenizer_config.json): save one there")
+    require(not os.path.isdir(path) or has_tokenizer(path),
+            f"'{path}' holds no tokenizer (no tokenizer.json or tokenizer_config.json): save one there")  # fmt: skip
     with refused(f"cannot load a tokenizer from '{path}'"):
         tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.eos_token_id is None:
-        raise BadInput(f"the tokenizer of {path} has no EOS token; responses end at EOS, so set one")
+    require(tokenizer.eos_token_id is not None,
+            f"the tokenizer of {path} has no EOS token (responses end with it): set one")  # fmt: skip
     if tokenizer.pad_token_id in (None, tokenizer.eos_token_id, tokenizer.bos_token_id):
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return tokenizer
@@ -414,9 +410,8 @@ def has_tokenizer(folder: str) -> bool:
 def check_positions(config, lengths: tuple, path: str) -> None:
     """A prompt and its response fit in the model's positions (past them a position table has no row)."""
     limit = position_limit(config)
-    require(limit is None or sum(lengths) <= limit,
-            f"--query_length {lengths[0]} + --response_length {lengths[1]} = {sum(lengths)} tokens is more than the "
-            f"{limit} positions of the model {path}: lower them so that the sum fits")  # fmt: skip
+    require(limit is None or sum(lengths) <= limit, f"--query_length {lengths[0]} + --response_length {lengths[1]} = "
+            f"{sum(lengths)} tokens is more than the {limit} positions of the model {path}: lower them")  # fmt: skip
 
 
 def position_limit(config) -> int | None:
@@ -429,16 +424,14 @@ def check_vocabulary(tokenizer, model, path: str) -> None:
     """Every id the tokenizer gives (its pad aside: no model reads it) has a row in the model's embedding."""
     top = max(i for i in tokenizer.get_vocab().values() if i != tokenizer.pad_token_id)
     rows = model.get_input_embeddings().num_embeddings
-    require(top < rows, f"the tokenizer gives ids up to {top}, past the {rows} embedding rows of the model {path}: "
-            "use its tokenizer")  # fmt: skip
+    require(top < rows, f"tokenizer ids reach {top}, past the {rows} embedding rows of the model {path}: use its own")
 
 
 def check_model_path(path: str) -> None:
     """A local path must be a save_pretrained directory: the loaders would try it as a hub name and fail obscurely."""
-    if os.path.isfile(path):
-        raise BadInput(f"'{path}' is a file; give the directory that save_pretrained wrote, or a hub name")
-    if os.path.isdir(path) and not {"config.json", "adapter_config.json"} & set(os.listdir(path)):
-        raise BadInput(f"'{path}' holds no model: no config.json (or adapter_config.json for a LoRA adapter)")
+    require(not os.path.isfile(path), f"'{path}' is a file; give the directory save_pretrained wrote, or a hub name")
+    require(not os.path.isdir(path) or bool({"config.json", "adapter_config.json"} & set(os.listdir(path))),
+            f"'{path}' holds no model: no config.json (or adapter_config.json for a LoRA adapter)")  # fmt: skip
     require(os.path.exists(path) or not path.startswith(("/", ".", "~")), f"'{path}': no such directory")
 
 
@@ -471,16 +464,13 @@ def save_policy(model, tokenizer, output_dir: str, fsdp: bool, merged: bool) -> 
     state = full_state_dict(model) if fsdp and output_dir else None
     if not output_dir or (dist.is_initialized() and dist.get_rank() != 0):
         return
-    try:
+    fix = ". The trained state is in the run's last checkpoint: run the same command with --resume <its run_dir> "
+    with refused(f"cannot save the policy to {output_dir}", fix + "--output_dir <another directory>"):
         model.save_pretrained(output_dir, state_dict=state)
         tokenizer.save_pretrained(output_dir)
         if merged:
             model.merge_and_unload().save_pretrained(os.path.join(output_dir, "merged"))
             tokenizer.save_pretrained(os.path.join(output_dir, "merged"))
-    except Exception as e:
-        raise BadInput(f"cannot save the policy to {output_dir} ({type(e).__name__}: {str(e)[:200]}). The trained "
-                       "state is in the run's last checkpoint: run the same command with --resume <its run_dir> "
-                       "--output_dir <another directory>") from e  # fmt: skip
     print(f"saved the policy to {output_dir}")
 
 
@@ -499,9 +489,8 @@ def load_prompts(
     file = path if os.path.isfile(path) else None  # a single file serves every split
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "dataset_dict.json")):  # the split's own file
         named = [n for n in sorted(os.listdir(path)) if n.rpartition(".")[::2] in {(split, f) for f in formats}]
-        require(len(named) == 1,
-                f"dataset folder '{path}' needs one file for split '{split}', named {split}.jsonl (or .json, .csv, "
-                f".parquet); it has {sorted(os.listdir(path))[:8]}")  # fmt: skip
+        require(len(named) == 1, f"dataset folder '{path}' needs one file for split '{split}', named {split}.jsonl "
+                f"(or .json, .csv, .parquet); it has {sorted(os.listdir(path))[:8]}")  # fmt: skip
         file = os.path.join(path, named[0])
     kind = formats.get(file.rsplit(".", 1)[-1]) if file else None
     require(not file or kind, f"dataset file '{file}': unknown format; give a .jsonl, .json, .csv or .parquet file")
@@ -555,9 +544,8 @@ def load_prompts(
         print(f"warning: {len(long)} prompts of '{path}' ({split}) are longer than --query_length {query_length}; "
               "keeping their last tokens (--long_prompts filter drops them)", file=sys.stderr)  # fmt: skip
     require(bool(ids), f"every prompt of '{path}' ({split}) is longer than --query_length {query_length}")
-    pad = tokenizer.pad_token_id
+    pad, references, cut = tokenizer.pad_token_id, [], 0
     queries = [[pad] * (query_length - len(x)) + x[-query_length:] for x in ids]
-    references, cut = [], 0
     for row, (value, prompt) in enumerate(zip(dataset[reference_column] if reference_column else [], prompts)):
         where = f"'{path}' ({split}), column '{reference_column}', row {row}"
         ref = response_ids(last_turn(value), prompt, tokenizer, where)
@@ -566,8 +554,8 @@ def load_prompts(
         references.append(ref + [pad] * (response_length - len(ref)))
     if cut:
         print(f"warning: {cut} responses in column '{reference_column}' of '{path}' ({split}) are longer than "
-              f"--response_length {response_length} with their EOS; each is cut to its first {response_length - 1} "
-              "tokens and an EOS (an answer after a chat prompt: its end of turn)", file=sys.stderr)  # fmt: skip
+              f"--response_length {response_length}: each is cut to its first {response_length - 1} tokens and an EOS "
+              "(or end of turn)", file=sys.stderr)  # fmt: skip
     dropped = len(long) if long_prompts == "filter" else 0
     return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
 
@@ -583,8 +571,7 @@ def response_ids(answer: str, prompt, tokenizer, where: str) -> list[int]:
     head = tokenizer(render(prompt, add_generation_prompt=True), add_special_tokens=False).input_ids
     whole = tokenizer(render([*prompt, {"role": "assistant", "content": answer}]), add_special_tokens=False).input_ids
     require(whole[: len(head)] == head, f"dataset {where}: the chat template renders a prompt with its answer so that "
-            "the prompt with the generation prompt is not its start (in tokens); use a template that starts the answer "
-            "where the generation prompt ends")  # fmt: skip
+            "it does not start with the prompt's generation prompt (in tokens): use a template that does")  # fmt: skip
     tail, special = whole[len(head) :], set(tokenizer.all_special_ids) - {tokenizer.pad_token_id}
     end = next((i for i, t in enumerate(tail) if t in special), None)
     return tail + [eos] if end is None else tail[: end + 1]
@@ -607,9 +594,9 @@ def check_json_lines(path: str) -> None:
             if isinstance(value, str | list):
                 text, seen = isinstance(value, str), kinds.setdefault(column, {})
                 seen.setdefault(text, row)
+                kind = "text" if text else "conversation"
                 require(len(seen) == 1, f"dataset file '{path}', column '{column}', row {row}: {str(value)[:60]!r} is "
-                        f"a {'text' if text else 'conversation'} where row {seen.get(not text)} is not: make them one "
-                        "kind")  # fmt: skip
+                        f"a {kind} where row {seen.get(not text)} is not: make them one kind")  # fmt: skip
 
 
 def as_messages(prompt) -> list[dict]:
@@ -669,7 +656,6 @@ def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int
         return query_responses, context_length
     flat = query_responses.flatten(0, -2)
     queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    # The right padding: the columns after the last real token of every response.
     last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
     keep = min(responses.size(1), -(-last // multiple) * multiple)
     return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
@@ -686,20 +672,17 @@ def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: t
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs
 def precision(choice: str, device) -> tuple:
-    """--precision: whether to train in bf16 ('auto': on CUDA), the dtype of the frozen weights, and the autocast
-    context that the forward passes run under (off in fp32)."""
+    """--precision: whether to train in bf16 ('auto': on CUDA), the frozen weights' dtype, the forwards' autocast."""
     bf16 = choice == "bf16" or (choice == "auto" and device.type == "cuda")
     return bf16, torch.bfloat16 if bf16 else torch.float32, partial(torch.autocast, device.type, torch.bfloat16, bf16)
 
 
 def load_splits(flags: dict, tokenizer, train_column: str | None) -> tuple:
-    """load_prompts of --train_split (with `train_column`'s responses, or none) and of --eval_split (with
-    --reference_column's); rank 0 says how many prompts longer than --query_length were dropped."""
-    common = (flags["query_length"], flags["response_length"], flags["long_prompts"], flags["chat"])
-    train = load_prompts(flags["query_dataset"], flags["train_split"], flags["query_column"], train_column, tokenizer,
-                         *common)  # fmt: skip
-    evaluation = load_prompts(flags["query_dataset"], flags["eval_split"], flags["query_column"],
-                              flags["reference_column"], tokenizer, *common)  # fmt: skip
+    """load_prompts of --train_split (with `train_column`'s responses, or none) and --eval_split (with references)."""
+    path, query_column = flags["query_dataset"], flags["query_column"]
+    common = (tokenizer, flags["query_length"], flags["response_length"], flags["long_prompts"], flags["chat"])
+    train = load_prompts(path, flags["train_split"], query_column, train_column, *common)
+    evaluation = load_prompts(path, flags["eval_split"], query_column, flags["reference_column"], *common)
     if (train[4] or evaluation[4]) and (not dist.is_initialized() or dist.get_rank() == 0):
         print(f"dropped the prompts longer than --query_length {flags['query_length']} tokens: {train[4]} of "
               f"'{flags['train_split']}', {evaluation[4]} of '{flags['eval_split']}'")  # fmt: skip
@@ -707,9 +690,8 @@ def load_splits(flags: dict, tokenizer, train_column: str | None) -> tuple:
 
 
 class RunLog:
-    """Rank 0's logs: TensorBoard, metrics.jsonl (a row per update) and, with --track, the wandb run, each continued on
-    resume where the checkpoint left it (`trainer`: its record, with the wandb id). Rank 0 prints the start line
-    (`plan`: the updates and batch); every rank calls write(), which reduces the metrics over the ranks."""
+    """Rank 0's logs (TensorBoard, metrics.jsonl, with --track wandb), continued on resume where the checkpoint left
+    them (`trainer`: its record, with the wandb id), and its start line (`plan`); every rank calls write() and end()."""
 
     def __init__(self, run_dir, run_name, flags: dict, trainer, start_update, device, plan: str):
         self.master = not dist.is_initialized() or dist.get_rank() == 0
@@ -722,7 +704,6 @@ class RunLog:
         if self.track:
             import wandb
 
-            # The checkpoint's wandb run id continues that run (None: a new one).
             wandb.init(project=flags["wandb_project_name"], entity=flags["wandb_entity"], config=flags, name=run_name,
                        dir=run_dir, save_code=True, id=trainer.get("wandb_id"), resume="allow",
                        sync_tensorboard=True)  # fmt: skip
@@ -755,26 +736,21 @@ class RunLog:
         self.metrics.flush()
 
     def end(self, update: int, signals: list | None) -> None:
-        """The run's end: the logs closed, the processes ended; a run stopped by `signals` (Ctrl-C, SIGTERM: on some
-        rank) says how to resume and exits with 128 + the signal's number (130, 143)."""
-        self.close()
-        if signals is not None and self.master:
-            print(f"stopped after update {update}; continue with --resume {self.run_dir}", file=sys.stderr)
+        """The run's end: the logs closed, the run directory freed (its lock), the processes ended; a run stopped by
+        `signals` (Ctrl-C, SIGTERM: on some rank) says how to resume and exits with 128 + the signal's number."""
+        if self.master:
+            if os.path.exists(os.path.join(self.run_dir, ".lock")):
+                os.remove(os.path.join(self.run_dir, ".lock"))
+            self.metrics.close()
+            self.writer.close()
+            if self.track:
+                self.wandb.finish()
+            if signals is not None:
+                print(f"stopped after update {update}; continue with --resume {self.run_dir}", file=sys.stderr)
         if dist.is_initialized():
             dist.destroy_process_group()
         if signals is not None:
             sys.exit(128 + (signals or [signal.SIGTERM])[0])
-
-    def close(self) -> None:
-        """Close the logs and free the run directory (its lock)."""
-        if not self.master:
-            return
-        if os.path.exists(os.path.join(self.run_dir, ".lock")):
-            os.remove(os.path.join(self.run_dir, ".lock"))
-        self.metrics.close()
-        self.writer.close()
-        if self.track:
-            self.wandb.finish()
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -799,8 +775,7 @@ def input_files(flags: dict) -> dict:
     files = {}
     for flag, path in input_paths(flags).items():
         found = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
-        for file in sorted(found):
-            files[f"{flag} {file}"] = [os.stat(file).st_size, os.stat(file).st_mtime_ns]
+        files.update({f"{flag} {file}": [os.stat(file).st_size, os.stat(file).st_mtime_ns] for file in sorted(found)})
     return files
 
 
@@ -813,25 +788,6 @@ def metrics_log(path: str, last_update: int):
         f.writelines(rows)
     os.replace(path + ".tmp", path)
     return open(path, "a")
-
-
-def rng_states() -> dict:  # this rank's
-    kind, keys, *rest = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_states(states: dict) -> None:  # what rng_states returned
-    kind, keys, *rest = states["numpy"]
-    random.setstate(states["python"])
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def trainable_state(model, optimizer) -> dict:
@@ -851,7 +807,10 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
     path, fix = os.path.join(root, f"update_{update:06d}"), f"free some space and continue with --resume {run_dir}"
     with refused(f"cannot write the checkpoint {path}", f"; the earlier checkpoints are intact: {fix}"):
         dcp.save(trainable_state(model, optimizer), checkpoint_id=path + ".tmp", no_dist=not dist.is_initialized())
-        torch.save(rng_states(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+        kind, keys, *rest = np.random.get_state()  # numpy's keys as a tensor, which torch.load(weights_only) reads
+        rng = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+               "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # fmt: skip
+        torch.save(rng, os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))  # this rank's
         if dist.is_initialized():
             dist.barrier()  # every rank's part is written
         if rank == 0:
@@ -884,9 +843,9 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
             trainer = json.load(f)
         script = trainer.get("script", os.path.basename(__file__))
         require(script == os.path.basename(__file__), f"--resume {path}: that is a run of {script}; resume it with it")
-        require(os.path.basename(os.path.normpath(path)) == f"update_{trainer.get('update', -1):06d}",
-                f"--resume {path}: its trainer.json says update {trainer.get('update')}, which is not this "
-                "checkpoint's; it was edited or copied from another checkpoint: resume from an intact one")  # fmt: skip
+        require(os.path.basename(os.path.normpath(path)) == f"update_{trainer.get('update', -1):06d}", f"--resume "
+                f"{path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's (edited "
+                "or copied from another): resume from an intact one")  # fmt: skip
         was, flags = trainer["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
         changed = [f"--{k} {was.get(k)} (now {v})" for k, v in flags.items() if was.get(k) != v and k not in resumable]
         require(not changed, f"--resume {path}: flags differ from the run's: {', '.join(changed)}")
@@ -897,8 +856,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
             raise BadInput(f"--resume {path}: {changed[0]} {how} since the run read it ({len(changed)} files differ): "
                            "resume with the files it read, or start a new run")  # fmt: skip
         n = trainer["world_size"]
-        require(n == world_size,
-                f"--resume {path}: the run had {n} processes; resume it with as many, not {world_size}")  # fmt: skip
+        require(n == world_size, f"--resume {path}: the run had {n} processes; resume with as many, not {world_size}")
         dcp.FileSystemReader(path).read_metadata()  # fails plainly on a damaged checkpoint, where dcp.load logs pages
         state = trainable_state(model, optimizer)
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
@@ -906,7 +864,12 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
         )
-        set_rng_states(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True))
+        rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True)  # this rank's RNG states
+        kind, keys, *rest = rng["numpy"]
+        random.setstate(rng["python"])
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        torch.set_rng_state(rng["torch"])
+        torch.cuda.set_rng_state_all(rng["cuda"])  # [] without CUDA
     return trainer
 
 
