@@ -10,9 +10,8 @@ pi is the policy at the sampling temperature: every log-prob (the regression's, 
 --temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout), so at the
 first pass ln pi_theta equals the rollout's ln pi_t up to numerical noise.
 
-Top to bottom: the flags (Args), the algorithm (rebel_loss; the rollout: sample_responses, score_responses; pair_up),
-the loop (main), the variants (more samples, y' from the dataset, a preference model), then the plumbing every script
-shares (the appendix). docs/rebel.md explains every metric.
+Top to bottom: the flags (Args); the algorithm (rebel_loss, the rollout, pair_up); the loop (main); the variants; the
+plumbing that every script shares (the appendix). docs/rebel.md explains every metric.
 
     python rebel.py --eta 1.0                               # one process
     torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the paper's 2.8B TL;DR run
@@ -63,7 +62,7 @@ class Args:
 
     # sampling and reward
     temperature: float = 0.7
-    """sampling temperature. The official code samples at 0.7; the paper's Table (Appendix I.1.4) lists 0.1"""
+    """sampling temperature: 0.7, the official code's (the paper's table in Appendix I.1.4 lists 0.1: docs/rebel.md)"""
     response_length: int = 53
     """tokens sampled per response, exactly, as in the paper: EOS does not stop sampling; the rollout cuts after it"""
     penalty_reward_value: float = -1.0
@@ -127,8 +126,7 @@ class Args:
     policy ends its own: EOS, or the chat template's end of turn)"""
     preference_fn: str | None = None
     """path/to/file.py:fn, a preference instead of a reward (Appendix D.2): fn(prompts, responses_a, responses_b) ->
-    P(a > b) in [0, 1] per pair. --kl_coef defaults to 0 (D.2: the fixed point is D.1's minimax winner); c > 0 aims at
-    a KL-regularised game (at 0.05 a KL of 40 nats costs 2, the whole range of l = 2P - 1). Evaluated by win rate"""
+    P(a > b) in [0, 1] per pair; --kl_coef then defaults to 0 (why: docs/rebel.md). Evaluated by win rate"""
 
     # the trained model
     lora: bool = True
@@ -232,14 +230,11 @@ def sample_responses(policy, queries, n: int, config, chunk: int) -> torch.Tenso
 def score_responses(
     *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
 ) -> Rollout:
-    """What Equation (1) needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time.
-
-    queries (B, ctx): the left-padded prompt ids; prompts: the same prompts as the dataset gives them (for --reward_fn)
-    ref_policy: `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the adapter off, or a copy)
-    reward: reward(query_responses, ctx, prompts) -> scores, or None (scores 0); penalty: the score of no stop token
-    config: the sampling_config the responses were drawn with (its temperature and pad id); stop_ids: the tokens
-    that end a response; timer: a Timer, or None
-    """
+    """What Equation (1) needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
+    the left-padded prompt ids; prompts: the same, as the dataset gives them (for --reward_fn); ref_policy: `with
+    ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
+    reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
+    temperature, pad id); stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
     ctx, m, out = queries.size(1), responses.size(1), []
     pad_id, temperature = config.pad_token_id, config.temperature
     timer = timer or Timer(queries.device)
@@ -293,9 +288,7 @@ def main(args: Args) -> None:
     rank, world_size, device = init_processes(args.cuda, args.seed)
     bf16, dtype, autocast = precision(args.precision, device)
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    rank_pairs = local_batch_size * (
-        args.num_samples // 2 if args.pairing == "adjacent" else 1
-    )  # k / 2 per prompt, or 1
+    rank_pairs = local_batch_size * (args.num_samples // 2 if args.pairing == "adjacent" else 1)  # k/2 a prompt, or 1
     mini_batch_size = exact_div(rank_pairs, args.num_mini_batches, "per-rank pairs over --num_mini_batches")
     grad_accum = exact_div(mini_batch_size, args.per_device_train_batch_size, "pairs per minibatch")
     checkpoint, run_dir, run_name, output_dir = open_run(flags)
@@ -312,9 +305,8 @@ def main(args: Args) -> None:
     # gradient steps (DDP's wrapper, or FSDP's shards); ref_policy() gives the SFT reference (see score_responses).
     lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)  # with --lora
     raw_policy, ref_policy, stop_ids = load_trained_policy(
-        args.sft_model_path, tokenizer, lora=lora if args.lora else None, dtype=dtype, device=device, bf16=bf16,
-        num_trainable_layers=args.num_trainable_layers, fsdp=args.fsdp,
-        lengths=(args.query_length, args.response_length),
+        args.sft_model_path, tokenizer, lora if args.lora else None, args.num_trainable_layers, dtype, device,
+        args.fsdp, bf16, (args.query_length, args.response_length),
     )  # fmt: skip
     if args.gradient_checkpointing:
         checkpoint_layers(raw_policy)
@@ -336,7 +328,6 @@ def main(args: Args) -> None:
     signals = stop_signals()
     plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step"
     log = RunLog(run_dir, run_name, flags, record, start_update, device, plan)
-
     sample_eval = eval_sampler(raw_policy, ref_policy, reward, eval_config, stop_ids, penalty, chunk)
     run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
                              flags=flags, autocast=autocast, preference=preference)  # fmt: skip
@@ -354,24 +345,22 @@ def main(args: Args) -> None:
         batch = next(batches)  # this rank's B prompts of the global batch
         queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
         ctx, prompts = queries.size(1), [train_prompts[i] for i in batch]
-        given = None if train_mu is None else train_mu[batch].to(device)  # --mu dataset's y' (B, T), right-padded
 
         # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
-        # (the reward model's; the penalty without EOS). With --preference_fn the scores come in step 2.
+        # (the reward model's; the penalty without EOS). The variants enter here (--mu dataset) and next.
         with autocast():
             with timer("generation"):
                 responses = sample_responses(raw_policy, queries, num_sampled, config, chunk)  # (B, n, T)
-            if given is not None:  # --mu dataset: the dataset's y' goes second (the variants, below)
-                responses = torch.cat((responses[:, :1], given[:, None], responses[:, 1:]), 1)  # (B, m, T)
-            rollouts = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
-                                       queries=queries, responses=responses, prompts=prompts, config=config,
-                                       stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
-        check_finite({f"the rollout's {name}": t for name, t in rollouts._asdict().items()}, nan_dump)
-        query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollouts  # (B, m, ...)
+            responses = add_dataset_response(responses, train_mu, batch)  # --mu dataset: y' goes second; else as is
+            rollout = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
+                                      queries=queries, responses=responses, prompts=prompts, config=config,
+                                      stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
+        check_finite({f"the rollout's {name}": t for name, t in rollout._asdict().items()}, nan_dump)
+        query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout  # (B, m, ...)
         wins = None
-        if preference:  # Appendix D.2: y's score is its mean preference over other samples y'' (the variants, below)
+        if preference:  # --preference_fn: y's score is its mean preference over other samples y'' (Appendix D.2)
             with timer("reward"):
-                scores, wins = preference_scores(preference, tokenizer, rollouts, prompts, args.num_samples, penalty)
+                scores, wins = preference_scores(preference, tokenizer, rollout, prompts, args.num_samples, penalty)
 
         # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), and the pairs (y, y').
         kl = logprobs - ref_logprobs  # (B, m)
@@ -383,7 +372,7 @@ def main(args: Args) -> None:
         )  # (B * P, 2, ...)
 
         # 3. Regress relative rewards (Equation 1): noptepochs passes over the pairs, one optimizer step per minibatch.
-        num_pairs = len(pair_rewards)
+        num_pairs = len(pair_rewards)  # B * P
         minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(num_pairs).split(mini_batch_size)]
         loss_stats, approxkl_stats = [], []
         with timer("update"):
@@ -393,9 +382,7 @@ def main(args: Args) -> None:
                     # ln pi_theta(y|x) (b, 2); DDP all-reduces the gradients on the last micro-batch of a step only
                     with no_sync(policy, sync=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(policy, query_response, mask, ctx, args.temperature, pad)
-                        loss = rebel_loss(
-                            new_logprobs, pair_logprobs[idx], pair_rewards[idx], args.eta, args.loss_scaling
-                        )
+                    loss = rebel_loss(new_logprobs, pair_logprobs[idx], pair_rewards[idx], args.eta, args.loss_scaling)
                     check_finite({"the REBEL loss": loss, "new log-probs": new_logprobs}, nan_dump)
                     (loss / grad_accum).backward()
                     loss_stats.append(loss.item())
@@ -406,7 +393,8 @@ def main(args: Args) -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-        # 4. Log the metrics of pi_t's samples, reduced over ranks (rank 0 writes); evaluate every --eval_freq updates.
+        # 4. Log the metrics of pi_t's samples (columns `sampled`), reduced over ranks (rank 0 writes); evaluate every
+        # --eval_freq updates. The entropy is its one-sample estimate: -ln pi_t(y|x) per response token.
         per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
         stats = {
             "objective/scores": scores[:, sampled].mean().item(),
@@ -419,7 +407,7 @@ def main(args: Args) -> None:
             "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
             "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
             "policy/approxkl": float(np.mean(approxkl_stats)),
-            **variant_metrics(scores, wins, sampled, given is not None),
+            **variant_metrics(scores, wins, sampled, train_mu is not None),
         }
         log.write(update, stats, timer, lr_now)
         if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
@@ -438,26 +426,23 @@ def main(args: Args) -> None:
     if not stop:
         run_evaluation(num_updates)
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
-    del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
+    del policy  # first DDP's wrapper, whose gloo threads would otherwise outlive the process group (test_ddp_teardown)
     log.end(update, signals if stop else None)
 
 
 # ---------------------------------------------------------------------------------------------- the variants
-# The loop above is Algorithm 1 as the paper runs it on TL;DR: y, y' ~ pi_t, scored by a reward model. The variants
-# change a prompt's responses (the m columns of the rollout's (B, m, ...) tensors) or their scores: --num_samples k > 2
-# (paired by --pairing); --mu dataset (y' is the dataset's response, Algorithm 1's mu: column 1); --preference_fn (a
-# response's score is its mean preference over other samples y'' of pi_t, Appendix D.2; with k = 2 a third sample y''
-# is drawn, the last column, and never trained on).
+# The loop is Algorithm 1 as the paper runs it on TL;DR. The variants change a prompt's m responses (the columns of the
+# rollout's (B, m, ...) tensors) or their scores: --num_samples k > 2 (paired by --pairing); --mu dataset (y', column 1,
+# is the dataset's response: Algorithm 1's mu); --preference_fn (a response's score is its mean preference over other
+# samples y'' of pi_t, Appendix D.2; with k = 2 a third sample y'', the last column, is drawn and never trained on).
 
 
 def check_variants(args: Args) -> None:
     """The variants' flags; and the defaults that depend on --preference_fn, set here so that a checkpoint records the
     values used: D.2's regression has no reference policy, so no KL penalty; no reward model unless one is named."""
     require(args.num_samples >= 2, f"--num_samples must be >= 2 (REBEL regresses on pairs); got {args.num_samples}")
-    require(
-        args.pairing != "adjacent" or args.num_samples % 2 == 0,
-        f"--pairing adjacent: --num_samples must be even, not {args.num_samples}",
-    )
+    require(args.pairing != "adjacent" or args.num_samples % 2 == 0,
+            f"--pairing adjacent: --num_samples must be even, not {args.num_samples}")  # fmt: skip
     require((args.mu == "dataset") == bool(args.mu_column), "--mu dataset and --mu_column NAME go together")
     require(args.mu == "policy" or args.num_samples == 2, "--mu dataset pairs y with its y': --num_samples must be 2")
     if args.kl_coef is None:
@@ -467,10 +452,19 @@ def check_variants(args: Args) -> None:
 
 
 def sampled_columns(num_samples: int, mu: str, preference: bool) -> tuple[int, list[int]]:
-    """How many responses per prompt are sampled from pi_t, and their columns among the m the rollout scores (above)."""
+    """How many responses per prompt are sampled from pi_t, and their columns among the m the rollout scores."""
     m = num_samples + (num_samples == 2 and preference)
     sampled = [i for i in range(m) if mu == "policy" or i != 1]
     return len(sampled), sampled
+
+
+def add_dataset_response(responses: torch.Tensor, dataset_responses: torch.Tensor | None, batch) -> torch.Tensor:
+    """--mu dataset: the batch's dataset responses y' (right-padded ids) put second, after pi_t's y (and before a
+    --preference_fn's y''); without it (None), the responses as they are. (B, n, T) -> (B, n + 1, T)."""
+    if dataset_responses is None:
+        return responses
+    given = dataset_responses[batch].to(responses.device)[:, None]  # (B, 1, T)
+    return torch.cat((responses[:, :1], given, responses[:, 1:]), 1)
 
 
 def preference_scores(fn, tokenizer, r: Rollout, prompts, num_samples: int, penalty: float) -> tuple:
@@ -500,9 +494,8 @@ def variant_metrics(scores, wins, sampled: list[int], mu_dataset: bool) -> dict:
     --preference_fn: the mean 2 P(y_i > y_j) - 1 over ordered pairs of distinct samples of pi_t, ~0 (skew-symmetry)."""
     stats = {}
     if mu_dataset:
-        win = (
-            wins[:, 0, 1] if wins is not None else (scores[:, 0] > scores[:, 1]) + 0.5 * (scores[:, 0] == scores[:, 1])
-        )
+        ties = scores[:, 0] == scores[:, 1]
+        win = wins[:, 0, 1] if wins is not None else (scores[:, 0] > scores[:, 1]) + 0.5 * ties
         stats["objective/win_rate_vs_mu"] = win.float().mean().item()
     if wins is not None:
         self_play = 2 * wins[:, sampled][:, :, sampled] - 1  # (B, n, n)
