@@ -49,7 +49,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 class Args:
     # REBEL (Algorithm 1, Equation 1)
     eta: float = 1.0
-    """eta of Equation (1): the inverse strength of the KL constraint to pi_t (Algorithm 1's learning rate)"""
+    """eta of Equation (1): the step size of the mirror-descent update it regresses onto, pi_t exp(eta r) / Z (larger:
+    further from pi_t each update; the optimizer's step size is --lr)"""
     kl_coef: float | None = None
     """coefficient of the KL penalty to the SFT policy inside the reward (default 0.05; with --preference_fn, 0)"""
     loss_scaling: Literal["paper", "official"] = "paper"
@@ -62,7 +63,7 @@ class Args:
 
     # sampling and reward
     temperature: float = 0.7
-    """sampling temperature: 0.7, the official code's (the paper's table in Appendix I.1.4 lists 0.1: docs/rebel.md)"""
+    """sampling temperature: 0.7, as the official code runs TL;DR (Appendix I.1.4's table lists 0.1, if you want it)"""
     response_length: int = 53
     """tokens sampled per response, exactly, as in the paper: EOS does not stop sampling; the rollout cuts after it"""
     penalty_reward_value: float = -1.0
@@ -126,7 +127,7 @@ class Args:
     policy ends its own: EOS, or the chat template's end of turn)"""
     preference_fn: str | None = None
     """path/to/file.py:fn, a preference instead of a reward (Appendix D.2): fn(prompts, responses_a, responses_b) ->
-    P(a > b) in [0, 1] per pair; --kl_coef then defaults to 0 (why: docs/rebel.md). Evaluated by win rate"""
+    P(a > b) in [0, 1] per pair. Evaluated by win rate; --kl_coef defaults to 0, as D.2's regression has no reference"""
 
     # the trained model
     lora: bool = True
@@ -206,7 +207,9 @@ def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "pape
 
 
 class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (Algorithm 1: m = 2, y and y'; L = prompt + T tokens)."""
+    """What the loss needs of m responses to each of B prompts (L = prompt + T tokens). In Algorithm 1, m = 2: y and y',
+    both sampled from pi_t, one pair. The variants: m = --num_samples k responses, paired by pair_up into P pairs; one
+    more, y'', with --preference_fn and k = 2; y' from the dataset with --mu dataset (then n = m - 1 come from pi_t)."""
 
     query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
     masks: torch.Tensor  # (B, m, T) True on the response's tokens
@@ -219,8 +222,8 @@ class Rollout(NamedTuple):
 @torch.no_grad()
 def sample_responses(policy, queries, n: int, config, chunk: int) -> torch.Tensor:
     """n responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded prompt
-    ids -> (B, n, T) token ids, T = --response_length (EOS does not stop sampling, score_responses cuts there; with
-    --stop_at_eos sampling stops early and the rest is padding)."""
+    ids -> (B, n, T) token ids, T = --response_length. EOS does not stop sampling (score_responses cuts there), unless
+    --stop_at_eos: then sampling stops early and the rest is padding."""
     ctx = queries.size(1)
     responses = [generate(policy, q.repeat_interleave(n, 0), config)[:, ctx:] for q in queries.split(chunk)]
     return torch.cat(responses).unflatten(0, (-1, n))
@@ -230,11 +233,13 @@ def sample_responses(policy, queries, n: int, config, chunk: int) -> torch.Tenso
 def score_responses(
     *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
 ) -> Rollout:
-    """What Equation (1) needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
-    the left-padded prompt ids; prompts: the same, as the dataset gives them (for --reward_fn); ref_policy: `with
-    ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
-    reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
-    temperature, pad id); stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
+    """What Equation (1) needs of m responses (B, m, T) to each prompt, computed `chunk` prompts at a time.
+
+    queries (B, ctx) are the left-padded prompt ids, and prompts the same prompts as the dataset gives them (--reward_fn
+    reads those). `ref_policy` is a function: `with ref_policy() as ref:` gives the SFT policy (the LoRA adapter
+    switched off, or a frozen copy; see load_trained_policy). reward(query_responses, ctx, prompts) returns the scores;
+    None scores 0. config is the sampling config the responses were drawn with (its temperature and pad id), stop_ids
+    the tokens that end a response, and penalty the score of a response that did not end."""
     ctx, m, out = queries.size(1), responses.size(1), []
     pad_id, temperature = config.pad_token_id, config.temperature
     timer = timer or Timer(queries.device)
@@ -265,11 +270,12 @@ def score_responses(
 
 def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
     """Which two of a prompt's k responses form each pair (y, y') of Equation (1): scores (B, k) -> indices (B, P, 2).
-    'adjacent': (0, 1), (2, 3), ... (independent samples, as Algorithm 1); 'best_worst': the highest and the lowest
-    score, ranked with the no-EOS penalty and without the KL term (one pair, as the official UltraFeedback pipeline)."""
+    'adjacent': (0, 1), (2, 3), ... for an even k (independent samples, as Algorithm 1); 'best_worst': the highest
+    and the lowest score, ranked with the no-EOS penalty and without the KL term (one pair, as the official
+    UltraFeedback pipeline)."""
     B, k = scores.shape
     if rule == "adjacent":
-        return torch.arange(k - k % 2, device=scores.device).view(1, -1, 2).expand(B, -1, -1)
+        return torch.arange(k, device=scores.device).view(1, -1, 2).expand(B, -1, -1)
     best = scores.argmax(1)  # (B,); the worst is another response even when all tie (e.g. none ended: the penalty)
     return torch.stack((best, scores.scatter(1, best[:, None], float("inf")).argmin(1)), 1).unsqueeze(1)  # (B, 1, 2)
 
@@ -279,7 +285,7 @@ def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
 
 def main(args: Args) -> None:
     require(args.eta > 0, f"--eta must be > 0 (it divides the log-ratios in Equation 1); got {args.eta}")
-    check_variants(args)  # --num_samples, --pairing, --mu, --preference_fn, and the defaults that depend on them
+    resolve_variants(args)  # checks --num_samples, --pairing, --mu; sets --kl_coef's default (0 with --preference_fn)
     flags = asdict(args)
     check_flags(flags)
     from tqdm import tqdm
@@ -312,8 +318,8 @@ def main(args: Args) -> None:
         checkpoint_layers(raw_policy)
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
-    # pi_t's samples per prompt, and their columns (the logged metrics'): 2, [0, 1] in Algorithm 1 (variants: below)
-    num_sampled, sampled = sampled_columns(args.num_samples, args.mu, preference is not None)
+    # How many responses per prompt pi_t samples, and their columns in the rollout: 2 and [0, 1] in Algorithm 1.
+    num_policy_samples, sampled = sampled_columns(args.num_samples, args.mu, preference is not None)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
     config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
@@ -347,31 +353,30 @@ def main(args: Args) -> None:
         ctx, prompts = queries.size(1), [train_prompts[i] for i in batch]
 
         # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
-        # (the reward model's; the penalty without EOS). The variants enter here (--mu dataset) and next.
+        # (the reward model's; the penalty without EOS). The two variant calls change nothing in Algorithm 1's setting.
         with autocast():
             with timer("generation"):
-                responses = sample_responses(raw_policy, queries, num_sampled, config, chunk)  # (B, n, T)
+                responses = sample_responses(raw_policy, queries, num_policy_samples, config, chunk)  # (B, n, T)
             responses = add_dataset_response(responses, train_mu, batch)  # --mu dataset: y' goes second; else as is
             rollout = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
                                       queries=queries, responses=responses, prompts=prompts, config=config,
                                       stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
         check_finite({f"the rollout's {name}": t for name, t in rollout._asdict().items()}, nan_dump)
         query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout  # (B, m, ...)
-        wins = None
-        if preference:  # --preference_fn: y's score is its mean preference over other samples y'' (Appendix D.2)
-            with timer("reward"):
-                scores, wins = preference_scores(preference, tokenizer, rollout, prompts, args.num_samples, penalty)
+        with timer("reward"):  # --preference_fn: the judge's scores replace the reward model's (Appendix D.2)
+            scores, wins = preference_scores(preference, tokenizer, rollout, prompts, args.num_samples, penalty)
 
         # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), and the pairs (y, y').
         kl = logprobs - ref_logprobs  # (B, m)
-        rewards = scores - args.kl_coef * kl  # (B, m)
+        rewards = scores - args.kl_coef * kl  # (B, m); kl_coef 0.05 (0 with --preference_fn: resolve_variants)
         pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2); --preference_fn's y'' is never paired
         prompt_idx = torch.arange(len(pairs), device=device)[:, None, None]  # (B, 1, 1), broadcast against pairs
         pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
             t[prompt_idx, pairs].flatten(0, 1) for t in (query_responses, masks, logprobs, rewards)
         )  # (B * P, 2, ...)
 
-        # 3. Regress relative rewards (Equation 1): noptepochs passes over the pairs, one optimizer step per minibatch.
+        # 3. Regress relative rewards (Equation 1): noptepochs passes over the pairs, one optimizer step per minibatch;
+        # ln pi_t (pair_logprobs, from the rollout) stays fixed through all of them, as pi_t does in Algorithm 1.
         num_pairs = len(pair_rewards)  # B * P
         minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(num_pairs).split(mini_batch_size)]
         loss_stats, approxkl_stats = [], []
@@ -426,7 +431,7 @@ def main(args: Args) -> None:
     if not stop:
         run_evaluation(num_updates)
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
-    del policy  # first DDP's wrapper, whose gloo threads would otherwise outlive the process group (test_ddp_teardown)
+    del policy  # DDP's wrapper goes first: its gloo threads must not outlive the process group that log.end destroys
     log.end(update, signals if stop else None)
 
 
@@ -437,9 +442,10 @@ def main(args: Args) -> None:
 # samples y'' of pi_t, Appendix D.2; with k = 2 a third sample y'', the last column, is drawn and never trained on).
 
 
-def check_variants(args: Args) -> None:
-    """The variants' flags; and the defaults that depend on --preference_fn, set here so that a checkpoint records the
-    values used: D.2's regression has no reference policy, so no KL penalty; no reward model unless one is named."""
+def resolve_variants(args: Args) -> None:
+    """Check the variants' flags, and set the defaults that depend on --preference_fn on `args` (so that a checkpoint
+    records the values used): D.2's regression has no reference policy, so no KL penalty; no reward model unless one
+    is named."""
     require(args.num_samples >= 2, f"--num_samples must be >= 2 (REBEL regresses on pairs); got {args.num_samples}")
     require(args.pairing != "adjacent" or args.num_samples % 2 == 0,
             f"--pairing adjacent: --num_samples must be even, not {args.num_samples}")  # fmt: skip
@@ -452,8 +458,9 @@ def check_variants(args: Args) -> None:
 
 
 def sampled_columns(num_samples: int, mu: str, preference: bool) -> tuple[int, list[int]]:
-    """How many responses per prompt are sampled from pi_t, and their columns among the m the rollout scores."""
-    m = num_samples + (num_samples == 2 and preference)
+    """How many of a prompt's m responses pi_t samples, and their columns: all but --mu dataset's y' (column 1), where
+    m is --num_samples k, or 3 with --preference_fn and k = 2 (D.2's y'')."""
+    m = 3 if preference and num_samples == 2 else num_samples
     sampled = [i for i in range(m) if mu == "policy" or i != 1]
     return len(sampled), sampled
 
@@ -468,7 +475,10 @@ def add_dataset_response(responses: torch.Tensor, dataset_responses: torch.Tenso
 
 
 def preference_scores(fn, tokenizer, r: Rollout, prompts, num_samples: int, penalty: float) -> tuple:
-    """Appendix D.2's reward of every response (the penalty without EOS), and the judge's P(y_i > y_j | x) (B, m, m)."""
+    """--preference_fn fn: Appendix D.2's reward of every response (the penalty without EOS), and the judge's
+    P(y_i > y_j | x) (B, m, m). Without it (None): the rollout's scores as they are, and None."""
+    if fn is None:
+        return r.scores, None
     wins = compare_pairs(fn, tokenizer, r.query_responses, r.query_responses.size(-1) - r.masks.size(-1), prompts)
     scores = preference_rewards(wins, comparators(num_samples).to(wins.device))  # (B, m)
     return torch.where(r.has_eos, scores, penalty), wins
@@ -483,9 +493,10 @@ def preference_rewards(wins: torch.Tensor, against: torch.Tensor) -> torch.Tenso
 
 def comparators(k: int) -> torch.Tensor:
     """The y'' of each response: (m, m), row i marks the y_j that y_i is compared with. For k >= 3 samples, the other
-    k - 1 (SPO's win rate; a pair's own comparison then enters both its rewards: docs/rebel.md); for k = 2, a third
-    sample alone (D.2's one-sample variant: l(y, y'') - l(y', y'') estimates l(y, pi_t) - l(y', pi_t) without bias),
-    itself compared with both and never trained on."""
+    k - 1 (a win rate, as SPO; the pair's own l(y, y') enters both its rewards, so the target's mean given (y, y') is
+    ((k - 2) (l(y, pi_t) - l(y', pi_t)) + 2 l(y, y')) / (k - 1)); for k = 2, a third sample alone (D.2's one-sample
+    variant: l(y, y'') - l(y', y'') estimates l(y, pi_t) - l(y', pi_t) without bias), compared with both and never
+    trained on."""
     return ~torch.eye(k, dtype=torch.bool) if k > 2 else torch.tensor([[0, 0, 1], [0, 0, 1], [1, 1, 0]]).bool()
 
 
