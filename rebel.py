@@ -294,7 +294,7 @@ def main(args: Args) -> None:
     rank, world_size, device = init_processes(args.cuda, args.seed)
     bf16, dtype, autocast = precision(args.precision, device)
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    rank_pairs = local_batch_size * (args.num_samples // 2 if args.pairing == "adjacent" else 1)  # k/2 a prompt, or 1
+    rank_pairs = local_batch_size * (args.num_samples // 2 if args.pairing == "adjacent" else 1)  # per prompt: k/2, or 1
     mini_batch_size = exact_div(rank_pairs, args.num_mini_batches, "per-rank pairs over --num_mini_batches")
     grad_accum = exact_div(mini_batch_size, args.per_device_train_batch_size, "pairs per minibatch")
     checkpoint, run_dir, run_name, output_dir = open_run(flags)
@@ -384,14 +384,14 @@ def main(args: Args) -> None:
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
                     query_response, mask = trim_responses(pair_query_responses[idx], pair_masks[idx], ctx)
-                    # ln pi_theta(y|x) (b, 2); DDP all-reduces the gradients on the last micro-batch of a step only
+                    # ln pi_theta(y|x) (b, 2); DDP all-reduces the gradients only on a step's last micro-batch
                     with no_sync(policy, sync=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(policy, query_response, mask, ctx, args.temperature, pad)
                     loss = rebel_loss(new_logprobs, pair_logprobs[idx], pair_rewards[idx], args.eta, args.loss_scaling)
                     check_finite({"the REBEL loss": loss, "new log-probs": new_logprobs}, nan_dump)
                     (loss / grad_accum).backward()
                     loss_stats.append(loss.item())
-                    # approxkl: the sequence-level 1/2 (ln pi_theta - ln pi_t)^2
+                    # approxkl: the mean of 1/2 (ln pi_theta(y|x) - ln pi_t(y|x))^2
                     approxkl_stats.append(0.5 * (new_logprobs - pair_logprobs[idx]).pow(2).mean().item())
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
