@@ -294,7 +294,8 @@ def main(args: Args) -> None:
     rank, world_size, device = init_processes(args.cuda, args.seed)
     bf16, dtype, autocast = precision(args.precision, device)
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    rank_pairs = local_batch_size * (args.num_samples // 2 if args.pairing == "adjacent" else 1)  # per prompt: k/2, or 1
+    pairs_per_prompt = args.num_samples // 2 if args.pairing == "adjacent" else 1  # P
+    rank_pairs = local_batch_size * pairs_per_prompt
     mini_batch_size = exact_div(rank_pairs, args.num_mini_batches, "per-rank pairs over --num_mini_batches")
     grad_accum = exact_div(mini_batch_size, args.per_device_train_batch_size, "pairs per minibatch")
     checkpoint, run_dir, run_name, output_dir = open_run(flags)
