@@ -11,7 +11,9 @@ pi is the policy at the sampling temperature: every log-prob (the regression's, 
 first pass ln pi_theta equals the rollout's ln pi_t up to numerical noise.
 
 Top to bottom: the flags (Args); the algorithm (rebel_loss, the rollout, pair_up); the loop (main); the variants; the
-plumbing that every script shares (the appendix). docs/rebel.md explains every metric.
+plumbing that every script shares (the appendix). docs/rebel.md explains every metric. The shapes' letters: B prompts
+per rank; m responses to each (Algorithm 1: 2, y and y'), n of them sampled from pi_t (all but a dataset's y'), k =
+--num_samples; P pairs (y, y') per prompt; T response tokens, L = prompt + T.
 
     python rebel.py --eta 1.0                               # one process
     torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the paper's 2.8B TL;DR run
@@ -207,9 +209,7 @@ def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "pape
 
 
 class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (L = prompt + T tokens). In Algorithm 1, m = 2: y and y',
-    both sampled from pi_t, one pair. The variants: m = --num_samples k responses, paired by pair_up into P pairs; one
-    more, y'', with --preference_fn and k = 2; y' from the dataset with --mu dataset (then n = m - 1 come from pi_t)."""
+    """What the loss needs of m responses to each of B prompts (Algorithm 1: m = 2, y and y'; L = prompt + T tokens)."""
 
     query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
     masks: torch.Tensor  # (B, m, T) True on the response's tokens
@@ -233,13 +233,11 @@ def sample_responses(policy, queries, n: int, config, chunk: int) -> torch.Tenso
 def score_responses(
     *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
 ) -> Rollout:
-    """What Equation (1) needs of m responses (B, m, T) to each prompt, computed `chunk` prompts at a time.
-
-    queries (B, ctx) are the left-padded prompt ids, and prompts the same prompts as the dataset gives them (--reward_fn
-    reads those). `ref_policy` is a function: `with ref_policy() as ref:` gives the SFT policy (the LoRA adapter
-    switched off, or a frozen copy; see load_trained_policy). reward(query_responses, ctx, prompts) returns the scores;
-    None scores 0. config is the sampling config the responses were drawn with (its temperature and pad id), stop_ids
-    the tokens that end a response, and penalty the score of a response that did not end."""
+    """What Equation (1) needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
+    the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
+    `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
+    reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
+    temperature and pad id); stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
     ctx, m, out = queries.size(1), responses.size(1), []
     pad_id, temperature = config.pad_token_id, config.temperature
     timer = timer or Timer(queries.device)
@@ -301,22 +299,16 @@ def main(args: Args) -> None:
     checkpoint, run_dir, run_name, output_dir = open_run(flags)
     tokenizer = load_tokenizer(args.sft_model_path)
     pad = tokenizer.pad_token_id  # never EOS: load_tokenizer adds a pad token where a model has none
-    # Each split (every rank reads it whole): rows, prompts as given, their ids, --mu_column's ids or None, # dropped.
-    (train_set, train_prompts, train_queries, train_mu, _), eval_data = load_splits(flags, tokenizer, args.mu_column)
-    total_episodes = args.total_episodes or len(train_set)
+    # Both splits (Prompts: every rank reads each whole); the train split with --mu_column's responses (y'), or none.
+    train, eval_data = load_splits(flags, tokenizer, args.mu_column)
+    total_episodes = args.total_episodes or len(train.dataset)
     num_updates = total_episodes // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
-    batches = prompt_batches(len(train_set), args.batch_size, rank, world_size, args.seed)  # its share of 1 shuffle
+    batches = prompt_batches(len(train.dataset), args.batch_size, rank, world_size, args.seed)  # its share of 1 shuffle
 
     # pi_theta, in eval mode as every model here (no dropout): raw_policy samples and is saved, `policy` takes the
     # gradient steps (DDP's wrapper, or FSDP's shards); ref_policy() gives the SFT reference (see score_responses).
-    lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)  # with --lora
-    raw_policy, ref_policy, stop_ids = load_trained_policy(
-        args.sft_model_path, tokenizer, lora if args.lora else None, args.num_trainable_layers, dtype, device,
-        args.fsdp, bf16, (args.query_length, args.response_length),
-    )  # fmt: skip
-    if args.gradient_checkpointing:
-        checkpoint_layers(raw_policy)
+    raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
     # How many responses per prompt pi_t samples, and their columns in the rollout: 2 and [0, 1] in Algorithm 1.
@@ -350,15 +342,15 @@ def main(args: Args) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         batch = next(batches)  # this rank's B prompts of the global batch
-        queries = trim_left_padding(train_queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
-        ctx, prompts = queries.size(1), [train_prompts[i] for i in batch]
+        queries = trim_left_padding(train.queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
+        ctx, prompts = queries.size(1), [train.prompts[i] for i in batch]
 
         # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
         # (the reward model's; the penalty without EOS). The two variant calls change nothing in Algorithm 1's setting.
         with autocast():
             with timer("generation"):
                 responses = sample_responses(raw_policy, queries, num_policy_samples, config, chunk)  # (B, n, T)
-            responses = add_dataset_response(responses, train_mu, batch)  # --mu dataset: y' goes second; else as is
+            responses = add_dataset_response(responses, train.responses, batch)  # --mu dataset: y' second
             rollout = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
                                       queries=queries, responses=responses, prompts=prompts, config=config,
                                       stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
@@ -413,7 +405,7 @@ def main(args: Args) -> None:
             "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
             "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
             "policy/approxkl": float(np.mean(approxkl_stats)),
-            **variant_metrics(scores, wins, sampled, train_mu is not None),
+            **variant_metrics(scores, wins, sampled, train.responses is not None),
         }
         log.write(update, stats, timer, lr_now)
         if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
@@ -516,8 +508,143 @@ def variant_metrics(scores, wins, sampled: list[int], mu_dataset: bool) -> dict:
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
-# The appendix: each script carries the helpers of rebel.py's that it calls, word for word and in rebel.py's order: fix
-# them here. A loader refuses bad input where it reads it (BadInput: one line that names the fix, no traceback).
+# The appendix: the helpers of rebel.py's that a script calls, word for word and in rebel.py's order (fix them there;
+# rebel.py holds all, some for its siblings only): first those that the rollout and the loss call, then the plumbing.
+
+
+# ---------------------------------------------------------------------------------------------- sampling and log-probs
+def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
+    """sampling_config at --temperature and at --eval_temperature: --response_length tokens, a static KV cache unless
+    --no-static_cache or --fsdp (a sharded sampler is not compiled), stopping at a stop token with --stop_at_eos."""
+    static, stops = flags["static_cache"] and not flags["fsdp"], stop_ids if flags["stop_at_eos"] else None
+    length = flags["response_length"]
+    return tuple(sampling_config(length, flags[t], pad_id, static, stops) for t in ("temperature", "eval_temperature"))
+
+
+def sampling_config(response_length: int, temperature: float, pad_id: int, static_cache=False, stop_ids=None):
+    """Exactly response_length tokens, as the paper (no eos_token_id: min_new_tokens masks nothing, EOS is sampled as
+    any token, the rollout cuts after it); with stop_ids (chat), up to the first stop. The pad is never sampled."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=response_length, min_new_tokens=None if stop_ids else response_length, eos_token_id=stop_ids or None,
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad_id, suppress_tokens=[pad_id],
+        cache_implementation="static" if static_cache else None,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
+    """Sample with `config` alone, not filled from the model's generation_config (a repetition penalty, EOS ids)."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import GenerationConfig
+
+    pad_id, length = config.pad_token_id, queries.size(1) + config.max_new_tokens
+    attention_mask = queries != pad_id
+    input_ids = queries.masked_fill(~attention_mask, 0)
+    if config.eos_token_id:  # a finished response is fed this token: a real one, where the pad may have no embedding
+        config = copy.deepcopy(config)
+        config.pad_token_id = config.eos_token_id[0]
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+    own_config, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
+    sharded = [m for m in hf_model.modules() if isinstance(m, FSDPModule)]  # gather each layer once, not per token
+    for module in sharded:
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    finally:
+        hf_model.generation_config = own_config
+        for module in sharded:
+            module.set_reshard_after_forward(True, recurse=False)
+            module.reshard()
+    output = torch.cat((queries, output[:, queries.size(1) :]), 1)
+    return nn.functional.pad(output, (0, length - output.size(1)), value=pad_id)  # stopped early: the same length
+
+
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # the row length where there is none
+    n = bools.size(-1)
+    return torch.where(bools, torch.arange(n, device=bools.device), n).min(dim=-1).values
+
+
+def truncate_response(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -> torch.Tensor:
+    """Keep each response up to and including its first stop token (EOS, or a chat model's end of turn); pad the rest."""
+    positions = torch.arange(responses.size(1), device=responses.device)
+    ends = first_true_indices(torch.isin(responses, torch.tensor(stop_ids, device=responses.device)))
+    return responses.masked_fill(positions > ends[:, None], pad_id)
+
+
+def response_mask(responses: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """True before the first pad: after truncate_response, up to and including the first stop token (or all)."""
+    lengths = first_true_indices(responses == pad_id)  # tokens kept
+    return torch.arange(responses.size(1), device=responses.device)[None] < lengths[:, None]
+
+
+def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
+    """Drop the left padding that every prompt has, keeping a multiple of `multiple` columns (0: keep all)."""
+    longest = int((queries != pad_id).sum(1).max())
+    keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
+    return queries[:, queries.size(1) - keep :]
+
+
+def trim_responses(query_responses: torch.Tensor, masks: torch.Tensor, context_length: int):
+    """Drop the response columns that are padding in every response: query_responses (..., L), masks (..., T)."""
+    width = int(masks.sum(-1).max())
+    return query_responses[..., : context_length + width], masks[..., :width]
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
+    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
+
+
+def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
+    """Forward with the pad id masked and positions counted from the first real token, as generate() counts them."""
+    attention_mask = query_responses != pad_id
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    input_ids = query_responses.masked_fill(~attention_mask, 0)
+    keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}  # the LM head's (a backbone has none)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
+
+
+def response_logprobs(model, query_responses, context_length: int, temperature: float, pad_id: int):
+    """Per-token log pi(y_t | x, y_<t) of the responses as generate() samples them (temperature, no pad); pads get 0."""
+    from torch.utils.checkpoint import checkpoint
+
+    responses = query_responses[:, context_length:]
+    # The LM head over the response positions only (the logits at t - 1 give token t): at a 128k vocabulary, the
+    # prompt's would be most of a pass's memory.
+    positions = torch.arange(context_length - 1, query_responses.size(1) - 1, device=query_responses.device)
+    logits = forward(model, query_responses, pad_id, positions).logits
+    if logits.size(1) != responses.size(1):  # a model that ignores logits_to_keep
+        logits = logits[:, context_length - 1 : -1]  # (B, T, V)
+    is_pad = responses == pad_id  # (B, T)
+    tokens = responses.masked_fill(is_pad, 0)
+    # A few positions at a time (64 MB of fp32 logits each), recomputed in the backward pass: no second (B, T, V).
+    step = max(1, 2**24 // (logits.size(0) * logits.size(-1)))
+    chunks = zip(logits.split(step, 1), tokens.split(step, 1))
+    parts = [checkpoint(token_logprobs, z, y, temperature, pad_id, use_reentrant=False) for z, y in chunks]
+    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); 0, not -inf, where the pad id is 0 (Llama-2's unk)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, pad_id: int) -> torch.Tensor:
+    """log softmax(logits / temperature)[tokens] in fp32, the pad excluded: (B, t, V) and (B, t) -> (B, t)."""
+    z = logits.float() / temperature
+    if pad_id < z.size(-1):
+        z[..., pad_id] = float("-inf")  # generate() suppresses it
+    return z.gather(2, tokens.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
+
+
+def sequence_logprobs(model, query_responses, masks, context_length: int, temperature: float, pad_id: int):
+    """log pi(y|x): query_responses (B, n, L) and masks (B, n, T) -> (B, n)."""
+    logprobs = response_logprobs(model, query_responses.flatten(0, 1), context_length, temperature, pad_id)
+    return (logprobs * masks.flatten(0, 1)).sum(-1).unflatten(0, masks.shape[:2])
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -642,27 +769,30 @@ def read_run_json(path: str) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def lora_config(rank: int, alpha: int, dropout: float, target_modules: list[str] | None):
-    """peft's LoraConfig; ['all-linear'] (the flag's list) is peft's string for every linear layer."""
+def lora_config(flags: dict):
+    """peft's LoraConfig of the --lora_* flags (['all-linear'], the flag's list: peft's word for all linear layers)."""
     from peft import LoraConfig
 
-    modules = target_modules[0] if target_modules == ["all-linear"] else target_modules
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules)
+    modules = flags["lora_target_modules"]
+    return LoraConfig(r=flags["lora_rank"], lora_alpha=flags["lora_alpha"], lora_dropout=flags["lora_dropout"],
+                      target_modules=modules[0] if modules == ["all-linear"] else modules)  # fmt: skip
 
 
-def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, device, fsdp: bool, bf16: bool, lengths):
-    """The policy to train (in eval mode: no dropout), its reference (the SFT policy: `with ref_policy() as ref`) and
-    its stop tokens. LoRA (a LoraConfig): fp32 adapters on a base in `dtype`, the reference with the adapter off;
-    num_trainable_layers: those in fp32, the reference with their first weights swapped in; else fp32, a frozen copy."""
+def load_trained_policy(flags: dict, tokenizer, dtype, device, bf16: bool):
+    """--sft_model_path to train (eval mode: no dropout), its reference (`with ref_policy() as ref`) and its stop
+    tokens. --lora: fp32 adapters on a base in `dtype`, the reference with the adapter off; --num_trainable_layers:
+    those in fp32, the reference with their first weights swapped in; else fp32, a frozen copy. Then
+    --gradient_checkpointing."""
     from peft import get_peft_model
 
+    path, lora, num_trainable_layers = flags["sft_model_path"], flags["lora"], flags["num_trainable_layers"]
     policy = load_policy(path, dtype if lora or num_trainable_layers else torch.float32)
-    check_positions(policy.config, lengths, path)
+    check_positions(policy.config, (flags["query_length"], flags["response_length"]), path)
     check_vocabulary(tokenizer, policy, path)
     stop_ids = stop_token_ids(tokenizer, policy.generation_config)
     if lora:
         try:
-            policy = get_peft_model(policy, lora)
+            policy = get_peft_model(policy, lora_config(flags))
         except ValueError as e:
             names = sorted({n.rsplit(".", 1)[-1] for n, m in policy.named_modules() if isinstance(m, nn.Linear)})
             raise BadInput(f"--lora_target_modules: {e}. The model's linear layers are named {names[:12]}") from e
@@ -671,7 +801,9 @@ def load_trained_policy(path, tokenizer, lora, num_trainable_layers, dtype, devi
         ref_policy = partial(weights_swapped, policy, train_last_layers(policy.to(device), num_trainable_layers, dtype))
     else:
         ref_model = load_policy(path, torch.float32).to(device).eval().requires_grad_(False)
-        ref_policy = partial(nullcontext, shard(ref_model, bf16) if fsdp else ref_model)
+        ref_policy = partial(nullcontext, shard(ref_model, bf16) if flags["fsdp"] else ref_model)
+    if flags["gradient_checkpointing"]:
+        checkpoint_layers(policy)
     return policy.to(device).eval(), ref_policy, stop_ids
 
 
@@ -1013,12 +1145,19 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
 
 
 # ---------------------------------------------------------------------------------------------- data
+class Prompts(NamedTuple):  # a split of a dataset, as load_prompts reads it
+    dataset: object  # its rows
+    prompts: list  # as given: texts, or chat messages (conversations, and texts with `chat`: the template renders them)
+    queries: torch.Tensor  # (N, query_length) the prompts' token ids, left-padded
+    responses: torch.Tensor | None  # (N, response_length) a column's, ending as the policy's end, right-padded; or None
+    dropped: int  # how many prompts longer than query_length were dropped (--long_prompts filter)
+
+
 def load_prompts(
     path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
-):
-    """The dataset, its prompts (texts, or chat messages: conversations, and texts with `chat`, which the chat template
-    renders), the same left-padded to query_length in tokens, the references (None without reference_column) ending
-    as the policy's responses end and right-padded to response_length, and how many too-long prompts were dropped."""
+) -> Prompts:
+    """A split of a dataset (hub name, save_to_disk folder, data file, or folder of one file per split), with the
+    responses of reference_column (None: none)."""
     from datasets import load_dataset, load_from_disk
 
     formats = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
@@ -1095,7 +1234,7 @@ def load_prompts(
               f"--response_length {response_length}: each is cut to its first {response_length - 1} tokens and an EOS "
               "(or end of turn)", file=sys.stderr)  # fmt: skip
     dropped = len(long) if long_prompts == "filter" else 0
-    return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
+    return Prompts(dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped)
 
 
 def response_ids(answer: str, prompt, tokenizer, where: str) -> list[int]:
@@ -1194,141 +1333,6 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
     return batches()
 
 
-# ---------------------------------------------------------------------------------------------- sampling and log-probs
-def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
-    """sampling_config at --temperature and at --eval_temperature: --response_length tokens, a static KV cache unless
-    --no-static_cache or --fsdp (a sharded sampler is not compiled), stopping at a stop token with --stop_at_eos."""
-    static, stops = flags["static_cache"] and not flags["fsdp"], stop_ids if flags["stop_at_eos"] else None
-    length = flags["response_length"]
-    return tuple(sampling_config(length, flags[t], pad_id, static, stops) for t in ("temperature", "eval_temperature"))
-
-
-def sampling_config(response_length: int, temperature: float, pad_id: int, static_cache=False, stop_ids=None):
-    """Exactly response_length tokens, as the paper (rollout truncates after EOS); with stop_ids (chat), up to the
-    first stop token. The pad is never sampled; a static KV cache samples the same tokens."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        max_new_tokens=response_length, min_new_tokens=None if stop_ids else response_length, eos_token_id=stop_ids or None,
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad_id, suppress_tokens=[pad_id],
-        cache_implementation="static" if static_cache else None,
-    )  # fmt: skip
-
-
-@torch.no_grad()
-def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
-    """Sample with `config` alone, not filled from the model's generation_config (a repetition penalty, EOS ids)."""
-    from torch.distributed.fsdp import FSDPModule
-    from transformers import GenerationConfig
-
-    pad_id, length = config.pad_token_id, queries.size(1) + config.max_new_tokens
-    attention_mask = queries != pad_id
-    input_ids = queries.masked_fill(~attention_mask, 0)
-    if config.eos_token_id:  # a finished response is fed this token: a real one, where the pad may have no embedding
-        config = copy.deepcopy(config)
-        config.pad_token_id = config.eos_token_id[0]
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
-    own_config, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
-    sharded = [m for m in hf_model.modules() if isinstance(m, FSDPModule)]  # gather each layer once, not per token
-    for module in sharded:
-        module.set_reshard_after_forward(False, recurse=False)
-    try:
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    finally:
-        hf_model.generation_config = own_config
-        for module in sharded:
-            module.set_reshard_after_forward(True, recurse=False)
-            module.reshard()
-    output = torch.cat((queries, output[:, queries.size(1) :]), 1)
-    return nn.functional.pad(output, (0, length - output.size(1)), value=pad_id)  # stopped early: the same length
-
-
-def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # the row length where there is none
-    n = bools.size(-1)
-    return torch.where(bools, torch.arange(n, device=bools.device), n).min(dim=-1).values
-
-
-def truncate_response(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -> torch.Tensor:
-    """Keep each response up to and including its first stop token (EOS, or a chat model's end of turn); pad the rest."""
-    positions = torch.arange(responses.size(1), device=responses.device)
-    ends = first_true_indices(torch.isin(responses, torch.tensor(stop_ids, device=responses.device)))
-    return responses.masked_fill(positions > ends[:, None], pad_id)
-
-
-def response_mask(responses: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """True before the first pad: after truncate_response, up to and including the first stop token (or all)."""
-    lengths = first_true_indices(responses == pad_id)  # tokens kept
-    return torch.arange(responses.size(1), device=responses.device)[None] < lengths[:, None]
-
-
-def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
-    """Drop the left padding that every prompt has, keeping a multiple of `multiple` columns (0: keep all)."""
-    longest = int((queries != pad_id).sum(1).max())
-    keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
-    return queries[:, queries.size(1) - keep :]
-
-
-def trim_responses(query_responses: torch.Tensor, masks: torch.Tensor, context_length: int):
-    """Drop the response columns that are padding in every response: query_responses (..., L), masks (..., T)."""
-    width = int(masks.sum(-1).max())
-    return query_responses[..., : context_length + width], masks[..., :width]
-
-
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
-    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
-
-
-def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
-    """Forward with the pad id masked and positions counted from the first real token, as generate() counts them."""
-    attention_mask = query_responses != pad_id
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    input_ids = query_responses.masked_fill(~attention_mask, 0)
-    keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}  # the LM head's (a backbone has none)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
-
-
-def response_logprobs(model, query_responses, context_length: int, temperature: float, pad_id: int):
-    """Per-token log pi(y_t | x, y_<t) of the responses as generate() samples them (temperature, no pad); pads get 0."""
-    from torch.utils.checkpoint import checkpoint
-
-    responses = query_responses[:, context_length:]
-    # The LM head over the response positions only (the logits at t - 1 give token t): at a 128k vocabulary, the
-    # prompt's would be most of a pass's memory.
-    positions = torch.arange(context_length - 1, query_responses.size(1) - 1, device=query_responses.device)
-    logits = forward(model, query_responses, pad_id, positions).logits
-    if logits.size(1) != responses.size(1):  # a model that ignores logits_to_keep
-        logits = logits[:, context_length - 1 : -1]  # (B, T, V)
-    is_pad = responses == pad_id  # (B, T)
-    tokens = responses.masked_fill(is_pad, 0)
-    # A few positions at a time (64 MB of fp32 logits each), recomputed in the backward pass: no second (B, T, V).
-    step = max(1, 2**24 // (logits.size(0) * logits.size(-1)))
-    chunks = zip(logits.split(step, 1), tokens.split(step, 1))
-    parts = [checkpoint(token_logprobs, z, y, temperature, pad_id, use_reentrant=False) for z, y in chunks]
-    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); 0, not -inf, where the pad id is 0 (Llama-2's unk)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, pad_id: int) -> torch.Tensor:
-    """log softmax(logits / temperature)[tokens] in fp32, the pad excluded: (B, t, V) and (B, t) -> (B, t)."""
-    z = logits.float() / temperature
-    if pad_id < z.size(-1):
-        z[..., pad_id] = float("-inf")  # generate() suppresses it
-    return z.gather(2, tokens.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
-
-
-def sequence_logprobs(model, query_responses, masks, context_length: int, temperature: float, pad_id: int):
-    """log pi(y|x): query_responses (B, n, L) and masks (B, n, T) -> (B, n)."""
-    logprobs = response_logprobs(model, query_responses.flatten(0, 1), context_length, temperature, pad_id)
-    return (logprobs * masks.flatten(0, 1)).sum(-1).unflatten(0, masks.shape[:2])
-
-
 # ---------------------------------------------------------------------------------------------- evaluation and logs
 @torch.no_grad()
 def eval_sampler(policy, ref_policy, reward, config, stop_ids: list[int], penalty: float, chunk: int):
@@ -1354,10 +1358,9 @@ def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast
     from tqdm import tqdm
 
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    dataset, prompts, queries, references, _ = data
-    idx = rank_share(min(flags["num_eval_prompts"] or len(dataset), len(dataset)), rank, world_size)
-    prompts, chunk = [prompts[i] for i in idx], flags["local_rollout_forward_batch_size"]
-    queries = trim_left_padding(queries[idx], tokenizer.pad_token_id, flags["pad_multiple"]).to(log.device)
+    idx = rank_share(min(flags["num_eval_prompts"] or len(data.dataset), len(data.dataset)), rank, world_size)
+    prompts, chunk = [data.prompts[i] for i in idx], flags["local_rollout_forward_batch_size"]
+    queries = trim_left_padding(data.queries[idx], tokenizer.pad_token_id, flags["pad_multiple"]).to(log.device)
     ctx = queries.size(1)
     # Its own random stream: the training's samples do not depend on when, or how often, the run evaluates.
     with autocast(), torch.random.fork_rng(devices=[log.device] if log.device.type == "cuda" else []):
@@ -1366,9 +1369,9 @@ def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast
             "postprocessed_response": tokenizer.batch_decode(query_response[:, ctx:], skip_special_tokens=True),
             **({"score": torch.where(has_eos, score, flags["penalty_reward_value"]).tolist()} if reward else {}),
             "kl": kl.tolist(), "response_length": mask.sum(1).tolist(), "has_eos": has_eos.tolist()}  # fmt: skip
-    if references is not None:  # the dataset's own responses, scored the same way
-        query_references = torch.cat((queries, references[idx].to(log.device)), 1)
-        rows["reference_response"] = [last_turn(r) for r in dataset[idx][flags["reference_column"]]]
+    if data.responses is not None:  # the dataset's own responses, scored the same way
+        query_references = torch.cat((queries, data.responses[idx].to(log.device)), 1)
+        rows["reference_response"] = [last_turn(r) for r in data.dataset[idx][flags["reference_column"]]]
         if reward:
             with autocast():
                 parts = enumerate(query_references.split(chunk))
@@ -1407,15 +1410,15 @@ def precision(choice: str, device) -> tuple:
     return bf16, torch.bfloat16 if bf16 else torch.float32, partial(torch.autocast, device.type, torch.bfloat16, bf16)
 
 
-def load_splits(flags: dict, tokenizer, train_column: str | None) -> tuple:
+def load_splits(flags: dict, tokenizer, train_column: str | None) -> tuple[Prompts, Prompts]:
     """load_prompts of --train_split (with `train_column`'s responses, or none) and --eval_split (with references)."""
     path, query_column = flags["query_dataset"], flags["query_column"]
     common = (tokenizer, flags["query_length"], flags["response_length"], flags["long_prompts"], flags["chat"])
     train = load_prompts(path, flags["train_split"], query_column, train_column, *common)
     evaluation = load_prompts(path, flags["eval_split"], query_column, flags["reference_column"], *common)
-    if (train[4] or evaluation[4]) and (not dist.is_initialized() or dist.get_rank() == 0):
-        print(f"dropped the prompts longer than --query_length {flags['query_length']} tokens: {train[4]} of "
-              f"'{flags['train_split']}', {evaluation[4]} of '{flags['eval_split']}'")  # fmt: skip
+    if (train.dropped or evaluation.dropped) and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"dropped the prompts longer than --query_length {flags['query_length']} tokens: {train.dropped} of "
+              f"'{flags['train_split']}', {evaluation.dropped} of '{flags['eval_split']}'")  # fmt: skip
     return train, evaluation
 
 

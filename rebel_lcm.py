@@ -775,8 +775,8 @@ class LcmLog:
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
-# The appendix: each script carries the helpers of rebel.py's that it calls, word for word and in rebel.py's order: fix
-# them here. A loader refuses bad input where it reads it (BadInput: one line that names the fix, no traceback).
+# The appendix: the helpers of rebel.py's that a script calls, word for word and in rebel.py's order (fix them there;
+# rebel.py holds all, some for its siblings only): first those that the rollout and the loss call, then the plumbing.
 
 
 # ---------------------------------------------------------------------------------------------- set-up

@@ -31,7 +31,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -295,8 +295,37 @@ def main(args: Args) -> None:
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
-# The appendix: each script carries the helpers of rebel.py's that it calls, word for word and in rebel.py's order: fix
-# them here. A loader refuses bad input where it reads it (BadInput: one line that names the fix, no traceback).
+# The appendix: the helpers of rebel.py's that a script calls, word for word and in rebel.py's order (fix them there;
+# rebel.py holds all, some for its siblings only): first those that the rollout and the loss call, then the plumbing.
+
+
+# ---------------------------------------------------------------------------------------------- sampling and log-probs
+def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
+    """Drop the left padding that every prompt has, keeping a multiple of `multiple` columns (0: keep all)."""
+    longest = int((queries != pad_id).sum(1).max())
+    keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
+    return queries[:, queries.size(1) - keep :]
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
+    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
+
+
+def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
+    """Forward with the pad id masked and positions counted from the first real token, as generate() counts them."""
+    attention_mask = query_responses != pad_id
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    input_ids = query_responses.masked_fill(~attention_mask, 0)
+    keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}  # the LM head's (a backbone has none)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -547,12 +576,19 @@ class ScalarRewardModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- data
+class Prompts(NamedTuple):  # a split of a dataset, as load_prompts reads it
+    dataset: object  # its rows
+    prompts: list  # as given: texts, or chat messages (conversations, and texts with `chat`: the template renders them)
+    queries: torch.Tensor  # (N, query_length) the prompts' token ids, left-padded
+    responses: torch.Tensor | None  # (N, response_length) a column's, ending as the policy's end, right-padded; or None
+    dropped: int  # how many prompts longer than query_length were dropped (--long_prompts filter)
+
+
 def load_prompts(
     path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
-):
-    """The dataset, its prompts (texts, or chat messages: conversations, and texts with `chat`, which the chat template
-    renders), the same left-padded to query_length in tokens, the references (None without reference_column) ending
-    as the policy's responses end and right-padded to response_length, and how many too-long prompts were dropped."""
+) -> Prompts:
+    """A split of a dataset (hub name, save_to_disk folder, data file, or folder of one file per split), with the
+    responses of reference_column (None: none)."""
     from datasets import load_dataset, load_from_disk
 
     formats = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
@@ -629,7 +665,7 @@ def load_prompts(
               f"--response_length {response_length}: each is cut to its first {response_length - 1} tokens and an EOS "
               "(or end of turn)", file=sys.stderr)  # fmt: skip
     dropped = len(long) if long_prompts == "filter" else 0
-    return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
+    return Prompts(dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped)
 
 
 def response_ids(answer: str, prompt, tokenizer, where: str) -> list[int]:
@@ -726,35 +762,6 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
                 yield perm[start : start + batch_size][rank::world_size]
 
     return batches()
-
-
-# ---------------------------------------------------------------------------------------------- sampling and log-probs
-def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
-    """Drop the left padding that every prompt has, keeping a multiple of `multiple` columns (0: keep all)."""
-    longest = int((queries != pad_id).sum(1).max())
-    keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
-    return queries[:, queries.size(1) - keep :]
-
-
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
-    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
-
-
-def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
-    """Forward with the pad id masked and positions counted from the first real token, as generate() counts them."""
-    attention_mask = query_responses != pad_id
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    input_ids = query_responses.masked_fill(~attention_mask, 0)
-    keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}  # the LM head's (a backbone has none)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs

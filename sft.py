@@ -5,11 +5,10 @@ Next-token cross-entropy on the reference response y given the post x (the promp
 
     min_theta  - mean over the response tokens y_t (EOS included) of  ln pi_theta(y_t | x, y_<t)
 
-(the mean of each micro-batch's token mean, as the official code: micro-batches weigh the same)
-
-The file reads top to bottom: the flags (Args), the loss, the loop (main), then the appendix of plumbing shared with
-rebel.py. The model and its tokenizer (with the pad token load_tokenizer may add) are saved with save_pretrained, so
-that reward.py and rebel.py load them directly.
+(the mean of each micro-batch's token mean, as the official code: micro-batches weigh the same). The file reads top
+to bottom: the flags (Args), the loss, the loop (main), then the appendix of plumbing shared with rebel.py. The model
+and its tokenizer (with the pad token load_tokenizer may add) are saved with save_pretrained, so that reward.py and
+rebel.py load them directly.
 
     python sft.py --help
     torchrun --nproc_per_node 8 sft.py                       # Pythia 1.4B, the paper's SFT model
@@ -30,7 +29,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -144,12 +143,10 @@ def main(args: Args) -> None:
     pad = tokenizer.pad_token_id
     # The prompt (left-padded) and its reference response (EOS appended, right-padded); every rank tokenises the whole
     # split and takes its own examples from the shared shuffle. Text prompts are trained on as they are (no chat).
-    (_, _, queries, references, _), (_, _, eval_queries, eval_references, _) = load_splits(
-        {**flags, "chat": False}, tokenizer, args.reference_column
-    )
-    train_data = torch.cat((queries, references), 1)  # (N, query_length + response_length)
-    eval_idx = rank_share(min(args.num_eval_prompts or len(eval_queries), len(eval_queries)), rank, world_size)
-    eval_data = torch.cat((eval_queries[eval_idx], eval_references[eval_idx]), 1)
+    train, evaluation = load_splits({**flags, "chat": False}, tokenizer, args.reference_column)
+    train_data = torch.cat((train.queries, train.responses), 1)  # (N, query_length + response_length)
+    eval_data = torch.cat((evaluation.queries, evaluation.responses), 1)
+    eval_data = eval_data[rank_share(min(args.num_eval_prompts or len(eval_data), len(eval_data)), rank, world_size)]
     num_updates = len(train_data) // args.batch_size * args.num_train_epochs
     batches = prompt_batches(len(train_data), args.batch_size, rank, world_size, args.seed)
 
@@ -205,30 +202,55 @@ def main(args: Args) -> None:
         if stop:
             break
 
-    # The end: the validation references' cross-entropy over every rank's share and the model saved; or, stopped by a
-    # signal, the way to resume printed.
+    # The end: the validation loss (on every rank's share) and the model saved; or, stopped, the way to resume printed.
     if not stop:
         with torch.no_grad(), autocast():
-            val_losses = [
-                sft_loss(raw_policy, mb.to(device), args.query_length, pad).item()
-                for mb in eval_data.split(args.per_device_train_batch_size)
-            ]
+            micro_batches = eval_data.split(args.per_device_train_batch_size)
+            val_losses = [sft_loss(raw_policy, mb.to(device), args.query_length, pad).item() for mb in micro_batches]
         val = all_reduce({"eval/loss": float(np.mean(val_losses))}, device=device)
         if log.master:
             log.writer.add_scalar("eval/loss", val["eval/loss"], num_updates)
             log.metrics.write(json.dumps({"update": num_updates, **val}) + "\n")
-            seconds = time.time() - log.start
-            print(f"validation loss {val['eval/loss']:.4f} after {num_updates} updates ({seconds:.0f} s)")
-        # The config keeps its own pad id: the pad token load_tokenizer may add has no embedding row, and a
-        # config.pad_token_id outside the embedding makes from_pretrained fail.
+            loss, seconds = val["eval/loss"], time.time() - log.start
+            print(f"validation loss {loss:.4f} after {num_updates} updates ({seconds:.0f} s)")
+        # The config keeps its own pad id: load_tokenizer's added pad has no embedding row (from_pretrained would fail).
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, merged=False)
     del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
     log.end(update, signals if stop else None)
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
-# The appendix: each script carries the helpers of rebel.py's that it calls, word for word and in rebel.py's order: fix
-# them here. A loader refuses bad input where it reads it (BadInput: one line that names the fix, no traceback).
+# The appendix: the helpers of rebel.py's that a script calls, word for word and in rebel.py's order (fix them there;
+# rebel.py holds all, some for its siblings only): first those that the rollout and the loss call, then the plumbing.
+
+
+# ---------------------------------------------------------------------------------------------- sampling and log-probs
+def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
+    """Drop the left padding that every prompt has, keeping a multiple of `multiple` columns (0: keep all)."""
+    longest = int((queries != pad_id).sum(1).max())
+    keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
+    return queries[:, queries.size(1) - keep :]
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
+    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
+
+
+def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
+    """Forward with the pad id masked and positions counted from the first real token, as generate() counts them."""
+    attention_mask = query_responses != pad_id
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    input_ids = query_responses.masked_fill(~attention_mask, 0)
+    keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}  # the LM head's (a backbone has none)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -475,12 +497,19 @@ def save_policy(model, tokenizer, output_dir: str, fsdp: bool, merged: bool) -> 
 
 
 # ---------------------------------------------------------------------------------------------- data
+class Prompts(NamedTuple):  # a split of a dataset, as load_prompts reads it
+    dataset: object  # its rows
+    prompts: list  # as given: texts, or chat messages (conversations, and texts with `chat`: the template renders them)
+    queries: torch.Tensor  # (N, query_length) the prompts' token ids, left-padded
+    responses: torch.Tensor | None  # (N, response_length) a column's, ending as the policy's end, right-padded; or None
+    dropped: int  # how many prompts longer than query_length were dropped (--long_prompts filter)
+
+
 def load_prompts(
     path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
-):
-    """The dataset, its prompts (texts, or chat messages: conversations, and texts with `chat`, which the chat template
-    renders), the same left-padded to query_length in tokens, the references (None without reference_column) ending
-    as the policy's responses end and right-padded to response_length, and how many too-long prompts were dropped."""
+) -> Prompts:
+    """A split of a dataset (hub name, save_to_disk folder, data file, or folder of one file per split), with the
+    responses of reference_column (None: none)."""
     from datasets import load_dataset, load_from_disk
 
     formats = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
@@ -557,7 +586,7 @@ def load_prompts(
               f"--response_length {response_length}: each is cut to its first {response_length - 1} tokens and an EOS "
               "(or end of turn)", file=sys.stderr)  # fmt: skip
     dropped = len(long) if long_prompts == "filter" else 0
-    return dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped
+    return Prompts(dataset, prompts, torch.tensor(queries), torch.tensor(references) if references else None, dropped)
 
 
 def response_ids(answer: str, prompt, tokenizer, where: str) -> list[int]:
@@ -641,35 +670,6 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
     return batches()
 
 
-# ---------------------------------------------------------------------------------------------- sampling and log-probs
-def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
-    """Drop the left padding that every prompt has, keeping a multiple of `multiple` columns (0: keep all)."""
-    longest = int((queries != pad_id).sum(1).max())
-    keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
-    return queries[:, queries.size(1) - keep :]
-
-
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
-    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
-
-
-def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
-    """Forward with the pad id masked and positions counted from the first real token, as generate() counts them."""
-    attention_mask = query_responses != pad_id
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    input_ids = query_responses.masked_fill(~attention_mask, 0)
-    keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}  # the LM head's (a backbone has none)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
-
-
 # ---------------------------------------------------------------------------------------------- evaluation and logs
 def precision(choice: str, device) -> tuple:
     """--precision: whether to train in bf16 ('auto': on CUDA), the frozen weights' dtype, the forwards' autocast."""
@@ -677,15 +677,15 @@ def precision(choice: str, device) -> tuple:
     return bf16, torch.bfloat16 if bf16 else torch.float32, partial(torch.autocast, device.type, torch.bfloat16, bf16)
 
 
-def load_splits(flags: dict, tokenizer, train_column: str | None) -> tuple:
+def load_splits(flags: dict, tokenizer, train_column: str | None) -> tuple[Prompts, Prompts]:
     """load_prompts of --train_split (with `train_column`'s responses, or none) and --eval_split (with references)."""
     path, query_column = flags["query_dataset"], flags["query_column"]
     common = (tokenizer, flags["query_length"], flags["response_length"], flags["long_prompts"], flags["chat"])
     train = load_prompts(path, flags["train_split"], query_column, train_column, *common)
     evaluation = load_prompts(path, flags["eval_split"], query_column, flags["reference_column"], *common)
-    if (train[4] or evaluation[4]) and (not dist.is_initialized() or dist.get_rank() == 0):
-        print(f"dropped the prompts longer than --query_length {flags['query_length']} tokens: {train[4]} of "
-              f"'{flags['train_split']}', {evaluation[4]} of '{flags['eval_split']}'")  # fmt: skip
+    if (train.dropped or evaluation.dropped) and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"dropped the prompts longer than --query_length {flags['query_length']} tokens: {train.dropped} of "
+              f"'{flags['train_split']}', {evaluation.dropped} of '{flags['eval_split']}'")  # fmt: skip
     return train, evaluation
 
 

@@ -137,7 +137,7 @@ def test_mu_dataset_end_to_end(toy, tmp_path):
     flags += ["--lr", "1e-2", "--kl_coef", "1.0", "--penalty_reward_value", "-5"]
     g = run_in_process("rebel.py", [*flags, "--run_dir", str(tmp_path / "run")])
     qr, ctx = g["query_responses"], g["ctx"]
-    assert qr.shape[1] == 2 and torch.equal(qr[:, 1, ctx:], g["train_mu"][g["batch"]])  # y' is the dataset's
+    assert qr.shape[1] == 2 and torch.equal(qr[:, 1, ctx:], g["train"].responses[g["batch"]])  # y' is the dataset's
     assert not torch.equal(qr[:, 0, ctx:], qr[:, 1, ctx:])
     check_reward_composition(g)  # both columns: RM score (penalty without EOS) - kl_coef * KL
     check_reference_logprobs_are_sft(g, toy.sft)
@@ -211,7 +211,7 @@ def test_mu_dataset_from_preferences(toy, tmp_path):
     flags = [*toy.rl_flags, "--preference_fn", GOLD_PREFERENCE, "--mu", "dataset", "--mu_column", "reference_response"]
     g = run_in_process("rebel.py", [*flags, "--output_dir", "", "--run_dir", str(tmp_path / "run")])
     qr, ctx, wins = g["query_responses"], g["ctx"], g["wins"]
-    assert qr.shape[1] == 3 and torch.equal(qr[:, 1, ctx:], g["train_mu"][g["batch"]])
+    assert qr.shape[1] == 3 and torch.equal(qr[:, 1, ctx:], g["train"].responses[g["batch"]])
     assert g["pairs"].tolist() == [[[0, 1]]] * len(qr)
     row = read_metrics(tmp_path / "run")[-1]
     assert row["objective/win_rate_vs_mu"] == pytest.approx(wins[:, 0, 1].mean().item())
