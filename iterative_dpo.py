@@ -202,8 +202,8 @@ class Rollout(NamedTuple):
 @torch.no_grad()
 def sample_responses(policy, queries, n: int, config, chunk: int) -> torch.Tensor:
     """n responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded prompt
-    ids -> (B, n, T) token ids, T = --response_length. EOS does not stop sampling (score_responses cuts there), unless
-    --stop_at_eos: then sampling stops early and the rest is padding."""
+    ids -> (B, n, T) token ids, T = --response_length; config: a transformers GenerationConfig (sampling_config). EOS
+    does not stop sampling (score_responses cuts there), unless --stop_at_eos: then the rest is padding."""
     ctx = queries.size(1)
     responses = [generate(policy, q.repeat_interleave(n, 0), config)[:, ctx:] for q in queries.split(chunk)]
     return torch.cat(responses).unflatten(0, (-1, n))
@@ -228,9 +228,9 @@ def score_responses(
         response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
         query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
         mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
-        # Response processing 2: ln pi(y|x) under pi_t and the SFT reference: log_softmax(logits / temperature) of each
-        # response token (the pad token left out of the softmax, as sampling suppresses it), summed over the mask;
-        # positions count from the first prompt token. To copy: the appendix's "sampling and log-probs" (~120 lines).
+        # Response processing 2: ln pi(y|x) under pi_t and the SFT reference, summed over the mask: log_softmax(logits /
+        # temperature) with the pad's logit at -inf (never sampled), positions counted from the first real token. To
+        # copy: the appendix's first section (generate, truncate_response, response_mask, trim_responses, *_logprobs).
         trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # drops response columns all padding
         with timer("logprob"):
             logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
@@ -330,7 +330,7 @@ def main(args: Args) -> None:
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
                     # ln pi_theta(y|x) (b, 2) at the sampling temperature (pi_t's distribution)
-                    with no_sync(policy, sync=micro == grad_accum - 1), autocast():
+                    with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(
                             policy, query_responses[idx], masks[idx], ctx, args.temperature, pad
                         )
@@ -491,7 +491,7 @@ def response_logprobs(model, query_responses, context_length: int, temperature: 
     step = max(1, 2**24 // (logits.size(0) * logits.size(-1)))
     chunks = zip(logits.split(step, 1), tokens.split(step, 1))
     parts = [checkpoint(token_logprobs, z, y, temperature, pad_id, use_reentrant=False) for z, y in chunks]
-    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); 0, not -inf, where the pad id is 0 (Llama-2's unk)
+    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); pads 0 (they read token 0, -inf if it is the pad)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, pad_id: int) -> torch.Tensor:
@@ -524,7 +524,7 @@ def init_processes(cuda: bool, seed: int):
 
 
 def check_flags(flags: dict) -> None:
-    """The flags the scripts share, checked once at start (a script's own flags: in its main)."""
+    """Every script's flags, checked once at start (a flag this script lacks is skipped; its own: in its main)."""
     positive = """lr eps batch_size per_device_train_batch_size local_rollout_forward_batch_size query_length
     response_length noptepochs num_mini_batches num_train_epochs temperature eval_temperature lora_rank lora_alpha
     keep_checkpoints total_episodes num_eval_prompts num_norm_examples max_grad_norm num_trainable_layers"""
@@ -1414,7 +1414,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    # Flags that do not change the run's course (evaluation draws on its own generator in rebel_lcm.py).
+    # Flags that do not change the run's course, of every script (rebel_lcm.py evaluates with its own generator).
     resumable = """resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq
     keep_checkpoints eval_freq eval_every num_eval_images num_sample_rows""".split()
     with refused(f"--resume: cannot read the checkpoint {path}", "; resume from an intact one"):
@@ -1537,9 +1537,9 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def no_sync(model, sync: bool):
-    """DDP's all-reduce on an accumulation's last micro-batch only (FSDP's would keep whole unsharded gradients)."""
-    return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
+def grad_sync(model, enabled: bool):
+    """DDP's no_sync unless enabled (a step's last micro-batch); not FSDP's, which would keep whole unsharded grads."""
+    return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 
 def all_reduce(values: dict, op=None, device=None) -> dict:

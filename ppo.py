@@ -414,7 +414,7 @@ def main(args: Args) -> None:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
                     # ln pi_theta(y_t|s_t) and V(s_t), (b, T) each, in one forward; DDP all-reduces on the last
                     # micro-batch of a step only
-                    with no_sync(policy, sync=micro == grad_accum - 1), autocast():
+                    with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():
                         new_logprobs, new_values = policy(query_responses[idx], context_length, args.temperature, pad)
                         pg_loss, pg_stats = clipped_policy_loss(
                             new_logprobs, logprobs[idx], advantages[idx], masks[idx], args.cliprange
@@ -682,7 +682,7 @@ def response_logprobs(model, query_responses, context_length: int, temperature: 
     step = max(1, 2**24 // (logits.size(0) * logits.size(-1)))
     chunks = zip(logits.split(step, 1), tokens.split(step, 1))
     parts = [checkpoint(token_logprobs, z, y, temperature, pad_id, use_reentrant=False) for z, y in chunks]
-    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); 0, not -inf, where the pad id is 0 (Llama-2's unk)
+    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); pads 0 (they read token 0, -inf if it is the pad)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, pad_id: int) -> torch.Tensor:
@@ -709,7 +709,7 @@ def init_processes(cuda: bool, seed: int):
 
 
 def check_flags(flags: dict) -> None:
-    """The flags the scripts share, checked once at start (a script's own flags: in its main)."""
+    """Every script's flags, checked once at start (a flag this script lacks is skipped; its own: in its main)."""
     positive = """lr eps batch_size per_device_train_batch_size local_rollout_forward_batch_size query_length
     response_length noptepochs num_mini_batches num_train_epochs temperature eval_temperature lora_rank lora_alpha
     keep_checkpoints total_episodes num_eval_prompts num_norm_examples max_grad_norm num_trainable_layers"""
@@ -1584,7 +1584,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    # Flags that do not change the run's course (evaluation draws on its own generator in rebel_lcm.py).
+    # Flags that do not change the run's course, of every script (rebel_lcm.py evaluates with its own generator).
     resumable = """resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq
     keep_checkpoints eval_freq eval_every num_eval_images num_sample_rows""".split()
     with refused(f"--resume: cannot read the checkpoint {path}", "; resume from an intact one"):
@@ -1707,9 +1707,9 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def no_sync(model, sync: bool):
-    """DDP's all-reduce on an accumulation's last micro-batch only (FSDP's would keep whole unsharded gradients)."""
-    return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
+def grad_sync(model, enabled: bool):
+    """DDP's no_sync unless enabled (a step's last micro-batch); not FSDP's, which would keep whole unsharded grads."""
+    return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 
 def all_reduce(values: dict, op=None, device=None) -> dict:

@@ -11,12 +11,14 @@ pi is the policy at the sampling temperature: every log-prob (the regression's, 
 first pass ln pi_theta equals the rollout's ln pi_t up to numerical noise.
 
 Top to bottom: the flags (Args); the algorithm (rebel_loss, the rollout, pair_up); the loop (main); the variants; the
-plumbing that every script shares (the appendix). docs/rebel.md explains every metric. The shapes' letters: B prompts
-per rank; m responses to each (Algorithm 1: 2, y and y'), n of them sampled from pi_t (all but a dataset's y'), k =
---num_samples; P pairs (y, y') per prompt; T response tokens, L = prompt + T.
+plumbing that every script shares (the appendix). docs/rebel.md explains every metric.
+
+Shapes: B prompts per rank; m responses to each; P pairs (y, y') per prompt; T response tokens, L = prompt + T. In
+Algorithm 1, m = 2 (y and y', both sampled) and P = 1; only the variants change them: k = --num_samples responses make
+P = k/2 pairs, and of the m responses n are sampled from pi_t (all but a dataset's y').
 
     python rebel.py --eta 1.0                               # one process
-    torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the paper's 2.8B TL;DR run
+    torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the paper's 2.8B TL;DR run, as the official code runs it
     python -m toy.demo                                      # the offline toy task, end to end
 """
 
@@ -196,14 +198,16 @@ class Args:
 
 
 def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
-    """Equation (1). All inputs (B, 2): column 0 is y, column 1 is y' for the same prompt x; logprobs are
-    ln pi_theta, old_logprobs ln pi_t (at sampling time), rewards r(x, y) as the loop builds them (its step 2).
+    """Equation (1) over N pairs. All inputs (N, 2): column 0 is y, column 1 is y' for the same prompt x; logprobs are
+    ln pi_theta, old_logprobs ln pi_t (at sampling time), rewards r(x, y) as the loop builds them (its step 2). A
+    log-prob is summed over the response's tokens (no length normalisation), from logits / the sampling temperature,
+    computed the same way for pi_theta and pi_t (sequence_logprobs), so that the first pass regresses from 0.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
     """
-    log_ratio = logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
-    prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (B,)
-    target = rewards[:, 0] - rewards[:, 1]  # (B,)
+    log_ratio = logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
+    prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)
+    target = rewards[:, 0] - rewards[:, 1]  # (N,)
     loss = ((prediction - target) ** 2).mean()
     return eta**2 * loss if scaling == "official" else loss
 
@@ -222,8 +226,8 @@ class Rollout(NamedTuple):
 @torch.no_grad()
 def sample_responses(policy, queries, n: int, config, chunk: int) -> torch.Tensor:
     """n responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded prompt
-    ids -> (B, n, T) token ids, T = --response_length. EOS does not stop sampling (score_responses cuts there), unless
-    --stop_at_eos: then sampling stops early and the rest is padding."""
+    ids -> (B, n, T) token ids, T = --response_length; config: a transformers GenerationConfig (sampling_config). EOS
+    does not stop sampling (score_responses cuts there), unless --stop_at_eos: then the rest is padding."""
     ctx = queries.size(1)
     responses = [generate(policy, q.repeat_interleave(n, 0), config)[:, ctx:] for q in queries.split(chunk)]
     return torch.cat(responses).unflatten(0, (-1, n))
@@ -248,9 +252,9 @@ def score_responses(
         response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
         query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
         mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
-        # Response processing 2: ln pi(y|x) under pi_t and the SFT reference: log_softmax(logits / temperature) of each
-        # response token (the pad token left out of the softmax, as sampling suppresses it), summed over the mask;
-        # positions count from the first prompt token. To copy: the appendix's "sampling and log-probs" (~120 lines).
+        # Response processing 2: ln pi(y|x) under pi_t and the SFT reference, summed over the mask: log_softmax(logits /
+        # temperature) with the pad's logit at -inf (never sampled), positions counted from the first real token. To
+        # copy: the appendix's first section (generate, truncate_response, response_mask, trim_responses, *_logprobs).
         trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # drops response columns all padding
         with timer("logprob"):
             logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
@@ -274,8 +278,9 @@ def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
     B, k = scores.shape
     if rule == "adjacent":
         return torch.arange(k, device=scores.device).view(1, -1, 2).expand(B, -1, -1)
-    best = scores.argmax(1)  # (B,); the worst is another response even when all tie (e.g. none ended: the penalty)
-    return torch.stack((best, scores.scatter(1, best[:, None], float("inf")).argmin(1)), 1).unsqueeze(1)  # (B, 1, 2)
+    best = scores.argmax(1)  # (B,)
+    worst = scores.scatter(1, best[:, None], float("inf")).argmin(1)  # the best masked: another even if all tie
+    return torch.stack((best, worst), 1).unsqueeze(1)  # (B, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -350,23 +355,24 @@ def main(args: Args) -> None:
         with autocast():
             with timer("generation"):
                 responses = sample_responses(raw_policy, queries, num_policy_samples, config, chunk)  # (B, n, T)
-            responses = add_dataset_response(responses, train.responses, batch)  # --mu dataset: y' second
+            responses = add_dataset_response(responses, train.responses, batch)  # as is unless --mu dataset
             rollout = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
                                       queries=queries, responses=responses, prompts=prompts, config=config,
                                       stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
         check_finite({f"the rollout's {name}": t for name, t in rollout._asdict().items()}, nan_dump)
         query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout  # (B, m, ...)
-        with timer("reward"):  # --preference_fn: the judge's scores replace the reward model's (Appendix D.2)
+        with timer("reward"):  # as is unless --preference_fn: then the judge's scores replace them (Appendix D.2)
             scores, wins = preference_scores(preference, tokenizer, rollout, prompts, args.num_samples, penalty)
 
-        # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), and the pairs (y, y').
+        # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), neither normalised nor whitened
+        # (Equation 1 regresses on its differences as they are); and the pairs (y, y').
         kl = logprobs - ref_logprobs  # (B, m)
         rewards = scores - args.kl_coef * kl  # (B, m); kl_coef 0.05 (0 with --preference_fn: resolve_variants)
         pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2); --preference_fn's y'' is never paired
         prompt_idx = torch.arange(len(pairs), device=device)[:, None, None]  # (B, 1, 1), broadcast against pairs
         pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
             t[prompt_idx, pairs].flatten(0, 1) for t in (query_responses, masks, logprobs, rewards)
-        )  # (B * P, 2, ...)
+        )  # (B, m, ...) indexed by (B, 1, 1) and (B, P, 2): (B, P, 2, ...), flattened to (B * P, 2, ...)
 
         # 3. Regress relative rewards (Equation 1): noptepochs passes over the pairs, one optimizer step per minibatch;
         # ln pi_t (pair_logprobs, from the rollout) stays fixed through all of them, as pi_t does in Algorithm 1.
@@ -377,22 +383,23 @@ def main(args: Args) -> None:
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
                     query_response, mask = trim_responses(pair_query_responses[idx], pair_masks[idx], ctx)
-                    # ln pi_theta(y|x) (b, 2); DDP all-reduces the gradients only on a step's last micro-batch
-                    with no_sync(policy, sync=micro == grad_accum - 1), autocast():
+                    # ln pi_theta(y|x) (b, 2). DDP all-reduces the gradients only on a step's last micro-batch (it
+                    # decides at the forward pass, so backward() may run outside grad_sync)
+                    with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(policy, query_response, mask, ctx, args.temperature, pad)
                     loss = rebel_loss(new_logprobs, pair_logprobs[idx], pair_rewards[idx], args.eta, args.loss_scaling)
                     check_finite({"the REBEL loss": loss, "new log-probs": new_logprobs}, nan_dump)
                     (loss / grad_accum).backward()
                     loss_stats.append(loss.item())
-                    # approxkl: the mean of 1/2 (ln pi_theta(y|x) - ln pi_t(y|x))^2
+                    # approxkl: the mean of 1/2 (ln pi_theta(y|x) - ln pi_t(y|x))^2, per sequence (not per token)
                     approxkl_stats.append(0.5 * (new_logprobs - pair_logprobs[idx]).pow(2).mean().item())
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-        # 4. Log the metrics of pi_t's samples (columns `sampled`), reduced over ranks (rank 0 writes); evaluate every
-        # --eval_freq updates. The entropy is its one-sample estimate: -ln pi_t(y|x) per response token.
+        # 4. Log the metrics of pi_t's samples (columns `sampled`; log.write averages them over ranks, rank 0 writes);
+        # evaluate every --eval_freq updates. The entropy is its one-sample estimate: -ln pi_t(y|x) per response token.
         per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
         stats = {
             "objective/scores": scores[:, sampled].mean().item(),
@@ -405,7 +412,7 @@ def main(args: Args) -> None:
             "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
             "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
             "policy/approxkl": float(np.mean(approxkl_stats)),
-            **variant_metrics(scores, wins, sampled, train.responses is not None),
+            **variant_metrics(scores, wins, sampled, args.mu == "dataset"),
         }
         log.write(update, stats, timer, lr_now)
         if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
@@ -460,7 +467,8 @@ def sampled_columns(num_samples: int, mu: str, preference: bool) -> tuple[int, l
 
 def add_dataset_response(responses: torch.Tensor, dataset_responses: torch.Tensor | None, batch) -> torch.Tensor:
     """--mu dataset: the batch's dataset responses y' (right-padded ids) put second, after pi_t's y (and before a
-    --preference_fn's y''); without it (None), the responses as they are. (B, n, T) -> (B, n + 1, T)."""
+    --preference_fn's y''); without it (None), the responses as they are. (B, n, T) -> (B, n + 1, T). y' is then
+    scored as a sample is: its reward has the same KL term, though pi_t did not sample it."""
     if dataset_responses is None:
         return responses
     given = dataset_responses[batch].to(responses.device)[:, None]  # (B, 1, T)
@@ -630,7 +638,7 @@ def response_logprobs(model, query_responses, context_length: int, temperature: 
     step = max(1, 2**24 // (logits.size(0) * logits.size(-1)))
     chunks = zip(logits.split(step, 1), tokens.split(step, 1))
     parts = [checkpoint(token_logprobs, z, y, temperature, pad_id, use_reentrant=False) for z, y in chunks]
-    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); 0, not -inf, where the pad id is 0 (Llama-2's unk)
+    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); pads 0 (they read token 0, -inf if it is the pad)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, pad_id: int) -> torch.Tensor:
@@ -663,7 +671,7 @@ def init_processes(cuda: bool, seed: int):
 
 
 def check_flags(flags: dict) -> None:
-    """The flags the scripts share, checked once at start (a script's own flags: in its main)."""
+    """Every script's flags, checked once at start (a flag this script lacks is skipped; its own: in its main)."""
     positive = """lr eps batch_size per_device_train_batch_size local_rollout_forward_batch_size query_length
     response_length noptepochs num_mini_batches num_train_epochs temperature eval_temperature lora_rank lora_alpha
     keep_checkpoints total_episodes num_eval_prompts num_norm_examples max_grad_norm num_trainable_layers"""
@@ -1568,7 +1576,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    # Flags that do not change the run's course (evaluation draws on its own generator in rebel_lcm.py).
+    # Flags that do not change the run's course, of every script (rebel_lcm.py evaluates with its own generator).
     resumable = """resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq
     keep_checkpoints eval_freq eval_every num_eval_images num_sample_rows""".split()
     with refused(f"--resume: cannot read the checkpoint {path}", "; resume from an intact one"):
@@ -1691,9 +1699,9 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def no_sync(model, sync: bool):
-    """DDP's all-reduce on an accumulation's last micro-batch only (FSDP's would keep whole unsharded gradients)."""
-    return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
+def grad_sync(model, enabled: bool):
+    """DDP's no_sync unless enabled (a step's last micro-batch); not FSDP's, which would keep whole unsharded grads."""
+    return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 
 def all_reduce(values: dict, op=None, device=None) -> dict:

@@ -959,7 +959,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    # Flags that do not change the run's course (evaluation draws on its own generator in rebel_lcm.py).
+    # Flags that do not change the run's course, of every script (rebel_lcm.py evaluates with its own generator).
     resumable = """resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq
     keep_checkpoints eval_freq eval_every num_eval_images num_sample_rows""".split()
     with refused(f"--resume: cannot read the checkpoint {path}", "; resume from an intact one"):

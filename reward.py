@@ -225,7 +225,7 @@ def main(args: Args) -> None:
         with timer("update"):
             for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
                 query_responses, _ = trim_padding(mb, args.query_length, pad, args.pad_multiple)
-                with no_sync(model, sync=micro == grad_accum - 1), autocast():  # DDP syncs the last micro-batch
+                with grad_sync(model, enabled=micro == grad_accum - 1), autocast():  # DDP syncs the last micro-batch
                     rewards = model(query_responses.flatten(0, 1), pad).float().view(-1, 2)  # (b, 2)
                     loss = bradley_terry_loss(rewards)
                 check_finite({"the reward model's scores": rewards.detach(), "pairs": query_responses}, nan_dump)
@@ -344,7 +344,7 @@ def init_processes(cuda: bool, seed: int):
 
 
 def check_flags(flags: dict) -> None:
-    """The flags the scripts share, checked once at start (a script's own flags: in its main)."""
+    """Every script's flags, checked once at start (a flag this script lacks is skipped; its own: in its main)."""
     positive = """lr eps batch_size per_device_train_batch_size local_rollout_forward_batch_size query_length
     response_length noptepochs num_mini_batches num_train_epochs temperature eval_temperature lora_rank lora_alpha
     keep_checkpoints total_episodes num_eval_prompts num_norm_examples max_grad_norm num_trainable_layers"""
@@ -917,7 +917,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    # Flags that do not change the run's course (evaluation draws on its own generator in rebel_lcm.py).
+    # Flags that do not change the run's course, of every script (rebel_lcm.py evaluates with its own generator).
     resumable = """resume run_dir track wandb_project_name wandb_entity output_dir save_merged save_freq
     keep_checkpoints eval_freq eval_every num_eval_images num_sample_rows""".split()
     with refused(f"--resume: cannot read the checkpoint {path}", "; resume from an intact one"):
@@ -1040,9 +1040,9 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def no_sync(model, sync: bool):
-    """DDP's all-reduce on an accumulation's last micro-batch only (FSDP's would keep whole unsharded gradients)."""
-    return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
+def grad_sync(model, enabled: bool):
+    """DDP's no_sync unless enabled (a step's last micro-batch); not FSDP's, which would keep whole unsharded grads."""
+    return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 
 def all_reduce(values: dict, op=None, device=None) -> dict:
