@@ -200,8 +200,8 @@ class Args:
 def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
     """Equation (1) over N pairs. All inputs (N, 2): column 0 is y, column 1 is y' for the same prompt x; logprobs are
     ln pi_theta, old_logprobs ln pi_t (at sampling time), rewards r(x, y) as the loop builds them (its step 2). A
-    log-prob is summed over the response's tokens (no length normalisation), from logits / the sampling temperature,
-    computed the same way for pi_theta and pi_t (sequence_logprobs), so that the first pass regresses from 0.
+    log-prob is the whole response's (a text's: summed over its tokens, no length normalisation, at the sampling
+    temperature), computed the same way for pi_theta and pi_t, so that the first pass regresses from 0.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
     """
