@@ -592,8 +592,8 @@ def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
 
 
 def sampling_config(response_length: int, temperature: float, pad_id: int, static_cache=False, stop_ids=None):
-    """Exactly response_length tokens, as the paper (no eos_token_id: min_new_tokens masks nothing, EOS is sampled as
-    any token, the rollout cuts after it); with stop_ids (chat), up to the first stop. The pad is never sampled."""
+    """Exactly response_length tokens, as the paper: EOS is sampled as any token (min_new_tokens forbids nothing with
+    no eos_token_id), the rollout cuts after it; with stop_ids (chat), up to the first stop. The pad is not sampled."""
     from transformers import GenerationConfig
 
     return GenerationConfig(

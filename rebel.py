@@ -6,19 +6,21 @@ their rewards (Equation 1):
 
   min_theta mean_{x,y,y'} (1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')])^2
 
+Why pairs: this regresses onto the mirror-descent update pi_{t+1}(y|x) = pi_t(y|x) exp(eta r(x, y)) / Z(x), whose
+partition function Z(x) cancels in the difference of two responses to the same prompt.
+
 pi is the policy at the sampling temperature: every log-prob (the regression's, the KL's) comes from logits divided by
 --temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout), so at the
-first pass ln pi_theta equals the rollout's ln pi_t up to numerical noise.
+first pass ln pi_theta equals the rollout's ln pi_t but for rounding (other batch shapes; bf16).
 
 Top to bottom: the flags (Args); the algorithm (rebel_loss, the rollout, pair_up); the loop (main); the variants; the
 plumbing that every script shares (the appendix). docs/rebel.md explains every metric.
 
-Shapes: B prompts per rank; m responses to each; P pairs (y, y') per prompt; T response tokens, L = prompt + T. In
-Algorithm 1, m = 2 (y and y', both sampled) and P = 1; only the variants change them: k = --num_samples responses make
-P = k/2 pairs, and of the m responses n are sampled from pi_t (all but a dataset's y').
+Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, L = prompt + T. In
+Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants change them (their block says how).
 
     python rebel.py --eta 1.0                               # one process
-    torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the paper's 2.8B TL;DR run, as the official code runs it
+    torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the paper's 2.8B TL;DR setting (temperature: see Args)
     python -m toy.demo                                      # the offline toy task, end to end
 """
 
@@ -58,8 +60,8 @@ class Args:
     kl_coef: float | None = None
     """coefficient of the KL penalty to the SFT policy inside the reward (default 0.05; with --preference_fn, 0)"""
     loss_scaling: Literal["paper", "official"] = "paper"
-    """'paper': Equation (1) as written; 'official': eta^2 times it, what the official code minimises (under AdamW
-    the scale matters only through eps and --max_grad_norm; at eta 1 the two are one)"""
+    """'paper': Equation (1) as written; 'official': eta^2 times it, (log-ratio difference - eta * reward difference)^2
+    as the official code minimises it (under AdamW the scale matters only through eps and --max_grad_norm)"""
     noptepochs: int = 4
     """passes over each batch of pairs"""
     num_mini_batches: int = 1
@@ -106,7 +108,7 @@ class Args:
     total_episodes: int | None = None
     """prompts to train on in total (default: one epoch of the train split)"""
     batch_size: int = 512
-    """prompts per update, over all ranks (one pair each with 2 samples); stays fixed as the world size changes"""
+    """prompts per update, over all ranks (P pairs each: one in Algorithm 1); stays fixed as the world size changes"""
     per_device_train_batch_size: int = 8
     """pairs per micro-batch on one rank (2x as many sequences); gradient accumulation fills the rest"""
     local_rollout_forward_batch_size: int = 32
@@ -149,7 +151,8 @@ class Args:
 
     # speed and memory
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': frozen weights in bf16, trainable ones in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
+    """'bf16': frozen weights in bf16 (not a full fine-tuning's reference copy: fp32, as the policy), trainable ones in
+    fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
     pad_multiple: int = 64
     """left-pad a batch of prompts to its longest rounded up to this multiple; 0: to --query_length (official code)"""
     static_cache: bool = True
@@ -265,7 +268,7 @@ def score_responses(
             chunk_prompts = [p for p in prompts[start : start + chunk] for _ in range(m)]
             score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
-        score = torch.where(has_eos, score.view_as(logprob), penalty)
+        score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
         out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
     return Rollout(*(torch.cat(t) for t in zip(*out)))
 
@@ -316,7 +319,7 @@ def main(args: Args) -> None:
     raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
-    # How many responses per prompt pi_t samples, and their columns in the rollout: 2 and [0, 1] in Algorithm 1.
+    # How many responses per prompt pi_t samples, and their columns in the rollout: 2 and [0, 1] unless the variants.
     num_policy_samples, sampled = sampled_columns(args.num_samples, args.mu, preference is not None)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
@@ -431,15 +434,16 @@ def main(args: Args) -> None:
     if not stop:
         run_evaluation(num_updates)
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
-    del policy  # DDP's wrapper goes first: its gloo threads must not outlive the process group that log.end destroys
+    del policy  # DDP's wrapper (its gloo threads) goes before log.end ends the process group
     log.end(update, signals if stop else None)
 
 
 # ---------------------------------------------------------------------------------------------- the variants
 # The loop is Algorithm 1 as the paper runs it on TL;DR. The variants change a prompt's m responses (the columns of the
-# rollout's (B, m, ...) tensors) or their scores: --num_samples k > 2 (paired by --pairing); --mu dataset (y', column 1,
-# is the dataset's response: Algorithm 1's mu); --preference_fn (a response's score is its mean preference over other
-# samples y'' of pi_t, Appendix D.2; with k = 2 a third sample y'', the last column, is drawn and never trained on).
+# rollout's (B, m, ...) tensors) or their scores: --num_samples k > 2 (m = k, paired by --pairing: P = k/2 adjacent
+# pairs, or 1 best_worst); --mu dataset (y', column 1, is the dataset's response: Algorithm 1's mu; pi_t samples m - 1);
+# --preference_fn (a response's score is its mean preference over other samples y'' of pi_t, Appendix D.2; with k = 2 a
+# third sample y'', the last column, is drawn, m = 3, and never trained on).
 
 
 def resolve_variants(args: Args) -> None:
@@ -530,8 +534,8 @@ def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
 
 
 def sampling_config(response_length: int, temperature: float, pad_id: int, static_cache=False, stop_ids=None):
-    """Exactly response_length tokens, as the paper (no eos_token_id: min_new_tokens masks nothing, EOS is sampled as
-    any token, the rollout cuts after it); with stop_ids (chat), up to the first stop. The pad is never sampled."""
+    """Exactly response_length tokens, as the paper: EOS is sampled as any token (min_new_tokens forbids nothing with
+    no eos_token_id), the rollout cuts after it; with stop_ids (chat), up to the first stop. The pad is not sampled."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
