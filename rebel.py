@@ -319,8 +319,8 @@ def main(args: Args) -> None:
     raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
-    # How many responses per prompt pi_t samples, and their columns in the rollout: 2 and [0, 1] unless the variants.
-    num_policy_samples, sampled = sampled_columns(args.num_samples, args.mu, preference is not None)
+    # How many responses per prompt pi_t samples, and their columns in the rollout: 2 and [0, 1] in Algorithm 1.
+    num_policy_samples, sampled = variant_columns(args.num_samples, args.mu, preference is not None)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
     config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
@@ -354,18 +354,18 @@ def main(args: Args) -> None:
         ctx, prompts = queries.size(1), [train.prompts[i] for i in batch]
 
         # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
-        # (the reward model's; the penalty without EOS). The two variant calls change nothing in Algorithm 1's setting.
+        # (the reward model's; the penalty without EOS). Every variant_* call is the identity in Algorithm 1's setting.
         with autocast():
             with timer("generation"):
                 responses = sample_responses(raw_policy, queries, num_policy_samples, config, chunk)  # (B, n, T)
-            responses = add_dataset_response(responses, train.responses, batch)  # as is unless --mu dataset
+            responses = variant_responses(responses, train.responses, batch)  # --mu dataset: y' from the dataset
             rollout = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
                                       queries=queries, responses=responses, prompts=prompts, config=config,
                                       stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
         check_finite({f"the rollout's {name}": t for name, t in rollout._asdict().items()}, nan_dump)
         query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout  # (B, m, ...)
-        with timer("reward"):  # as is unless --preference_fn: then the judge's scores replace them (Appendix D.2)
-            scores, wins = preference_scores(preference, tokenizer, rollout, prompts, args.num_samples, penalty)
+        with timer("reward"):  # --preference_fn: the judge's scores replace the reward model's (Appendix D.2)
+            scores, wins = variant_scores(preference, tokenizer, rollout, prompts, args.num_samples, penalty)
 
         # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), neither normalised nor whitened
         # (Equation 1 regresses on its differences as they are); and the pairs (y, y').
@@ -461,7 +461,7 @@ def resolve_variants(args: Args) -> None:
         args.reward_model_path = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
 
 
-def sampled_columns(num_samples: int, mu: str, preference: bool) -> tuple[int, list[int]]:
+def variant_columns(num_samples: int, mu: str, preference: bool) -> tuple[int, list[int]]:
     """How many of a prompt's m responses pi_t samples, and their columns: all but --mu dataset's y' (column 1), where
     m is --num_samples k, or 3 with --preference_fn and k = 2 (D.2's y'')."""
     m = 3 if preference and num_samples == 2 else num_samples
@@ -469,7 +469,7 @@ def sampled_columns(num_samples: int, mu: str, preference: bool) -> tuple[int, l
     return len(sampled), sampled
 
 
-def add_dataset_response(responses: torch.Tensor, dataset_responses: torch.Tensor | None, batch) -> torch.Tensor:
+def variant_responses(responses: torch.Tensor, dataset_responses: torch.Tensor | None, batch) -> torch.Tensor:
     """--mu dataset: the batch's dataset responses y' (right-padded ids) put second, after pi_t's y (and before a
     --preference_fn's y''); without it (None), the responses as they are. (B, n, T) -> (B, n + 1, T). y' is then
     scored as a sample is: its reward has the same KL term, though pi_t did not sample it."""
@@ -479,7 +479,7 @@ def add_dataset_response(responses: torch.Tensor, dataset_responses: torch.Tenso
     return torch.cat((responses[:, :1], given, responses[:, 1:]), 1)
 
 
-def preference_scores(fn, tokenizer, r: Rollout, prompts, num_samples: int, penalty: float) -> tuple:
+def variant_scores(fn, tokenizer, r: Rollout, prompts, num_samples: int, penalty: float) -> tuple:
     """--preference_fn fn: Appendix D.2's reward of every response (the penalty without EOS), and the judge's
     P(y_i > y_j | x) (B, m, m). Without it (None): the rollout's scores as they are, and None."""
     if fn is None:
