@@ -93,7 +93,7 @@ class Args:
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
 
     # optimisation
     total_episodes: int | None = None
@@ -109,7 +109,7 @@ class Args:
     eps: float = 1e-5
     """AdamW epsilon"""
     max_grad_norm: float | None = None
-    """clip the gradient norm to this (default: no clipping, as in the paper)"""
+    """clip the gradient norm to this (default: no clipping; the paper gives no value for TL;DR)"""
 
     # the trained model
     lora: bool = True
@@ -221,7 +221,8 @@ def main(args: Args) -> None:
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
-    eval_config = sampling_configs({**flags, "temperature": args.eval_temperature}, pad, stop_ids)[1]  # evaluation only
+    # DPO samples only to evaluate, at --eval_temperature (sampling_configs' second; it has no training temperature).
+    eval_config = sampling_configs({**flags, "temperature": args.eval_temperature}, pad, stop_ids)[1]
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
     record = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
@@ -250,7 +251,7 @@ def main(args: Args) -> None:
         lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay: --lr first, --lr / num_updates last
         for group in optimizer.param_groups:
             group["lr"] = lr_now
-        batch = next(batches)
+        batch = next(batches)  # this rank's pairs (prompt_batches shuffles any examples)
         query_responses = train_pairs[batch].to(device)  # (B, 2, query_length + response_length): x y_w, x y_l
 
         # 1. DPO loss (Equation 7) on micro-batches, each pair kept together; gradient accumulation fills the batch. No
@@ -316,7 +317,7 @@ def main(args: Args) -> None:
 
 
 class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (Algorithm 1: m = 2, y and y'; L = prompt + T tokens)."""
+    """What the loss needs of m responses to each of B prompts (L = prompt + T tokens)."""
 
     query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
     masks: torch.Tensor  # (B, m, T) True on the response's tokens
@@ -327,20 +328,20 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def sample_responses(policy, queries, n: int, config, chunk: int) -> torch.Tensor:
-    """n responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded prompt
-    ids -> (B, n, T) token ids, T = --response_length; config: a transformers GenerationConfig (sampling_config). EOS
-    does not stop sampling (score_responses cuts there), unless --stop_at_eos: then the rest is padding."""
+def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
+    """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
+    prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
+    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
     ctx = queries.size(1)
-    responses = [generate(policy, q.repeat_interleave(n, 0), config)[:, ctx:] for q in queries.split(chunk)]
-    return torch.cat(responses).unflatten(0, (-1, n))
+    responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
+    return torch.cat(responses).unflatten(0, (-1, num))
 
 
 @torch.no_grad()
 def score_responses(
     *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
 ) -> Rollout:
-    """What Equation (1) needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
+    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
     the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
     `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
     reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
@@ -1217,7 +1218,7 @@ def eval_sampler(policy, ref_policy, reward, config, stop_ids: list[int], penalt
 
 def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast, preference=None):
     """The evaluation table at `update` on this rank's share of the first --num_eval_prompts prompts of `data`
-    (load_splits' second): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,
+    (a Prompts split): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,
     has_eos), scored as in training, and the dataset's reference with its score (scores need a `reward`); with
     `preference`, the win rate P(response > reference), both orders averaged. Rank 0 writes eval_<update>.csv."""
     import pandas as pd
@@ -1546,7 +1547,7 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 def grad_sync(model, enabled: bool):
-    """DDP's no_sync unless enabled (a step's last micro-batch); not FSDP's, which would keep whole unsharded grads."""
+    """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 

@@ -89,7 +89,7 @@ class Args:
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
 
     # optimisation
     total_episodes: int | None = None
@@ -105,7 +105,7 @@ class Args:
     eps: float = 1e-5
     """AdamW epsilon"""
     max_grad_norm: float | None = None
-    """clip the gradient norm to this (default: no clipping, as in the paper)"""
+    """clip the gradient norm to this (default: no clipping; the paper gives no value for TL;DR)"""
 
     # the trained model
     lora: bool = True
@@ -171,10 +171,10 @@ class Args:
 # ---------------------------------------------------------------------------------------------- the algorithm
 
 
-def iterative_dpo_loss(logprobs, old_logprobs, rewards, beta: float) -> torch.Tensor:
+def iterative_dpo_loss(new_logprobs, old_logprobs, rewards, beta: float) -> torch.Tensor:
     """Equation (20): DPO's loss (Rafailov et al. 2023, Eq. 7) with pi_t, the policy that sampled the pair, as the
     reference, and the pair labelled by the sign of its reward difference. All inputs (B, 2): column 0 is y, column 1
-    is y' for the same prompt x.
+    is y' for the same prompt x; new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time).
 
     mean_x -ln sigmoid( sgn(r(x, y) - r(x, y')) * beta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] )
 
@@ -182,14 +182,14 @@ def iterative_dpo_loss(logprobs, old_logprobs, rewards, beta: float) -> torch.Te
     zero gradient, and we mask it to 0 (the mean still divides by all B pairs: ties add no loss and no gradient, and
     do not change the scale of the labelled pairs' gradients).
     """
-    log_ratio = logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
+    log_ratio = new_logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
     sign = torch.sign(rewards[:, 0] - rewards[:, 1])  # (B,) +1: y preferred, -1: y' preferred, 0: tie
     logits = sign * beta * (log_ratio[:, 0] - log_ratio[:, 1])  # (B,)
     return -(F.logsigmoid(logits) * (sign != 0)).mean()
 
 
 class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (Algorithm 1: m = 2, y and y'; L = prompt + T tokens)."""
+    """What the loss needs of m responses to each of B prompts (L = prompt + T tokens)."""
 
     query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
     masks: torch.Tensor  # (B, m, T) True on the response's tokens
@@ -200,20 +200,20 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def sample_responses(policy, queries, n: int, config, chunk: int) -> torch.Tensor:
-    """n responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded prompt
-    ids -> (B, n, T) token ids, T = --response_length; config: a transformers GenerationConfig (sampling_config). EOS
-    does not stop sampling (score_responses cuts there), unless --stop_at_eos: then the rest is padding."""
+def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
+    """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
+    prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
+    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
     ctx = queries.size(1)
-    responses = [generate(policy, q.repeat_interleave(n, 0), config)[:, ctx:] for q in queries.split(chunk)]
-    return torch.cat(responses).unflatten(0, (-1, n))
+    responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
+    return torch.cat(responses).unflatten(0, (-1, num))
 
 
 @torch.no_grad()
 def score_responses(
     *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
 ) -> Rollout:
-    """What Equation (1) needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
+    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
     the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
     `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
     reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
@@ -1197,7 +1197,7 @@ def eval_sampler(policy, ref_policy, reward, config, stop_ids: list[int], penalt
 
 def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast, preference=None):
     """The evaluation table at `update` on this rank's share of the first --num_eval_prompts prompts of `data`
-    (load_splits' second): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,
+    (a Prompts split): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,
     has_eos), scored as in training, and the dataset's reference with its score (scores need a `reward`); with
     `preference`, the win rate P(response > reference), both orders averaged. Rank 0 writes eval_<update>.csv."""
     import pandas as pd
@@ -1538,7 +1538,7 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 def grad_sync(model, enabled: bool):
-    """DDP's no_sync unless enabled (a step's last micro-batch); not FSDP's, which would keep whole unsharded grads."""
+    """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 

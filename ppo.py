@@ -4,7 +4,7 @@ The recipe the paper used (summarize_from_feedback_details/ppo.py): for every pr
 pi_old; the per-token reward is -kl_coef * (log pi_old(y_t) - log pi_ref(y_t)), plus the reward model's score at the
 last response token (EOS). A critic initialised from the reward model (or the policy) gives V(s_t); GAE (gamma 1,
 lambda 0.95) gives the advantages A_t, whitened over valid tokens; then 4 epochs of the clipped objective (Eq. 7 of
-the PPO paper; Eq. 7 of the REBEL paper, per token) and a clipped value loss, minimised jointly:
+the PPO paper, per token; the REBEL paper's Eq. 7 is its sequence-level form) and a clipped value loss, jointly:
 
     max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)) + vf_coef * value loss,  ratio_t = pi_theta / pi_old (y_t|s_t)
 
@@ -108,7 +108,7 @@ class Args:
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
 
     # optimisation
     total_episodes: int | None = None
@@ -125,7 +125,7 @@ class Args:
     eps: float = 1e-5
     """AdamW epsilon"""
     max_grad_norm: float | None = None
-    """clip the gradient norm to this (default: no clipping, as in the paper)"""
+    """clip the gradient norm to this (default: no clipping; the paper gives no value for TL;DR)"""
 
     # the trained model
     lora: bool = True
@@ -383,7 +383,7 @@ def main(args: Args) -> None:
     if not checkpoint:
         run_evaluation(0)
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
-        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
+        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay to lr/num_updates
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         batch = next(batches)
@@ -397,7 +397,7 @@ def main(args: Args) -> None:
                                    queries=queries, prompts=prompts, config=config, stop_ids=stop_ids, penalty=penalty,
                                    chunk=chunk, timer=timer)  # fmt: skip
         check_finite({f"the rollout's {name}": t for name, t in rollouts._asdict().items()}, nan_dump)
-        query_responses, masks, logprobs, ref_logprobs, values, scores, has_eos = rollouts  # (B, T); (B, L); (B,)
+        query_responses, masks, logprobs, ref_logprobs, values, scores, has_eos = rollouts  # (B, L); (B, T) x4; (B,) x2
 
         # 2. Reward: per token -kl_coef * (ln pi_old(y_t|s_t) - ln pi_ref(y_t|s_t)), plus the score at the last token.
         kl, rewards = token_rewards(scores, logprobs, ref_logprobs, masks, args.kl_coef)  # (B, T)
@@ -1367,7 +1367,7 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
 # ---------------------------------------------------------------------------------------------- evaluation and logs
 def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast, preference=None):
     """The evaluation table at `update` on this rank's share of the first --num_eval_prompts prompts of `data`
-    (load_splits' second): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,
+    (a Prompts split): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,
     has_eos), scored as in training, and the dataset's reference with its score (scores need a `reward`); with
     `preference`, the win rate P(response > reference), both orders averaged. Rank 0 writes eval_<update>.csv."""
     import pandas as pd
@@ -1708,7 +1708,7 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 def grad_sync(model, enabled: bool):
-    """DDP's no_sync unless enabled (a step's last micro-batch); not FSDP's, which would keep whole unsharded grads."""
+    """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 

@@ -7,20 +7,24 @@ their rewards (Equation 1):
   min_theta mean_{x,y,y'} (1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')])^2
 
 Why pairs: this regresses onto the mirror-descent update pi_{t+1}(y|x) = pi_t(y|x) exp(eta r(x, y)) / Z(x), whose
-partition function Z(x) cancels in the difference of two responses to the same prompt.
+partition function Z(x) cancels in the difference of two responses to the same prompt. Its first gradient step is
+RLOO's with k = 2, which REBEL preconditions by the Fisher information (Section 3.2: NPG); like DPO it regresses a
+difference of log-ratios, but onto a difference of rewards, and its reference pi_t moves at every update.
 
 pi is the policy at the sampling temperature: every log-prob (the regression's, the KL's) comes from logits divided by
---temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout), so at the
-first pass ln pi_theta equals the rollout's ln pi_t but for rounding (other batch shapes; bf16).
+--temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout). So at the
+first pass ln pi_theta equals the rollout's ln pi_t, except for rounding: the batches differ in shape, and bf16 rounds.
 
 Top to bottom: the flags (Args); the algorithm (rebel_loss, the rollout, pair_up); the loop (main); the variants; the
 plumbing that every script shares (the appendix). docs/rebel.md explains every metric.
 
 Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, L = prompt + T. In
 Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants change them (their block says how).
+To copy the core: rebel_loss, Rollout, sample_responses, score_responses, pair_up and the appendix's first section
+(sampling and log-probs); with LoRA, adapter_disabled; with DDP, grad_sync.
 
     python rebel.py --eta 1.0                               # one process
-    torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the paper's 2.8B TL;DR setting (temperature: see Args)
+    torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the official 2.8B TL;DR run (I.1.4: --temperature 0.1)
     python -m toy.demo                                      # the offline toy task, end to end
 """
 
@@ -102,7 +106,7 @@ class Args:
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
 
     # optimisation
     total_episodes: int | None = None
@@ -118,7 +122,7 @@ class Args:
     eps: float = 1e-5
     """AdamW epsilon"""
     max_grad_norm: float | None = None
-    """clip the gradient norm to this (default: no clipping, as in the paper)"""
+    """clip the gradient norm to this (default: no clipping; the paper gives no value for TL;DR)"""
 
     # variants of Algorithm 1 (the loop reads as the paper's TL;DR setting; the variants' code follows it)
     num_samples: int = 2
@@ -147,12 +151,13 @@ class Args:
     lora_target_modules: list[str] | None = None
     """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
     num_trainable_layers: int | None = None
-    """with --no-lora, train only the last N layers (and the final norm), the rest frozen, as the paper's chat runs"""
+    """with --no-lora, train only the last N layers and what follows them (the final norm, an untied LM head), the rest
+    frozen, as the paper's chat runs"""
 
     # speed and memory
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': frozen weights in bf16 (not a full fine-tuning's reference copy: fp32, as the policy), trainable ones in
-    fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
+    """'bf16': trainable weights in fp32, frozen ones in bf16, forward passes under bf16 autocast (a full fine-tuning's
+    reference copy stays fp32, as the policy it copies); 'auto': bf16 on CUDA, fp32 on CPU"""
     pad_multiple: int = 64
     """left-pad a batch of prompts to its longest rounded up to this multiple; 0: to --query_length (official code)"""
     static_cache: bool = True
@@ -200,23 +205,23 @@ class Args:
 # ---------------------------------------------------------------------------------------------- the algorithm
 
 
-def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
-    """Equation (1) over N pairs. All inputs (N, 2): column 0 is y, column 1 is y' for the same prompt x; logprobs are
-    ln pi_theta, old_logprobs ln pi_t (at sampling time), rewards r(x, y) as the loop builds them (its step 2). A
-    log-prob is the whole response's (a text's: summed over its tokens, no length normalisation, at the sampling
-    temperature), computed the same way for pi_theta and pi_t, so that the first pass regresses from 0.
+def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
+    """Equation (1) over N pairs. All inputs are (N, 2): column 0 is y and column 1 is y', for the same prompt x.
+    new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) as the loop builds them
+    (its step 2). A log-prob is the whole response's: for a text, summed over its tokens at the sampling temperature,
+    with no length normalisation. Both are computed the same way, so the first pass starts from a log-ratio of 0.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
     """
-    log_ratio = logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
+    log_ratio = new_logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
     prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)
     target = rewards[:, 0] - rewards[:, 1]  # (N,)
     loss = ((prediction - target) ** 2).mean()
-    return eta**2 * loss if scaling == "official" else loss
+    return {"paper": loss, "official": eta**2 * loss}[scaling]
 
 
 class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (Algorithm 1: m = 2, y and y'; L = prompt + T tokens)."""
+    """What the loss needs of m responses to each of B prompts (L = prompt + T tokens)."""
 
     query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
     masks: torch.Tensor  # (B, m, T) True on the response's tokens
@@ -227,20 +232,20 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def sample_responses(policy, queries, n: int, config, chunk: int) -> torch.Tensor:
-    """n responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded prompt
-    ids -> (B, n, T) token ids, T = --response_length; config: a transformers GenerationConfig (sampling_config). EOS
-    does not stop sampling (score_responses cuts there), unless --stop_at_eos: then the rest is padding."""
+def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
+    """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
+    prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
+    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
     ctx = queries.size(1)
-    responses = [generate(policy, q.repeat_interleave(n, 0), config)[:, ctx:] for q in queries.split(chunk)]
-    return torch.cat(responses).unflatten(0, (-1, n))
+    responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
+    return torch.cat(responses).unflatten(0, (-1, num))
 
 
 @torch.no_grad()
 def score_responses(
     *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
 ) -> Rollout:
-    """What Equation (1) needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
+    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
     the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
     `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
     reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
@@ -274,13 +279,13 @@ def score_responses(
 
 
 def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
-    """Which two of a prompt's k responses form each pair (y, y') of Equation (1): scores (B, k) -> indices (B, P, 2).
-    'adjacent': (0, 1), (2, 3), ... for an even k (independent samples, as Algorithm 1); 'best_worst': the highest
+    """Which two of a prompt's m responses form each pair (y, y') of Equation (1): scores (B, m) -> indices (B, P, 2).
+    'adjacent': (0, 1), (2, 3), ... for an even m (independent samples, as Algorithm 1); 'best_worst': the highest
     and the lowest score, ranked with the no-EOS penalty and without the KL term (one pair, as the official
     UltraFeedback pipeline)."""
-    B, k = scores.shape
+    B, m = scores.shape
     if rule == "adjacent":
-        return torch.arange(k, device=scores.device).view(1, -1, 2).expand(B, -1, -1)
+        return torch.arange(m, device=scores.device).view(1, -1, 2).expand(B, -1, -1)
     best = scores.argmax(1)  # (B,)
     worst = scores.scatter(1, best[:, None], float("inf")).argmin(1)  # the best masked: another even if all tie
     return torch.stack((best, worst), 1).unsqueeze(1)  # (B, 1, 2)
@@ -307,7 +312,7 @@ def main(args: Args) -> None:
     checkpoint, run_dir, run_name, output_dir = open_run(flags)
     tokenizer = load_tokenizer(args.sft_model_path)
     pad = tokenizer.pad_token_id  # never EOS: load_tokenizer adds a pad token where a model has none
-    # Both splits (Prompts: every rank reads each whole); the train split with --mu_column's responses (y'), or none.
+    # Both splits (Prompts: every rank reads each whole); train.responses: --mu_column's y' (None without --mu dataset).
     train, eval_data = load_splits(flags, tokenizer, args.mu_column)
     total_episodes = args.total_episodes or len(train.dataset)
     num_updates = total_episodes // args.batch_size
@@ -357,8 +362,8 @@ def main(args: Args) -> None:
         # (the reward model's; the penalty without EOS). Every variant_* call is the identity in Algorithm 1's setting.
         with autocast():
             with timer("generation"):
-                responses = sample_responses(raw_policy, queries, num_policy_samples, config, chunk)  # (B, n, T)
-            responses = variant_responses(responses, train.responses, batch)  # --mu dataset: y' from the dataset
+                responses = sample_responses(raw_policy, queries, num_policy_samples, config, chunk)  # (B, m or m-1, T)
+            responses = variant_responses(responses, train.responses, batch)  # --mu dataset: y' joins, second
             rollout = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
                                       queries=queries, responses=responses, prompts=prompts, config=config,
                                       stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
@@ -471,7 +476,7 @@ def variant_columns(num_samples: int, mu: str, preference: bool) -> tuple[int, l
 
 def variant_responses(responses: torch.Tensor, dataset_responses: torch.Tensor | None, batch) -> torch.Tensor:
     """--mu dataset: the batch's dataset responses y' (right-padded ids) put second, after pi_t's y (and before a
-    --preference_fn's y''); without it (None), the responses as they are. (B, n, T) -> (B, n + 1, T). y' is then
+    --preference_fn's y''); without it (None), the responses as they are. (B, m - 1, T) -> (B, m, T). y' is then
     scored as a sample is: its reward has the same KL term, though pi_t did not sample it."""
     if dataset_responses is None:
         return responses
@@ -514,7 +519,7 @@ def variant_metrics(scores, wins, sampled: list[int], mu_dataset: bool) -> dict:
         win = wins[:, 0, 1] if wins is not None else (scores[:, 0] > scores[:, 1]) + 0.5 * ties
         stats["objective/win_rate_vs_mu"] = win.float().mean().item()
     if wins is not None:
-        self_play = 2 * wins[:, sampled][:, :, sampled] - 1  # (B, n, n)
+        self_play = 2 * wins[:, sampled][:, :, sampled] - 1  # (B, s, s), s = len(sampled)
         stats["objective/self_preference"] = self_play[:, ~torch.eye(len(sampled), dtype=bool)].mean().item()
     return stats
 
@@ -1363,7 +1368,7 @@ def eval_sampler(policy, ref_policy, reward, config, stop_ids: list[int], penalt
 
 def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast, preference=None):
     """The evaluation table at `update` on this rank's share of the first --num_eval_prompts prompts of `data`
-    (load_splits' second): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,
+    (a Prompts split): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,
     has_eos), scored as in training, and the dataset's reference with its score (scores need a `reward`); with
     `preference`, the win rate P(response > reference), both orders averaged. Rank 0 writes eval_<update>.csv."""
     import pandas as pd
@@ -1704,7 +1709,7 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 def grad_sync(model, enabled: bool):
-    """DDP's no_sync unless enabled (a step's last micro-batch); not FSDP's, which would keep whole unsharded grads."""
+    """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 

@@ -176,19 +176,19 @@ class Args:
 # ---------------------------------------------------------------------------------------------- the algorithm
 
 
-def rebel_loss(logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
-    """Equation (1) over N pairs. All inputs (N, 2): column 0 is y, column 1 is y' for the same prompt x; logprobs are
-    ln pi_theta, old_logprobs ln pi_t (at sampling time), rewards r(x, y) as the loop builds them (its step 2). A
-    log-prob is the whole response's (a text's: summed over its tokens, no length normalisation, at the sampling
-    temperature), computed the same way for pi_theta and pi_t, so that the first pass regresses from 0.
+def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
+    """Equation (1) over N pairs. All inputs are (N, 2): column 0 is y and column 1 is y', for the same prompt x.
+    new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) as the loop builds them
+    (its step 2). A log-prob is the whole response's: for a text, summed over its tokens at the sampling temperature,
+    with no length normalisation. Both are computed the same way, so the first pass starts from a log-ratio of 0.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
     """
-    log_ratio = logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
+    log_ratio = new_logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
     prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)
     target = rewards[:, 0] - rewards[:, 1]  # (N,)
     loss = ((prediction - target) ** 2).mean()
-    return eta**2 * loss if scaling == "official" else loss
+    return {"paper": loss, "official": eta**2 * loss}[scaling]
 
 
 def ppo_loss(logp, old_logp, advantages, clip_range):

@@ -5,12 +5,13 @@ The SFT model with a one-output linear head (saved as AutoModelForSequenceClassi
 summary) at the summary's last non-pad token (its EOS; ScalarRewardModel reads it there, not transformers' forward,
 which needs the pad id in the config) and is trained on pairs (y_chosen, y_rejected) of responses to a post x:
 
-    min_theta  - mean_x  ln sigmoid( r_theta(x, y_chosen) - r_theta(x, y_rejected) )
+    min_theta  - mean_{pairs (x, y_chosen, y_rejected)}  ln sigmoid( r_theta(x, y_chosen) - r_theta(x, y_rejected) )
 
 After training, the mean score of the SFT data's reference summaries is saved as `config.reward_bias`, which rebel.py's
 load_reward_model subtracts: references score 0 on average, as in summarize_from_feedback_details and the official
-REBEL code (the paper's reward scale and rebel.py's fixed -1 score for a response with no EOS assume it). The file reads top to
-bottom: the flags (Args), the loss and the model, the loop (main), then the appendix of plumbing shared with rebel.py.
+REBEL code (rebel.py's fixed -1 score for a response with no EOS assumes it). Under bf16 the scores are computed in
+bf16. The file reads top to bottom: the flags (Args), the loss and the model, the loop (main), then the appendix of
+plumbing shared with rebel.py.
 
     python reward.py --help
     torchrun --nproc_per_node 8 reward.py                    # Pythia 1.4B, from the SFT model
@@ -66,7 +67,7 @@ class Args:
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
     response_length: int = 53
     """responses are truncated to this many tokens, EOS included"""
 
@@ -78,7 +79,7 @@ class Args:
     per_device_train_batch_size: int = 8
     """pairs per micro-batch on one rank; gradient accumulation fills the rest"""
     lr: float = 3e-6
-    """AdamW learning rate, decayed linearly to 0"""
+    """AdamW learning rate, decayed linearly to lr / num_updates at the last update"""
     eps: float = 1e-5
     """AdamW epsilon"""
 
@@ -127,7 +128,8 @@ class Args:
 
 
 def bradley_terry_loss(rewards: torch.Tensor) -> torch.Tensor:
-    """rewards (B, 2), chosen then rejected: -log sigmoid(r_chosen - r_rejected), the Bradley-Terry likelihood."""
+    """rewards (B, 2), chosen then rejected: -log sigmoid(r_chosen - r_rejected), the Bradley-Terry likelihood. r_theta
+    is ScalarRewardModel's (the appendix): the head on the hidden state of the last non-pad token, minus a bias."""
     return -nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
 
 
@@ -169,7 +171,7 @@ def main(args: Args) -> None:
     from tqdm import tqdm
 
     # Set-up (the appendix): processes, batch sizes, the run's folder, data, the model, resume, logs.
-    rank, world_size, device = init_processes(args.cuda, args.seed)  # each rank its own new head: DDP copies rank 0's
+    rank, world_size, device = init_processes(args.cuda, args.seed)
     bf16, _, autocast = precision(args.precision, device)
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
     grad_accum = exact_div(local_batch_size, args.per_device_train_batch_size, "per-rank batch over micro-batches")
@@ -178,19 +180,21 @@ def main(args: Args) -> None:
     pad, lengths = tokenizer.pad_token_id, (args.query_length, args.response_length)
     # Preference pairs (B, 2, L) to train on, and the SFT data's references to set the zero of the score; every rank
     # tokenises the whole splits and takes its own pairs from the shared shuffle.
-    pairs = (args.query_column, args.chosen_column, args.rejected_column, tokenizer, lengths, args.long_prompts, False)
-    train_data, dropped = load_preferences(args.preference_dataset, args.train_split, *pairs)
-    eval_data, _ = load_preferences(args.preference_dataset, args.eval_split, *pairs)
+    columns = (args.query_column, args.chosen_column, args.rejected_column, tokenizer, lengths, args.long_prompts,
+               False)  # fmt: skip
+    train_data, dropped = load_preferences(args.preference_dataset, args.train_split, *columns)
+    eval_data, _ = load_preferences(args.preference_dataset, args.eval_split, *columns)
     eval_data = eval_data[rank_share(min(args.num_eval_prompts or len(eval_data), len(eval_data)), rank, world_size)]
     sft_data = (args.query_dataset, args.train_split, args.query_column, args.reference_column, tokenizer, *lengths)
-    _, _, norm_queries, norm_references, _ = load_prompts(*sft_data, args.long_prompts)
-    norm_data = torch.cat((norm_queries, norm_references), 1)
+    references = load_prompts(*sft_data, args.long_prompts)  # Prompts: the SFT data with its reference responses
+    norm_data = torch.cat((references.queries, references.responses), 1)
     norm_data = norm_data[rank_share(min(args.num_norm_examples or len(norm_data), len(norm_data)), rank, world_size)]
     num_updates = len(train_data) // args.batch_size * args.num_train_epochs
     batches = prompt_batches(len(train_data), args.batch_size, rank, world_size, args.seed)
 
     # r_theta: hf_model is what is saved; raw_model scores with its modules (eval mode keeps dropout off); `model` is
     # what the gradient steps go through (DDP's wrapper, or the same model sharded by FSDP with itself as the root).
+    # Each rank builds its own new head; DDP copies rank 0's to the others.
     hf_model, raw_model = new_reward_model(args.sft_model_path)
     check_positions(hf_model.config, lengths, args.sft_model_path)
     check_vocabulary(tokenizer, hf_model, args.sft_model_path)
@@ -214,7 +218,7 @@ def main(args: Args) -> None:
     nan_dump = os.path.join(run_dir, f"nonfinite_rank{rank}.pt")  # where check_finite saves a non-finite batch
     stop, update = False, start_update
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
-        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
+        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay to lr/num_updates
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         batch = train_data[next(batches)].to(device)  # (b, 2, query_length + response_length)
@@ -282,8 +286,8 @@ def main(args: Args) -> None:
             log.metrics.write(json.dumps({"update": num_updates, **val}) + "\n")
             seconds = time.time() - log.start
             print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()) + f" ({seconds:.0f} s)")
-        # config.pad_token_id stays the SFT model's: the pad token load_tokenizer may add has no embedding row (an id
-        # outside the embedding makes from_pretrained fail), and EOS as the pad id would make transformers' own forward
+        # config.pad_token_id stays the SFT model's: the pad token load_tokenizer may add may lack an embedding row (an
+        # id outside the embedding makes from_pretrained fail), and EOS as the pad id would make transformers' forward
         # read the score one token before the EOS, where this model was not trained to score.
         state = full_state_dict(hf_model) if args.fsdp and output_dir else None  # on every rank
         if log.master and output_dir:
@@ -1041,7 +1045,7 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 def grad_sync(model, enabled: bool):
-    """DDP's no_sync unless enabled (a step's last micro-batch); not FSDP's, which would keep whole unsharded grads."""
+    """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 

@@ -5,17 +5,17 @@ to the SFT policy, and take a REINFORCE step with the mean reward of the other k
 
     A_i = r_i - 1/(k-1) sum_{j != i} r_j,        loss = -mean_{x, i} A_i * ln pi_theta(y_i|x)
 
-REBEL's update direction grad ln pi(y|x) (r(x, y) - r(x, y')) is RLOO's with k = 2 (Section 3.2); REBEL regresses onto
-it instead of taking one gradient step. `--reinforce`: REINFORCE (Williams, 1992), one sample per prompt, A = r - b.
-b is Ahmadian et al.'s b_MA (arXiv 2402.14740, Eq. 8), the mean of every reward so far; the paper's Table 1 takes its
-REINFORCE number (70.7) from them. `--reinforce_baseline none`: A = r.
+REBEL's update direction grad ln pi(y|x) (r(x, y) - r(x, y')) is RLOO's with k = 2 (Section 3.2); REBEL preconditions
+it by the Fisher information (Claim 2) where RLOO steps along it. `--reinforce`: REINFORCE (Williams, 1992), one sample
+per prompt, A = r - b, b being Ahmadian et al.'s b_MA (arXiv 2402.14740, Eq. 8), the mean of every reward so far; the
+paper's Table 1 takes its REINFORCE and RLOO numbers (6.9B) from them. `--reinforce_baseline none`: A = r.
 
 Top to bottom: the flags (Args), the algorithm (the loss, the advantages, the rollout), the loop (main), the variant
 (--reinforce), then the plumbing every script shares (the appendix); docs/rebel.md explains every metric.
 
     python rloo.py --rloo_k 2                               # one process
-    torchrun --nproc_per_node 8 rloo.py --rloo_k 4          # the paper's RLOO (k = 4) TL;DR run
-    torchrun --nproc_per_node 8 rloo.py --reinforce         # the paper's REINFORCE
+    torchrun --nproc_per_node 8 rloo.py --rloo_k 4          # RLOO (k = 4) on TL;DR, 2.8B with LoRA as REBEL's run
+    torchrun --nproc_per_node 8 rloo.py --reinforce         # REINFORCE, the same
 """
 
 import atexit
@@ -92,7 +92,7 @@ class Args:
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
 
     # optimisation
     total_episodes: int | None = None
@@ -108,7 +108,7 @@ class Args:
     eps: float = 1e-5
     """AdamW epsilon"""
     max_grad_norm: float | None = None
-    """clip the gradient norm to this (default: no clipping, as in the paper)"""
+    """clip the gradient norm to this (default: no clipping; the paper gives no value for TL;DR)"""
 
     # the variant: REINFORCE (the loop reads as RLOO; the variant's code follows it)
     reinforce: bool = False
@@ -203,7 +203,7 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 
 class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (Algorithm 1: m = 2, y and y'; L = prompt + T tokens)."""
+    """What the loss needs of m responses to each of B prompts (L = prompt + T tokens)."""
 
     query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
     masks: torch.Tensor  # (B, m, T) True on the response's tokens
@@ -214,20 +214,20 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def sample_responses(policy, queries, n: int, config, chunk: int) -> torch.Tensor:
-    """n responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded prompt
-    ids -> (B, n, T) token ids, T = --response_length; config: a transformers GenerationConfig (sampling_config). EOS
-    does not stop sampling (score_responses cuts there), unless --stop_at_eos: then the rest is padding."""
+def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
+    """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
+    prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
+    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
     ctx = queries.size(1)
-    responses = [generate(policy, q.repeat_interleave(n, 0), config)[:, ctx:] for q in queries.split(chunk)]
-    return torch.cat(responses).unflatten(0, (-1, n))
+    responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
+    return torch.cat(responses).unflatten(0, (-1, num))
 
 
 @torch.no_grad()
 def score_responses(
     *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
 ) -> Rollout:
-    """What Equation (1) needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
+    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
     the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
     `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
     reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
@@ -338,7 +338,7 @@ def main(args: Args) -> None:
         kl = logprobs - ref_logprobs  # (B, k)
         rewards = scores - args.kl_coef * kl  # (B, k)
         baseline = reinforce_baseline(rewards, args.reinforce_baseline, record, device) if args.reinforce else None
-        advantages = rloo_advantages(rewards) if baseline is None else rewards - baseline  # (B, k)
+        advantages = rewards - baseline if args.reinforce else rloo_advantages(rewards)  # (B, k)
 
         # 3. Policy gradient: noptepochs passes, a prompt's k responses kept together, one optimizer step per minibatch.
         num_prompts = len(advantages)
@@ -400,7 +400,7 @@ def main(args: Args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the variant
-# --reinforce: REINFORCE (Williams, 1992), one response per prompt (none to leave out): A = r - b (--reinforce_baseline).
+# --reinforce: REINFORCE (Williams, 1992), one response per prompt (none to leave out): A = r - b.
 
 
 def reinforce_baseline(rewards: torch.Tensor, how: str, totals: dict, device) -> float:
@@ -1233,7 +1233,7 @@ def eval_sampler(policy, ref_policy, reward, config, stop_ids: list[int], penalt
 
 def evaluate(update, sample, reward, tokenizer, data, log, flags: dict, autocast, preference=None):
     """The evaluation table at `update` on this rank's share of the first --num_eval_prompts prompts of `data`
-    (load_splits' second): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,
+    (a Prompts split): a response per prompt from sample(queries, prompts) -> (query_responses, masks, kl, scores,
     has_eos), scored as in training, and the dataset's reference with its score (scores need a `reward`); with
     `preference`, the win rate P(response > reference), both orders averaged. Rank 0 writes eval_<update>.csv."""
     import pandas as pd
@@ -1574,7 +1574,7 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 def grad_sync(model, enabled: bool):
-    """DDP's no_sync unless enabled (a step's last micro-batch); not FSDP's, which would keep whole unsharded grads."""
+    """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 

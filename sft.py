@@ -5,7 +5,7 @@ Next-token cross-entropy on the reference response y given the post x (the promp
 
     min_theta  - mean over the response tokens y_t (EOS included) of  ln pi_theta(y_t | x, y_<t)
 
-(the mean of each micro-batch's token mean, as the official code: micro-batches weigh the same). The file reads top
+(the mean of micro-batches' token means, not one over all tokens: as the official code). The file reads top
 to bottom: the flags (Args), the loss, the loop (main), then the appendix of plumbing shared with rebel.py. The model
 and its tokenizer (with the pad token load_tokenizer may add) are saved with save_pretrained, so that reward.py and
 rebel.py load them directly.
@@ -55,7 +55,7 @@ class Args:
     query_length: int = 512
     """prompts are left-padded to this many tokens"""
     long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper), 'truncate' keeps their last tokens"""
+    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
     response_length: int = 53
     """target responses are truncated to this many tokens, EOS included"""
 
@@ -67,7 +67,7 @@ class Args:
     per_device_train_batch_size: int = 8
     """examples per micro-batch on one rank; gradient accumulation fills the rest"""
     lr: float = 3e-6
-    """AdamW learning rate, decayed linearly to 0"""
+    """AdamW learning rate, decayed linearly to lr / num_updates at the last update"""
     eps: float = 1e-5
     """AdamW epsilon"""
 
@@ -172,7 +172,7 @@ def main(args: Args) -> None:
     nan_dump = os.path.join(run_dir, f"nonfinite_rank{rank}.pt")  # where check_finite saves a non-finite batch
     stop, update = False, start_update
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
-        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # decayed linearly to 0
+        timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay to lr/num_updates
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         batch = train_data[next(batches)].to(device)  # (b, query_length + response_length)
@@ -213,7 +213,7 @@ def main(args: Args) -> None:
             log.metrics.write(json.dumps({"update": num_updates, **val}) + "\n")
             loss, seconds = val["eval/loss"], time.time() - log.start
             print(f"validation loss {loss:.4f} after {num_updates} updates ({seconds:.0f} s)")
-        # The config keeps its own pad id: load_tokenizer's added pad has no embedding row (from_pretrained would fail).
+        # config.pad_token_id stays the model's own: load_tokenizer's added pad may have no embedding row to load.
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, merged=False)
     del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
     log.end(update, signals if stop else None)
@@ -959,7 +959,7 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 def grad_sync(model, enabled: bool):
-    """DDP's no_sync unless enabled (a step's last micro-batch); not FSDP's, which would keep whole unsharded grads."""
+    """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 
