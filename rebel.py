@@ -317,10 +317,11 @@ def main(args: Args) -> None:
     total_episodes = args.total_episodes or len(train.dataset)
     num_updates = total_episodes // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
-    batches = prompt_batches(len(train.dataset), args.batch_size, rank, world_size, args.seed)  # its share of 1 shuffle
+    batches = prompt_batches(len(train.dataset), args.batch_size, rank, world_size, args.seed)  # one shuffle, shared
 
-    # pi_theta, in eval mode as every model here (no dropout): raw_policy samples and is saved, `policy` takes the
-    # gradient steps (DDP's wrapper, or FSDP's shards); ref_policy() gives the SFT reference (see score_responses).
+    # The models, all in eval mode (no dropout). raw_policy is pi_theta: it samples and is saved; `policy` is the same
+    # model as the gradient steps see it (DDP's wrapper, or FSDP's shards). ref_policy is a function: `with
+    # ref_policy() as ref:` gives the SFT policy, the reference of the KL penalty (see load_trained_policy).
     raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
@@ -362,7 +363,7 @@ def main(args: Args) -> None:
         # (the reward model's; the penalty without EOS). Every variant_* call is the identity in Algorithm 1's setting.
         with autocast():
             with timer("generation"):
-                responses = sample_responses(raw_policy, queries, num_policy_samples, config, chunk)  # (B, m or m-1, T)
+                responses = sample_responses(raw_policy, queries, num_policy_samples, config, chunk)  # (B, m, T)
             responses = variant_responses(responses, train.responses, batch)  # --mu dataset: y' joins, second
             rollout = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
                                       queries=queries, responses=responses, prompts=prompts, config=config,
@@ -391,8 +392,8 @@ def main(args: Args) -> None:
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
                     query_response, mask = trim_responses(pair_query_responses[idx], pair_masks[idx], ctx)
-                    # ln pi_theta(y|x) (b, 2). DDP all-reduces the gradients only on a step's last micro-batch (it
-                    # decides at the forward pass, so backward() may run outside grad_sync)
+                    # ln pi_theta(y|x) (b, 2). DDP all-reduces the gradients only on a step's last micro-batch; it
+                    # decides so at the forward pass, which is why backward() can run outside this block.
                     with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(policy, query_response, mask, ctx, args.temperature, pad)
                     loss = rebel_loss(new_logprobs, pair_logprobs[idx], pair_rewards[idx], args.eta, args.loss_scaling)
@@ -406,8 +407,8 @@ def main(args: Args) -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-        # 4. Log the metrics of pi_t's samples (columns `sampled`; log.write averages them over ranks, rank 0 writes);
-        # evaluate every --eval_freq updates. The entropy is its one-sample estimate: -ln pi_t(y|x) per response token.
+        # 4. Log the metrics of pi_t's samples (the columns `sampled`): log.write averages them over the ranks and rank
+        # 0 writes them. Evaluate every --eval_freq updates. The entropy is estimated by -ln pi_t(y|x) per token.
         per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
         stats = {
             "objective/scores": scores[:, sampled].mean().item(),
@@ -439,7 +440,7 @@ def main(args: Args) -> None:
     if not stop:
         run_evaluation(num_updates)
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
-    del policy  # DDP's wrapper (its gloo threads) goes before log.end ends the process group
+    del policy  # DDP's wrapper must go (with its gloo threads) before log.end ends the process group
     log.end(update, signals if stop else None)
 
 
