@@ -7,9 +7,10 @@ their rewards (Equation 1):
   min_theta mean_{x,y,y'} (1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')])^2
 
 Why pairs: this regresses onto the mirror-descent update pi_{t+1}(y|x) = pi_t(y|x) exp(eta r(x, y)) / Z(x), whose
-partition function Z(x) cancels in the difference of two responses to the same prompt. Its first gradient step is
-RLOO's with k = 2, which REBEL preconditions by the Fisher information (Section 3.2: NPG); like DPO it regresses a
-difference of log-ratios, but onto a difference of rewards, and its reference pi_t moves at every update.
+partition function Z(x) cancels in the difference of two responses to the same prompt. Its gradient at pi_t is
+RLOO's with k = 2; linearised at pi_t and solved exactly, the regression is a natural policy gradient step (Section
+3.2, Claim 1). Like DPO it regresses a difference of log-ratios, but onto a difference of rewards, against a pi_t
+that moves at every update.
 
 pi is the policy at the sampling temperature: every log-prob (the regression's, the KL's) comes from logits divided by
 --temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout). So at the
@@ -18,13 +19,14 @@ first pass ln pi_theta equals the rollout's ln pi_t, except for rounding: the ba
 Top to bottom: the flags (Args); the algorithm (rebel_loss, the rollout, pair_up); the loop (main); the variants; the
 plumbing that every script shares (the appendix). docs/rebel.md explains every metric.
 
-Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, L = prompt + T. In
+Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, ctx prompt tokens
+(left-padded), L = ctx + T. In
 Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants change them (their block says how).
-To copy the core: rebel_loss, Rollout, sample_responses, score_responses, pair_up and the appendix's first section
-(sampling and log-probs); with LoRA, adapter_disabled; with DDP, grad_sync.
+To copy the core: rebel_loss, Rollout, sample_responses, score_responses, pair_up, the appendix's first section
+(sampling and log-probs) and Timer; with LoRA, adapter_disabled; with DDP, grad_sync.
 
     python rebel.py --eta 1.0                               # one process
-    torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the official 2.8B TL;DR run (I.1.4: --temperature 0.1)
+    torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the 2.8B TL;DR run, at the official code's temperature
     python -m toy.demo                                      # the offline toy task, end to end
 """
 
@@ -73,7 +75,7 @@ class Args:
 
     # sampling and reward
     temperature: float = 0.7
-    """sampling temperature: 0.7, as the official code runs TL;DR (Appendix I.1.4's table lists 0.1, if you want it)"""
+    """sampling temperature: 0.7, the official code's (Appendix I.1.4's table lists 0.1: pass 0.1 to follow it)"""
     response_length: int = 53
     """tokens sampled per response, exactly, as in the paper: EOS does not stop sampling; the rollout cuts after it"""
     penalty_reward_value: float = -1.0
@@ -209,7 +211,7 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
     """Equation (1) over N pairs. All inputs are (N, 2): column 0 is y and column 1 is y', for the same prompt x.
     new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) as the loop builds them
     (its step 2). A log-prob is the whole response's: for a text, summed over its tokens at the sampling temperature,
-    with no length normalisation. Both are computed the same way, so the first pass starts from a log-ratio of 0.
+    with no length normalisation. Both are computed the same way, so the first pass starts from a log-ratio of ~0.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
     """
@@ -299,9 +301,10 @@ def main(args: Args) -> None:
     resolve_variants(args)  # checks --num_samples, --pairing, --mu; sets --kl_coef's default (0 with --preference_fn)
     flags = asdict(args)
     check_flags(flags)
-    from tqdm import tqdm
+    from tqdm import trange
 
-    # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs.
+    # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs. The batch sizes:
+    # --batch_size prompts per update over all ranks, P pairs each; micro-batches of --per_device_train_batch_size pairs
     rank, world_size, device = init_processes(args.cuda, args.seed)
     bf16, dtype, autocast = precision(args.precision, device)
     local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
@@ -350,7 +353,7 @@ def main(args: Args) -> None:
     stop, update = False, start_update
     if not checkpoint:
         run_evaluation(0)
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
+    for update in trange(start_update + 1, num_updates + 1, initial=start_update, total=num_updates, disable=rank > 0):
         timer = Timer(device)
         lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay: --lr first, --lr / num_updates last
         for group in optimizer.param_groups:
@@ -369,8 +372,8 @@ def main(args: Args) -> None:
                                       queries=queries, responses=responses, prompts=prompts, config=config,
                                       stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
         check_finite({f"the rollout's {name}": t for name, t in rollout._asdict().items()}, nan_dump)
-        query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout  # (B, m, ...)
-        with timer("reward"):  # --preference_fn: the judge's scores replace the reward model's (Appendix D.2)
+        query_responses, masks, logprobs, ref_logprobs, _, has_eos = rollout  # (B, m, ...); the scores come next
+        with timer("reward"):  # rollout.scores, or with --preference_fn the judge's (Appendix D.2)
             scores, wins = variant_scores(preference, tokenizer, rollout, prompts, args.num_samples, penalty)
 
         # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), neither normalised nor whitened
@@ -390,7 +393,7 @@ def main(args: Args) -> None:
         loss_stats, approxkl_stats = [], []
         with timer("update"):
             for minibatch in minibatches:
-                for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
+                for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):  # grad_accum of them
                     query_response, mask = trim_responses(pair_query_responses[idx], pair_masks[idx], ctx)
                     # ln pi_theta(y|x) (b, 2). DDP all-reduces the gradients only on a step's last micro-batch; it
                     # decides so at the forward pass, which is why backward() can run outside this block.
@@ -1442,9 +1445,9 @@ def load_splits(flags: dict, tokenizer, train_column: str | None) -> tuple[Promp
 
 class RunLog:
     """Rank 0's logs (TensorBoard, metrics.jsonl, with --track wandb), continued on resume where the checkpoint left
-    them (`trainer`: its record, with the wandb id), and its start line (`plan`); every rank calls write() and end()."""
+    them (`record`: its trainer.json, with the wandb id), and its start line (`plan`); all ranks call write(), end()."""
 
-    def __init__(self, run_dir, run_name, flags: dict, trainer, start_update, device, plan: str):
+    def __init__(self, run_dir, run_name, flags: dict, record, start_update, device, plan: str):
         self.master = not dist.is_initialized() or dist.get_rank() == 0
         self.run_dir, self.track, self.device, self.batch_size = run_dir, flags["track"], device, flags["batch_size"]
         self.start_update, self.start = start_update, time.time()
@@ -1456,9 +1459,9 @@ class RunLog:
             import wandb
 
             wandb.init(project=flags["wandb_project_name"], entity=flags["wandb_entity"], config=flags, name=run_name,
-                       dir=run_dir, save_code=True, id=trainer.get("wandb_id"), resume="allow",
+                       dir=run_dir, save_code=True, id=record.get("wandb_id"), resume="allow",
                        sync_tensorboard=True)  # fmt: skip
-            self.wandb, trainer["wandb_id"] = wandb, wandb.run.id
+            self.wandb, record["wandb_id"] = wandb, wandb.run.id
         self.writer = SummaryWriter(run_dir, purge_step=start_update + 1 if start_update else 0)
         self.writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in flags.items()))
         self.metrics = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
@@ -1549,9 +1552,9 @@ def trainable_state(model, optimizer) -> dict:
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, keep: int) -> str:
+def save_checkpoint(run_dir: str, update: int, model, optimizer, record: dict, keep: int) -> str:
     """<run_dir>/checkpoints/update_N: trainable weights and optimizer (dcp: each rank writes its part), each rank's
-    RNG states and `trainer` (update, flags, wandb id); written as .tmp, renamed once whole: a kill leaves the last."""
+    RNG states and `record` (update, flags, wandb id); written as .tmp, renamed once whole: a kill leaves the last."""
     import torch.distributed.checkpoint as dcp
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
@@ -1566,7 +1569,7 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
             dist.barrier()  # every rank's part is written
         if rank == 0:
             with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
-                json.dump({**trainer, "script": os.path.basename(__file__)}, f)
+                json.dump({**record, "script": os.path.basename(__file__)}, f)
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
@@ -1591,22 +1594,22 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
     keep_checkpoints eval_freq eval_every num_eval_images num_sample_rows""".split()
     with refused(f"--resume: cannot read the checkpoint {path}", "; resume from an intact one"):
         with open(os.path.join(path, "trainer.json")) as f:
-            trainer = json.load(f)
-        script = trainer.get("script", os.path.basename(__file__))
+            record = json.load(f)
+        script = record.get("script", os.path.basename(__file__))
         require(script == os.path.basename(__file__), f"--resume {path}: that is a run of {script}; resume it with it")
-        require(os.path.basename(os.path.normpath(path)) == f"update_{trainer.get('update', -1):06d}", f"--resume "
-                f"{path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's (edited "
+        require(os.path.basename(os.path.normpath(path)) == f"update_{record.get('update', -1):06d}", f"--resume "
+                f"{path}: its trainer.json says update {record.get('update')}, which is not this checkpoint's (edited "
                 "or copied from another): resume from an intact one")  # fmt: skip
-        was, flags = trainer["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
+        was, flags = record["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
         changed = [f"--{k} {was.get(k)} (now {v})" for k, v in flags.items() if was.get(k) != v and k not in resumable]
         require(not changed, f"--resume {path}: flags differ from the run's: {', '.join(changed)}")
-        was, now = trainer.get("inputs", {}), input_files(flags)  # a run from before inputs were recorded: none
-        changed = [k for k in sorted(was.keys() | now.keys()) if "inputs" in trainer and was.get(k) != now.get(k)]
+        was, now = record.get("inputs", {}), input_files(flags)  # a run from before inputs were recorded: none
+        changed = [k for k in sorted(was.keys() | now.keys()) if "inputs" in record and was.get(k) != now.get(k)]
         if changed:
             how = "is new" if changed[0] not in was else "is gone" if changed[0] not in now else "was modified"
             raise BadInput(f"--resume {path}: {changed[0]} {how} since the run read it ({len(changed)} files differ): "
                            "resume with the files it read, or start a new run")  # fmt: skip
-        n = trainer["world_size"]
+        n = record["world_size"]
         require(n == world_size, f"--resume {path}: the run had {n} processes; resume with as many, not {world_size}")
         dcp.FileSystemReader(path).read_metadata()  # fails plainly on a damaged checkpoint, where dcp.load logs pages
         state = trainable_state(model, optimizer)
@@ -1621,7 +1624,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
         np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
         torch.set_rng_state(rng["torch"])
         torch.cuda.set_rng_state_all(rng["cuda"])  # [] without CUDA
-    return trainer
+    return record
 
 
 def stop_signals() -> list:

@@ -180,7 +180,7 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
     """Equation (1) over N pairs. All inputs are (N, 2): column 0 is y and column 1 is y', for the same prompt x.
     new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) as the loop builds them
     (its step 2). A log-prob is the whole response's: for a text, summed over its tokens at the sampling temperature,
-    with no length normalisation. Both are computed the same way, so the first pass starts from a log-ratio of 0.
+    with no length normalisation. Both are computed the same way, so the first pass starts from a log-ratio of ~0.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
     """
@@ -924,9 +924,9 @@ def trainable_state(model, optimizer) -> dict:
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, keep: int) -> str:
+def save_checkpoint(run_dir: str, update: int, model, optimizer, record: dict, keep: int) -> str:
     """<run_dir>/checkpoints/update_N: trainable weights and optimizer (dcp: each rank writes its part), each rank's
-    RNG states and `trainer` (update, flags, wandb id); written as .tmp, renamed once whole: a kill leaves the last."""
+    RNG states and `record` (update, flags, wandb id); written as .tmp, renamed once whole: a kill leaves the last."""
     import torch.distributed.checkpoint as dcp
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
@@ -941,7 +941,7 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
             dist.barrier()  # every rank's part is written
         if rank == 0:
             with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
-                json.dump({**trainer, "script": os.path.basename(__file__)}, f)
+                json.dump({**record, "script": os.path.basename(__file__)}, f)
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
@@ -966,22 +966,22 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
     keep_checkpoints eval_freq eval_every num_eval_images num_sample_rows""".split()
     with refused(f"--resume: cannot read the checkpoint {path}", "; resume from an intact one"):
         with open(os.path.join(path, "trainer.json")) as f:
-            trainer = json.load(f)
-        script = trainer.get("script", os.path.basename(__file__))
+            record = json.load(f)
+        script = record.get("script", os.path.basename(__file__))
         require(script == os.path.basename(__file__), f"--resume {path}: that is a run of {script}; resume it with it")
-        require(os.path.basename(os.path.normpath(path)) == f"update_{trainer.get('update', -1):06d}", f"--resume "
-                f"{path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's (edited "
+        require(os.path.basename(os.path.normpath(path)) == f"update_{record.get('update', -1):06d}", f"--resume "
+                f"{path}: its trainer.json says update {record.get('update')}, which is not this checkpoint's (edited "
                 "or copied from another): resume from an intact one")  # fmt: skip
-        was, flags = trainer["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
+        was, flags = record["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
         changed = [f"--{k} {was.get(k)} (now {v})" for k, v in flags.items() if was.get(k) != v and k not in resumable]
         require(not changed, f"--resume {path}: flags differ from the run's: {', '.join(changed)}")
-        was, now = trainer.get("inputs", {}), input_files(flags)  # a run from before inputs were recorded: none
-        changed = [k for k in sorted(was.keys() | now.keys()) if "inputs" in trainer and was.get(k) != now.get(k)]
+        was, now = record.get("inputs", {}), input_files(flags)  # a run from before inputs were recorded: none
+        changed = [k for k in sorted(was.keys() | now.keys()) if "inputs" in record and was.get(k) != now.get(k)]
         if changed:
             how = "is new" if changed[0] not in was else "is gone" if changed[0] not in now else "was modified"
             raise BadInput(f"--resume {path}: {changed[0]} {how} since the run read it ({len(changed)} files differ): "
                            "resume with the files it read, or start a new run")  # fmt: skip
-        n = trainer["world_size"]
+        n = record["world_size"]
         require(n == world_size, f"--resume {path}: the run had {n} processes; resume with as many, not {world_size}")
         dcp.FileSystemReader(path).read_metadata()  # fails plainly on a damaged checkpoint, where dcp.load logs pages
         state = trainable_state(model, optimizer)
@@ -996,7 +996,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
         np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
         torch.set_rng_state(rng["torch"])
         torch.cuda.set_rng_state_all(rng["cuda"])  # [] without CUDA
-    return trainer
+    return record
 
 
 def stop_signals() -> list:

@@ -79,7 +79,7 @@ class Args:
     per_device_train_batch_size: int = 8
     """pairs per micro-batch on one rank; gradient accumulation fills the rest"""
     lr: float = 3e-6
-    """AdamW learning rate, decayed linearly to lr / num_updates at the last update"""
+    """AdamW learning rate (torch's weight decay 0.01), decayed linearly to lr / num_updates at the last update"""
     eps: float = 1e-5
     """AdamW epsilon"""
 
@@ -134,7 +134,8 @@ def bradley_terry_loss(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def new_reward_model(sft_model_path: str):
-    """The SFT model's backbone (a LoRA adapter merged) under a fresh one-output linear head: the
+    """The SFT model's backbone (a LoRA adapter merged) under a fresh one-output linear head, initialised as
+    transformers initialises a classifier (summarize_from_feedback_details: std 1/sqrt(H+1)): the
     AutoModelForSequenceClassification that is saved, and the ScalarRewardModel over its modules that scores."""
     from transformers import AutoModelForSequenceClassification
 
@@ -168,7 +169,7 @@ def shard_reward_model(model, bf16: bool):
 def main(args: Args) -> None:
     flags = asdict(args)
     check_flags(flags)
-    from tqdm import tqdm
+    from tqdm import trange
 
     # Set-up (the appendix): processes, batch sizes, the run's folder, data, the model, resume, logs.
     rank, world_size, device = init_processes(args.cuda, args.seed)
@@ -180,10 +181,9 @@ def main(args: Args) -> None:
     pad, lengths = tokenizer.pad_token_id, (args.query_length, args.response_length)
     # Preference pairs (B, 2, L) to train on, and the SFT data's references to set the zero of the score; every rank
     # tokenises the whole splits and takes its own pairs from the shared shuffle.
-    columns = (args.query_column, args.chosen_column, args.rejected_column, tokenizer, lengths, args.long_prompts,
-               False)  # fmt: skip
-    train_data, dropped = load_preferences(args.preference_dataset, args.train_split, *columns)
-    eval_data, _ = load_preferences(args.preference_dataset, args.eval_split, *columns)
+    columns = (args.query_column, args.chosen_column, args.rejected_column, tokenizer, lengths, args.long_prompts)
+    train_data, dropped = load_preferences(args.preference_dataset, args.train_split, *columns, chat=False)
+    eval_data, _ = load_preferences(args.preference_dataset, args.eval_split, *columns, chat=False)
     eval_data = eval_data[rank_share(min(args.num_eval_prompts or len(eval_data), len(eval_data)), rank, world_size)]
     sft_data = (args.query_dataset, args.train_split, args.query_column, args.reference_column, tokenizer, *lengths)
     references = load_prompts(*sft_data, args.long_prompts)  # Prompts: the SFT data with its reference responses
@@ -199,7 +199,7 @@ def main(args: Args) -> None:
     check_positions(hf_model.config, lengths, args.sft_model_path)
     check_vocabulary(tokenizer, hf_model, args.sft_model_path)
     raw_model.to(device).eval()
-    model = shard_reward_model(raw_model, bf16) if args.fsdp else distribute(raw_model, False, bf16, device)
+    model = shard_reward_model(raw_model, bf16) if args.fsdp else distribute(raw_model, False, bf16, device)  # DDP
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
@@ -217,7 +217,7 @@ def main(args: Args) -> None:
     # The loop: a batch of pairs -> scores -> Bradley-Terry loss -> step -> log -> checkpoint.
     nan_dump = os.path.join(run_dir, f"nonfinite_rank{rank}.pt")  # where check_finite saves a non-finite batch
     stop, update = False, start_update
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
+    for update in trange(start_update + 1, num_updates + 1, initial=start_update, total=num_updates, disable=rank > 0):
         timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay to lr/num_updates
         for group in optimizer.param_groups:
             group["lr"] = lr_now
@@ -777,9 +777,9 @@ def precision(choice: str, device) -> tuple:
 
 class RunLog:
     """Rank 0's logs (TensorBoard, metrics.jsonl, with --track wandb), continued on resume where the checkpoint left
-    them (`trainer`: its record, with the wandb id), and its start line (`plan`); every rank calls write() and end()."""
+    them (`record`: its trainer.json, with the wandb id), and its start line (`plan`); all ranks call write(), end()."""
 
-    def __init__(self, run_dir, run_name, flags: dict, trainer, start_update, device, plan: str):
+    def __init__(self, run_dir, run_name, flags: dict, record, start_update, device, plan: str):
         self.master = not dist.is_initialized() or dist.get_rank() == 0
         self.run_dir, self.track, self.device, self.batch_size = run_dir, flags["track"], device, flags["batch_size"]
         self.start_update, self.start = start_update, time.time()
@@ -791,9 +791,9 @@ class RunLog:
             import wandb
 
             wandb.init(project=flags["wandb_project_name"], entity=flags["wandb_entity"], config=flags, name=run_name,
-                       dir=run_dir, save_code=True, id=trainer.get("wandb_id"), resume="allow",
+                       dir=run_dir, save_code=True, id=record.get("wandb_id"), resume="allow",
                        sync_tensorboard=True)  # fmt: skip
-            self.wandb, trainer["wandb_id"] = wandb, wandb.run.id
+            self.wandb, record["wandb_id"] = wandb, wandb.run.id
         self.writer = SummaryWriter(run_dir, purge_step=start_update + 1 if start_update else 0)
         self.writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in flags.items()))
         self.metrics = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
@@ -884,9 +884,9 @@ def trainable_state(model, optimizer) -> dict:
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, keep: int) -> str:
+def save_checkpoint(run_dir: str, update: int, model, optimizer, record: dict, keep: int) -> str:
     """<run_dir>/checkpoints/update_N: trainable weights and optimizer (dcp: each rank writes its part), each rank's
-    RNG states and `trainer` (update, flags, wandb id); written as .tmp, renamed once whole: a kill leaves the last."""
+    RNG states and `record` (update, flags, wandb id); written as .tmp, renamed once whole: a kill leaves the last."""
     import torch.distributed.checkpoint as dcp
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
@@ -901,7 +901,7 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
             dist.barrier()  # every rank's part is written
         if rank == 0:
             with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
-                json.dump({**trainer, "script": os.path.basename(__file__)}, f)
+                json.dump({**record, "script": os.path.basename(__file__)}, f)
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
@@ -926,22 +926,22 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
     keep_checkpoints eval_freq eval_every num_eval_images num_sample_rows""".split()
     with refused(f"--resume: cannot read the checkpoint {path}", "; resume from an intact one"):
         with open(os.path.join(path, "trainer.json")) as f:
-            trainer = json.load(f)
-        script = trainer.get("script", os.path.basename(__file__))
+            record = json.load(f)
+        script = record.get("script", os.path.basename(__file__))
         require(script == os.path.basename(__file__), f"--resume {path}: that is a run of {script}; resume it with it")
-        require(os.path.basename(os.path.normpath(path)) == f"update_{trainer.get('update', -1):06d}", f"--resume "
-                f"{path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's (edited "
+        require(os.path.basename(os.path.normpath(path)) == f"update_{record.get('update', -1):06d}", f"--resume "
+                f"{path}: its trainer.json says update {record.get('update')}, which is not this checkpoint's (edited "
                 "or copied from another): resume from an intact one")  # fmt: skip
-        was, flags = trainer["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
+        was, flags = record["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
         changed = [f"--{k} {was.get(k)} (now {v})" for k, v in flags.items() if was.get(k) != v and k not in resumable]
         require(not changed, f"--resume {path}: flags differ from the run's: {', '.join(changed)}")
-        was, now = trainer.get("inputs", {}), input_files(flags)  # a run from before inputs were recorded: none
-        changed = [k for k in sorted(was.keys() | now.keys()) if "inputs" in trainer and was.get(k) != now.get(k)]
+        was, now = record.get("inputs", {}), input_files(flags)  # a run from before inputs were recorded: none
+        changed = [k for k in sorted(was.keys() | now.keys()) if "inputs" in record and was.get(k) != now.get(k)]
         if changed:
             how = "is new" if changed[0] not in was else "is gone" if changed[0] not in now else "was modified"
             raise BadInput(f"--resume {path}: {changed[0]} {how} since the run read it ({len(changed)} files differ): "
                            "resume with the files it read, or start a new run")  # fmt: skip
-        n = trainer["world_size"]
+        n = record["world_size"]
         require(n == world_size, f"--resume {path}: the run had {n} processes; resume with as many, not {world_size}")
         dcp.FileSystemReader(path).read_metadata()  # fails plainly on a damaged checkpoint, where dcp.load logs pages
         state = trainable_state(model, optimizer)
@@ -956,7 +956,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
         np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
         torch.set_rng_state(rng["torch"])
         torch.cuda.set_rng_state_all(rng["cuda"])  # [] without CUDA
-    return trainer
+    return record
 
 
 def stop_signals() -> list:

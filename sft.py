@@ -131,7 +131,7 @@ def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: 
 def main(args: Args) -> None:
     flags = asdict(args)
     check_flags(flags)
-    from tqdm import tqdm
+    from tqdm import trange
 
     # Set-up (the appendix): processes, batch sizes, the run's folder, data, the model, resume, logs.
     rank, world_size, device = init_processes(args.cuda, args.seed)
@@ -171,7 +171,7 @@ def main(args: Args) -> None:
     # The loop: a batch of (prompt, reference) pairs -> cross-entropy on the references -> step -> log -> checkpoint.
     nan_dump = os.path.join(run_dir, f"nonfinite_rank{rank}.pt")  # where check_finite saves a non-finite batch
     stop, update = False, start_update
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, disable=rank != 0):
+    for update in trange(start_update + 1, num_updates + 1, initial=start_update, total=num_updates, disable=rank > 0):
         timer, lr_now = Timer(device), (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay to lr/num_updates
         for group in optimizer.param_groups:
             group["lr"] = lr_now
@@ -691,9 +691,9 @@ def load_splits(flags: dict, tokenizer, train_column: str | None) -> tuple[Promp
 
 class RunLog:
     """Rank 0's logs (TensorBoard, metrics.jsonl, with --track wandb), continued on resume where the checkpoint left
-    them (`trainer`: its record, with the wandb id), and its start line (`plan`); every rank calls write() and end()."""
+    them (`record`: its trainer.json, with the wandb id), and its start line (`plan`); all ranks call write(), end()."""
 
-    def __init__(self, run_dir, run_name, flags: dict, trainer, start_update, device, plan: str):
+    def __init__(self, run_dir, run_name, flags: dict, record, start_update, device, plan: str):
         self.master = not dist.is_initialized() or dist.get_rank() == 0
         self.run_dir, self.track, self.device, self.batch_size = run_dir, flags["track"], device, flags["batch_size"]
         self.start_update, self.start = start_update, time.time()
@@ -705,9 +705,9 @@ class RunLog:
             import wandb
 
             wandb.init(project=flags["wandb_project_name"], entity=flags["wandb_entity"], config=flags, name=run_name,
-                       dir=run_dir, save_code=True, id=trainer.get("wandb_id"), resume="allow",
+                       dir=run_dir, save_code=True, id=record.get("wandb_id"), resume="allow",
                        sync_tensorboard=True)  # fmt: skip
-            self.wandb, trainer["wandb_id"] = wandb, wandb.run.id
+            self.wandb, record["wandb_id"] = wandb, wandb.run.id
         self.writer = SummaryWriter(run_dir, purge_step=start_update + 1 if start_update else 0)
         self.writer.add_text("hyperparameters", "\n".join(f"{k}: {v}" for k, v in flags.items()))
         self.metrics = metrics_log(os.path.join(run_dir, "metrics.jsonl"), start_update)
@@ -798,9 +798,9 @@ def trainable_state(model, optimizer) -> dict:
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, keep: int) -> str:
+def save_checkpoint(run_dir: str, update: int, model, optimizer, record: dict, keep: int) -> str:
     """<run_dir>/checkpoints/update_N: trainable weights and optimizer (dcp: each rank writes its part), each rank's
-    RNG states and `trainer` (update, flags, wandb id); written as .tmp, renamed once whole: a kill leaves the last."""
+    RNG states and `record` (update, flags, wandb id); written as .tmp, renamed once whole: a kill leaves the last."""
     import torch.distributed.checkpoint as dcp
 
     rank, root = dist.get_rank() if dist.is_initialized() else 0, os.path.join(run_dir, "checkpoints")
@@ -815,7 +815,7 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer: dict, 
             dist.barrier()  # every rank's part is written
         if rank == 0:
             with open(os.path.join(path + ".tmp", "trainer.json"), "w") as f:
-                json.dump({**trainer, "script": os.path.basename(__file__)}, f)
+                json.dump({**record, "script": os.path.basename(__file__)}, f)
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)
@@ -840,22 +840,22 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
     keep_checkpoints eval_freq eval_every num_eval_images num_sample_rows""".split()
     with refused(f"--resume: cannot read the checkpoint {path}", "; resume from an intact one"):
         with open(os.path.join(path, "trainer.json")) as f:
-            trainer = json.load(f)
-        script = trainer.get("script", os.path.basename(__file__))
+            record = json.load(f)
+        script = record.get("script", os.path.basename(__file__))
         require(script == os.path.basename(__file__), f"--resume {path}: that is a run of {script}; resume it with it")
-        require(os.path.basename(os.path.normpath(path)) == f"update_{trainer.get('update', -1):06d}", f"--resume "
-                f"{path}: its trainer.json says update {trainer.get('update')}, which is not this checkpoint's (edited "
+        require(os.path.basename(os.path.normpath(path)) == f"update_{record.get('update', -1):06d}", f"--resume "
+                f"{path}: its trainer.json says update {record.get('update')}, which is not this checkpoint's (edited "
                 "or copied from another): resume from an intact one")  # fmt: skip
-        was, flags = trainer["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
+        was, flags = record["flags"], json.loads(json.dumps(flags))  # tuples as lists, as trainer.json holds them
         changed = [f"--{k} {was.get(k)} (now {v})" for k, v in flags.items() if was.get(k) != v and k not in resumable]
         require(not changed, f"--resume {path}: flags differ from the run's: {', '.join(changed)}")
-        was, now = trainer.get("inputs", {}), input_files(flags)  # a run from before inputs were recorded: none
-        changed = [k for k in sorted(was.keys() | now.keys()) if "inputs" in trainer and was.get(k) != now.get(k)]
+        was, now = record.get("inputs", {}), input_files(flags)  # a run from before inputs were recorded: none
+        changed = [k for k in sorted(was.keys() | now.keys()) if "inputs" in record and was.get(k) != now.get(k)]
         if changed:
             how = "is new" if changed[0] not in was else "is gone" if changed[0] not in now else "was modified"
             raise BadInput(f"--resume {path}: {changed[0]} {how} since the run read it ({len(changed)} files differ): "
                            "resume with the files it read, or start a new run")  # fmt: skip
-        n = trainer["world_size"]
+        n = record["world_size"]
         require(n == world_size, f"--resume {path}: the run had {n} processes; resume with as many, not {world_size}")
         dcp.FileSystemReader(path).read_metadata()  # fails plainly on a damaged checkpoint, where dcp.load logs pages
         state = trainable_state(model, optimizer)
@@ -870,7 +870,7 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
         np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
         torch.set_rng_state(rng["torch"])
         torch.cuda.set_rng_state_all(rng["cuda"])  # [] without CUDA
-    return trainer
+    return record
 
 
 def stop_signals() -> list:
