@@ -9,8 +9,10 @@ their rewards (Equation 1):
 Why pairs: this regresses onto the mirror-descent update pi_{t+1}(y|x) = pi_t(y|x) exp(eta r(x, y)) / Z(x), whose
 partition function Z(x) cancels in the difference of two responses to the same prompt. Its gradient at pi_t is
 RLOO's with k = 2; linearised at pi_t and solved exactly, the regression is a natural policy gradient step (Section
-3.2, Claim 1). Like DPO it regresses a difference of log-ratios, but onto a difference of rewards, against a pi_t
-that moves at every update.
+3.2, Claim 1). Like DPO (and IPO, which regresses it) it works on a difference of log-ratios, but its target is a
+difference of rewards, and its reference is a pi_t that moves at every update. Two regularisers, then: eta keeps
+each update near pi_t (a trust region), and the KL penalty inside the reward (--kl_coef) keeps the policy near the
+SFT policy.
 
 pi is the policy at the sampling temperature: every log-prob (the regression's, the KL's) comes from logits divided by
 --temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout). So at the
@@ -20,8 +22,19 @@ Top to bottom: the flags (Args); the algorithm (rebel_loss, the rollout, pair_up
 plumbing that every script shares (the appendix). docs/rebel.md explains every metric.
 
 Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, ctx prompt tokens
-(left-padded), L = ctx + T. In
-Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants change them (their block says how).
+(left-padded), L = ctx + T. In Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants
+change them (their block says how). One update with the pieces below, without main's minibatches, DDP and logs:
+
+    r = score_responses(policy=pi_t, ref_policy=ref_policy, reward=reward, queries=x, prompts=prompts, penalty=-1.0,
+                        responses=sample_responses(pi_t, x, 2, config, chunk), config=config, stop_ids=stop_ids,
+                        chunk=chunk)                                        # y, y' ~ pi_t: (B, 2, ...) tensors
+    rewards = r.scores - kl_coef * (r.logprobs - r.ref_logprobs)           # r(x, y): (B, 2)
+    for epoch in range(noptepochs):                                        # pi_t's r.logprobs stay fixed
+        new_logprobs = sequence_logprobs(policy, r.query_responses, r.masks, x.size(1), config.temperature, pad_id)
+        rebel_loss(new_logprobs, r.logprobs, rewards, eta).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
 To copy the core: rebel_loss, Rollout, sample_responses, score_responses, pair_up, the appendix's first section
 (sampling and log-probs) and Timer; with LoRA, adapter_disabled; with DDP, grad_sync.
 
@@ -214,6 +227,8 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
     with no length normalisation. Both are computed the same way, so the first pass starts from a log-ratio of ~0.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
+
+    (The paper sums over the pairs; the mean has the same minimiser, and AdamW's steps barely see the scale.)
     """
     log_ratio = new_logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
     prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)
@@ -398,7 +413,7 @@ def main(args: Args) -> None:
                     # ln pi_theta(y|x) (b, 2). DDP all-reduces the gradients only on a step's last micro-batch; it
                     # decides so at the forward pass, which is why backward() can run outside this block.
                     with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():
-                        new_logprobs = sequence_logprobs(policy, query_response, mask, ctx, args.temperature, pad)
+                        new_logprobs = sequence_logprobs(policy, query_response, mask, ctx, config.temperature, pad)
                     loss = rebel_loss(new_logprobs, pair_logprobs[idx], pair_rewards[idx], args.eta, args.loss_scaling)
                     check_finite({"the REBEL loss": loss, "new log-probs": new_logprobs}, nan_dump)
                     (loss / grad_accum).backward()

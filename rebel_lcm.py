@@ -183,6 +183,8 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
     with no length normalisation. Both are computed the same way, so the first pass starts from a log-ratio of ~0.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
+
+    (The paper sums over the pairs; the mean has the same minimiser, and AdamW's steps barely see the scale.)
     """
     log_ratio = new_logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
     prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)

@@ -1,5 +1,5 @@
 """Bradley-Terry reward model on TL;DR preference pairs: the second stage of REBEL's pipeline (Gao et al., 2024, arXiv
-2404.16767, Appendix I.1.2).
+2404.16767, Appendix I.1.2; its settings: I.1.4).
 
 The SFT model with a one-output linear head (saved as AutoModelForSequenceClassification, num_labels=1) scores a (post,
 summary) at the summary's last non-pad token (its EOS; ScalarRewardModel reads it there, not transformers' forward,
@@ -134,9 +134,9 @@ def bradley_terry_loss(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def new_reward_model(sft_model_path: str):
-    """The SFT model's backbone (a LoRA adapter merged) under a fresh one-output linear head, initialised as
-    transformers initialises a classifier (summarize_from_feedback_details: std 1/sqrt(H+1)): the
-    AutoModelForSequenceClassification that is saved, and the ScalarRewardModel over its modules that scores."""
+    """The SFT model's backbone (a LoRA adapter merged) under a fresh one-output linear head, initialised by
+    transformers (normal, std = the config's initializer_range; summarize_from_feedback_details draws 1/sqrt(H+1)):
+    the AutoModelForSequenceClassification that is saved, and the ScalarRewardModel over its modules that scores."""
     from transformers import AutoModelForSequenceClassification
 
     sft_model = load_policy(sft_model_path, torch.float32)
@@ -181,12 +181,14 @@ def main(args: Args) -> None:
     pad, lengths = tokenizer.pad_token_id, (args.query_length, args.response_length)
     # Preference pairs (B, 2, L) to train on, and the SFT data's references to set the zero of the score; every rank
     # tokenises the whole splits and takes its own pairs from the shared shuffle.
-    columns = (args.query_column, args.chosen_column, args.rejected_column, tokenizer, lengths, args.long_prompts)
-    train_data, dropped = load_preferences(args.preference_dataset, args.train_split, *columns, chat=False)
-    eval_data, _ = load_preferences(args.preference_dataset, args.eval_split, *columns, chat=False)
+    read_pairs = partial(load_preferences, args.preference_dataset, query_column=args.query_column,
+                         chosen_column=args.chosen_column, rejected_column=args.rejected_column, tokenizer=tokenizer,
+                         lengths=lengths, long_prompts=args.long_prompts, chat=False)  # fmt: skip
+    train_data, dropped = read_pairs(split=args.train_split)
+    eval_data, _ = read_pairs(split=args.eval_split)
     eval_data = eval_data[rank_share(min(args.num_eval_prompts or len(eval_data), len(eval_data)), rank, world_size)]
-    sft_data = (args.query_dataset, args.train_split, args.query_column, args.reference_column, tokenizer, *lengths)
-    references = load_prompts(*sft_data, args.long_prompts)  # Prompts: the SFT data with its reference responses
+    references = load_prompts(args.query_dataset, args.train_split, args.query_column, args.reference_column, tokenizer,
+                              *lengths, args.long_prompts)  # fmt: skip
     norm_data = torch.cat((references.queries, references.responses), 1)
     norm_data = norm_data[rank_share(min(args.num_norm_examples or len(norm_data), len(norm_data)), rank, world_size)]
     num_updates = len(train_data) // args.batch_size * args.num_train_epochs
@@ -199,7 +201,10 @@ def main(args: Args) -> None:
     check_positions(hf_model.config, lengths, args.sft_model_path)
     check_vocabulary(tokenizer, hf_model, args.sft_model_path)
     raw_model.to(device).eval()
-    model = shard_reward_model(raw_model, bf16) if args.fsdp else distribute(raw_model, False, bf16, device)  # DDP
+    if args.fsdp:
+        model = shard_reward_model(raw_model, bf16)
+    else:
+        model = distribute(raw_model, fsdp=False, bf16=bf16, device=device)  # DDP's wrapper under torchrun
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
@@ -230,7 +235,8 @@ def main(args: Args) -> None:
             for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
                 query_responses, _ = trim_padding(mb, args.query_length, pad, args.pad_multiple)
                 with grad_sync(model, enabled=micro == grad_accum - 1), autocast():  # DDP syncs the last micro-batch
-                    rewards = model(query_responses.flatten(0, 1), pad).float().view(-1, 2)  # (b, 2)
+                    # Each pair's two rows side by side: (b, 2, L) -> (2b, L) scores -> (b, 2), chosen then rejected.
+                    rewards = model(query_responses.flatten(0, 1), pad).float().view(-1, 2)
                     loss = bradley_terry_loss(rewards)
                 check_finite({"the reward model's scores": rewards.detach(), "pairs": query_responses}, nan_dump)
                 (loss / grad_accum).backward()
