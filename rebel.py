@@ -23,10 +23,11 @@ plumbing that every script shares (the appendix). docs/rebel.md explains every m
 
 Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, ctx prompt tokens
 (left-padded), L = ctx + T. In Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants
-change them (their block says how). One update with the pieces below, without main's minibatches, DDP and logs:
+change them (their block says how). One update with the pieces below, without main's minibatches, DDP and logs
+(`policy` is the model being trained, pi_theta; at the update's start it is pi_t, which samples):
 
-    r = score_responses(policy=pi_t, ref_policy=ref_policy, reward=reward, queries=x, prompts=prompts, penalty=-1.0,
-                        responses=sample_responses(pi_t, x, 2, config, chunk), config=config, stop_ids=stop_ids,
+    r = score_responses(policy=policy, ref_policy=ref_policy, reward=reward, queries=x, prompts=prompts, penalty=-1.0,
+                        responses=sample_responses(policy, x, 2, config, chunk), config=config, stop_ids=stop_ids,
                         chunk=chunk)                                        # y, y' ~ pi_t: (B, 2, ...) tensors
     rewards = r.scores - kl_coef * (r.logprobs - r.ref_logprobs)           # r(x, y): (B, 2)
     for epoch in range(noptepochs):                                        # pi_t's r.logprobs stay fixed
