@@ -164,7 +164,7 @@ class Args:
     resume: str | None = None
     """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
     eval_freq: int = 100
-    """evaluate every this many updates (and before the first and after the last); 0 = only at the end"""
+    """evaluate every this many updates, and before the first and after the last (0: only those two)"""
     num_eval_prompts: int | None = None
     """evaluate on the first N prompts of the evaluation split (default: all)"""
     num_sample_rows: int = 4

@@ -8,15 +8,17 @@ their rewards (Equation 1):
 
 Why pairs: this regresses onto the mirror-descent update pi_{t+1}(y|x) = pi_t(y|x) exp(eta r(x, y)) / Z(x), whose
 partition function Z(x) cancels in the difference of two responses to the same prompt. Its gradient at pi_t is
-RLOO's with k = 2; linearised at pi_t and solved exactly, the regression is a natural policy gradient step (Section
-3.2, Claim 1). Like DPO (and IPO, which regresses it) it works on a difference of log-ratios, but its target is a
-difference of rewards, and its reference is a pi_t that moves at every update. Two regularisers, then: eta keeps
+RLOO's with k = 2; linearised at pi_t and solved exactly, the regression is that gradient preconditioned by the Fisher
+information, a natural policy gradient step (Section 3.2, Claims 1 and 2). Like DPO (and IPO, which regresses the
+same difference) it works on a difference of log-ratios, but its target is a difference of rewards, and its
+reference is a pi_t that moves at every update. Two regularisers, then: eta keeps
 each update near pi_t (a trust region), and the KL penalty inside the reward (--kl_coef) keeps the policy near the
 SFT policy.
 
 pi is the policy at the sampling temperature: every log-prob (the regression's, the KL's) comes from logits divided by
---temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout). So at the
-first pass ln pi_theta equals the rollout's ln pi_t, except for rounding: the batches differ in shape, and bf16 rounds.
+--temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout). So at an
+update's first optimizer step ln pi_theta equals the rollout's ln pi_t, except for rounding: the rollout and the step
+batch the responses differently, and bf16 rounds.
 
 Top to bottom: the flags (Args); the algorithm (rebel_loss, the rollout, pair_up); the loop (main); the variants; the
 plumbing that every script shares (the appendix). docs/rebel.md explains every metric.
@@ -24,14 +26,18 @@ plumbing that every script shares (the appendix). docs/rebel.md explains every m
 Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, ctx prompt tokens
 (left-padded), L = ctx + T. In Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants
 change them (their block says how). One update with the pieces below, without main's minibatches, DDP and logs
-(`policy` is the model being trained, pi_theta; at the update's start it is pi_t, which samples):
+(`policy` is the model being trained, pi_theta; at the update's start it is pi_t, which samples). x is a batch of
+left-padded prompt ids (B, ctx), prompts the same as text; reward(query_responses, ctx, prompts) -> (N,) scores:
 
+    ref_policy = partial(adapter_disabled, policy)                         # LoRA; full fine-tuning: a frozen copy
+    pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, policy.generation_config)  # EOS, end of turn
+    config = sampling_config(53, temperature, pad_id)                      # 53 tokens per response, as the paper
     r = score_responses(policy=policy, ref_policy=ref_policy, reward=reward, queries=x, prompts=prompts, penalty=-1.0,
-                        responses=sample_responses(policy, x, 2, config, chunk), config=config, stop_ids=stop_ids,
-                        chunk=chunk)                                        # y, y' ~ pi_t: (B, 2, ...) tensors
+                        responses=sample_responses(policy, x, 2, config, chunk=8), config=config, stop_ids=stop_ids,
+                        chunk=8)                                            # y, y' ~ pi_t: (B, 2, ...) tensors
     rewards = r.scores - kl_coef * (r.logprobs - r.ref_logprobs)           # r(x, y): (B, 2)
     for epoch in range(noptepochs):                                        # pi_t's r.logprobs stay fixed
-        new_logprobs = sequence_logprobs(policy, r.query_responses, r.masks, x.size(1), config.temperature, pad_id)
+        new_logprobs = sequence_logprobs(policy, r.query_responses, r.masks, x.size(1), temperature, pad_id)
         rebel_loss(new_logprobs, r.logprobs, rewards, eta).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -209,7 +215,7 @@ class Args:
     resume: str | None = None
     """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
     eval_freq: int = 100
-    """evaluate every this many updates (and before the first and after the last); 0 = only at the end"""
+    """evaluate every this many updates, and before the first and after the last (0: only those two)"""
     num_eval_prompts: int | None = None
     """evaluate on the first N prompts of the evaluation split (default: all)"""
     num_sample_rows: int = 4
@@ -225,7 +231,8 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
     """Equation (1) over N pairs. All inputs are (N, 2): column 0 is y and column 1 is y', for the same prompt x.
     new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) as the loop builds them
     (its step 2). A log-prob is the whole response's: for a text, summed over its tokens at the sampling temperature,
-    with no length normalisation. Both are computed the same way, so the first pass starts from a log-ratio of ~0.
+    with no length normalisation. Both are computed the same way, so the first step starts from a log-ratio of ~0.
+    A loss on per-token log-probs would change step 3's sequence_logprobs call (the appendix sums the tokens there).
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
 

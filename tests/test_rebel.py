@@ -1,6 +1,7 @@
 """rebel.py: the loss against the paper, the tabular mirror-descent invariant, response processing, end to end."""
 
 import json
+import textwrap
 from contextlib import nullcontext
 from functools import partial
 
@@ -319,6 +320,33 @@ def test_rollout_pairs_masks_and_eos(toy, monkeypatch):
     torch.testing.assert_close(logprobs, ref_logprobs)  # the same model as its own reference
     assert scores[0, 0].item() == pytest.approx(rm(query_responses[0, :1], pad).item(), abs=1e-5)
     assert scores[:, 1].tolist() == [-7.0, -7.0]  # no stop token: the penalty, the score Equation (1) regresses on
+
+
+def test_the_docstrings_one_update_sketch_runs(toy):
+    """rebel.py's docstring sketches one update with the core functions (sampling, scoring, rewards, Equation 1's
+    steps). Run as written on the micro policy with a LoRA adapter: the rollout has Algorithm 1's shapes, and the steps
+    move the adapter (pi_theta leaves pi_t, the reference stays). A renamed argument or a wrong call fails here."""
+    from peft import LoraConfig, get_peft_model
+
+    doc = rebel.__doc__
+    sketch = doc[doc.index("    ref_policy = partial(") : doc.index("To copy the core")]
+    tokenizer, model = _load(toy)
+    policy = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"], init_lora_weights=False)
+    )
+    x = _queries(tokenizer, ["a post about a cat", "another post"])
+    rm = rebel.load_reward_model(toy.rm, torch.float32).eval()
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    names = {n: getattr(rebel, n) for n in dir(rebel) if not n.startswith("__")}
+    names |= dict(tokenizer=tokenizer, policy=policy, x=x, prompts=["a post about a cat", "another post"],
+                  reward=rebel.Reward(tokenizer, rm), temperature=0.7, kl_coef=0.05, eta=1.0, noptepochs=2,
+                  optimizer=torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2))  # fmt: skip
+    torch.manual_seed(0)
+    exec(textwrap.dedent(sketch), names)
+    r = names["r"]
+    assert r.query_responses.shape == (2, 2, x.size(1) + 53) and names["rewards"].shape == (2, 2)
+    moved = [n for n, p in policy.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert moved, "the sketch's optimizer steps left the adapter where it was"
 
 
 # ---------------------------------------------------------------------------------------------- end to end
