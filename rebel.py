@@ -27,7 +27,7 @@ Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T r
 (left-padded), L = ctx + T. In Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants
 change them (their block says how). One update with the pieces below, without main's minibatches, DDP and logs
 (`policy` is the model being trained, pi_theta; at the update's start it is pi_t, which samples). x is a batch of
-left-padded prompt ids (B, ctx), prompts the same as text; reward(query_responses, ctx, prompts) -> (N,) scores:
+left-padded prompt ids (B, ctx), prompts the same prompts as strings; reward(query_responses, ctx, prompts) -> (N,):
 
     ref_policy = partial(adapter_disabled, policy)                         # LoRA; full fine-tuning: a frozen copy
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, policy.generation_config)  # EOS, end of turn
@@ -43,7 +43,7 @@ left-padded prompt ids (B, ctx), prompts the same as text; reward(query_response
         optimizer.zero_grad()
 
 To copy the core: rebel_loss, Rollout, sample_responses, score_responses, pair_up, the appendix's first section
-(sampling and log-probs) and Timer; with LoRA, adapter_disabled; with DDP, grad_sync.
+(sampling and log-probs), stop_token_ids and Timer; with LoRA, adapter_disabled; with DDP, grad_sync.
 
     python rebel.py --eta 1.0                               # one process
     torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the 2.8B TL;DR run, at the official code's temperature
@@ -87,7 +87,7 @@ class Args:
     """coefficient of the KL penalty to the SFT policy inside the reward (default 0.05; with --preference_fn, 0)"""
     loss_scaling: Literal["paper", "official"] = "paper"
     """'paper': Equation (1) as written; 'official': eta^2 times it, (log-ratio difference - eta * reward difference)^2
-    as the official code minimises it (under AdamW the scale matters only through eps and --max_grad_norm)"""
+    as the official code minimises it (the same at eta 1; under AdamW the scale matters only via eps and clipping)"""
     noptepochs: int = 4
     """passes over each batch of pairs"""
     num_mini_batches: int = 1
@@ -229,10 +229,10 @@ class Args:
 
 def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
     """Equation (1) over N pairs. All inputs are (N, 2): column 0 is y and column 1 is y', for the same prompt x.
-    new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) as the loop builds them
-    (its step 2). A log-prob is the whole response's: for a text, summed over its tokens at the sampling temperature,
-    with no length normalisation. Both are computed the same way, so the first step starts from a log-ratio of ~0.
-    A loss on per-token log-probs would change step 3's sequence_logprobs call (the appendix sums the tokens there).
+    new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) = score(x, y) - kl_coef *
+    (ln pi_t(y|x) - ln pi_ref(y|x)). A log-prob is the whole response's: for a text, summed over its tokens at the
+    sampling temperature (sequence_logprobs), with no length normalisation. Both are computed the same way, so the
+    first step starts from a log-ratio of ~0. A per-token loss would take response_logprobs (B, T) and the masks.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
 
@@ -299,7 +299,7 @@ def score_responses(
             score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
         score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
-        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))
+        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks of one width
     return Rollout(*(torch.cat(t) for t in zip(*out)))
 
 
@@ -407,7 +407,8 @@ def main(args: Args) -> None:
         prompt_idx = torch.arange(len(pairs), device=device)[:, None, None]  # (B, 1, 1), broadcast against pairs
         pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
             t[prompt_idx, pairs].flatten(0, 1) for t in (query_responses, masks, logprobs, rewards)
-        )  # (B, m, ...) indexed by (B, 1, 1) and (B, P, 2): (B, P, 2, ...), flattened to (B * P, 2, ...)
+        )  # (B, m, ...) indexed by (B, 1, 1) and (B, P, 2): (B, P, 2, ...), flattened to (B * P, 2, ...). A loss that
+        # needs more of each pair (ref_logprobs, the scores) gathers it here the same way.
 
         # 3. Regress relative rewards (Equation 1): noptepochs passes over the pairs, one optimizer step per minibatch;
         # ln pi_t (pair_logprobs, from the rollout) stays fixed through all of them, as pi_t does in Algorithm 1.

@@ -178,10 +178,10 @@ class Args:
 
 def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
     """Equation (1) over N pairs. All inputs are (N, 2): column 0 is y and column 1 is y', for the same prompt x.
-    new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) as the loop builds them
-    (its step 2). A log-prob is the whole response's: for a text, summed over its tokens at the sampling temperature,
-    with no length normalisation. Both are computed the same way, so the first step starts from a log-ratio of ~0.
-    A loss on per-token log-probs would change step 3's sequence_logprobs call (the appendix sums the tokens there).
+    new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) = score(x, y) - kl_coef *
+    (ln pi_t(y|x) - ln pi_ref(y|x)). A log-prob is the whole response's: for a text, summed over its tokens at the
+    sampling temperature (sequence_logprobs), with no length normalisation. Both are computed the same way, so the
+    first step starts from a log-ratio of ~0. A per-token loss would take response_logprobs (B, T) and the masks.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
 
