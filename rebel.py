@@ -25,20 +25,21 @@ plumbing that every script shares (the appendix). docs/rebel.md explains every m
 
 Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, ctx prompt tokens
 (left-padded), L = ctx + T. In Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants
-change them (their block says how). One update with the pieces below, without main's minibatches, DDP and logs
-(`policy` is the model being trained, pi_theta; at the update's start it is pi_t, which samples). x is a batch of
-left-padded prompt ids (B, ctx), prompts the same prompts as strings; reward(query_responses, ctx, prompts) -> (N,):
+change them (their block says how). One update with the pieces below, without main's minibatches (at 512 prompts
+one forward would not fit), DDP and logs. `policy` is the model being trained, pi_theta; at the update's start it is
+pi_t, which samples. x is a batch of left-padded prompt ids (B, ctx), prompts the same prompts as strings, and
+reward(query_responses, ctx, prompts) a reward model's score of each row:
 
     ref_policy = partial(adapter_disabled, policy)                         # LoRA; full fine-tuning: a frozen copy
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, policy.generation_config)  # EOS, end of turn
     config = sampling_config(53, temperature, pad_id)                      # 53 tokens per response, as the paper
-    r = score_responses(policy=policy, ref_policy=ref_policy, reward=reward, queries=x, prompts=prompts, penalty=-1.0,
-                        responses=sample_responses(policy, x, 2, config, chunk=8), config=config, stop_ids=stop_ids,
-                        chunk=8)                                            # y, y' ~ pi_t: (B, 2, ...) tensors
-    rewards = r.scores - kl_coef * (r.logprobs - r.ref_logprobs)           # r(x, y): (B, 2)
-    for epoch in range(noptepochs):                                        # pi_t's r.logprobs stay fixed
-        new_logprobs = sequence_logprobs(policy, r.query_responses, r.masks, x.size(1), temperature, pad_id)
-        rebel_loss(new_logprobs, r.logprobs, rewards, eta).backward()
+    rollout = score_responses(policy=policy, ref_policy=ref_policy, reward=reward, queries=x, prompts=prompts,
+                              responses=sample_responses(policy, x, 2, config, chunk=8), config=config,
+                              stop_ids=stop_ids, penalty=-1.0, chunk=8)   # y, y' ~ pi_t: (B, 2, ...) tensors
+    rewards = rollout.scores - kl_coef * (rollout.logprobs - rollout.ref_logprobs)  # r(x, y): (B, 2), one pair a row
+    for epoch in range(noptepochs):                                                 # ln pi_t stays fixed
+        new_logprobs = sequence_logprobs(policy, rollout.query_responses, rollout.masks, x.size(1), temperature, pad_id)
+        rebel_loss(new_logprobs, rollout.logprobs, rewards, eta).backward()         # P = 1: the (B, 2) rows are pairs
         optimizer.step()
         optimizer.zero_grad()
 
@@ -136,7 +137,8 @@ class Args:
     batch_size: int = 512
     """prompts per update, over all ranks (P pairs each: one in Algorithm 1); stays fixed as the world size changes"""
     per_device_train_batch_size: int = 8
-    """pairs per micro-batch on one rank (2x as many sequences); gradient accumulation fills the rest"""
+    """pairs per micro-batch on one rank (2x as many sequences); gradient accumulation fills the rest (512 prompts on
+    8 ranks: 64 pairs per rank, 8 micro-batches of 8)"""
     local_rollout_forward_batch_size: int = 32
     """prompts per no-grad generation / scoring chunk on one rank"""
     lr: float = 3e-6
@@ -146,7 +148,7 @@ class Args:
     max_grad_norm: float | None = None
     """clip the gradient norm to this (default: no clipping; the paper gives no value for TL;DR)"""
 
-    # variants of Algorithm 1 (the loop reads as the paper's TL;DR setting; the variants' code follows it)
+    # variants of Algorithm 1 (the loop reads as Algorithm 1 as the paper runs TL;DR; the variants' code follows it)
     num_samples: int = 2
     """responses per prompt (Algorithm 1: 2, y and y'; the variants' block after the loop says what the others do)"""
     pairing: Literal["adjacent", "best_worst"] = "adjacent"
@@ -232,7 +234,9 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
     new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) = score(x, y) - kl_coef *
     (ln pi_t(y|x) - ln pi_ref(y|x)). A log-prob is the whole response's: for a text, summed over its tokens at the
     sampling temperature (sequence_logprobs), with no length normalisation. Both are computed the same way, so the
-    first step starts from a log-ratio of ~0. A per-token loss would take response_logprobs (B, T) and the masks.
+    first step starts from a log-ratio of ~0: the loss is then ~ mean (r(x, y) - r(x, y'))^2, and its gradient
+    -2/eta mean (r(x, y) - r(x, y')) grad[ln pi(y|x) - ln pi(y'|x)], RLOO's with k = 2. A per-token loss would take
+    response_logprobs (B, T) and the masks.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
 
@@ -343,7 +347,7 @@ def main(args: Args) -> None:
     total_episodes = args.total_episodes or len(train.dataset)
     num_updates = total_episodes // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
-    batches = prompt_batches(len(train.dataset), args.batch_size, rank, world_size, args.seed)  # one shuffle, shared
+    batches = prompt_batches(len(train.dataset), args.batch_size, rank, world_size, args.seed)  # same on all ranks
 
     # The models, all in eval mode (no dropout). raw_policy is pi_theta: it samples and is saved; `policy` is the same
     # model as the gradient steps see it (DDP's wrapper, or FSDP's shards). ref_policy is a function: `with

@@ -181,7 +181,9 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
     new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) = score(x, y) - kl_coef *
     (ln pi_t(y|x) - ln pi_ref(y|x)). A log-prob is the whole response's: for a text, summed over its tokens at the
     sampling temperature (sequence_logprobs), with no length normalisation. Both are computed the same way, so the
-    first step starts from a log-ratio of ~0. A per-token loss would take response_logprobs (B, T) and the masks.
+    first step starts from a log-ratio of ~0: the loss is then ~ mean (r(x, y) - r(x, y'))^2, and its gradient
+    -2/eta mean (r(x, y) - r(x, y')) grad[ln pi(y|x) - ln pi(y'|x)], RLOO's with k = 2. A per-token loss would take
+    response_logprobs (B, T) and the masks.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
 

@@ -343,7 +343,7 @@ def test_the_docstrings_one_update_sketch_runs(toy):
                   optimizer=torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2))  # fmt: skip
     torch.manual_seed(0)
     exec(textwrap.dedent(sketch), names)
-    r = names["r"]
+    r = names["rollout"]
     assert r.query_responses.shape == (2, 2, x.size(1) + 53) and names["rewards"].shape == (2, 2)
     moved = [n for n, p in policy.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert moved, "the sketch's optimizer steps left the adapter where it was"
