@@ -347,7 +347,7 @@ def main(args: Args) -> None:
     total_episodes = args.total_episodes or len(train.dataset)
     num_updates = total_episodes // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
-    batches = prompt_batches(len(train.dataset), args.batch_size, rank, world_size, args.seed)  # same on all ranks
+    batches = prompt_batches(len(train.dataset), args.batch_size, rank, world_size, args.seed)  # rank's share
 
     # The models, all in eval mode (no dropout). raw_policy is pi_theta: it samples and is saved; `policy` is the same
     # model as the gradient steps see it (DDP's wrapper, or FSDP's shards). ref_policy is a function: `with
