@@ -20,7 +20,7 @@ pi is the policy at the sampling temperature: every log-prob (the regression's, 
 update's first optimizer step ln pi_theta equals the rollout's ln pi_t, except for rounding: the rollout and the step
 batch the responses differently, and bf16 rounds.
 
-Top to bottom: the flags (Args); the algorithm (rebel_loss, the rollout, pair_up); the loop (main); the variants; the
+Top to bottom: the flags (Args); the algorithm (rebel_loss, the rollout, the pairs); the loop (main); the variants; the
 plumbing that every script shares (the appendix). docs/rebel.md explains every metric.
 
 Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, ctx prompt tokens
@@ -43,8 +43,8 @@ reward(query_responses, ctx, prompts) a reward model's score of each row:
         optimizer.step()
         optimizer.zero_grad()
 
-To copy the core: rebel_loss, Rollout, sample_responses, score_responses, pair_up, the appendix's first section
-(sampling and log-probs), stop_token_ids and Timer; with LoRA, adapter_disabled; with DDP, grad_sync.
+To copy the core: rebel_loss, Rollout, sample_responses, score_responses, pair_up and take_pairs, the appendix's
+first section (sampling and log-probs), stop_token_ids and Timer; with LoRA, adapter_disabled; with DDP, grad_sync.
 
     python rebel.py --eta 1.0                               # one process
     torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the 2.8B TL;DR run, at the official code's temperature
@@ -320,6 +320,13 @@ def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
     return torch.stack((best, worst), 1).unsqueeze(1)  # (B, 1, 2)
 
 
+def take_pairs(t: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Each pair's two rows of t: t (B, m, ...) and pairs (B, P, 2) from pair_up -> (B * P, 2, ...), prompt b's pair p
+    at row b * P + p. In Algorithm 1 (m = 2, pairs [[0, 1]] for every prompt) that is t itself."""
+    prompt = torch.arange(len(t), device=t.device)[:, None, None]  # (B, 1, 1), broadcast against pairs
+    return t[prompt, pairs].flatten(0, 1)
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -355,8 +362,7 @@ def main(args: Args) -> None:
     raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
-    # How many responses per prompt pi_t samples, and their columns in the rollout: 2 and [0, 1] in Algorithm 1.
-    num_policy_samples, sampled = variant_columns(args.num_samples, args.mu, preference is not None)
+    sampled = variant_columns(args.num_samples, args.mu, preference is not None)  # pi_t's: [0, 1] in Algorithm 1
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
     config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
@@ -393,14 +399,14 @@ def main(args: Args) -> None:
         # (the reward model's; the penalty without EOS). Every variant_* call is the identity in Algorithm 1's setting.
         with autocast():
             with timer("generation"):
-                responses = sample_responses(raw_policy, queries, num_policy_samples, config, chunk)  # (B, m, T)
+                responses = sample_responses(raw_policy, queries, len(sampled), config, chunk)  # (B, m, T)
             responses = variant_responses(responses, train.responses, batch)  # --mu dataset: y' joins, second
             rollout = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
                                       queries=queries, responses=responses, prompts=prompts, config=config,
                                       stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
         check_finite({f"the rollout's {name}": t for name, t in rollout._asdict().items()}, nan_dump)
-        query_responses, masks, logprobs, ref_logprobs, _, has_eos = rollout  # (B, m, ...); the scores come next
-        with timer("reward"):  # rollout.scores, or with --preference_fn the judge's (Appendix D.2)
+        query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout  # each (B, m, ...)
+        with timer("reward"):  # the same scores, or with --preference_fn the judge's instead (Appendix D.2)
             scores, wins = variant_scores(preference, tokenizer, rollout, prompts, args.num_samples, penalty)
 
         # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), neither normalised nor whitened
@@ -408,11 +414,9 @@ def main(args: Args) -> None:
         kl = logprobs - ref_logprobs  # (B, m)
         rewards = scores - args.kl_coef * kl  # (B, m); kl_coef 0.05 (0 with --preference_fn: resolve_variants)
         pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2); --preference_fn's y'' is never paired
-        prompt_idx = torch.arange(len(pairs), device=device)[:, None, None]  # (B, 1, 1), broadcast against pairs
         pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
-            t[prompt_idx, pairs].flatten(0, 1) for t in (query_responses, masks, logprobs, rewards)
-        )  # (B, m, ...) indexed by (B, 1, 1) and (B, P, 2): (B, P, 2, ...), flattened to (B * P, 2, ...). A loss that
-        # needs more of each pair (ref_logprobs, the scores) gathers it here the same way.
+            take_pairs(t, pairs) for t in (query_responses, masks, logprobs, rewards)
+        )  # (B * P, 2, ...); a loss that needs more of each pair (ref_logprobs, the scores) takes it the same way
 
         # 3. Regress relative rewards (Equation 1): noptepochs passes over the pairs, one optimizer step per minibatch;
         # ln pi_t (pair_logprobs, from the rollout) stays fixed through all of them, as pi_t does in Algorithm 1.
@@ -498,12 +502,11 @@ def resolve_variants(args: Args) -> None:
         args.reward_model_path = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
 
 
-def variant_columns(num_samples: int, mu: str, preference: bool) -> tuple[int, list[int]]:
-    """How many of a prompt's m responses pi_t samples, and their columns: all but --mu dataset's y' (column 1), where
-    m is --num_samples k, or 3 with --preference_fn and k = 2 (D.2's y'')."""
+def variant_columns(num_samples: int, mu: str, preference: bool) -> list[int]:
+    """The columns of a prompt's m responses that pi_t samples: all but --mu dataset's y' (column 1), where m is
+    --num_samples k, or 3 with --preference_fn and k = 2 (D.2's y'')."""
     m = 3 if preference and num_samples == 2 else num_samples
-    sampled = [i for i in range(m) if mu == "policy" or i != 1]
-    return len(sampled), sampled
+    return [i for i in range(m) if mu == "policy" or i != 1]
 
 
 def variant_responses(responses: torch.Tensor, dataset_responses: torch.Tensor | None, batch) -> torch.Tensor:

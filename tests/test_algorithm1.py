@@ -114,8 +114,8 @@ def test_a_transitive_preference_gives_the_reward_differences():
     true_gap = r[:, 0::2] - r[:, 1::2]
     for wins, at_least in ((P, 0.99), (o, 0.9)):
         rewards = rebel.preference_rewards(wins, rebel.comparators(k))
-        paired = rewards[torch.arange(n_prompts)[:, None, None], pairs]  # (B, k/2, 2), as rebel.py's main pairs them
-        target = paired[..., 0] - paired[..., 1]
+        paired = rebel.take_pairs(rewards, pairs)  # (B * k/2, 2), as rebel.py's main pairs them
+        target = (paired[:, 0] - paired[:, 1]).view(n_prompts, -1)
         corr = torch.corrcoef(torch.stack((target.flatten(), true_gap.flatten())))[0, 1]
         assert corr > at_least, corr
 

@@ -51,6 +51,16 @@ def test_pairs_adjacent_and_best_worst_by_hand():
     assert [sorted(set(p)) == sorted(p) for (p,) in rebel.pair_up(tied, "best_worst").tolist()] == [True, True]
 
 
+def test_take_pairs_lays_each_prompts_pairs_out_in_order():
+    """take_pairs: (B, m, ...) by pair_up's (B, P, 2) -> (B * P, 2, ...), prompt b's pair p at row b * P + p, trailing
+    dimensions kept; Algorithm 1's single pair [0, 1] gives the tensor back as it is."""
+    t = torch.arange(2 * 4 * 3).view(2, 4, 3)  # B = 2 prompts, m = 4 responses, 3 values each
+    pairs = torch.tensor([[[0, 1], [3, 2]], [[2, 0], [1, 3]]])
+    expected = [[t[0, 0], t[0, 1]], [t[0, 3], t[0, 2]], [t[1, 2], t[1, 0]], [t[1, 1], t[1, 3]]]
+    assert rebel.take_pairs(t, pairs).tolist() == [[a.tolist(), b.tolist()] for a, b in expected]
+    assert torch.equal(rebel.take_pairs(t[:, :2], torch.tensor([[[0, 1]]] * 2)), t[:, :2])
+
+
 def test_prompts_as_messages():
     assert rebel.as_messages("hi there") == [{"role": "user", "content": "hi there"}]
     nectar = "\n\nHuman: how do I bake bread?\n\nAssistant: With flour.\n\nHuman: and yeast?\n\nAssistant:"
