@@ -25,10 +25,10 @@ plumbing that every script shares (the appendix). docs/rebel.md explains every m
 
 Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, ctx prompt tokens
 (left-padded), L = ctx + T. In Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants
-change them (their block says how). One update with the pieces below, without main's minibatches (at 512 prompts
-one forward would not fit), DDP and logs. `policy` is the model being trained, pi_theta; at the update's start it is
-pi_t, which samples. x is a batch of left-padded prompt ids (B, ctx), prompts the same prompts as strings, and
-reward(query_responses, ctx, prompts) a reward model's score of each row:
+change them (their block says how). Below, one update written with this file's functions, leaving out main's
+minibatches (at 512 prompts one forward would not fit), DDP and logging. `policy` is the model being trained,
+pi_theta; at the update's start it is pi_t, which samples. x is a batch of left-padded prompt ids (B, ctx), prompts
+the same prompts as strings, and reward(query_responses, ctx, prompts) a reward model's score of each row:
 
     ref_policy = partial(adapter_disabled, policy)                         # LoRA; full fine-tuning: a frozen copy
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, policy.generation_config)  # EOS, end of turn
@@ -246,7 +246,7 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
     prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)
     target = rewards[:, 0] - rewards[:, 1]  # (N,)
     loss = ((prediction - target) ** 2).mean()
-    return {"paper": loss, "official": eta**2 * loss}[scaling]
+    return eta**2 * loss if scaling == "official" else loss
 
 
 class Rollout(NamedTuple):
@@ -362,7 +362,8 @@ def main(args: Args) -> None:
     raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
-    sampled = variant_columns(args.num_samples, args.mu, preference is not None)  # pi_t's: [0, 1] in Algorithm 1
+    # The columns of the rollout's (B, m) tensors that pi_t samples: all of them, [0, 1], in Algorithm 1.
+    policy_columns = variant_columns(args.num_samples, args.mu, preference is not None)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
     config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
@@ -396,24 +397,26 @@ def main(args: Args) -> None:
         ctx, prompts = queries.size(1), [train.prompts[i] for i in batch]
 
         # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
-        # (the reward model's; the penalty without EOS). Every variant_* call is the identity in Algorithm 1's setting.
+        # (the reward model's; the penalty without EOS). The variants enter at the lines marked `variant` (their block
+        # follows the loop); in Algorithm 1's setting each leaves what it is given as it is.
         with autocast():
             with timer("generation"):
-                responses = sample_responses(raw_policy, queries, len(sampled), config, chunk)  # (B, m, T)
-            responses = variant_responses(responses, train.responses, batch)  # --mu dataset: y' joins, second
+                responses = sample_responses(raw_policy, queries, len(policy_columns), config, chunk)  # (B, m, T)
+            responses = variant_responses(responses, train.responses, batch)  # variant --mu dataset: y' joins, second
+            # (variant --preference_fn: no reward model here; the judge scores the rollout below)
             rollout = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
                                       queries=queries, responses=responses, prompts=prompts, config=config,
                                       stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
         check_finite({f"the rollout's {name}": t for name, t in rollout._asdict().items()}, nan_dump)
         query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout  # each (B, m, ...)
-        with timer("reward"):  # the same scores, or with --preference_fn the judge's instead (Appendix D.2)
+        with timer("reward"):  # variant --preference_fn: the judge's scores instead (Appendix D.2)
             scores, wins = variant_scores(preference, tokenizer, rollout, prompts, args.num_samples, penalty)
 
         # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), neither normalised nor whitened
         # (Equation 1 regresses on its differences as they are); and the pairs (y, y').
         kl = logprobs - ref_logprobs  # (B, m)
         rewards = scores - args.kl_coef * kl  # (B, m); kl_coef 0.05 (0 with --preference_fn: resolve_variants)
-        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2); --preference_fn's y'' is never paired
+        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2); the variant's y'' is never paired
         pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
             take_pairs(t, pairs) for t in (query_responses, masks, logprobs, rewards)
         )  # (B * P, 2, ...); a loss that needs more of each pair (ref_logprobs, the scores) takes it the same way
@@ -442,21 +445,21 @@ def main(args: Args) -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-        # 4. Log the metrics of pi_t's samples (the columns `sampled`): log.write averages them over the ranks and rank
+        # 4. Log the metrics of pi_t's samples (policy_columns): log.write averages them over the ranks and rank
         # 0 writes them. Evaluate every --eval_freq updates. The entropy is estimated by -ln pi_t(y|x) per token.
         per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
         stats = {
-            "objective/scores": scores[:, sampled].mean().item(),
-            "objective/kl": kl[:, sampled].mean().item(),
-            "objective/rlhf_reward": rewards[:, sampled].mean().item(),
-            "objective/entropy": -(logprobs[:, sampled].sum() / masks[:, sampled].sum()).item(),
-            "objective/response_length": masks[:, sampled].sum(-1).float().mean().item(),
-            "objective/eos_rate": has_eos[:, sampled].float().mean().item(),
+            "objective/scores": scores[:, policy_columns].mean().item(),
+            "objective/kl": kl[:, policy_columns].mean().item(),
+            "objective/rlhf_reward": rewards[:, policy_columns].mean().item(),
+            "objective/entropy": -(logprobs[:, policy_columns].sum() / masks[:, policy_columns].sum()).item(),
+            "objective/response_length": masks[:, policy_columns].sum(-1).float().mean().item(),
+            "objective/eos_rate": has_eos[:, policy_columns].float().mean().item(),
             "loss/policy": float(np.mean(loss_stats)),
             "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
             "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
             "policy/approxkl": float(np.mean(approxkl_stats)),
-            **variant_metrics(scores, wins, sampled, args.mu == "dataset"),
+            **variant_metrics(scores, wins, policy_columns, args.mu == "dataset"),
         }
         log.write(update, stats, timer, lr_now)
         if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
@@ -545,7 +548,7 @@ def comparators(k: int) -> torch.Tensor:
     return ~torch.eye(k, dtype=torch.bool) if k > 2 else torch.tensor([[0, 0, 1], [0, 0, 1], [1, 1, 0]]).bool()
 
 
-def variant_metrics(scores, wins, sampled: list[int], mu_dataset: bool) -> dict:
+def variant_metrics(scores, wins, policy_columns: list[int], mu_dataset: bool) -> dict:
     """--mu dataset: how often y beats the dataset's y' (P(y > y') by the judge, or score(y) > score(y'), ties half).
     --preference_fn: the mean 2 P(y_i > y_j) - 1 over ordered pairs of distinct samples of pi_t, ~0 (skew-symmetry)."""
     stats = {}
@@ -554,8 +557,8 @@ def variant_metrics(scores, wins, sampled: list[int], mu_dataset: bool) -> dict:
         win = wins[:, 0, 1] if wins is not None else (scores[:, 0] > scores[:, 1]) + 0.5 * ties
         stats["objective/win_rate_vs_mu"] = win.float().mean().item()
     if wins is not None:
-        self_play = 2 * wins[:, sampled][:, :, sampled] - 1  # (B, s, s), s = len(sampled)
-        stats["objective/self_preference"] = self_play[:, ~torch.eye(len(sampled), dtype=bool)].mean().item()
+        self_play = 2 * wins[:, policy_columns][:, :, policy_columns] - 1  # (B, s, s), s = len(policy_columns)
+        stats["objective/self_preference"] = self_play[:, ~torch.eye(len(policy_columns), dtype=bool)].mean().item()
     return stats
 
 

@@ -193,7 +193,7 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
     prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)
     target = rewards[:, 0] - rewards[:, 1]  # (N,)
     loss = ((prediction - target) ** 2).mean()
-    return {"paper": loss, "official": eta**2 * loss}[scaling]
+    return eta**2 * loss if scaling == "official" else loss
 
 
 def ppo_loss(logp, old_logp, advantages, clip_range):
