@@ -398,25 +398,28 @@ def main(args: Args) -> None:
 
         # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
         # (the reward model's; the penalty without EOS). The variants enter at the lines marked `variant` (their block
-        # follows the loop); in Algorithm 1's setting each leaves what it is given as it is.
+        # follows the loop).
         with autocast():
             with timer("generation"):
                 responses = sample_responses(raw_policy, queries, len(policy_columns), config, chunk)  # (B, m, T)
-            responses = variant_responses(responses, train.responses, batch)  # variant --mu dataset: y' joins, second
+            if args.mu == "dataset":  # variant: y' is the prompt's response in the dataset (Algorithm 1's mu), second
+                responses = with_dataset_responses(responses, train.responses[batch])
             # (variant --preference_fn: no reward model here; the judge scores the rollout below)
             rollout = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
                                       queries=queries, responses=responses, prompts=prompts, config=config,
                                       stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
         check_finite({f"the rollout's {name}": t for name, t in rollout._asdict().items()}, nan_dump)
         query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout  # each (B, m, ...)
-        with timer("reward"):  # variant --preference_fn: the judge's scores instead (Appendix D.2)
-            scores, wins = variant_scores(preference, tokenizer, rollout, prompts, args.num_samples, penalty)
+        wins = None  # with --preference_fn, the judge's P(y_i > y_j | x)
+        if preference:  # variant (Appendix D.2): each score is the judge's preference over other samples of pi_t
+            with timer("reward"):
+                scores, wins = preference_scores(preference, tokenizer, rollout, prompts, args.num_samples, penalty)
 
         # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), neither normalised nor whitened
         # (Equation 1 regresses on its differences as they are); and the pairs (y, y').
         kl = logprobs - ref_logprobs  # (B, m)
         rewards = scores - args.kl_coef * kl  # (B, m); kl_coef 0.05 (0 with --preference_fn: resolve_variants)
-        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2); the variant's y'' is never paired
+        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2); variant: y'' is not paired
         pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
             take_pairs(t, pairs) for t in (query_responses, masks, logprobs, rewards)
         )  # (B * P, 2, ...); a loss that needs more of each pair (ref_logprobs, the scores) takes it the same way
@@ -512,21 +515,16 @@ def variant_columns(num_samples: int, mu: str, preference: bool) -> list[int]:
     return [i for i in range(m) if mu == "policy" or i != 1]
 
 
-def variant_responses(responses: torch.Tensor, dataset_responses: torch.Tensor | None, batch) -> torch.Tensor:
-    """--mu dataset: the batch's dataset responses y' (right-padded ids) put second, after pi_t's y (and before a
-    --preference_fn's y''); without it (None), the responses as they are. (B, m - 1, T) -> (B, m, T). y' is then
-    scored as a sample is: its reward has the same KL term, though pi_t did not sample it."""
-    if dataset_responses is None:
-        return responses
-    given = dataset_responses[batch].to(responses.device)[:, None]  # (B, 1, T)
-    return torch.cat((responses[:, :1], given, responses[:, 1:]), 1)
+def with_dataset_responses(responses: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """--mu dataset: the prompts' dataset responses y' (B, T) (right-padded ids) put second, after pi_t's y (and
+    before a --preference_fn's y''): (B, m - 1, T) -> (B, m, T). y' is then scored as a sample is: its reward has the
+    same KL term, though pi_t did not sample it."""
+    return torch.cat((responses[:, :1], given.to(responses.device)[:, None], responses[:, 1:]), 1)
 
 
-def variant_scores(fn, tokenizer, r: Rollout, prompts, num_samples: int, penalty: float) -> tuple:
+def preference_scores(fn, tokenizer, r: Rollout, prompts, num_samples: int, penalty: float) -> tuple:
     """--preference_fn fn: Appendix D.2's reward of every response (the penalty without EOS), and the judge's
-    P(y_i > y_j | x) (B, m, m). Without it (None): the rollout's scores as they are, and None."""
-    if fn is None:
-        return r.scores, None
+    P(y_i > y_j | x) (B, m, m)."""
     wins = compare_pairs(fn, tokenizer, r.query_responses, r.query_responses.size(-1) - r.masks.size(-1), prompts)
     scores = preference_rewards(wins, comparators(num_samples).to(wins.device))  # (B, m)
     return torch.where(r.has_eos, scores, penalty), wins
