@@ -829,8 +829,7 @@ def lora_config(flags: dict):
 def load_trained_policy(flags: dict, tokenizer, dtype, device, bf16: bool):
     """--sft_model_path to train (eval mode: no dropout), its reference (`with ref_policy() as ref`) and its stop
     tokens. --lora: fp32 adapters on a base in `dtype`, the reference with the adapter off; --num_trainable_layers:
-    those in fp32, the reference with their first weights swapped in; else fp32, a frozen copy. Then
-    --gradient_checkpointing."""
+    those in fp32, the reference with their first weights swapped in; else fp32, a frozen copy."""
     from peft import get_peft_model
 
     path, lora, num_trainable_layers = flags["sft_model_path"], flags["lora"], flags["num_trainable_layers"]
