@@ -399,11 +399,10 @@ def sampling_config(response_length: int, temperature: float, pad_id: int, stati
     no eos_token_id), the rollout cuts after it; with stop_ids (chat), up to the first stop. The pad is not sampled."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(
-        max_new_tokens=response_length, min_new_tokens=None if stop_ids else response_length, eos_token_id=stop_ids or None,
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad_id, suppress_tokens=[pad_id],
-        cache_implementation="static" if static_cache else None,
-    )  # fmt: skip
+    return GenerationConfig(max_new_tokens=response_length, min_new_tokens=None if stop_ids else response_length,
+                            eos_token_id=stop_ids or None, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            pad_token_id=pad_id, suppress_tokens=[pad_id],
+                            cache_implementation="static" if static_cache else None)  # fmt: skip
 
 
 @torch.no_grad()
@@ -642,8 +641,7 @@ def lora_config(flags: dict):
 def load_trained_policy(flags: dict, tokenizer, dtype, device, bf16: bool):
     """--sft_model_path to train (eval mode: no dropout), its reference (`with ref_policy() as ref`) and its stop
     tokens. --lora: fp32 adapters on a base in `dtype`, the reference with the adapter off; --num_trainable_layers:
-    those in fp32, the reference with their first weights swapped in; else fp32, a frozen copy. Then
-    --gradient_checkpointing."""
+    those in fp32, the reference with their first weights swapped in; else fp32, a frozen copy."""
     from peft import get_peft_model
 
     path, lora, num_trainable_layers = flags["sft_model_path"], flags["lora"], flags["num_trainable_layers"]
@@ -978,9 +976,8 @@ def load_reward_model(path: str, dtype: torch.dtype) -> ScalarRewardModel:
         with open(os.path.join(local, "config.json")) as f:
             config = json.load(f)
         if "base_config" not in config:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                local, dtype=dtype, output_loading_info=True
-            )
+            model, info = AutoModelForSequenceClassification.from_pretrained(local, dtype=dtype,
+                                                                             output_loading_info=True)  # fmt: skip
             if missing := sorted(info["missing_keys"]):
                 raise BadInput(f"reward model {path}: no weights for {len(missing)} parameters of "
                                f"{type(model).__name__} (e.g. {missing[0]}), which would score at random. A reward "
@@ -1014,9 +1011,8 @@ class Prompts(NamedTuple):  # a split of a dataset, as load_prompts reads it
     dropped: int  # how many prompts longer than query_length were dropped (--long_prompts filter)
 
 
-def load_prompts(
-    path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
-) -> Prompts:
+def load_prompts(path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts,
+                 chat=False) -> Prompts:  # fmt: skip
     """A split of a dataset (hub name, save_to_disk folder, data file, or folder of one file per split), with the
     responses of reference_column (None: none)."""
     from datasets import load_dataset, load_from_disk
@@ -1440,9 +1436,8 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
         state = trainable_state(model, optimizer)
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
         options = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen weights are not saved
-        set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
-        )
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=options)  # fmt: skip
         rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True)  # this rank's RNG states
         kind, keys, *rest = rng["numpy"]
         random.setstate(rng["python"])

@@ -992,9 +992,8 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
         state = trainable_state(model, optimizer)
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
         options = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen weights are not saved
-        set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
-        )
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=options)  # fmt: skip
         rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True)  # this rank's RNG states
         kind, keys, *rest = rng["numpy"]
         random.setstate(rng["python"])

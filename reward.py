@@ -594,9 +594,8 @@ class Prompts(NamedTuple):  # a split of a dataset, as load_prompts reads it
     dropped: int  # how many prompts longer than query_length were dropped (--long_prompts filter)
 
 
-def load_prompts(
-    path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts, chat=False
-) -> Prompts:
+def load_prompts(path, split, query_column, reference_column, tokenizer, query_length, response_length, long_prompts,
+                 chat=False) -> Prompts:  # fmt: skip
     """A split of a dataset (hub name, save_to_disk folder, data file, or folder of one file per split), with the
     responses of reference_column (None: none)."""
     from datasets import load_dataset, load_from_disk
@@ -953,9 +952,8 @@ def load_checkpoint(path: str | None, model, optimizer, flags: dict, world_size:
         state = trainable_state(model, optimizer)
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
         options = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen weights are not saved
-        set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
-        )
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=options)  # fmt: skip
         rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True)  # this rank's RNG states
         kind, keys, *rest = rng["numpy"]
         random.setstate(rng["python"])
