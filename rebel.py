@@ -21,7 +21,7 @@ update's first optimizer step ln pi_theta equals the rollout's ln pi_t, except f
 batch the responses differently, and bf16 rounds.
 
 Top to bottom: the flags (Args); the algorithm (rebel_loss, the rollout, the pairs); the loop (main); the variants; the
-plumbing that every script shares (the appendix). docs/rebel.md explains every metric.
+appendix that every script shares: first the algorithm's helpers (sampling, log-probs), then plumbing to skip.
 
 Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, ctx prompt tokens
 (left-padded), L = ctx + T. In Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants
@@ -43,8 +43,8 @@ the same prompts as strings, and reward(query_responses, ctx, prompts) a reward 
         optimizer.step()
         optimizer.zero_grad()
 
-To copy the core: rebel_loss, Rollout, sample_responses, score_responses, pair_up and take_pairs, the appendix's
-first section (sampling and log-probs), stop_token_ids and Timer; with LoRA, adapter_disabled; with DDP, grad_sync.
+To copy the core: rebel_loss, Rollout, sample_responses, score_responses, pair_up and take_pairs, and the appendix's
+first section, the algorithm's helpers (adapter_disabled only with LoRA, grad_sync only with DDP).
 
     python rebel.py --eta 1.0                               # one process
     torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the 2.8B TL;DR run, at the official code's temperature
@@ -562,10 +562,12 @@ def variant_metrics(scores, wins, policy_columns: list[int], mu_dataset: bool) -
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
 # The appendix: the helpers of rebel.py's that a script calls, word for word and in rebel.py's order (fix them there;
-# rebel.py holds all, some for its siblings only): first those that the rollout and the loss call, then the plumbing.
+# rebel.py holds all, some for its siblings only). First the algorithm's helpers (sampling, log-probs, stop tokens, the
+# LoRA reference, DDP's gradient accumulation, timing), where a script uses them; from `set-up` on, plumbing (the
+# run's folder, models, data, evaluation, checkpoints, errors), which a reader of the algorithm can skip.
 
 
-# ---------------------------------------------------------------------------------------------- sampling and log-probs
+# ---------------------------------------------------------------------------------------------- the algorithm's helpers
 def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
     """sampling_config at --temperature and at --eval_temperature: --response_length tokens, a static KV cache unless
     --no-static_cache or --fsdp (a sharded sampler is not compiled), stopping at a stop token with --stop_at_eos."""
@@ -575,8 +577,9 @@ def sampling_configs(flags: dict, pad_id: int, stop_ids: list[int]) -> tuple:
 
 
 def sampling_config(response_length: int, temperature: float, pad_id: int, static_cache=False, stop_ids=None):
-    """Exactly response_length tokens, as the paper: EOS is sampled as any token (min_new_tokens forbids nothing with
-    no eos_token_id), the rollout cuts after it; with stop_ids (chat), up to the first stop. The pad is not sampled."""
+    """Exactly response_length tokens, as the paper: with no eos_token_id, EOS is sampled as any token and the rollout
+    cuts after it (min_new_tokens says the same length again); with stop_ids (chat), up to the first stop. The pad is
+    never sampled."""
     from transformers import GenerationConfig
 
     return GenerationConfig(max_new_tokens=response_length, min_new_tokens=None if stop_ids else response_length,
@@ -593,7 +596,7 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
 
     pad_id, length = config.pad_token_id, queries.size(1) + config.max_new_tokens
     attention_mask = queries != pad_id
-    input_ids = queries.masked_fill(~attention_mask, 0)
+    input_ids = queries.masked_fill(~attention_mask, 0)  # masked anyway; an added pad may have no embedding row
     if config.eos_token_id:  # a finished response is fed this token: a real one, where the pad may have no embedding
         config = copy.deepcopy(config)
         config.pad_token_id = config.eos_token_id[0]
@@ -660,13 +663,15 @@ def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: t
     """Forward with the pad id masked and positions counted from the first real token, as generate() counts them."""
     attention_mask = query_responses != pad_id
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    input_ids = query_responses.masked_fill(~attention_mask, 0)
+    input_ids = query_responses.masked_fill(~attention_mask, 0)  # masked anyway; an added pad may have no embedding row
     keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}  # the LM head's (a backbone has none)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
 
 
 def response_logprobs(model, query_responses, context_length: int, temperature: float, pad_id: int):
-    """Per-token log pi(y_t | x, y_<t) of the responses as generate() samples them (temperature, no pad); pads get 0."""
+    """Per-token log pi(y_t | x, y_<t) of the responses as generate() samples them (temperature, no pad); pads get 0.
+    The same as log_softmax(logits[:, ctx - 1 : -1] / temperature, -1).gather(-1, y) with the pad's logit at -inf,
+    computed with less memory: the LM head over the response positions only, the softmax a few positions at a time."""
     from torch.utils.checkpoint import checkpoint
 
     responses = query_responses[:, context_length:]
@@ -682,7 +687,7 @@ def response_logprobs(model, query_responses, context_length: int, temperature: 
     step = max(1, 2**24 // (logits.size(0) * logits.size(-1)))
     chunks = zip(logits.split(step, 1), tokens.split(step, 1))
     parts = [checkpoint(token_logprobs, z, y, temperature, pad_id, use_reentrant=False) for z, y in chunks]
-    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); pads 0 (they read token 0, -inf if it is the pad)
+    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); a pad read token 0's log-prob (-inf if 0 is the pad)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, pad_id: int) -> torch.Tensor:
@@ -697,6 +702,41 @@ def sequence_logprobs(model, query_responses, masks, context_length: int, temper
     """log pi(y|x): query_responses (B, n, L) and masks (B, n, T) -> (B, n)."""
     logprobs = response_logprobs(model, query_responses.flatten(0, 1), context_length, temperature, pad_id)
     return (logprobs * masks.flatten(0, 1)).sum(-1).unflatten(0, masks.shape[:2])
+
+
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
+    """The tokenizer's EOS and the model's own stop tokens (a chat model's end of turn: Llama-3's <|eot_id|>)."""
+    ids = generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return [tokenizer.eos_token_id] + [i for i in ids if i != tokenizer.eos_token_id]
+
+
+@contextmanager
+def adapter_disabled(peft_model):
+    """The peft model with its adapter switched off: the base model (peft's own context manager yields nothing)."""
+    with peft_model.disable_adapter():
+        yield peft_model
+
+
+def grad_sync(model, enabled: bool):
+    """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
+    return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
+
+
+class Timer:
+    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
+        sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        sync(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -938,20 +978,6 @@ def check_model_path(path: str) -> None:
     require(not os.path.isdir(path) or bool({"config.json", "adapter_config.json"} & set(os.listdir(path))),
             f"'{path}' holds no model: no config.json (or adapter_config.json for a LoRA adapter)")  # fmt: skip
     require(os.path.exists(path) or not path.startswith(("/", ".", "~")), f"'{path}': no such directory")
-
-
-def stop_token_ids(tokenizer, generation_config) -> list[int]:
-    """The tokenizer's EOS and the model's own stop tokens (a chat model's end of turn: Llama-3's <|eot_id|>)."""
-    ids = generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return [tokenizer.eos_token_id] + [i for i in ids if i != tokenizer.eos_token_id]
-
-
-@contextmanager
-def adapter_disabled(peft_model):
-    """The peft model with its adapter switched off: the base model (peft's own context manager yields nothing)."""
-    with peft_model.disable_adapter():
-        yield peft_model
 
 
 def train_last_layers(model, n: int, dtype: torch.dtype) -> dict:
@@ -1739,11 +1765,6 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def grad_sync(model, enabled: bool):
-    """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
-    return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
-
-
 def all_reduce(values: dict, op=None, device=None) -> dict:
     """Mean (or another op) of scalar metrics over ranks."""
     if not dist.is_initialized():
@@ -1753,22 +1774,6 @@ def all_reduce(values: dict, op=None, device=None) -> dict:
     if op is None:
         t /= dist.get_world_size()
     return dict(zip(values, t.tolist()))
-
-
-class Timer:
-    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
-        sync(self.device)
-        t0 = time.perf_counter()
-        yield
-        sync(self.device)
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def require(ok: bool, message: str) -> None:

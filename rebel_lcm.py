@@ -783,7 +783,9 @@ class LcmLog:
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
 # The appendix: the helpers of rebel.py's that a script calls, word for word and in rebel.py's order (fix them there;
-# rebel.py holds all, some for its siblings only): first those that the rollout and the loss call, then the plumbing.
+# rebel.py holds all, some for its siblings only). First the algorithm's helpers (sampling, log-probs, stop tokens, the
+# LoRA reference, DDP's gradient accumulation, timing), where a script uses them; from `set-up` on, plumbing (the
+# run's folder, models, data, evaluation, checkpoints, errors), which a reader of the algorithm can skip.
 
 
 # ---------------------------------------------------------------------------------------------- set-up

@@ -306,10 +306,12 @@ def main(args: Args) -> None:
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
 # The appendix: the helpers of rebel.py's that a script calls, word for word and in rebel.py's order (fix them there;
-# rebel.py holds all, some for its siblings only): first those that the rollout and the loss call, then the plumbing.
+# rebel.py holds all, some for its siblings only). First the algorithm's helpers (sampling, log-probs, stop tokens, the
+# LoRA reference, DDP's gradient accumulation, timing), where a script uses them; from `set-up` on, plumbing (the
+# run's folder, models, data, evaluation, checkpoints, errors), which a reader of the algorithm can skip.
 
 
-# ---------------------------------------------------------------------------------------------- sampling and log-probs
+# ---------------------------------------------------------------------------------------------- the algorithm's helpers
 def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torch.Tensor:
     """Drop the left padding that every prompt has, keeping a multiple of `multiple` columns (0: keep all)."""
     longest = int((queries != pad_id).sum(1).max())
@@ -333,9 +335,30 @@ def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: t
     """Forward with the pad id masked and positions counted from the first real token, as generate() counts them."""
     attention_mask = query_responses != pad_id
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    input_ids = query_responses.masked_fill(~attention_mask, 0)
+    input_ids = query_responses.masked_fill(~attention_mask, 0)  # masked anyway; an added pad may have no embedding row
     keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}  # the LM head's (a backbone has none)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
+
+
+def grad_sync(model, enabled: bool):
+    """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
+    return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
+
+
+class Timer:
+    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
+        sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        sync(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -1048,11 +1071,6 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def grad_sync(model, enabled: bool):
-    """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
-    return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
-
-
 def all_reduce(values: dict, op=None, device=None) -> dict:
     """Mean (or another op) of scalar metrics over ranks."""
     if not dist.is_initialized():
@@ -1062,22 +1080,6 @@ def all_reduce(values: dict, op=None, device=None) -> dict:
     if op is None:
         t /= dist.get_world_size()
     return dict(zip(values, t.tolist()))
-
-
-class Timer:
-    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
-        sync(self.device)
-        t0 = time.perf_counter()
-        yield
-        sync(self.device)
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def require(ok: bool, message: str) -> None:
