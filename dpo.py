@@ -436,7 +436,7 @@ def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # the row length w
 
 
 def truncate_response(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -> torch.Tensor:
-    """Keep each response up to and including its first stop token (EOS, or a chat model's end of turn); pad the rest."""
+    """Keep each response up to and including its first stop token (EOS or a chat model's end of turn); pad the rest."""
     positions = torch.arange(responses.size(1), device=responses.device)
     ends = first_true_indices(torch.isin(responses, torch.tensor(stop_ids, device=responses.device)))
     return responses.masked_fill(positions > ends[:, None], pad_id)
@@ -459,18 +459,6 @@ def trim_responses(query_responses: torch.Tensor, masks: torch.Tensor, context_l
     """Drop the response columns that are padding in every response: query_responses (..., L), masks (..., T)."""
     width = int(masks.sum(-1).max())
     return query_responses[..., : context_length + width], masks[..., :width]
-
-
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
-    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
@@ -501,7 +489,7 @@ def response_logprobs(model, query_responses, context_length: int, temperature: 
     step = max(1, 2**24 // (logits.size(0) * logits.size(-1)))
     chunks = zip(logits.split(step, 1), tokens.split(step, 1))
     parts = [checkpoint(token_logprobs, z, y, temperature, pad_id, use_reentrant=False) for z, y in chunks]
-    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); a pad read token 0's log-prob (-inf if 0 is the pad)
+    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); pads read token 0's log-prob (maybe -inf): zeroed
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, pad_id: int) -> torch.Tensor:
@@ -1220,6 +1208,18 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
                 yield perm[start : start + batch_size][rank::world_size]
 
     return batches()
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
+    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs

@@ -639,7 +639,7 @@ def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # the row length w
 
 
 def truncate_response(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -> torch.Tensor:
-    """Keep each response up to and including its first stop token (EOS, or a chat model's end of turn); pad the rest."""
+    """Keep each response up to and including its first stop token (EOS or a chat model's end of turn); pad the rest."""
     positions = torch.arange(responses.size(1), device=responses.device)
     ends = first_true_indices(torch.isin(responses, torch.tensor(stop_ids, device=responses.device)))
     return responses.masked_fill(positions > ends[:, None], pad_id)
@@ -686,7 +686,7 @@ def response_logprobs(model, query_responses, context_length: int, temperature: 
     step = max(1, 2**24 // (logits.size(0) * logits.size(-1)))
     chunks = zip(logits.split(step, 1), tokens.split(step, 1))
     parts = [checkpoint(token_logprobs, z, y, temperature, pad_id, use_reentrant=False) for z, y in chunks]
-    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); a pad read token 0's log-prob (-inf if 0 is the pad)
+    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); pads read token 0's log-prob (maybe -inf): zeroed
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, pad_id: int) -> torch.Tensor:

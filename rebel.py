@@ -11,14 +11,13 @@ partition function Z(x) cancels in the difference of two responses to the same p
 RLOO's with k = 2; linearised at pi_t and solved exactly, the regression is that gradient preconditioned by the Fisher
 information, a natural policy gradient step (Section 3.2, Claims 1 and 2). Like DPO (and IPO, which regresses the
 same difference) it works on a difference of log-ratios, but its target is a difference of rewards, and its
-reference is a pi_t that moves at every update. Two regularisers, then: eta keeps
-each update near pi_t (a trust region), and the KL penalty inside the reward (--kl_coef) keeps the policy near the
-SFT policy.
+reference is a pi_t that moves at every update. Two regularisers, then: eta keeps each update near pi_t (a trust
+region), and the KL penalty inside the reward (--kl_coef) keeps the policy near the SFT policy.
 
 pi is the policy at the sampling temperature: every log-prob (the regression's, the KL's) comes from logits divided by
 --temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout). So at an
 update's first optimizer step ln pi_theta equals the rollout's ln pi_t, except for rounding: the rollout and the step
-batch the responses differently, and bf16 rounds.
+batch and pad the responses differently, so their kernels round differently (more so in bf16).
 
 Top to bottom: the flags (Args); the algorithm (rebel_loss, the rollout, the pairs); the loop (main); the variants; the
 appendix that every script shares: first the algorithm's helpers (sampling, log-probs), then plumbing to skip.
@@ -401,7 +400,7 @@ def main(args: Args) -> None:
         # follows the loop).
         with autocast():
             with timer("generation"):
-                responses = sample_responses(raw_policy, queries, len(policy_columns), config, chunk)  # (B, m, T)
+                responses = sample_responses(raw_policy, queries, len(policy_columns), config, chunk)  # (B, 2, T)
             if args.mu == "dataset":  # variant: y' is the prompt's response in the dataset (Algorithm 1's mu), second
                 responses = with_dataset_responses(responses, train.responses[batch])
             # (variant --preference_fn: no reward model here; the judge scores the rollout below)
@@ -419,7 +418,7 @@ def main(args: Args) -> None:
         # (Equation 1 regresses on its differences as they are); and the pairs (y, y').
         kl = logprobs - ref_logprobs  # (B, m)
         rewards = scores - args.kl_coef * kl  # (B, m); kl_coef 0.05 (0 with --preference_fn: resolve_variants)
-        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2); variant: y'' is not paired
+        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2); --preference_fn's y'' unpaired
         pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
             take_pairs(t, pairs) for t in (query_responses, masks, logprobs, rewards)
         )  # (B * P, 2, ...); a loss that needs more of each pair (ref_logprobs, the scores) takes it the same way
@@ -622,7 +621,7 @@ def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # the row length w
 
 
 def truncate_response(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -> torch.Tensor:
-    """Keep each response up to and including its first stop token (EOS, or a chat model's end of turn); pad the rest."""
+    """Keep each response up to and including its first stop token (EOS or a chat model's end of turn); pad the rest."""
     positions = torch.arange(responses.size(1), device=responses.device)
     ends = first_true_indices(torch.isin(responses, torch.tensor(stop_ids, device=responses.device)))
     return responses.masked_fill(positions > ends[:, None], pad_id)
@@ -645,18 +644,6 @@ def trim_responses(query_responses: torch.Tensor, masks: torch.Tensor, context_l
     """Drop the response columns that are padding in every response: query_responses (..., L), masks (..., T)."""
     width = int(masks.sum(-1).max())
     return query_responses[..., : context_length + width], masks[..., :width]
-
-
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
-    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
@@ -687,7 +674,7 @@ def response_logprobs(model, query_responses, context_length: int, temperature: 
     step = max(1, 2**24 // (logits.size(0) * logits.size(-1)))
     chunks = zip(logits.split(step, 1), tokens.split(step, 1))
     parts = [checkpoint(token_logprobs, z, y, temperature, pad_id, use_reentrant=False) for z, y in chunks]
-    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); a pad read token 0's log-prob (-inf if 0 is the pad)
+    return torch.cat(parts, 1).masked_fill(is_pad, 0.0)  # (B, T); pads read token 0's log-prob (maybe -inf): zeroed
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, pad_id: int) -> torch.Tensor:
@@ -1406,6 +1393,18 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
                 yield perm[start : start + batch_size][rank::world_size]
 
     return batches()
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
+    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs
