@@ -348,7 +348,7 @@ def score_responses(
     temperature and pad id); stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
     ctx, m, out = queries.size(1), responses.size(1), []
     pad_id, temperature = config.pad_token_id, config.temperature
-    timer = timer or Timer(queries.device)
+    timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
     for start in range(0, len(queries), chunk):
         query, response = queries[start : start + chunk], responses[start : start + chunk]
         # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
@@ -376,9 +376,8 @@ def score_responses(
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
 # The appendix: the helpers of rebel.py's that a script calls, word for word and in rebel.py's order (fix them there;
-# rebel.py holds all, some for its siblings only). First the algorithm's helpers (sampling, log-probs, stop tokens, the
-# LoRA reference, DDP's gradient accumulation, timing), where a script uses them; from `set-up` on, plumbing (the
-# run's folder, models, data, evaluation, checkpoints, errors), which a reader of the algorithm can skip.
+# rebel.py holds all, some for its siblings only): first the algorithm's helpers, where a script has them; from `set-up`
+# on, plumbing (the run's folder, models, data, evaluation, checkpoints, errors), which a reader can skip.
 
 
 # ---------------------------------------------------------------------------------------------- the algorithm's helpers
@@ -416,7 +415,7 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
         config.pad_token_id = config.eos_token_id[0]
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
     own_config, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
-    sharded = [m for m in hf_model.modules() if isinstance(m, FSDPModule)]  # gather each layer once, not per token
+    sharded = [m for m in hf_model.modules() if isinstance(m, FSDPModule)]  # FSDP only: gather each layer once
     for module in sharded:
         module.set_reshard_after_forward(False, recurse=False)
     try:

@@ -284,7 +284,7 @@ def ppo_rollout(*, policy, ref_policy, critic, reward, queries, prompts, config,
     evaluation); reward(query_responses, ctx, prompts) -> scores; stop_ids: the tokens that end a response; timer: a
     Timer (the phases' times)."""
     ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
-    timer = timer or Timer(queries.device)
+    timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
     for start in range(0, len(queries), chunk):
         query = queries[start : start + chunk]
         with timer("generation"):
@@ -579,9 +579,8 @@ def save_critic(critic: ValueModel, output_dir: str | None, fsdp: bool, new_crit
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
 # The appendix: the helpers of rebel.py's that a script calls, word for word and in rebel.py's order (fix them there;
-# rebel.py holds all, some for its siblings only). First the algorithm's helpers (sampling, log-probs, stop tokens, the
-# LoRA reference, DDP's gradient accumulation, timing), where a script uses them; from `set-up` on, plumbing (the
-# run's folder, models, data, evaluation, checkpoints, errors), which a reader of the algorithm can skip.
+# rebel.py holds all, some for its siblings only): first the algorithm's helpers, where a script has them; from `set-up`
+# on, plumbing (the run's folder, models, data, evaluation, checkpoints, errors), which a reader can skip.
 
 
 # ---------------------------------------------------------------------------------------------- the algorithm's helpers
@@ -619,7 +618,7 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
         config.pad_token_id = config.eos_token_id[0]
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
     own_config, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
-    sharded = [m for m in hf_model.modules() if isinstance(m, FSDPModule)]  # gather each layer once, not per token
+    sharded = [m for m in hf_model.modules() if isinstance(m, FSDPModule)]  # FSDP only: gather each layer once
     for module in sharded:
         module.set_reshard_after_forward(False, recurse=False)
     try:

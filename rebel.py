@@ -32,9 +32,9 @@ the same prompts as strings, and reward(query_responses, ctx, prompts) a reward 
     ref_policy = partial(adapter_disabled, policy)                         # LoRA; full fine-tuning: a frozen copy
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, policy.generation_config)  # EOS, end of turn
     config = sampling_config(53, temperature, pad_id)                      # 53 tokens per response, as the paper
+    responses = sample_responses(policy, x, 2, config, chunk=8)            # y, y' ~ pi_t: (B, 2, T); 8 prompts a pass
     rollout = score_responses(policy=policy, ref_policy=ref_policy, reward=reward, queries=x, prompts=prompts,
-                              responses=sample_responses(policy, x, 2, config, chunk=8), config=config,
-                              stop_ids=stop_ids, penalty=-1.0, chunk=8)   # y, y' ~ pi_t: (B, 2, ...) tensors
+                              responses=responses, config=config, stop_ids=stop_ids, penalty=-1.0, chunk=8)
     rewards = rollout.scores - kl_coef * (rollout.logprobs - rollout.ref_logprobs)  # r(x, y): (B, 2), one pair a row
     for epoch in range(noptepochs):                                                 # ln pi_t stays fixed
         new_logprobs = sequence_logprobs(policy, rollout.query_responses, rollout.masks, x.size(1), temperature, pad_id)
@@ -46,7 +46,7 @@ To copy the core: rebel_loss, Rollout, sample_responses, score_responses, pair_u
 first section, the algorithm's helpers (adapter_disabled only with LoRA, grad_sync only with DDP).
 
     python rebel.py --eta 1.0                               # one process
-    torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the 2.8B TL;DR run, at the official code's temperature
+    torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the 2.8B TL;DR run (temperature 0.7: the official code's)
     python -m toy.demo                                      # the offline toy task, end to end
 """
 
@@ -239,7 +239,8 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
 
-    (The paper sums over the pairs; the mean has the same minimiser, and AdamW's steps barely see the scale.)
+    (The paper sums over the pairs, the official code takes eta^2 times the mean (scaling="official"): the same
+    minimiser, and AdamW's steps barely see the scale.)
     """
     log_ratio = new_logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
     prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)
@@ -280,7 +281,7 @@ def score_responses(
     temperature and pad id); stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
     ctx, m, out = queries.size(1), responses.size(1), []
     pad_id, temperature = config.pad_token_id, config.temperature
-    timer = timer or Timer(queries.device)
+    timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
     for start in range(0, len(queries), chunk):
         query, response = queries[start : start + chunk], responses[start : start + chunk]
         # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
@@ -332,7 +333,7 @@ def take_pairs(t: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
 def main(args: Args) -> None:
     require(args.eta > 0, f"--eta must be > 0 (it divides the log-ratios in Equation 1); got {args.eta}")
     resolve_variants(args)  # checks --num_samples, --pairing, --mu; sets --kl_coef's default (0 with --preference_fn)
-    flags = asdict(args)
+    flags = asdict(args)  # what the appendix reads: the same helpers serve scripts whose Args differ
     check_flags(flags)
     from tqdm import trange
 
@@ -399,9 +400,9 @@ def main(args: Args) -> None:
         # (the reward model's; the penalty without EOS). The variants enter at the lines marked `variant` (their block
         # follows the loop).
         with autocast():
-            with timer("generation"):
-                responses = sample_responses(raw_policy, queries, len(policy_columns), config, chunk)  # (B, 2, T)
-            if args.mu == "dataset":  # variant: y' is the prompt's response in the dataset (Algorithm 1's mu), second
+            with timer("generation"):  # y, y' ~ pi_t: (B, 2, T) in Algorithm 1
+                responses = sample_responses(raw_policy, queries, len(policy_columns), config, chunk)
+            if args.mu == "dataset":  # variant: y' is the prompt's response in the dataset (Algorithm 1's mu), column 1
                 responses = with_dataset_responses(responses, train.responses[batch])
             # (variant --preference_fn: no reward model here; the judge scores the rollout below)
             rollout = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
@@ -561,9 +562,8 @@ def variant_metrics(scores, wins, policy_columns: list[int], mu_dataset: bool) -
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
 # The appendix: the helpers of rebel.py's that a script calls, word for word and in rebel.py's order (fix them there;
-# rebel.py holds all, some for its siblings only). First the algorithm's helpers (sampling, log-probs, stop tokens, the
-# LoRA reference, DDP's gradient accumulation, timing), where a script uses them; from `set-up` on, plumbing (the
-# run's folder, models, data, evaluation, checkpoints, errors), which a reader of the algorithm can skip.
+# rebel.py holds all, some for its siblings only): first the algorithm's helpers, where a script has them; from `set-up`
+# on, plumbing (the run's folder, models, data, evaluation, checkpoints, errors), which a reader can skip.
 
 
 # ---------------------------------------------------------------------------------------------- the algorithm's helpers
@@ -601,7 +601,7 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
         config.pad_token_id = config.eos_token_id[0]
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
     own_config, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
-    sharded = [m for m in hf_model.modules() if isinstance(m, FSDPModule)]  # gather each layer once, not per token
+    sharded = [m for m in hf_model.modules() if isinstance(m, FSDPModule)]  # FSDP only: gather each layer once
     for module in sharded:
         module.set_reshard_after_forward(False, recurse=False)
     try:

@@ -187,7 +187,8 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
 
-    (The paper sums over the pairs; the mean has the same minimiser, and AdamW's steps barely see the scale.)
+    (The paper sums over the pairs, the official code takes eta^2 times the mean (scaling="official"): the same
+    minimiser, and AdamW's steps barely see the scale.)
     """
     log_ratio = new_logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
     prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)
@@ -783,9 +784,8 @@ class LcmLog:
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
 # The appendix: the helpers of rebel.py's that a script calls, word for word and in rebel.py's order (fix them there;
-# rebel.py holds all, some for its siblings only). First the algorithm's helpers (sampling, log-probs, stop tokens, the
-# LoRA reference, DDP's gradient accumulation, timing), where a script uses them; from `set-up` on, plumbing (the
-# run's folder, models, data, evaluation, checkpoints, errors), which a reader of the algorithm can skip.
+# rebel.py holds all, some for its siblings only): first the algorithm's helpers, where a script has them; from `set-up`
+# on, plumbing (the run's folder, models, data, evaluation, checkpoints, errors), which a reader can skip.
 
 
 # ---------------------------------------------------------------------------------------------- set-up

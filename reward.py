@@ -306,9 +306,8 @@ def main(args: Args) -> None:
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
 # The appendix: the helpers of rebel.py's that a script calls, word for word and in rebel.py's order (fix them there;
-# rebel.py holds all, some for its siblings only). First the algorithm's helpers (sampling, log-probs, stop tokens, the
-# LoRA reference, DDP's gradient accumulation, timing), where a script uses them; from `set-up` on, plumbing (the
-# run's folder, models, data, evaluation, checkpoints, errors), which a reader of the algorithm can skip.
+# rebel.py holds all, some for its siblings only): first the algorithm's helpers, where a script has them; from `set-up`
+# on, plumbing (the run's folder, models, data, evaluation, checkpoints, errors), which a reader can skip.
 
 
 # ---------------------------------------------------------------------------------------------- the algorithm's helpers
