@@ -9,7 +9,7 @@ Evaluation is rebel.py's (sample on the TL;DR evaluation prompts, score with the
 policy), so that DPO is judged like the others; the reward model is used for evaluation only. Hyper-parameters:
 REBEL's Appendix I.1.4 (batch 64, lr 3e-6, 1 epoch, beta 0.05).
 
-The file reads top to bottom: the flags (Args), the algorithm (dpo_loss), the loop (main), the evaluation's sampling
+The file reads top to bottom: the algorithm (dpo_loss), the flags (Args), the loop (main), the evaluation's sampling
 (rebel.py's rollout: sample_responses, score_responses), then the plumbing every script shares (the appendix):
 `diff rebel.py dpo.py` shows what DPO changes, and docs/rebel.md explains the choices and metrics the scripts share.
 
@@ -45,7 +45,19 @@ import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+# ---------------------------------------------------------------------------------------------- the algorithm
 
+
+def dpo_loss(logprobs, ref_logprobs, beta: float) -> torch.Tensor:
+    """Rafailov et al. (2023), Equation 7. Inputs (B, 2): column 0 is the chosen y_w, column 1 the rejected y_l.
+
+    mean_x -ln sigmoid( beta * [ln pi_theta(y_w|x)/pi_ref(y_w|x) - ln pi_theta(y_l|x)/pi_ref(y_l|x)] )
+    """
+    log_ratio = logprobs - ref_logprobs  # (B, 2) ln pi_theta / pi_ref
+    return -F.logsigmoid(beta * (log_ratio[:, 0] - log_ratio[:, 1])).mean()
+
+
+# ---------------------------------------------------------------------------------------------- the flags and the loop
 @dataclass
 class Args:
     # DPO
@@ -172,21 +184,6 @@ class Args:
     eval_temperature: float = 0.01
     """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too. Training
     samples nothing: DPO's pi_theta is the model's own likelihood (temperature 1) of the human-written pairs"""
-
-
-# ---------------------------------------------------------------------------------------------- the algorithm
-
-
-def dpo_loss(logprobs, ref_logprobs, beta: float) -> torch.Tensor:
-    """Rafailov et al. (2023), Equation 7. Inputs (B, 2): column 0 is the chosen y_w, column 1 the rejected y_l.
-
-    mean_x -ln sigmoid( beta * [ln pi_theta(y_w|x)/pi_ref(y_w|x) - ln pi_theta(y_l|x)/pi_ref(y_l|x)] )
-    """
-    log_ratio = logprobs - ref_logprobs  # (B, 2) ln pi_theta / pi_ref
-    return -F.logsigmoid(beta * (log_ratio[:, 0] - log_ratio[:, 1])).mean()
-
-
-# ---------------------------------------------------------------------------------------------- the loop
 
 
 def main(args: Args) -> None:
@@ -522,22 +519,6 @@ def adapter_disabled(peft_model):
 def grad_sync(model, enabled: bool):
     """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
-
-
-class Timer:
-    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
-        sync(self.device)
-        t0 = time.perf_counter()
-        yield
-        sync(self.device)
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -1575,6 +1556,22 @@ def all_reduce(values: dict, op=None, device=None) -> dict:
     if op is None:
         t /= dist.get_world_size()
     return dict(zip(values, t.tolist()))
+
+
+class Timer:
+    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
+        sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        sync(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def require(ok: bool, message: str) -> None:

@@ -7,8 +7,8 @@ DPO's loss (Rafailov et al., 2023, Eq. 7) is minimised with pi_t, the policy tha
 
     -ln sigmoid( sgn(r(x, y) - r(x, y')) * beta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] )
 
-Top to bottom: the flags (Args), the algorithm (iterative_dpo_loss; the rollout, as rebel.py's: sample_responses,
-score_responses), the loop (main), then the plumbing every script shares (the appendix; docs/rebel.md: the metrics).
+Top to bottom: the algorithm (iterative_dpo_loss; the rollout, as rebel.py's: sample_responses, score_responses), the
+flags (Args), the loop (main), then the plumbing every script shares (the appendix; docs/rebel.md: the metrics).
 
     python iterative_dpo.py --beta 0.05                              # one process
     torchrun --nproc_per_node 8 iterative_dpo.py --beta 0.05         # the paper's TL;DR run
@@ -41,7 +41,85 @@ import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+# ---------------------------------------------------------------------------------------------- the algorithm
 
+
+def iterative_dpo_loss(new_logprobs, old_logprobs, rewards, beta: float) -> torch.Tensor:
+    """Equation (20): DPO's loss (Rafailov et al. 2023, Eq. 7) with pi_t, the policy that sampled the pair, as the
+    reference, and the pair labelled by the sign of its reward difference. All inputs (B, 2): column 0 is y, column 1
+    is y' for the same prompt x; new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time).
+
+    mean_x -ln sigmoid( sgn(r(x, y) - r(x, y')) * beta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] )
+
+    A tie (r = r', e.g. two identical responses) carries no preference: sgn = 0 makes its term the constant ln 2 with
+    zero gradient, and we mask it to 0 (the mean still divides by all B pairs: ties add no loss and no gradient, and
+    do not change the scale of the labelled pairs' gradients).
+    """
+    log_ratio = new_logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
+    sign = torch.sign(rewards[:, 0] - rewards[:, 1])  # (B,) +1: y preferred, -1: y' preferred, 0: tie
+    logits = sign * beta * (log_ratio[:, 0] - log_ratio[:, 1])  # (B,)
+    return -(F.logsigmoid(logits) * (sign != 0)).mean()
+
+
+class Rollout(NamedTuple):
+    """What the loss needs of m responses to each of B prompts (L = prompt + T tokens)."""
+
+    query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
+    masks: torch.Tensor  # (B, m, T) True on the response's tokens
+    logprobs: torch.Tensor  # (B, m) ln pi_t(y|x), summed over the response
+    ref_logprobs: torch.Tensor  # (B, m) ln pi_ref(y|x) under the SFT policy, for the KL penalty
+    scores: torch.Tensor  # (B, m) the reward model's score, or `penalty` for a response with no stop token
+    has_eos: torch.Tensor  # (B, m) whether the response ended with a stop token
+
+
+@torch.no_grad()
+def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
+    """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
+    prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
+    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
+    ctx = queries.size(1)
+    responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
+    return torch.cat(responses).unflatten(0, (-1, num))
+
+
+@torch.no_grad()
+def score_responses(
+    *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
+) -> Rollout:
+    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
+    the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
+    `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
+    reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
+    temperature and pad id); stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
+    ctx, m, out = queries.size(1), responses.size(1), []
+    pad_id, temperature = config.pad_token_id, config.temperature
+    timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
+    for start in range(0, len(queries), chunk):
+        query, response = queries[start : start + chunk], responses[start : start + chunk]
+        # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
+        # early), pad the rest.
+        response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
+        query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
+        mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
+        # Response processing 2: ln pi(y|x) under pi_t and the SFT reference, summed over the mask: log_softmax(logits /
+        # temperature) with the pad's logit at -inf (never sampled), positions counted from the first real token. To
+        # copy: the appendix's first section (generate, truncate_response, response_mask, trim_responses, *_logprobs).
+        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # drops response columns all padding
+        with timer("logprob"):
+            logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
+            with ref_policy() as ref:
+                ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
+        # Response processing 3: the reward; a response that did not end gets the fixed penalty instead.
+        with timer("reward"):
+            chunk_prompts = [p for p in prompts[start : start + chunk] for _ in range(m)]
+            score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
+        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
+        score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
+        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks of one width
+    return Rollout(*(torch.cat(t) for t in zip(*out)))
+
+
+# ---------------------------------------------------------------------------------------------- the flags and the loop
 @dataclass
 class Args:
     # Iterative DPO
@@ -166,87 +244,6 @@ class Args:
     """sample completions printed and logged at each evaluation"""
     eval_temperature: float = 0.01
     """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too"""
-
-
-# ---------------------------------------------------------------------------------------------- the algorithm
-
-
-def iterative_dpo_loss(new_logprobs, old_logprobs, rewards, beta: float) -> torch.Tensor:
-    """Equation (20): DPO's loss (Rafailov et al. 2023, Eq. 7) with pi_t, the policy that sampled the pair, as the
-    reference, and the pair labelled by the sign of its reward difference. All inputs (B, 2): column 0 is y, column 1
-    is y' for the same prompt x; new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time).
-
-    mean_x -ln sigmoid( sgn(r(x, y) - r(x, y')) * beta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] )
-
-    A tie (r = r', e.g. two identical responses) carries no preference: sgn = 0 makes its term the constant ln 2 with
-    zero gradient, and we mask it to 0 (the mean still divides by all B pairs: ties add no loss and no gradient, and
-    do not change the scale of the labelled pairs' gradients).
-    """
-    log_ratio = new_logprobs - old_logprobs  # (B, 2) ln pi_theta / pi_t
-    sign = torch.sign(rewards[:, 0] - rewards[:, 1])  # (B,) +1: y preferred, -1: y' preferred, 0: tie
-    logits = sign * beta * (log_ratio[:, 0] - log_ratio[:, 1])  # (B,)
-    return -(F.logsigmoid(logits) * (sign != 0)).mean()
-
-
-class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (L = prompt + T tokens)."""
-
-    query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
-    masks: torch.Tensor  # (B, m, T) True on the response's tokens
-    logprobs: torch.Tensor  # (B, m) ln pi_t(y|x), summed over the response
-    ref_logprobs: torch.Tensor  # (B, m) ln pi_ref(y|x) under the SFT policy, for the KL penalty
-    scores: torch.Tensor  # (B, m) the reward model's score, or `penalty` for a response with no stop token
-    has_eos: torch.Tensor  # (B, m) whether the response ended with a stop token
-
-
-@torch.no_grad()
-def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
-    """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
-    prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
-    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
-    ctx = queries.size(1)
-    responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
-    return torch.cat(responses).unflatten(0, (-1, num))
-
-
-@torch.no_grad()
-def score_responses(
-    *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
-) -> Rollout:
-    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
-    the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
-    `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
-    reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
-    temperature and pad id); stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
-    ctx, m, out = queries.size(1), responses.size(1), []
-    pad_id, temperature = config.pad_token_id, config.temperature
-    timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
-    for start in range(0, len(queries), chunk):
-        query, response = queries[start : start + chunk], responses[start : start + chunk]
-        # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
-        # early), pad the rest.
-        response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
-        query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
-        mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
-        # Response processing 2: ln pi(y|x) under pi_t and the SFT reference, summed over the mask: log_softmax(logits /
-        # temperature) with the pad's logit at -inf (never sampled), positions counted from the first real token. To
-        # copy: the appendix's first section (generate, truncate_response, response_mask, trim_responses, *_logprobs).
-        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # drops response columns all padding
-        with timer("logprob"):
-            logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
-            with ref_policy() as ref:
-                ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
-        # Response processing 3: the reward; a response that did not end gets the fixed penalty instead.
-        with timer("reward"):
-            chunk_prompts = [p for p in prompts[start : start + chunk] for _ in range(m)]
-            score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
-        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
-        score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
-        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks of one width
-    return Rollout(*(torch.cat(t) for t in zip(*out)))
-
-
-# ---------------------------------------------------------------------------------------------- the loop
 
 
 def main(args: Args) -> None:
@@ -528,22 +525,6 @@ def adapter_disabled(peft_model):
 def grad_sync(model, enabled: bool):
     """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
-
-
-class Timer:
-    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
-        sync(self.device)
-        t0 = time.perf_counter()
-        yield
-        sync(self.device)
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -1566,6 +1547,22 @@ def all_reduce(values: dict, op=None, device=None) -> dict:
     if op is None:
         t /= dist.get_world_size()
     return dict(zip(values, t.tolist()))
+
+
+class Timer:
+    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
+        sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        sync(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def require(ok: bool, message: str) -> None:

@@ -12,8 +12,8 @@ pi is the policy at the sampling temperature: every log-prob (the ratio's, the K
 --temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout), so at the
 first pass ratio_t is 1 up to numerical noise.
 
-The file reads top to bottom: the flags (Args), the algorithm (the two losses, the rewards and advantages, the
-rollout), the loop (main), the critic, then the plumbing every script shares (the appendix): `diff rebel.py ppo.py`
+The file reads top to bottom: the algorithm (the two losses, the rewards and advantages, the rollout), the flags
+(Args), the loop (main), the critic, then the plumbing every script shares (the appendix): `diff rebel.py ppo.py`
 shows what PPO changes, and docs/rebel.md explains the choices and metrics the scripts share.
 
     python ppo.py                                           # one process
@@ -47,7 +47,130 @@ import torch.nn as nn
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+# ---------------------------------------------------------------------------------------------- the algorithm
 
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float) -> tuple:
+    """The clipped surrogate objective (Schulman et al., 2017, Eq. 7; per token, as Eq. 7 of the REBEL paper), negated
+    to be minimised and averaged over the valid tokens. All inputs (B, T); ratio_t = pi_theta(y_t|s_t) / pi_old(y_t|s_t):
+
+        max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps))
+
+    Returns the loss and its metrics: the fraction of tokens clipped, and approxkl = 1/2 (ln ratio_t)^2."""
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange))
+    return masked_mean(losses, mask), {
+        "policy/clipfrac": masked_mean((losses > -advantages * ratio).float(), mask),
+        "policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask),
+    }
+
+
+def clipped_value_loss(values, old_values, returns, mask, cliprange_value: float) -> tuple:
+    """The value loss of Schulman et al., 2017, Eq. 9, (V(s_t) - R_t)^2, with the new value kept within
+    +- cliprange_value of the rollout's as the official recipe does (summarize_from_feedback_details' ppo.py),
+    averaged over the valid tokens. All inputs (B, T):
+
+        1/2 max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
+
+    Returns the loss and its metric: the fraction of tokens where the clipped term is the larger."""
+    clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)  # (B, T)
+    losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(losses, mask), {
+        "loss/value_clipfrac": masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask)
+    }
+
+
+def token_rewards(scores, logprobs, ref_logprobs, masks, kl_coef: float):
+    """The per-token reward of the official recipe: -kl_coef * (log pi_old(y_t|s_t) - log pi_ref(y_t|s_t)) at every
+    response token, plus the sequence's score (B,) at its last token (EOS). The official code adds the score one
+    position after EOS (its `sequence_lengths_p1`); we keep the episode inside the mask. Returns the per-token KL and
+    rewards, (B, T) each."""
+    kl = (logprobs - ref_logprobs) * masks  # (B, T)
+    rewards = -kl_coef * kl  # (B, T)
+    last = (masks.sum(1) - 1).clamp(min=0)  # (B,)
+    rewards[torch.arange(rewards.size(0), device=rewards.device), last] += scores
+    return kl, rewards
+
+
+def compute_gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al., 2016; Eq. 11-12 of the PPO paper). All (B, T); the episode
+    ends at the last valid token. Returns the advantages and the value targets R_t, (B, T) each:
+
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t),  A_t = delta_t + gamma lambda A_{t+1},  R_t = A_t + V(s_t)
+    """
+    rewards, values = rewards * mask, values * mask  # V = 0 after the end, so the last valid token bootstraps from 0
+    advantages, last_gae = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit (unbiased) variance over the valid tokens of this rank's batch; padded tokens become 0."""
+    mean = masked_mean(values, mask)
+    var = ((values - mean) ** 2 * mask).sum() / (mask.sum() - 1).clamp(min=1)
+    return ((values - mean) * torch.rsqrt(var + eps)) * mask
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+class PPORollout(NamedTuple):
+    """What PPO needs of one response to each of B prompts (L = prompt + T response tokens); 0 after a response ends."""
+
+    query_responses: torch.Tensor  # (B, L) token ids: the left-padded prompt, the response padded after its end
+    masks: torch.Tensor  # (B, T) True on the response's tokens
+    logprobs: torch.Tensor  # (B, T) ln pi_old(y_t|s_t)
+    ref_logprobs: torch.Tensor  # (B, T) ln pi_ref(y_t|s_t) under the SFT policy, for the KL penalty
+    values: torch.Tensor  # (B, T) the critic's V(s_t) before each response token (0 without a critic)
+    scores: torch.Tensor  # (B,) the reward model's score, or `penalty` for a response with no stop token
+    has_eos: torch.Tensor  # (B,) whether the response ended with a stop token
+
+
+@torch.no_grad()
+def ppo_rollout(*, policy, ref_policy, critic, reward, queries, prompts, config, stop_ids, penalty, chunk, timer=None):
+    """One response per prompt sampled from `policy` (pi_old), `chunk` prompts at a time. queries (B, ctx): the
+    left-padded prompt ids; `prompts`: the same as the dataset gives them (for a reward function); config: generate's
+    settings; ref_policy: a function whose `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the
+    adapter off, or a frozen copy); critic(query_responses, pad_id) -> V at every position (None: no values, as in
+    evaluation); reward(query_responses, ctx, prompts) -> scores; stop_ids: the tokens that end a response; timer: a
+    Timer (the phases' times)."""
+    ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
+    timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
+    for start in range(0, len(queries), chunk):
+        query = queries[start : start + chunk]
+        with timer("generation"):
+            query_response = generate(policy, query, config)
+        # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
+        # early), pad the rest.
+        response = truncate_response(query_response[:, ctx:], stop_ids, pad_id)
+        query_response = torch.cat((query_response[:, :ctx], response), 1)  # (b, L)
+        mask = response_mask(response, pad_id)  # (b, T)
+        # Response processing 2: per-token log-probs of the sampled distribution, under pi_old and the SFT reference.
+        with timer("logprob"):
+            logprob = response_logprobs(policy, query_response, ctx, temperature, pad_id) * mask
+            with ref_policy() as ref:
+                ref_logprob = response_logprobs(ref, query_response, ctx, temperature, pad_id) * mask
+        # Response processing 3: V(s_t) before each response token, read at positions ctx - 1 .. L - 2.
+        with timer("value"):
+            value = torch.zeros(mask.shape, device=mask.device)
+            if critic is not None:
+                value = critic(query_response, pad_id)[:, ctx - 1 : -1].float() * mask
+        # Response processing 4: the reward; a response that did not end gets the fixed penalty instead.
+        with timer("reward"):
+            score = reward(query_response, ctx, prompts[start : start + chunk])
+        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1)
+        score = torch.where(has_eos, score, penalty)
+        out.append((query_response, mask, logprob, ref_logprob, value, score, has_eos))
+    return PPORollout(*(torch.cat(t) for t in zip(*out)))
+
+
+# ---------------------------------------------------------------------------------------------- the flags and the loop
 @dataclass
 class Args:
     # PPO (Schulman et al., 2017, Eq. 7 and 9) with GAE
@@ -188,132 +311,6 @@ class Args:
     """sample completions printed and logged at each evaluation"""
     eval_temperature: float = 0.01
     """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too"""
-
-
-# ---------------------------------------------------------------------------------------------- the algorithm
-
-
-def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float) -> tuple:
-    """The clipped surrogate objective (Schulman et al., 2017, Eq. 7; per token, as Eq. 7 of the REBEL paper), negated
-    to be minimised and averaged over the valid tokens. All inputs (B, T); ratio_t = pi_theta(y_t|s_t) / pi_old(y_t|s_t):
-
-        max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps))
-
-    Returns the loss and its metrics: the fraction of tokens clipped, and approxkl = 1/2 (ln ratio_t)^2."""
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
-    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange))
-    return masked_mean(losses, mask), {
-        "policy/clipfrac": masked_mean((losses > -advantages * ratio).float(), mask),
-        "policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask),
-    }
-
-
-def clipped_value_loss(values, old_values, returns, mask, cliprange_value: float) -> tuple:
-    """The value loss of Schulman et al., 2017, Eq. 9, (V(s_t) - R_t)^2, with the new value kept within
-    +- cliprange_value of the rollout's as the official recipe does (summarize_from_feedback_details' ppo.py),
-    averaged over the valid tokens. All inputs (B, T):
-
-        1/2 max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
-
-    Returns the loss and its metric: the fraction of tokens where the clipped term is the larger."""
-    clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)  # (B, T)
-    losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-    return 0.5 * masked_mean(losses, mask), {
-        "loss/value_clipfrac": masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask)
-    }
-
-
-def token_rewards(scores, logprobs, ref_logprobs, masks, kl_coef: float):
-    """The per-token reward of the official recipe: -kl_coef * (log pi_old(y_t|s_t) - log pi_ref(y_t|s_t)) at every
-    response token, plus the sequence's score (B,) at its last token (EOS). The official code adds the score one
-    position after EOS (its `sequence_lengths_p1`); we keep the episode inside the mask. Returns the per-token KL and
-    rewards, (B, T) each."""
-    kl = (logprobs - ref_logprobs) * masks  # (B, T)
-    rewards = -kl_coef * kl  # (B, T)
-    last = (masks.sum(1) - 1).clamp(min=0)  # (B,)
-    rewards[torch.arange(rewards.size(0), device=rewards.device), last] += scores
-    return kl, rewards
-
-
-def compute_gae(rewards, values, mask, gamma: float, lam: float):
-    """Generalised advantage estimation (Schulman et al., 2016; Eq. 11-12 of the PPO paper). All (B, T); the episode
-    ends at the last valid token. Returns the advantages and the value targets R_t, (B, T) each:
-
-    delta_t = r_t + gamma V(s_{t+1}) - V(s_t),  A_t = delta_t + gamma lambda A_{t+1},  R_t = A_t + V(s_t)
-    """
-    rewards, values = rewards * mask, values * mask  # V = 0 after the end, so the last valid token bootstraps from 0
-    advantages, last_gae = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.size(1))):
-        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(last_gae)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
-        advantages[:, t] = last_gae
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
-
-
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean, unit (unbiased) variance over the valid tokens of this rank's batch; padded tokens become 0."""
-    mean = masked_mean(values, mask)
-    var = ((values - mean) ** 2 * mask).sum() / (mask.sum() - 1).clamp(min=1)
-    return ((values - mean) * torch.rsqrt(var + eps)) * mask
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-class PPORollout(NamedTuple):
-    """What PPO needs of one response to each of B prompts (L = prompt + T response tokens); 0 after a response ends."""
-
-    query_responses: torch.Tensor  # (B, L) token ids: the left-padded prompt, the response padded after its end
-    masks: torch.Tensor  # (B, T) True on the response's tokens
-    logprobs: torch.Tensor  # (B, T) ln pi_old(y_t|s_t)
-    ref_logprobs: torch.Tensor  # (B, T) ln pi_ref(y_t|s_t) under the SFT policy, for the KL penalty
-    values: torch.Tensor  # (B, T) the critic's V(s_t) before each response token (0 without a critic)
-    scores: torch.Tensor  # (B,) the reward model's score, or `penalty` for a response with no stop token
-    has_eos: torch.Tensor  # (B,) whether the response ended with a stop token
-
-
-@torch.no_grad()
-def ppo_rollout(*, policy, ref_policy, critic, reward, queries, prompts, config, stop_ids, penalty, chunk, timer=None):
-    """One response per prompt sampled from `policy` (pi_old), `chunk` prompts at a time. queries (B, ctx): the
-    left-padded prompt ids; `prompts`: the same as the dataset gives them (for a reward function); config: generate's
-    settings; ref_policy: a function whose `with ref_policy() as ref:` gives the SFT policy (load_trained_policy: the
-    adapter off, or a frozen copy); critic(query_responses, pad_id) -> V at every position (None: no values, as in
-    evaluation); reward(query_responses, ctx, prompts) -> scores; stop_ids: the tokens that end a response; timer: a
-    Timer (the phases' times)."""
-    ctx, pad_id, temperature, out = queries.size(1), config.pad_token_id, config.temperature, []
-    timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
-    for start in range(0, len(queries), chunk):
-        query = queries[start : start + chunk]
-        with timer("generation"):
-            query_response = generate(policy, query, config)
-        # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
-        # early), pad the rest.
-        response = truncate_response(query_response[:, ctx:], stop_ids, pad_id)
-        query_response = torch.cat((query_response[:, :ctx], response), 1)  # (b, L)
-        mask = response_mask(response, pad_id)  # (b, T)
-        # Response processing 2: per-token log-probs of the sampled distribution, under pi_old and the SFT reference.
-        with timer("logprob"):
-            logprob = response_logprobs(policy, query_response, ctx, temperature, pad_id) * mask
-            with ref_policy() as ref:
-                ref_logprob = response_logprobs(ref, query_response, ctx, temperature, pad_id) * mask
-        # Response processing 3: V(s_t) before each response token, read at positions ctx - 1 .. L - 2.
-        with timer("value"):
-            value = torch.zeros(mask.shape, device=mask.device)
-            if critic is not None:
-                value = critic(query_response, pad_id)[:, ctx - 1 : -1].float() * mask
-        # Response processing 4: the reward; a response that did not end gets the fixed penalty instead.
-        with timer("reward"):
-            score = reward(query_response, ctx, prompts[start : start + chunk])
-        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1)
-        score = torch.where(has_eos, score, penalty)
-        out.append((query_response, mask, logprob, ref_logprob, value, score, has_eos))
-    return PPORollout(*(torch.cat(t) for t in zip(*out)))
-
-
-# ---------------------------------------------------------------------------------------------- the loop
 
 
 def main(args: Args) -> None:
@@ -713,22 +710,6 @@ def adapter_disabled(peft_model):
 def grad_sync(model, enabled: bool):
     """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
-
-
-class Timer:
-    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
-        sync(self.device)
-        t0 = time.perf_counter()
-        yield
-        sync(self.device)
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -1736,6 +1717,22 @@ def all_reduce(values: dict, op=None, device=None) -> dict:
     if op is None:
         t /= dist.get_world_size()
     return dict(zip(values, t.tolist()))
+
+
+class Timer:
+    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
+        sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        sync(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def require(ok: bool, message: str) -> None:

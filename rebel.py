@@ -19,7 +19,7 @@ pi is the policy at the sampling temperature: every log-prob (the regression's, 
 update's first optimizer step ln pi_theta equals the rollout's ln pi_t, except for rounding: the rollout and the step
 batch and pad the responses differently, so their kernels round differently (more so in bf16).
 
-Top to bottom: the flags (Args); the algorithm (rebel_loss, the rollout, the pairs); the loop (main); the variants; the
+Top to bottom: the algorithm (rebel_loss, the rollout, the pairs); the flags (Args); the loop (main); the variants; the
 appendix that every script shares: first the algorithm's helpers (sampling, log-probs), then plumbing to skip.
 
 Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, ctx prompt tokens
@@ -29,7 +29,7 @@ minibatches (at 512 prompts one forward would not fit), DDP and logging. `policy
 pi_theta; at the update's start it is pi_t, which samples. x is a batch of left-padded prompt ids (B, ctx), prompts
 the same prompts as strings, and reward(query_responses, ctx, prompts) a reward model's score of each row:
 
-    ref_policy = partial(adapter_disabled, policy)                         # LoRA; full fine-tuning: a frozen copy
+    ref_policy = partial(adapter_disabled, policy)    # LoRA; full fine-tuning: partial(nullcontext, frozen_copy)
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, policy.generation_config)  # EOS, end of turn
     config = sampling_config(53, temperature, pad_id)                      # 53 tokens per response, as the paper
     responses = sample_responses(policy, x, 2, config, chunk=8)            # y, y' ~ pi_t: (B, 2, T); 8 prompts a pass
@@ -76,7 +76,109 @@ import torch.nn as nn
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+# ---------------------------------------------------------------------------------------------- the algorithm
 
+
+def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
+    """Equation (1) over N pairs. All inputs are (N, 2): column 0 is y and column 1 is y', for the same prompt x.
+    new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) = score(x, y) - kl_coef *
+    (ln pi_t(y|x) - ln pi_ref(y|x)). A log-prob is the whole response's: for a text, summed over its tokens at the
+    sampling temperature (sequence_logprobs), with no length normalisation. Both are computed the same way, so the
+    first step starts from a log-ratio of ~0: the loss is then ~ mean (r(x, y) - r(x, y'))^2, and its gradient
+    -2/eta mean (r(x, y) - r(x, y')) grad[ln pi(y|x) - ln pi(y'|x)], RLOO's with k = 2. A per-token loss would take
+    response_logprobs (B, T) and the masks.
+
+    mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
+
+    (The paper sums over the pairs, the official code takes eta^2 times the mean (scaling="official"): the same
+    minimiser, and AdamW's steps barely see the scale.)
+    """
+    log_ratio = new_logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
+    prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)
+    target = rewards[:, 0] - rewards[:, 1]  # (N,)
+    loss = ((prediction - target) ** 2).mean()
+    return eta**2 * loss if scaling == "official" else loss
+
+
+class Rollout(NamedTuple):
+    """What the loss needs of m responses to each of B prompts (L = prompt + T tokens)."""
+
+    query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
+    masks: torch.Tensor  # (B, m, T) True on the response's tokens
+    logprobs: torch.Tensor  # (B, m) ln pi_t(y|x), summed over the response
+    ref_logprobs: torch.Tensor  # (B, m) ln pi_ref(y|x) under the SFT policy, for the KL penalty
+    scores: torch.Tensor  # (B, m) the reward model's score, or `penalty` for a response with no stop token
+    has_eos: torch.Tensor  # (B, m) whether the response ended with a stop token
+
+
+@torch.no_grad()
+def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
+    """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
+    prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
+    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
+    ctx = queries.size(1)
+    responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
+    return torch.cat(responses).unflatten(0, (-1, num))
+
+
+@torch.no_grad()
+def score_responses(
+    *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
+) -> Rollout:
+    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
+    the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
+    `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
+    reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
+    temperature and pad id); stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
+    ctx, m, out = queries.size(1), responses.size(1), []
+    pad_id, temperature = config.pad_token_id, config.temperature
+    timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
+    for start in range(0, len(queries), chunk):
+        query, response = queries[start : start + chunk], responses[start : start + chunk]
+        # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
+        # early), pad the rest.
+        response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
+        query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
+        mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
+        # Response processing 2: ln pi(y|x) under pi_t and the SFT reference, summed over the mask: log_softmax(logits /
+        # temperature) with the pad's logit at -inf (never sampled), positions counted from the first real token. To
+        # copy: the appendix's first section (generate, truncate_response, response_mask, trim_responses, *_logprobs).
+        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # drops response columns all padding
+        with timer("logprob"):
+            logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
+            with ref_policy() as ref:
+                ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
+        # Response processing 3: the reward; a response that did not end gets the fixed penalty instead.
+        with timer("reward"):
+            chunk_prompts = [p for p in prompts[start : start + chunk] for _ in range(m)]
+            score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
+        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
+        score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
+        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks of one width
+    return Rollout(*(torch.cat(t) for t in zip(*out)))
+
+
+def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
+    """Which two of a prompt's m responses form each pair (y, y') of Equation (1): scores (B, m) -> indices (B, P, 2).
+    'adjacent': (0, 1), (2, 3), ... for an even m (independent samples, as Algorithm 1); 'best_worst': the highest
+    and the lowest score, ranked with the no-EOS penalty and without the KL term (one pair, as the official
+    UltraFeedback pipeline)."""
+    B, m = scores.shape
+    if rule == "adjacent":
+        return torch.arange(m, device=scores.device).view(1, -1, 2).expand(B, -1, -1)
+    best = scores.argmax(1)  # (B,)
+    worst = scores.scatter(1, best[:, None], float("inf")).argmin(1)  # the best masked: another even if all tie
+    return torch.stack((best, worst), 1).unsqueeze(1)  # (B, 1, 2)
+
+
+def take_pairs(t: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Each pair's two rows of t: t (B, m, ...) and pairs (B, P, 2) from pair_up -> (B * P, 2, ...), prompt b's pair p
+    at row b * P + p. In Algorithm 1 (m = 2, pairs [[0, 1]] for every prompt) that is t itself."""
+    prompt = torch.arange(len(t), device=t.device)[:, None, None]  # (B, 1, 1), broadcast against pairs
+    return t[prompt, pairs].flatten(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- the flags and the loop
 @dataclass
 class Args:
     # REBEL (Algorithm 1, Equation 1)
@@ -86,8 +188,8 @@ class Args:
     kl_coef: float | None = None
     """coefficient of the KL penalty to the SFT policy inside the reward (default 0.05; with --preference_fn, 0)"""
     loss_scaling: Literal["paper", "official"] = "paper"
-    """'paper': Equation (1) as written; 'official': eta^2 times it, (log-ratio difference - eta * reward difference)^2
-    as the official code minimises it (the same at eta 1; under AdamW the scale matters only via eps and clipping)"""
+    """'paper': Equation (1), a mean over pairs where the paper sums; 'official': eta^2 times it, (log-ratio difference
+    - eta * reward difference)^2, as the official code (at eta != 1 AdamW sees the scale only via eps and clipping)"""
     noptepochs: int = 4
     """passes over each batch of pairs"""
     num_mini_batches: int = 1
@@ -225,111 +327,6 @@ class Args:
     """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too"""
 
 
-# ---------------------------------------------------------------------------------------------- the algorithm
-
-
-def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
-    """Equation (1) over N pairs. All inputs are (N, 2): column 0 is y and column 1 is y', for the same prompt x.
-    new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) = score(x, y) - kl_coef *
-    (ln pi_t(y|x) - ln pi_ref(y|x)). A log-prob is the whole response's: for a text, summed over its tokens at the
-    sampling temperature (sequence_logprobs), with no length normalisation. Both are computed the same way, so the
-    first step starts from a log-ratio of ~0: the loss is then ~ mean (r(x, y) - r(x, y'))^2, and its gradient
-    -2/eta mean (r(x, y) - r(x, y')) grad[ln pi(y|x) - ln pi(y'|x)], RLOO's with k = 2. A per-token loss would take
-    response_logprobs (B, T) and the masks.
-
-    mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
-
-    (The paper sums over the pairs, the official code takes eta^2 times the mean (scaling="official"): the same
-    minimiser, and AdamW's steps barely see the scale.)
-    """
-    log_ratio = new_logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
-    prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)
-    target = rewards[:, 0] - rewards[:, 1]  # (N,)
-    loss = ((prediction - target) ** 2).mean()
-    return eta**2 * loss if scaling == "official" else loss
-
-
-class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (L = prompt + T tokens)."""
-
-    query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
-    masks: torch.Tensor  # (B, m, T) True on the response's tokens
-    logprobs: torch.Tensor  # (B, m) ln pi_t(y|x), summed over the response
-    ref_logprobs: torch.Tensor  # (B, m) ln pi_ref(y|x) under the SFT policy, for the KL penalty
-    scores: torch.Tensor  # (B, m) the reward model's score, or `penalty` for a response with no stop token
-    has_eos: torch.Tensor  # (B, m) whether the response ended with a stop token
-
-
-@torch.no_grad()
-def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
-    """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
-    prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
-    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
-    ctx = queries.size(1)
-    responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
-    return torch.cat(responses).unflatten(0, (-1, num))
-
-
-@torch.no_grad()
-def score_responses(
-    *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
-) -> Rollout:
-    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
-    the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
-    `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
-    reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
-    temperature and pad id); stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
-    ctx, m, out = queries.size(1), responses.size(1), []
-    pad_id, temperature = config.pad_token_id, config.temperature
-    timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
-    for start in range(0, len(queries), chunk):
-        query, response = queries[start : start + chunk], responses[start : start + chunk]
-        # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
-        # early), pad the rest.
-        response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
-        query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
-        mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
-        # Response processing 2: ln pi(y|x) under pi_t and the SFT reference, summed over the mask: log_softmax(logits /
-        # temperature) with the pad's logit at -inf (never sampled), positions counted from the first real token. To
-        # copy: the appendix's first section (generate, truncate_response, response_mask, trim_responses, *_logprobs).
-        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # drops response columns all padding
-        with timer("logprob"):
-            logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
-            with ref_policy() as ref:
-                ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
-        # Response processing 3: the reward; a response that did not end gets the fixed penalty instead.
-        with timer("reward"):
-            chunk_prompts = [p for p in prompts[start : start + chunk] for _ in range(m)]
-            score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
-        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
-        score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
-        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks of one width
-    return Rollout(*(torch.cat(t) for t in zip(*out)))
-
-
-def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
-    """Which two of a prompt's m responses form each pair (y, y') of Equation (1): scores (B, m) -> indices (B, P, 2).
-    'adjacent': (0, 1), (2, 3), ... for an even m (independent samples, as Algorithm 1); 'best_worst': the highest
-    and the lowest score, ranked with the no-EOS penalty and without the KL term (one pair, as the official
-    UltraFeedback pipeline)."""
-    B, m = scores.shape
-    if rule == "adjacent":
-        return torch.arange(m, device=scores.device).view(1, -1, 2).expand(B, -1, -1)
-    best = scores.argmax(1)  # (B,)
-    worst = scores.scatter(1, best[:, None], float("inf")).argmin(1)  # the best masked: another even if all tie
-    return torch.stack((best, worst), 1).unsqueeze(1)  # (B, 1, 2)
-
-
-def take_pairs(t: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """Each pair's two rows of t: t (B, m, ...) and pairs (B, P, 2) from pair_up -> (B * P, 2, ...), prompt b's pair p
-    at row b * P + p. In Algorithm 1 (m = 2, pairs [[0, 1]] for every prompt) that is t itself."""
-    prompt = torch.arange(len(t), device=t.device)[:, None, None]  # (B, 1, 1), broadcast against pairs
-    return t[prompt, pairs].flatten(0, 1)
-
-
-# ---------------------------------------------------------------------------------------------- the loop
-
-
 def main(args: Args) -> None:
     require(args.eta > 0, f"--eta must be > 0 (it divides the log-ratios in Equation 1); got {args.eta}")
     resolve_variants(args)  # checks --num_samples, --pairing, --mu; sets --kl_coef's default (0 with --preference_fn)
@@ -364,6 +361,7 @@ def main(args: Args) -> None:
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
     # The columns of the rollout's (B, m) tensors that pi_t samples: all of them, [0, 1], in Algorithm 1.
     policy_columns = variant_columns(args.num_samples, args.mu, preference is not None)
+    num_sampled = len(policy_columns)  # responses pi_t samples per prompt: 2 in Algorithm 1 (1 with --mu dataset)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
     config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
@@ -401,7 +399,7 @@ def main(args: Args) -> None:
         # follows the loop).
         with autocast():
             with timer("generation"):  # y, y' ~ pi_t: (B, 2, T) in Algorithm 1
-                responses = sample_responses(raw_policy, queries, len(policy_columns), config, chunk)
+                responses = sample_responses(raw_policy, queries, num_sampled, config, chunk)
             if args.mu == "dataset":  # variant: y' is the prompt's response in the dataset (Algorithm 1's mu), column 1
                 responses = with_dataset_responses(responses, train.responses[batch])
             # (variant --preference_fn: no reward model here; the judge scores the rollout below)
@@ -708,22 +706,6 @@ def adapter_disabled(peft_model):
 def grad_sync(model, enabled: bool):
     """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
-
-
-class Timer:
-    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
-        sync(self.device)
-        t0 = time.perf_counter()
-        yield
-        sync(self.device)
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -1773,6 +1755,22 @@ def all_reduce(values: dict, op=None, device=None) -> dict:
     if op is None:
         t /= dist.get_world_size()
     return dict(zip(values, t.tolist()))
+
+
+class Timer:
+    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
+        sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        sync(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def require(ok: bool, message: str) -> None:

@@ -10,7 +10,7 @@ which needs the pad id in the config) and is trained on pairs (y_chosen, y_rejec
 After training, the mean score of the SFT data's reference summaries is saved as `config.reward_bias`, which rebel.py's
 load_reward_model subtracts: references score 0 on average, as in summarize_from_feedback_details and the official
 REBEL code (rebel.py's fixed -1 score for a response with no EOS assumes it). Under bf16 the scores are computed in
-bf16. The file reads top to bottom: the flags (Args), the loss and the model, the loop (main), then the appendix of
+bf16. The file reads top to bottom: the loss and the model, the flags (Args), the loop (main), then the appendix of
 plumbing shared with rebel.py.
 
     python reward.py --help
@@ -42,7 +42,46 @@ import torch.nn as nn
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+# ---------------------------------------------------------------------------------------------- the algorithm
 
+
+def bradley_terry_loss(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards (B, 2), chosen then rejected: -log sigmoid(r_chosen - r_rejected), the Bradley-Terry likelihood. r_theta
+    is ScalarRewardModel's (the appendix): the head on the hidden state of the last non-pad token, minus a bias."""
+    return -nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
+
+
+def new_reward_model(sft_model_path: str):
+    """The SFT model's backbone (a LoRA adapter merged) under a fresh one-output linear head, initialised by
+    transformers (normal, std = the config's initializer_range; summarize_from_feedback_details draws 1/sqrt(H+1)):
+    the AutoModelForSequenceClassification that is saved, and the ScalarRewardModel over its modules that scores."""
+    from transformers import AutoModelForSequenceClassification
+
+    sft_model = load_policy(sft_model_path, torch.float32)
+    sft_model.config.num_labels = 1
+    hf_model = AutoModelForSequenceClassification.from_config(sft_model.config)
+    hf_model.base_model.load_state_dict(sft_model.base_model.state_dict())
+    return hf_model, ScalarRewardModel(hf_model.base_model, hf_model.score)
+
+
+def shard_reward_model(model, bf16: bool):
+    """FSDP2 as shard() does it (every transformer layer, then a root; bf16 compute with --precision bf16, gradients
+    reduced in fp32), with the ScalarRewardModel as the root: its forward calls the backbone's and the head's directly,
+    so it must own what lies outside the layers (embeddings, final norm, head). Rank 0's new head everywhere, as DDP."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for param in model.parameters():
+        if param.requires_grad:
+            dist.broadcast(param.data, src=0)
+    for module in model.backbone.modules():
+        if type(module).__name__ in model.backbone._no_split_modules:
+            fully_shard(module, mp_policy=mixed_precision)
+    fully_shard(model, mp_policy=mixed_precision)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- the flags and the loop
 @dataclass
 class Args:
     # data: the preference pairs trained on, and the references that set the score's zero
@@ -122,48 +161,6 @@ class Args:
     """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
     num_eval_prompts: int | None = None
     """measure validation accuracy on the first N pairs of the evaluation split (default: all)"""
-
-
-# ---------------------------------------------------------------------------------------------- the algorithm
-
-
-def bradley_terry_loss(rewards: torch.Tensor) -> torch.Tensor:
-    """rewards (B, 2), chosen then rejected: -log sigmoid(r_chosen - r_rejected), the Bradley-Terry likelihood. r_theta
-    is ScalarRewardModel's (the appendix): the head on the hidden state of the last non-pad token, minus a bias."""
-    return -nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
-
-
-def new_reward_model(sft_model_path: str):
-    """The SFT model's backbone (a LoRA adapter merged) under a fresh one-output linear head, initialised by
-    transformers (normal, std = the config's initializer_range; summarize_from_feedback_details draws 1/sqrt(H+1)):
-    the AutoModelForSequenceClassification that is saved, and the ScalarRewardModel over its modules that scores."""
-    from transformers import AutoModelForSequenceClassification
-
-    sft_model = load_policy(sft_model_path, torch.float32)
-    sft_model.config.num_labels = 1
-    hf_model = AutoModelForSequenceClassification.from_config(sft_model.config)
-    hf_model.base_model.load_state_dict(sft_model.base_model.state_dict())
-    return hf_model, ScalarRewardModel(hf_model.base_model, hf_model.score)
-
-
-def shard_reward_model(model, bf16: bool):
-    """FSDP2 as shard() does it (every transformer layer, then a root; bf16 compute with --precision bf16, gradients
-    reduced in fp32), with the ScalarRewardModel as the root: its forward calls the backbone's and the head's directly,
-    so it must own what lies outside the layers (embeddings, final norm, head). Rank 0's new head everywhere, as DDP."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for param in model.parameters():
-        if param.requires_grad:
-            dist.broadcast(param.data, src=0)
-    for module in model.backbone.modules():
-        if type(module).__name__ in model.backbone._no_split_modules:
-            fully_shard(module, mp_policy=mixed_precision)
-    fully_shard(model, mp_policy=mixed_precision)
-    return model
-
-
-# ---------------------------------------------------------------------------------------------- the loop
 
 
 def main(args: Args) -> None:
@@ -330,22 +327,6 @@ def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: t
 def grad_sync(model, enabled: bool):
     """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
-
-
-class Timer:
-    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
-        sync(self.device)
-        t0 = time.perf_counter()
-        yield
-        sync(self.device)
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -1079,6 +1060,22 @@ def all_reduce(values: dict, op=None, device=None) -> dict:
     if op is None:
         t /= dist.get_world_size()
     return dict(zip(values, t.tolist()))
+
+
+class Timer:
+    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
+        sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        sync(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def require(ok: bool, message: str) -> None:

@@ -10,7 +10,7 @@ it by the Fisher information (Claim 2) where RLOO steps along it. `--reinforce`:
 per prompt, A = r - b, b being Ahmadian et al.'s b_MA (arXiv 2402.14740, Eq. 8), the mean of every reward so far; the
 paper's Table 1 takes its REINFORCE and RLOO numbers (6.9B) from them. `--reinforce_baseline none`: A = r.
 
-Top to bottom: the flags (Args), the algorithm (the loss, the advantages, the rollout), the loop (main), the variant
+Top to bottom: the algorithm (the loss, the advantages, the rollout), the flags (Args), the loop (main), the variant
 (--reinforce), then the plumbing every script shares (the appendix); docs/rebel.md explains every metric.
 
     python rloo.py --rloo_k 2                               # one process
@@ -44,7 +44,89 @@ import torch.nn as nn
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+# ---------------------------------------------------------------------------------------------- the algorithm
 
+
+def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """The REINFORCE surrogate, whose gradient is the policy gradient mean_{x, i} A_i grad ln pi_theta(y_i|x). Inputs
+    (B, k): the k responses to a prompt in a row, log-probs summed over each response's tokens; the advantages
+    (rloo_advantages) are constants.
+
+    loss = -mean_{x, i} A_i * ln pi_theta(y_i|x)
+    """
+    return -(advantages.detach() * logprobs).mean()
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out (Kool et al., 2019; Ahmadian et al., 2024): each response's baseline is the mean reward of the
+    prompt's other k - 1 responses, which does not depend on it, so the gradient stays unbiased. rewards (B, k).
+
+    A_i = r_i - 1/(k-1) sum_{j != i} r_j
+    """
+    k = rewards.size(1)
+    baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)  # (B, k) mean of the other k - 1
+    return rewards - baseline
+
+
+class Rollout(NamedTuple):
+    """What the loss needs of m responses to each of B prompts (L = prompt + T tokens)."""
+
+    query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
+    masks: torch.Tensor  # (B, m, T) True on the response's tokens
+    logprobs: torch.Tensor  # (B, m) ln pi_t(y|x), summed over the response
+    ref_logprobs: torch.Tensor  # (B, m) ln pi_ref(y|x) under the SFT policy, for the KL penalty
+    scores: torch.Tensor  # (B, m) the reward model's score, or `penalty` for a response with no stop token
+    has_eos: torch.Tensor  # (B, m) whether the response ended with a stop token
+
+
+@torch.no_grad()
+def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
+    """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
+    prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
+    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
+    ctx = queries.size(1)
+    responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
+    return torch.cat(responses).unflatten(0, (-1, num))
+
+
+@torch.no_grad()
+def score_responses(
+    *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
+) -> Rollout:
+    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
+    the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
+    `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
+    reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
+    temperature and pad id); stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
+    ctx, m, out = queries.size(1), responses.size(1), []
+    pad_id, temperature = config.pad_token_id, config.temperature
+    timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
+    for start in range(0, len(queries), chunk):
+        query, response = queries[start : start + chunk], responses[start : start + chunk]
+        # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
+        # early), pad the rest.
+        response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
+        query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
+        mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
+        # Response processing 2: ln pi(y|x) under pi_t and the SFT reference, summed over the mask: log_softmax(logits /
+        # temperature) with the pad's logit at -inf (never sampled), positions counted from the first real token. To
+        # copy: the appendix's first section (generate, truncate_response, response_mask, trim_responses, *_logprobs).
+        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # drops response columns all padding
+        with timer("logprob"):
+            logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
+            with ref_policy() as ref:
+                ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
+        # Response processing 3: the reward; a response that did not end gets the fixed penalty instead.
+        with timer("reward"):
+            chunk_prompts = [p for p in prompts[start : start + chunk] for _ in range(m)]
+            score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
+        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
+        score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
+        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks of one width
+    return Rollout(*(torch.cat(t) for t in zip(*out)))
+
+
+# ---------------------------------------------------------------------------------------------- the flags and the loop
 @dataclass
 class Args:
     # RLOO
@@ -176,91 +258,6 @@ class Args:
     """sample completions printed and logged at each evaluation"""
     eval_temperature: float = 0.01
     """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too"""
-
-
-# ---------------------------------------------------------------------------------------------- the algorithm
-
-
-def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """The REINFORCE surrogate, whose gradient is the policy gradient mean_{x, i} A_i grad ln pi_theta(y_i|x). Inputs
-    (B, k): the k responses to a prompt in a row, log-probs summed over each response's tokens; the advantages
-    (rloo_advantages) are constants.
-
-    loss = -mean_{x, i} A_i * ln pi_theta(y_i|x)
-    """
-    return -(advantages.detach() * logprobs).mean()
-
-
-def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """Leave-one-out (Kool et al., 2019; Ahmadian et al., 2024): each response's baseline is the mean reward of the
-    prompt's other k - 1 responses, which does not depend on it, so the gradient stays unbiased. rewards (B, k).
-
-    A_i = r_i - 1/(k-1) sum_{j != i} r_j
-    """
-    k = rewards.size(1)
-    baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)  # (B, k) mean of the other k - 1
-    return rewards - baseline
-
-
-class Rollout(NamedTuple):
-    """What the loss needs of m responses to each of B prompts (L = prompt + T tokens)."""
-
-    query_responses: torch.Tensor  # (B, m, L) token ids: the left-padded prompt, the response padded after its end
-    masks: torch.Tensor  # (B, m, T) True on the response's tokens
-    logprobs: torch.Tensor  # (B, m) ln pi_t(y|x), summed over the response
-    ref_logprobs: torch.Tensor  # (B, m) ln pi_ref(y|x) under the SFT policy, for the KL penalty
-    scores: torch.Tensor  # (B, m) the reward model's score, or `penalty` for a response with no stop token
-    has_eos: torch.Tensor  # (B, m) whether the response ended with a stop token
-
-
-@torch.no_grad()
-def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
-    """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
-    prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
-    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
-    ctx = queries.size(1)
-    responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
-    return torch.cat(responses).unflatten(0, (-1, num))
-
-
-@torch.no_grad()
-def score_responses(
-    *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
-) -> Rollout:
-    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
-    the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
-    `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
-    reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
-    temperature and pad id); stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
-    ctx, m, out = queries.size(1), responses.size(1), []
-    pad_id, temperature = config.pad_token_id, config.temperature
-    timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
-    for start in range(0, len(queries), chunk):
-        query, response = queries[start : start + chunk], responses[start : start + chunk]
-        # Response processing 1: cut after the first stop token (sampled anywhere: --stop_at_eos only ends sampling
-        # early), pad the rest.
-        response = truncate_response(response.flatten(0, 1), stop_ids, pad_id)
-        query_response = torch.cat((query.repeat_interleave(m, 0), response), 1).unflatten(0, (-1, m))  # (b, m, L)
-        mask = response_mask(response, pad_id).unflatten(0, (-1, m))  # (b, m, T)
-        # Response processing 2: ln pi(y|x) under pi_t and the SFT reference, summed over the mask: log_softmax(logits /
-        # temperature) with the pad's logit at -inf (never sampled), positions counted from the first real token. To
-        # copy: the appendix's first section (generate, truncate_response, response_mask, trim_responses, *_logprobs).
-        trimmed, trimmed_mask = trim_responses(query_response, mask, ctx)  # drops response columns all padding
-        with timer("logprob"):
-            logprob = sequence_logprobs(policy, trimmed, trimmed_mask, ctx, temperature, pad_id)
-            with ref_policy() as ref:
-                ref_logprob = sequence_logprobs(ref, trimmed, trimmed_mask, ctx, temperature, pad_id)
-        # Response processing 3: the reward; a response that did not end gets the fixed penalty instead.
-        with timer("reward"):
-            chunk_prompts = [p for p in prompts[start : start + chunk] for _ in range(m)]
-            score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
-        has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
-        score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
-        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks of one width
-    return Rollout(*(torch.cat(t) for t in zip(*out)))
-
-
-# ---------------------------------------------------------------------------------------------- the loop
 
 
 def main(args: Args) -> None:
@@ -564,22 +561,6 @@ def adapter_disabled(peft_model):
 def grad_sync(model, enabled: bool):
     """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
-
-
-class Timer:
-    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
-        sync(self.device)
-        t0 = time.perf_counter()
-        yield
-        sync(self.device)
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -1602,6 +1583,22 @@ def all_reduce(values: dict, op=None, device=None) -> dict:
     if op is None:
         t /= dist.get_world_size()
     return dict(zip(values, t.tolist()))
+
+
+class Timer:
+    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
+        sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        sync(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def require(ok: bool, message: str) -> None:

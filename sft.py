@@ -6,7 +6,7 @@ Next-token cross-entropy on the reference response y given the post x (the promp
     min_theta  - mean over the response tokens y_t (EOS included) of  ln pi_theta(y_t | x, y_<t)
 
 (the mean of micro-batches' token means, not one over all tokens: as the official code). The file reads top
-to bottom: the flags (Args), the loss, the loop (main), then the appendix of plumbing shared with rebel.py. The model
+to bottom: the loss, the flags (Args), the loop (main), then the appendix of plumbing shared with rebel.py. The model
 and its tokenizer (with the pad token load_tokenizer may add) are saved with save_pretrained, so that reward.py and
 rebel.py load them directly.
 
@@ -38,7 +38,21 @@ import torch.distributed.nn  # noqa: F401  (imported before init_process_group, 
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+# ---------------------------------------------------------------------------------------------- the algorithm
 
+
+def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: int) -> torch.Tensor:
+    """The loss in the docstring above: mean next-token cross-entropy over the response tokens (EOS included, pads
+    excluded). query_responses (B, L): the left-padded prompt (context_length tokens), then the response."""
+    # The LM head over the response positions only (the logits at t - 1 give token t): the prompt's go unused.
+    positions = torch.arange(context_length - 1, query_responses.size(1) - 1, device=query_responses.device)
+    logits = forward(model, query_responses, pad_id, positions).logits.float()  # (B, T, V)
+    labels = query_responses[:, context_length:]  # (B, T)
+    labels = labels.masked_fill(labels == pad_id, -100)  # the pad id may lie outside the vocabulary: never gathered
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+# ---------------------------------------------------------------------------------------------- the flags and the loop
 @dataclass
 class Args:
     # data: the prompts x and the reference responses y trained on
@@ -109,23 +123,6 @@ class Args:
     """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
     num_eval_prompts: int | None = None
     """compute the validation loss on the first N examples of the evaluation split (default: all)"""
-
-
-# ---------------------------------------------------------------------------------------------- the algorithm
-
-
-def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: int) -> torch.Tensor:
-    """The loss in the docstring above: mean next-token cross-entropy over the response tokens (EOS included, pads
-    excluded). query_responses (B, L): the left-padded prompt (context_length tokens), then the response."""
-    # The LM head over the response positions only (the logits at t - 1 give token t): the prompt's go unused.
-    positions = torch.arange(context_length - 1, query_responses.size(1) - 1, device=query_responses.device)
-    logits = forward(model, query_responses, pad_id, positions).logits.float()  # (B, T, V)
-    labels = query_responses[:, context_length:]  # (B, T)
-    labels = labels.masked_fill(labels == pad_id, -100)  # the pad id may lie outside the vocabulary: never gathered
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-
-
-# ---------------------------------------------------------------------------------------------- the loop
 
 
 def main(args: Args) -> None:
@@ -245,22 +242,6 @@ def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: t
 def grad_sync(model, enabled: bool):
     """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
-
-
-class Timer:
-    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
-        sync(self.device)
-        t0 = time.perf_counter()
-        yield
-        sync(self.device)
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -987,6 +968,22 @@ def all_reduce(values: dict, op=None, device=None) -> dict:
     if op is None:
         t /= dist.get_world_size()
     return dict(zip(values, t.tolist()))
+
+
+class Timer:
+    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda device: None
+        sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        sync(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def require(ok: bool, message: str) -> None:
