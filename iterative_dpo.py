@@ -89,8 +89,9 @@ def score_responses(
     """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
     the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
     `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
-    reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
-    temperature and pad id); stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
+    reward(query_responses, ctx, prompts) -> scores, or None for scores of 0 (--preference_fn scores them later);
+    config: the responses' sampling config (its temperature and pad id, never a stop token: load_tokenizer);
+    stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
     ctx, m, out = queries.size(1), responses.size(1), []
     pad_id, temperature = config.pad_token_id, config.temperature
     timer = timer or (lambda phase: nullcontext())  # no timer given: no timing

@@ -128,8 +128,9 @@ def score_responses(
     """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
     the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
     `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
-    reward(query_responses, ctx, prompts) -> scores, or None (0); config: the responses' sampling config (its
-    temperature and pad id); stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
+    reward(query_responses, ctx, prompts) -> scores, or None for scores of 0 (--preference_fn scores them later);
+    config: the responses' sampling config (its temperature and pad id, never a stop token: load_tokenizer);
+    stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
     ctx, m, out = queries.size(1), responses.size(1), []
     pad_id, temperature = config.pad_token_id, config.temperature
     timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
@@ -417,7 +418,8 @@ def main(args: Args) -> None:
         # (Equation 1 regresses on its differences as they are); and the pairs (y, y').
         kl = logprobs - ref_logprobs  # (B, m)
         rewards = scores - args.kl_coef * kl  # (B, m); kl_coef 0.05 (0 with --preference_fn: resolve_variants)
-        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2); --preference_fn's y'' unpaired
+        # The first --num_samples columns: with --preference_fn and k = 2, the third sample y'' (D.2) is not paired.
+        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2)
         pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
             take_pairs(t, pairs) for t in (query_responses, masks, logprobs, rewards)
         )  # (B * P, 2, ...); a loss that needs more of each pair (ref_logprobs, the scores) takes it the same way
