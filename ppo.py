@@ -51,8 +51,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float) -> tuple:
-    """The clipped surrogate objective (Schulman et al., 2017, Eq. 7; per token, as Eq. 7 of the REBEL paper), negated
-    to be minimised and averaged over the valid tokens. All inputs (B, T); ratio_t = pi_theta(y_t|s_t) / pi_old(y_t|s_t):
+    """The clipped surrogate objective (Schulman et al., 2017, Eq. 7, per token; the REBEL paper's Eq. 7 is its
+    sequence-level form), negated to be minimised and averaged over the valid tokens. All inputs (B, T); ratio_t =
+    pi_theta(y_t|s_t) / pi_old(y_t|s_t):
 
         max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps))
 
@@ -66,7 +67,7 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: flo
 
 
 def clipped_value_loss(values, old_values, returns, mask, cliprange_value: float) -> tuple:
-    """The value loss of Schulman et al., 2017, Eq. 9, (V(s_t) - R_t)^2, with the new value kept within
+    """The value term L^VF of Schulman et al., 2017, Eq. 9, (V(s_t) - R_t)^2, with the new value kept within
     +- cliprange_value of the rollout's as the official recipe does (summarize_from_feedback_details' ppo.py),
     averaged over the valid tokens. All inputs (B, T):
 
