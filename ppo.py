@@ -351,7 +351,9 @@ def main(args: Args) -> None:
     critic = new_critic(tokenizer=tokenizer, tokenizer_path=args.reward_tokenizer).to(device).eval()
     if args.gradient_checkpointing:  # (the policy's: load_trained_policy)
         checkpoint_layers(critic.backbone)
-    policy = policy_and_value(raw_policy, critic, args.fsdp, bf16, device)  # what the gradient steps go through
+    # `policy`: the policy and the critic as one module (DDP's or FSDP's), what the gradient steps go through:
+    # policy(query_responses, ...) returns both the log-probs and the values.
+    policy = policy_and_value(raw_policy, critic, args.fsdp, bf16, device)
     # One optimizer over both networks: the joint loss policy + vf_coef * value updates both in one step, as officially.
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
     config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
