@@ -931,6 +931,8 @@ def print_bad_input(kind, error, tb) -> None:
     message = str(error) if issubclass(kind, BadInput) else None
     if issubclass(kind, OSError):
         message = f"{cause(error)}: check that path, its permissions and the free space"
+    if issubclass(kind, BrokenPipeError):  # no path: the program reading the output (`| head`, a logger) has ended
+        message = "the output's reader closed its pipe (BrokenPipeError)"
     store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
     try:
         if store and message:

@@ -269,3 +269,12 @@ def test_resume_of_a_file_names_resume(toy, tmp_path):
     (tmp_path / "notes.txt").write_text("not a run")
     message = bad_input_message("rebel.py", [*toy.rl_flags, "--resume", str(tmp_path / "notes.txt")])
     assert message == f"--resume {tmp_path / 'notes.txt'} is a file, not a directory; choose another"  # --run_dir
+
+
+def test_output_into_a_closed_pipe_is_one_line_that_names_the_pipe():
+    """`rebel.py --help | head -1`: the reader leaves early; the message is about the pipe, not about a path."""
+    proc = subprocess.Popen([sys.executable, "rebel.py", "--help"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)  # fmt: skip
+    proc.stdout.close()  # the reader ends before the help is printed
+    stderr = proc.stderr.read()
+    assert error_line(stderr, proc.wait()) == "error: the output's reader closed its pipe (BrokenPipeError)"
