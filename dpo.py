@@ -9,8 +9,8 @@ Evaluation is rebel.py's (sample on the TL;DR evaluation prompts, score with the
 policy), so that DPO is judged like the others; the reward model is used for evaluation only. Hyper-parameters:
 REBEL's Appendix I.1.4 (batch 64, lr 3e-6, 1 epoch, beta 0.05).
 
-The file reads top to bottom: the algorithm (dpo_loss), the flags (Args), the loop (main), the evaluation's sampling
-(rebel.py's rollout: sample_responses, score_responses), then the plumbing every script shares (the appendix):
+The file reads top to bottom: the algorithm (dpo_loss), the loop (main), the evaluation's sampling (rebel.py's
+rollout: sample_responses, score_responses), the flags (Args), then the plumbing every script shares (the appendix):
 `diff rebel.py dpo.py` shows what DPO changes, and docs/rebel.md explains the choices and metrics the scripts share.
 
     python dpo.py --beta 0.05                               # one process
@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import trange
 
 # ---------------------------------------------------------------------------------------------- the algorithm
 
@@ -57,141 +58,11 @@ def dpo_loss(logprobs, ref_logprobs, beta: float) -> torch.Tensor:
     return -F.logsigmoid(beta * (log_ratio[:, 0] - log_ratio[:, 1])).mean()
 
 
-# ---------------------------------------------------------------------------------------------- the flags and the loop
-@dataclass
-class Args:
-    # DPO
-    beta: float = 0.05
-    """beta of Rafailov et al. (2023), Eq. 7: the strength of the KL constraint to the SFT policy"""
-    num_train_epochs: int = 1
-    """passes over the preference dataset"""
-
-    # evaluation sampling and reward (DPO trains on the pairs: it samples only to evaluate)
-    response_length: int = 53
-    """responses are truncated to this many tokens, EOS included; evaluation samples exactly this many"""
-    penalty_reward_value: float = -1.0
-    """score given to responses that contain no EOS token"""
-    stop_at_eos: bool = False
-    """stop sampling a response at its first stop token (EOS, a chat model's end of turn), as chat runs: faster, and
-    the same distribution (a response is cut after its first stop token either way)"""
-    sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
-    """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
-    reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
-    """the reward model, for evaluation only: a one-label sequence classifier, or a backbone + scalar head"""
-    reward_tokenizer: str | None = None
-    """the reward model's tokenizer and chat template (default: its own, else the policy's), reading decoded text"""
-    reward_fn: str | None = None
-    """path/to/file.py:function, used instead of the reward model: fn(prompts, responses) -> one score per response"""
-
-    # data
-    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
-    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts evaluated on"""
-    query_column: str = "query"
-    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
-    reference_column: str | None = "reference_response"
-    """the reference response column for the evaluation table (a text, or a conversation ending with it); None: none"""
-    chat: bool = False
-    """render text prompts with the chat template too (a "\n\nHuman: ... \n\nAssistant:" text as its turns)"""
-    preference_dataset: str = "cleanrl/summarize_from_feedback_oai_preprocessing_1704563162"
-    """hub name, local directory or single data file of the preference pairs trained on"""
-    chosen_column: str = "chosen"
-    """the column of the preferred response y_w (a text, or a conversation ending with it)"""
-    rejected_column: str = "rejected"
-    """the column of the other response y_l"""
-    train_split: str = "train"
-    """the split of --preference_dataset to train on"""
-    eval_split: str = "validation"
-    """the split of --query_dataset to evaluate on"""
-    query_length: int = 512
-    """prompts are left-padded to this many tokens"""
-    long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
-
-    # optimisation
-    total_episodes: int | None = None
-    """preference pairs to train on in total (default: --num_train_epochs epochs of the train split)"""
-    batch_size: int = 64
-    """preference pairs per update, over all ranks; stays fixed as the world size changes"""
-    per_device_train_batch_size: int = 8
-    """pairs per micro-batch on one rank (2x as many sequences); gradient accumulation fills the rest"""
-    local_rollout_forward_batch_size: int = 32
-    """prompts per no-grad generation / scoring chunk on one rank"""
-    lr: float = 3e-6
-    """AdamW learning rate (torch's weight decay 0.01, as the official code), decayed linearly to lr / num_updates"""
-    eps: float = 1e-5
-    """AdamW epsilon"""
-    max_grad_norm: float | None = None
-    """clip the gradient norm to this (default: no clipping; the paper gives no value for TL;DR)"""
-
-    # the trained model
-    lora: bool = True
-    """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
-    lora_rank: int = 1024
-    """LoRA rank r (1024 and alpha 2048: the paper's TL;DR setting, Appendix I.1.4)"""
-    lora_alpha: int = 2048
-    """LoRA alpha (the adapter's output is scaled by alpha / r)"""
-    lora_dropout: float = 0.0
-    """LoRA dropout: 0, as the models train in eval mode (no dropout), where another value would do nothing"""
-    lora_target_modules: list[str] | None = None
-    """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
-    num_trainable_layers: int | None = None
-    """with --no-lora, train only the last N layers (and the final norm), the rest frozen, as the paper's chat runs"""
-
-    # speed and memory
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': frozen weights in bf16, trainable ones in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
-    pad_multiple: int = 64
-    """left-pad a batch of prompts to its longest rounded up to this multiple, and trim the padding a micro-batch of
-    pairs shares (both sides) in multiples of it; 0: to --query_length (+ --response_length) (official code)"""
-    static_cache: bool = True
-    """sample with a static KV cache, compiled on CUDA (about 3x faster, docs/memory.md); not with --fsdp"""
-    fsdp: bool = False
-    """shard the policy (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not fit (6.9B)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass (in eval mode too): less memory, ~1/3 more time"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-
-    # the run: logs, evaluation, checkpoints
-    exp_name: str = "dpo"
-    """the name of this experiment (prefix of the run name)"""
-    seed: int = 555134
-    """seed of the experiment; rank r samples with seed + r"""
-    track: bool = False
-    """log to Weights and Biases (works with WANDB_MODE=offline)"""
-    wandb_project_name: str = "rebel"
-    """the wandb project"""
-    wandb_entity: str | None = None
-    """the wandb entity (team)"""
-    run_dir: str | None = None
-    """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
-    output_dir: str | None = None
-    """where the final policy is saved, new or empty or this run's (default: <run_dir>/model; '': not saved)"""
-    save_merged: bool = False
-    """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
-    save_freq: int = 20
-    """write a checkpoint every this many updates (and at the last, and on Ctrl-C or SIGTERM); 0 = only then"""
-    keep_checkpoints: int = 2
-    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
-    resume: str | None = None
-    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
-    eval_freq: int = 100
-    """evaluate every this many updates, and before the first and after the last (0: only those two)"""
-    num_eval_prompts: int | None = None
-    """evaluate on the first N prompts of the evaluation split (default: all)"""
-    num_sample_rows: int = 4
-    """sample completions printed and logged at each evaluation"""
-    eval_temperature: float = 0.01
-    """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too. Training
-    samples nothing: DPO's pi_theta is the model's own likelihood (temperature 1) of the human-written pairs"""
-
-
-def main(args: Args) -> None:
+# ---------------------------------------------------------------------------------------------- the loop
+def main(args: "Args") -> None:
     require(args.beta > 0, f"--beta must be > 0 (it scales the log-ratios in Equation 7); got {args.beta}")
     flags = asdict(args)
     check_flags(flags)
-    from tqdm import trange
-
     # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs.
     rank, world_size, device = init_processes(args.cuda, args.seed)
     bf16, dtype, autocast = precision(args.precision, device)
@@ -328,7 +199,7 @@ class Rollout(NamedTuple):
 def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
     """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
     prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
-    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
+    (sampling_config). EOS does not stop sampling (score_responses cuts there) unless config has stop ids."""
     ctx = queries.size(1)
     responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
     return torch.cat(responses).unflatten(0, (-1, num))
@@ -338,12 +209,12 @@ def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Ten
 def score_responses(
     *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
 ) -> Rollout:
-    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
-    the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
-    `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
-    reward(query_responses, ctx, prompts) -> scores, or None for scores of 0 (--preference_fn scores them later);
-    config: the responses' sampling config (its temperature and pad id, never a stop token: load_tokenizer);
-    stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
+    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx): the
+    left-padded prompt ids; prompts: the same prompts as the dataset gives them (a reward function reads them);
+    ref_policy: a function of no arguments, `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a
+    frozen copy); reward: reward(query_responses (N, L), ctx, prompts) -> N scores, or None for scores of 0; config:
+    the sampling config (its temperature and pad id; the pad is never a stop token); stop_ids: the tokens that end a
+    response; penalty: the score of one that did not end."""
     ctx, m, out = queries.size(1), responses.size(1), []
     pad_id, temperature = config.pad_token_id, config.temperature
     timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
@@ -368,8 +239,137 @@ def score_responses(
             score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
         score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
-        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks of one width
+        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks as wide, for cat
     return Rollout(*(torch.cat(t) for t in zip(*out)))
+
+
+# ---------------------------------------------------------------------------------------------- the flags
+@dataclass
+class Args:
+    # DPO
+    beta: float = 0.05
+    """beta of Rafailov et al. (2023), Eq. 7: the strength of the KL constraint to the SFT policy"""
+    num_train_epochs: int = 1
+    """passes over the preference dataset"""
+
+    # evaluation sampling and reward (DPO trains on the pairs: it samples only to evaluate)
+    response_length: int = 53
+    """responses are truncated to this many tokens, EOS included; evaluation samples exactly this many"""
+    penalty_reward_value: float = -1.0
+    """score given to responses that contain no EOS token"""
+    stop_at_eos: bool = False
+    """stop sampling a response at its first stop token (EOS, a chat model's end of turn), as chat runs: faster, and
+    the same distribution (a response is cut after its first stop token either way)"""
+    sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
+    """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
+    reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
+    """the reward model, for evaluation only: a one-label sequence classifier, or a backbone + scalar head"""
+    reward_tokenizer: str | None = None
+    """the reward model's tokenizer and chat template (default: its own, else the policy's), reading decoded text"""
+    reward_fn: str | None = None
+    """path/to/file.py:function, used instead of the reward model: fn(prompts, responses) -> one score per response"""
+
+    # data
+    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
+    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts evaluated on"""
+    query_column: str = "query"
+    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
+    reference_column: str | None = "reference_response"
+    """the reference response column for the evaluation table (a text, or a conversation ending with it); None: none"""
+    chat: bool = False
+    """render text prompts with the chat template too (a "\n\nHuman: ... \n\nAssistant:" text as its turns)"""
+    preference_dataset: str = "cleanrl/summarize_from_feedback_oai_preprocessing_1704563162"
+    """hub name, local directory or single data file of the preference pairs trained on"""
+    chosen_column: str = "chosen"
+    """the column of the preferred response y_w (a text, or a conversation ending with it)"""
+    rejected_column: str = "rejected"
+    """the column of the other response y_l"""
+    train_split: str = "train"
+    """the split of --preference_dataset to train on"""
+    eval_split: str = "validation"
+    """the split of --query_dataset to evaluate on"""
+    query_length: int = 512
+    """prompts are left-padded to this many tokens"""
+    long_prompts: Literal["filter", "truncate"] = "filter"
+    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
+
+    # optimisation
+    total_episodes: int | None = None
+    """preference pairs to train on in total (default: --num_train_epochs epochs of the train split)"""
+    batch_size: int = 64
+    """preference pairs per update, over all ranks; stays fixed as the world size changes"""
+    per_device_train_batch_size: int = 8
+    """pairs per micro-batch on one rank (2x as many sequences); gradient accumulation fills the rest"""
+    local_rollout_forward_batch_size: int = 32
+    """prompts per no-grad generation / scoring chunk on one rank"""
+    lr: float = 3e-6
+    """AdamW learning rate (torch's weight decay 0.01, as the official code), decayed linearly to lr / num_updates"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    max_grad_norm: float | None = None
+    """clip the gradient norm to this (default: no clipping; the paper gives no value for TL;DR)"""
+
+    # the trained model
+    lora: bool = True
+    """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
+    lora_rank: int = 1024
+    """LoRA rank r (1024 and alpha 2048: the paper's TL;DR setting, Appendix I.1.4)"""
+    lora_alpha: int = 2048
+    """LoRA alpha (the adapter's output is scaled by alpha / r)"""
+    lora_dropout: float = 0.0
+    """LoRA dropout: 0, as the models train in eval mode (no dropout), where another value would do nothing"""
+    lora_target_modules: list[str] | None = None
+    """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
+    num_trainable_layers: int | None = None
+    """with --no-lora, train only the last N layers (and the final norm), the rest frozen, as the paper's chat runs"""
+
+    # speed and memory
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'bf16': frozen weights in bf16, trainable ones in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
+    pad_multiple: int = 64
+    """left-pad a batch of prompts to its longest rounded up to this multiple, and trim the padding a micro-batch of
+    pairs shares (both sides) in multiples of it; 0: to --query_length (+ --response_length) (official code)"""
+    static_cache: bool = True
+    """sample with a static KV cache, compiled on CUDA (about 3x faster, docs/memory.md); not with --fsdp"""
+    fsdp: bool = False
+    """shard the policy (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not fit (6.9B)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (in eval mode too): less memory, ~1/3 more time"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+
+    # the run: logs, evaluation, checkpoints
+    exp_name: str = "dpo"
+    """the name of this experiment (prefix of the run name)"""
+    seed: int = 555134
+    """seed of the experiment; rank r samples with seed + r"""
+    track: bool = False
+    """log to Weights and Biases (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rebel"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    run_dir: str | None = None
+    """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
+    output_dir: str | None = None
+    """where the final policy is saved, new or empty or this run's (default: <run_dir>/model; '': not saved)"""
+    save_merged: bool = False
+    """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
+    save_freq: int = 20
+    """write a checkpoint every this many updates (and at the last, and on Ctrl-C or SIGTERM); 0 = only then"""
+    keep_checkpoints: int = 2
+    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
+    resume: str | None = None
+    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
+    eval_freq: int = 100
+    """evaluate every this many updates, and before the first and after the last (0: only those two)"""
+    num_eval_prompts: int | None = None
+    """evaluate on the first N prompts of the evaluation split (default: all)"""
+    num_sample_rows: int = 4
+    """sample completions printed and logged at each evaluation"""
+    eval_temperature: float = 0.01
+    """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too. Training
+    samples nothing: DPO's pi_theta is the model's own likelihood (temperature 1) of the human-written pairs"""
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)

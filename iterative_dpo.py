@@ -8,7 +8,7 @@ DPO's loss (Rafailov et al., 2023, Eq. 7) is minimised with pi_t, the policy tha
     -ln sigmoid( sgn(r(x, y) - r(x, y')) * beta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] )
 
 Top to bottom: the algorithm (iterative_dpo_loss; the rollout, as rebel.py's: sample_responses, score_responses), the
-flags (Args), the loop (main), then the plumbing every script shares (the appendix; docs/rebel.md: the metrics).
+loop (main), the flags (Args), then the plumbing every script shares (the appendix; docs/rebel.md: the metrics).
 
     python iterative_dpo.py --beta 0.05                              # one process
     torchrun --nproc_per_node 8 iterative_dpo.py --beta 0.05         # the paper's TL;DR run
@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import trange
 
 # ---------------------------------------------------------------------------------------------- the algorithm
 
@@ -76,7 +77,7 @@ class Rollout(NamedTuple):
 def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
     """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
     prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
-    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
+    (sampling_config). EOS does not stop sampling (score_responses cuts there) unless config has stop ids."""
     ctx = queries.size(1)
     responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
     return torch.cat(responses).unflatten(0, (-1, num))
@@ -86,12 +87,12 @@ def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Ten
 def score_responses(
     *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
 ) -> Rollout:
-    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
-    the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
-    `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
-    reward(query_responses, ctx, prompts) -> scores, or None for scores of 0 (--preference_fn scores them later);
-    config: the responses' sampling config (its temperature and pad id, never a stop token: load_tokenizer);
-    stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
+    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx): the
+    left-padded prompt ids; prompts: the same prompts as the dataset gives them (a reward function reads them);
+    ref_policy: a function of no arguments, `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a
+    frozen copy); reward: reward(query_responses (N, L), ctx, prompts) -> N scores, or None for scores of 0; config:
+    the sampling config (its temperature and pad id; the pad is never a stop token); stop_ids: the tokens that end a
+    response; penalty: the score of one that did not end."""
     ctx, m, out = queries.size(1), responses.size(1), []
     pad_id, temperature = config.pad_token_id, config.temperature
     timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
@@ -116,11 +117,141 @@ def score_responses(
             score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
         score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
-        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks of one width
+        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks as wide, for cat
     return Rollout(*(torch.cat(t) for t in zip(*out)))
 
 
-# ---------------------------------------------------------------------------------------------- the flags and the loop
+# ---------------------------------------------------------------------------------------------- the loop
+def main(args: "Args") -> None:
+    require(args.beta > 0, f"--beta must be > 0 (it scales the log-ratios in Equation 20); got {args.beta}")
+    flags = asdict(args)
+    check_flags(flags)
+    # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs.
+    rank, world_size, device = init_processes(args.cuda, args.seed)
+    bf16, dtype, autocast = precision(args.precision, device)
+    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
+    mini_batch_size = exact_div(local_batch_size, args.num_mini_batches, "per-rank pairs over --num_mini_batches")
+    grad_accum = exact_div(mini_batch_size, args.per_device_train_batch_size, "pairs per minibatch")
+    checkpoint, run_dir, run_name, output_dir = open_run(flags)
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad = tokenizer.pad_token_id
+    # Every rank tokenises the whole split and takes its own prompts from the shared shuffle.
+    train, eval_data = load_splits(flags, tokenizer, train_column=None)
+    total_episodes = args.total_episodes or len(train.dataset)
+    num_updates = total_episodes // args.batch_size
+    require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
+    batches = prompt_batches(len(train.dataset), args.batch_size, rank, world_size, args.seed)
+
+    # pi_theta: raw_policy samples and is saved, `policy` takes the steps (DDP's or FSDP's); ref_policy(): the SFT one
+    raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
+    reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
+    policy = distribute(raw_policy, args.fsdp, bf16, device)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
+    config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
+    chunk, penalty = args.local_rollout_forward_batch_size, args.penalty_reward_value
+
+    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
+    record = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
+    start_update = record.get("update", 0)
+    require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
+    for _ in range(start_update):  # the batches already trained on
+        next(batches)
+    signals = stop_signals()
+    plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step"
+    log = RunLog(run_dir, run_name, flags, record, start_update, device, plan)
+
+    sample_eval = eval_sampler(raw_policy, ref_policy, reward, eval_config, stop_ids, penalty, chunk)
+    run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
+                             flags=flags, autocast=autocast)  # fmt: skip
+
+    # The loop (Algorithm 2): rollout -> reward -> label each pair by the sign -> DPO against pi_t -> log -> checkpoint.
+    nan_dump = os.path.join(run_dir, f"nonfinite_rank{rank}.pt")  # where check_finite saves a non-finite batch
+    stop, update = False, start_update
+    if not checkpoint:
+        run_evaluation(0)
+    for update in trange(start_update + 1, num_updates + 1, initial=start_update, total=num_updates, disable=rank > 0):
+        timer = Timer(device)
+        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay: --lr first, --lr / num_updates last
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        batch = next(batches)  # this rank's B prompts of the global batch
+        queries = trim_left_padding(train.queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
+        ctx, prompts = queries.size(1), [train.prompts[i] for i in batch]
+
+        # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
+        # (the reward model's, or --reward_fn's; the penalty without EOS).
+        with autocast():
+            with timer("generation"):
+                responses = sample_responses(raw_policy, queries, 2, config, chunk)  # (B, 2, T): y, y'
+            rollouts = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries,
+                                       responses=responses, prompts=prompts, config=config, stop_ids=stop_ids,
+                                       penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
+        check_finite({f"the rollout's {name}": t for name, t in rollouts._asdict().items()}, nan_dump)
+        query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollouts  # (B, 2, ...): y, y'
+
+        # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)); its sign labels the pair.
+        kl = logprobs - ref_logprobs  # (B, 2)
+        rewards = scores - args.kl_coef * kl  # (B, 2)
+
+        # 3. DPO on the labelled pairs (Equation 20): noptepochs passes, one optimizer step per minibatch.
+        num_pairs = len(rewards)  # one pair per prompt
+        minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(num_pairs).split(mini_batch_size)]
+        loss_stats, approxkl_stats = [], []
+        with timer("update"):
+            for minibatch in minibatches:
+                for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
+                    # ln pi_theta(y|x) (b, 2) at the sampling temperature (pi_t's distribution)
+                    with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():
+                        new_logprobs = sequence_logprobs(
+                            policy, query_responses[idx], masks[idx], ctx, args.temperature, pad
+                        )
+                        loss = iterative_dpo_loss(new_logprobs, logprobs[idx], rewards[idx], args.beta)
+                    check_finite({"the DPO loss": loss, "new log-probs": new_logprobs}, nan_dump)
+                    (loss / grad_accum).backward()
+                    loss_stats.append(loss.item())
+                    approxkl_stats.append(0.5 * (new_logprobs - logprobs[idx]).pow(2).mean().item())
+                if args.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        # 4. Log the metrics, reduced over ranks (rank 0 writes); evaluate every --eval_freq updates.
+        per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
+        stats = {
+            "objective/scores": scores.mean().item(),
+            "objective/kl": kl.mean().item(),
+            "objective/rlhf_reward": rewards.mean().item(),
+            "objective/tie_rate": (rewards[:, 0] == rewards[:, 1]).float().mean().item(),
+            "objective/entropy": -(logprobs.sum() / masks.sum()).item(),
+            "objective/response_length": masks.sum(-1).float().mean().item(),
+            "objective/eos_rate": has_eos.float().mean().item(),
+            "loss/policy": float(np.mean(loss_stats)),
+            "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
+            "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
+            "policy/approxkl": float(np.mean(approxkl_stats)),
+        }
+        log.write(update, stats, timer, lr_now)
+        if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
+            run_evaluation(update)
+
+        # 5. Checkpoint every --save_freq updates, at the last (the trained state, whatever happens to the final save),
+        # and on Ctrl-C or SIGTERM, which then stop the run.
+        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
+        if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
+            record |= {"update": update, "world_size": world_size, "flags": flags}  # its trainer.json
+            save_checkpoint(run_dir, update, policy, optimizer, record, args.keep_checkpoints)
+        if stop:
+            break
+
+    # The end: the last evaluation and the trained policy saved; or, stopped by a signal, the way to resume printed.
+    if not stop:
+        run_evaluation(num_updates)
+        save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
+    del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
+    log.end(update, signals if stop else None)
+
+
+# ---------------------------------------------------------------------------------------------- the flags
 @dataclass
 class Args:
     # Iterative DPO
@@ -245,137 +376,6 @@ class Args:
     """sample completions printed and logged at each evaluation"""
     eval_temperature: float = 0.01
     """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too"""
-
-
-def main(args: Args) -> None:
-    require(args.beta > 0, f"--beta must be > 0 (it scales the log-ratios in Equation 20); got {args.beta}")
-    flags = asdict(args)
-    check_flags(flags)
-    from tqdm import trange
-
-    # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs.
-    rank, world_size, device = init_processes(args.cuda, args.seed)
-    bf16, dtype, autocast = precision(args.precision, device)
-    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    mini_batch_size = exact_div(local_batch_size, args.num_mini_batches, "per-rank pairs over --num_mini_batches")
-    grad_accum = exact_div(mini_batch_size, args.per_device_train_batch_size, "pairs per minibatch")
-    checkpoint, run_dir, run_name, output_dir = open_run(flags)
-    tokenizer = load_tokenizer(args.sft_model_path)
-    pad = tokenizer.pad_token_id
-    # Every rank tokenises the whole split and takes its own prompts from the shared shuffle.
-    train, eval_data = load_splits(flags, tokenizer, train_column=None)
-    total_episodes = args.total_episodes or len(train.dataset)
-    num_updates = total_episodes // args.batch_size
-    require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
-    batches = prompt_batches(len(train.dataset), args.batch_size, rank, world_size, args.seed)
-
-    # pi_theta: raw_policy samples and is saved, `policy` takes the steps (DDP's or FSDP's); ref_policy(): the SFT one
-    raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
-    reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
-    policy = distribute(raw_policy, args.fsdp, bf16, device)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
-    config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
-    chunk, penalty = args.local_rollout_forward_batch_size, args.penalty_reward_value
-
-    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    record = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)
-    start_update = record.get("update", 0)
-    require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
-    for _ in range(start_update):  # the batches already trained on
-        next(batches)
-    signals = stop_signals()
-    plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step"
-    log = RunLog(run_dir, run_name, flags, record, start_update, device, plan)
-
-    sample_eval = eval_sampler(raw_policy, ref_policy, reward, eval_config, stop_ids, penalty, chunk)
-    run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
-                             flags=flags, autocast=autocast)  # fmt: skip
-
-    # The loop (Algorithm 2): rollout -> reward -> label each pair by the sign -> DPO against pi_t -> log -> checkpoint.
-    nan_dump = os.path.join(run_dir, f"nonfinite_rank{rank}.pt")  # where check_finite saves a non-finite batch
-    stop, update = False, start_update
-    if not checkpoint:
-        run_evaluation(0)
-    for update in trange(start_update + 1, num_updates + 1, initial=start_update, total=num_updates, disable=rank > 0):
-        timer = Timer(device)
-        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay: --lr first, --lr / num_updates last
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        batch = next(batches)  # this rank's B prompts of the global batch
-        queries = trim_left_padding(train.queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
-        ctx, prompts = queries.size(1), [train.prompts[i] for i in batch]
-
-        # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
-        # (the reward model's, or --reward_fn's; the penalty without EOS).
-        with autocast():
-            with timer("generation"):
-                responses = sample_responses(raw_policy, queries, 2, config, chunk)  # (B, 2, T): y, y'
-            rollouts = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=reward, queries=queries,
-                                       responses=responses, prompts=prompts, config=config, stop_ids=stop_ids,
-                                       penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
-        check_finite({f"the rollout's {name}": t for name, t in rollouts._asdict().items()}, nan_dump)
-        query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollouts  # (B, 2, ...): y, y'
-
-        # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)); its sign labels the pair.
-        kl = logprobs - ref_logprobs  # (B, 2)
-        rewards = scores - args.kl_coef * kl  # (B, 2)
-
-        # 3. DPO on the labelled pairs (Equation 20): noptepochs passes, one optimizer step per minibatch.
-        num_pairs = len(rewards)  # one pair per prompt
-        minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(num_pairs).split(mini_batch_size)]
-        loss_stats, approxkl_stats = [], []
-        with timer("update"):
-            for minibatch in minibatches:
-                for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
-                    # ln pi_theta(y|x) (b, 2) at the sampling temperature (pi_t's distribution)
-                    with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():
-                        new_logprobs = sequence_logprobs(
-                            policy, query_responses[idx], masks[idx], ctx, args.temperature, pad
-                        )
-                        loss = iterative_dpo_loss(new_logprobs, logprobs[idx], rewards[idx], args.beta)
-                    check_finite({"the DPO loss": loss, "new log-probs": new_logprobs}, nan_dump)
-                    (loss / grad_accum).backward()
-                    loss_stats.append(loss.item())
-                    approxkl_stats.append(0.5 * (new_logprobs - logprobs[idx]).pow(2).mean().item())
-                if args.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        # 4. Log the metrics, reduced over ranks (rank 0 writes); evaluate every --eval_freq updates.
-        per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
-        stats = {
-            "objective/scores": scores.mean().item(),
-            "objective/kl": kl.mean().item(),
-            "objective/rlhf_reward": rewards.mean().item(),
-            "objective/tie_rate": (rewards[:, 0] == rewards[:, 1]).float().mean().item(),
-            "objective/entropy": -(logprobs.sum() / masks.sum()).item(),
-            "objective/response_length": masks.sum(-1).float().mean().item(),
-            "objective/eos_rate": has_eos.float().mean().item(),
-            "loss/policy": float(np.mean(loss_stats)),
-            "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
-            "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
-            "policy/approxkl": float(np.mean(approxkl_stats)),
-        }
-        log.write(update, stats, timer, lr_now)
-        if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
-            run_evaluation(update)
-
-        # 5. Checkpoint every --save_freq updates, at the last (the trained state, whatever happens to the final save),
-        # and on Ctrl-C or SIGTERM, which then stop the run.
-        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
-        if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            record |= {"update": update, "world_size": world_size, "flags": flags}  # its trainer.json
-            save_checkpoint(run_dir, update, policy, optimizer, record, args.keep_checkpoints)
-        if stop:
-            break
-
-    # The end: the last evaluation and the trained policy saved; or, stopped by a signal, the way to resume printed.
-    if not stop:
-        run_evaluation(num_updates)
-        save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
-    del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
-    log.end(update, signals if stop else None)
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)

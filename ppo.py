@@ -12,8 +12,8 @@ pi is the policy at the sampling temperature: every log-prob (the ratio's, the K
 --temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout), so at the
 first pass ratio_t is 1 up to numerical noise.
 
-The file reads top to bottom: the algorithm (the two losses, the rewards and advantages, the rollout), the flags
-(Args), the loop (main), the critic, then the plumbing every script shares (the appendix): `diff rebel.py ppo.py`
+The file reads top to bottom: the algorithm (the two losses, the rewards and advantages, the rollout), the loop
+(main), the critic, the flags (Args), then the plumbing every script shares (the appendix): `diff rebel.py ppo.py`
 shows what PPO changes, and docs/rebel.md explains the choices and metrics the scripts share.
 
     python ppo.py                                           # one process
@@ -46,6 +46,7 @@ import torch.distributed.nn  # noqa: F401  (imported before init_process_group, 
 import torch.nn as nn
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import trange
 
 # ---------------------------------------------------------------------------------------------- the algorithm
 
@@ -171,150 +172,8 @@ def ppo_rollout(*, policy, ref_policy, critic, reward, queries, prompts, config,
     return PPORollout(*(torch.cat(t) for t in zip(*out)))
 
 
-# ---------------------------------------------------------------------------------------------- the flags and the loop
-@dataclass
-class Args:
-    # PPO (Schulman et al., 2017, Eq. 7 and 9) with GAE
-    kl_coef: float = 0.05
-    """coefficient of the KL penalty to the SFT policy inside the reward"""
-    noptepochs: int = 4
-    """passes over each batch of rollouts"""
-    num_mini_batches: int = 1
-    """optimizer steps per pass (each over batch_size / num_mini_batches responses)"""
-    cliprange: float = 0.2
-    """epsilon of the clipped policy objective (Eq. 7): the ratio pi_theta / pi_old is clipped to [1 - eps, 1 + eps]"""
-    cliprange_value: float = 0.2
-    """the new value prediction is clipped to old value +- this in the clipped value loss"""
-    vf_coef: float = 0.1
-    """weight of the value loss in the joint loss (policy loss + vf_coef * value loss)"""
-    gamma: float = 1.0
-    """discount factor of GAE"""
-    lam: float = 0.95
-    """lambda of GAE"""
-    critic_lora: bool | None = None
-    """True: the critic gets its own LoRA adapter; False: it is fully fine-tuned (default None: the value of --lora)"""
-    critic_init: Literal["reward_model", "policy"] = "reward_model"
-    """what the critic starts from: the reward model of --reward_model_path (the official recipe), or the SFT policy's
-    backbone under a zero scalar head (V = 0 at the start), which needs no reward model when --reward_fn scores"""
-
-    # sampling and reward
-    temperature: float = 0.7
-    """sampling temperature: 0.7, the official code's (Appendix I.1.4's table lists 0.1: pass 0.1 to follow it)"""
-    response_length: int = 53
-    """tokens sampled per response, exactly, as in the paper: EOS does not stop sampling; rollout cuts after it"""
-    penalty_reward_value: float = -1.0
-    """score given to responses that contain no EOS token"""
-    stop_at_eos: bool = False
-    """stop sampling a response at its first stop token (EOS, a chat model's end of turn), as chat runs: faster, and
-    the same distribution (a response is cut after its first stop token either way)"""
-    sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
-    """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
-    reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
-    """a one-label sequence classifier, or a backbone + scalar head; the critic's start too (--critic_init)"""
-    reward_tokenizer: str | None = None
-    """the reward model's tokenizer and chat template (default: its own, else the policy's), reading decoded text"""
-    reward_fn: str | None = None
-    """path/to/file.py:function, used instead of the reward model: fn(prompts, responses) -> one score per response"""
-
-    # data
-    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
-    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts"""
-    query_column: str = "query"
-    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
-    reference_column: str | None = "reference_response"
-    """the reference response column for the evaluation table (a text, or a conversation ending with it); None: none"""
-    chat: bool = False
-    """render text prompts with the chat template too (a "\n\nHuman: ... \n\nAssistant:" text as its turns)"""
-    train_split: str = "train"
-    """the split to train on"""
-    eval_split: str = "validation"
-    """the split to evaluate on"""
-    query_length: int = 512
-    """prompts are left-padded to this many tokens"""
-    long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
-
-    # optimisation
-    total_episodes: int | None = None
-    """prompts to train on in total (default: one epoch of the train split)"""
-    batch_size: int = 512
-    """prompts (one response each) per update, over all ranks; stays fixed as the world size changes"""
-    per_device_train_batch_size: int = 8
-    """responses per micro-batch on one rank; gradient accumulation fills the rest"""
-    local_rollout_forward_batch_size: int = 32
-    """prompts per no-grad generation / scoring chunk on one rank"""
-    lr: float = 3e-6
-    """AdamW learning rate of the policy and the critic (one optimizer, torch's weight decay 0.01, as the official
-    code), decayed linearly to lr / num_updates"""
-    eps: float = 1e-5
-    """AdamW epsilon"""
-    max_grad_norm: float | None = None
-    """clip the gradient norm to this (default: no clipping; the paper gives no value for TL;DR)"""
-
-    # the trained model
-    lora: bool = True
-    """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
-    lora_rank: int = 1024
-    """LoRA rank r (1024 and alpha 2048: the paper's TL;DR setting, Appendix I.1.4)"""
-    lora_alpha: int = 2048
-    """LoRA alpha (the adapter's output is scaled by alpha / r)"""
-    lora_dropout: float = 0.0
-    """LoRA dropout: 0, as the models train in eval mode (no dropout), where another value would do nothing"""
-    lora_target_modules: list[str] | None = None
-    """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
-    num_trainable_layers: int | None = None
-    """with --no-lora, train only the last N layers (and the final norm), the rest frozen, as the paper's chat runs"""
-
-    # speed and memory
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': frozen weights in bf16, trainable ones in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
-    pad_multiple: int = 64
-    """left-pad a batch of prompts to its longest rounded up to this multiple; 0: to --query_length (official code)"""
-    static_cache: bool = True
-    """sample with a static KV cache, compiled on CUDA (about 3x faster, docs/memory.md); not with --fsdp"""
-    fsdp: bool = False
-    """shard the policy and the critic (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not
-    fit (6.9B)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass (in eval mode too): less memory, ~1/3 more time"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-
-    # the run: logs, evaluation, checkpoints
-    exp_name: str = "ppo"
-    """the name of this experiment (prefix of the run name)"""
-    seed: int = 555134
-    """seed of the experiment; rank r samples with seed + r"""
-    track: bool = False
-    """log to Weights and Biases (works with WANDB_MODE=offline)"""
-    wandb_project_name: str = "rebel"
-    """the wandb project"""
-    wandb_entity: str | None = None
-    """the wandb entity (team)"""
-    run_dir: str | None = None
-    """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
-    output_dir: str | None = None
-    """where the final policy is saved, new or empty or this run's (default: <run_dir>/model; '': not saved); the
-    critic goes in <output_dir>/critic"""
-    save_merged: bool = False
-    """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
-    save_freq: int = 20
-    """write a checkpoint every this many updates (and at the last, and on Ctrl-C or SIGTERM); 0 = only then"""
-    keep_checkpoints: int = 2
-    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
-    resume: str | None = None
-    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
-    eval_freq: int = 100
-    """evaluate every this many updates, and before the first and after the last (0: only those two)"""
-    num_eval_prompts: int | None = None
-    """evaluate on the first N prompts of the evaluation split (default: all)"""
-    num_sample_rows: int = 4
-    """sample completions printed and logged at each evaluation"""
-    eval_temperature: float = 0.01
-    """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too"""
-
-
-def main(args: Args) -> None:
+# ---------------------------------------------------------------------------------------------- the loop
+def main(args: "Args") -> None:
     require(args.cliprange > 0, f"--cliprange must be > 0 (the ratio is clipped to 1 +- it); got {args.cliprange}")
     require(args.cliprange_value > 0, f"--cliprange_value must be > 0 (values: old +- it); got {args.cliprange_value}")
     require(args.vf_coef >= 0, f"--vf_coef must be >= 0; got {args.vf_coef}")
@@ -323,8 +182,6 @@ def main(args: Args) -> None:
     flags = asdict(args)
     check_flags(flags)
     critic_lora = args.lora if args.critic_lora is None else args.critic_lora
-    from tqdm import trange
-
     # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs.
     rank, world_size, device = init_processes(args.cuda, args.seed)
     bf16, dtype, autocast = precision(args.precision, device)
@@ -575,6 +432,149 @@ def save_critic(critic: ValueModel, output_dir: str | None, fsdp: bool, new_crit
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     print(f"saved the critic to {output_dir}/critic")
+
+
+# ---------------------------------------------------------------------------------------------- the flags
+@dataclass
+class Args:
+    # PPO (Schulman et al., 2017, Eq. 7 and 9) with GAE
+    kl_coef: float = 0.05
+    """coefficient of the KL penalty to the SFT policy inside the reward"""
+    noptepochs: int = 4
+    """passes over each batch of rollouts"""
+    num_mini_batches: int = 1
+    """optimizer steps per pass (each over batch_size / num_mini_batches responses)"""
+    cliprange: float = 0.2
+    """epsilon of the clipped policy objective (Eq. 7): the ratio pi_theta / pi_old is clipped to [1 - eps, 1 + eps]"""
+    cliprange_value: float = 0.2
+    """the new value prediction is clipped to old value +- this in the clipped value loss"""
+    vf_coef: float = 0.1
+    """weight of the value loss in the joint loss (policy loss + vf_coef * value loss)"""
+    gamma: float = 1.0
+    """discount factor of GAE"""
+    lam: float = 0.95
+    """lambda of GAE"""
+    critic_lora: bool | None = None
+    """True: the critic gets its own LoRA adapter; False: it is fully fine-tuned (default None: the value of --lora)"""
+    critic_init: Literal["reward_model", "policy"] = "reward_model"
+    """what the critic starts from: the reward model of --reward_model_path (the official recipe), or the SFT policy's
+    backbone under a zero scalar head (V = 0 at the start), which needs no reward model when --reward_fn scores"""
+
+    # sampling and reward
+    temperature: float = 0.7
+    """sampling temperature: 0.7, the official code's (Appendix I.1.4's table lists 0.1: pass 0.1 to follow it)"""
+    response_length: int = 53
+    """tokens sampled per response, exactly, as in the paper: EOS does not stop sampling; rollout cuts after it"""
+    penalty_reward_value: float = -1.0
+    """score given to responses that contain no EOS token"""
+    stop_at_eos: bool = False
+    """stop sampling a response at its first stop token (EOS, a chat model's end of turn), as chat runs: faster, and
+    the same distribution (a response is cut after its first stop token either way)"""
+    sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
+    """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
+    reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
+    """a one-label sequence classifier, or a backbone + scalar head; the critic's start too (--critic_init)"""
+    reward_tokenizer: str | None = None
+    """the reward model's tokenizer and chat template (default: its own, else the policy's), reading decoded text"""
+    reward_fn: str | None = None
+    """path/to/file.py:function, used instead of the reward model: fn(prompts, responses) -> one score per response"""
+
+    # data
+    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
+    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts"""
+    query_column: str = "query"
+    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
+    reference_column: str | None = "reference_response"
+    """the reference response column for the evaluation table (a text, or a conversation ending with it); None: none"""
+    chat: bool = False
+    """render text prompts with the chat template too (a "\n\nHuman: ... \n\nAssistant:" text as its turns)"""
+    train_split: str = "train"
+    """the split to train on"""
+    eval_split: str = "validation"
+    """the split to evaluate on"""
+    query_length: int = 512
+    """prompts are left-padded to this many tokens"""
+    long_prompts: Literal["filter", "truncate"] = "filter"
+    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
+
+    # optimisation
+    total_episodes: int | None = None
+    """prompts to train on in total (default: one epoch of the train split)"""
+    batch_size: int = 512
+    """prompts (one response each) per update, over all ranks; stays fixed as the world size changes"""
+    per_device_train_batch_size: int = 8
+    """responses per micro-batch on one rank; gradient accumulation fills the rest"""
+    local_rollout_forward_batch_size: int = 32
+    """prompts per no-grad generation / scoring chunk on one rank"""
+    lr: float = 3e-6
+    """AdamW learning rate of the policy and the critic (one optimizer, torch's weight decay 0.01, as the official
+    code), decayed linearly to lr / num_updates"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    max_grad_norm: float | None = None
+    """clip the gradient norm to this (default: no clipping; the paper gives no value for TL;DR)"""
+
+    # the trained model
+    lora: bool = True
+    """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
+    lora_rank: int = 1024
+    """LoRA rank r (1024 and alpha 2048: the paper's TL;DR setting, Appendix I.1.4)"""
+    lora_alpha: int = 2048
+    """LoRA alpha (the adapter's output is scaled by alpha / r)"""
+    lora_dropout: float = 0.0
+    """LoRA dropout: 0, as the models train in eval mode (no dropout), where another value would do nothing"""
+    lora_target_modules: list[str] | None = None
+    """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
+    num_trainable_layers: int | None = None
+    """with --no-lora, train only the last N layers (and the final norm), the rest frozen, as the paper's chat runs"""
+
+    # speed and memory
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'bf16': frozen weights in bf16, trainable ones in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
+    pad_multiple: int = 64
+    """left-pad a batch of prompts to its longest rounded up to this multiple; 0: to --query_length (official code)"""
+    static_cache: bool = True
+    """sample with a static KV cache, compiled on CUDA (about 3x faster, docs/memory.md); not with --fsdp"""
+    fsdp: bool = False
+    """shard the policy and the critic (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not
+    fit (6.9B)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (in eval mode too): less memory, ~1/3 more time"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+
+    # the run: logs, evaluation, checkpoints
+    exp_name: str = "ppo"
+    """the name of this experiment (prefix of the run name)"""
+    seed: int = 555134
+    """seed of the experiment; rank r samples with seed + r"""
+    track: bool = False
+    """log to Weights and Biases (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rebel"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    run_dir: str | None = None
+    """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
+    output_dir: str | None = None
+    """where the final policy is saved, new or empty or this run's (default: <run_dir>/model; '': not saved); the
+    critic goes in <output_dir>/critic"""
+    save_merged: bool = False
+    """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
+    save_freq: int = 20
+    """write a checkpoint every this many updates (and at the last, and on Ctrl-C or SIGTERM); 0 = only then"""
+    keep_checkpoints: int = 2
+    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
+    resume: str | None = None
+    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
+    eval_freq: int = 100
+    """evaluate every this many updates, and before the first and after the last (0: only those two)"""
+    num_eval_prompts: int | None = None
+    """evaluate on the first N prompts of the evaluation split (default: all)"""
+    num_sample_rows: int = 4
+    """sample completions printed and logged at each evaluation"""
+    eval_temperature: float = 0.01
+    """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too"""
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)

@@ -14,13 +14,11 @@ same difference) it works on a difference of log-ratios, but its target is a dif
 reference is a pi_t that moves at every update. Two regularisers, then: eta keeps each update near pi_t (a trust
 region), and the KL penalty inside the reward (--kl_coef) keeps the policy near the SFT policy.
 
-pi is the policy at the sampling temperature: every log-prob (the regression's, the KL's) comes from logits divided by
---temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout). So at an
-update's first optimizer step ln pi_theta equals the rollout's ln pi_t, except for rounding: the rollout and the step
-batch and pad the responses differently, so their kernels round differently (more so in bf16).
+pi is the policy at the sampling temperature: every log-prob (the regression's, the KL's) comes from the logits
+divided by --temperature, the distribution the responses were drawn from. The models stay in eval mode (no dropout).
 
-Top to bottom: the algorithm (rebel_loss, the rollout, the pairs); the flags (Args); the loop (main); the variants; the
-appendix that every script shares: first the algorithm's helpers (sampling, log-probs), then plumbing to skip.
+Top to bottom: the algorithm (rebel_loss, the rollout, the pairs); the loop (main); the variants; the flags (Args, each
+field's docstring its --help); the appendix every script shares: the algorithm's helpers first, then plumbing to skip.
 
 Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, ctx prompt tokens
 (left-padded), L = ctx + T. In Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants
@@ -75,16 +73,18 @@ import torch.distributed.nn  # noqa: F401  (imported before init_process_group, 
 import torch.nn as nn
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import trange
 
 # ---------------------------------------------------------------------------------------------- the algorithm
 
 
 def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "paper") -> torch.Tensor:
     """Equation (1) over N pairs. All inputs are (N, 2): column 0 is y and column 1 is y', for the same prompt x.
-    new_logprobs are ln pi_theta, old_logprobs ln pi_t (from sampling time), rewards r(x, y) = score(x, y) - kl_coef *
+    new_logprobs are ln pi_theta, old_logprobs ln pi_t (the rollout's), rewards r(x, y) = score(x, y) - kl_coef *
     (ln pi_t(y|x) - ln pi_ref(y|x)). A log-prob is the whole response's: for a text, summed over its tokens at the
     sampling temperature (sequence_logprobs), with no length normalisation. Both are computed the same way, so the
-    first step starts from a log-ratio of ~0: the loss is then ~ mean (r(x, y) - r(x, y'))^2, and its gradient
+    first step starts from a log-ratio of ~0 (not 0: the rollout and the step batch and pad the responses differently,
+    so their kernels round differently, more so in bf16): the loss is then ~ mean (r(x, y) - r(x, y'))^2, its gradient
     -2/eta mean (r(x, y) - r(x, y')) grad[ln pi(y|x) - ln pi(y'|x)], RLOO's with k = 2. A per-token loss would take
     response_logprobs (B, T) and the masks.
 
@@ -115,7 +115,7 @@ class Rollout(NamedTuple):
 def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
     """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
     prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
-    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
+    (sampling_config). EOS does not stop sampling (score_responses cuts there) unless config has stop ids."""
     ctx = queries.size(1)
     responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
     return torch.cat(responses).unflatten(0, (-1, num))
@@ -125,12 +125,12 @@ def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Ten
 def score_responses(
     *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
 ) -> Rollout:
-    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
-    the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
-    `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
-    reward(query_responses, ctx, prompts) -> scores, or None for scores of 0 (--preference_fn scores them later);
-    config: the responses' sampling config (its temperature and pad id, never a stop token: load_tokenizer);
-    stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
+    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx): the
+    left-padded prompt ids; prompts: the same prompts as the dataset gives them (a reward function reads them);
+    ref_policy: a function of no arguments, `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a
+    frozen copy); reward: reward(query_responses (N, L), ctx, prompts) -> N scores, or None for scores of 0; config:
+    the sampling config (its temperature and pad id; the pad is never a stop token); stop_ids: the tokens that end a
+    response; penalty: the score of one that did not end."""
     ctx, m, out = queries.size(1), responses.size(1), []
     pad_id, temperature = config.pad_token_id, config.temperature
     timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
@@ -155,7 +155,7 @@ def score_responses(
             score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
         score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
-        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks of one width
+        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks as wide, for cat
     return Rollout(*(torch.cat(t) for t in zip(*out)))
 
 
@@ -179,7 +179,239 @@ def take_pairs(t: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     return t[prompt, pairs].flatten(0, 1)
 
 
-# ---------------------------------------------------------------------------------------------- the flags and the loop
+# ---------------------------------------------------------------------------------------------- the loop
+def main(args: "Args") -> None:
+    require(args.eta > 0, f"--eta must be > 0 (it divides the log-ratios in Equation 1); got {args.eta}")
+    resolve_variants(args)  # checks --num_samples, --pairing, --mu; sets --kl_coef's default (0 with --preference_fn)
+    flags = asdict(args)  # what the appendix reads: the same helpers serve scripts whose Args differ
+    check_flags(flags)
+    # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs. The batch sizes:
+    # --batch_size prompts per update over all ranks, P pairs each; micro-batches of --per_device_train_batch_size pairs
+    rank, world_size, device = init_processes(args.cuda, args.seed)
+    bf16, dtype, autocast = precision(args.precision, device)
+    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
+    pairs_per_prompt = args.num_samples // 2 if args.pairing == "adjacent" else 1  # P, as pair_up pairs them
+    rank_pairs = local_batch_size * pairs_per_prompt
+    mini_batch_size = exact_div(rank_pairs, args.num_mini_batches, "per-rank pairs over --num_mini_batches")
+    grad_accum = exact_div(mini_batch_size, args.per_device_train_batch_size, "pairs per minibatch")
+    checkpoint, run_dir, run_name, output_dir = open_run(flags)
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad = tokenizer.pad_token_id  # never EOS: load_tokenizer adds a pad token where a model has none
+    # Both splits (Prompts: every rank reads each whole); train.responses: --mu_column's y' (None without --mu dataset).
+    train, eval_data = load_splits(flags, tokenizer, args.mu_column)
+    total_episodes = args.total_episodes or len(train.dataset)
+    num_updates = total_episodes // args.batch_size
+    require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
+    batches = prompt_batches(len(train.dataset), args.batch_size, rank, world_size, args.seed)  # rank's share
+
+    # The models, all in eval mode (no dropout). raw_policy is pi_theta: it samples and is saved; `policy` is the same
+    # model as the gradient steps see it (DDP's wrapper, or FSDP's shards). ref_policy is a function: `with
+    # ref_policy() as ref:` gives the SFT policy, the reference of the KL penalty (see load_trained_policy).
+    raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
+    reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
+    preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
+    # The columns of the rollout's (B, m) tensors that pi_t samples: all of them, [0, 1], in Algorithm 1.
+    policy_columns = variant_columns(args.num_samples, args.mu, preference is not None)
+    num_sampled = len(policy_columns)  # responses pi_t samples per prompt: 2 in Algorithm 1 (1 with --mu dataset)
+    policy = distribute(raw_policy, args.fsdp, bf16, device)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
+    config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
+    chunk, penalty = args.local_rollout_forward_batch_size, args.penalty_reward_value
+
+    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
+    record = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)  # trainer.json: update, flags, wandb id
+    start_update = record.get("update", 0)
+    require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
+    for _ in range(start_update):  # the batches already trained on
+        next(batches)
+    signals = stop_signals()
+    plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step"
+    log = RunLog(run_dir, run_name, flags, record, start_update, device, plan)
+    sample_eval = eval_sampler(raw_policy, ref_policy, reward, eval_config, stop_ids, penalty, chunk)
+    run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
+                             flags=flags, autocast=autocast, preference=preference)  # fmt: skip
+
+    # The loop, Algorithm 1: rollout -> reward -> regress relative rewards (Equation 1) -> log -> checkpoint.
+    nan_dump = os.path.join(run_dir, f"nonfinite_rank{rank}.pt")  # where check_finite saves a non-finite batch
+    stop, update = False, start_update
+    if not checkpoint:
+        run_evaluation(0)
+    for update in trange(start_update + 1, num_updates + 1, initial=start_update, total=num_updates, disable=rank > 0):
+        timer = Timer(device)
+        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay: --lr first, --lr / num_updates last
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        batch = next(batches)  # this rank's B prompts of the global batch
+        queries = trim_left_padding(train.queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
+        ctx, prompts = queries.size(1), [train.prompts[i] for i in batch]
+
+        # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
+        # (the reward model's; the penalty without EOS). The variants enter at the lines marked `variant` (their block
+        # follows the loop).
+        with autocast():
+            with timer("generation"):  # y, y' ~ pi_t: (B, 2, T) in Algorithm 1
+                responses = sample_responses(raw_policy, queries, num_sampled, config, chunk)
+            if args.mu == "dataset":  # variant: y' is the prompt's response in the dataset (Algorithm 1's mu), column 1
+                responses = with_dataset_responses(responses, train.responses[batch])
+            # (variant --preference_fn: no reward model here; the judge scores the rollout below)
+            rollout = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
+                                      queries=queries, responses=responses, prompts=prompts, config=config,
+                                      stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
+        check_finite({f"the rollout's {name}": t for name, t in rollout._asdict().items()}, nan_dump)
+        query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout  # each (B, m, ...)
+        wins = None  # with --preference_fn, the judge's P(y_i > y_j | x)
+        if preference:  # variant (Appendix D.2): each score is the judge's preference over other samples of pi_t
+            with timer("reward"):
+                scores, wins = preference_scores(preference, tokenizer, rollout, prompts, args.num_samples, penalty)
+
+        # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), neither normalised nor whitened
+        # (Equation 1 regresses on its differences as they are); and the pairs (y, y').
+        kl = logprobs - ref_logprobs  # (B, m)
+        rewards = scores - args.kl_coef * kl  # (B, m); kl_coef 0.05 (0 with --preference_fn: resolve_variants)
+        # Ranked by score, not reward: best_worst leaves the KL term out (pair_up). The first --num_samples columns:
+        # with --preference_fn and k = 2, the third sample y'' (D.2) is not paired.
+        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2)
+        pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
+            take_pairs(t, pairs) for t in (query_responses, masks, logprobs, rewards)
+        )  # (B * P, 2, ...); a loss that needs more of each pair (ref_logprobs, the scores) takes it the same way
+
+        # 3. Regress relative rewards (Equation 1): noptepochs passes over the pairs, one optimizer step per minibatch;
+        # ln pi_t (pair_logprobs, from the rollout) stays fixed through all of them, as pi_t does in Algorithm 1.
+        num_pairs = len(pair_rewards)  # B * P
+        minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(num_pairs).split(mini_batch_size)]
+        loss_stats, approxkl_stats = [], []
+        with timer("update"):
+            for minibatch in minibatches:
+                for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):  # grad_accum of them
+                    query_response, mask = trim_responses(pair_query_responses[idx], pair_masks[idx], ctx)
+                    # ln pi_theta(y|x) (b, 2). DDP all-reduces the gradients only on a step's last micro-batch; it
+                    # decides so at the forward pass, which is why backward() can run outside this block.
+                    with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():
+                        new_logprobs = sequence_logprobs(policy, query_response, mask, ctx, config.temperature, pad)
+                    loss = rebel_loss(new_logprobs, pair_logprobs[idx], pair_rewards[idx], args.eta, args.loss_scaling)
+                    check_finite({"the REBEL loss": loss, "new log-probs": new_logprobs}, nan_dump)
+                    (loss / grad_accum).backward()
+                    loss_stats.append(loss.item())
+                    # approxkl: the mean of 1/2 (ln pi_theta(y|x) - ln pi_t(y|x))^2, per sequence (not per token)
+                    approxkl_stats.append(0.5 * (new_logprobs - pair_logprobs[idx]).pow(2).mean().item())
+                if args.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)  # FSDP2's DTensors too
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        # 4. Log the metrics of pi_t's samples (policy_columns): log.write averages them over the ranks and rank
+        # 0 writes them. Evaluate every --eval_freq updates. The entropy is estimated by -ln pi_t(y|x) per token.
+        per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
+        stats = {
+            "objective/scores": scores[:, policy_columns].mean().item(),
+            "objective/kl": kl[:, policy_columns].mean().item(),
+            "objective/rlhf_reward": rewards[:, policy_columns].mean().item(),
+            "objective/entropy": -(logprobs[:, policy_columns].sum() / masks[:, policy_columns].sum()).item(),
+            "objective/response_length": masks[:, policy_columns].sum(-1).float().mean().item(),
+            "objective/eos_rate": has_eos[:, policy_columns].float().mean().item(),
+            "loss/policy": float(np.mean(loss_stats)),
+            "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
+            "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
+            "policy/approxkl": float(np.mean(approxkl_stats)),
+            **variant_metrics(scores, wins, policy_columns, args.mu == "dataset"),
+        }
+        log.write(update, stats, timer, lr_now)
+        if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
+            run_evaluation(update)
+
+        # 5. Checkpoint every --save_freq updates, at the last (the trained state, whatever happens to the final save),
+        # and on Ctrl-C or SIGTERM, which then stop the run.
+        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
+        if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
+            record |= {"update": update, "world_size": world_size, "flags": flags}  # its trainer.json
+            save_checkpoint(run_dir, update, policy, optimizer, record, args.keep_checkpoints)
+        if stop:
+            break
+
+    # The end: the last evaluation and the trained policy saved; or, stopped by a signal, the way to resume printed.
+    if not stop:
+        run_evaluation(num_updates)
+        save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
+    del policy  # DDP's wrapper must go (with its gloo threads) before log.end ends the process group
+    log.end(update, signals if stop else None)
+
+
+# ---------------------------------------------------------------------------------------------- the variants
+# The loop is Algorithm 1 as the paper runs it on TL;DR. The variants change a prompt's m responses (the columns of the
+# rollout's (B, m, ...) tensors) or their scores: --num_samples k > 2 (m = k, paired by --pairing: P = k/2 adjacent
+# pairs, or 1 best_worst); --mu dataset (y', column 1, is the dataset's response: Algorithm 1's mu; pi_t samples m - 1);
+# --preference_fn (a response's score is its mean preference over other samples y'' of pi_t, Appendix D.2; with k = 2 a
+# third sample y'', the last column, is drawn, m = 3, and never trained on).
+
+
+def resolve_variants(args: "Args") -> None:
+    """Check the variants' flags, and set the defaults that depend on --preference_fn on `args` (so that a checkpoint
+    records the values used): D.2's regression has no reference policy, so no KL penalty; no reward model unless one
+    is named."""
+    require(args.num_samples >= 2, f"--num_samples must be >= 2 (REBEL regresses on pairs); got {args.num_samples}")
+    require(args.pairing != "adjacent" or args.num_samples % 2 == 0,
+            f"--pairing adjacent: --num_samples must be even, not {args.num_samples}")  # fmt: skip
+    require((args.mu == "dataset") == bool(args.mu_column), "--mu dataset and --mu_column NAME go together")
+    require(args.mu == "policy" or args.num_samples == 2, "--mu dataset pairs y with its y': --num_samples must be 2")
+    if args.kl_coef is None:
+        args.kl_coef = 0.0 if args.preference_fn else 0.05
+    if args.reward_model_path is None and not (args.preference_fn or args.reward_fn):
+        args.reward_model_path = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
+
+
+def variant_columns(num_samples: int, mu: str, preference: bool) -> list[int]:
+    """The columns of a prompt's m responses that pi_t samples: all but --mu dataset's y' (column 1), where m is
+    --num_samples k, or 3 with --preference_fn and k = 2 (D.2's y'')."""
+    m = 3 if preference and num_samples == 2 else num_samples
+    return [i for i in range(m) if mu == "policy" or i != 1]
+
+
+def with_dataset_responses(responses: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """--mu dataset: the prompts' dataset responses y' (B, T) (right-padded ids) put second, after pi_t's y (and
+    before a --preference_fn's y''): (B, m - 1, T) -> (B, m, T). y' is then scored as a sample is: its reward has the
+    same KL term, though pi_t did not sample it."""
+    return torch.cat((responses[:, :1], given.to(responses.device)[:, None], responses[:, 1:]), 1)
+
+
+def preference_scores(fn, tokenizer, r: Rollout, prompts, num_samples: int, penalty: float) -> tuple:
+    """--preference_fn fn: Appendix D.2's reward of every response (the penalty without EOS), and the judge's
+    P(y_i > y_j | x) (B, m, m)."""
+    wins = compare_pairs(fn, tokenizer, r.query_responses, r.query_responses.size(-1) - r.masks.size(-1), prompts)
+    scores = preference_rewards(wins, comparators(num_samples).to(wins.device))  # (B, m)
+    return torch.where(r.has_eos, scores, penalty), wins
+
+
+def preference_rewards(wins: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
+    """r_t(x, y) = l(x, y, pi_t), the mean of l(x, y, y'') = 2 P(y > y''|x) - 1 (Equation 11) over y'' ~ pi_t: wins
+    (B, m, m) holds P(y_i > y_j | x), against (m, m) y_j's weight as a y'' of y_i (comparators()). Returns (B, m)."""
+    weights = against.to(wins.dtype)
+    return ((2 * wins - 1) * weights).sum(-1) / weights.sum(-1)
+
+
+def comparators(k: int) -> torch.Tensor:
+    """The y'' of each response: (m, m), row i marks the y_j that y_i is compared with. For k >= 3 samples, the other
+    k - 1 (a win rate, as SPO; the pair's own l(y, y') enters both its rewards, so the target's mean given (y, y') is
+    ((k - 2) (l(y, pi_t) - l(y', pi_t)) + 2 l(y, y')) / (k - 1)); for k = 2, a third sample alone (D.2's one-sample
+    variant: l(y, y'') - l(y', y'') estimates l(y, pi_t) - l(y', pi_t) without bias), compared with both and never
+    trained on."""
+    return ~torch.eye(k, dtype=torch.bool) if k > 2 else torch.tensor([[0, 0, 1], [0, 0, 1], [1, 1, 0]]).bool()
+
+
+def variant_metrics(scores, wins, policy_columns: list[int], mu_dataset: bool) -> dict:
+    """--mu dataset: how often y beats the dataset's y' (P(y > y') by the judge, or score(y) > score(y'), ties half).
+    --preference_fn: the mean 2 P(y_i > y_j) - 1 over ordered pairs of distinct samples of pi_t, ~0 (skew-symmetry)."""
+    stats = {}
+    if mu_dataset:
+        ties = scores[:, 0] == scores[:, 1]
+        win = wins[:, 0, 1] if wins is not None else (scores[:, 0] > scores[:, 1]) + 0.5 * ties
+        stats["objective/win_rate_vs_mu"] = win.float().mean().item()
+    if wins is not None:
+        self_play = 2 * wins[:, policy_columns][:, :, policy_columns] - 1  # (B, s, s), s = len(policy_columns)
+        stats["objective/self_preference"] = self_play[:, ~torch.eye(len(policy_columns), dtype=bool)].mean().item()
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- the flags
 @dataclass
 class Args:
     # REBEL (Algorithm 1, Equation 1)
@@ -326,238 +558,6 @@ class Args:
     """sample completions printed and logged at each evaluation"""
     eval_temperature: float = 0.01
     """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too"""
-
-
-def main(args: Args) -> None:
-    require(args.eta > 0, f"--eta must be > 0 (it divides the log-ratios in Equation 1); got {args.eta}")
-    resolve_variants(args)  # checks --num_samples, --pairing, --mu; sets --kl_coef's default (0 with --preference_fn)
-    flags = asdict(args)  # what the appendix reads: the same helpers serve scripts whose Args differ
-    check_flags(flags)
-    from tqdm import trange
-
-    # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs. The batch sizes:
-    # --batch_size prompts per update over all ranks, P pairs each; micro-batches of --per_device_train_batch_size pairs
-    rank, world_size, device = init_processes(args.cuda, args.seed)
-    bf16, dtype, autocast = precision(args.precision, device)
-    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over the world size")
-    pairs_per_prompt = args.num_samples // 2 if args.pairing == "adjacent" else 1  # P
-    rank_pairs = local_batch_size * pairs_per_prompt
-    mini_batch_size = exact_div(rank_pairs, args.num_mini_batches, "per-rank pairs over --num_mini_batches")
-    grad_accum = exact_div(mini_batch_size, args.per_device_train_batch_size, "pairs per minibatch")
-    checkpoint, run_dir, run_name, output_dir = open_run(flags)
-    tokenizer = load_tokenizer(args.sft_model_path)
-    pad = tokenizer.pad_token_id  # never EOS: load_tokenizer adds a pad token where a model has none
-    # Both splits (Prompts: every rank reads each whole); train.responses: --mu_column's y' (None without --mu dataset).
-    train, eval_data = load_splits(flags, tokenizer, args.mu_column)
-    total_episodes = args.total_episodes or len(train.dataset)
-    num_updates = total_episodes // args.batch_size
-    require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
-    batches = prompt_batches(len(train.dataset), args.batch_size, rank, world_size, args.seed)  # rank's share
-
-    # The models, all in eval mode (no dropout). raw_policy is pi_theta: it samples and is saved; `policy` is the same
-    # model as the gradient steps see it (DDP's wrapper, or FSDP's shards). ref_policy is a function: `with
-    # ref_policy() as ref:` gives the SFT policy, the reference of the KL penalty (see load_trained_policy).
-    raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
-    reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
-    preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
-    # The columns of the rollout's (B, m) tensors that pi_t samples: all of them, [0, 1], in Algorithm 1.
-    policy_columns = variant_columns(args.num_samples, args.mu, preference is not None)
-    num_sampled = len(policy_columns)  # responses pi_t samples per prompt: 2 in Algorithm 1 (1 with --mu dataset)
-    policy = distribute(raw_policy, args.fsdp, bf16, device)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
-    config, eval_config = sampling_configs(flags, pad, stop_ids)  # at --temperature and at --eval_temperature
-    chunk, penalty = args.local_rollout_forward_batch_size, args.penalty_reward_value
-
-    # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
-    record = load_checkpoint(checkpoint, policy, optimizer, flags, world_size)  # trainer.json: update, flags, wandb id
-    start_update = record.get("update", 0)
-    require(start_update <= num_updates, f"--resume: update {start_update} is past the run's {num_updates} updates")
-    for _ in range(start_update):  # the batches already trained on
-        next(batches)
-    signals = stop_signals()
-    plan = f"{num_updates} updates of {args.batch_size} prompts, {grad_accum} micro-batches per step"
-    log = RunLog(run_dir, run_name, flags, record, start_update, device, plan)
-    sample_eval = eval_sampler(raw_policy, ref_policy, reward, eval_config, stop_ids, penalty, chunk)
-    run_evaluation = partial(evaluate, sample=sample_eval, reward=reward, tokenizer=tokenizer, data=eval_data, log=log,
-                             flags=flags, autocast=autocast, preference=preference)  # fmt: skip
-
-    # The loop, Algorithm 1: rollout -> reward -> regress relative rewards (Equation 1) -> log -> checkpoint.
-    nan_dump = os.path.join(run_dir, f"nonfinite_rank{rank}.pt")  # where check_finite saves a non-finite batch
-    stop, update = False, start_update
-    if not checkpoint:
-        run_evaluation(0)
-    for update in trange(start_update + 1, num_updates + 1, initial=start_update, total=num_updates, disable=rank > 0):
-        timer = Timer(device)
-        lr_now = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay: --lr first, --lr / num_updates last
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        batch = next(batches)  # this rank's B prompts of the global batch
-        queries = trim_left_padding(train.queries[batch], pad, args.pad_multiple).to(device)  # (B, <= query_length)
-        ctx, prompts = queries.size(1), [train.prompts[i] for i in batch]
-
-        # 1. Rollout: y, y' ~ pi_t for each prompt x, their log-probs under pi_t and the SFT policy, and their scores
-        # (the reward model's; the penalty without EOS). The variants enter at the lines marked `variant` (their block
-        # follows the loop).
-        with autocast():
-            with timer("generation"):  # y, y' ~ pi_t: (B, 2, T) in Algorithm 1
-                responses = sample_responses(raw_policy, queries, num_sampled, config, chunk)
-            if args.mu == "dataset":  # variant: y' is the prompt's response in the dataset (Algorithm 1's mu), column 1
-                responses = with_dataset_responses(responses, train.responses[batch])
-            # (variant --preference_fn: no reward model here; the judge scores the rollout below)
-            rollout = score_responses(policy=raw_policy, ref_policy=ref_policy, reward=None if preference else reward,
-                                      queries=queries, responses=responses, prompts=prompts, config=config,
-                                      stop_ids=stop_ids, penalty=penalty, chunk=chunk, timer=timer)  # fmt: skip
-        check_finite({f"the rollout's {name}": t for name, t in rollout._asdict().items()}, nan_dump)
-        query_responses, masks, logprobs, ref_logprobs, scores, has_eos = rollout  # each (B, m, ...)
-        wins = None  # with --preference_fn, the judge's P(y_i > y_j | x)
-        if preference:  # variant (Appendix D.2): each score is the judge's preference over other samples of pi_t
-            with timer("reward"):
-                scores, wins = preference_scores(preference, tokenizer, rollout, prompts, args.num_samples, penalty)
-
-        # 2. Reward: r(x, y) = score(x, y) - kl_coef * (ln pi_t(y|x) - ln pi_ref(y|x)), neither normalised nor whitened
-        # (Equation 1 regresses on its differences as they are); and the pairs (y, y').
-        kl = logprobs - ref_logprobs  # (B, m)
-        rewards = scores - args.kl_coef * kl  # (B, m); kl_coef 0.05 (0 with --preference_fn: resolve_variants)
-        # The first --num_samples columns: with --preference_fn and k = 2, the third sample y'' (D.2) is not paired.
-        pairs = pair_up(scores[:, : args.num_samples], args.pairing)  # (B, P, 2)
-        pair_query_responses, pair_masks, pair_logprobs, pair_rewards = (
-            take_pairs(t, pairs) for t in (query_responses, masks, logprobs, rewards)
-        )  # (B * P, 2, ...); a loss that needs more of each pair (ref_logprobs, the scores) takes it the same way
-
-        # 3. Regress relative rewards (Equation 1): noptepochs passes over the pairs, one optimizer step per minibatch;
-        # ln pi_t (pair_logprobs, from the rollout) stays fixed through all of them, as pi_t does in Algorithm 1.
-        num_pairs = len(pair_rewards)  # B * P
-        minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(num_pairs).split(mini_batch_size)]
-        loss_stats, approxkl_stats = [], []
-        with timer("update"):
-            for minibatch in minibatches:
-                for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):  # grad_accum of them
-                    query_response, mask = trim_responses(pair_query_responses[idx], pair_masks[idx], ctx)
-                    # ln pi_theta(y|x) (b, 2). DDP all-reduces the gradients only on a step's last micro-batch; it
-                    # decides so at the forward pass, which is why backward() can run outside this block.
-                    with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():
-                        new_logprobs = sequence_logprobs(policy, query_response, mask, ctx, config.temperature, pad)
-                    loss = rebel_loss(new_logprobs, pair_logprobs[idx], pair_rewards[idx], args.eta, args.loss_scaling)
-                    check_finite({"the REBEL loss": loss, "new log-probs": new_logprobs}, nan_dump)
-                    (loss / grad_accum).backward()
-                    loss_stats.append(loss.item())
-                    # approxkl: the mean of 1/2 (ln pi_theta(y|x) - ln pi_t(y|x))^2, per sequence (not per token)
-                    approxkl_stats.append(0.5 * (new_logprobs - pair_logprobs[idx]).pow(2).mean().item())
-                if args.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        # 4. Log the metrics of pi_t's samples (policy_columns): log.write averages them over the ranks and rank
-        # 0 writes them. Evaluate every --eval_freq updates. The entropy is estimated by -ln pi_t(y|x) per token.
-        per_epoch = len(loss_stats) // args.noptepochs  # micro-batches per pass
-        stats = {
-            "objective/scores": scores[:, policy_columns].mean().item(),
-            "objective/kl": kl[:, policy_columns].mean().item(),
-            "objective/rlhf_reward": rewards[:, policy_columns].mean().item(),
-            "objective/entropy": -(logprobs[:, policy_columns].sum() / masks[:, policy_columns].sum()).item(),
-            "objective/response_length": masks[:, policy_columns].sum(-1).float().mean().item(),
-            "objective/eos_rate": has_eos[:, policy_columns].float().mean().item(),
-            "loss/policy": float(np.mean(loss_stats)),
-            "loss/policy_first_epoch": float(np.mean(loss_stats[:per_epoch])),
-            "loss/policy_last_epoch": float(np.mean(loss_stats[-per_epoch:])),
-            "policy/approxkl": float(np.mean(approxkl_stats)),
-            **variant_metrics(scores, wins, policy_columns, args.mu == "dataset"),
-        }
-        log.write(update, stats, timer, lr_now)
-        if args.eval_freq and update % args.eval_freq == 0 and update != num_updates:
-            run_evaluation(update)
-
-        # 5. Checkpoint every --save_freq updates, at the last (the trained state, whatever happens to the final save),
-        # and on Ctrl-C or SIGTERM, which then stop the run.
-        stop = all_reduce({"stop": len(signals)}, dist.ReduceOp.MAX, device)["stop"] > 0
-        if stop or update == num_updates or (args.save_freq and update % args.save_freq == 0):
-            record |= {"update": update, "world_size": world_size, "flags": flags}  # its trainer.json
-            save_checkpoint(run_dir, update, policy, optimizer, record, args.keep_checkpoints)
-        if stop:
-            break
-
-    # The end: the last evaluation and the trained policy saved; or, stopped by a signal, the way to resume printed.
-    if not stop:
-        run_evaluation(num_updates)
-        save_policy(raw_policy, tokenizer, output_dir, args.fsdp, args.lora and args.save_merged)
-    del policy  # DDP's wrapper must go (with its gloo threads) before log.end ends the process group
-    log.end(update, signals if stop else None)
-
-
-# ---------------------------------------------------------------------------------------------- the variants
-# The loop is Algorithm 1 as the paper runs it on TL;DR. The variants change a prompt's m responses (the columns of the
-# rollout's (B, m, ...) tensors) or their scores: --num_samples k > 2 (m = k, paired by --pairing: P = k/2 adjacent
-# pairs, or 1 best_worst); --mu dataset (y', column 1, is the dataset's response: Algorithm 1's mu; pi_t samples m - 1);
-# --preference_fn (a response's score is its mean preference over other samples y'' of pi_t, Appendix D.2; with k = 2 a
-# third sample y'', the last column, is drawn, m = 3, and never trained on).
-
-
-def resolve_variants(args: Args) -> None:
-    """Check the variants' flags, and set the defaults that depend on --preference_fn on `args` (so that a checkpoint
-    records the values used): D.2's regression has no reference policy, so no KL penalty; no reward model unless one
-    is named."""
-    require(args.num_samples >= 2, f"--num_samples must be >= 2 (REBEL regresses on pairs); got {args.num_samples}")
-    require(args.pairing != "adjacent" or args.num_samples % 2 == 0,
-            f"--pairing adjacent: --num_samples must be even, not {args.num_samples}")  # fmt: skip
-    require((args.mu == "dataset") == bool(args.mu_column), "--mu dataset and --mu_column NAME go together")
-    require(args.mu == "policy" or args.num_samples == 2, "--mu dataset pairs y with its y': --num_samples must be 2")
-    if args.kl_coef is None:
-        args.kl_coef = 0.0 if args.preference_fn else 0.05
-    if args.reward_model_path is None and not (args.preference_fn or args.reward_fn):
-        args.reward_model_path = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
-
-
-def variant_columns(num_samples: int, mu: str, preference: bool) -> list[int]:
-    """The columns of a prompt's m responses that pi_t samples: all but --mu dataset's y' (column 1), where m is
-    --num_samples k, or 3 with --preference_fn and k = 2 (D.2's y'')."""
-    m = 3 if preference and num_samples == 2 else num_samples
-    return [i for i in range(m) if mu == "policy" or i != 1]
-
-
-def with_dataset_responses(responses: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
-    """--mu dataset: the prompts' dataset responses y' (B, T) (right-padded ids) put second, after pi_t's y (and
-    before a --preference_fn's y''): (B, m - 1, T) -> (B, m, T). y' is then scored as a sample is: its reward has the
-    same KL term, though pi_t did not sample it."""
-    return torch.cat((responses[:, :1], given.to(responses.device)[:, None], responses[:, 1:]), 1)
-
-
-def preference_scores(fn, tokenizer, r: Rollout, prompts, num_samples: int, penalty: float) -> tuple:
-    """--preference_fn fn: Appendix D.2's reward of every response (the penalty without EOS), and the judge's
-    P(y_i > y_j | x) (B, m, m)."""
-    wins = compare_pairs(fn, tokenizer, r.query_responses, r.query_responses.size(-1) - r.masks.size(-1), prompts)
-    scores = preference_rewards(wins, comparators(num_samples).to(wins.device))  # (B, m)
-    return torch.where(r.has_eos, scores, penalty), wins
-
-
-def preference_rewards(wins: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
-    """r_t(x, y) = l(x, y, pi_t), the mean of l(x, y, y'') = 2 P(y > y''|x) - 1 (Equation 11) over y'' ~ pi_t: wins
-    (B, m, m) holds P(y_i > y_j | x), against (m, m) y_j's weight as a y'' of y_i (comparators()). Returns (B, m)."""
-    weights = against.to(wins.dtype)
-    return ((2 * wins - 1) * weights).sum(-1) / weights.sum(-1)
-
-
-def comparators(k: int) -> torch.Tensor:
-    """The y'' of each response: (m, m), row i marks the y_j that y_i is compared with. For k >= 3 samples, the other
-    k - 1 (a win rate, as SPO; the pair's own l(y, y') enters both its rewards, so the target's mean given (y, y') is
-    ((k - 2) (l(y, pi_t) - l(y', pi_t)) + 2 l(y, y')) / (k - 1)); for k = 2, a third sample alone (D.2's one-sample
-    variant: l(y, y'') - l(y', y'') estimates l(y, pi_t) - l(y', pi_t) without bias), compared with both and never
-    trained on."""
-    return ~torch.eye(k, dtype=torch.bool) if k > 2 else torch.tensor([[0, 0, 1], [0, 0, 1], [1, 1, 0]]).bool()
-
-
-def variant_metrics(scores, wins, policy_columns: list[int], mu_dataset: bool) -> dict:
-    """--mu dataset: how often y beats the dataset's y' (P(y > y') by the judge, or score(y) > score(y'), ties half).
-    --preference_fn: the mean 2 P(y_i > y_j) - 1 over ordered pairs of distinct samples of pi_t, ~0 (skew-symmetry)."""
-    stats = {}
-    if mu_dataset:
-        ties = scores[:, 0] == scores[:, 1]
-        win = wins[:, 0, 1] if wins is not None else (scores[:, 0] > scores[:, 1]) + 0.5 * ties
-        stats["objective/win_rate_vs_mu"] = win.float().mean().item()
-    if wins is not None:
-        self_play = 2 * wins[:, policy_columns][:, :, policy_columns] - 1  # (B, s, s), s = len(policy_columns)
-        stats["objective/self_preference"] = self_play[:, ~torch.eye(len(policy_columns), dtype=bool)].mean().item()
-    return stats
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)

@@ -10,7 +10,7 @@ which needs the pad id in the config) and is trained on pairs (y_chosen, y_rejec
 After training, the mean score of the SFT data's reference summaries is saved as `config.reward_bias`, which rebel.py's
 load_reward_model subtracts: references score 0 on average, as in summarize_from_feedback_details and the official
 REBEL code (rebel.py's fixed -1 score for a response with no EOS assumes it). Under bf16 the scores are computed in
-bf16. The file reads top to bottom: the loss and the model, the flags (Args), the loop (main), then the appendix of
+bf16. The file reads top to bottom: the loss and the model, the loop (main), the flags (Args), then the appendix of
 plumbing shared with rebel.py.
 
     python reward.py --help
@@ -41,6 +41,7 @@ import torch.distributed.nn  # noqa: F401  (imported before init_process_group, 
 import torch.nn as nn
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import trange
 
 # ---------------------------------------------------------------------------------------------- the algorithm
 
@@ -81,93 +82,10 @@ def shard_reward_model(model, bf16: bool):
     return model
 
 
-# ---------------------------------------------------------------------------------------------- the flags and the loop
-@dataclass
-class Args:
-    # data: the preference pairs trained on, and the references that set the score's zero
-    preference_dataset: str = "cleanrl/summarize_from_feedback_oai_preprocessing_1704563162"
-    """hub name, local directory or single data file of the preference pairs trained on"""
-    chosen_column: str = "chosen"
-    """the column of the preferred response"""
-    rejected_column: str = "rejected"
-    """the column of the other response"""
-    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
-    """the SFT data (prompts and reference responses, its --train_split): its references' mean score becomes the zero"""
-    reference_column: str = "reference_response"
-    """the reference response column of --query_dataset"""
-    num_norm_examples: int | None = None
-    """compute the references' mean score on the first N examples of --query_dataset (default: all)"""
-    query_column: str = "query"
-    """the prompt column (in both datasets)"""
-    train_split: str = "train"
-    """the split of --preference_dataset to train on, and of --query_dataset whose references set the zero"""
-    eval_split: str = "validation"
-    """the split of --preference_dataset to evaluate on"""
-    query_length: int = 512
-    """prompts are left-padded to this many tokens"""
-    long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
-    response_length: int = 53
-    """responses are truncated to this many tokens, EOS included"""
-
-    # optimisation
-    num_train_epochs: int = 1
-    """passes over the preference pairs"""
-    batch_size: int = 64
-    """preference pairs per optimizer step, over all ranks"""
-    per_device_train_batch_size: int = 8
-    """pairs per micro-batch on one rank; gradient accumulation fills the rest"""
-    lr: float = 3e-6
-    """AdamW learning rate (torch's weight decay 0.01), decayed linearly to lr / num_updates at the last update"""
-    eps: float = 1e-5
-    """AdamW epsilon"""
-
-    # the trained model
-    sft_model_path: str = "runs/sft_tldr_pythia-1.4b/model"
-    """the model the reward model starts from (sft.py's output): hub name, save_pretrained folder, or a LoRA adapter"""
-
-    # speed and memory
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': weights in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
-    pad_multiple: int = 64
-    """a micro-batch drops the padding columns all its sequences share, keeping a multiple of this many on each side
-    (the scores are the same); 0: every pair padded to --query_length + --response_length (official code)"""
-    fsdp: bool = False
-    """shard the reward model (backbone and head) over the ranks with FSDP2 where DDP does not fit (6.9B)"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-
-    # the run: logs, evaluation, checkpoints
-    exp_name: str = "reward"
-    """the name of this experiment (prefix of the run name)"""
-    seed: int = 555134
-    """seed of the experiment"""
-    track: bool = False
-    """log to Weights and Biases (works with WANDB_MODE=offline)"""
-    wandb_project_name: str = "rebel"
-    """the wandb project"""
-    wandb_entity: str | None = None
-    """the wandb entity (team)"""
-    run_dir: str | None = None
-    """where TensorBoard events and metrics.jsonl go (default: runs/<run name>)"""
-    output_dir: str | None = None
-    """where the reward model and tokenizer are saved, new or empty or this run's (default: <run_dir>/model; '': not
-    saved)"""
-    save_freq: int = 20
-    """write a checkpoint every this many updates (and at the last, and on Ctrl-C or SIGTERM); 0 = only then"""
-    keep_checkpoints: int = 2
-    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
-    resume: str | None = None
-    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
-    num_eval_prompts: int | None = None
-    """measure validation accuracy on the first N pairs of the evaluation split (default: all)"""
-
-
-def main(args: Args) -> None:
+# ---------------------------------------------------------------------------------------------- the loop
+def main(args: "Args") -> None:
     flags = asdict(args)
     check_flags(flags)
-    from tqdm import trange
-
     # Set-up (the appendix): processes, batch sizes, the run's folder, data, the model, resume, logs.
     rank, world_size, device = init_processes(args.cuda, args.seed)
     bf16, _, autocast = precision(args.precision, device)
@@ -299,6 +217,88 @@ def main(args: Args) -> None:
             print(f"saved the reward model to {output_dir}")
     del model  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
     log.end(update, signals if stop else None)
+
+
+# ---------------------------------------------------------------------------------------------- the flags
+@dataclass
+class Args:
+    # data: the preference pairs trained on, and the references that set the score's zero
+    preference_dataset: str = "cleanrl/summarize_from_feedback_oai_preprocessing_1704563162"
+    """hub name, local directory or single data file of the preference pairs trained on"""
+    chosen_column: str = "chosen"
+    """the column of the preferred response"""
+    rejected_column: str = "rejected"
+    """the column of the other response"""
+    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
+    """the SFT data (prompts and reference responses, its --train_split): its references' mean score becomes the zero"""
+    reference_column: str = "reference_response"
+    """the reference response column of --query_dataset"""
+    num_norm_examples: int | None = None
+    """compute the references' mean score on the first N examples of --query_dataset (default: all)"""
+    query_column: str = "query"
+    """the prompt column (in both datasets)"""
+    train_split: str = "train"
+    """the split of --preference_dataset to train on, and of --query_dataset whose references set the zero"""
+    eval_split: str = "validation"
+    """the split of --preference_dataset to evaluate on"""
+    query_length: int = 512
+    """prompts are left-padded to this many tokens"""
+    long_prompts: Literal["filter", "truncate"] = "filter"
+    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
+    response_length: int = 53
+    """responses are truncated to this many tokens, EOS included"""
+
+    # optimisation
+    num_train_epochs: int = 1
+    """passes over the preference pairs"""
+    batch_size: int = 64
+    """preference pairs per optimizer step, over all ranks"""
+    per_device_train_batch_size: int = 8
+    """pairs per micro-batch on one rank; gradient accumulation fills the rest"""
+    lr: float = 3e-6
+    """AdamW learning rate (torch's weight decay 0.01), decayed linearly to lr / num_updates at the last update"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+
+    # the trained model
+    sft_model_path: str = "runs/sft_tldr_pythia-1.4b/model"
+    """the model the reward model starts from (sft.py's output): hub name, save_pretrained folder, or a LoRA adapter"""
+
+    # speed and memory
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'bf16': weights in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
+    pad_multiple: int = 64
+    """a micro-batch drops the padding columns all its sequences share, keeping a multiple of this many on each side
+    (the scores are the same); 0: every pair padded to --query_length + --response_length (official code)"""
+    fsdp: bool = False
+    """shard the reward model (backbone and head) over the ranks with FSDP2 where DDP does not fit (6.9B)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+
+    # the run: logs, evaluation, checkpoints
+    exp_name: str = "reward"
+    """the name of this experiment (prefix of the run name)"""
+    seed: int = 555134
+    """seed of the experiment"""
+    track: bool = False
+    """log to Weights and Biases (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rebel"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    run_dir: str | None = None
+    """where TensorBoard events and metrics.jsonl go (default: runs/<run name>)"""
+    output_dir: str | None = None
+    """where the reward model and tokenizer are saved, new or empty or this run's (default: <run_dir>/model; '': not
+    saved)"""
+    save_freq: int = 20
+    """write a checkpoint every this many updates (and at the last, and on Ctrl-C or SIGTERM); 0 = only then"""
+    keep_checkpoints: int = 2
+    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
+    resume: str | None = None
+    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
+    num_eval_prompts: int | None = None
+    """measure validation accuracy on the first N pairs of the evaluation split (default: all)"""
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)

@@ -10,8 +10,8 @@ it by the Fisher information (Claim 2) where RLOO steps along it. `--reinforce`:
 per prompt, A = r - b, b being Ahmadian et al.'s b_MA (arXiv 2402.14740, Eq. 8), the mean of every reward so far; the
 paper's Table 1 takes its REINFORCE and RLOO numbers (6.9B) from them. `--reinforce_baseline none`: A = r.
 
-Top to bottom: the algorithm (the loss, the advantages, the rollout), the flags (Args), the loop (main), the variant
-(--reinforce), then the plumbing every script shares (the appendix); docs/rebel.md explains every metric.
+Top to bottom: the algorithm (the loss, the advantages, the rollout), the loop (main), the variant (--reinforce), the
+flags (Args), then the plumbing every script shares (the appendix); docs/rebel.md explains every metric.
 
     python rloo.py --rloo_k 2                               # one process
     torchrun --nproc_per_node 8 rloo.py --rloo_k 4          # RLOO (k = 4) on TL;DR, 2.8B with LoRA as REBEL's run
@@ -43,6 +43,7 @@ import torch.distributed.nn  # noqa: F401  (imported before init_process_group, 
 import torch.nn as nn
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import trange
 
 # ---------------------------------------------------------------------------------------------- the algorithm
 
@@ -83,7 +84,7 @@ class Rollout(NamedTuple):
 def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Tensor:
     """num responses per prompt from `policy` (pi_t), `chunk` prompts at a time: queries (B, ctx), the left-padded
     prompt ids -> (B, num, T) token ids, T = --response_length; config: a transformers GenerationConfig
-    (sampling_config). EOS does not stop sampling (score_responses cuts there); with --stop_at_eos it does."""
+    (sampling_config). EOS does not stop sampling (score_responses cuts there) unless config has stop ids."""
     ctx = queries.size(1)
     responses = [generate(policy, q.repeat_interleave(num, 0), config)[:, ctx:] for q in queries.split(chunk)]
     return torch.cat(responses).unflatten(0, (-1, num))
@@ -93,12 +94,12 @@ def sample_responses(policy, queries, num: int, config, chunk: int) -> torch.Ten
 def score_responses(
     *, policy, ref_policy, reward, queries, responses, prompts, config, stop_ids, penalty, chunk, timer=None
 ) -> Rollout:
-    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx):
-    the left-padded prompt ids; prompts: the same as the dataset gives them (for --reward_fn); ref_policy: a function,
-    `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a frozen copy: load_trained_policy); reward:
-    reward(query_responses, ctx, prompts) -> scores, or None for scores of 0 (--preference_fn scores them later);
-    config: the responses' sampling config (its temperature and pad id, never a stop token: load_tokenizer);
-    stop_ids: the tokens that end a response; penalty: the score of one that did not end."""
+    """What the loss needs of m responses (B, m, T) to each prompt, `chunk` prompts at a time. queries (B, ctx): the
+    left-padded prompt ids; prompts: the same prompts as the dataset gives them (a reward function reads them);
+    ref_policy: a function of no arguments, `with ref_policy() as ref:` gives the SFT policy (the adapter off, or a
+    frozen copy); reward: reward(query_responses (N, L), ctx, prompts) -> N scores, or None for scores of 0; config:
+    the sampling config (its temperature and pad id; the pad is never a stop token); stop_ids: the tokens that end a
+    response; penalty: the score of one that did not end."""
     ctx, m, out = queries.size(1), responses.size(1), []
     pad_id, temperature = config.pad_token_id, config.temperature
     timer = timer or (lambda phase: nullcontext())  # no timer given: no timing
@@ -123,151 +124,16 @@ def score_responses(
             score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
         score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
-        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks of one width
+        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks as wide, for cat
     return Rollout(*(torch.cat(t) for t in zip(*out)))
 
 
-# ---------------------------------------------------------------------------------------------- the flags and the loop
-@dataclass
-class Args:
-    # RLOO
-    rloo_k: int = 2
-    """k: responses sampled per prompt (the paper runs 2 and 4); each one's baseline is the mean reward of the others"""
-    kl_coef: float = 0.05
-    """coefficient of the KL penalty to the SFT policy inside the reward"""
-    noptepochs: int = 1
-    """passes over each batch (the paper: 1). More passes reuse the samples off-policy with no importance correction"""
-    num_mini_batches: int = 1
-    """optimizer steps per pass (each over batch_size / num_mini_batches prompts)"""
-
-    # sampling and reward
-    temperature: float = 0.7
-    """sampling temperature: 0.7, the official code's (Appendix I.1.4's table lists 0.1: pass 0.1 to follow it)"""
-    response_length: int = 53
-    """tokens sampled per response, exactly, as in the paper: EOS does not stop sampling; rollout cuts after it"""
-    penalty_reward_value: float = -1.0
-    """score given to responses that contain no EOS token"""
-    stop_at_eos: bool = False
-    """stop sampling a response at its first stop token (EOS, a chat model's end of turn), as chat runs: faster, and
-    the same distribution (a response is cut after its first stop token either way)"""
-    sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
-    """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
-    reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
-    """a one-label sequence classifier, or a backbone + scalar head (default: the paper's 2.8B one)"""
-    reward_tokenizer: str | None = None
-    """the reward model's tokenizer and chat template (default: its own, else the policy's), reading decoded text"""
-    reward_fn: str | None = None
-    """path/to/file.py:function, used instead of the reward model: fn(prompts, responses) -> one score per response"""
-
-    # data
-    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
-    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts"""
-    query_column: str = "query"
-    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
-    reference_column: str | None = "reference_response"
-    """the reference response column for the evaluation table (a text, or a conversation ending with it); None: none"""
-    chat: bool = False
-    """render text prompts with the chat template too (a "\n\nHuman: ... \n\nAssistant:" text as its turns)"""
-    train_split: str = "train"
-    """the split to train on"""
-    eval_split: str = "validation"
-    """the split to evaluate on"""
-    query_length: int = 512
-    """prompts are left-padded to this many tokens"""
-    long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
-
-    # optimisation
-    total_episodes: int | None = None
-    """prompts to train on in total (default: one epoch of the train split)"""
-    batch_size: int = 512
-    """prompts per update (k responses each), over all ranks; stays fixed as the world size changes"""
-    per_device_train_batch_size: int = 8
-    """prompts per micro-batch on one rank (k x as many sequences); gradient accumulation fills the rest"""
-    local_rollout_forward_batch_size: int = 32
-    """prompts per no-grad generation / scoring chunk on one rank"""
-    lr: float = 3e-6
-    """AdamW learning rate (torch's weight decay 0.01, as the official code), decayed linearly to lr / num_updates"""
-    eps: float = 1e-5
-    """AdamW epsilon"""
-    max_grad_norm: float | None = None
-    """clip the gradient norm to this (default: no clipping; the paper gives no value for TL;DR)"""
-
-    # the variant: REINFORCE (the loop reads as RLOO; the variant's code follows it)
-    reinforce: bool = False
-    """REINFORCE (Williams, 1992): one response per prompt, advantage = reward - --reinforce_baseline (not --rloo_k)"""
-    reinforce_baseline: Literal["moving_average", "none"] = "moving_average"
-    """with --reinforce: 'moving_average' subtracts the mean of every reward so far in training, this update's
-    included (Ahmadian et al. 2024's b_MA, the paper's Table 1 REINFORCE); 'none': no baseline (advantage = reward)"""
-
-    # the trained model
-    lora: bool = True
-    """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
-    lora_rank: int = 1024
-    """LoRA rank r (1024 and alpha 2048: the paper's TL;DR setting, Appendix I.1.4)"""
-    lora_alpha: int = 2048
-    """LoRA alpha (the adapter's output is scaled by alpha / r)"""
-    lora_dropout: float = 0.0
-    """LoRA dropout: 0, as the models train in eval mode (no dropout), where another value would do nothing"""
-    lora_target_modules: list[str] | None = None
-    """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
-    num_trainable_layers: int | None = None
-    """with --no-lora, train only the last N layers (and the final norm), the rest frozen, as the paper's chat runs"""
-
-    # speed and memory
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': frozen weights in bf16, trainable ones in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
-    pad_multiple: int = 64
-    """left-pad a batch of prompts to its longest rounded up to this multiple; 0: to --query_length (official code)"""
-    static_cache: bool = True
-    """sample with a static KV cache, compiled on CUDA (about 3x faster, docs/memory.md); not with --fsdp"""
-    fsdp: bool = False
-    """shard the policy (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not fit (6.9B)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass (in eval mode too): less memory, ~1/3 more time"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-
-    # the run: logs, evaluation, checkpoints
-    exp_name: str = "rloo"
-    """the name of this experiment (prefix of the run name)"""
-    seed: int = 555134
-    """seed of the experiment; rank r samples with seed + r"""
-    track: bool = False
-    """log to Weights and Biases (works with WANDB_MODE=offline)"""
-    wandb_project_name: str = "rebel"
-    """the wandb project"""
-    wandb_entity: str | None = None
-    """the wandb entity (team)"""
-    run_dir: str | None = None
-    """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
-    output_dir: str | None = None
-    """where the final policy is saved, new or empty or this run's (default: <run_dir>/model; '': not saved)"""
-    save_merged: bool = False
-    """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
-    save_freq: int = 20
-    """write a checkpoint every this many updates (and at the last, and on Ctrl-C or SIGTERM); 0 = only then"""
-    keep_checkpoints: int = 2
-    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
-    resume: str | None = None
-    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
-    eval_freq: int = 100
-    """evaluate every this many updates, and before the first and after the last (0: only those two)"""
-    num_eval_prompts: int | None = None
-    """evaluate on the first N prompts of the evaluation split (default: all)"""
-    num_sample_rows: int = 4
-    """sample completions printed and logged at each evaluation"""
-    eval_temperature: float = 0.01
-    """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too"""
-
-
-def main(args: Args) -> None:
+# ---------------------------------------------------------------------------------------------- the loop
+def main(args: "Args") -> None:
     num_samples = 1 if args.reinforce else args.rloo_k  # k (--reinforce: one, the variant below)
     require(num_samples >= 2 or args.reinforce, f"--rloo_k must be >= 2 (--reinforce for one); got {args.rloo_k}")
     flags = asdict(args)
     check_flags(flags)
-    from tqdm import trange
-
     # Set-up (the appendix): processes, batch sizes, the run's folder, data, models, resume, logs.
     rank, world_size, device = init_processes(args.cuda, args.seed)
     bf16, dtype, autocast = precision(args.precision, device)
@@ -412,6 +278,140 @@ def reinforce_baseline(rewards: torch.Tensor, how: str, totals: dict, device) ->
     totals["reward_sum"] = totals.get("reward_sum", 0.0) + seen["sum"]
     totals["reward_count"] = totals.get("reward_count", 0) + int(seen["count"])
     return totals["reward_sum"] / totals["reward_count"]
+
+
+# ---------------------------------------------------------------------------------------------- the flags
+@dataclass
+class Args:
+    # RLOO
+    rloo_k: int = 2
+    """k: responses sampled per prompt (the paper runs 2 and 4); each one's baseline is the mean reward of the others"""
+    kl_coef: float = 0.05
+    """coefficient of the KL penalty to the SFT policy inside the reward"""
+    noptepochs: int = 1
+    """passes over each batch (the paper: 1). More passes reuse the samples off-policy with no importance correction"""
+    num_mini_batches: int = 1
+    """optimizer steps per pass (each over batch_size / num_mini_batches prompts)"""
+
+    # sampling and reward
+    temperature: float = 0.7
+    """sampling temperature: 0.7, the official code's (Appendix I.1.4's table lists 0.1: pass 0.1 to follow it)"""
+    response_length: int = 53
+    """tokens sampled per response, exactly, as in the paper: EOS does not stop sampling; rollout cuts after it"""
+    penalty_reward_value: float = -1.0
+    """score given to responses that contain no EOS token"""
+    stop_at_eos: bool = False
+    """stop sampling a response at its first stop token (EOS, a chat model's end of turn), as chat runs: faster, and
+    the same distribution (a response is cut after its first stop token either way)"""
+    sft_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
+    """the SFT policy, initial and KL reference: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
+    reward_model_path: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
+    """a one-label sequence classifier, or a backbone + scalar head (default: the paper's 2.8B one)"""
+    reward_tokenizer: str | None = None
+    """the reward model's tokenizer and chat template (default: its own, else the policy's), reading decoded text"""
+    reward_fn: str | None = None
+    """path/to/file.py:function, used instead of the reward model: fn(prompts, responses) -> one score per response"""
+
+    # data
+    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
+    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts"""
+    query_column: str = "query"
+    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
+    reference_column: str | None = "reference_response"
+    """the reference response column for the evaluation table (a text, or a conversation ending with it); None: none"""
+    chat: bool = False
+    """render text prompts with the chat template too (a "\n\nHuman: ... \n\nAssistant:" text as its turns)"""
+    train_split: str = "train"
+    """the split to train on"""
+    eval_split: str = "validation"
+    """the split to evaluate on"""
+    query_length: int = 512
+    """prompts are left-padded to this many tokens"""
+    long_prompts: Literal["filter", "truncate"] = "filter"
+    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
+
+    # optimisation
+    total_episodes: int | None = None
+    """prompts to train on in total (default: one epoch of the train split)"""
+    batch_size: int = 512
+    """prompts per update (k responses each), over all ranks; stays fixed as the world size changes"""
+    per_device_train_batch_size: int = 8
+    """prompts per micro-batch on one rank (k x as many sequences); gradient accumulation fills the rest"""
+    local_rollout_forward_batch_size: int = 32
+    """prompts per no-grad generation / scoring chunk on one rank"""
+    lr: float = 3e-6
+    """AdamW learning rate (torch's weight decay 0.01, as the official code), decayed linearly to lr / num_updates"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    max_grad_norm: float | None = None
+    """clip the gradient norm to this (default: no clipping; the paper gives no value for TL;DR)"""
+
+    # the variant: REINFORCE (the loop reads as RLOO; the variant's code follows it)
+    reinforce: bool = False
+    """REINFORCE (Williams, 1992): one response per prompt, advantage = reward - --reinforce_baseline (not --rloo_k)"""
+    reinforce_baseline: Literal["moving_average", "none"] = "moving_average"
+    """with --reinforce: 'moving_average' subtracts the mean of every reward so far in training, this update's
+    included (Ahmadian et al. 2024's b_MA, the paper's Table 1 REINFORCE); 'none': no baseline (advantage = reward)"""
+
+    # the trained model
+    lora: bool = True
+    """train LoRA adapters (reference = adapter disabled); --no-lora: full fine-tuning with a frozen reference copy"""
+    lora_rank: int = 1024
+    """LoRA rank r (1024 and alpha 2048: the paper's TL;DR setting, Appendix I.1.4)"""
+    lora_alpha: int = 2048
+    """LoRA alpha (the adapter's output is scaled by alpha / r)"""
+    lora_dropout: float = 0.0
+    """LoRA dropout: 0, as the models train in eval mode (no dropout), where another value would do nothing"""
+    lora_target_modules: list[str] | None = None
+    """modules to adapt (default: peft's for the architecture: Pythia's query_key_value); 'all-linear': all"""
+    num_trainable_layers: int | None = None
+    """with --no-lora, train only the last N layers (and the final norm), the rest frozen, as the paper's chat runs"""
+
+    # speed and memory
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'bf16': frozen weights in bf16, trainable ones in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
+    pad_multiple: int = 64
+    """left-pad a batch of prompts to its longest rounded up to this multiple; 0: to --query_length (official code)"""
+    static_cache: bool = True
+    """sample with a static KV cache, compiled on CUDA (about 3x faster, docs/memory.md); not with --fsdp"""
+    fsdp: bool = False
+    """shard the policy (and a full fine-tuning reference) over the ranks with FSDP2 where DDP does not fit (6.9B)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (in eval mode too): less memory, ~1/3 more time"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+
+    # the run: logs, evaluation, checkpoints
+    exp_name: str = "rloo"
+    """the name of this experiment (prefix of the run name)"""
+    seed: int = 555134
+    """seed of the experiment; rank r samples with seed + r"""
+    track: bool = False
+    """log to Weights and Biases (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rebel"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    run_dir: str | None = None
+    """where TensorBoard events, metrics.jsonl and the evaluation tables go (default: runs/<run name>)"""
+    output_dir: str | None = None
+    """where the final policy is saved, new or empty or this run's (default: <run_dir>/model; '': not saved)"""
+    save_merged: bool = False
+    """with LoRA, also save the adapter merged into the base weights, in <output_dir>/merged"""
+    save_freq: int = 20
+    """write a checkpoint every this many updates (and at the last, and on Ctrl-C or SIGTERM); 0 = only then"""
+    keep_checkpoints: int = 2
+    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
+    resume: str | None = None
+    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
+    eval_freq: int = 100
+    """evaluate every this many updates, and before the first and after the last (0: only those two)"""
+    num_eval_prompts: int | None = None
+    """evaluate on the first N prompts of the evaluation split (default: all)"""
+    num_sample_rows: int = 4
+    """sample completions printed and logged at each evaluation"""
+    eval_temperature: float = 0.01
+    """sampling temperature for evaluation (the official code's 0.01, near greedy); eval/kl uses it too"""
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)

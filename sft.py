@@ -6,7 +6,7 @@ Next-token cross-entropy on the reference response y given the post x (the promp
     min_theta  - mean over the response tokens y_t (EOS included) of  ln pi_theta(y_t | x, y_<t)
 
 (the mean of micro-batches' token means, not one over all tokens: as the official code). The file reads top
-to bottom: the loss, the flags (Args), the loop (main), then the appendix of plumbing shared with rebel.py. The model
+to bottom: the loss, the loop (main), the flags (Args), then the appendix of plumbing shared with rebel.py. The model
 and its tokenizer (with the pad token load_tokenizer may add) are saved with save_pretrained, so that reward.py and
 rebel.py load them directly.
 
@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  (imported before init_process_group, which some torch versions need)
 import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import trange
 
 # ---------------------------------------------------------------------------------------------- the algorithm
 
@@ -52,84 +53,10 @@ def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: 
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-# ---------------------------------------------------------------------------------------------- the flags and the loop
-@dataclass
-class Args:
-    # data: the prompts x and the reference responses y trained on
-    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
-    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts and references"""
-    query_column: str = "query"
-    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
-    reference_column: str = "reference_response"
-    """the target response column: a text, or a conversation ending with it"""
-    train_split: str = "train"
-    """the split to train on"""
-    eval_split: str = "validation"
-    """the split whose references give the validation loss"""
-    query_length: int = 512
-    """prompts are left-padded to this many tokens"""
-    long_prompts: Literal["filter", "truncate"] = "filter"
-    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
-    response_length: int = 53
-    """target responses are truncated to this many tokens, EOS included"""
-
-    # optimisation
-    num_train_epochs: int = 1
-    """passes over the train split"""
-    batch_size: int = 64
-    """examples per optimizer step, over all ranks"""
-    per_device_train_batch_size: int = 8
-    """examples per micro-batch on one rank; gradient accumulation fills the rest"""
-    lr: float = 3e-6
-    """AdamW learning rate, decayed linearly to lr / num_updates at the last update"""
-    eps: float = 1e-5
-    """AdamW epsilon"""
-
-    # the trained model
-    base_model: str = "EleutherAI/pythia-1.4b-deduped"
-    """the pretrained model to fine-tune: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
-
-    # speed and memory
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'bf16': weights in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
-    pad_multiple: int = 64
-    """a micro-batch drops the padding columns all its sequences share, keeping a multiple of this many on each side
-    (the loss is the same); 0: every example padded to --query_length + --response_length (official code)"""
-    fsdp: bool = False
-    """shard the model over the ranks with FSDP2 where DDP does not fit (6.9B)"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-
-    # the run: logs, evaluation, checkpoints
-    exp_name: str = "sft"
-    """the name of this experiment (prefix of the run name)"""
-    seed: int = 555134
-    """seed of the experiment"""
-    track: bool = False
-    """log to Weights and Biases (works with WANDB_MODE=offline)"""
-    wandb_project_name: str = "rebel"
-    """the wandb project"""
-    wandb_entity: str | None = None
-    """the wandb entity (team)"""
-    run_dir: str | None = None
-    """where TensorBoard events and metrics.jsonl go (default: runs/<run name>)"""
-    output_dir: str | None = None
-    """where the model and tokenizer are saved, new or empty or this run's (default: <run_dir>/model; '': not saved)"""
-    save_freq: int = 20
-    """write a checkpoint every this many updates (and at the last, and on Ctrl-C or SIGTERM); 0 = only then"""
-    keep_checkpoints: int = 2
-    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
-    resume: str | None = None
-    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
-    num_eval_prompts: int | None = None
-    """compute the validation loss on the first N examples of the evaluation split (default: all)"""
-
-
-def main(args: Args) -> None:
+# ---------------------------------------------------------------------------------------------- the loop
+def main(args: "Args") -> None:
     flags = asdict(args)
     check_flags(flags)
-    from tqdm import trange
-
     # Set-up (the appendix): processes, batch sizes, the run's folder, data, the model, resume, logs.
     rank, world_size, device = init_processes(args.cuda, args.seed)
     bf16, _, autocast = precision(args.precision, device)
@@ -214,6 +141,79 @@ def main(args: Args) -> None:
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, merged=False)
     del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
     log.end(update, signals if stop else None)
+
+
+# ---------------------------------------------------------------------------------------------- the flags
+@dataclass
+class Args:
+    # data: the prompts x and the reference responses y trained on
+    query_dataset: str = "cleanrl/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1704563162"
+    """hub name, local directory or single data file (.jsonl, .json, .csv, .parquet) of the prompts and references"""
+    query_column: str = "query"
+    """the prompt column: a text, or a conversation (a list of {role, content}; rendered with the chat template)"""
+    reference_column: str = "reference_response"
+    """the target response column: a text, or a conversation ending with it"""
+    train_split: str = "train"
+    """the split to train on"""
+    eval_split: str = "validation"
+    """the split whose references give the validation loss"""
+    query_length: int = 512
+    """prompts are left-padded to this many tokens"""
+    long_prompts: Literal["filter", "truncate"] = "filter"
+    """prompts longer than --query_length: 'filter' drops them (as the paper's chat runs); 'truncate' keeps their end"""
+    response_length: int = 53
+    """target responses are truncated to this many tokens, EOS included"""
+
+    # optimisation
+    num_train_epochs: int = 1
+    """passes over the train split"""
+    batch_size: int = 64
+    """examples per optimizer step, over all ranks"""
+    per_device_train_batch_size: int = 8
+    """examples per micro-batch on one rank; gradient accumulation fills the rest"""
+    lr: float = 3e-6
+    """AdamW learning rate, decayed linearly to lr / num_updates at the last update"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+
+    # the trained model
+    base_model: str = "EleutherAI/pythia-1.4b-deduped"
+    """the pretrained model to fine-tune: hub name, save_pretrained folder, or a LoRA adapter (merged in)"""
+
+    # speed and memory
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'bf16': weights in fp32, bf16 autocast; 'auto': bf16 on CUDA, fp32 on CPU"""
+    pad_multiple: int = 64
+    """a micro-batch drops the padding columns all its sequences share, keeping a multiple of this many on each side
+    (the loss is the same); 0: every example padded to --query_length + --response_length (official code)"""
+    fsdp: bool = False
+    """shard the model over the ranks with FSDP2 where DDP does not fit (6.9B)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+
+    # the run: logs, evaluation, checkpoints
+    exp_name: str = "sft"
+    """the name of this experiment (prefix of the run name)"""
+    seed: int = 555134
+    """seed of the experiment"""
+    track: bool = False
+    """log to Weights and Biases (works with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rebel"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    run_dir: str | None = None
+    """where TensorBoard events and metrics.jsonl go (default: runs/<run name>)"""
+    output_dir: str | None = None
+    """where the model and tokenizer are saved, new or empty or this run's (default: <run_dir>/model; '': not saved)"""
+    save_freq: int = 20
+    """write a checkpoint every this many updates (and at the last, and on Ctrl-C or SIGTERM); 0 = only then"""
+    keep_checkpoints: int = 2
+    """how many of the latest checkpoints to keep in <run_dir>/checkpoints"""
+    resume: str | None = None
+    """continue the run in this folder from its latest checkpoint (or start it there): pass it at every launch"""
+    num_eval_prompts: int | None = None
+    """compute the validation loss on the first N examples of the evaluation split (default: all)"""
 
 
 # ============================================ below: the same in every script (tools/sync_appendix.py copies it)
