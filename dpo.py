@@ -50,7 +50,8 @@ from tqdm import trange
 
 
 def dpo_loss(logprobs, ref_logprobs, beta: float) -> torch.Tensor:
-    """Rafailov et al. (2023), Equation 7. Inputs (B, 2): column 0 is the chosen y_w, column 1 the rejected y_l.
+    """Rafailov et al. (2023), Equation 7. Inputs (B, 2): column 0 is the chosen y_w, column 1 the rejected y_l; each
+    a whole response's log-prob, summed over its tokens (sequence_logprobs), not averaged.
 
     mean_x -ln sigmoid( beta * [ln pi_theta(y_w|x)/pi_ref(y_w|x) - ln pi_theta(y_l|x)/pi_ref(y_l|x)] )
     """
@@ -78,18 +79,18 @@ def main(args: "Args") -> None:
     )  # (N, 2, query_length + response_length)  # fmt: skip
     eval_data = load_prompts(args.query_dataset, args.eval_split, args.query_column, args.reference_column, tokenizer,
                              *lengths, args.long_prompts, args.chat)  # fmt: skip
-    epoch = len(train_pairs) // args.batch_size * args.batch_size  # the whole batches of one pass
-    total_episodes = args.total_episodes or args.num_train_epochs * epoch
+    pairs_per_epoch = len(train_pairs) // args.batch_size * args.batch_size  # the whole batches of one pass
+    total_episodes = args.total_episodes or args.num_train_epochs * pairs_per_epoch
     num_updates = total_episodes // args.batch_size
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_pairs), args.batch_size, rank, world_size, args.seed)
 
-    # pi_theta: raw_policy samples and is saved, `policy` takes the steps (DDP's or FSDP's); ref_policy(): Eq. 7's pi_ref
+    # pi_theta: raw_policy samples and is saved, `policy` steps; `with ref_policy() as ref:` gives the SFT pi_ref
     raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.eps)
-    # DPO samples only to evaluate, at --eval_temperature (sampling_configs' second; it has no training temperature).
+    # DPO samples only to evaluate, at --eval_temperature; it has no --temperature, which sampling_configs reads.
     eval_config = sampling_configs({**flags, "temperature": args.eval_temperature}, pad, stop_ids)[1]
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
@@ -450,6 +451,18 @@ def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torc
     longest = int((queries != pad_id).sum(1).max())
     keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
     return queries[:, queries.size(1) - keep :]
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Drop the padding columns that all sequences (..., L: a left-padded prompt, a right-padded response) share on
+    both sides, in multiples of `multiple` (0: none); scores stay the same. Returns them and their context length."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 def trim_responses(query_responses: torch.Tensor, masks: torch.Tensor, context_length: int):
@@ -1189,18 +1202,6 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
                 yield perm[start : start + batch_size][rank::world_size]
 
     return batches()
-
-
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
-    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs

@@ -200,16 +200,17 @@ def main(args: "Args") -> None:
         with timer("update"):
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
-                    # ln pi_theta(y|x) (b, 2) at the sampling temperature (pi_t's distribution)
+                    # ln pi_theta(y|x) (b, 2) at the sampling temperature (pi_t's distribution), in eval mode (no
+                    # dropout): at the first step it is the rollout's ln pi_t, but for rounding (that pass was trimmed)
                     with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(
-                            policy, query_responses[idx], masks[idx], ctx, args.temperature, pad
+                            policy, query_responses[idx], masks[idx], ctx, config.temperature, pad
                         )
                         loss = iterative_dpo_loss(new_logprobs, logprobs[idx], rewards[idx], args.beta)
                     check_finite({"the DPO loss": loss, "new log-probs": new_logprobs}, nan_dump)
                     (loss / grad_accum).backward()
                     loss_stats.append(loss.item())
-                    approxkl_stats.append(0.5 * (new_logprobs - logprobs[idx]).pow(2).mean().item())
+                    approxkl_stats.append(0.5 * (new_logprobs - logprobs[idx]).pow(2).mean().item())  # per sequence
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -222,7 +223,7 @@ def main(args: "Args") -> None:
             "objective/kl": kl.mean().item(),
             "objective/rlhf_reward": rewards.mean().item(),
             "objective/tie_rate": (rewards[:, 0] == rewards[:, 1]).float().mean().item(),
-            "objective/entropy": -(logprobs.sum() / masks.sum()).item(),
+            "objective/entropy": -(logprobs.sum() / masks.sum()).item(),  # estimated: -ln pi_t per sampled token
             "objective/response_length": masks.sum(-1).float().mean().item(),
             "objective/eos_rate": has_eos.float().mean().item(),
             "loss/policy": float(np.mean(loss_stats)),

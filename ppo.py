@@ -203,8 +203,8 @@ def main(args: "Args") -> None:
     raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     critic_path = args.sft_model_path if args.critic_init == "policy" else args.reward_model_path
-    new_critic = partial(load_critic, critic_path, dtype if critic_lora else torch.float32,
-                         lora_config(flags) if critic_lora else None, args.critic_init)  # fmt: skip
+    new_critic = partial(load_critic, critic_path, dtype=dtype if critic_lora else torch.float32,
+                         lora_config=lora_config(flags) if critic_lora else None, init=args.critic_init)  # fmt: skip
     critic = new_critic(tokenizer=tokenizer, tokenizer_path=args.reward_tokenizer).to(device).eval()
     if args.gradient_checkpointing:  # (the policy's: load_trained_policy)
         checkpoint_layers(critic.backbone)
@@ -270,7 +270,7 @@ def main(args: "Args") -> None:
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
                     # ln pi_theta(y_t|s_t) and V(s_t), (b, T) each, in one forward; DDP all-reduces on the last
-                    # micro-batch of a step only
+                    # micro-batch of a step only, which it decides at the forward: backward() may run outside the block.
                     with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():
                         new_logprobs, new_values = policy(query_responses[idx], context_length, args.temperature, pad)
                         pg_loss, pg_stats = clipped_policy_loss(
@@ -295,7 +295,7 @@ def main(args: "Args") -> None:
             "objective/scores": scores.mean().item(),
             "objective/kl": kl.sum(1).mean().item(),
             "objective/rlhf_reward": rewards.sum(1).mean().item(),
-            "objective/entropy": -(logprobs.sum() / masks.sum()).item(),
+            "objective/entropy": -(logprobs.sum() / masks.sum()).item(),  # estimated: -ln pi_t per sampled token
             "objective/response_length": masks.sum(-1).float().mean().item(),
             "objective/eos_rate": has_eos.float().mean().item(),
             "objective/advantage_mean": masked_mean(advantages, masks).item(),
@@ -332,7 +332,8 @@ def main(args: "Args") -> None:
 
 
 class ValueModel(nn.Module):
-    """The critic: the reward model's backbone and scalar head, read at every position instead of the last."""
+    """The critic: the reward model's backbone and scalar head, read at every position instead of the last, minus the
+    reward model's bias (the mean it subtracts so that references score 0): V is on the scores' scale."""
 
     def __init__(self, reward_model: "ScalarRewardModel"):
         super().__init__()

@@ -640,6 +640,18 @@ def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torc
     return queries[:, queries.size(1) - keep :]
 
 
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Drop the padding columns that all sequences (..., L: a left-padded prompt, a right-padded response) share on
+    both sides, in multiples of `multiple` (0: none); scores stay the same. Returns them and their context length."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
+
+
 def trim_responses(query_responses: torch.Tensor, masks: torch.Tensor, context_length: int):
     """Drop the response columns that are padding in every response: query_responses (..., L), masks (..., T)."""
     width = int(masks.sum(-1).max())
@@ -1377,18 +1389,6 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
                 yield perm[start : start + batch_size][rank::world_size]
 
     return batches()
-
-
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
-    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs

@@ -9,9 +9,9 @@ which needs the pad id in the config) and is trained on pairs (y_chosen, y_rejec
 
 After training, the mean score of the SFT data's reference summaries is saved as `config.reward_bias`, which rebel.py's
 load_reward_model subtracts: references score 0 on average, as in summarize_from_feedback_details and the official
-REBEL code (rebel.py's fixed -1 score for a response with no EOS assumes it). Under bf16 the scores are computed in
-bf16. The file reads top to bottom: the loss and the model, the loop (main), the flags (Args), then the appendix of
-plumbing shared with rebel.py.
+REBEL code (so rebel.py's fixed score of -1 for a response with no EOS lies below a typical reference's). Under bf16
+the scores are computed in bf16. The file reads top to bottom: the loss and the model, the loop (main), its FSDP
+sharding, the flags (Args), then the appendix of plumbing shared with rebel.py.
 
     python reward.py --help
     torchrun --nproc_per_node 8 reward.py                    # Pythia 1.4B, from the SFT model
@@ -48,7 +48,8 @@ from tqdm import trange
 
 def bradley_terry_loss(rewards: torch.Tensor) -> torch.Tensor:
     """rewards (B, 2), chosen then rejected: -log sigmoid(r_chosen - r_rejected), the Bradley-Terry likelihood. r_theta
-    is ScalarRewardModel's (the appendix): the head on the hidden state of the last non-pad token, minus a bias."""
+    is ScalarRewardModel's (the appendix): the head on the hidden state of the last non-pad token, minus a bias (0
+    while training; main sets it to the references' mean score at the end)."""
     return -nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
 
 
@@ -63,23 +64,6 @@ def new_reward_model(sft_model_path: str):
     hf_model = AutoModelForSequenceClassification.from_config(sft_model.config)
     hf_model.base_model.load_state_dict(sft_model.base_model.state_dict())
     return hf_model, ScalarRewardModel(hf_model.base_model, hf_model.score)
-
-
-def shard_reward_model(model, bf16: bool):
-    """FSDP2 as shard() does it (every transformer layer, then a root; bf16 compute with --precision bf16, gradients
-    reduced in fp32), with the ScalarRewardModel as the root: its forward calls the backbone's and the head's directly,
-    so it must own what lies outside the layers (embeddings, final norm, head). Rank 0's new head everywhere, as DDP."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for param in model.parameters():
-        if param.requires_grad:
-            dist.broadcast(param.data, src=0)
-    for module in model.backbone.modules():
-        if type(module).__name__ in model.backbone._no_split_modules:
-            fully_shard(module, mp_policy=mixed_precision)
-    fully_shard(model, mp_policy=mixed_precision)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -219,6 +203,24 @@ def main(args: "Args") -> None:
     log.end(update, signals if stop else None)
 
 
+# ---------------------------------------------------------------------------------------------- FSDP
+def shard_reward_model(model, bf16: bool):
+    """FSDP2 as shard() does it (every transformer layer, then a root; bf16 compute with --precision bf16, gradients
+    reduced in fp32), with the ScalarRewardModel as the root: its forward calls the backbone's and the head's directly,
+    so it must own what lies outside the layers (embeddings, final norm, head). Rank 0's new head everywhere, as DDP."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for param in model.parameters():
+        if param.requires_grad:
+            dist.broadcast(param.data, src=0)
+    for module in model.backbone.modules():
+        if type(module).__name__ in model.backbone._no_split_modules:
+            fully_shard(module, mp_policy=mixed_precision)
+    fully_shard(model, mp_policy=mixed_precision)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------- the flags
 @dataclass
 class Args:
@@ -313,6 +315,18 @@ def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torc
     longest = int((queries != pad_id).sum(1).max())
     keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
     return queries[:, queries.size(1) - keep :]
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Drop the padding columns that all sequences (..., L: a left-padded prompt, a right-padded response) share on
+    both sides, in multiples of `multiple` (0: none); scores stay the same. Returns them and their context length."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
@@ -762,18 +776,6 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
                 yield perm[start : start + batch_size][rank::world_size]
 
     return batches()
-
-
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
-    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs

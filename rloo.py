@@ -204,7 +204,8 @@ def main(args: "Args") -> None:
         baseline = reinforce_baseline(rewards, args.reinforce_baseline, record, device) if args.reinforce else None
         advantages = rewards - baseline if args.reinforce else rloo_advantages(rewards)  # (B, k)
 
-        # 3. Policy gradient: noptepochs passes, a prompt's k responses kept together, one optimizer step per minibatch.
+        # 3. Policy gradient: noptepochs passes (the paper: 1; more reuse the samples off-policy, uncorrected), a
+        # prompt's k responses kept together, one optimizer step per minibatch.
         num_prompts = len(advantages)
         minibatches = [mb for _ in range(args.noptepochs) for mb in torch.randperm(num_prompts).split(mini_batch_size)]
         loss_stats, approxkl_stats = [], []
@@ -220,7 +221,7 @@ def main(args: "Args") -> None:
                     check_finite({"the RLOO loss": loss, "new log-probs": new_logprobs}, nan_dump)
                     (loss / grad_accum).backward()
                     loss_stats.append(loss.item())
-                    approxkl_stats.append(0.5 * (new_logprobs - logprobs[idx]).pow(2).mean().item())
+                    approxkl_stats.append(0.5 * (new_logprobs - logprobs[idx]).pow(2).mean().item())  # per sequence
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -233,7 +234,7 @@ def main(args: "Args") -> None:
             "objective/kl": kl.mean().item(),
             "objective/rlhf_reward": rewards.mean().item(),
             "objective/advantage_std": advantages.std().item() if advantages.numel() > 1 else 0.0,
-            "objective/entropy": -(logprobs.sum() / masks.sum()).item(),
+            "objective/entropy": -(logprobs.sum() / masks.sum()).item(),  # estimated: -ln pi_t per sampled token
             "objective/response_length": masks.sum(-1).float().mean().item(),
             "objective/eos_rate": has_eos.float().mean().item(),
             "loss/policy": float(np.mean(loss_stats)),

@@ -44,10 +44,11 @@ from tqdm import trange
 
 def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: int) -> torch.Tensor:
     """The loss in the docstring above: mean next-token cross-entropy over the response tokens (EOS included, pads
-    excluded). query_responses (B, L): the left-padded prompt (context_length tokens), then the response."""
+    excluded; load_tokenizer's pad is never EOS). query_responses (B, L): the left-padded prompt (context_length
+    tokens), then the response. forward() masks the pads and counts positions from the first real token."""
     # The LM head over the response positions only (the logits at t - 1 give token t): the prompt's go unused.
     positions = torch.arange(context_length - 1, query_responses.size(1) - 1, device=query_responses.device)
-    logits = forward(model, query_responses, pad_id, positions).logits.float()  # (B, T, V)
+    logits = forward(model, query_responses, pad_id, logits_to_keep=positions).logits.float()  # (B, T, V)
     labels = query_responses[:, context_length:]  # (B, T)
     labels = labels.masked_fill(labels == pad_id, -100)  # the pad id may lie outside the vocabulary: never gathered
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -139,7 +140,7 @@ def main(args: "Args") -> None:
             print(f"validation loss {loss:.4f} after {num_updates} updates ({seconds:.0f} s)")
         # config.pad_token_id stays the model's own: load_tokenizer's added pad may have no embedding row to load.
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, merged=False)
-    del policy  # gloo's worker threads are joined at exit only once DDP's wrapper is gone (tests/test_ddp_teardown.py)
+    del policy  # DDP's wrapper must go (with its gloo threads) before log.end ends the process group
     log.end(update, signals if stop else None)
 
 
@@ -228,6 +229,18 @@ def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torc
     longest = int((queries != pad_id).sum(1).max())
     keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
     return queries[:, queries.size(1) - keep :]
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """Drop the padding columns that all sequences (..., L: a left-padded prompt, a right-padded response) share on
+    both sides, in multiples of `multiple` (0: none); scores stay the same. Returns them and their context length."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
@@ -658,18 +671,6 @@ def prompt_batches(num_prompts: int, batch_size: int, rank: int, world_size: int
                 yield perm[start : start + batch_size][rank::world_size]
 
     return batches()
-
-
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that every sequence (..., L: a left-padded prompt, a right-padded response) has on
-    either side, keeping multiples of `multiple` (0: all). Returns them and their context length. No score changes."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation and logs
