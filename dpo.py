@@ -85,7 +85,7 @@ def main(args: "Args") -> None:
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train_pairs), args.batch_size, rank, world_size, args.seed)
 
-    # pi_theta: raw_policy samples and is saved, `policy` steps; `with ref_policy() as ref:` gives the SFT pi_ref
+    # pi_theta: raw_policy, and `policy` (it under DDP or FSDP) for the steps; `with ref_policy() as ref:` is pi_ref
     raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
@@ -128,15 +128,15 @@ def main(args: "Args") -> None:
         loss_stats, logprob_stats, ref_logprob_stats = [], [], []
         with timer("update"):
             for micro, idx in enumerate(torch.arange(local_batch_size).split(args.per_device_train_batch_size)):
-                # The pairs without the padding columns they all share (--pad_multiple): the log-probs stay the same,
-                # and context_length is this micro-batch's prompt width.
+                # The pairs without the padding columns they all share (--pad_multiple; the log-probs stay the same),
+                # context_length their prompt width; the mask keeps EOS (load_tokenizer's pad is never EOS).
                 query_response, context_length = trim_padding(
                     query_responses[idx], args.query_length, pad, args.pad_multiple
                 )
                 mask = response_mask(query_response[:, :, context_length:].flatten(0, 1), pad).unflatten(0, (-1, 2))
                 with torch.no_grad(), autocast(), ref_policy() as ref:
                     ref_logprobs = sequence_logprobs(ref, query_response, mask, context_length, 1.0, pad)  # (b, 2)
-                with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():
+                with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():  # no_sync acts at the forward
                     logprobs = sequence_logprobs(policy, query_response, mask, context_length, 1.0, pad)  # (b, 2)
                     loss = dpo_loss(logprobs, ref_logprobs, args.beta)
                 check_finite({"the DPO loss": loss, "log-probs": logprobs}, nan_dump)
@@ -428,7 +428,7 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
     return nn.functional.pad(output, (0, length - output.size(1)), value=pad_id)  # stopped early: the same length
 
 
-def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # the row length where there is none
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # each row's first True; the row length if none
     n = bools.size(-1)
     return torch.where(bools, torch.arange(n, device=bools.device), n).min(dim=-1).values
 
@@ -451,18 +451,6 @@ def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torc
     longest = int((queries != pad_id).sum(1).max())
     keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
     return queries[:, queries.size(1) - keep :]
-
-
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that all sequences (..., L: a left-padded prompt, a right-padded response) share on
-    both sides, in multiples of `multiple` (0: none); scores stay the same. Returns them and their context length."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 def trim_responses(query_responses: torch.Tensor, masks: torch.Tensor, context_length: int):
@@ -533,6 +521,18 @@ def adapter_disabled(peft_model):
 def grad_sync(model, enabled: bool):
     """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """For fixed texts (sft, reward, dpo): drop the padding columns that all sequences (..., L) share on both sides, in
+    multiples of `multiple` (0: none; the scores stay the same); returns them and the new context length."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 # ---------------------------------------------------------------------------------------------- set-up

@@ -142,7 +142,8 @@ def main(args: "Args") -> None:
     require(num_updates >= 1, f"--total_episodes {total_episodes} is smaller than one --batch_size {args.batch_size}")
     batches = prompt_batches(len(train.dataset), args.batch_size, rank, world_size, args.seed)
 
-    # pi_theta: raw_policy samples and is saved, `policy` takes the steps (DDP's or FSDP's); ref_policy(): the SFT one
+    # pi_theta: raw_policy samples and is saved, `policy` takes the steps (DDP's or FSDP's); ref_policy(): the SFT one.
+    # All in eval mode (no dropout), as load_trained_policy leaves them.
     raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
@@ -201,7 +202,7 @@ def main(args: "Args") -> None:
             for minibatch in minibatches:
                 for micro, idx in enumerate(minibatch.split(args.per_device_train_batch_size)):
                     # ln pi_theta(y|x) (b, 2) at the sampling temperature (pi_t's distribution), in eval mode (no
-                    # dropout): at the first step it is the rollout's ln pi_t, but for rounding (that pass was trimmed)
+                    # dropout): at the first step, the rollout's ln pi_t up to rounding (that pass ran on trimmed rows)
                     with grad_sync(policy, enabled=micro == grad_accum - 1), autocast():
                         new_logprobs = sequence_logprobs(
                             policy, query_responses[idx], masks[idx], ctx, config.temperature, pad
@@ -434,7 +435,7 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
     return nn.functional.pad(output, (0, length - output.size(1)), value=pad_id)  # stopped early: the same length
 
 
-def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # the row length where there is none
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # each row's first True; the row length if none
     n = bools.size(-1)
     return torch.where(bools, torch.arange(n, device=bools.device), n).min(dim=-1).values
 

@@ -62,7 +62,7 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: flo
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange))
     return masked_mean(losses, mask), {
-        "policy/clipfrac": masked_mean((losses > -advantages * ratio).float(), mask),
+        "policy/clipfrac": masked_mean((losses > -advantages * ratio).float(), mask),  # the clipped term won
         "policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask),
     }
 
@@ -205,7 +205,7 @@ def main(args: "Args") -> None:
     critic_path = args.sft_model_path if args.critic_init == "policy" else args.reward_model_path
     new_critic = partial(load_critic, critic_path, dtype=dtype if critic_lora else torch.float32,
                          lora_config=lora_config(flags) if critic_lora else None, init=args.critic_init)  # fmt: skip
-    critic = new_critic(tokenizer=tokenizer, tokenizer_path=args.reward_tokenizer).to(device).eval()
+    critic = new_critic(tokenizer=tokenizer, tokenizer_path=args.reward_tokenizer).to(device).eval()  # save_critic too
     if args.gradient_checkpointing:  # (the policy's: load_trained_policy)
         checkpoint_layers(critic.backbone)
     # `policy`: the policy and the critic as one module (DDP's or FSDP's), what the gradient steps go through:
@@ -633,7 +633,7 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
     return nn.functional.pad(output, (0, length - output.size(1)), value=pad_id)  # stopped early: the same length
 
 
-def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # the row length where there is none
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # each row's first True; the row length if none
     n = bools.size(-1)
     return torch.where(bools, torch.arange(n, device=bools.device), n).min(dim=-1).values
 

@@ -32,7 +32,8 @@ the same prompts as strings, and reward(query_responses, ctx, prompts) a reward 
     config = sampling_config(53, temperature, pad_id)                      # 53 tokens per response, as the paper
     responses = sample_responses(policy, x, 2, config, chunk=8)            # y, y' ~ pi_t: (B, 2, T); 8 prompts a pass
     rollout = score_responses(policy=policy, ref_policy=ref_policy, reward=reward, queries=x, prompts=prompts,
-                              responses=responses, config=config, stop_ids=stop_ids, penalty=-1.0, chunk=8)
+                              responses=responses, config=config, stop_ids=stop_ids,
+                              penalty=-1.0, chunk=8)            # penalty: the score of a response that did not end
     rewards = rollout.scores - kl_coef * (rollout.logprobs - rollout.ref_logprobs)  # r(x, y): (B, 2), one pair a row
     for epoch in range(noptepochs):                                                 # ln pi_t stays fixed
         new_logprobs = sequence_logprobs(policy, rollout.query_responses, rollout.masks, x.size(1), temperature, pad_id)
@@ -83,15 +84,15 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
     new_logprobs are ln pi_theta, old_logprobs ln pi_t (the rollout's), rewards r(x, y) = score(x, y) - kl_coef *
     (ln pi_t(y|x) - ln pi_ref(y|x)). A log-prob is the whole response's: for a text, summed over its tokens at the
     sampling temperature (sequence_logprobs), with no length normalisation. Both are computed the same way, so the
-    first step starts from a log-ratio of ~0 (not 0: the rollout and the step batch and pad the responses differently,
-    so their kernels round differently, more so in bf16): the loss is then ~ mean (r(x, y) - r(x, y'))^2, its gradient
+    first step starts from a log-ratio of ~0 (see below): the loss is then ~ mean (r(x, y) - r(x, y'))^2, its gradient
     -2/eta mean (r(x, y) - r(x, y')) grad[ln pi(y|x) - ln pi(y'|x)], RLOO's with k = 2. A per-token loss would take
     response_logprobs (B, T) and the masks.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
 
     (The paper sums over the pairs, the official code takes eta^2 times the mean (scaling="official"): the same
-    minimiser, and AdamW's steps barely see the scale.)
+    minimiser, and AdamW's steps barely see the scale. ~0, not 0: the rollout and the step batch and pad the responses
+    differently, so their kernels round differently, more so in bf16.)
     """
     log_ratio = new_logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
     prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)
@@ -168,7 +169,7 @@ def pair_up(scores: torch.Tensor, rule: str) -> torch.Tensor:
     if rule == "adjacent":
         return torch.arange(m, device=scores.device).view(1, -1, 2).expand(B, -1, -1)
     best = scores.argmax(1)  # (B,)
-    worst = scores.scatter(1, best[:, None], float("inf")).argmin(1)  # the best masked: another even if all tie
+    worst = scores.scatter(1, best[:, None], float("inf")).argmin(1)  # best at +inf: argmin picks another, ties too
     return torch.stack((best, worst), 1).unsqueeze(1)  # (B, 1, 2)
 
 
@@ -210,7 +211,7 @@ def main(args: "Args") -> None:
     raw_policy, ref_policy, stop_ids = load_trained_policy(flags, tokenizer, dtype, device, bf16)  # --sft_model_path
     reward = load_reward(args.reward_fn, args.reward_model_path, args.reward_tokenizer, tokenizer, dtype, device)
     preference = load_function(args.preference_fn, "--preference_fn") if args.preference_fn else None
-    # The columns of the rollout's (B, m) tensors that pi_t samples: all of them, [0, 1], in Algorithm 1.
+    # The columns of the rollout's (B, m) tensors that pi_t samples (the metrics' columns): [0, 1] in Algorithm 1.
     policy_columns = variant_columns(args.num_samples, args.mu, preference is not None)
     num_sampled = len(policy_columns)  # responses pi_t samples per prompt: 2 in Algorithm 1 (1 with --mu dataset)
     policy = distribute(raw_policy, args.fsdp, bf16, device)
@@ -615,7 +616,7 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
     return nn.functional.pad(output, (0, length - output.size(1)), value=pad_id)  # stopped early: the same length
 
 
-def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # the row length where there is none
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # each row's first True; the row length if none
     n = bools.size(-1)
     return torch.where(bools, torch.arange(n, device=bools.device), n).min(dim=-1).values
 
@@ -638,18 +639,6 @@ def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torc
     longest = int((queries != pad_id).sum(1).max())
     keep = min(queries.size(1), -(-longest // multiple) * multiple) if multiple else queries.size(1)
     return queries[:, queries.size(1) - keep :]
-
-
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that all sequences (..., L: a left-padded prompt, a right-padded response) share on
-    both sides, in multiples of `multiple` (0: none); scores stay the same. Returns them and their context length."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 def trim_responses(query_responses: torch.Tensor, masks: torch.Tensor, context_length: int):
@@ -720,6 +709,18 @@ def adapter_disabled(peft_model):
 def grad_sync(model, enabled: bool):
     """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """For fixed texts (sft, reward, dpo): drop the padding columns that all sequences (..., L) share on both sides, in
+    multiples of `multiple` (0: none; the scores stay the same); returns them and the new context length."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 # ---------------------------------------------------------------------------------------------- set-up

@@ -103,7 +103,7 @@ def main(args: "Args") -> None:
     if args.fsdp:
         model = shard_reward_model(raw_model, bf16)
     else:
-        model = distribute(raw_model, fsdp=False, bf16=bf16, device=device)  # DDP's wrapper under torchrun
+        model = distribute(raw_model, fsdp=False, bf16=bf16, device=device)  # DDP under torchrun (FSDP: see above)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
 
     # Resume: the trainable weights, the optimizer, the RNG states and the position in the data, where the run stopped.
@@ -133,7 +133,7 @@ def main(args: "Args") -> None:
         with timer("update"):
             for micro, mb in enumerate(batch.split(args.per_device_train_batch_size)):
                 query_responses, _ = trim_padding(mb, args.query_length, pad, args.pad_multiple)
-                with grad_sync(model, enabled=micro == grad_accum - 1), autocast():  # DDP syncs the last micro-batch
+                with grad_sync(model, enabled=micro == grad_accum - 1), autocast():  # sync at the last micro-batch
                     # Each pair's two rows side by side: (b, 2, L) -> (2b, L) scores -> (b, 2), chosen then rejected.
                     rewards = model(query_responses.flatten(0, 1), pad).float().view(-1, 2)
                     loss = bradley_terry_loss(rewards)
@@ -317,18 +317,6 @@ def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torc
     return queries[:, queries.size(1) - keep :]
 
 
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that all sequences (..., L: a left-padded prompt, a right-padded response) share on
-    both sides, in multiples of `multiple` (0: none); scores stay the same. Returns them and their context length."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
-
-
 def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
     """Forward with the pad id masked and positions counted from the first real token, as generate() counts them."""
     attention_mask = query_responses != pad_id
@@ -341,6 +329,18 @@ def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: t
 def grad_sync(model, enabled: bool):
     """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """For fixed texts (sft, reward, dpo): drop the padding columns that all sequences (..., L) share on both sides, in
+    multiples of `multiple` (0: none; the scores stay the same); returns them and the new context length."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 # ---------------------------------------------------------------------------------------------- set-up

@@ -470,7 +470,7 @@ def generate(model, queries: torch.Tensor, config) -> torch.Tensor:
     return nn.functional.pad(output, (0, length - output.size(1)), value=pad_id)  # stopped early: the same length
 
 
-def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # the row length where there is none
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:  # each row's first True; the row length if none
     n = bools.size(-1)
     return torch.where(bools, torch.arange(n, device=bools.device), n).min(dim=-1).values
 

@@ -50,7 +50,7 @@ def sft_loss(model, query_responses: torch.Tensor, context_length: int, pad_id: 
     positions = torch.arange(context_length - 1, query_responses.size(1) - 1, device=query_responses.device)
     logits = forward(model, query_responses, pad_id, logits_to_keep=positions).logits.float()  # (B, T, V)
     labels = query_responses[:, context_length:]  # (B, T)
-    labels = labels.masked_fill(labels == pad_id, -100)  # the pad id may lie outside the vocabulary: never gathered
+    labels = labels.masked_fill(labels == pad_id, -100)  # an added pad's id may be past the vocabulary
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
@@ -138,7 +138,7 @@ def main(args: "Args") -> None:
             log.metrics.write(json.dumps({"update": num_updates, **val}) + "\n")
             loss, seconds = val["eval/loss"], time.time() - log.start
             print(f"validation loss {loss:.4f} after {num_updates} updates ({seconds:.0f} s)")
-        # config.pad_token_id stays the model's own: load_tokenizer's added pad may have no embedding row to load.
+        # The saved config keeps the model's own pad_token_id: load_tokenizer's added pad may have no embedding row.
         save_policy(raw_policy, tokenizer, output_dir, args.fsdp, merged=False)
     del policy  # DDP's wrapper must go (with its gloo threads) before log.end ends the process group
     log.end(update, signals if stop else None)
@@ -231,18 +231,6 @@ def trim_left_padding(queries: torch.Tensor, pad_id: int, multiple: int) -> torc
     return queries[:, queries.size(1) - keep :]
 
 
-def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
-    """Drop the padding columns that all sequences (..., L: a left-padded prompt, a right-padded response) share on
-    both sides, in multiples of `multiple` (0: none); scores stay the same. Returns them and their context length."""
-    if not multiple:
-        return query_responses, context_length
-    flat = query_responses.flatten(0, -2)
-    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
-    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
-    keep = min(responses.size(1), -(-last // multiple) * multiple)
-    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
-
-
 def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: torch.Tensor | None = None):
     """Forward with the pad id masked and positions counted from the first real token, as generate() counts them."""
     attention_mask = query_responses != pad_id
@@ -255,6 +243,18 @@ def forward(model, query_responses: torch.Tensor, pad_id: int, logits_to_keep: t
 def grad_sync(model, enabled: bool):
     """DDP's no_sync unless enabled (a step's last micro-batch), which acts at the forward; not FSDP's (whole grads)."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
+
+
+def trim_padding(query_responses: torch.Tensor, context_length: int, pad_id: int, multiple: int):
+    """For fixed texts (sft, reward, dpo): drop the padding columns that all sequences (..., L) share on both sides, in
+    multiples of `multiple` (0: none; the scores stay the same); returns them and the new context length."""
+    if not multiple:
+        return query_responses, context_length
+    flat = query_responses.flatten(0, -2)
+    queries, responses = trim_left_padding(flat[:, :context_length], pad_id, multiple), flat[:, context_length:]
+    last = int((torch.arange(1, responses.size(1) + 1, device=responses.device) * (responses != pad_id)).max())
+    keep = min(responses.size(1), -(-last // multiple) * multiple)
+    return query_responses[..., context_length - queries.size(1) : context_length + keep], queries.size(1)
 
 
 # ---------------------------------------------------------------------------------------------- set-up
