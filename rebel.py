@@ -21,13 +21,14 @@ Top to bottom: the algorithm (rebel_loss, the rollout, the pairs); the loop (mai
 field's docstring its --help); the appendix every script shares: the algorithm's helpers first, then plumbing to skip.
 
 Shapes: B prompts per rank, m responses to each, P pairs (y, y') per prompt, T response tokens, ctx prompt tokens
-(left-padded), L = ctx + T. In Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants
-change them (their block says how). Below, one update written with this file's functions, leaving out main's
-minibatches (at 512 prompts one forward would not fit), DDP and logging. `policy` is the model being trained,
-pi_theta; at the update's start it is pi_t, which samples. x is a batch of left-padded prompt ids (B, ctx), prompts
-the same prompts as strings, and reward(query_responses, ctx, prompts) a reward model's score of each row:
+(left-padded), L = ctx + T. In Algorithm 1, m = 2 (y and y', both sampled from pi_t) and P = 1; only the variants change
+them (their block says how: --preference_fn with k = 2 adds a third sample y'', m = 3, never trained on). Below, one
+update written with this file's functions, leaving out main's minibatches (at 512 prompts one forward would not fit),
+DDP and logging. `policy` is the model being trained, pi_theta; at the update's start it is pi_t, which samples. x is a
+batch of left-padded prompt ids (B, ctx), prompts the same prompts as strings, and reward(query_responses, ctx, prompts)
+a reward model's score of each row:
 
-    ref_policy = partial(adapter_disabled, policy)    # LoRA; full fine-tuning: partial(nullcontext, frozen_copy)
+    ref_policy = partial(adapter_disabled, policy)    # LoRA; full fine-tuning: partial(nullcontext, a_frozen_copy)
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, policy.generation_config)  # EOS, end of turn
     config = sampling_config(53, temperature, pad_id)                      # 53 tokens per response, as the paper
     responses = sample_responses(policy, x, 2, config, chunk=8)            # y, y' ~ pi_t: (B, 2, T); 8 prompts a pass
@@ -41,8 +42,10 @@ the same prompts as strings, and reward(query_responses, ctx, prompts) a reward 
         optimizer.step()
         optimizer.zero_grad()
 
-To copy the core: rebel_loss, Rollout, sample_responses, score_responses, pair_up and take_pairs, and the appendix's
-first section, the algorithm's helpers (adapter_disabled only with LoRA, grad_sync only with DDP).
+To copy the core: rebel_loss, Rollout, sample_responses, score_responses (pair_up and take_pairs only for k > 2), and
+from the appendix's first section sampling_config, generate, first_true_indices, truncate_response, response_mask,
+trim_responses, forward, response_logprobs, token_logprobs, sequence_logprobs, stop_token_ids (adapter_disabled only
+with LoRA, grad_sync only with DDP).
 
     python rebel.py --eta 1.0                               # one process
     torchrun --nproc_per_node 8 rebel.py --eta 1.0          # the 2.8B TL;DR run (temperature 0.7: the official code's)
@@ -84,15 +87,15 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
     new_logprobs are ln pi_theta, old_logprobs ln pi_t (the rollout's), rewards r(x, y) = score(x, y) - kl_coef *
     (ln pi_t(y|x) - ln pi_ref(y|x)). A log-prob is the whole response's: for a text, summed over its tokens at the
     sampling temperature (sequence_logprobs), with no length normalisation. Both are computed the same way, so the
-    first step starts from a log-ratio of ~0 (see below): the loss is then ~ mean (r(x, y) - r(x, y'))^2, its gradient
+    first step starts from a log-ratio of ~0: the loss is then ~ mean (r(x, y) - r(x, y'))^2, and its gradient
     -2/eta mean (r(x, y) - r(x, y')) grad[ln pi(y|x) - ln pi(y'|x)], RLOO's with k = 2. A per-token loss would take
     response_logprobs (B, T) and the masks.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
 
     (The paper sums over the pairs, the official code takes eta^2 times the mean (scaling="official"): the same
-    minimiser, and AdamW's steps barely see the scale. ~0, not 0: the rollout and the step batch and pad the responses
-    differently, so their kernels round differently, more so in bf16.)
+    minimiser, and AdamW's steps barely see the scale.) The first log-ratio is ~0, not 0: the rollout and the step batch
+    and pad the responses differently, so their kernels round differently, more so in bf16.
     """
     log_ratio = new_logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
     prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)
@@ -156,7 +159,7 @@ def score_responses(
             score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
         score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
-        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks as wide, for cat
+        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # full width: chunks concatenate
     return Rollout(*(torch.cat(t) for t in zip(*out)))
 
 
@@ -427,7 +430,7 @@ class Args:
     noptepochs: int = 4
     """passes over each batch of pairs"""
     num_mini_batches: int = 1
-    """optimizer steps per pass (each over batch_size / num_mini_batches pairs)"""
+    """optimizer steps per pass (each over 1 / num_mini_batches of the update's pairs, on every rank)"""
 
     # sampling and reward
     temperature: float = 0.7

@@ -181,15 +181,15 @@ def rebel_loss(new_logprobs, old_logprobs, rewards, eta: float, scaling: str = "
     new_logprobs are ln pi_theta, old_logprobs ln pi_t (the rollout's), rewards r(x, y) = score(x, y) - kl_coef *
     (ln pi_t(y|x) - ln pi_ref(y|x)). A log-prob is the whole response's: for a text, summed over its tokens at the
     sampling temperature (sequence_logprobs), with no length normalisation. Both are computed the same way, so the
-    first step starts from a log-ratio of ~0 (see below): the loss is then ~ mean (r(x, y) - r(x, y'))^2, its gradient
+    first step starts from a log-ratio of ~0: the loss is then ~ mean (r(x, y) - r(x, y'))^2, and its gradient
     -2/eta mean (r(x, y) - r(x, y')) grad[ln pi(y|x) - ln pi(y'|x)], RLOO's with k = 2. A per-token loss would take
     response_logprobs (B, T) and the masks.
 
     mean_{x,y,y'} ( 1/eta * [ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)] - [r(x, y) - r(x, y')] )^2
 
     (The paper sums over the pairs, the official code takes eta^2 times the mean (scaling="official"): the same
-    minimiser, and AdamW's steps barely see the scale. ~0, not 0: the rollout and the step batch and pad the responses
-    differently, so their kernels round differently, more so in bf16.)
+    minimiser, and AdamW's steps barely see the scale.) The first log-ratio is ~0, not 0: the rollout and the step batch
+    and pad the responses differently, so their kernels round differently, more so in bf16.
     """
     log_ratio = new_logprobs - old_logprobs  # (N, 2) ln pi_theta / pi_t
     prediction = (log_ratio[:, 0] - log_ratio[:, 1]) / eta  # (N,)

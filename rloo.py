@@ -124,7 +124,7 @@ def score_responses(
             score = reward(trimmed.flatten(0, 1), ctx, chunk_prompts) if reward else torch.zeros_like(logprob)
         has_eos = torch.isin(response, torch.tensor(stop_ids, device=response.device)).any(1).unflatten(0, (-1, m))
         score = torch.where(has_eos, score.view_as(logprob), penalty)  # (b * m,) scores as (b, m)
-        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # untrimmed: chunks as wide, for cat
+        out.append((query_response, mask, logprob, ref_logprob, score, has_eos))  # full width: chunks concatenate
     return Rollout(*(torch.cat(t) for t in zip(*out)))
 
 
