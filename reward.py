@@ -11,7 +11,8 @@ After training, the mean score of the SFT data's reference summaries is saved as
 load_reward_model subtracts: references score 0 on average, as in summarize_from_feedback_details and the official
 REBEL code (so rebel.py's fixed score of -1 for a response with no EOS lies below a typical reference's). Under bf16
 the scores are computed in bf16. The file reads top to bottom: the loss and the model, the loop (main), its FSDP
-sharding, the flags (Args), then the appendix of plumbing shared with rebel.py.
+sharding, the flags (Args), then the appendix of plumbing shared with rebel.py, where one piece is this algorithm's:
+r_theta itself, ScalarRewardModel, in the appendix's "the reward" section (rebel.py scores with it too).
 
     python reward.py --help
     torchrun --nproc_per_node 8 reward.py                    # Pythia 1.4B, from the SFT model
